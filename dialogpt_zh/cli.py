@@ -1,0 +1,51 @@
+"""Shared command-line plumbing: arguments are dataclasses, parsed once, with defaults and examples in --help.
+
+Every face (preprocess, train, interact, evaluate, web, benchmarks) builds its parser here, so a setting
+such as `top_p` is declared once (in its dataclass) and means the same everywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+from dialogpt_zh.errors import UserError
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the hand-formatted examples in the epilog."""
+
+
+def make_parser(dataclass_types: Sequence[type], prog: str, description: str, examples: str = ""):
+    """An argument parser built from dataclasses (field metadata `help` becomes the flag's help)."""
+    from transformers import HfArgumentParser  # well-kept dataclass -> argparse mapping
+
+    epilog = "examples:\n" + examples.strip("\n") if examples else None
+    return HfArgumentParser(list(dataclass_types), prog=prog, description=description, epilog=epilog,
+                            formatter_class=_HelpFormatter)
+
+
+def parse(parser, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """Parse argv into one instance per dataclass; unknown flags are an error (exit 2)."""
+    return parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None,
+                                              return_remaining_strings=False)
+
+
+def run_main(main: Callable[[], int | None]) -> int:
+    """Run a CLI body: UserError -> one clear line on stderr and its exit code; Ctrl-C -> exit 130."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        code = main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+def field_help(text: str, **kw: Any) -> dict:
+    """Metadata for a dataclass field: `x: int = field(default=3, metadata=field_help("..."))`."""
+    return {"help": text, **kw}
