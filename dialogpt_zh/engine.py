@@ -1,0 +1,582 @@
+"""The reply engine: sample N candidates with the forward model, rerank them by MMI with the backward model.
+
+One engine for every face (interact CLI, web page, evaluator, benchmarks); see docs/engine.md.
+
+Generation: the context `[CLS] u1 [SEP] ... uk [SEP]` is run through the forward model ONCE (batch 1), its
+KV cache is repeated to N rows, and the N candidates are then decoded together one token per step; a row
+that emits [SEP] leaves the batch (and the cache), so finished candidates stop costing compute. The forward
+log-prob of each candidate (reply tokens + final [SEP], under the unfiltered model distribution) is collected
+on the way, so it costs nothing extra.
+
+MMI: the backward model reads `[CLS] reply [SEP] uk [SEP] ... u1 [SEP]` for all candidates in one
+right-padded batch, and only the context tokens (everything after the reply's [SEP]) are scored: never the
+reply's own tokens and never padding. (GPT2-chitchat averages the loss over the whole sequence, so a
+self-predicting reply such as 哈哈哈哈 wins.)
+
+score = forward_weight * fwd + backward_weight * bwd + length_weight * num_tokens, where with
+normalize="mean" fwd and bwd are per token (fwd / num_tokens, bwd / num_context_tokens).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+
+from dialogpt_zh.cli import field_help
+from dialogpt_zh.errors import UserError
+from dialogpt_zh.model import load_model, read_card
+from dialogpt_zh.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_tokens
+from dialogpt_zh.sequence import build_sequence
+from dialogpt_zh.tokenizer import decode, encode, load_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BOT_DIR = REPO_ROOT / "checkpoints" / "default"
+
+
+# --------------------------------------------------------------------------------------------- settings
+
+@dataclass
+class GenerationSettings:
+    """How candidates are sampled and how much history the model sees. Defaults are provisional."""
+
+    num_candidates: int = field(default=10, metadata=field_help(
+        "candidate replies sampled per turn (one batch); the MMI reranker picks one"))
+    top_k: int = field(default=8, metadata=field_help("sample among the k most likely tokens (0 = off)"))
+    top_p: float = field(default=1.0, metadata=field_help("nucleus sampling threshold (1.0 = off)"))
+    temperature: float = field(default=1.0, metadata=field_help(
+        "softmax temperature; 0 = greedy (all candidates identical, so use with num_candidates 1)"))
+    repetition_penalty: float = field(default=1.2, metadata=field_help(
+        "penalty (>=1) on tokens already in the reply being generated (1.0 = off)"))
+    no_repeat_ngram_size: int = field(default=4, metadata=field_help(
+        "never repeat an n-gram of this size within a reply (0 = off)"))
+    min_length: int = field(default=1, metadata=field_help("minimum reply length in tokens before [SEP] is allowed"))
+    max_length: int = field(default=25, metadata=field_help("maximum reply length in tokens (longer ones are cut)"))
+    max_history: int = field(default=3, metadata=field_help(
+        "most recent utterances (the user's latest included) the model sees; older ones are dropped"))
+    max_context_tokens: int = field(default=200, metadata=field_help(
+        "token budget of the context; oldest turns are dropped first to fit (also capped by the model size)"))
+
+
+@dataclass
+class MMISettings:
+    """How candidates are ranked. Defaults are provisional until measured on held-out data (docs/engine.md)."""
+
+    use_mmi: bool = field(default=True, metadata=field_help(
+        "rerank with the backward model when there is one (--no_use_mmi: rank by the forward score only)"))
+    forward_weight: float = field(default=0.5, metadata=field_help("weight of log P(reply | context)"))
+    backward_weight: float = field(default=1.0, metadata=field_help(
+        "weight of log P(context | reply), the MMI term (context tokens only)"))
+    length_weight: float = field(default=0.0, metadata=field_help("weight per reply token (>0 favours longer replies)"))
+    normalize: Literal["mean", "sum"] = field(default="mean", metadata=field_help(
+        "mean: per-token log-probs (fwd / reply tokens, bwd / context tokens); sum: summed log-probs"))
+    blocklist: str | None = field(default=None, metadata=field_help(
+        "file with one word per line; sampled candidates containing any of them are removed"))
+
+
+GENERATION_FIELDS = {f.name for f in dataclasses.fields(GenerationSettings)}
+MMI_FIELDS = {f.name for f in dataclasses.fields(MMISettings)}
+
+
+def split_settings(gen: GenerationSettings, mmi: MMISettings, overrides: dict[str, Any]):
+    """New settings objects with `overrides` applied; an unknown name is a UserError."""
+    unknown = sorted(set(overrides) - GENERATION_FIELDS - MMI_FIELDS)
+    if unknown:
+        raise UserError(f"unknown setting(s) {unknown}; known: {sorted(GENERATION_FIELDS | MMI_FIELDS)}",
+                        field=unknown[0])
+    gen = dataclasses.replace(gen, **{k: v for k, v in overrides.items() if k in GENERATION_FIELDS})
+    mmi = dataclasses.replace(mmi, **{k: v for k, v in overrides.items() if k in MMI_FIELDS})
+    validate_settings(gen, mmi)
+    return gen, mmi
+
+
+def validate_settings(gen: GenerationSettings, mmi: MMISettings) -> None:
+    checks = [
+        ("num_candidates", gen.num_candidates >= 1, "must be >= 1"),
+        ("top_k", gen.top_k >= 0, "must be >= 0 (0 = off)"),
+        ("top_p", 0.0 < gen.top_p <= 1.0, "must be in (0, 1]"),
+        ("temperature", gen.temperature >= 0.0, "must be >= 0"),
+        ("repetition_penalty", gen.repetition_penalty > 0.0, "must be > 0"),
+        ("no_repeat_ngram_size", gen.no_repeat_ngram_size >= 0, "must be >= 0"),
+        ("min_length", gen.min_length >= 0, "must be >= 0"),
+        ("max_length", gen.max_length >= max(1, gen.min_length), "must be >= 1 and >= min_length"),
+        ("max_history", gen.max_history >= 1, "must be >= 1"),
+        ("max_context_tokens", gen.max_context_tokens >= 2, "must be >= 2"),
+        ("normalize", mmi.normalize in ("mean", "sum"), "must be 'mean' or 'sum'"),
+    ]
+    for name, ok, message in checks:
+        if not ok:
+            value = getattr(gen, name, None) if name in GENERATION_FIELDS else getattr(mmi, name)
+            raise UserError(f"{message}, got {value!r}", field=name)
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+@dataclass
+class Candidate:
+    """One candidate reply with its scores. `rank` 1 is the chosen reply."""
+
+    text: str
+    token_ids: list[int]
+    forward_logprob: float            # log P(reply tokens + final [SEP] | context), summed
+    backward_logprob: float | None    # log P(context tokens | reply), summed; None when MMI is off
+    num_tokens: int                   # reply tokens + the final [SEP]
+    num_context_tokens: int           # context tokens scored by the backward model (each turn + its [SEP])
+    score: float
+    rank: int = 0
+    count: int = 1                    # how many of the N samples produced this text (duplicates collapsed)
+
+
+@dataclass
+class Reply:
+    text: str
+    candidates: list[Candidate]
+    latency_s: float
+    timings: dict[str, float]
+    mmi: bool
+    notices: list[str]
+    seed: int | None = None           # the seed used: pass it back to reproduce this reply exactly
+    context: list[str] = dataclasses.field(default_factory=list)  # the utterances the model saw
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+def normalize_utterance(text: str) -> str:
+    """The preprocessor's per-utterance normaliser, so user input looks like the training data."""
+    try:
+        from dialogpt_zh.cleaning import normalize_text
+    except ModuleNotFoundError as e:
+        if e.name != "dialogpt_zh.cleaning":
+            raise
+        # TODO(cleaning): dialogpt_zh.cleaning.normalize_text is not written yet; minimal stand-in until it is.
+        return " ".join(unicodedata.normalize("NFKC", text).split())
+    return normalize_text(text)
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantization of the matmuls, for CPU.
+
+    HF GPT-2 uses `Conv1D` (a Linear with a transposed weight) for attention and MLP, which
+    `quantize_dynamic` does not know; we turn each into an equivalent `nn.Linear` first so that they,
+    and the LM head, really are quantized (the embedding stays float).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    def convert(module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.nx, child.nf, bias=True)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    linear.bias.copy_(child.bias)
+                setattr(module, name, linear)
+            else:
+                convert(child)
+
+    convert(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao (not installed)
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def _resolve_dirs(path, forward, backward) -> tuple[Path, Path | None]:
+    if path is None and forward is None:
+        path = DEFAULT_BOT_DIR
+        if not path.is_dir():
+            raise UserError("the default model is missing; build it as described in README.md "
+                            "('Default model': train forward/ and backward/ into checkpoints/default), "
+                            "or pass a model directory (--model DIR)", path=path)
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise UserError("model path not found", path=path)
+        if (path / "forward").is_dir():
+            if forward is not None:
+                raise UserError("give either a bot directory (with forward/) or forward=, not both", path=path)
+            forward = path / "forward"
+            if backward is None and (path / "backward").is_dir():
+                backward = path / "backward"
+        elif (path / "config.json").is_file():
+            if forward is not None:
+                raise UserError("give either a model directory or forward=, not both", path=path)
+            forward = path
+        else:
+            raise UserError("not a bot directory (forward/ [+ backward/]) nor a model directory (config.json)",
+                            path=path)
+    return Path(forward), (Path(backward) if backward is not None else None)
+
+
+def _check_direction(model_dir: Path, expected: str) -> None:
+    direction = read_card(model_dir).get("direction")
+    if direction is not None and direction != expected:
+        raise UserError(f"this is a {direction} model but it was given as the {expected} model", path=model_dir)
+
+
+def _same_tokenizer(a, b) -> bool:
+    return (a.get_vocab() == b.get_vocab()
+            and all(getattr(a, n) == getattr(b, n) for n in ("pad_token_id", "cls_token_id", "sep_token_id")))
+
+
+def _n_positions(model) -> int:
+    return int(getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings"))
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and their attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log P(target) from selected hidden states (M, d): the LM head runs only on positions we score."""
+    logits = model.get_output_embeddings()(hidden).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> list[float]:
+    out = torch.zeros(n_rows, dtype=torch.float64)
+    out.index_add_(0, rows.cpu(), values.double().cpu())
+    return out.tolist()
+
+
+# ----------------------------------------------------------------------------------------------- engine
+
+class ChatBot:
+    """Forward model (+ optional backward model) and the settings to chat with them. Thread-safe for replies."""
+
+    def __init__(self, forward_model, tokenizer, backward_model=None, *, device: str = "cpu",
+                 generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
+                 notices: Sequence[str] = (), forward_dir: Path | None = None,
+                 backward_dir: Path | None = None) -> None:
+        self.forward_model = forward_model
+        self.backward_model = backward_model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.generation = generation or GenerationSettings()
+        self.mmi_settings = mmi or MMISettings()
+        validate_settings(self.generation, self.mmi_settings)
+        self.notices = list(notices)
+        self.forward_dir = forward_dir
+        self.backward_dir = backward_dir
+        self.cls_id = tokenizer.cls_token_id
+        self.sep_id = tokenizer.sep_token_id
+        self.pad_id = tokenizer.pad_token_id
+        # never emitted: every special token but [SEP] (which ends a reply)
+        specials = set(tokenizer.all_special_ids) | {tokenizer.unk_token_id, self.pad_id, self.cls_id}
+        vocab = forward_model.config.vocab_size
+        self.banned_ids = sorted(i for i in specials if i is not None and i != self.sep_id and i < vocab)
+        self._blocklists: dict[tuple[str, float], list[str]] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, *, forward: str | Path | None = None,
+                        backward: str | Path | None = None, device: str = "cpu", quantize: str | None = None,
+                        **settings: Any) -> "ChatBot":
+        """Load a bot: `path` = a dir with forward/ (+ backward/), or one forward model dir (MMI off), or
+        None for the embedded `checkpoints/default`; or `forward=` / `backward=` paths. Any settings field
+        (GenerationSettings, MMISettings) may be given as a keyword and becomes this bot's default."""
+        gen, mmi = split_settings(GenerationSettings(), MMISettings(), settings)
+        forward_dir, backward_dir = _resolve_dirs(path, forward, backward)
+        if quantize not in (None, "int8"):
+            raise UserError(f"unknown quantization {quantize!r}; the only one is 'int8'", field="quantize")
+        if quantize and not str(device).startswith("cpu"):
+            raise UserError("int8 dynamic quantization runs on CPU only; use --device cpu", field="quantize")
+        _check_direction(forward_dir, "forward")
+        tokenizer = load_tokenizer(forward_dir)
+        forward_model = load_model(forward_dir, device)
+        notices = []
+        backward_model = None
+        if backward_dir is None:
+            notices.append("MMI off: no backward model, candidates are ranked by the forward score only")
+        else:
+            _check_direction(backward_dir, "backward")
+            if not _same_tokenizer(tokenizer, load_tokenizer(backward_dir)):
+                raise UserError(f"the backward model's tokenizer differs from the forward model's "
+                                f"({forward_dir}); both must be trained on the same token store",
+                                path=backward_dir)
+            backward_model = load_model(backward_dir, device)
+        for model_dir, model in ((forward_dir, forward_model), (backward_dir, backward_model)):
+            if model is not None and model.config.vocab_size < len(tokenizer):
+                raise UserError(f"model vocab ({model.config.vocab_size}) is smaller than its tokenizer "
+                                f"({len(tokenizer)})", path=model_dir)
+        if quantize == "int8":
+            forward_model = quantize_int8(forward_model)
+            backward_model = quantize_int8(backward_model) if backward_model is not None else None
+            notices.append("int8 dynamic quantization on")
+        return cls(forward_model, tokenizer, backward_model, device=device, generation=gen, mmi=mmi,
+                   notices=notices, forward_dir=forward_dir, backward_dir=backward_dir)
+
+    # ---------------------------------------------------------------------------------- context
+
+    def _encode(self, text: str) -> list[int]:
+        return encode(self.tokenizer, normalize_utterance(text))
+
+    def _check_history(self, history) -> list[str]:
+        if isinstance(history, str):
+            history = [history]
+        if not isinstance(history, (list, tuple)) or not history:
+            raise UserError("history must be a non-empty list of utterances (oldest first)", field="history")
+        for i, u in enumerate(history):
+            if not isinstance(u, str):
+                raise UserError(f"utterance {i} is {type(u).__name__}, not str", field="history")
+        return list(history)
+
+    def prepare_context(self, history, gen: GenerationSettings, reply_room: int,
+                        notices: list[str]) -> tuple[list[list[int]], list[str]]:
+        """Token ids of the turns the model will see (oldest first) and their normalised text.
+
+        Keeps the last `max_history` turns, then drops the oldest turns until the context fits the token
+        budget (min of max_context_tokens and what the models' positions leave after `reply_room` tokens);
+        a single over-long latest turn keeps its last tokens. Every cut is reported in `notices`.
+        """
+        history = self._check_history(history)
+        texts = [normalize_utterance(u) for u in history]
+        if not texts[-1].strip():
+            raise UserError("the latest utterance is empty", field="history")
+        if len(texts) > gen.max_history:
+            notices.append(f"history: kept the last {gen.max_history} of {len(texts)} utterances (max_history)")
+            texts = texts[-gen.max_history:]
+        turns = [encode(self.tokenizer, t) for t in texts]
+        models = [m for m in (self.forward_model, self.backward_model) if m is not None]
+        room = min(_n_positions(m) for m in models) - reply_room - 2  # [CLS] and the reply's [SEP]
+        budget = min(gen.max_context_tokens, room)
+        if budget < 2:
+            raise UserError(f"max_length {reply_room} leaves no room for context in a model of "
+                            f"{min(_n_positions(m) for m in models)} positions", field="max_length")
+        dropped = 0
+        while len(turns) > 1 and sum(len(t) + 1 for t in turns) > budget:
+            turns.pop(0)
+            texts.pop(0)
+            dropped += 1
+        if dropped:
+            notices.append(f"history: dropped the {dropped} oldest utterance(s) to fit {budget} context tokens")
+        if len(turns[-1]) + 1 > budget:
+            notices.append(f"input truncated: your message has {len(turns[-1])} tokens, kept its last "
+                           f"{budget - 1}")
+            turns[-1] = turns[-1][-(budget - 1):]
+            texts[-1] = decode(self.tokenizer, turns[-1])
+        return turns, texts
+
+    # ---------------------------------------------------------------------------------- generation
+
+    @torch.inference_mode()
+    def _generate(self, context: list[list[int]], gen: GenerationSettings,
+                  generator: torch.Generator) -> list[tuple[list[int], float]]:
+        """Sample gen.num_candidates replies in one batch: [(token ids without [SEP], forward log-prob)]."""
+        from transformers import DynamicCache
+
+        model = self.forward_model
+        n = gen.num_candidates
+        ctx = torch.tensor([build_sequence(context, "forward", self.cls_id, self.sep_id)], device=self.device)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :].float().expand(n, -1)
+        cache.batch_repeat_interleave(n)  # the context is encoded once and shared by the n rows
+
+        vocab = logits.shape[-1]
+        rows = torch.arange(n, device=self.device)          # original candidate index of each live row
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        fwd = torch.zeros(n, dtype=torch.float64)
+        seen = torch.zeros((n, vocab), dtype=torch.bool, device=self.device)
+        banned = torch.tensor(self.banned_ids, dtype=torch.long, device=self.device)
+        for step in range(gen.max_length + 1):
+            logprobs = torch.log_softmax(logits, dim=-1)     # the model's own distribution: the forward score
+            scores = apply_repetition_penalty(logits, seen, gen.repetition_penalty).clone()
+            scores[:, banned] = NEG_INF
+            if step < gen.min_length:
+                scores[:, self.sep_id] = NEG_INF
+            if step == gen.max_length:                      # cut: the reply ends here
+                scores = torch.full_like(scores, NEG_INF)
+                scores[:, self.sep_id] = 0.0
+            scores = ban_repeated_ngrams(scores, [tokens[r] for r in rows.tolist()], gen.no_repeat_ngram_size)
+            dead = torch.isinf(scores).all(dim=-1)           # everything banned (tiny vocab): end the reply
+            if dead.any():
+                scores[dead, self.sep_id] = 0.0
+            next_ids = sample_tokens(scores, gen.temperature, gen.top_k, gen.top_p, generator)
+            chosen = logprobs.gather(-1, next_ids[:, None]).squeeze(-1)
+            fwd.index_add_(0, rows.cpu(), chosen.double().cpu())
+            finished = next_ids == self.sep_id
+            for r, t, f in zip(rows.tolist(), next_ids.tolist(), finished.tolist()):
+                if not f:
+                    tokens[r].append(t)
+            if bool(finished.all()):
+                break
+            if bool(finished.any()):                        # finished rows leave the batch and the cache
+                keep = (~finished).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, next_ids = rows[keep], next_ids[keep]
+                seen = seen[keep]
+            seen[torch.arange(len(rows), device=self.device), next_ids] = True
+            out = model(input_ids=next_ids[:, None], past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1, :].float()
+        return [(tokens[i], float(fwd[i])) for i in range(n)]
+
+    # ---------------------------------------------------------------------------------- scoring
+
+    @torch.inference_mode()
+    def _forward_scores(self, context: list[list[int]], replies: list[list[int]]) -> list[tuple[float, int]]:
+        """log P(reply + [SEP] | context) for each reply: context encoded once, replies in one padded batch."""
+        from transformers import DynamicCache
+
+        model = self.forward_model
+        ctx = torch.tensor([build_sequence(context, "forward", self.cls_id, self.sep_id)], device=self.device)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        first_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each reply's 1st token
+        rows = [r + [self.sep_id] for r in replies]
+        fwd = [float(first_logprobs[r[0]]) for r in rows]
+        if any(len(r) > 1 for r in rows):
+            cache.batch_repeat_interleave(len(rows))
+            ids, mask = _pad(rows, self.pad_id, self.device)
+            full_mask = torch.cat([torch.ones((len(rows), ctx.shape[1]), dtype=torch.long, device=self.device),
+                                   mask], dim=1)
+            # positions continue after the context (default: cache length + arange), right padding is harmless
+            hidden = model.base_model(input_ids=ids, past_key_values=cache, attention_mask=full_mask,
+                                      use_cache=True).last_hidden_state
+            # hidden at reply position j predicts reply token j + 1
+            score_mask = mask[:, 1:].bool()
+            b, j = score_mask.nonzero(as_tuple=True)
+            lp = _token_logprobs(model, hidden[b, j], ids[b, j + 1])
+            rest = _sum_per_row(lp, b, len(rows))
+            fwd = [f + r for f, r in zip(fwd, rest)]
+        return [(f, len(r)) for f, r in zip(fwd, rows)]
+
+    @torch.inference_mode()
+    def _backward_scores(self, context: list[list[int]], replies: list[list[int]]) -> list[tuple[float, int]]:
+        """log P(context | reply): `[CLS] reply [SEP] uk [SEP] ... u1 [SEP]`, context tokens only, one batch."""
+        model = self.backward_model
+        seqs = [build_sequence(list(context) + [r], "backward", self.cls_id, self.sep_id) for r in replies]
+        ids, mask = _pad(seqs, self.pad_id, self.device)
+        # target t is scored iff it is a context token: t >= len(reply) + 2 (after [CLS] reply [SEP]), not padding
+        starts = torch.tensor([len(r) + 2 for r in replies], device=self.device)
+        positions = torch.arange(ids.shape[1], device=self.device)
+        target_mask = (positions[None, :] >= starts[:, None]) & mask.bool()
+        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        b, t = target_mask.nonzero(as_tuple=True)
+        lp = _token_logprobs(model, hidden[b, t - 1], ids[b, t])
+        sums = _sum_per_row(lp, b, len(replies))
+        n_ctx = sum(len(u) + 1 for u in context)
+        return [(s, n_ctx) for s in sums]
+
+    def _rank(self, candidates: list[Candidate], mmi: MMISettings, use_backward: bool) -> list[Candidate]:
+        for c in candidates:
+            mean = mmi.normalize == "mean"
+            fwd = c.forward_logprob / c.num_tokens if mean else c.forward_logprob
+            if use_backward:
+                bwd = c.backward_logprob / max(c.num_context_tokens, 1) if mean else c.backward_logprob
+                c.score = mmi.forward_weight * fwd + mmi.backward_weight * bwd + mmi.length_weight * c.num_tokens
+            else:
+                c.score = fwd + mmi.length_weight * c.num_tokens
+        ranked = sorted(candidates, key=lambda c: -c.score)  # stable: ties keep sampling order
+        for i, c in enumerate(ranked, 1):
+            c.rank = i
+        return ranked
+
+    def _blocklist(self, path: str) -> list[str]:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError("blocklist file not found", path=p, field="blocklist")
+        key = (str(p), p.stat().st_mtime)
+        if key not in self._blocklists:
+            words = [normalize_utterance(w).strip() for w in p.read_text(encoding="utf-8").splitlines()]
+            self._blocklists[key] = [w for w in words if w and not w.startswith("#")]
+        return self._blocklists[key]
+
+    def _mmi_on(self, mmi: MMISettings) -> bool:
+        return self.backward_model is not None and mmi.use_mmi
+
+    # ---------------------------------------------------------------------------------- public API
+
+    def reply(self, history, *, seed: int | None = None, **overrides: Any) -> Reply:
+        """Sample candidates for the next turn after `history` (oldest first, the user's latest last),
+        rerank them, and return the best with all candidates and their scores."""
+        t0 = time.perf_counter()
+        gen, mmi = split_settings(self.generation, self.mmi_settings, overrides)
+        notices = list(self.notices)
+        use_backward = self._mmi_on(mmi)
+        if self.backward_model is not None and not use_backward:
+            notices.append("MMI off (use_mmi=False): ranked by the forward score only")
+        context, texts = self.prepare_context(history, gen, gen.max_length, notices)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(int(seed))
+        t1 = time.perf_counter()
+
+        samples = self._generate(context, gen, generator)
+        by_text: dict[str, Candidate] = {}
+        n_ctx = sum(len(u) + 1 for u in context)
+        for ids, fwd in samples:
+            text = decode(self.tokenizer, ids)
+            if text in by_text:
+                by_text[text].count += 1
+                continue
+            by_text[text] = Candidate(text=text, token_ids=ids, forward_logprob=fwd, backward_logprob=None,
+                                      num_tokens=len(ids) + 1, num_context_tokens=n_ctx, score=0.0)
+        candidates = list(by_text.values())
+        if mmi.blocklist:
+            words = self._blocklist(mmi.blocklist)
+            kept = [c for c in candidates if not any(w in c.text for w in words)]
+            if len(kept) < len(candidates):
+                notices.append(f"blocklist removed {len(candidates) - len(kept)} of {len(candidates)} candidates")
+            candidates = kept
+        t2 = time.perf_counter()
+
+        if candidates and use_backward:
+            for c, (bwd, _) in zip(candidates, self._backward_scores(context, [c.token_ids for c in candidates])):
+                c.backward_logprob = bwd
+        ranked = self._rank(candidates, mmi, use_backward)
+        t3 = time.perf_counter()
+        if not ranked:
+            notices.append("no reply: every candidate contained a blocklisted word")
+        return Reply(text=ranked[0].text if ranked else "", candidates=ranked, latency_s=t3 - t0,
+                     timings={"encode": t1 - t0, "generate": t2 - t1, "score": t3 - t2}, mmi=use_backward,
+                     notices=notices, seed=int(seed), context=texts)
+
+    def rerank(self, history, candidates: Sequence[str], **overrides: Any) -> list[Candidate]:
+        """Score replies that came from anywhere (forward + backward), sorted by rank. Blocklist not applied."""
+        gen, mmi = split_settings(self.generation, self.mmi_settings, overrides)
+        if not candidates:
+            return []
+        replies = [self._encode(c) for c in candidates]
+        context, _ = self.prepare_context(history, gen, max(len(r) for r in replies), [])
+        use_backward = self._mmi_on(mmi)
+        fwd = self._forward_scores(context, replies)
+        bwd = self._backward_scores(context, replies) if use_backward else [(None, 0)] * len(replies)
+        n_ctx = sum(len(u) + 1 for u in context)
+        cands = [Candidate(text=text, token_ids=ids, forward_logprob=f, backward_logprob=b, num_tokens=n,
+                           num_context_tokens=n_ctx, score=0.0)
+                 for text, ids, (f, n), (b, _) in zip(candidates, replies, fwd, bwd)]
+        return self._rank(cands, mmi, use_backward)
+
+    def forward_logprobs(self, history, replies: Sequence[str], **overrides: Any) -> list[tuple[float, int]]:
+        """[(log P(reply tokens + [SEP] | context), number of those tokens)] for each reply, one batch."""
+        gen, _ = split_settings(self.generation, self.mmi_settings, overrides)
+        ids = [self._encode(r) for r in replies]
+        if not ids:
+            return []
+        context, _ = self.prepare_context(history, gen, max(len(r) for r in ids), [])
+        return self._forward_scores(context, ids)
+
+    def backward_logprobs(self, history, replies: Sequence[str], **overrides: Any) -> list[tuple[float, int]]:
+        """[(log P(context | reply), number of context tokens scored)] for each reply, one batch."""
+        if self.backward_model is None:
+            raise UserError("no backward model loaded, so there is no backward score", field="backward")
+        gen, _ = split_settings(self.generation, self.mmi_settings, overrides)
+        ids = [self._encode(r) for r in replies]
+        if not ids:
+            return []
+        context, _ = self.prepare_context(history, gen, max(len(r) for r in ids), [])
+        return self._backward_scores(context, ids)

@@ -1,0 +1,85 @@
+"""Logits filters for sampling one token per row: plain functions over a (rows, vocab) tensor.
+
+The engine's decoding loop calls them in this order (the order of Hugging Face's logits processors):
+repetition penalty -> bans (special tokens, too-short [SEP], repeated n-grams) -> temperature -> top-k -> top-p
+-> sample. Every filter returns a new tensor (or edits one the caller owns) and never touches global RNG state.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on tokens already in the reply: positive logits divided, negative multiplied.
+
+    `seen` is a bool (rows, vocab) mask of tokens generated so far in each row.
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def banned_ngram_tokens(tokens: Sequence[int], n: int) -> list[int]:
+    """Tokens that would repeat an n-gram already present in `tokens` (the reply so far)."""
+    if n <= 0 or len(tokens) < n - 1:
+        return []
+    if n == 1:
+        return list(set(tokens))
+    prefix = tuple(tokens[len(tokens) - (n - 1):])
+    banned = []
+    for i in range(len(tokens) - n + 1):
+        if tuple(tokens[i:i + n - 1]) == prefix:
+            banned.append(tokens[i + n - 1])
+    return banned
+
+
+def ban_repeated_ngrams(logits: torch.Tensor, rows_tokens: Sequence[Sequence[int]], n: int) -> torch.Tensor:
+    """Set to -inf every token that would complete an n-gram already in that row's reply."""
+    if n <= 0:
+        return logits
+    for row, tokens in enumerate(rows_tokens):
+        banned = banned_ngram_tokens(tokens, n)
+        if banned:
+            logits[row, banned] = NEG_INF
+    return logits
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest logits of each row (k <= 0: no filtering)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of top tokens whose probability reaches p (p >= 1: no filtering).
+
+    The most likely token is always kept, so a row never ends up empty.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    # drop a token when the tokens before it already reach p
+    drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """One token id per row: greedy when temperature == 0, else temperature + top-k + top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    logits = top_k_filter(logits, top_k)
+    logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
