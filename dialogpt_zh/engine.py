@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,13 +148,8 @@ class Reply:
 
 def normalize_utterance(text: str) -> str:
     """The preprocessor's per-utterance normaliser, so user input looks like the training data."""
-    try:
-        from dialogpt_zh.cleaning import normalize_text
-    except ModuleNotFoundError as e:
-        if e.name != "dialogpt_zh.cleaning":
-            raise
-        # TODO(cleaning): dialogpt_zh.cleaning.normalize_text is not written yet; minimal stand-in until it is.
-        return " ".join(unicodedata.normalize("NFKC", text).split())
+    from dialogpt_zh.cleaning import normalize_text  # lazy: cleaning pulls in its own helpers
+
     return normalize_text(text)
 
 

@@ -1,0 +1,192 @@
+"""Chat with a bot in the terminal: a thin REPL over `ChatBot` (all sampling and scoring live in the engine).
+
+Interactive (a terminal): prompts, commands /reset /debug /help /quit, Ctrl-D or Ctrl-C to leave.
+Piped (stdin not a terminal): one user utterance per line in, one reply per line out on stdout; notices,
+hints and /debug tables go to stderr so stdout stays one reply per line.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import TextIO
+
+from dialogpt_zh.cli import field_help, make_parser, parse, run_main
+from dialogpt_zh.engine import GenerationSettings, MMISettings
+from dialogpt_zh.errors import UserError
+
+COMMANDS = {
+    "/reset": "forget the conversation so far",
+    "/debug": "toggle showing every candidate with its forward, backward and final scores",
+    "/help": "show these commands",
+    "/quit": "leave (Ctrl-D and Ctrl-C also work)",
+}
+
+EXAMPLES = """
+  python -m dialogpt_zh.interact                                 # the embedded checkpoints/default
+  python -m dialogpt_zh.interact --model runs/mybot --seed 0     # a dir with forward/ and backward/
+  python -m dialogpt_zh.interact --model runs/mybot/forward      # forward model only: MMI off
+  python -m dialogpt_zh.interact --num_candidates 20 --top_p 0.9 --backward_weight 2 --quantize int8
+  printf '你好\\n吃了吗\\n' | python -m dialogpt_zh.interact --seed 0   # piped: one reply per line
+"""
+
+
+@dataclass
+class InteractArgs:
+    model: str | None = field(default=None, metadata=field_help(
+        "bot directory (forward/ + backward/) or one forward model directory (MMI off); "
+        "default: checkpoints/default"))
+    backward: str | None = field(default=None, metadata=field_help(
+        "a backward model directory, when --model is a single forward model directory"))
+    seed: int | None = field(default=None, metadata=field_help(
+        "make the conversation reproducible: turn i is sampled with seed + i"))
+    quantize: str | None = field(default=None, metadata=field_help(
+        "'int8': dynamic int8 quantization of the matmuls (CPU; faster, slightly different scores)"))
+    device: str = field(default="cpu", metadata=field_help("torch device"))
+    transcript: str | None = field(default=None, metadata=field_help(
+        "write the conversation to this JSONL file (rewritten atomically after every turn)"))
+    max_input_chars: int = field(default=300, metadata=field_help(
+        "longer user messages are cut to this many characters (with a notice)"))
+    debug: bool = field(default=False, metadata=field_help("start with /debug on"))
+
+
+def format_candidates(reply) -> str:
+    """The /debug table: every candidate with its three scores, best first."""
+    lines = [f"  {'rank':>4} {'score':>8} {'fwd':>8} {'bwd':>8} {'tok':>4} {'n':>2}  text"]
+    for c in reply.candidates:
+        bwd = f"{c.backward_logprob:8.2f}" if c.backward_logprob is not None else f"{'-':>8}"
+        lines.append(f"  {c.rank:>4} {c.score:8.3f} {c.forward_logprob:8.2f} {bwd} {c.num_tokens:>4} "
+                     f"{c.count:>2}  {c.text}")
+    t = reply.timings
+    lines.append(f"  mmi={'on' if reply.mmi else 'off'} seed={reply.seed} latency={reply.latency_s * 1000:.0f} ms "
+                 f"(encode {t['encode'] * 1000:.0f}, generate {t['generate'] * 1000:.0f}, "
+                 f"score {t['score'] * 1000:.0f}); context: {' | '.join(reply.context)}")
+    return "\n".join(lines)
+
+
+class Session:
+    """The conversation state of one REPL: history, debug flag, transcript."""
+
+    def __init__(self, bot, args: InteractArgs, out: TextIO, info: TextIO) -> None:
+        self.bot, self.args, self.out, self.info = bot, args, out, info
+        self.history: list[str] = []
+        self.debug = args.debug
+        self.turn = 0
+        self.log: list[dict] = []
+
+    def handle(self, line: str) -> bool:
+        """Process one input line; False means quit."""
+        text = line.strip()
+        if not text:
+            print("(empty line ignored: type a message, or /help)", file=self.info)
+            return True
+        command = text.lower()
+        if command in ("/quit", "/exit"):
+            return False
+        if command == "/help":
+            print("\n".join(f"  {c:7} {h}" for c, h in COMMANDS.items()), file=self.info)
+            return True
+        if command == "/reset":
+            self.history.clear()
+            self.log.append({"event": "reset"})
+            self._save()
+            print("(conversation reset)", file=self.info)
+            return True
+        if command == "/debug":
+            self.debug = not self.debug
+            print(f"(debug {'on' if self.debug else 'off'})", file=self.info)
+            return True
+        if len(text) > self.args.max_input_chars:
+            print(f"(notice: input truncated from {len(text)} to {self.args.max_input_chars} characters)",
+                  file=self.info)
+            text = text[:self.args.max_input_chars]
+        seed = None if self.args.seed is None else self.args.seed + self.turn
+        try:
+            reply = self.bot.reply(self.history + [text], seed=seed)
+        except UserError as e:  # e.g. a message that is empty after normalisation: say so, keep chatting
+            print(f"(cannot reply: {e})", file=self.info)
+            return True
+        self.turn += 1
+        for notice in reply.notices:
+            if notice not in self.bot.notices:  # the bot-level ones were shown once at start
+                print(f"(notice: {notice})", file=self.info)
+        if self.debug:
+            print(format_candidates(reply), file=self.info)
+        print(self._prefix() + reply.text, file=self.out, flush=True)
+        self.history.append(text)
+        if reply.text:
+            self.history.append(reply.text)
+        self.log.append({"turn": self.turn, "user": text, "reply": reply.text, "seed": reply.seed,
+                         "notices": reply.notices})
+        self._save()
+        return True
+
+    def _prefix(self) -> str:
+        return "bot: " if self.out.isatty() else ""
+
+    def _save(self) -> None:
+        if self.args.transcript:
+            from dialogpt_zh.fsutil import atomic_write_text
+
+            atomic_write_text(self.args.transcript,
+                              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.log))
+
+
+def chat(bot, args: InteractArgs, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
+         stderr: TextIO = sys.stderr) -> int:
+    """Run the REPL until /quit, end of input, or Ctrl-C."""
+    interactive = stdin.isatty()
+    info = stdout if interactive else stderr
+    session = Session(bot, args, stdout, info)
+    for notice in bot.notices:
+        print(f"(notice: {notice})", file=info)
+    if interactive:
+        print("dialogpt_zh chat — /help for commands, Ctrl-D to leave", file=info)
+    try:
+        while True:
+            if interactive:
+                try:
+                    line = input("you: ")
+                except EOFError:
+                    print(file=info)
+                    break
+            else:
+                line = stdin.readline()
+                if not line:
+                    break
+            if not session.handle(line):
+                break
+    except KeyboardInterrupt:
+        print(file=info)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser([InteractArgs, GenerationSettings, MMISettings], prog="python -m dialogpt_zh.interact",
+                         description="Chat with a dialogpt_zh bot: N candidates sampled, MMI-reranked.",
+                         examples=EXAMPLES)
+
+    def body() -> int:
+        args, gen, mmi = parse(parser, argv)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bars in a chat
+        from dialogpt_zh.engine import ChatBot
+
+        if args.backward and not args.model:
+            raise UserError("--backward needs --model (the forward model directory)", field="backward")
+        if args.max_input_chars < 1:
+            raise UserError("must be >= 1", field="max_input_chars")
+        if args.backward:
+            bot = ChatBot.from_pretrained(forward=args.model, backward=args.backward, device=args.device,
+                                          quantize=args.quantize, **asdict(gen), **asdict(mmi))
+        else:
+            bot = ChatBot.from_pretrained(args.model, device=args.device, quantize=args.quantize,
+                                          **asdict(gen), **asdict(mmi))
+        return chat(bot, args)
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
