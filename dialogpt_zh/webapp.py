@@ -1,0 +1,328 @@
+"""Gradio chat page over the one reply engine (`ChatBot`): chat panel + the last turn's MMI candidates.
+
+A thin face: sampling and scoring happen in `dialogpt_zh.engine`; this file only turns page controls into
+`ChatBot.reply` keywords and the `Reply` into a chat message, a candidates table and a status line.
+
+Each browser session keeps its own history in a `gr.State` (no module-level conversation state), and the
+queue runs up to `concurrency` replies at once. Nothing is written to disk unless `--transcript` is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry or version-check calls
+import gradio as gr  # noqa: E402
+
+from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
+from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings  # noqa: E402
+from dialogpt_zh.errors import UserError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+TITLE = "中文闲聊机器人 · GPT-2 生成 + MMI 重排"
+EXAMPLE_OPENERS = ["你好呀", "今天天气真好，出去玩吗？", "你喜欢看什么电影？", "最近工作好累啊", "晚饭吃什么好呢"]
+CANDIDATE_HEADERS = ["排名", "选中", "候选回复", "前向 log P(回复|上文)", "后向 log P(上文|回复)", "最终得分",
+                     "词元数", "采到次数"]
+
+
+@dataclass
+class WebArguments:
+    """Flags of the web face itself; generation and MMI flags come from the engine's dataclasses."""
+
+    model: str | None = field(default=None, metadata=field_help(
+        "bot directory with forward/ and backward/ (MMI on), or one forward model directory (MMI off); "
+        "default: the embedded checkpoints/default"))
+    host: str = field(default="127.0.0.1", metadata=field_help(
+        "address to listen on (0.0.0.0 makes the page reachable from other machines)"))
+    port: int = field(default=7860, metadata=field_help("port to listen on"))
+    share: bool = field(default=False, metadata=field_help(
+        "also open a temporary public *.gradio.live link (needs internet; off by default)"))
+    transcript: str | None = field(default=None, metadata=field_help(
+        "append every turn (session id, message, reply, candidates) as JSON lines to this file; "
+        "without it nothing is written to disk"))
+    device: str = field(default="cpu", metadata=field_help("torch device for the models (cpu, cuda, ...)"))
+    quantize: str | None = field(default=None, metadata=field_help(
+        "int8: dynamic int8 quantization of the models (CPU only)"))
+    concurrency: int = field(default=2, metadata=field_help(
+        "replies computed at once; more requests wait in the queue (about one per CPU core)"))
+    max_queue: int = field(default=64, metadata=field_help(
+        "requests allowed to wait; beyond that new requests are refused with 'queue full'"))
+    max_input_chars: int = field(default=150, metadata=field_help(
+        "longer messages are cut to this many characters, with a notice on the page"))
+    seed: int | None = field(default=None, metadata=field_help(
+        "seed every reply with this (reproducible demos); default: a fresh random seed per reply, "
+        "shown on the page so a reply can be reproduced"))
+
+
+@dataclass
+class Control:
+    """One slider on the page and the engine setting it overrides."""
+
+    name: str          # keyword of ChatBot.reply / field of GenerationSettings or MMISettings
+    label: str
+    minimum: float
+    maximum: float
+    step: float
+    info: str = ""
+
+
+# MMI weight is the backward model's weight in the final score; 0 ranks by the forward model alone.
+CONTROLS: list[Control] = [
+    Control("num_candidates", "候选数", 1, 30, 1, "每轮采样多少个候选回复"),
+    Control("top_k", "top-k", 0, 100, 1, "只在概率最高的 k 个字里采样（0 = 不限）"),
+    Control("top_p", "top-p", 0.05, 1.0, 0.05, "核采样：累计概率阈值（1 = 不限）"),
+    Control("temperature", "温度", 0.1, 2.0, 0.05, "越高越发散，越低越保守"),
+    Control("repetition_penalty", "重复惩罚", 1.0, 2.0, 0.05, "1 = 不惩罚"),
+    Control("backward_weight", "MMI 权重", 0.0, 2.0, 0.05, "后向模型 log P(上文|回复) 的权重（0 = 不用 MMI，按前向分数）"),
+    Control("max_history", "历史轮数", 1, 20, 1, "生成时最多看最近几句话"),
+]
+
+
+# ---------------------------------------------------------------------------------------------- transcript
+
+class TranscriptWriter:
+    """Appends one JSON line per turn; a lock keeps lines from concurrent sessions whole."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot open transcript for appending: {e.strerror}", path=self.path) from e
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with self._lock:
+            self._file.write(line)
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+# ------------------------------------------------------------------------------------------ pure helpers
+
+def history_to_messages(history: Sequence[str]) -> list[dict[str, str]]:
+    """Alternating utterances (user first) -> Chatbot messages."""
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(history)]
+
+
+def candidates_table(reply) -> list[list[Any]]:
+    """One row per candidate, in rank order; the chosen one (rank 1) is marked."""
+    rows = []
+    for c in sorted(reply.candidates, key=lambda c: c.rank):
+        rows.append([
+            c.rank,
+            "★" if c.rank == 1 else "",
+            c.text,
+            round(float(c.forward_logprob), 3),
+            None if c.backward_logprob is None else round(float(c.backward_logprob), 3),
+            round(float(c.score), 3),
+            c.num_tokens,
+            getattr(c, "count", 1),
+        ])
+    return rows
+
+
+def status_markdown(reply, notices: Sequence[str]) -> str:
+    """Latency (with its encode / generate / score split), seed, MMI on/off, then one line per notice."""
+    t = reply.timings or {}
+    names = {"encode": "编码", "generate": "生成", "score": "打分"}
+    split = "，".join(f"{names[k]} {t[k]:.2f}" for k in names if k in t)
+    head = f"**本轮用时 {reply.latency_s:.2f} 秒**" + (f"（{split}）" if split else "")
+    head += f" · {len(reply.candidates)} 个不同候选 · MMI {'开' if reply.mmi else '关'}"
+    if getattr(reply, "seed", None) is not None:
+        head += f" · 种子 {reply.seed}"
+    return "\n\n".join([head] + [f"提示：{n}" for n in notices])
+
+
+# ------------------------------------------------------------------------------------------------ the app
+
+def build_app(bot: ChatBot, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
+              transcript: str | Path | None = None, *, concurrency: int = 2, max_queue: int = 64,
+              max_input_chars: int = 150, seed: int | None = None) -> gr.Blocks:
+    """The Gradio page over `bot` (a ChatBot).
+
+    Slider defaults and every other setting come from `generation` / `mmi` (the engine's settings
+    dataclasses; default: the bot's own). `transcript`: a JSONL file to append each turn to (None: nothing
+    is written). `seed`: a fixed seed for every reply (None: the engine draws one per reply).
+    """
+    generation = generation if generation is not None else bot.generation
+    mmi = mmi if mmi is not None else bot.mmi_settings
+    base_settings = {**dataclasses.asdict(generation), **dataclasses.asdict(mmi)}
+    writer = TranscriptWriter(transcript) if transcript else None
+    bot_notices = list(getattr(bot, "notices", []) or [])
+
+    # Explicit parameters (not *values) so that the API page and gradio_client show the settings' names.
+    def reply_fn(message: str, history: list[str] | None, request: gr.Request, num_candidates: float,
+                 top_k: float, top_p: float, temperature: float, repetition_penalty: float,
+                 backward_weight: float, max_history: float):
+        values = dict(num_candidates=num_candidates, top_k=top_k, top_p=top_p, temperature=temperature,
+                      repetition_penalty=repetition_penalty, backward_weight=backward_weight,
+                      max_history=max_history)
+        history = list(history or [])
+        message = (message or "").strip()
+        if not message:
+            gr.Info("空消息已忽略。")  # nothing else changes
+            return "", history_to_messages(history), history, gr.skip(), gr.skip()
+        notices = []
+        if len(message) > max_input_chars:
+            message = message[:max_input_chars]
+            notices.append(f"输入过长，只保留了前 {max_input_chars} 个字。")
+            gr.Warning(notices[-1])
+        overrides = {c.name: _coerce(base_settings[c.name], values[c.name]) for c in CONTROLS}
+        # MMI weight 0 means "no MMI": skip the backward pass instead of computing a score weighted by 0.
+        overrides["use_mmi"] = bool(base_settings.get("use_mmi", True)) and overrides["backward_weight"] > 0
+        try:
+            reply = bot.reply(history + [message], seed=seed, **{**base_settings, **overrides})
+        except Exception as e:  # any engine failure becomes a message on the page, never a dead page
+            log.exception("reply failed")
+            text = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            status = f"⚠ 生成回复时出错（对话未改变，可调整后重试）：{text}"
+            return message, history_to_messages(history), history, gr.skip(), status
+        if not reply.candidates:  # e.g. a blocklist removed every candidate: say so, keep the history
+            status = "⚠ 这一轮没有可用的回复：" + "；".join(reply.notices or ["没有候选"])
+            return message, history_to_messages(history), history, [], status
+        new_history = history + [message, reply.text]
+        notices += [n for n in (reply.notices or []) if n not in bot_notices]
+        if writer is not None:
+            writer.write({
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "session": getattr(request, "session_hash", None),
+                "turn": len(new_history) // 2,
+                "user": message,
+                "reply": reply.text,
+                "seed": getattr(reply, "seed", None),
+                "settings": overrides,
+                "latency_s": round(reply.latency_s, 4),
+                "notices": notices,
+                "candidates": [{"rank": c.rank, "text": c.text, "forward_logprob": c.forward_logprob,
+                                "backward_logprob": c.backward_logprob, "score": c.score}
+                               for c in reply.candidates],
+            })
+        return "", history_to_messages(new_history), new_history, candidates_table(reply), \
+            status_markdown(reply, notices)
+
+    def reset_fn():
+        return "", [], [], [], "已清空对话，开始新的聊天吧。"
+
+    intro = ("GPT-2 前向模型每轮采样多个候选回复，后向模型按最大互信息（MMI）给候选打分重排，"
+             "选出得分最高的一句。右侧表格列出上一轮的全部候选及其分数。")
+    privacy = ("**注意：运营者开启了对话记录，每一轮对话都会写入服务器上的记录文件。**" if writer
+               else "对话只保存在本浏览器会话中，服务器不写入磁盘；刷新页面即清空。")
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {TITLE}\n{intro}\n\n{privacy}")
+        for n in bot_notices:
+            gr.Markdown(f"⚠ {n}")
+        history_state = gr.State([])
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=320):
+                chatbot = gr.Chatbot(label="对话", height=460, render_markdown=False, feedback_options=None,
+                                     buttons=["copy_all"], placeholder="输入一句话，按回车发送",
+                                     elem_id="chat")
+                with gr.Row():
+                    textbox = gr.Textbox(show_label=False, placeholder="说点什么……（回车发送）", scale=6,
+                                         lines=1, max_lines=4, autofocus=True, elem_id="message")
+                    send = gr.Button("发送", variant="primary", scale=1, min_width=90, elem_id="send")
+                    reset = gr.Button("清空对话", scale=1, min_width=100, elem_id="reset")
+                gr.Examples(examples=[[e] for e in EXAMPLE_OPENERS], inputs=[textbox], label="试试这些开场白")
+            with gr.Column(scale=6, min_width=360):
+                status = gr.Markdown("还没有对话。", elem_id="status")
+                table = gr.Dataframe(headers=CANDIDATE_HEADERS, value=[], label="上一轮的全部候选（按最终得分排序）",
+                                     interactive=False, wrap=True, elem_id="candidates",
+                                     datatype=["number", "str", "str", "number", "number", "number", "number",
+                                               "number"],
+                                     column_widths=["7%", "7%", "33%", "13%", "13%", "11%", "8%", "8%"])
+                with gr.Accordion("生成设置", open=True):
+                    sliders = [gr.Slider(c.minimum, c.maximum, value=base_settings.get(c.name), step=c.step,
+                                         label=c.label, info=c.info, elem_id=f"ctl_{c.name}")
+                               for c in CONTROLS]
+        inputs = [textbox, history_state, *sliders]
+        outputs = [textbox, chatbot, history_state, table, status]
+        gr.on([textbox.submit, send.click], reply_fn, inputs, outputs, api_name="chat",
+              concurrency_limit=concurrency, concurrency_id="reply", show_progress="minimal")
+        reset.click(reset_fn, None, outputs, api_name="reset", queue=False)
+        # The chat panel's own trash icon must forget the history too, not just the bubbles.
+        chatbot.clear(reset_fn, None, outputs, api_visibility="private", queue=False)
+    demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    demo.transcript_writer = writer  # so callers can close it
+    return demo
+
+
+def _coerce(default: Any, value: Any) -> Any:
+    """Sliders send floats; integer settings stay integers."""
+    if value is None:
+        return default
+    if isinstance(default, bool):
+        return bool(value)
+    if isinstance(default, int):
+        return int(round(float(value)))
+    return float(value)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def launch_in_background(demo, host: str = "127.0.0.1", port: int | None = None) -> str:
+    """Start `demo` on a free port without blocking (tests, benchmarks); returns its URL. Stop: demo.close()."""
+    demo.launch(server_name=host, server_port=port or free_port(host), prevent_thread_lock=True,
+                quiet=True, share=False, show_error=False, ssr_mode=False)
+    return demo.local_url
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+EXAMPLES = """
+  dialogpt-zh-web                                    # embedded checkpoints/default on http://127.0.0.1:7860
+  python web/app.py --model checkpoints/default --port 8000
+  dialogpt-zh-web --host 0.0.0.0 --num_candidates 10 --backward_weight 1.0
+  dialogpt-zh-web --transcript chats.jsonl           # operator opts in to keeping a log of every turn
+"""
+
+
+def make_web_parser():
+    return make_parser([WebArguments, GenerationSettings, MMISettings], prog="dialogpt-zh-web",
+                       description="Gradio chat page: chat with the bot and see every MMI-reranked candidate.",
+                       examples=EXAMPLES)
+
+
+def load_bot(args: WebArguments, generation, mmi):
+    """The one engine, with the command line's settings as its defaults."""
+    settings = {**dataclasses.asdict(generation), **dataclasses.asdict(mmi)}
+    return ChatBot.from_pretrained(args.model, device=args.device, quantize=args.quantize, **settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> int:
+        args, generation, mmi = parse(make_web_parser(), argv)
+        bot = load_bot(args, generation, mmi)
+        for n in getattr(bot, "notices", []) or []:
+            log.warning("note: %s", n)
+        demo = build_app(bot, transcript=args.transcript, concurrency=args.concurrency,
+                         max_queue=args.max_queue, max_input_chars=args.max_input_chars, seed=args.seed)
+        if args.transcript:
+            log.info("transcript: appending every turn to %s", args.transcript)
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
+                    ssr_mode=False)
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
