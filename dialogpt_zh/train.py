@@ -1,0 +1,667 @@
+"""Train a forward (P(reply | context)) or backward (P(context | reply), the MMI scorer) GPT-2 on a token store.
+
+One plain loop on top of `accelerate.Accelerator` (which brings CUDA, bf16/fp16 and torchrun/DDP without
+code changes). Our own parts are small: length-grouped batches (dialogpt_zh.batching), a token-weighted
+loss, and a resume state that continues exactly (weights, AdamW, schedule, RNG, data position).
+
+Output directory layout (replaced atomically at every save, so it always holds a complete best model):
+    config.json model.safetensors generation_config.json tokenizer files   the best model (by valid loss)
+    dialogpt_zh.json metrics.json loss_curve.png                           training card, figures
+    resume/  model.safetensors optimizer.pt rng_<rank>.pt state.json       the latest step, for --resume
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dialogpt_zh.batching import Batch, collate, plan_batches, shard_batches
+from dialogpt_zh.cli import field_help, make_parser, parse, run_main
+from dialogpt_zh.errors import UserError
+from dialogpt_zh.fsutil import atomic_directory
+from dialogpt_zh.model import CARD_FILE, PRESETS, build_model, load_model
+from dialogpt_zh.store import MANIFEST, TokenStore
+
+log = logging.getLogger("dialogpt_zh.train")
+
+RESUME_DIR = "resume"
+METRICS_FILE = "metrics.json"
+CURVE_FILE = "loss_curve.png"
+# Settings that fix the exact sequence of updates: a --resume run must use the same ones.
+MUST_MATCH_ON_RESUME = ("direction", "replies_only", "seed", "lr", "warmup_steps", "weight_decay", "grad_accum",
+                        "max_grad_norm", "batch_tokens", "batch_size", "eval_windows")
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(metadata=field_help("token store directory made by `python -m dialogpt_zh.preprocess`"))
+    output: str = field(metadata=field_help("checkpoint directory to write (a Hugging Face model directory)"))
+    direction: Literal["forward", "backward"] = field(
+        default="forward", metadata=field_help("forward: P(reply | context); backward: P(context | reply), the MMI scorer"))
+    preset: Literal["tiny", "small", "base"] = field(
+        default="small", metadata=field_help(f"model shape: {', '.join(f'{k}={v}' for k, v in PRESETS.items())}"))
+    n_layer: Optional[int] = field(default=None, metadata=field_help("override the preset's layer count"))
+    n_embd: Optional[int] = field(default=None, metadata=field_help("override the preset's hidden size"))
+    n_head: Optional[int] = field(default=None, metadata=field_help("override the preset's attention heads"))
+    n_positions: Optional[int] = field(default=None, metadata=field_help("override the preset's maximum sequence length"))
+    dropout: float = field(default=0.1, metadata=field_help("dropout (residual, embedding, attention)"))
+    init: Optional[str] = field(default=None, metadata=field_help(
+        "start from this Hugging Face GPT-2 directory (safetensors) instead of random weights; its vocabulary "
+        "must be the store's; the preset and shape overrides are then ignored"))
+    lr: float = field(default=5e-4, metadata=field_help("peak learning rate of AdamW"))
+    warmup_steps: int = field(default=-1, metadata=field_help(
+        "linear warmup steps, then cosine decay to 10%% of --lr; -1: 5%% of the total steps"))
+    weight_decay: float = field(default=0.01, metadata=field_help("AdamW weight decay (not on biases/LayerNorm)"))
+    grad_accum: int = field(default=1, metadata=field_help("micro-batches per optimizer step"))
+    max_grad_norm: float = field(default=1.0, metadata=field_help("gradient clipping norm (0: off)"))
+    batch_tokens: int = field(default=4096, metadata=field_help(
+        "micro-batch size in padded tokens; windows of similar length are grouped"))
+    batch_size: int = field(default=0, metadata=field_help("fixed windows per micro-batch instead (0: use --batch-tokens)"))
+    epochs: int = field(default=3, metadata=field_help("passes over the train split (ignored with --max-steps)"))
+    max_steps: int = field(default=0, metadata=field_help("stop after this many optimizer steps (0: use --epochs)"))
+    eval_every: int = field(default=500, metadata=field_help("validate and save every N steps"))
+    eval_windows: int = field(default=2000, metadata=field_help(
+        "validate on this many valid windows (a fixed seeded sample; 0: all)"))
+    patience: int = field(default=0, metadata=field_help("stop after N validations without improvement (0: off)"))
+    replies_only: bool = field(default=False, metadata=field_help(
+        "no loss on the first utterance of each window ([CLS] + first turn + its [SEP])"))
+    resume: bool = field(default=False, metadata=field_help("continue the run saved in OUTPUT/resume exactly"))
+    overwrite: bool = field(default=False, metadata=field_help("replace an existing OUTPUT (at the first save)"))
+    seed: int = field(default=42, metadata=field_help("seed for weights, batch order and dropout"))
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=field_help("auto: cuda when present"))
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=field_help(
+        "auto: fp32 on CPU, bf16 on CUDA (fp16 where bf16 is unsupported)"))
+
+
+EXAMPLES = """
+  python -m dialogpt_zh.train --data data/base --direction forward  --output runs/fwd --preset small
+  python -m dialogpt_zh.train --data data/base --direction backward --output runs/bwd --preset small
+  python -m dialogpt_zh.train --data data/base --output runs/fwd --preset small --resume   # after Ctrl-C
+  python -m dialogpt_zh.train --data data/base --output runs/ft --init gpt2_chitchat_dir --lr 5e-5
+  torchrun --nproc_per_node 4 -m dialogpt_zh.train --data data/base --output runs/fwd --preset base
+"""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def config_command(config: TrainConfig) -> str:
+    """A command line that reproduces `config` (only non-default settings, plus the required ones)."""
+    parts = ["python", "-m", "dialogpt_zh.train"]
+    for f in fields(TrainConfig):
+        value = getattr(config, f.name)
+        if f.name in ("resume", "overwrite"):
+            continue
+        if f.name not in ("data", "output", "direction") and value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts += [flag] if value else []
+        elif value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _lr_lambda(warmup: int, total: int, min_ratio: float = 0.1):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def _oom_error(config: TrainConfig, batch: Batch) -> UserError:
+    shape = tuple(batch.input_ids.shape)
+    return UserError(f"out of memory on a micro-batch of {shape[0]} windows x {shape[1]} tokens; lower "
+                     f"--batch-tokens (now {config.batch_tokens}) or --batch-size and raise --grad-accum to keep "
+                     "the effective batch", field="batch_tokens")
+
+
+def _check_vocab(model, tokenizer, init_dir: Path) -> None:
+    """An --init model must use the store's vocabulary: same size and, where it has a tokenizer, same tokens."""
+    from dialogpt_zh.tokenizer import load_tokenizer
+
+    rows = model.get_input_embeddings().num_embeddings
+    if rows != len(tokenizer):
+        raise UserError(f"the model's vocabulary has {rows} tokens but the store's tokenizer has {len(tokenizer)}; "
+                        "preprocess with this model's vocab.txt (--vocab) so ids mean the same tokens",
+                        path=init_dir, field="vocab_size")
+    has_tokenizer = any((init_dir / n).is_file() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
+    if not has_tokenizer:
+        log.warning("%s has no tokenizer files: only the vocabulary size (%d) could be checked", init_dir, rows)
+        return
+    theirs, ours = load_tokenizer(init_dir).get_vocab(), tokenizer.get_vocab()
+    if theirs != ours:
+        diff = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda kv: kv[1])[:5]
+        raise UserError(f"the model's tokenizer differs from the store's (first differing token/id pairs: {diff}); "
+                        "preprocess with this model's vocabulary", path=init_dir, field="vocab")
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+@dataclass
+class RunState:
+    """Everything besides weights/optimizer/RNG that --resume needs; saved as resume/state.json."""
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0        # next micro-batch of this epoch's plan
+    tokens_seen: int = 0        # real (non-padding) tokens, all processes
+    targets_seen: int = 0
+    padded_tokens_seen: int = 0
+    wall_time_s: float = 0.0
+    best_valid_loss: Optional[float] = None
+    best_step: int = 0
+    evals_without_improvement: int = 0
+    train_history: list = field(default_factory=list)   # [step, loss, lr]
+    valid_history: list = field(default_factory=list)   # [step, loss]
+    config: dict = field(default_factory=dict)
+    model_config: dict = field(default_factory=dict)
+    world_size: int = 1
+
+
+def _open_store(config: TrainConfig):
+    store = TokenStore(config.data)
+    if config.direction not in store.directions:
+        raise UserError(f"the store was made for directions {store.directions}, not {config.direction!r}; "
+                        "re-run the preprocessor with both directions", path=store.path / MANIFEST,
+                        field="directions")
+    train, valid = store.split("train"), store.split("valid")
+    for split in (train, valid):
+        if len(split) == 0:
+            raise UserError(f"the {split.name} split is empty (0 windows)", path=store.path / MANIFEST,
+                            field="store_splits")
+    tokenizer = store.tokenizer()
+    if len(tokenizer) != store.manifest.get("vocab_size"):
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the manifest says {store.manifest.get('vocab_size')}",
+                        path=store.path / MANIFEST, field="vocab_size")
+    return store, train, valid, tokenizer
+
+
+def _make_model(config: TrainConfig, tokenizer, saved_model_config: Optional[dict]):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if saved_model_config:  # resume: the exact architecture of the run; weights come from resume/
+        return GPT2LMHeadModel(GPT2Config.from_dict(saved_model_config))
+    if config.init:
+        init_dir = Path(config.init)
+        model = load_model(init_dir)
+        if model.config.model_type != "gpt2":
+            raise UserError(f"--init expects a GPT-2 model, got model_type={model.config.model_type!r}",
+                            path=init_dir / "config.json", field="model_type")
+        _check_vocab(model, tokenizer, init_dir)
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            setattr(model.config, name, config.dropout)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = config.dropout
+        model.config.bos_token_id = tokenizer.cls_token_id
+        model.config.eos_token_id = tokenizer.sep_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model.train()
+    return build_model(config.preset, tokenizer, dropout=config.dropout, n_layer=config.n_layer,
+                       n_embd=config.n_embd, n_head=config.n_head, n_positions=config.n_positions)
+
+
+def _usable_windows(split, max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Indices and lengths of the windows that fit the model; the rest are counted, never silently dropped."""
+    lengths = split.lengths()
+    keep = np.flatnonzero(lengths <= max_len)
+    return keep, lengths[keep], int(len(lengths) - len(keep))
+
+
+def _optimizer(model, config: TrainConfig):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _resolve_device(config: TrainConfig) -> tuple[str, str]:
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA requested but torch sees no GPU", field="device")
+    precision = config.precision
+    if precision == "auto":
+        precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if precision == "fp16" and device == "cpu":
+        raise UserError("fp16 needs CUDA; use --precision bf16 or fp32 on CPU", field="precision")
+    return device, precision
+
+
+# ------------------------------------------------------------------------------------------- saving
+
+def _loss_curve_png(state: RunState) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if state.train_history:
+        steps = np.array([h[0] for h in state.train_history])
+        loss = np.array([h[1] for h in state.train_history])
+        ax.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (per step)")
+        k = max(1, len(loss) // 50)
+        if k > 1:
+            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1:], smooth, color="tab:blue", label=f"train ({k}-step mean)")
+    if state.valid_history:
+        ax.plot([h[0] for h in state.valid_history], [h[1] for h in state.valid_history], "o-",
+                color="tab:orange", label="valid")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _metrics(state: RunState, config: TrainConfig, stopped: Optional[str], extra: dict) -> dict[str, Any]:
+    since = state.valid_history[-2][0] if len(state.valid_history) > 1 else 0
+    recent = [h[1] for h in state.train_history if h[0] > since] or [h[1] for h in state.train_history[-1:]]
+    valid = state.valid_history[-1][1] if state.valid_history else None
+    ppl = (lambda x: math.exp(min(x, 50.0)) if x is not None else None)
+    return {
+        "direction": config.direction, "step": state.step, "epoch": state.epoch,
+        "train_loss": float(np.mean(recent)) if recent else None,
+        "train_ppl": ppl(float(np.mean(recent))) if recent else None,
+        "valid_loss": valid, "valid_ppl": ppl(valid),
+        "best_valid_loss": state.best_valid_loss, "best_valid_ppl": ppl(state.best_valid_loss),
+        "best_step": state.best_step,
+        "tokens_seen": state.tokens_seen, "target_tokens_seen": state.targets_seen,
+        "padded_tokens_seen": state.padded_tokens_seen,
+        "padding_share": (1 - state.tokens_seen / state.padded_tokens_seen) if state.padded_tokens_seen else None,
+        "wall_time_s": round(state.wall_time_s, 2),
+        "tokens_per_s": round(state.tokens_seen / state.wall_time_s, 1) if state.wall_time_s else None,
+        "stopped": stopped, **extra,
+        "history": {"train": state.train_history, "valid": state.valid_history},
+    }
+
+
+def _save(output: Path, model, tokenizer, optimizer, scheduler, state: RunState, card: dict, metrics: dict,
+          best_improved: bool, accelerator) -> None:
+    """Write the whole output directory in one atomic rename (main process), RNG files per process."""
+    from safetensors.torch import save_model
+
+    rng_dir = output.parent / f".{output.name}.rng"
+    rng_dir.mkdir(parents=True, exist_ok=True)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, rng_dir / f"rng_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        with atomic_directory(output) as tmp:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is meant to be shared
+            if best_improved or not (output / "config.json").is_file():
+                unwrapped.save_pretrained(str(tmp), safe_serialization=True)
+                tokenizer.save_pretrained(str(tmp))
+            else:  # keep the previous best model's files (hard links: no copy of the weights)
+                for src in output.iterdir():
+                    if src.is_file() and src.name not in (CARD_FILE, METRICS_FILE, CURVE_FILE):
+                        try:
+                            os.link(src, tmp / src.name)
+                        except OSError:
+                            shutil.copy2(src, tmp / src.name)
+            (tmp / CARD_FILE).write_text(json.dumps(card, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            (tmp / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n",
+                                            encoding="utf-8")
+            (tmp / CURVE_FILE).write_bytes(_loss_curve_png(state))
+            resume = tmp / RESUME_DIR
+            resume.mkdir()
+            save_model(unwrapped, str(resume / "model.safetensors"))
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                       resume / "optimizer.pt")
+            for f in rng_dir.iterdir():
+                shutil.copy2(f, resume / f.name)
+            (resume / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n", encoding="utf-8")
+        shutil.rmtree(rng_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_resume_state(output: Path, config: TrainConfig) -> RunState:
+    path = output / RESUME_DIR / "state.json"
+    if not path.is_file():
+        raise UserError("nothing to resume (no resume/state.json); start without --resume", path=output)
+    try:
+        state = RunState(**json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise UserError(f"unreadable resume state: {e}", path=path) from e
+    changed = [k for k in MUST_MATCH_ON_RESUME if state.config.get(k) != getattr(config, k)]
+    if changed:
+        raise UserError("--resume needs the settings of the saved run; changed: " + ", ".join(
+            f"--{k.replace('_', '-')} {state.config.get(k)!r} -> {getattr(config, k)!r}" for k in changed), path=path)
+    return state
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM ask to stop at the next step boundary (a second Ctrl-C stops at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (saving resume state); Ctrl-C again to abort without saving",
+              file=sys.stderr)
+
+    def __enter__(self) -> "_StopFlag":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _batch_loss(model, batch: Batch) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the target positions of a batch."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), batch.labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+def evaluate(model, split, indices: np.ndarray, lengths: np.ndarray, config: TrainConfig, pad_id: int,
+             accelerator) -> float:
+    """Token-weighted mean loss (nats/token) over the given windows, sharded over processes."""
+    batches = plan_batches(lengths, config.batch_tokens, config.batch_size, seed=0, epoch=0,
+                           group_batches=1 << 30)
+    batches = batches[accelerator.process_index::accelerator.num_processes]
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    with torch.no_grad():
+        for b in batches:
+            batch = collate(split, indices[b], config.direction, pad_id, config.replies_only).to(accelerator.device)
+            try:
+                with accelerator.autocast():
+                    total[0] += _batch_loss(model, batch).double()
+            except Exception as e:  # noqa: BLE001
+                if _is_oom(e):
+                    raise _oom_error(config, batch) from e
+                raise
+            total[1] += batch.num_targets
+    total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    return float(total[0] / max(1.0, float(total[1])))
+
+
+def train(config: TrainConfig, interrupt_at_step: Optional[int] = None) -> dict[str, Any]:
+    """Train as configured; returns the metrics dict also written to OUTPUT/metrics.json.
+
+    `interrupt_at_step` (for tests) behaves like Ctrl-C arriving during that step.
+    """
+    from accelerate import Accelerator
+    from safetensors.torch import load_model as load_safetensors_model
+    from tqdm.auto import tqdm
+
+    output = Path(config.output)
+    for name in ("grad_accum", "eval_every"):
+        if getattr(config, name) < 1:
+            raise UserError("must be at least 1", field=name)
+    if config.batch_tokens < 1 and config.batch_size < 1:
+        raise UserError("give a positive --batch-tokens or --batch-size", field="batch_tokens")
+    if config.max_steps <= 0 and config.epochs <= 0:
+        raise UserError("give a positive --epochs or --max-steps", field="epochs")
+    store, train_split, valid_split, tokenizer = _open_store(config)
+    if config.resume:
+        state = _load_resume_state(output, config)
+    else:
+        if output.exists() and any(output.iterdir()) and not config.overwrite:
+            raise UserError("output directory exists; pass --resume to continue it or --overwrite to replace it",
+                            path=output)
+        state = RunState(config=asdict(config))
+    device, precision = _resolve_device(config)
+    accelerator = Accelerator(cpu=device == "cpu",
+                              mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if config.resume and state.world_size != world:
+        raise UserError(f"the run was saved with {state.world_size} processes, not {world}: the data position "
+                        "would not match", path=output / RESUME_DIR)
+    state.world_size = world
+
+    torch.manual_seed(config.seed)
+    model = _make_model(config, tokenizer, state.model_config if config.resume else None)
+    max_len = model.config.n_positions
+    state.model_config = model.config.to_dict()
+    if config.resume:
+        load_safetensors_model(model, str(output / RESUME_DIR / "model.safetensors"))
+
+    train_idx, train_len, train_skipped = _usable_windows(train_split, max_len)
+    valid_idx, valid_len, valid_skipped = _usable_windows(valid_split, max_len)
+    if train_skipped or valid_skipped:
+        log.warning("skipping windows longer than the model's %d positions: %d train, %d valid "
+                    "(use --n-positions or shorter windows in the preprocessor)", max_len, train_skipped,
+                    valid_skipped)
+    if len(train_idx) == 0 or len(valid_idx) == 0:
+        raise UserError(f"no train or valid window fits in {max_len} positions", path=store.path)
+    if config.eval_windows and len(valid_idx) > config.eval_windows:
+        pick = np.sort(np.random.default_rng(config.seed).choice(len(valid_idx), config.eval_windows, replace=False))
+        valid_idx, valid_len = valid_idx[pick], valid_len[pick]
+
+    def epoch_plan(epoch: int) -> list[np.ndarray]:
+        plan = shard_batches(plan_batches(train_len, config.batch_tokens, config.batch_size, config.seed, epoch),
+                             rank, world)
+        if not plan:
+            raise UserError(f"the train split has too few batches for {world} processes", path=store.path)
+        return plan
+
+    plan = epoch_plan(state.epoch)
+    if config.max_steps > 0:
+        total_steps = config.max_steps
+    else:
+        total_steps = math.ceil(config.epochs * len(epoch_plan(0)) / config.grad_accum)
+    warmup = config.warmup_steps if config.warmup_steps >= 0 else max(1, total_steps // 20)
+
+    optimizer = _optimizer(model, config)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer if hasattr(optimizer, "optimizer")
+                                                  else optimizer, _lr_lambda(warmup, total_steps))
+    if config.resume:
+        # weights_only=True: our own file, still never unpickled as arbitrary objects
+        saved = torch.load(output / RESUME_DIR / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        rng = torch.load(output / RESUME_DIR / f"rng_{rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    else:
+        torch.manual_seed(config.seed + rank)  # dropout stream; per process
+
+    manifest_sha = _sha256(store.path / MANIFEST)
+    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    extra = {"parameters": n_params, "train_windows": int(len(train_idx)), "valid_windows_evaluated": int(len(valid_idx)),
+             "skipped_too_long": {"train": train_skipped, "valid": valid_skipped}, "total_steps": total_steps,
+             "device": device, "precision": precision, "processes": world}
+
+    def card() -> dict[str, Any]:
+        return {"direction": config.direction, "preset": "init" if config.init else config.preset,
+                "init": config.init, "model_config": state.model_config, "data": str(store.path),
+                "data_manifest_sha256": manifest_sha, "command": config_command(config),
+                "argv": sys.argv, "seed": config.seed, "replies_only": config.replies_only,
+                "steps": state.best_step, "trained_steps": state.step, "best_valid_loss": state.best_valid_loss,
+                "tokens_seen": state.tokens_seen, "sequence_format": "[CLS] u1 [SEP] u2 [SEP] ... (reversed for backward)",
+                "config": asdict(config), "versions": {"torch": torch.__version__,
+                                                        "transformers": __import__("transformers").__version__}}
+
+    def checkpoint(stopped: Optional[str]) -> dict[str, Any]:
+        loss = evaluate(accelerator.unwrap_model(model), valid_split, valid_idx, valid_len, config, tokenizer.pad_token_id, accelerator)
+        state.valid_history.append([state.step, loss])
+        improved = state.best_valid_loss is None or loss < state.best_valid_loss
+        if improved:
+            state.best_valid_loss, state.best_step, state.evals_without_improvement = loss, state.step, 0
+        else:
+            state.evals_without_improvement += 1
+        if stopped is None and config.patience and state.evals_without_improvement >= config.patience:
+            stopped = "early_stopping"
+        metrics = _metrics(state, config, stopped, extra)
+        _save(output, model, tokenizer, optimizer, scheduler, state, card(), metrics, improved, accelerator)
+        return metrics
+
+    log.info("training %s %s (%.2fM parameters) on %d windows, %d processes, %s/%s, %d steps",
+             config.direction, "init" if config.init else config.preset, n_params / 1e6, len(train_idx), world,
+             device, precision, total_steps)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process,
+               desc=f"train {config.direction}", unit="step", dynamic_ncols=True)
+    stopped: Optional[str] = None
+    metrics: Optional[dict] = None
+    t_start, tokens_at_start = time.perf_counter(), state.tokens_seen
+    wall_at_start = state.wall_time_s
+    model.train()
+    with _StopFlag() as stop:
+        while True:
+            if config.max_steps > 0 and state.step >= config.max_steps:  # resumed a finished run
+                stopped = "max_steps"
+                metrics = checkpoint(stopped)
+                break
+            micro: list[np.ndarray] = []
+            while len(micro) < config.grad_accum:
+                if config.max_steps <= 0 and state.epoch >= config.epochs:
+                    break
+                if state.batch_index >= len(plan):
+                    state.epoch, state.batch_index = state.epoch + 1, 0
+                    if config.max_steps <= 0 and state.epoch >= config.epochs:
+                        break
+                    plan = epoch_plan(state.epoch)
+                    continue
+                micro.append(plan[state.batch_index])
+                state.batch_index += 1
+            if not micro:  # resumed a finished run
+                stopped = "epochs"
+                metrics = checkpoint(stopped)
+                break
+            batches = [collate(train_split, train_idx[b], config.direction, tokenizer.pad_token_id,
+                               config.replies_only) for b in micro]
+            targets = sum(b.num_targets for b in batches)
+            step_loss = 0.0
+            for k, batch in enumerate(batches):
+                batch = batch.to(accelerator.device)
+                sync = contextlib.nullcontext() if k == len(batches) - 1 else accelerator.no_sync(model)
+                try:
+                    with sync:
+                        loss_sum = _batch_loss(model, batch)
+                        accelerator.backward(loss_sum / max(1, targets))
+                except Exception as e:  # noqa: BLE001
+                    if _is_oom(e):
+                        raise _oom_error(config, batch) from e
+                    raise
+                step_loss += float(loss_sum.detach())
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            counts = torch.tensor([sum(b.num_tokens for b in batches), targets,
+                                   sum(b.input_ids.numel() for b in batches)], dtype=torch.float64,
+                                  device=accelerator.device)
+            sums = torch.tensor([step_loss], dtype=torch.float64, device=accelerator.device)
+            if world > 1:
+                counts, sums = accelerator.reduce(counts, "sum"), accelerator.reduce(sums, "sum")
+            state.step += 1
+            state.tokens_seen += int(counts[0])
+            state.targets_seen += int(counts[1])
+            state.padded_tokens_seen += int(counts[2])
+            state.train_history.append([state.step, float(sums[0] / max(1.0, float(counts[1]))), lr])
+            state.wall_time_s = wall_at_start + time.perf_counter() - t_start
+            speed = (state.tokens_seen - tokens_at_start) / max(1e-9, time.perf_counter() - t_start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{state.train_history[-1][1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}",
+                            epoch=state.epoch)
+
+            if interrupt_at_step is not None and state.step == interrupt_at_step:
+                stop.requested = True
+            want_stop = torch.tensor([float(stop.requested)], device=accelerator.device)
+            if world > 1:
+                want_stop = accelerator.reduce(want_stop, "sum")
+            if config.max_steps > 0 and state.step >= config.max_steps:
+                stopped = "max_steps"
+            elif config.max_steps <= 0 and state.batch_index >= len(plan) and state.epoch + 1 >= config.epochs:
+                stopped = "epochs"
+            elif want_stop.item() > 0:
+                stopped = "interrupted"
+            if stopped or state.step % config.eval_every == 0:
+                metrics = checkpoint(stopped)
+                bar.write(f"step {state.step}: valid loss {metrics['valid_loss']:.4f} "
+                          f"(ppl {metrics['valid_ppl']:.1f}), best {state.best_valid_loss:.4f} at {state.best_step}")
+                stopped = metrics["stopped"]
+            if stopped:
+                break
+    bar.close()
+    accelerator.wait_for_everyone()
+    if not accelerator.use_distributed:
+        from accelerate.state import AcceleratorState, GradientState
+        AcceleratorState._reset_state(reset_partial_state=True)  # let the next in-process run pick its settings
+        GradientState._reset_state()
+    summary = (f"{stopped} at step {state.step}: best valid loss {state.best_valid_loss:.4f} "
+               f"(ppl {math.exp(min(50, state.best_valid_loss)):.1f}) at step {state.best_step}; "
+               f"{state.tokens_seen:,} tokens in {state.wall_time_s:.0f}s "
+               f"({metrics['tokens_per_s'] or 0:.0f} tokens/s); best model in {output}")
+    log.info(summary)
+    if stopped == "interrupted":
+        log.info("resume with: %s --resume", config_command(config))
+    return metrics
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    def body() -> int:
+        parser = make_parser([TrainConfig], prog="python -m dialogpt_zh.train",
+                             description=__doc__.split("\n\n")[0], examples=EXAMPLES)
+        (config,) = parse(parser, argv)
+        metrics = train(config)
+        return 130 if metrics.get("stopped") == "interrupted" else 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
