@@ -48,3 +48,34 @@ def random_bot_dir(tmp_path_factory, fixture_tokenizer) -> Path:
         save_checkpoint(model, fixture_tokenizer, root / direction,
                         {"direction": direction, "preset": "tiny", "trained": False})
     return root
+
+
+def build_fixture_store(path: Path, tokenizer, sessions: list[list[str]], directions=("forward", "backward")) -> Path:
+    """A token store from hand-written sessions (every 5th session -> valid); windows: each prefix of >= 2 turns."""
+    from dialogpt_zh.store import StoreWriter
+    from dialogpt_zh.tokenizer import encode
+
+    writer = StoreWriter(path, tokenizer)
+    for k, session in enumerate(sessions):
+        ids = [encode(tokenizer, u) for u in session]
+        writer.add_session("valid" if k % 5 == 0 else "train", ids, [(0, n) for n in range(2, len(ids) + 1)])
+    writer.close({"command": "tests/conftest.py build_fixture_store", "directions": list(directions)})
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixture_store(tmp_path_factory, fixture_tokenizer, fixture_sessions) -> Path:
+    """A token store of corpus/fixtures/chitchat_train.txt (both directions)."""
+    return build_fixture_store(tmp_path_factory.mktemp("store") / "store", fixture_tokenizer, fixture_sessions)
+
+
+@pytest.fixture(scope="session")
+def trained_bot_dir(tmp_path_factory, fixture_store) -> Path:
+    """checkpoints-like dir (ROOT/forward, ROOT/backward) with tiny models trained a few dozen steps on the fixtures."""
+    from dialogpt_zh.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("trained_bot")
+    for direction in ("forward", "backward"):
+        train(TrainConfig(data=str(fixture_store), output=str(root / direction), direction=direction, preset="tiny",
+                          max_steps=40, eval_every=40, lr=3e-3, batch_tokens=512, dropout=0.0, seed=0, device="cpu"))
+    return root
