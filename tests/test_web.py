@@ -1,0 +1,156 @@
+"""The Gradio page, driven over HTTP with gradio_client against an app on a free port (tiny trained bot)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+from dialogpt_zh import webapp  # noqa: E402
+from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_CHARS = 20
+
+
+def client(url: str):
+    return gradio_client.Client(url, verbose=False, analytics_enabled=False, download_files=False)
+
+
+def texts(chat: list[dict], role: str | None = None) -> list[str]:
+    """Message texts from the Chatbot value the client receives (content is a list of text parts)."""
+    return ["".join(part["text"] for part in m["content"]) for m in chat if role is None or m["role"] == role]
+
+
+class FlakyBot:
+    """A real ChatBot that fails on demand, to check an engine error reaches the page as a message."""
+
+    def __init__(self, bot: ChatBot) -> None:
+        self.bot = bot
+        self.generation, self.mmi_settings, self.notices = bot.generation, bot.mmi_settings, bot.notices
+
+    def reply(self, history, **kw):
+        if "坏" in history[-1]:
+            raise RuntimeError("simulated engine failure")
+        return self.bot.reply(history, **kw)
+
+
+@pytest.fixture(scope="module")
+def bot(trained_bot_dir) -> ChatBot:
+    return ChatBot.from_pretrained(trained_bot_dir, num_candidates=5, max_length=12)
+
+
+@pytest.fixture(scope="module")
+def app_url(bot):
+    demo = webapp.build_app(bot, max_input_chars=MAX_CHARS)
+    url = webapp.launch_in_background(demo)
+    yield url
+    demo.close()
+
+
+def test_two_turns_return_scored_candidates(app_url, bot):
+    c = client(app_url)
+    box, chat, table, status = c.predict("你好", api_name="/chat")
+    assert box == ""
+    assert texts(chat, "user") == ["你好"] and len(chat) == 2
+    rows = table["data"]
+    assert table["headers"] == webapp.CANDIDATE_HEADERS
+    assert 1 <= len(rows) <= 5
+    assert [r[0] for r in rows] == list(range(1, len(rows) + 1))
+    assert rows[0][1] == "★" and all(r[1] == "" for r in rows[1:])
+    assert rows[0][2] == texts(chat, "assistant")[0]          # the chosen candidate is the reply shown
+    scores = [r[5] for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    for r in rows:                                             # forward and backward (MMI) log-probs present
+        assert math.isfinite(r[3]) and r[3] < 0 and math.isfinite(r[4]) and r[4] < 0
+    assert "秒" in status and "MMI 开" in status
+
+    box, chat, table, status = c.predict("今天天气不错", num_candidates=3, api_name="/chat")
+    assert texts(chat, "user") == ["你好", "今天天气不错"] and len(chat) == 4
+    assert 1 <= len(table["data"]) <= 3
+
+
+def test_histories_are_per_client(app_url):
+    a, b = client(app_url), client(app_url)
+    a.predict("我是小明", api_name="/chat")
+    b.predict("我叫小红", api_name="/chat")
+    _, chat_a, _, _ = a.predict("你吃饭了吗", api_name="/chat")
+    _, chat_b, _, _ = b.predict("周末去哪玩", api_name="/chat")
+    assert texts(chat_a, "user") == ["我是小明", "你吃饭了吗"]
+    assert texts(chat_b, "user") == ["我叫小红", "周末去哪玩"]
+    _, chat_a, table, status = a.predict(api_name="/reset")
+    assert chat_a == [] and table["data"] == []
+    _, chat_a, _, _ = a.predict("重新开始", api_name="/chat")
+    assert texts(chat_a, "user") == ["重新开始"]
+    _, chat_b, _, _ = b.predict("好的", api_name="/chat")
+    assert texts(chat_b, "user") == ["我叫小红", "周末去哪玩", "好的"]
+
+
+def test_empty_input_is_ignored(app_url):
+    c = client(app_url)
+    c.predict("你好", api_name="/chat")
+    box, chat, table, status = c.predict("   ", api_name="/chat")
+    assert texts(chat, "user") == ["你好"] and len(chat) == 2   # nothing added, nothing asked of the engine
+    assert table == {"__type__": "update"} and status == {"__type__": "update"}  # left as they were
+
+
+def test_overlong_input_is_truncated_with_notice(app_url):
+    c = client(app_url)
+    long = "今天天气很好我们一起出去玩吧" * 3
+    assert len(long) > MAX_CHARS
+    _, chat, table, status = c.predict(long, api_name="/chat")
+    assert texts(chat, "user") == [long[:MAX_CHARS]]
+    assert f"只保留了前 {MAX_CHARS} 个字" in status
+    assert table["data"]
+
+
+def test_mmi_weight_zero_ranks_by_forward_only(app_url):
+    _, _, table, status = client(app_url).predict("你好", backward_weight=0, api_name="/chat")
+    assert "MMI 关" in status
+    assert all(r[4] is None for r in table["data"])
+    scores = [r[5] for r in table["data"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_engine_error_is_a_message_and_transcript_is_opt_in(bot, tmp_path):
+    transcript = tmp_path / "chats.jsonl"
+    demo = webapp.build_app(FlakyBot(bot), transcript=transcript)
+    url = webapp.launch_in_background(demo)
+    try:
+        c = client(url)
+        c.predict("你好", api_name="/chat")
+        box, chat, _, status = c.predict("坏了", api_name="/chat")
+        assert box == "坏了"                                    # kept so the user can retry
+        assert texts(chat, "user") == ["你好"]                  # history unchanged
+        assert "出错" in status and "simulated engine failure" in status and "Traceback" not in status
+        _, chat, table, _ = c.predict("再来", api_name="/chat")  # the page still works afterwards
+        assert texts(chat, "user") == ["你好", "再来"] and table["data"]
+    finally:
+        demo.close()
+        demo.transcript_writer.close()
+    records = [json.loads(line) for line in transcript.read_text(encoding="utf-8").splitlines()]
+    assert [r["user"] for r in records] == ["你好", "再来"]       # the failed turn is not logged as a reply
+    assert records[0]["session"] == records[1]["session"]
+    assert records[1]["candidates"][0]["rank"] == 1 and records[1]["reply"] == records[1]["candidates"][0]["text"]
+
+
+def test_controls_default_to_engine_settings():
+    fields = {**vars(GenerationSettings()), **vars(MMISettings())}
+    assert all(c.name in fields for c in webapp.CONTROLS)
+    parser = webapp.make_web_parser()
+    args, gen, mmi = parser.parse_args_into_dataclasses(["--port", "8000", "--top_p", "0.8", "--transcript", "t"])
+    assert (args.port, args.host, args.transcript, gen.top_p) == (8000, "127.0.0.1", "t", 0.8)
+
+
+def test_launcher_runs_from_a_fresh_checkout(tmp_path):
+    # `python web/app.py` must work without the package installed and from any directory.
+    result = subprocess.run([sys.executable, str(REPO / "web" / "app.py"), "--model", str(tmp_path / "missing")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "model path not found" in result.stderr and "Traceback" not in result.stderr
