@@ -51,10 +51,12 @@ _CONTROL_RE = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u00ad\u200b-\u20
 _SPACE_RE = re.compile(r"\s+")
 _URL_RE = re.compile(r"(?:https?://|www\.)[!-~]+", re.IGNORECASE)
 _EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
-_ID_CARD_RE = re.compile(r"(?<![0-9A-Za-z])(?:[1-9]\d{5}(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"
-                         r"\d{3}[0-9Xx]|[1-9]\d{14})(?![0-9A-Za-z])")
-_PHONE_RE = re.compile(r"(?<![0-9A-Za-z+])(?:(?:\+?86[- ]?)?1[3-9]\d{9}|0\d{2,3}-\d{7,8})(?![0-9A-Za-z])")
+_ID_CARD_RE = re.compile(r"(?<![0-9A-Za-z])(?:[1-9][0-9]{5}(?:19|20)[0-9]{2}(?:0[1-9]|1[0-2])"
+                         r"(?:0[1-9]|[12][0-9]|3[01])[0-9]{3}[0-9Xx]|[1-9][0-9]{14})(?![0-9A-Za-z])")
+_PHONE_RE = re.compile(r"(?<![0-9A-Za-z+])(?:(?:\+?86[- ]?)?1[3-9][0-9]{9}|0[0-9]{2,3}-[0-9]{7,8})(?![0-9A-Za-z])")
+_PII_HINT_RE = re.compile(r"[0-9]{7}|@")  # cheap gate: every pattern needs 7 digits in a row or an @
 _URL_PLACEHOLDER = "_url_"
+_URL_HINT_RE = re.compile(r"_url_|://|www\.", re.IGNORECASE)
 
 
 @dataclass
@@ -140,7 +142,7 @@ def normalize_counted(text: str, counters: Counter | None = None, max_repeat: in
     out = _SPACE_RE.sub(" ", out).strip()
     if k and counters is not None:
         counters["control_chars_removed"] += 1
-    if "_url_" in out or "://" in out or "www." in out or "WWW." in out:
+    if _URL_HINT_RE.search(out):
         out, k = _remove_urls(out)
         if k:
             out = _SPACE_RE.sub(" ", out).strip()
@@ -156,7 +158,7 @@ def normalize_counted(text: str, counters: Counter | None = None, max_repeat: in
     out, k = _repeat_re(max_repeat).subn(lambda m: m.group(1) * max_repeat, out)
     if k and counters is not None:
         counters["repeat_capped"] += 1
-    if mask_pii and (any(c.isdigit() for c in out) or "@" in out):
+    if mask_pii and _PII_HINT_RE.search(out):
         for regex, placeholder, name in ((_EMAIL_RE, EMAIL_PLACEHOLDER, "pii_email_masked"),
                                          (_ID_CARD_RE, ID_CARD_PLACEHOLDER, "pii_id_card_masked"),
                                          (_PHONE_RE, PHONE_PLACEHOLDER, "pii_phone_masked")):

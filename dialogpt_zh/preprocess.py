@@ -182,11 +182,69 @@ def load_tokenizer_for(args: PreprocessArguments):
     return load_vocab_tokenizer(path)
 
 
-def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+class UtteranceEncoder:
+    """Token ids of many utterances at once: (flat ids, offsets), utterance k = flat[off[k]:off[k+1]].
+
+    For a char tokenizer built by `build_char_tokenizer` the ids are looked up with one numpy table over
+    code points (its pipeline is NFKC + lowercase + one token per non-space character, and our text is
+    already NFKC); this is checked against the real tokenizer on the first batch and on `verify_every`-th
+    batch after, falling back to `encode_batch` if they ever differ. Other tokenizers (a BERT vocab) always
+    go through the fast tokenizer's `encode_batch`.
+    """
+
+    def __init__(self, tokenizer, dtype: np.dtype, char_level: bool, verify_every: int = 50) -> None:
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.table = None
+        self.verify_every = verify_every
+        self.batches = 0
+        self.fallback_reason: str | None = None
+        if char_level:
+            unk = tokenizer.unk_token_id
+            table = np.full(0x110000, unk, dtype=np.int64)
+            for tok, i in tokenizer.get_vocab().items():
+                if len(tok) == 1:
+                    table[ord(tok)] = i
+            for cp in range(0x3000 + 1):  # whitespace (all of it lies below U+3001) is not a token
+                if chr(cp).isspace():
+                    table[cp] = -1
+            self.table = table
+
+    def _table_encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        joined = "\n".join(texts).lower()
+        cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+        ids = self.table[cps]
+        keep = ids >= 0
+        # utterance boundaries: the "\n" separators (utterances hold no newline after normalize_text)
+        bounds = np.concatenate([[0], np.flatnonzero(cps == 10) + 1, [len(cps) + 1]])
+        csum = np.concatenate([[0], np.cumsum(keep)])
+        offsets = csum[np.minimum(bounds, len(cps))]
+        return ids[keep].astype(self.dtype), offsets
+
+    def _generic_encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            seqs = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        else:
+            seqs = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in seqs], out=offsets[1:])
+        flat = np.fromiter((i for x in seqs for i in x), dtype=self.dtype, count=int(offsets[-1]))
+        return flat, offsets
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self.table is None:
+            return self._generic_encode(texts)
+        flat, offsets = self._table_encode(texts)
+        if self.batches % self.verify_every == 0:
+            ref_flat, ref_off = self._generic_encode(texts)
+            if not (np.array_equal(ref_off, offsets) and np.array_equal(ref_flat, flat)):
+                self.fallback_reason = "fast char lookup differed from the tokenizer; using encode_batch"
+                log.warning(self.fallback_reason)
+                self.table = None
+                flat, offsets = ref_flat, ref_off
+        self.batches += 1
+        return flat, offsets
 
 
 def _progress(enabled: bool, **kw):
@@ -346,30 +404,38 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
         n_kept = int(keep.sum())
         token_trunc = 0
 
+        encoder = UtteranceEncoder(tokenizer, writer.dtype, char_level=tok_info["kind"] == "char")
+
         def flush(batch: list[tuple[int, list[str]]]) -> None:
             nonlocal token_trunc
-            flat = [u for _, turns in batch for u in turns]
-            ids = _encode_batch(tokenizer, flat)
-            pos = 0
+            flat, offsets = encoder.encode([u for _, turns in batch for u in turns])
+            is_unk = np.concatenate([[0], np.cumsum(flat == unk_id)])
+            k = 0
             for i, turns in batch:
-                utt = ids[pos:pos + len(turns)]
-                pos += len(turns)
-                for j, u in enumerate(utt):
-                    if len(u) > max_utt_tokens:
-                        utt[j] = u[:max_utt_tokens]
-                        token_trunc += 1
-                lengths = [len(u) for u in utt]
+                nt = len(turns)
+                off = offsets[k:k + nt + 1].tolist()
+                utt = [flat[off[j]:off[j + 1]] for j in range(nt)]
+                lengths = [off[j + 1] - off[j] for j in range(nt)]
+                unk = int(is_unk[off[-1]] - is_unk[off[0]])
+                k += nt
+                if max(lengths) > max_utt_tokens:
+                    for j in range(nt):
+                        if lengths[j] > max_utt_tokens:
+                            utt[j] = utt[j][:max_utt_tokens]
+                            lengths[j] = max_utt_tokens
+                            token_trunc += 1
+                    unk = sum(int((u == unk_id).sum()) for u in utt)
                 windows = make_windows(lengths, args.max_turns, args.max_tokens)
                 split = STORE_SPLITS[labels[i]]
                 writer.add_session(split, utt, windows)
                 st = stats[(sources[src[i]], split)]
                 st["sessions"] += 1
                 st["windows"] += len(windows)
-                st["utterances"] += len(turns)
+                st["utterances"] += nt
                 st["chars"] += sum(map(len, turns))
                 st["tokens"] += sum(lengths)
-                st["unk_tokens"] += sum(u.count(unk_id) for u in utt)
-                st["turns_per_session"][len(turns)] += 1
+                st["unk_tokens"] += unk
+                st["turns_per_session"][nt] += 1
                 for _, count in windows:
                     st["turns_per_window"][count] += 1
 
@@ -419,6 +485,9 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
                          "by_source": {s: dict(sorted(c.items())) for s, c in counters.items()},
                          "drop_reasons": [r for r in DROP_REASONS if total_counts.get(r)]},
             "chars_read": chars_read,
+            "encoder": "char table lookup (verified against the tokenizer)" if encoder.table is not None
+                       else "tokenizer encode_batch" + (f" ({encoder.fallback_reason})"
+                                                         if encoder.fallback_reason else ""),
         }
         full = writer.close(manifest)
     elapsed = time.perf_counter() - t0
