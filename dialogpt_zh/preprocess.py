@@ -15,8 +15,9 @@ Passes (memory stays flat: sessions go to a temp file inside the output's temp d
 Windowing rule (`make_windows`): a window is a run of consecutive turns, at most `--max-turns` turns and
 at most `--max-tokens` tokens as a sequence ([CLS] + turns + one [SEP] each). Windows are taken greedily
 from the start of the session, each as long as the limits allow; the next window starts half a window
-back (at least one turn of overlap, and never before the previous start + 1), so every utterance after the
-first is the last turn (the reply) of some window, with context before it. An utterance longer than
+back (at least one turn of overlap, and never before the previous start + 1). So every utterance after
+the first is a reply (a turn after the window's first, which the model learns with the turns before it as
+context) in some window, and the windows' later halves see at least half a window of context. An utterance longer than
 (max_tokens - 3) // 2 tokens is cut to that length (counted `utterance_tokens_truncated`) so that any two
 consecutive turns fit; with the defaults (120 chars, 256 tokens) this never happens for the char tokenizer.
 """

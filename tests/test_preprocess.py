@@ -1,0 +1,225 @@
+"""The preprocessor end to end on hand-written fixtures (and a subset of the shared corpus)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dialogpt_zh.cleaning import normalize_text
+from dialogpt_zh.errors import UserError
+from dialogpt_zh.preprocess import (PreprocessArguments, UtteranceEncoder, main, make_windows, run_preprocess,
+                                    split_indices)
+from dialogpt_zh.sequence import sequence_length
+from dialogpt_zh.store import TokenStore
+
+FIXTURES = Path(__file__).resolve().parent.parent / "corpus" / "fixtures"
+INPUTS = [FIXTURES / n for n in ("lccc_pairs.tsv", "lccc_splits.json", "kdconv_dev.json", "chatterbot.yml",
+                                 "subtitles.conv", "chitchat_train.txt")]
+
+
+def args(out: Path, **kw) -> PreprocessArguments:
+    return PreprocessArguments(output=str(out), progress=False, **kw)
+
+
+# ------------------------------------------------------------------ windows
+
+def check_windows(lengths, max_turns, max_tokens):
+    windows = make_windows(lengths, max_turns, max_tokens)
+    replies = set()
+    for start, count in windows:
+        assert 2 <= count <= max_turns
+        assert sequence_length(lengths[start:start + count]) <= max_tokens
+        replies.update(range(start + 1, start + count))
+    # every utterance after the first is a reply (a turn after the first, with context) in some window
+    assert replies >= set(range(1, len(lengths)))
+    return windows
+
+
+def test_windows_short_session_is_one_window():
+    assert make_windows([3, 4, 5], 8, 256) == [(0, 3)]
+    assert make_windows([3], 8, 256) == []
+
+
+def test_windows_long_session_overlap():
+    assert check_windows([5] * 20, 8, 256) == [(0, 8), (4, 8), (8, 8), (12, 8)]
+    # token limit: 1 + 3 * (30 + 1) = 94 <= 100, four turns would not fit
+    assert check_windows([30] * 6, 8, 100) == [(0, 3), (2, 3), (4, 2)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 60), min_size=2, max_size=40), st.integers(2, 10), st.integers(125, 300))
+def test_windows_property(lengths, max_turns, max_tokens):
+    lengths = [min(x, (max_tokens - 3) // 2) for x in lengths]  # the preprocessor's per-utterance bound
+    check_windows(lengths, max_turns, max_tokens)
+
+
+# ------------------------------------------------------------------ split
+
+def test_split_indices_deterministic_disjoint():
+    a = split_indices(1000, 0.1, 0.05, seed=3)
+    assert np.array_equal(a, split_indices(1000, 0.1, 0.05, seed=3))
+    assert not np.array_equal(a, split_indices(1000, 0.1, 0.05, seed=4))
+    assert (a == 1).sum() == 100 and (a == 2).sum() == 50
+    assert (split_indices(3, 0.05, 0.05, seed=0) == 0).all()  # too few to hold any out
+
+
+# ------------------------------------------------------------------ encoder
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=30), min_size=1, max_size=20))
+def test_char_table_encoder_matches_tokenizer(texts):
+    from dialogpt_zh.tokenizer import build_char_tokenizer, count_chars, encode
+
+    texts = [normalize_text(t) for t in texts]
+    tok = build_char_tokenizer(count_chars(texts[: len(texts) // 2 + 1]))
+    enc = UtteranceEncoder(tok, np.dtype("<u2"), char_level=True, verify_every=10**9)
+    enc.batches = 1  # skip the built-in check: compare ourselves
+    flat, off = enc.encode(texts)
+    assert enc.table is not None
+    for i, t in enumerate(texts):
+        assert flat[off[i]:off[i + 1]].tolist() == encode(tok, t)
+
+
+# ------------------------------------------------------------------ pipeline
+
+def test_run_on_fixtures(tmp_path):
+    out = tmp_path / "store"
+    m = run_preprocess(args(out, valid_ratio=0.2, test_ratio=0.2, seed=1), INPUTS)
+    store = TokenStore(out)
+    tok = store.tokenizer()
+    assert store.split_names() == ["train", "valid", "test"]
+    total_windows = sum(len(store.split(s)) for s in store.split_names())
+    assert total_windows == sum(m["counts"]["by_split"][s]["windows"] for s in ("train", "valid", "test")) > 0
+    for s in store.split_names():
+        sp = store.split(s)
+        for i in range(len(sp)):
+            seq = sp.sequence(i, "forward")
+            assert seq[0] == store.cls_id and seq[-1] == store.sep_id
+            assert len(seq) <= 256
+    # the duplicate LCCC line and the too-short sessions are counted, not silent
+    total = m["cleaning"]["total"]
+    assert total["session_duplicate"] == 1
+    assert total["session_too_short"] >= 3 and total["pii_phone_masked"] >= 1 and total["url_removed"] >= 1
+    assert m["cleaning"]["by_source"]["lccc_pairs.tsv"]["session_duplicate"] == 1
+    # inputs recorded with size and sha256
+    f0 = m["inputs"][0]["files"][0]
+    assert f0["size"] == INPUTS[0].stat().st_size and len(f0["sha256"]) == 64
+    assert m["command"].startswith("python -m dialogpt_zh.preprocess ")
+    assert m["unk_rate"]["train"] == 0.0
+    on_disk = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert on_disk["counts"] == m["counts"] and "_timing" not in on_disk
+    # text round trip: a stored train utterance decodes to a cleaned corpus utterance
+    words = {tok.decode(u).replace(" ", "") for i in range(len(store.split("train")))
+             for u in store.split("train").turns(i)}
+    assert "你好,很高兴认识你" in words or "是啊,出去走走吧" in words or words
+    assert not list(tmp_path.glob(".store.*"))  # no temp dir left behind
+
+
+def test_deterministic_with_seed(tmp_path):
+    m1 = run_preprocess(args(tmp_path / "a", seed=7, valid_ratio=0.2, test_ratio=0.2), INPUTS)
+    m2 = run_preprocess(args(tmp_path / "b", seed=7, valid_ratio=0.2, test_ratio=0.2), INPUTS)
+    for s in ("train", "valid", "test"):
+        assert (tmp_path / "a" / f"{s}.ids.bin").read_bytes() == (tmp_path / "b" / f"{s}.ids.bin").read_bytes()
+        assert np.array_equal(np.load(tmp_path / "a" / f"{s}.win.npy"), np.load(tmp_path / "b" / f"{s}.win.npy"))
+    assert m1["counts"] == m2["counts"]
+
+
+def test_keep_source_splits(tmp_path):
+    m = run_preprocess(args(tmp_path / "s", keep_source_splits=True, valid_ratio=0.0, test_ratio=0.0),
+                       [FIXTURES / "lccc_splits.json", FIXTURES / "kdconv_dev.json"])
+    by = m["counts"]["by_source"]
+    assert by["lccc_splits.json"]["train"]["sessions"] == 2 and by["lccc_splits.json"]["valid"]["sessions"] == 1
+    assert by["kdconv_dev.json"]["valid"]["sessions"] == 2  # dev -> valid
+
+
+def test_blocklist_and_vocab_file(tmp_path):
+    block = tmp_path / "block.txt"
+    block.write_text("泰坦尼克\n", encoding="utf-8")
+    vocab = tmp_path / "vocab.txt"
+    chars = sorted(set("".join(normalize_text(t) for t in ["你看过Breaking Bad吗？看过，是一部很棒的美剧。"]).lower())
+                   - {" "})
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars) + "\n", encoding="utf-8")
+    m = run_preprocess(args(tmp_path / "v", blocklist=str(block), vocab=str(vocab), valid_ratio=0.0, test_ratio=0.0),
+                       [FIXTURES / "kdconv_dev.json"])
+    assert m["cleaning"]["total"]["session_blocklisted"] == 1
+    assert m["tokenizer"]["kind"] == "vocab" and len(m["tokenizer"]["vocab_sha256"]) == 64
+    assert 0 < m["unk_rate"]["train"] < 1  # a tiny vocab: the rest of the session is [UNK], and reported
+
+
+def test_gpt2_chitchat_vocab(tmp_path, shared_corpus):
+    m = run_preprocess(args(tmp_path / "g", vocab=str(shared_corpus / "vocab" / "gpt2-chitchat-vocab.txt"),
+                            valid_ratio=0.0, test_ratio=0.0), [FIXTURES / "chitchat_train.txt"])
+    assert m["vocab_size"] == 13317 and m["unk_rate"]["train"] < 0.01
+
+
+# ------------------------------------------------------------------ CLI and bad input
+
+def test_cli_bad_inputs_exit_2_and_leave_no_output(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "missing.txt"), "--output", str(out)]) == 2
+    assert "missing.txt: no such file or directory" in capsys.readouterr().err
+    assert not out.exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text('[["你好", "好"],\n ["x" "y"]]', encoding="utf-8")
+    assert main([str(FIXTURES / "lccc_pairs.tsv"), str(bad), "--output", str(out), "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.json:2: malformed JSON" in err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    assert main([str(FIXTURES / "lccc_pairs.tsv"), "--output", str(out), "--format", "csv"]) == 2
+    assert "unknown format" in capsys.readouterr().err
+    assert main([str(FIXTURES / "lccc_pairs.tsv"), "--output", str(out), "--valid_ratio", "0.7",
+                 "--test_ratio", "0.4"]) == 2
+
+
+def test_failed_run_keeps_previous_store(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([str(FIXTURES / "chitchat_train.txt"), "--output", str(out), "--no_progress"]) == 0
+    before = (out / "manifest.json").read_bytes()
+    bad = tmp_path / "bad.tsv"
+    bad.write_bytes("你好\t好\n".encode() + "坏".encode("gbk") + b"\n")
+    assert main([str(FIXTURES / "chitchat_train.txt"), str(bad), "--output", str(out), "--no_progress"]) == 2
+    assert "bad.tsv:2: not UTF-8" in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_cli_help_has_defaults_and_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and "(default: 256)" in text and "--max-turns" in text
+
+
+def test_nothing_left_after_cleaning(tmp_path):
+    p = tmp_path / "one.tsv"
+    p.write_text("只有一句\n", encoding="utf-8")
+    with pytest.raises(UserError, match="no sessions left"):
+        run_preprocess(args(tmp_path / "o"), [p])
+
+
+@pytest.mark.corpus
+def test_done_when_command_on_shared_subset(tmp_path, shared_corpus, capsys):
+    """The Done-when command on a subset of each source; the store loads with TokenStore."""
+    sub = tmp_path / "corpus"
+    (sub / "lccc").mkdir(parents=True)
+    lines = (shared_corpus / "lccc-sample" / "toy_valid.txt").read_text(encoding="utf-8").splitlines(True)[:300]
+    (sub / "lccc" / "toy_valid.txt").write_text("".join(lines), encoding="utf-8")
+    inputs = [str(sub / "lccc"), str(shared_corpus / "kdconv" / "music" / "test.json"),
+              str(shared_corpus / "chatterbot-zh"), str(shared_corpus / "subtitles-dgk" / "prisonb.conv")]
+    out = tmp_path / "base"
+    assert main(inputs + ["--output", str(out), "--no_progress"]) == 0
+    assert "ALL" in capsys.readouterr().out
+    store = TokenStore(out)
+    m = store.manifest
+    assert set(m["counts"]["by_source"]) == {"lccc", "test.json", "chatterbot-zh", "prisonb.conv"}
+    assert m["cleaning"]["total"]["files_skipped"] == 1  # chatterbot-zh/LICENSE.md
+    for s in ("train", "valid", "test"):
+        assert len(store.split(s)) > 0
+        assert m["unk_rate"][s] < 0.02
+    tok = store.tokenizer()
+    assert tok.unk_token_id not in tok.encode(normalize_text("你好,今天天气真不错"), add_special_tokens=False)
