@@ -1,0 +1,573 @@
+"""Batch evaluation on held-out dialogues: a thin face over the reply engine (no sampling or scoring here).
+
+    held-out files --(readers + cleaning, as the preprocessor)--> sessions --> cases (context, reference)
+      -> PPL of the references           (ChatBot.forward_logprobs)
+      -> decoders plain / mmi / greedy   (ChatBot.reply, same case seed for each)
+      -> response selection R10@k, MRR   (ChatBot.rerank of the true reply + 9 replies of other sessions)
+      -> metrics (dialogpt_zh.metrics) -> report.json, report.md, samples.jsonl (written when complete)
+
+A case is a reply turn of a session (every turn after the first, or only the last with --last_turn_only):
+the turns before it are the context (the engine bounds it exactly as in chat: max_history, max_context_tokens),
+the turn itself is the reference. See docs/evaluation.md for the metric definitions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from dialogpt_zh import metrics
+from dialogpt_zh.cli import field_help, make_parser, parse, run_main
+from dialogpt_zh.errors import UserError
+
+log = logging.getLogger("dialogpt_zh.evaluate")
+
+DECODERS = ("plain", "mmi", "greedy")
+SELECTION_CANDIDATES = 10          # the true reply + 9 distractors: R10@k
+HELD_OUT_SPLITS = ("valid", "validation", "val", "dev", "test")
+
+EXAMPLES = """
+  python -m dialogpt_zh.evaluate --data ../shared/corpus/lccc-sample/toy_data.json --output runs/eval/report.json
+  python -m dialogpt_zh.evaluate --data ../shared/corpus/kdconv/film/test.json --model checkpoints/default \\
+      --limit 200 --last_turn_only --markdown runs/eval/report.md --samples runs/eval/samples.jsonl
+  python -m dialogpt_zh.evaluate --data heldout.json --model runs/mybot --decoders plain,mmi,greedy \\
+      --num_candidates 20 --top_p 0.9 --backward_weight 1.5 --seed 1 --output report.json
+  python -m dialogpt_zh.evaluate --data heldout.json --decoders none --sweep --output sweep.json  # MMI weights
+"""
+
+
+@dataclass
+class EvalArgs:
+    data: list[str] = field(default_factory=list, metadata=field_help(
+        "held-out corpus files or directories, in any format the preprocessor reads"))
+    output: str = field(default="", metadata=field_help("report.json to write (required)"))
+    model: str | None = field(default=None, metadata=field_help(
+        "bot directory (forward/ + backward/) or one forward model directory (MMI rows absent); "
+        "default: checkpoints/default"))
+    format: str = field(default="auto", metadata=field_help(
+        "corpus format of --data (auto, chitchat, tsv, lccc-json, kdconv-json, chatterbot-yaml, conv)"))
+    split: str = field(default="auto", metadata=field_help(
+        "which sessions to use by their split (JSON split key or file name): 'auto' = everything except "
+        "'train', 'all', or a comma list such as 'valid,test'"))
+    limit: int = field(default=0, metadata=field_help("evaluate only the first N sessions (0 = all)"))
+    candidates: int | None = field(default=None, metadata=field_help(
+        "N candidates for the mmi decoder (default: --num_candidates)"))
+    seed: int = field(default=0, metadata=field_help(
+        "seed of everything random (case i is sampled with a seed derived from (seed, i)); same seed, same report"))
+    last_turn_only: bool = field(default=False, metadata=field_help(
+        "one case per session (its last turn) instead of every turn after the first"))
+    decoders: str = field(default="plain,mmi", metadata=field_help(
+        "comma list of decoders to run: plain (1 sample), mmi (N candidates reranked), greedy; 'none' = skip"))
+    selection: bool = field(default=True, metadata=field_help(
+        "run the response-selection task (--no_selection to skip)"))
+    sweep: bool = field(default=False, metadata=field_help(
+        "also report R10@1 of the selection task for a grid of MMI weights (cheap: reuses the scores)"))
+    samples: str | None = field(default=None, metadata=field_help(
+        "samples.jsonl to write: context, reference, each decoder's output and candidates"))
+    markdown: str | None = field(default=None, metadata=field_help("report.md to write (tables for humans)"))
+    device: str = field(default="cpu", metadata=field_help("torch device"))
+    threads: int = field(default=0, metadata=field_help(
+        "torch CPU threads (0 = torch's default); 1 is often faster for small models on a busy machine"))
+    progress: bool = field(default=True, metadata=field_help("show a progress bar (--no_progress to hide)"))
+
+
+@dataclass
+class Case:
+    index: int
+    session: int                   # index into the evaluated sessions
+    turn: int                      # index of the reference turn in its session
+    context: list[str]
+    reference: str
+    source: str
+    path: str
+    line: int
+
+
+# ------------------------------------------------------------------------------------------------ input
+
+def parse_decoders(spec: str) -> list[str]:
+    names = [d.strip() for d in spec.split(",") if d.strip()]
+    if names == ["none"]:
+        return []
+    unknown = [d for d in names if d not in DECODERS]
+    if unknown or not names:
+        raise UserError(f"unknown decoder(s) {unknown or [spec]}; choose from {list(DECODERS)} or 'none'",
+                        field="decoders")
+    return list(dict.fromkeys(names))
+
+
+def split_wanted(split: str | None, spec: str) -> bool:
+    if spec == "all":
+        return True
+    if spec == "auto":
+        return split != "train"
+    return split in {s.strip() for s in spec.split(",")}
+
+
+def load_sessions(args: EvalArgs, counts: Counter) -> list[Any]:
+    """Cleaned sessions of --data (the preprocessor's readers and cleaning), filtered by split, limited."""
+    from dialogpt_zh.readers import iter_clean_sessions
+
+    if not args.data:
+        raise UserError("give at least one held-out file or directory", field="data")
+    sessions = []
+    for s in iter_clean_sessions(args.data, fmt=args.format, counters=counts):
+        if not split_wanted(s.split, args.split):
+            counts[f"session_not_in_split ({s.split})"] += 1
+            continue
+        sessions.append(s)
+        if args.limit and len(sessions) >= args.limit:
+            counts["reading_stopped_at_limit"] = 1  # the rest of --data was not read
+            break
+    if not sessions:
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "nothing read"
+        hint = " (all were in the train split: pass --split all to use them)" if any(
+            k.startswith("session_not_in_split") for k in counts) else ""
+        raise UserError(f"no usable multi-turn session in {', '.join(args.data)} ({why}){hint}", field="data")
+    return sessions
+
+
+def build_cases(sessions: Sequence[Any], last_turn_only: bool) -> list[Case]:
+    cases: list[Case] = []
+    for si, s in enumerate(sessions):
+        turns = range(len(s.turns) - 1, len(s.turns)) if last_turn_only else range(1, len(s.turns))
+        for t in turns:
+            cases.append(Case(len(cases), si, t, list(s.turns[:t]), s.turns[t], s.source, s.path, s.line))
+    return cases
+
+
+def case_seed(seed: int, index: int) -> int:
+    """Seed of case `index`: independent of which other cases or decoders run."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
+
+
+def draw_distractors(cases: Sequence[Case], sessions: Sequence[Any], seed: int,
+                     k: int = SELECTION_CANDIDATES - 1) -> list[list[str] | None]:
+    """For each case, k distinct replies from OTHER sessions, none equal to the reference (None: too few).
+
+    Drawn uniformly from all turns of the evaluated sessions with a generator seeded by `seed`.
+    """
+    pool_text: list[str] = []
+    pool_session: list[int] = []
+    for si, s in enumerate(sessions):
+        for t in s.turns:
+            pool_text.append(t)
+            pool_session.append(si)
+    pool_session_arr = np.asarray(pool_session)
+    rng = np.random.default_rng([seed, 7])
+    out: list[list[str] | None] = []
+    for case in cases:
+        chosen: list[str] = []
+        seen = {case.reference}
+        for _ in range(20 * k):                       # rejection sampling: almost always done in k draws
+            j = int(rng.integers(len(pool_text)))
+            if pool_session[j] != case.session and pool_text[j] not in seen:
+                chosen.append(pool_text[j])
+                seen.add(pool_text[j])
+                if len(chosen) == k:
+                    break
+        if len(chosen) < k:                           # tiny or repetitive data: scan everything, in random order
+            for j in rng.permutation(np.nonzero(pool_session_arr != case.session)[0]):
+                if pool_text[j] not in seen:
+                    chosen.append(pool_text[j])
+                    seen.add(pool_text[j])
+                    if len(chosen) == k:
+                        break
+        out.append(chosen if len(chosen) == k else None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- MMI scores
+
+def mmi_scores(fwd: np.ndarray, bwd: np.ndarray, num_tokens: np.ndarray, num_context_tokens: np.ndarray,
+               forward_weight, backward_weight, length_weight, normalize: str) -> np.ndarray:
+    """The engine's ranking score (engine.ChatBot._rank, see its module docstring), vectorised for the sweep.
+
+    Weights may be arrays broadcasting against the score arrays. The evaluator checks this formula
+    against the engine's own scores on every case (see `check_engine_scores`), so a change in the engine
+    cannot silently make the sweep measure something the chat does not do.
+    """
+    if normalize == "mean":
+        fwd = fwd / num_tokens
+        bwd = bwd / np.maximum(num_context_tokens, 1)
+    return forward_weight * fwd + backward_weight * bwd + length_weight * num_tokens
+
+
+SWEEP_GRID = {
+    "forward_weight": [0.0, 0.25, 0.5, 0.75, 1.0],
+    "backward_weight": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0],
+    # per-token scores are a few nats, summed ones tens: the length weight's useful range differs
+    "length_weight": {"mean": [-0.05, 0.0, 0.02, 0.05, 0.1, 0.2], "sum": [-1.0, 0.0, 0.5, 1.0, 2.0, 4.0]},
+    "normalize": ["mean", "sum"],
+}
+
+
+def sweep_selection(fwd: np.ndarray, bwd: np.ndarray, num_tokens: np.ndarray, num_context_tokens: np.ndarray,
+                    grid: dict = SWEEP_GRID) -> list[dict[str, Any]]:
+    """R10@1 / R10@2 / MRR of the selection task for every weighting in `grid` (true reply in column 0).
+
+    All arrays are [cases, 10]; every weighting is scored at once in numpy. Weightings whose score is the
+    same for all candidates (all weights 0) are left out. Sorted best first (R10@1, then MRR).
+    """
+    rows: list[dict[str, Any]] = []
+    for normalize in grid["normalize"]:
+        combos = np.array([(f, b, l) for f in grid["forward_weight"] for b in grid["backward_weight"]
+                           for l in grid["length_weight"][normalize] if (f, b, l) != (0.0, 0.0, 0.0)],
+                          dtype=np.float64)
+        if len(combos) == 0 or fwd.size == 0:
+            continue
+        w = combos[:, :, None, None]                    # [K, 3, 1, 1]
+        scores = mmi_scores(fwd[None], bwd[None], num_tokens[None], num_context_tokens[None],
+                            w[:, 0], w[:, 1], w[:, 2], normalize)   # [K, cases, 10]
+        true = scores[:, :, :1]
+        ranks = 1 + (scores[:, :, 1:] >= true).sum(axis=2)         # pessimistic ties, as metrics.true_reply_ranks
+        r1 = 100.0 * (ranks <= 1).mean(axis=1)
+        r2 = 100.0 * (ranks <= 2).mean(axis=1)
+        mrr = 100.0 * (1.0 / ranks).mean(axis=1)
+        for (f, b, l), a, c, m in zip(combos, r1, r2, mrr):
+            rows.append({"normalize": normalize, "forward_weight": float(f), "backward_weight": float(b),
+                         "length_weight": float(l), "r10@1": float(a), "r10@2": float(c), "mrr": float(m)})
+    rows.sort(key=lambda r: (-r["r10@1"], -r["mrr"]))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+def _round(x: Any, nd: int = 4) -> Any:
+    if isinstance(x, float):
+        return round(x, nd)
+    if isinstance(x, dict):
+        return {k: _round(v, nd) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_round(v, nd) for v in x]
+    return x
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("dialogpt_zh", "torch", "transformers", "sacrebleu", "jieba"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def evaluate(args: EvalArgs, generation=None, mmi=None, bot=None, write: bool = True) -> dict[str, Any]:
+    """Run the whole evaluation and return the report dict; with `write`, write the files named in `args`
+    (report, samples, markdown) atomically once everything is computed. `generation` / `mmi` are the
+    engine's GenerationSettings / MMISettings (defaults when None); `bot` a loaded ChatBot to reuse."""
+    if write and not args.output:
+        raise UserError("give the report path (--output report.json)", field="output")
+    report, samples = run_evaluation(args, generation, mmi, bot)
+    if write:
+        write_outputs(report, samples, args)
+    return report
+
+
+def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None) -> tuple[dict[str, Any], list[dict]]:
+    """The evaluation itself: (report, samples), nothing written."""
+    from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings, validate_settings
+
+    t_start = time.perf_counter()
+    generation = generation or GenerationSettings()
+    mmi = mmi or MMISettings()
+    num_candidates = args.candidates if args.candidates is not None else generation.num_candidates
+    generation = dataclasses.replace(generation, num_candidates=num_candidates)
+    validate_settings(generation, mmi)
+    decoders = parse_decoders(args.decoders)
+    if args.limit < 0:
+        raise UserError(f"must be >= 0, got {args.limit}", field="limit")
+
+    if args.threads < 0:
+        raise UserError(f"must be >= 0, got {args.threads}", field="threads")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    counts: Counter = Counter()
+    sessions = load_sessions(args, counts)
+    cases = build_cases(sessions, args.last_turn_only)
+
+    t_load = time.perf_counter()
+    if bot is None:
+        bot = ChatBot.from_pretrained(args.model, device=args.device, **asdict(generation), **asdict(mmi))
+    else:
+        bot.generation, bot.mmi_settings = generation, mmi
+    load_s = time.perf_counter() - t_load
+
+    # What can be measured with this model and these settings, and why not the rest.
+    absent: dict[str, str] = {}
+    if bot.backward_model is None:
+        why = "no backward model (" + "; ".join(bot.notices) + ")"
+    elif not mmi.use_mmi:
+        why = "MMI switched off (--no_use_mmi)"
+    else:
+        why = ""
+    has_mmi = not why
+    if not has_mmi:
+        if "mmi" in decoders:
+            absent["decoding.mmi"] = why
+        if args.selection:
+            absent["selection.backward"] = absent["selection.mmi"] = why
+        if args.sweep:
+            absent["sweep"] = why
+    run_decoders = [d for d in decoders if d != "mmi" or has_mmi]
+    distractors = draw_distractors(cases, sessions, args.seed) if args.selection else [None] * len(cases)
+    selection_skipped = Counter()
+    if args.selection:
+        selection_skipped["fewer than 9 distinct replies in other sessions"] = sum(d is None for d in distractors)
+
+    # ------------------------------------------------------------------------------------ per case
+    from tqdm.auto import tqdm
+
+    ref_lp: list[float] = []
+    ref_n: list[int] = []
+    outputs: dict[str, list[str]] = {d: [] for d in run_decoders}
+    empty: Counter = Counter()
+    sel_rows: list[dict[str, np.ndarray]] = []       # per selected case: fwd, bwd, n, nctx, engine score
+    samples: list[dict[str, Any]] = []
+    part_s: Counter = Counter()
+    score_diff = 0.0
+    overrides = {
+        "plain": dict(num_candidates=1, use_mmi=False),
+        "mmi": dict(num_candidates=num_candidates, use_mmi=True),
+        "greedy": dict(num_candidates=1, temperature=0.0, use_mmi=False),
+    }
+    t_loop = time.perf_counter()
+    bar = tqdm(cases, desc="evaluating", unit="case", disable=not args.progress, dynamic_ncols=True)
+    for case in bar:
+        seed = case_seed(args.seed, case.index)
+        sample: dict[str, Any] = {"case": case.index, "source": case.source, "path": case.path, "line": case.line,
+                                  "turn": case.turn, "seed": seed, "context": case.context,
+                                  "reference": case.reference, "outputs": {}, "candidates": {}}
+        t = time.perf_counter()
+        (lp, n), = bot.forward_logprobs(case.context, [case.reference])
+        ref_lp.append(lp)
+        ref_n.append(n)
+        sample["reference_logprob"], sample["reference_tokens"] = lp, n
+        part_s["ppl"] += time.perf_counter() - t
+
+        for name in run_decoders:
+            t = time.perf_counter()
+            reply = bot.reply(case.context, seed=seed, **overrides[name])
+            part_s[name] += time.perf_counter() - t
+            outputs[name].append(reply.text)
+            empty[name] += not reply.text
+            sample["outputs"][name] = reply.text
+            sample["model_context"] = reply.context
+            if name == "mmi":
+                sample["candidates"][name] = [
+                    {"text": c.text, "rank": c.rank, "score": c.score, "forward_logprob": c.forward_logprob,
+                     "backward_logprob": c.backward_logprob, "num_tokens": c.num_tokens, "count": c.count}
+                    for c in reply.candidates]
+
+        if distractors[case.index] is not None:
+            t = time.perf_counter()
+            texts = [case.reference] + distractors[case.index]
+            ranked = bot.rerank(case.context, texts, use_mmi=has_mmi)
+            part_s["selection"] += time.perf_counter() - t
+            by_text = {c.text: c for c in ranked}
+            row = [by_text[x] for x in texts]          # back to the drawn order: column 0 = the true reply
+            arr = {
+                "fwd": np.array([c.forward_logprob for c in row], dtype=np.float64),
+                "bwd": np.array([c.backward_logprob if c.backward_logprob is not None else np.nan for c in row]),
+                "n": np.array([c.num_tokens for c in row], dtype=np.float64),
+                "nctx": np.array([c.num_context_tokens for c in row], dtype=np.float64),
+                "engine": np.array([c.score for c in row], dtype=np.float64),
+            }
+            if has_mmi:
+                mine = mmi_scores(arr["fwd"], arr["bwd"], arr["n"], arr["nctx"], mmi.forward_weight,
+                                  mmi.backward_weight, mmi.length_weight, mmi.normalize)
+            else:
+                mine = mmi_scores(arr["fwd"], 0.0, arr["n"], arr["nctx"], 1.0, 0.0, mmi.length_weight,
+                                  mmi.normalize)
+            score_diff = max(score_diff, float(np.abs(mine - arr["engine"]).max()))
+            sel_rows.append(arr)
+            sample["selection"] = {"candidates": texts, "true_rank_mmi" if has_mmi else "true_rank_forward":
+                                   int(metrics.true_reply_ranks(arr["engine"][None])[0])}
+        samples.append(sample)
+    bar.close()
+    loop_s = time.perf_counter() - t_loop
+    if score_diff > 1e-4:
+        raise RuntimeError(f"the evaluator's copy of the engine's ranking score differs from ChatBot.rerank by "
+                           f"{score_diff:.3g}: update evaluate.mmi_scores to the engine's formula")
+
+    # ------------------------------------------------------------------------------------ aggregate
+    references = [c.reference for c in cases]
+    decoding = {}
+    for name in run_decoders:
+        m = metrics.generation_metrics(outputs[name], references)
+        m["empty_replies"] = empty[name]
+        m["seconds"] = part_s[name]
+        decoding[name] = m
+
+    selection: dict[str, Any] = {}
+    sweep = None
+    if sel_rows:
+        F = np.stack([r["fwd"] for r in sel_rows])
+        B = np.stack([r["bwd"] for r in sel_rows])
+        N = np.stack([r["n"] for r in sel_rows])
+        NC = np.stack([r["nctx"] for r in sel_rows])
+        selection["forward"] = metrics.selection_metrics(
+            mmi_scores(F, 0.0, N, NC, 1.0, 0.0, mmi.length_weight, mmi.normalize))
+        if has_mmi:
+            # with "mean" the context length is the same for all 10 candidates, so sum and mean rank alike
+            selection["backward"] = metrics.selection_metrics(mmi_scores(F, B, N, NC, 0.0, 1.0, 0.0, mmi.normalize))
+            selection["mmi"] = metrics.selection_metrics(np.stack([r["engine"] for r in sel_rows]))
+            if args.sweep:
+                rows = sweep_selection(F, B, N, NC)
+                current = metrics.selection_metrics(np.stack([r["engine"] for r in sel_rows]))
+                sweep = {"metric": "r10@1", "grid": SWEEP_GRID, "best": rows[0] if rows else None,
+                         "engine_settings": {"forward_weight": mmi.forward_weight,
+                                             "backward_weight": mmi.backward_weight,
+                                             "length_weight": mmi.length_weight, "normalize": mmi.normalize,
+                                             **current},
+                         "results": rows}
+        selection["cases"] = len(sel_rows)
+        selection["candidates_per_case"] = SELECTION_CANDIDATES
+        selection["seconds"] = part_s["selection"]
+
+    wall_s = time.perf_counter() - t_start
+    report: dict[str, Any] = {
+        "cases": len(cases),
+        "sessions": len(sessions),
+        "ppl": metrics.perplexity(ref_lp, ref_n),
+        "reference_tokens": int(sum(ref_n)),
+        "decoding": decoding,
+        "selection": selection,
+        "absent": absent,
+        "skipped": {
+            "reading_and_cleaning": dict(sorted(counts.items())),
+            "selection_cases": {k: v for k, v in selection_skipped.items() if v},
+        },
+        "notices": list(bot.notices),
+        "timing": {"wall_s": wall_s, "model_load_s": load_s, "cases_loop_s": loop_s,
+                   "cases_per_s": len(cases) / loop_s if loop_s > 0 else 0.0,
+                   "ppl_s": part_s["ppl"], **{f"{k}_s": v for k, v in part_s.items() if k != "ppl"}},
+        "settings": {
+            "eval": {**asdict(args), "num_candidates_mmi": num_candidates, "decoders_run": run_decoders,
+                     "selection_candidates": SELECTION_CANDIDATES},
+            "generation": asdict(generation),
+            "mmi": asdict(mmi),
+            "decoder_overrides": {d: overrides[d] for d in run_decoders},
+            "model": {"forward": str(bot.forward_dir) if bot.forward_dir else None,
+                      "backward": str(bot.backward_dir) if bot.backward_dir and has_mmi else None},
+            "versions": _versions(),
+            "command": ["python", "-m", "dialogpt_zh.evaluate", *sys.argv[1:]],
+        },
+    }
+    if sweep is not None:
+        report["sweep"] = sweep
+    return _round(report, 6), samples
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+def _fmt(x: Any, nd: int = 2) -> str:
+    return f"{x:.{nd}f}" if isinstance(x, (int, float)) else "—"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """Tables for humans: decoding (char and word level), selection, and what was skipped."""
+    s = report["settings"]
+    lines = [f"# Evaluation: {', '.join(s['eval']['data'])}", "",
+             f"model `{s['model']['forward']}`" + (f" + backward `{s['model']['backward']}`"
+                                                    if s["model"]["backward"] else " (no backward model)"),
+             f"; {report['sessions']} sessions, {report['cases']} cases, seed {s['eval']['seed']}, "
+             f"N = {s['eval']['num_candidates_mmi']} candidates for mmi. "
+             f"PPL of the references: **{_fmt(report['ppl'])}**.", ""]
+    if report["decoding"]:
+        lines += ["| decoder | BLEU-2 | BLEU-4 | Dist-1 | Dist-2 | Entropy-4 | avg len | repeat-3 % | bland % |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, m in report["decoding"].items():
+            lines.append(f"| {name} | {_fmt(m['bleu2'])} | {_fmt(m['bleu4'])} | {_fmt(m['dist1'])} | "
+                         f"{_fmt(m['dist2'])} | {_fmt(m['entropy4'])} | {_fmt(m['avg_len'], 1)} | "
+                         f"{_fmt(m['repeat3'], 1)} | {_fmt(m['bland_top20'], 1)} |")
+        lines += ["", "Word level (jieba):", "",
+                  "| decoder | BLEU-2 | BLEU-4 | Dist-1 | Dist-2 | Entropy-4 | avg words |", "|---|---|---|---|---|---|---|"]
+        for name, m in report["decoding"].items():
+            lines.append(f"| {name} | {_fmt(m['bleu2_word'])} | {_fmt(m['bleu4_word'])} | {_fmt(m['dist1_word'])} | "
+                         f"{_fmt(m['dist2_word'])} | {_fmt(m['entropy4_word'])} | {_fmt(m['avg_len_words'], 1)} |")
+        lines.append("")
+    if report["selection"]:
+        sel = report["selection"]
+        lines += [f"Response selection ({sel['cases']} cases, true reply + 9 from other sessions):", "",
+                  "| ranked by | R10@1 | R10@2 | MRR |", "|---|---|---|---|"]
+        for name in ("forward", "backward", "mmi"):
+            if name in sel:
+                m = sel[name]
+                lines.append(f"| {name} | {_fmt(m['r10@1'])} | {_fmt(m['r10@2'])} | {_fmt(m['mrr'])} |")
+        lines.append("")
+    if "sweep" in report:
+        sw = report["sweep"]
+        e = sw["engine_settings"]
+        lines += [f"MMI weight sweep on the selection task (engine now: forward {e['forward_weight']}, backward "
+                  f"{e['backward_weight']}, length {e['length_weight']}, {e['normalize']}: R10@1 "
+                  f"{_fmt(e['r10@1'])}); best 10:", "",
+                  "| normalize | forward_weight | backward_weight | length_weight | R10@1 | R10@2 | MRR |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sw["results"][:10]:
+            lines.append(f"| {r['normalize']} | {r['forward_weight']} | {r['backward_weight']} | "
+                         f"{r['length_weight']} | {_fmt(r['r10@1'])} | {_fmt(r['r10@2'])} | {_fmt(r['mrr'])} |")
+        lines.append("")
+    for key, why in report["absent"].items():
+        lines.append(f"- {key} absent: {why}")
+    skipped = {k: v for k, v in report["skipped"]["reading_and_cleaning"].items() if v}
+    if skipped:
+        lines.append("- reading/cleaning counts: " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
+    for k, v in report["skipped"]["selection_cases"].items():
+        lines.append(f"- selection skipped for {v} cases: {k}")
+    t = report["timing"]
+    lines += [f"- wall time {t['wall_s']:.1f} s, {t['cases_per_s']:.2f} cases/s "
+              f"(model load {t['model_load_s']:.1f} s)", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(report: dict[str, Any], samples: Sequence[dict[str, Any]], args: EvalArgs) -> None:
+    """Write samples, markdown, then the report, each via a temp file renamed into place."""
+    from dialogpt_zh.fsutil import atomic_write_json, atomic_write_text
+
+    if args.samples:
+        atomic_write_text(args.samples, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    if args.markdown:
+        atomic_write_text(args.markdown, markdown_report(report))
+    atomic_write_json(args.output, report)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+def build_parser():
+    from dialogpt_zh.engine import GenerationSettings, MMISettings
+
+    return make_parser([EvalArgs, GenerationSettings, MMISettings], prog="python -m dialogpt_zh.evaluate",
+                       description=__doc__.split("\n\n")[0] + "\n\nMetric definitions: docs/evaluation.md.",
+                       examples=EXAMPLES)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> int:
+        args, generation, mmi = parse(build_parser(), argv)
+        if not args.output:
+            raise UserError("give the report path (--output report.json)", field="output")
+        report = evaluate(args, generation, mmi)
+        print(markdown_report(report))
+        print(f"wrote {args.output}" + (f", {args.markdown}" if args.markdown else "")
+              + (f", {args.samples}" if args.samples else ""), file=sys.stderr)
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
