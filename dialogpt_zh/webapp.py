@@ -309,6 +309,7 @@ def load_bot(args: WebArguments, generation, mmi):
 
 def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks, one line each
         args, generation, mmi = parse(make_web_parser(), argv)
         bot = load_bot(args, generation, mmi)
         for n in getattr(bot, "notices", []) or []:

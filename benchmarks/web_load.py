@@ -1,0 +1,152 @@
+"""Load test of the Gradio page: N concurrent gradio_client clients x T turns each against one app.
+
+Every client is its own browser-like session (own session hash, own gr.State history). The script counts
+errors, checks that each client's chat holds exactly the messages it sent (no history leaking between
+sessions), and prints p50/p95 latency: end to end as the client sees it (queue wait included) and the
+engine's own reply time (from the page's status line). Figures are printed, never asserted.
+
+  python benchmarks/web_load.py                               # embedded checkpoints/default, 20 x 10
+  python benchmarks/web_load.py --model runs/bot --clients 20 --turns 10 --concurrency 2
+  python benchmarks/web_load.py --url http://127.0.0.1:7860/  # against an app that is already running
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import dialogpt_zh  # noqa: F401
+except ModuleNotFoundError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+OPENERS = REPO / "corpus" / "fixtures" / "chitchat_train.txt"
+
+
+@dataclass
+class LoadArguments:
+    model: str | None = field(default=None, metadata=field_help(
+        "bot directory to serve (default: the embedded checkpoints/default); ignored with --url"))
+    url: str | None = field(default=None, metadata=field_help("load an app that is already running at this URL"))
+    clients: int = field(default=20, metadata=field_help("concurrent clients (sessions)"))
+    turns: int = field(default=10, metadata=field_help("turns per client"))
+    concurrency: int = field(default=2, metadata=field_help("replies the app computes at once (webapp --concurrency)"))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def user_texts(chat: list[dict]) -> list[str]:
+    return ["".join(p["text"] for p in m["content"]) for m in chat if m["role"] == "user"]
+
+
+def run_client(url: str, index: int, turns: int, utterances: list[str], start: threading.Barrier,
+               out: dict) -> None:
+    from gradio_client import Client
+
+    errors, mismatches, e2e, engine = [], 0, [], []
+    try:
+        client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+    except Exception as e:  # noqa: BLE001 - counted, not raised: this is a load test
+        start.wait()
+        out[index] = dict(errors=[f"connect: {type(e).__name__}: {e}"] * turns, mismatches=0, e2e=[], engine=[])
+        return
+    start.wait()
+    sent: list[str] = []
+    for turn in range(turns):
+        message = utterances[(index * 7 + turn) % len(utterances)]
+        t0 = time.perf_counter()
+        try:
+            _, chat, table, status = client.predict(message, api_name="/chat")
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"turn {turn}: {type(e).__name__}: {e}")
+            continue
+        e2e.append(time.perf_counter() - t0)
+        if not isinstance(status, str) or "出错" in status or not table.get("data"):
+            errors.append(f"turn {turn}: error on the page: {status!r}")
+            continue
+        sent.append(message)
+        if user_texts(chat) != sent:
+            mismatches += 1
+        m = re.search(r"本轮用时 ([0-9.]+) 秒", status)
+        if m:
+            engine.append(float(m.group(1)))
+    client.close()
+    out[index] = dict(errors=errors, mismatches=mismatches, e2e=e2e, engine=engine)
+
+
+def main(argv=None) -> int:
+    def body() -> int:
+        import logging
+
+        from dialogpt_zh.engine import GenerationSettings, MMISettings
+
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+
+        args, gen, mmi = parse(make_parser([LoadArguments, GenerationSettings, MMISettings], prog="web_load.py",
+                                           description=__doc__.split("\n")[0], examples=__doc__.split("\n\n")[-1]),
+                               argv)
+        text = OPENERS.read_text(encoding="utf-8")
+        utterances = [u.strip() for u in text.splitlines() if u.strip()]
+        demo = None
+        url = args.url
+        if url is None:
+            from dialogpt_zh import webapp
+            from dialogpt_zh.engine import ChatBot
+
+            bot = ChatBot.from_pretrained(args.model, **dataclasses.asdict(gen), **dataclasses.asdict(mmi))
+            demo = webapp.build_app(bot, concurrency=args.concurrency, max_queue=max(64, args.clients * 2))
+            url = webapp.launch_in_background(demo)
+            print(f"serving {bot.forward_dir} (+ {bot.backward_dir}) at {url}; concurrency {args.concurrency}; "
+                  f"num_candidates {bot.generation.num_candidates}, max_length {bot.generation.max_length}; "
+                  f"torch threads {__import__('torch').get_num_threads()}, cpus {os.cpu_count()}", flush=True)
+        results: dict[int, dict] = {}
+        barrier = threading.Barrier(args.clients + 1)
+        threads = [threading.Thread(target=run_client, args=(url, i, args.turns, utterances, barrier, results))
+                   for i in range(args.clients)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        if demo is not None:
+            demo.close()
+
+        errors = [e for r in results.values() for e in r["errors"]]
+        mismatches = sum(r["mismatches"] for r in results.values())
+        e2e = [x for r in results.values() for x in r["e2e"]]
+        engine = [x for r in results.values() for x in r["engine"]]
+        total = args.clients * args.turns
+        print(f"clients {args.clients} x turns {args.turns} = {total} requests in {wall:.1f} s "
+              f"({len(e2e) / wall:.2f} replies/s)")
+        print(f"errors: {len(errors)}; clients whose chat was not exactly their own messages: "
+              f"{sum(1 for r in results.values() if r['mismatches'])} ({mismatches} turns)")
+        for e in errors[:5]:
+            print("  e.g.", e)
+        if e2e:
+            print(f"end-to-end latency (queue wait included): p50 {percentile(e2e, 50):.2f} s, "
+                  f"p95 {percentile(e2e, 95):.2f} s, max {max(e2e):.2f} s")
+        if engine:
+            print(f"engine reply time: p50 {percentile(engine, 50):.3f} s, p95 {percentile(engine, 95):.3f} s, "
+                  f"mean {statistics.mean(engine):.3f} s")
+        return 1 if errors or mismatches else 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
