@@ -28,8 +28,11 @@ def make_parser(dataclass_types: Sequence[type], prog: str, description: str, ex
 
 def parse(parser, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     """Parse argv into one instance per dataclass; unknown flags are an error (exit 2)."""
-    return parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None,
-                                              return_remaining_strings=False)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None,
+                                                            return_remaining_strings=True)
+    if remaining:  # HfArgumentParser raises ValueError (a traceback, exit 1); argparse's error exits 2
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    return tuple(parsed)
 
 
 def run_main(main: Callable[[], int | None]) -> int:

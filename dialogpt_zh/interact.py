@@ -132,9 +132,10 @@ class Session:
                               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.log))
 
 
-def chat(bot, args: InteractArgs, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
-         stderr: TextIO = sys.stderr) -> int:
-    """Run the REPL until /quit, end of input, or Ctrl-C."""
+def chat(bot, args: InteractArgs, stdin: TextIO | None = None, stdout: TextIO | None = None,
+         stderr: TextIO | None = None) -> int:
+    """Run the REPL until /quit, end of input, or Ctrl-C (streams default to the current sys ones)."""
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     interactive = stdin.isatty()
     info = stdout if interactive else stderr
     session = Session(bot, args, stdout, info)
