@@ -244,7 +244,7 @@ def build_app(bot: ChatBot, generation: GenerationSettings | None = None, mmi: M
                                      interactive=False, wrap=True, elem_id="candidates",
                                      datatype=["number", "str", "str", "number", "number", "number", "number",
                                                "number"],
-                                     column_widths=["7%", "7%", "33%", "13%", "13%", "11%", "8%", "8%"])
+                                     column_widths=["7%", "6%", "30%", "14%", "14%", "12%", "8%", "9%"])
                 with gr.Accordion("生成设置", open=True):
                     sliders = [gr.Slider(c.minimum, c.maximum, value=base_settings.get(c.name), step=c.step,
                                          label=c.label, info=c.info, elem_id=f"ctl_{c.name}")
