@@ -163,3 +163,17 @@ def test_space_rule_loses_no_cjk_character(words, gaps):
     out = normalize_text(text)
     assert set("".join(words)) == set(out.replace(" ", ""))
     assert unicodedata.is_normalized("NFKC", out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.text(), st.text(MIXED, max_size=40)), max_size=12))
+def test_batch_normaliser_equals_one_by_one(texts):
+    """The preprocessor cleans in batches; the chat engine one utterance at a time: same result."""
+    from dialogpt_zh.cleaning import normalize_many
+
+    assert normalize_many(texts) == [normalize_text(t) for t in texts]
+    c1, c2 = Counter(), Counter()
+    normalize_many(texts, c1)
+    for t in texts:
+        normalize_counted(t, c2)
+    assert +c1 == +c2
