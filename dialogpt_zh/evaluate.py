@@ -309,7 +309,8 @@ def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None) -> tuple
     # What can be measured with this model and these settings, and why not the rest.
     absent: dict[str, str] = {}
     if bot.backward_model is None:
-        why = "no backward model (" + "; ".join(bot.notices) + ")"
+        why = (f"no backward model ({args.model or 'the model'} has no backward/ directory); MMI decoding and "
+               f"backward/MMI selection need one")
     elif not mmi.use_mmi:
         why = "MMI switched off (--no_use_mmi)"
     else:

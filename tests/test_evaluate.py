@@ -1,0 +1,221 @@
+"""The evaluator end to end on tiny checkpoints and the hand-written held-out fixture corpus/fixtures/heldout.json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from dialogpt_zh import evaluate as E
+from dialogpt_zh import metrics as M
+
+HELDOUT = Path(__file__).resolve().parent.parent / "corpus" / "fixtures" / "heldout.json"
+# heldout.json "valid": 11 sessions, one of them a single turn (dropped by cleaning); turns of the other 10:
+VALID_TURNS = [4, 3, 3, 3, 4, 2, 3, 4, 2, 3]
+FAST = ["--max_length", "6", "--num_candidates", "4", "--no_progress", "--threads", "1"]
+
+
+def run_cli(tmp_path: Path, model: Path, *extra: str, name: str = "report") -> tuple[int, Path]:
+    out = tmp_path / f"{name}.json"
+    code = E.main(["--data", str(HELDOUT), "--model", str(model), "--output", str(out),
+                   "--samples", str(tmp_path / f"{name}.jsonl"), "--markdown", str(tmp_path / f"{name}.md"),
+                   *FAST, *extra])
+    return code, out
+
+
+@pytest.fixture(scope="module")
+def bot_dir(request):
+    # a trained tiny bot when the trainer's fixture exists (more realistic outputs), else the random one
+    try:
+        return request.getfixturevalue("trained_bot_dir")
+    except pytest.FixtureLookupError:
+        return request.getfixturevalue("random_bot_dir")
+
+
+# ------------------------------------------------------------------------------------------- pure parts
+def _session(turns):
+    return SimpleNamespace(turns=turns, source="s", path="p", line=1, split=None)
+
+
+def test_build_cases_every_turn_or_last():
+    sessions = [_session(["a", "b", "c"]), _session(["d", "e"])]
+    cases = E.build_cases(sessions, last_turn_only=False)
+    assert [(c.session, c.turn, c.context, c.reference) for c in cases] == [
+        (0, 1, ["a"], "b"), (0, 2, ["a", "b"], "c"), (1, 1, ["d"], "e")]
+    last = E.build_cases(sessions, last_turn_only=True)
+    assert [(c.context, c.reference) for c in last] == [(["a", "b"], "c"), (["d"], "e")]
+
+
+def test_distractors_come_from_other_sessions_and_are_deterministic():
+    sessions = [_session([f"s{i}t{j}" for j in range(3)]) for i in range(6)] + [_session(["x", "s0t1"])]
+    cases = E.build_cases(sessions, last_turn_only=False)
+    d1 = E.draw_distractors(cases, sessions, seed=3)
+    assert d1 == E.draw_distractors(cases, sessions, seed=3)
+    assert d1 != E.draw_distractors(cases, sessions, seed=4)
+    for case, ds in zip(cases, d1):
+        assert ds is not None and len(ds) == 9 and len(set(ds)) == 9
+        assert case.reference not in ds
+        others = {t for i, s in enumerate(sessions) if i != case.session for t in s.turns}
+        assert set(ds) <= others  # "s0t1" may be drawn for session 0: session 6 says it too
+    # too few other sessions: no selection for that case (None), never a short list
+    few = [_session(["a", "b"]), _session(["c", "d"])]
+    assert E.draw_distractors(E.build_cases(few, False), few, seed=0) == [None, None]
+
+
+def test_sweep_hand_computed():
+    # 2 cases x 3 candidates (true reply in column 0), context 10 tokens.
+    fwd = np.array([[-4.0, -2.0, -9.0], [-6.0, -3.0, -3.0]])
+    bwd = np.array([[-10.0, -30.0, -20.0], [-40.0, -20.0, -30.0]])
+    n = np.array([[2.0, 2.0, 3.0], [3.0, 1.0, 3.0]])
+    nctx = np.full((2, 3), 10.0)
+    grid = {"forward_weight": [0.0, 1.0], "backward_weight": [0.0, 1.0], "length_weight": {"sum": [0.0]},
+            "normalize": ["sum"]}
+    rows = {(r["forward_weight"], r["backward_weight"]): r for r in E.sweep_selection(fwd, bwd, n, nctx, grid)}
+    assert (0.0, 0.0) not in rows                 # a constant score is not a weighting
+    # forward only: case 1 true -4 < -2 -> rank 2; case 2 true -6 below both -> rank 3
+    assert rows[(1.0, 0.0)]["r10@1"] == 0.0 and rows[(1.0, 0.0)]["mrr"] == pytest.approx(100 * (1 / 2 + 1 / 3) / 2)
+    # backward only: case 1 rank 1; case 2 -40 below -20, -30 -> rank 3
+    assert rows[(0.0, 1.0)]["r10@1"] == 50.0 and rows[(0.0, 1.0)]["r10@2"] == 50.0
+    # both: case 1: -14, -32, -29 -> rank 1; case 2: -46, -23, -33 -> rank 3
+    assert rows[(1.0, 1.0)]["r10@1"] == 50.0
+    # equals metrics.selection_metrics on the same scores
+    both = E.mmi_scores(fwd, bwd, n, nctx, 1.0, 1.0, 0.0, "sum")
+    assert M.selection_metrics(both)["mrr"] == pytest.approx(rows[(1.0, 1.0)]["mrr"])
+    # "mean" divides fwd by reply tokens and bwd by context tokens
+    assert E.mmi_scores(fwd, bwd, n, nctx, 1.0, 1.0, 0.5, "mean")[0, 0] == pytest.approx(-4 / 2 - 10 / 10 + 0.5 * 2)
+
+
+def test_mmi_scores_match_the_engine(bot_dir):
+    from dialogpt_zh.engine import ChatBot
+
+    bot = ChatBot.from_pretrained(bot_dir)
+    texts = ["你好", "我刚下班", "去公园吧，下午三点见"]
+    for settings in (dict(normalize="mean", forward_weight=0.5, backward_weight=1.0, length_weight=0.1),
+                     dict(normalize="sum", forward_weight=1.0, backward_weight=0.3, length_weight=-0.5)):
+        ranked = bot.rerank(["今天天气真好", "是啊"], texts, **settings)
+        got = E.mmi_scores(np.array([c.forward_logprob for c in ranked]), np.array([c.backward_logprob for c in ranked]),
+                           np.array([c.num_tokens for c in ranked]), np.array([c.num_context_tokens for c in ranked]),
+                           settings["forward_weight"], settings["backward_weight"], settings["length_weight"],
+                           settings["normalize"])
+        assert got == pytest.approx([c.score for c in ranked], abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------- the CLI
+def test_cli_end_to_end_report_shape(tmp_path, bot_dir):
+    code, out = run_cli(tmp_path, bot_dir, "--decoders", "plain,mmi,greedy", "--sweep")
+    assert code == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["sessions"] == 10
+    assert report["cases"] == sum(n - 1 for n in VALID_TURNS)
+    assert report["ppl"] > 1.0 and report["reference_tokens"] > report["cases"]
+    keys = {"bleu2", "bleu4", "dist1", "dist2", "entropy4", "avg_len", "repeat3", "bland_top20",
+            "bleu2_word", "dist1_word"}
+    assert set(report["decoding"]) == {"plain", "mmi", "greedy"}
+    for m in report["decoding"].values():
+        assert keys <= set(m)
+        assert 0.0 <= m["bleu2"] <= 100.0 and 0.0 <= m["dist1"] <= 100.0
+    for name in ("forward", "backward", "mmi"):
+        sel = report["selection"][name]
+        assert set(sel) == {"r10@1", "r10@2", "mrr"}
+        assert 0.0 <= sel["r10@1"] <= sel["r10@2"] <= 100.0
+    assert report["selection"]["cases"] == report["cases"]
+    # the sweep's grid contains the engine's default weighting? Not necessarily; but its best is >= any row
+    sweep = report["sweep"]
+    assert sweep["best"]["r10@1"] == max(r["r10@1"] for r in sweep["results"])
+    # nothing dropped silently: the train-split session and the one-turn session are counted
+    counts = report["skipped"]["reading_and_cleaning"]
+    assert counts["session_not_in_split (train)"] == 1 and counts["session_too_short"] == 1
+    s = report["settings"]
+    assert s["generation"]["max_length"] == 6 and s["mmi"]["backward_weight"] == 1.0
+    assert s["eval"]["num_candidates_mmi"] == 4 and s["eval"]["seed"] == 0
+    assert report["timing"]["cases_per_s"] > 0
+
+    samples = [json.loads(line) for line in (tmp_path / "report.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(samples) == report["cases"]
+    first = samples[0]
+    assert first["context"][0].startswith("你好") and len(first["context"]) == 1
+    assert first["reference"].startswith("还不错")
+    assert set(first["outputs"]) == {"plain", "mmi", "greedy"}
+    assert 1 <= len(first["candidates"]["mmi"]) <= 4
+    assert [c["rank"] for c in first["candidates"]["mmi"]] == list(range(1, len(first["candidates"]["mmi"]) + 1))
+    assert first["outputs"]["mmi"] == first["candidates"]["mmi"][0]["text"]
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "| mmi |" in md and "R10@1" in md and "sweep" in md
+
+
+def test_deterministic_for_a_seed(tmp_path, bot_dir):
+    args = ["--limit", "4"]
+    assert run_cli(tmp_path, bot_dir, *args, name="a")[0] == 0
+    assert run_cli(tmp_path, bot_dir, *args, name="b")[0] == 0
+    assert run_cli(tmp_path, bot_dir, *args, "--seed", "5", name="c")[0] == 0
+
+    def load(name):
+        r = json.loads((tmp_path / f"{name}.json").read_text(encoding="utf-8"))
+        r.pop("timing")
+        r["settings"].pop("command")
+        for key in ("samples", "markdown", "output"):
+            r["settings"]["eval"].pop(key)
+        for m in r["decoding"].values():
+            m.pop("seconds")
+        r["selection"].pop("seconds")
+        return r
+
+    assert load("a") == load("b")
+    assert (tmp_path / "a.jsonl").read_text(encoding="utf-8") == (tmp_path / "b.jsonl").read_text(encoding="utf-8")
+    out_a = [json.loads(x)["outputs"] for x in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
+    out_c = [json.loads(x)["outputs"] for x in (tmp_path / "c.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert out_a != out_c  # another seed samples other replies
+    assert load("a")["cases"] == sum(n - 1 for n in VALID_TURNS[:4])
+
+
+def test_forward_model_only_has_no_mmi_rows(tmp_path, bot_dir):
+    code, out = run_cli(tmp_path, bot_dir / "forward", "--limit", "5", "--last_turn_only", "--sweep")
+    assert code == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert set(report["decoding"]) == {"plain"}
+    assert set(report["selection"]) >= {"forward"} and "mmi" not in report["selection"]
+    assert "backward" not in report["selection"] and "sweep" not in report
+    assert "no backward model" in report["absent"]["decoding.mmi"]
+    assert "no backward model" in report["absent"]["selection.mmi"]
+    assert report["settings"]["model"]["backward"] is None
+    assert report["cases"] == 5 and report["selection"]["cases"] == 5
+    assert "decoding.mmi absent: no backward model" in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+def _fails(tmp_path, capsys, data: Path, *extra: str) -> str:
+    out = tmp_path / "bad.json"
+    code = E.main(["--data", str(data), "--output", str(out), *FAST, *extra])
+    assert code == 2
+    assert not out.exists()  # no report that looks complete
+    return capsys.readouterr().err
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys, bot_dir):
+    empty = tmp_path / "empty.json"
+    empty.write_text("", encoding="utf-8")
+    assert "empty.json" in _fails(tmp_path, capsys, empty, "--model", str(bot_dir))
+
+    one_turn = tmp_path / "single_valid.json"
+    one_turn.write_text(json.dumps([["只有一句"], ["也只有一句"]], ensure_ascii=False), encoding="utf-8")
+    err = _fails(tmp_path, capsys, one_turn, "--model", str(bot_dir))
+    assert "no usable multi-turn session" in err and "session_too_short: 2" in err
+
+    train_only = tmp_path / "train.txt"
+    train_only.write_text("你好\n你好呀\n", encoding="utf-8")
+    assert "--split all" in _fails(tmp_path, capsys, train_only, "--model", str(bot_dir))
+
+    assert "missing.json: no such file" in _fails(tmp_path, capsys, tmp_path / "missing.json", "--model", str(bot_dir))
+    assert "decoders" in _fails(tmp_path, capsys, HELDOUT, "--model", str(bot_dir), "--decoders", "beam")
+    assert "model" in _fails(tmp_path, capsys, HELDOUT, "--model", str(tmp_path / "nomodel"))
+    assert "output" in _fails(tmp_path, capsys, HELDOUT, "--model", str(bot_dir), "--output", "")
+
+
+def test_help_lists_engine_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        E.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--last_turn_only", "--top_p", "--backward_weight", "--normalize", "--sweep", "examples:"):
+        assert flag in text
