@@ -39,7 +39,7 @@ class LoadArguments:
     url: str | None = field(default=None, metadata=field_help("load an app that is already running at this URL"))
     clients: int = field(default=20, metadata=field_help("concurrent clients (sessions)"))
     turns: int = field(default=10, metadata=field_help("turns per client"))
-    concurrency: int = field(default=2, metadata=field_help("replies the app computes at once (webapp --concurrency)"))
+    concurrency: int = field(default=4, metadata=field_help("replies the app computes at once (webapp --concurrency)"))
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -41,6 +41,8 @@ class WebArguments:
     model: str | None = field(default=None, metadata=field_help(
         "bot directory with forward/ and backward/ (MMI on), or one forward model directory (MMI off); "
         "default: the embedded checkpoints/default"))
+    backward: str | None = field(default=None, metadata=field_help(
+        "a backward model directory, when --model is a single forward model directory"))
     host: str = field(default="127.0.0.1", metadata=field_help(
         "address to listen on (0.0.0.0 makes the page reachable from other machines)"))
     port: int = field(default=7860, metadata=field_help("port to listen on"))
@@ -52,8 +54,9 @@ class WebArguments:
     device: str = field(default="cpu", metadata=field_help("torch device for the models (cpu, cuda, ...)"))
     quantize: str | None = field(default=None, metadata=field_help(
         "int8: dynamic int8 quantization of the models (CPU only)"))
-    concurrency: int = field(default=2, metadata=field_help(
-        "replies computed at once; more requests wait in the queue (about one per CPU core)"))
+    concurrency: int = field(default=4, metadata=field_help(
+        "replies computed at once; more requests wait in the queue (on 2 cores 4 gave more replies/s than "
+        "1 or 2: the decoding loop is partly Python, so replies overlap; see docs/web.md)"))
     max_queue: int = field(default=64, metadata=field_help(
         "requests allowed to wait; beyond that new requests are refused with 'queue full'"))
     max_input_chars: int = field(default=150, metadata=field_help(
@@ -151,7 +154,7 @@ def status_markdown(reply, notices: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------------------------ the app
 
 def build_app(bot: ChatBot, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
-              transcript: str | Path | None = None, *, concurrency: int = 2, max_queue: int = 64,
+              transcript: str | Path | None = None, *, concurrency: int = 4, max_queue: int = 64,
               max_input_chars: int = 150, seed: int | None = None) -> gr.Blocks:
     """The Gradio page over `bot` (a ChatBot).
 
@@ -304,7 +307,8 @@ def make_web_parser():
 def load_bot(args: WebArguments, generation, mmi):
     """The one engine, with the command line's settings as its defaults."""
     settings = {**dataclasses.asdict(generation), **dataclasses.asdict(mmi)}
-    return ChatBot.from_pretrained(args.model, device=args.device, quantize=args.quantize, **settings)
+    return ChatBot.from_pretrained(args.model, backward=args.backward, device=args.device, quantize=args.quantize,
+                                   **settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
