@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=None, help="bot directory (default: embedded checkpoints/default)")
+    parser.add_argument("--backward", default=None, help="backward model dir, when --model is a forward model dir")
     parser.add_argument("--out", default=str(REPO / "docs" / "web_screenshot.png"), help="PNG to write")
     parser.add_argument("--messages", nargs="+", default=["你好呀", "周末有什么安排？"], help="turns to type")
     parser.add_argument("--seed", type=int, default=0, help="seed of every reply (reproducible screenshot)")
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     from dialogpt_zh import webapp
     from dialogpt_zh.engine import ChatBot
 
-    demo = webapp.build_app(ChatBot.from_pretrained(args.model), seed=args.seed)
+    demo = webapp.build_app(ChatBot.from_pretrained(args.model, backward=args.backward), seed=args.seed)
     url = webapp.launch_in_background(demo)
     try:
         with sync_playwright() as p:
