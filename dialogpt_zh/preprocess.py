@@ -50,7 +50,7 @@ SOURCE_SPLIT_CODES = {"train": 0, "valid": 1, "validation": 1, "val": 1, "dev": 
 # counters that mean something was dropped (the others count changes)
 DROP_REASONS = ("utterance_empty_dropped", "utterance_not_text", "session_too_short", "turns_in_short_sessions",
                 "session_blocklisted", "turns_in_blocklisted_sessions", "session_duplicate", "record_malformed",
-                "line_malformed", "files_skipped", "url_removed")
+                "line_malformed", "files_skipped", "url_removed", "session_held_out")
 
 
 @dataclass
@@ -76,6 +76,9 @@ class PreprocessArguments:
     keep_source_splits: bool = field(default=False, metadata=field_help(
         "sessions whose source names a split (toy_valid.txt, dev.json, the keys of toy_data.json) keep it "
         "(train; valid/val/dev -> valid; test); the others are split at random"))
+    holdout_source_splits: str = field(default="", metadata=field_help(
+        "comma list of source split names (e.g. 'valid,test') whose sessions are left out of the store "
+        "entirely, so an evaluation on those files is held out (counted as session_held_out)"))
     blocklist: str | None = field(default=None, metadata=field_help(
         "file of words (one per line): sessions containing any of them are dropped"))
     batch_sessions: int = field(default=2000, metadata=field_help("sessions tokenized per batch"))
@@ -317,6 +320,7 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
     with atomic_directory(args.output) as out:
         tmp_path = out / "sessions.tmp"
         hashes, src_ids, src_splits = array("q"), array("H"), array("b")
+        split_name_index: dict[str, int] = {}  # a source's own split name -> small int in src_splits
         counters = {s: Counter() for s in sources}
         inputs_info = []
         chars_read = 0
@@ -336,7 +340,8 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
                         tmp.write("\n")
                         hashes.append(session_hash(text))
                         src_ids.append(si)
-                        src_splits.append(SOURCE_SPLIT_CODES.get(s.split, -1) if s.split else -1)
+                        src_splits.append(split_name_index.setdefault(s.split, len(split_name_index))
+                                          if s.split else -1)
                         chars_read += len(text) - len(s.turns) + 1
                         kept += 1
                         if kept % 1000 == 0:
@@ -363,9 +368,18 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
             if count:
                 counters[sources[si]]["session_duplicate"] += int(count)
         del h, first
+        own_names = np.frombuffer(src_splits, dtype=np.int8)
+        holdout = {x.strip() for x in args.holdout_source_splits.split(",") if x.strip()}
+        if holdout:
+            held = keep & np.isin(own_names, [i for name, i in split_name_index.items() if name in holdout])
+            for si, count in enumerate(np.bincount(src[held], minlength=len(sources))):
+                if count:
+                    counters[sources[si]]["session_held_out"] += int(count)
+            keep &= ~held
         labels = np.full(n, -1, dtype=np.int8)
         if args.keep_source_splits:
-            own = np.frombuffer(src_splits, dtype=np.int8)
+            code_of = {i: SOURCE_SPLIT_CODES.get(name, -1) for name, i in split_name_index.items()}
+            own = np.array([code_of.get(int(i), -1) for i in own_names], dtype=np.int8)
             labels[keep & (own >= 0)] = own[keep & (own >= 0)]
         free = np.flatnonzero(keep & (labels < 0))
         if len(free):
