@@ -9,19 +9,21 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.browser
-
 CHROMIUM = Path("/usr/bin/chromium")
+_found = shutil.which("chromium")
+pytestmark = [
+    pytest.mark.browser,
+    # a mark, not a fixture skip, so that no model is trained for a test that cannot run
+    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"Debian chromium not found at {CHROMIUM}"
+                       + (f" (but at {_found})" if _found else "")
+                       + "; install it with `apt-get install chromium` (.ci/run does)"),
+]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.is_file():
-        found = shutil.which("chromium")
-        pytest.skip(f"Debian chromium not found at {CHROMIUM}" + (f" (but at {found})" if found else "")
-                    + "; install it with `apt-get install chromium` (.ci/run does)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install -e .[test])")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
