@@ -379,15 +379,16 @@ class ChatBot:
         logits = out.logits[:, -1, :].float().expand(n, -1)
         cache.batch_repeat_interleave(n)  # the context is encoded once and shared by the n rows
 
-        vocab = logits.shape[-1]
         rows = torch.arange(n, device=self.device)          # original candidate index of each live row
         tokens: list[list[int]] = [[] for _ in range(n)]
         fwd = torch.zeros(n, dtype=torch.float64)
-        seen = torch.zeros((n, vocab), dtype=torch.bool, device=self.device)
+        history: torch.Tensor | None = None                  # (rows, steps) tokens so far, for the penalty
         banned = torch.tensor(self.banned_ids, dtype=torch.long, device=self.device)
         for step in range(gen.max_length + 1):
             logprobs = torch.log_softmax(logits, dim=-1)     # the model's own distribution: the forward score
-            scores = apply_repetition_penalty(logits, seen, gen.repetition_penalty).clone()
+            scores = apply_repetition_penalty(logits, history, gen.repetition_penalty)
+            if scores is logits:
+                scores = logits.clone()
             scores[:, banned] = NEG_INF
             if step < gen.min_length:
                 scores[:, self.sep_id] = NEG_INF
@@ -395,8 +396,8 @@ class ChatBot:
                 scores = torch.full_like(scores, NEG_INF)
                 scores[:, self.sep_id] = 0.0
             scores = ban_repeated_ngrams(scores, [tokens[r] for r in rows.tolist()], gen.no_repeat_ngram_size)
-            dead = torch.isinf(scores).all(dim=-1)           # everything banned (tiny vocab): end the reply
-            if dead.any():
+            dead = scores.amax(dim=-1) == NEG_INF            # everything banned (tiny vocab): end the reply
+            if bool(dead.any()):
                 scores[dead, self.sep_id] = 0.0
             next_ids = sample_tokens(scores, gen.temperature, gen.top_k, gen.top_p, generator)
             chosen = logprobs.gather(-1, next_ids[:, None]).squeeze(-1)
@@ -411,8 +412,8 @@ class ChatBot:
                 keep = (~finished).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 rows, next_ids = rows[keep], next_ids[keep]
-                seen = seen[keep]
-            seen[torch.arange(len(rows), device=self.device), next_ids] = True
+                history = history[keep] if history is not None else None
+            history = next_ids[:, None] if history is None else torch.cat([history, next_ids[:, None]], dim=1)
             out = model(input_ids=next_ids[:, None], past_key_values=cache, use_cache=True)
             logits = out.logits[:, -1, :].float()
         return [(tokens[i], float(fwd[i])) for i in range(n)]

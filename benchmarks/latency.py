@@ -1,0 +1,259 @@
+"""Reply latency: our engine vs. the GPT2-chitchat algorithm, same weights, same contexts, one run.
+
+    python benchmarks/latency.py                       # random-weight small + base shapes, ~13k-token vocab
+    python benchmarks/latency.py --model checkpoints/default --presets model
+    python benchmarks/latency.py --presets small --ns 10 --contexts 3 --reference none   # quick
+
+For each N (candidates per reply) it prints p50 / p95 seconds per reply of
+  ours         ChatBot.reply: context encoded once, KV cache shared by N rows, finished rows dropped,
+               MMI = one padded batch through the backward model, context tokens only;
+  chitchat     GPT2-chitchat's interact_mmi algorithm: the N candidates in one batch but no KV cache (the whole
+               sequence re-run every step, finished rows kept until all are done), then each candidate scored
+               on its own by the backward model with the loss averaged over the whole sequence;
+  one-by-one   the same, but each candidate also generated on its own (N separate uncached decodes);
+plus the MMI scoring share of our reply time and the int8 dynamic quantization speed-up.
+
+Without --model the weights are random (speed does not depend on them, but random models never say [SEP]
+early, so every candidate runs to max_length: no early-finish savings for anyone; that is the worst case
+for our row dropping). Figures taken while other jobs share the cores are pessimistic.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
+from dialogpt_zh.engine import ChatBot  # noqa: E402
+from dialogpt_zh.sampling import NEG_INF, top_k_filter, top_p_filter  # noqa: E402
+from dialogpt_zh.sequence import build_sequence  # noqa: E402
+from dialogpt_zh.tokenizer import encode  # noqa: E402
+
+
+@dataclass
+class LatencyArgs:
+    model: str | None = field(default=None, metadata=field_help(
+        "a bot directory (forward/ + backward/) to time instead of random weights (use with --presets model)"))
+    presets: str = field(default="small,base", metadata=field_help(
+        "comma list of shapes to time: small, base (random weights), model (--model)"))
+    ns: str = field(default="1,5,10,20", metadata=field_help("candidate counts N"))
+    contexts: int = field(default=5, metadata=field_help("contexts (from corpus/fixtures) timed per N"))
+    base_contexts: int = field(default=2, metadata=field_help("contexts for the slow 12-layer base shape"))
+    reference: str = field(default="chitchat,one-by-one", metadata=field_help(
+        "reference algorithms to time: chitchat, one-by-one, none"))
+    reference_max_n: int = field(default=20, metadata=field_help("skip the references above this N"))
+    base_reference_ns: str = field(default="10", metadata=field_help("N values at which the base shape runs the references"))
+    max_length: int = field(default=25, metadata=field_help("reply length cap (GPT2-chitchat's max_len)"))
+    vocab_size: int = field(default=13317, metadata=field_help(
+        "vocab of the random-weight models (13317 = GPT2-chitchat's vocab_small.txt)"))
+    quantize: bool = field(default=True, metadata=field_help("also time --quantize int8 at N=10"))
+    threads: int = field(default=2, metadata=field_help("torch threads (the target machine has 2 cores)"))
+    seed: int = field(default=0, metadata=field_help("seed of weights and sampling"))
+
+
+def fixture_contexts(n: int) -> list[list[str]]:
+    text = (REPO / "corpus" / "fixtures" / "chitchat_train.txt").read_text(encoding="utf-8")
+    sessions = [[u for u in b.splitlines() if u.strip()] for b in text.split("\n\n") if b.strip()]
+    sessions = [s for s in sessions if len(s) >= 2]
+    return [s[:-1][-3:] for s in sessions[:n]]  # up to 3 turns of context, like max_history=3
+
+
+def random_bot(preset: str, vocab_size: int, seed: int, tmp: Path) -> Path:
+    """A bot dir with random-weight forward/backward models of a preset shape and a ~vocab_size char vocab."""
+    from dialogpt_zh.model import build_model, save_checkpoint
+    from dialogpt_zh.tokenizer import build_char_tokenizer
+
+    chars = Counter((REPO / "corpus" / "fixtures" / "chitchat_train.txt").read_text(encoding="utf-8"))
+    cp = 0x4E00
+    while len(chars) < vocab_size - 5:
+        chars[chr(cp)] += 1
+        cp += 1
+    tok = build_char_tokenizer(Counter({c: n for c, n in chars.items() if not c.isspace()}))
+    root = tmp / preset
+    for i, direction in enumerate(("forward", "backward")):
+        torch.manual_seed(seed + i)
+        save_checkpoint(build_model(preset, tok, dropout=0.0), tok, root / direction, {"direction": direction})
+    return root
+
+
+# ------------------------------------------------------------------------- the GPT2-chitchat reference
+
+@torch.inference_mode()
+def chitchat_generate(model, ctx_ids: list[int], n: int, bot: ChatBot, max_length: int,
+                      generator: torch.Generator) -> list[list[int]]:
+    """GPT2-chitchat interact_mmi: n rows, no cache, the whole sequence re-run every step, rows kept until
+    all have said [SEP]; repetition penalty, temperature, [UNK] ban, top-k / top-p as there."""
+    gen = bot.generation
+    cur = torch.tensor([ctx_ids] * n)
+    generated: list[list[int]] = []
+    finished: set[int] = set()
+    for _ in range(max_length):
+        logits = model(input_ids=cur).logits[:, -1, :].float()
+        for row in range(n):
+            for t in {step[row] for step in generated}:
+                logits[row, t] /= gen.repetition_penalty
+        logits = logits / gen.temperature
+        logits[:, bot.tokenizer.unk_token_id] = NEG_INF
+        logits = top_p_filter(top_k_filter(logits, gen.top_k), gen.top_p)
+        next_ids = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+        finished |= {i for i, t in enumerate(next_ids[:, 0].tolist()) if t == bot.sep_id}
+        if len(finished) == n:
+            break
+        generated.append(next_ids[:, 0].tolist())
+        cur = torch.cat([cur, next_ids], dim=-1)
+    replies = []
+    for row in range(n):
+        reply = []
+        for step in generated:
+            if step[row] == bot.sep_id:
+                break
+            reply.append(step[row])
+        replies.append(reply)
+    return replies
+
+
+@torch.inference_mode()
+def chitchat_mmi(mmi_model, context: list[list[int]], replies: list[list[int]], bot: ChatBot) -> list[float]:
+    """GPT2-chitchat's MMI: each candidate on its own, loss averaged over the WHOLE sequence (reply included)."""
+    losses = []
+    for reply in replies:
+        ids = torch.tensor([build_sequence(list(context) + [reply], "backward", bot.cls_id, bot.sep_id)])
+        losses.append(float(mmi_model(input_ids=ids, labels=ids).loss))
+    return losses
+
+
+def reference_reply(bot: ChatBot, context: list[list[int]], n: int, max_length: int, one_by_one: bool,
+                    generator: torch.Generator) -> tuple[float, float]:
+    """Seconds for one reference reply: (total, MMI part)."""
+    t0 = time.perf_counter()
+    ctx_ids = build_sequence(context, "forward", bot.cls_id, bot.sep_id)
+    if one_by_one:
+        replies = [chitchat_generate(bot.forward_model, ctx_ids, 1, bot, max_length, generator)[0] for _ in range(n)]
+    else:
+        replies = chitchat_generate(bot.forward_model, ctx_ids, n, bot, max_length, generator)
+    t1 = time.perf_counter()
+    losses = chitchat_mmi(bot.backward_model, context, replies, bot)
+    _ = replies[min(range(n), key=lambda i: losses[i])]
+    t2 = time.perf_counter()
+    return t2 - t0, t2 - t1
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def time_ours(bot: ChatBot, contexts, n: int, max_length: int, seed: int) -> tuple[list[float], list[float]]:
+    bot.reply(contexts[0], num_candidates=n, seed=seed, max_length=max_length)  # warm-up
+    totals, shares = [], []
+    for i, ctx in enumerate(contexts):
+        r = bot.reply(ctx, num_candidates=n, seed=seed + i, max_length=max_length)
+        totals.append(r.latency_s)
+        shares.append(r.timings["score"] / r.latency_s)
+    return totals, shares
+
+
+def time_reference(bot: ChatBot, contexts, n: int, max_length: int, seed: int, one_by_one: bool) -> list[float]:
+    totals = []
+    for i, ctx in enumerate(contexts):
+        turns = [encode(bot.tokenizer, u) for u in ctx]
+        g = torch.Generator().manual_seed(seed + i)
+        totals.append(reference_reply(bot, turns, n, max_length, one_by_one, g)[0])
+    return totals
+
+
+def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[str], ref_ns: set[int],
+                args: LatencyArgs) -> None:
+    bot = ChatBot.from_pretrained(bot_dir, max_length=args.max_length)
+    cfg = bot.forward_model.config
+    print(f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}; "
+          f"{len(contexts)} contexts, max_length {args.max_length}, {torch.get_num_threads()} threads")
+    head = f"{'N':>3} | {'ours p50':>9} {'p95':>7} | {'MMI share':>9}"
+    for ref in refs:
+        head += f" | {ref + ' p50':>16} {'p95':>7} {'speed-up':>8}"
+    print(head)
+    for n in ns:
+        ours, shares = time_ours(bot, contexts, n, args.max_length, args.seed)
+        row = f"{n:>3} | {pct(ours, 50):9.3f} {pct(ours, 95):7.3f} | {statistics.median(shares) * 100:8.1f}%"
+        for ref in refs:
+            if n in ref_ns:
+                t = time_reference(bot, contexts, n, args.max_length, args.seed, ref == "one-by-one")
+                row += f" | {pct(t, 50):16.3f} {pct(t, 95):7.3f} {pct(t, 50) / pct(ours, 50):7.1f}x"
+            else:
+                row += f" | {'-':>16} {'-':>7} {'-':>8}"
+        print(row, flush=True)
+    if args.quantize:
+        q = ChatBot.from_pretrained(bot_dir, quantize="int8", max_length=args.max_length)
+        f32, _ = time_ours(bot, contexts, 10, args.max_length, args.seed)
+        i8, _ = time_ours(q, contexts, 10, args.max_length, args.seed)
+        # perplexity of the contexts' real next turns under the forward model, float vs int8
+        sessions = fixture_contexts_with_replies(len(contexts))
+        ppl = [perplexity(b, sessions) for b in (bot, q)]
+        print(f"int8 at N=10: p50 {pct(i8, 50):.3f} s vs float {pct(f32, 50):.3f} s = "
+              f"{pct(f32, 50) / pct(i8, 50):.2f}x faster; fixture-reply perplexity float {ppl[0]:.2f} -> int8 "
+              f"{ppl[1]:.2f} ({(ppl[1] / ppl[0] - 1) * 100:+.2f}%)")
+
+
+def fixture_contexts_with_replies(n: int) -> list[tuple[list[str], str]]:
+    text = (REPO / "corpus" / "fixtures" / "chitchat_train.txt").read_text(encoding="utf-8")
+    sessions = [[u for u in b.splitlines() if u.strip()] for b in text.split("\n\n") if b.strip()]
+    return [(s[:-1][-3:], s[-1]) for s in sessions if len(s) >= 2][:max(n, 10)]
+
+
+def perplexity(bot: ChatBot, pairs) -> float:
+    total, count = 0.0, 0
+    for ctx, reply in pairs:
+        (lp, n), = bot.forward_logprobs(ctx, [reply])
+        total, count = total + lp, count + n
+    return float(torch.exp(torch.tensor(-total / count)))
+
+
+def main(argv=None) -> int:
+    parser = make_parser([LatencyArgs], prog="python benchmarks/latency.py",
+                         description=__doc__.split("\n\n")[0], examples=__doc__.split("\n\n")[1])
+
+    def body() -> int:
+        (args,) = parse(parser, argv)
+        import tempfile
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        torch.set_num_threads(args.threads)
+        ns = [int(x) for x in args.ns.split(",")]
+        refs = [r for r in args.reference.split(",") if r and r != "none"]
+        print(f"# latency per reply (seconds); torch {torch.__version__}, {torch.get_num_threads()} threads")
+        with tempfile.TemporaryDirectory() as tmp:
+            for preset in args.presets.split(","):
+                if preset == "model":
+                    if not args.model:
+                        print("skip 'model': no --model given")
+                        continue
+                    bench_shape(f"model {args.model}", Path(args.model), fixture_contexts(args.contexts), ns, refs,
+                                {n for n in ns if n <= args.reference_max_n}, args)
+                    continue
+                bot_dir = random_bot(preset, args.vocab_size, args.seed, Path(tmp))
+                is_base = preset == "base"
+                contexts = fixture_contexts(args.base_contexts if is_base else args.contexts)
+                ref_ns = ({int(x) for x in args.base_reference_ns.split(",")} if is_base
+                          else {n for n in ns if n <= args.reference_max_n})
+                bench_shape(f"{preset} (random weights)", bot_dir, contexts, ns, refs, ref_ns, args)
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
