@@ -50,7 +50,8 @@ SOURCE_SPLIT_CODES = {"train": 0, "valid": 1, "validation": 1, "val": 1, "dev": 
 # counters that mean something was dropped (the others count changes)
 DROP_REASONS = ("utterance_empty_dropped", "utterance_not_text", "session_too_short", "turns_in_short_sessions",
                 "session_blocklisted", "turns_in_blocklisted_sessions", "session_duplicate", "record_malformed",
-                "line_malformed", "files_skipped", "url_removed", "session_held_out")
+                "line_malformed", "files_skipped", "url_removed", "session_held_out",
+                "session_same_as_held_out")
 
 
 @dataclass
@@ -319,7 +320,7 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
 
     with atomic_directory(args.output) as out:
         tmp_path = out / "sessions.tmp"
-        hashes, src_ids, src_splits = array("q"), array("H"), array("b")
+        hashes, src_ids, src_splits = array("q"), array("H"), array("h")
         split_name_index: dict[str, int] = {}  # a source's own split name -> small int in src_splits
         counters = {s: Counter() for s in sources}
         inputs_info = []
@@ -367,19 +368,35 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
         for si, count in enumerate(np.bincount(src[~keep], minlength=len(sources))):
             if count:
                 counters[sources[si]]["session_duplicate"] += int(count)
-        del h, first
-        own_names = np.frombuffer(src_splits, dtype=np.int8)
-        holdout = {x.strip() for x in args.holdout_source_splits.split(",") if x.strip()}
+        own_names = np.frombuffer(src_splits, dtype=np.int16)
+        holdout = sorted({x.strip() for x in args.holdout_source_splits.split(",") if x.strip()})
+        holdout_unmatched = [name for name in holdout if name not in split_name_index]
+        if holdout_unmatched:
+            log.warning("--holdout-source-splits: no input has a source split named %s (seen: %s); "
+                        "names must match exactly (dev is not valid)", ", ".join(holdout_unmatched),
+                        ", ".join(sorted(split_name_index)) or "none")
         if holdout:
-            held = keep & np.isin(own_names, [i for name, i in split_name_index.items() if name in holdout])
-            for si, count in enumerate(np.bincount(src[held], minlength=len(sources))):
-                if count:
-                    counters[sources[si]]["session_held_out"] += int(count)
-            keep &= ~held
+            in_holdout = np.isin(own_names, [i for name, i in split_name_index.items() if name in holdout])
+            held = keep & in_holdout
+            # a session equal to a held-out one (a duplicate in another file) is left out too, whichever
+            # came first, so that no held-out session is ever trained on
+            same = keep & ~in_holdout & np.isin(h, h[in_holdout])
+            for name, mask in (("session_held_out", held), ("session_same_as_held_out", same)):
+                for si, count in enumerate(np.bincount(src[mask], minlength=len(sources))):
+                    if count:
+                        counters[sources[si]][name] += int(count)
+            keep &= ~(held | same)
+            del in_holdout, held, same
+            if not keep.any():
+                raise UserError("every session is in a held-out source split; nothing left to train on",
+                                field="holdout_source_splits")
+        del h, first
         labels = np.full(n, -1, dtype=np.int8)
         if args.keep_source_splits:
-            code_of = {i: SOURCE_SPLIT_CODES.get(name, -1) for name, i in split_name_index.items()}
-            own = np.array([code_of.get(int(i), -1) for i in own_names], dtype=np.int8)
+            code_of = np.full(len(split_name_index) + 1, -1, dtype=np.int8)  # the last entry: no split (-1)
+            for name, i in split_name_index.items():
+                code_of[i] = SOURCE_SPLIT_CODES.get(name, -1)
+            own = code_of[own_names]
             labels[keep & (own >= 0)] = own[keep & (own >= 0)]
         free = np.flatnonzero(keep & (labels < 0))
         if len(free):
@@ -490,7 +507,9 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
                                   "so every utterance after the first is a reply in some window"},
             "split": {"method": "source splits kept, the rest sklearn train_test_split" if args.keep_source_splits
                       else "sklearn train_test_split by session, stratified by source when possible",
-                      "seed": args.seed, "valid_ratio": args.valid_ratio, "test_ratio": args.test_ratio},
+                      "seed": args.seed, "valid_ratio": args.valid_ratio, "test_ratio": args.test_ratio,
+                      **({"held_out_source_splits": holdout, "held_out_names_not_found": holdout_unmatched}
+                         if holdout else {})},
             "sessions": {"read": int(total_counts["sessions_read"]), "cleaned": n, "unique": n_kept},
             "counts": {"by_split": {sp: _finish_stats(st) for sp, st in by_split.items()},
                        "by_source": {s: {sp: _finish_stats(stats[(s, sp)]) for sp in STORE_SPLITS}

@@ -137,6 +137,70 @@ def test_keep_source_splits(tmp_path):
     assert by["kdconv_dev.json"]["valid"]["sessions"] == 2  # dev -> valid
 
 
+def stored_sessions(out: Path) -> dict[str, list[tuple[str, ...]]]:
+    """Every stored window's turns as text (spaces removed), per split."""
+    store = TokenStore(out)
+    tok = store.tokenizer()
+    return {s: [tuple(tok.decode(u).replace(" ", "") for u in store.split(s).turns(i))
+                for i in range(len(store.split(s)))] for s in store.split_names()}
+
+
+def test_holdout_source_splits(tmp_path, caplog):
+    from dialogpt_zh.readers import iter_clean_sessions
+
+    def held_text(path, split):
+        return {tuple(t.replace(" ", "").lower() for t in s.turns)
+                for s in iter_clean_sessions(path) if s.split == split}
+
+    held_valid = held_text(FIXTURES / "lccc_toy_valid.txt", "valid") | held_text(FIXTURES / "lccc_splits.json",
+                                                                                 "valid")
+    assert len(held_valid) == 3
+    # a copy of a held-out session in a file without a split, read first: it must not be trained on either
+    copy = tmp_path / "copy.tsv"
+    copy.write_text("你 吃 饭 了 吗\t吃 了 ， 你 呢\n", encoding="utf-8")
+    inputs = [copy, FIXTURES / "lccc_pairs.tsv", FIXTURES / "lccc_splits.json", FIXTURES / "lccc_toy_valid.txt",
+              FIXTURES / "kdconv_dev.json"]
+
+    # without the flag the held-out sessions are in the store (so the check below can fail)
+    plain = run_preprocess(args(tmp_path / "plain", valid_ratio=0.0, test_ratio=0.0), inputs)
+    stored = set(stored_sessions(tmp_path / "plain")["train"])
+    assert held_valid <= stored
+
+    out = tmp_path / "held"
+    m = run_preprocess(args(out, valid_ratio=0.0, test_ratio=0.0, holdout_source_splits="valid, test"), inputs)
+    stored = {u for sessions in stored_sessions(out).values() for s in sessions for u in s}
+    held_utterances = {u for s in held_valid for u in s}
+    assert held_utterances and not held_utterances & stored
+    by = m["cleaning"]["by_source"]
+    assert by["lccc_toy_valid.txt"]["session_held_out"] == 1  # the other one is a duplicate of the copy
+    assert by["lccc_splits.json"]["session_held_out"] == 1
+    assert by["copy.tsv"]["session_same_as_held_out"] == 1
+    assert by["lccc_toy_valid.txt"].get("session_duplicate", 0) == 1  # its copy came first
+    assert "session_held_out" not in by["kdconv_dev.json"]  # `dev` is not `valid`: names match exactly
+    assert m["counts"]["by_source"]["kdconv_dev.json"]["train"]["sessions"] == \
+        plain["counts"]["by_source"]["kdconv_dev.json"]["train"]["sessions"] > 0
+    assert {"session_held_out", "session_same_as_held_out"} <= set(m["cleaning"]["drop_reasons"])
+    kept = sum(m["counts"]["by_split"][s]["sessions"] for s in ("train", "valid", "test"))
+    assert kept == plain["sessions"]["unique"] - 2 - 1 == m["sessions"]["unique"]
+    assert m["split"]["held_out_source_splits"] == ["test", "valid"]
+    assert m["split"]["held_out_names_not_found"] == ["test"]  # no test file among these inputs
+    assert "no input has a source split named test" in caplog.text
+
+    # the CLI flag, with the store's other splits still drawn at random from what is left
+    assert main([str(p) for p in inputs] + ["--output", str(tmp_path / "cli"), "--no_progress",
+                                            "--holdout-source-splits", "valid"]) == 0
+    cli = json.loads((tmp_path / "cli" / "manifest.json").read_text(encoding="utf-8"))
+    assert "--holdout-source-splits valid" in cli["command"]
+    assert cli["cleaning"]["total"]["session_held_out"] == 2
+    assert cli["cleaning"]["total"]["session_same_as_held_out"] == 1
+    assert not held_utterances & {u for ss in stored_sessions(tmp_path / "cli").values() for s in ss for u in s}
+
+    # holding out everything is an error, not an empty store
+    with pytest.raises(UserError, match="held-out"):
+        run_preprocess(args(tmp_path / "none", holdout_source_splits="valid"), [FIXTURES / "lccc_toy_valid.txt"])
+    assert not (tmp_path / "none").exists()
+
+
 def test_blocklist_and_vocab_file(tmp_path):
     block = tmp_path / "block.txt"
     block.write_text("泰坦尼克\n", encoding="utf-8")
