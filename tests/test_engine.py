@@ -10,7 +10,8 @@ import torch
 
 from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.sampling import banned_ngram_tokens, top_k_filter, top_p_filter
+from dialogpt_zh.sampling import (apply_repetition_penalty, banned_ngram_tokens, sample_tokens, top_k_filter,
+                                   top_p_filter)
 from dialogpt_zh.sequence import build_sequence
 from dialogpt_zh.tokenizer import encode
 
@@ -101,17 +102,30 @@ def test_forward_logprobs_match_full_recomputation(bot):
         assert score == pytest.approx(manual_logprobs(bot.forward_model, full, len(prefix)), abs=1e-4)
 
 
-def test_kv_cached_generation_matches_full_recomputation(bot):
-    """Candidates' forward log-probs collected during cached, row-dropping batched decoding equal a full
-    uncached re-run of each candidate on its own (so cache sharing and row dropping are correct)."""
-    r = bot.reply(HISTORY, num_candidates=8, seed=3, max_length=12, min_length=0)
+def check_cached_generation(bot, seed: int) -> set[int]:
+    r = bot.reply(HISTORY, num_candidates=8, seed=seed, max_length=12, min_length=0)
     prefix = build_sequence(ids_of(bot, HISTORY), "forward", bot.cls_id, bot.sep_id)
-    lengths = {c.num_tokens for c in r.candidates}
     assert len(r.candidates) >= 2
     for c in r.candidates:
         full = prefix + c.token_ids + [bot.sep_id]
         assert c.forward_logprob == pytest.approx(manual_logprobs(bot.forward_model, full, len(prefix)), abs=1e-3)
-    assert lengths  # rows of different lengths exercise row dropping when the model stops early
+    return {c.num_tokens for c in r.candidates}
+
+
+def test_kv_cached_generation_matches_full_recomputation(bot):
+    """Candidates' forward log-probs collected during cached batched decoding equal a full uncached re-run
+    of each candidate on its own (so the shared, repeated context cache is correct)."""
+    check_cached_generation(bot, seed=3)
+
+
+def test_row_dropping_with_a_trained_bot(trained_bot_dir):
+    """A trained model ends replies at different lengths, so rows leave the batch and cache mid-way;
+    the scores must still equal full recomputation."""
+    bot = ChatBot.from_pretrained(trained_bot_dir)
+    lengths = set()
+    for seed in range(3):
+        lengths |= check_cached_generation(bot, seed)
+    assert len(lengths) > 1 and min(lengths) < 13  # rows did finish early, at different steps
 
 
 def test_rerank_matches_reply_scores(bot):
@@ -320,3 +334,17 @@ def test_sampling_filters():
     assert sorted(banned_ngram_tokens([1, 2, 3, 1, 2], 3)) == [3]
     assert banned_ngram_tokens([1, 2, 3], 3) == []
     assert sorted(banned_ngram_tokens([5, 5, 6], 1)) == [5, 6]
+
+
+def test_repetition_penalty_and_sampling():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [1.0, 1.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1], [2, 2]]), 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5], [1.0, 1.0, 0.5]]
+    assert logits.tolist()[0] == [2.0, -1.0, 0.5]  # input untouched
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_tokens(torch.tensor([[0.0, 0.0, -50.0, 3.0]]), 1.0, 2, 1.0, g) for _ in range(400)])
+    counts = torch.bincount(draws.flatten(), minlength=4).tolist()
+    assert counts[2] == 0 and (counts[0] == 0 or counts[1] == 0)  # top-2: index 3 and one of the tied zeros
+    assert counts[3] > 300
+    draws = torch.stack([sample_tokens(torch.log(torch.tensor([[0.2, 0.8]])), 1.0, 0, 1.0, g) for _ in range(2000)])
+    assert 0.75 < draws.float().mean().item() < 0.85  # the exponential race samples the right distribution
