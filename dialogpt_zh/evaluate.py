@@ -484,8 +484,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [f"# Evaluation: {', '.join(s['eval']['data'])}", "",
              f"model `{s['model']['forward']}`" + (f" + backward `{s['model']['backward']}`"
-                                                    if s["model"]["backward"] else " (no backward model)"),
-             f"; {report['sessions']} sessions, {report['cases']} cases, seed {s['eval']['seed']}, "
+                                                    if s["model"]["backward"] else " (no backward model)")
+             + f"; {report['sessions']} sessions, {report['cases']} cases, seed {s['eval']['seed']}, "
              f"N = {s['eval']['num_candidates_mmi']} candidates for mmi. "
              f"PPL of the references: **{_fmt(report['ppl'])}**.", ""]
     if report["decoding"]:
