@@ -36,11 +36,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from dialogpt_zh.cleaning import CleaningOptions, load_blocklist
+from dialogpt_zh.cleaning import CleaningOptions, clean_sessions, load_blocklist
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import atomic_directory
-from dialogpt_zh.readers import FORMATS, InputScan, iter_clean_file, scan_inputs
+from dialogpt_zh.readers import FORMATS, InputScan, read_file, scan_inputs
 from dialogpt_zh.sequence import sequence_length
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ class PreprocessArguments:
     blocklist: str | None = field(default=None, metadata=field_help(
         "file of words (one per line): sessions containing any of them are dropped"))
     batch_sessions: int = field(default=2000, metadata=field_help("sessions tokenized per batch"))
+    workers: int = field(default=0, metadata=field_help(
+        "processes that clean the text (the output is the same for any number); 0 = 2 (or the CPU count if "
+        "smaller) for inputs of 4 MB or more, else 1"))
     progress: bool = field(default=True, metadata=field_help("show tqdm progress bars"))
 
 
@@ -103,6 +106,8 @@ def validate(args: PreprocessArguments) -> None:
         raise UserError("must be at least 1", field="min_frequency")
     if args.batch_sessions < 1:
         raise UserError("must be at least 1", field="batch_sessions")
+    if args.workers < 0:
+        raise UserError("must be 0 (auto) or more", field="workers")
 
 
 # ---------------------------------------------------------------- windows
@@ -296,6 +301,95 @@ def _add_stats(into: dict[str, Any], st: dict[str, Any]) -> None:
             into[k] += v
 
 
+# ---------------------------------------------------------------- pass 1 in worker processes
+
+CLEAN_BATCH = 1000  # raw sessions per clean_sessions call (as in readers.iter_clean_file)
+UNIT_BATCHES = 4    # clean batches per unit of work sent to a worker
+PARALLEL_MIN_BYTES = 4 << 20  # --workers 0 (auto) uses one process below this much input
+_worker_options: CleaningOptions | None = None
+
+
+def effective_workers(requested: int, files: Sequence[tuple[int, Any]]) -> int:
+    """--workers: N as given; 0 = min(2, CPUs) when the inputs total PARALLEL_MIN_BYTES or more, else 1."""
+    if requested > 0:
+        return requested
+    import os
+
+    size = sum(cf.path.stat().st_size for _, cf in files)
+    return max(1, min(2, os.cpu_count() or 1)) if size >= PARALLEL_MIN_BYTES else 1
+
+
+def _batches(items: list) -> list[list]:
+    return [items[i:i + CLEAN_BATCH] for i in range(0, len(items), CLEAN_BATCH)]
+
+
+def _init_clean_worker(options: CleaningOptions) -> None:
+    global _worker_options
+    _worker_options = options
+
+
+def clean_unit(batches: list[list[list]], options: CleaningOptions | None = None
+               ) -> tuple[str, bytes, list[int], int, Counter]:
+    """Clean raw sessions (in batches): (temp-file text, one session per line with turns joined by TAB;
+    their 8-byte hashes; cleaned pieces per raw session; chars; counters)."""
+    options = options or _worker_options
+    counters: Counter = Counter()
+    lines: list[str] = []
+    pieces: list[int] = []
+    for batch in batches:
+        for result in clean_sessions(batch, options, counters):
+            pieces.append(len(result))
+            lines.extend("\t".join(turns) for turns in result)
+    hashes = array("q", map(session_hash, lines))
+    n_chars = sum(map(len, lines)) - sum(line.count("\t") for line in lines)
+    text = "\n".join(lines) + "\n" if lines else ""
+    return text, hashes.tobytes(), pieces, n_chars, counters
+
+
+class _InlinePool:
+    """The single-process stand-in for a worker pool."""
+
+    def __init__(self, options: CleaningOptions) -> None:
+        self.options = options
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _clean_pool(workers: int, options: CleaningOptions):
+    if workers <= 1:
+        return _InlinePool(options)
+    import multiprocessing as mp
+
+    # fork: workers start in milliseconds and inherit the imported modules (spawn where fork is missing)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    return ctx.Pool(workers, initializer=_init_clean_worker, initargs=(options,))
+
+
+def _ordered_map(pool, units: Iterator[tuple[int, list[list[list]], list]], workers: int
+                 ) -> Iterator[tuple[int, list, tuple]]:
+    """(file index, splits, clean_unit result) per unit, in input order; at most 2 units per worker in
+    flight, so memory stays bounded however big the corpus (Pool.imap would read the whole input ahead)."""
+    if isinstance(pool, _InlinePool):
+        for fi, batches, splits in units:
+            yield fi, splits, clean_unit(batches, pool.options)
+        return
+    from collections import deque
+
+    pending: deque = deque()
+    for fi, batches, splits in units:
+        pending.append((fi, splits, pool.apply_async(clean_unit, (batches,))))
+        if len(pending) >= 2 * workers:
+            fi0, splits0, res = pending.popleft()
+            yield fi0, splits0, res.get()
+    while pending:
+        fi0, splits0, res = pending.popleft()
+        yield fi0, splits0, res.get()
+
+
 # ---------------------------------------------------------------- pipeline
 
 def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
@@ -325,34 +419,60 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
         counters = {s: Counter() for s in sources}
         inputs_info = []
         chars_read = 0
-        # ---- pass 1: read + clean -> temp file
+        # ---- pass 1: read + clean -> temp file (cleaning in `workers` processes, results in input order)
+        files = [(si, cf) for si, scan in enumerate(scans) for cf in scan.files]
+        sessions_read: dict[int, int] = {}  # file index -> raw sessions read
+        kept_per_file = Counter()
+        workers = effective_workers(args.workers, files)
+
+        def units() -> Iterator[tuple[int, list[list[list]], list]]:
+            """(file index, raw sessions in batches of CLEAN_BATCH, their splits) per unit of work, read here."""
+            for fi, (si, cf) in enumerate(files):
+                c = counters[sources[si]]
+                before = c["sessions_read"]
+                turns, splits = [], []
+                for raw in read_file(cf, c):
+                    turns.append(raw.turns)
+                    splits.append(raw.split)
+                    if len(turns) >= CLEAN_BATCH * UNIT_BATCHES:
+                        yield fi, _batches(turns), splits
+                        turns, splits = [], []
+                if turns:
+                    yield fi, _batches(turns), splits
+                sessions_read[fi] = c["sessions_read"] - before
+
         with open(tmp_path, "w", encoding="utf-8", newline="\n") as tmp, \
-                _progress(args.progress, desc="read+clean", unit=" sessions") as bar:
-            for si, scan in enumerate(scans):
-                c = counters[scan.source]
-                c["files_skipped"] += len(scan.skipped)
-                info = {"path": str(scan.path), "source": scan.source, "files": [], "skipped_files": scan.skipped}
-                for cf in scan.files:
-                    before = c["sessions_read"]
-                    kept = 0
-                    for s in iter_clean_file(cf, options, c):
-                        text = "\t".join(s.turns)
-                        tmp.write(text)
-                        tmp.write("\n")
-                        hashes.append(session_hash(text))
-                        src_ids.append(si)
-                        src_splits.append(split_name_index.setdefault(s.split, len(split_name_index))
-                                          if s.split else -1)
-                        chars_read += len(text) - len(s.turns) + 1
-                        kept += 1
-                        if kept % 1000 == 0:
-                            bar.update(1000)
-                    bar.update(kept % 1000)
-                    info["files"].append({"path": str(cf.path), "format": cf.format, "split": cf.split,
-                                          "size": cf.path.stat().st_size, "sha256": file_sha256(cf.path),
-                                          "sessions_read": c["sessions_read"] - before,
-                                          "sessions_cleaned": kept})
-                inputs_info.append(info)
+                _progress(args.progress, desc="read+clean", unit=" sessions") as bar, \
+                _clean_pool(workers, options) as pool:
+            for fi, splits, (text, hash_bytes, pieces, n_chars, c_counts) in _ordered_map(
+                    pool, units(), workers):
+                si = files[fi][0]
+                counters[sources[si]].update(c_counts)
+                tmp.write(text)
+                hashes.frombytes(hash_bytes)
+                k = len(hash_bytes) // 8
+                src_ids.extend(array("H", [si]) * k)
+                if len(set(splits)) == 1:
+                    sp = splits[0]
+                    code = split_name_index.setdefault(sp, len(split_name_index)) if sp and k else -1
+                    src_splits.extend(array("h", [code]) * k)
+                else:
+                    for sp, count in zip(splits, pieces):
+                        if count:
+                            code = split_name_index.setdefault(sp, len(split_name_index)) if sp else -1
+                            src_splits.extend(array("h", [code]) * count)
+                chars_read += n_chars
+                kept_per_file[fi] += k
+                bar.update(k)
+        for si, scan in enumerate(scans):
+            counters[scan.source]["files_skipped"] += len(scan.skipped)
+            inputs_info.append({"path": str(scan.path), "source": scan.source, "files": [],
+                                "skipped_files": scan.skipped})
+        for fi, (si, cf) in enumerate(files):
+            inputs_info[si]["files"].append({"path": str(cf.path), "format": cf.format, "split": cf.split,
+                                             "size": cf.path.stat().st_size, "sha256": file_sha256(cf.path),
+                                             "sessions_read": sessions_read[fi],
+                                             "sessions_cleaned": kept_per_file[fi]})
         n = len(hashes)
         if n == 0:
             raise UserError("no sessions left after cleaning (see the counts above); nothing to write",
@@ -439,37 +559,69 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
         encoder = UtteranceEncoder(tokenizer, writer.dtype, char_level=tok_info["kind"] == "char")
 
         def flush(batch: list[tuple[int, list[str]]]) -> None:
+            """Encode, window and write a batch of sessions, vectorised over the batch (the same bytes and
+            counts as session by session: sessions are appended to their split in input order)."""
             nonlocal token_trunc
+            idx = np.fromiter((i for i, _ in batch), dtype=np.int64, count=len(batch))
+            nturns = np.fromiter((len(turns) for _, turns in batch), dtype=np.int64, count=len(batch))
             flat, offsets = encoder.encode([u for _, turns in batch for u in turns])
-            is_unk = np.concatenate([[0], np.cumsum(flat == unk_id)])
-            k = 0
-            for i, turns in batch:
-                nt = len(turns)
-                off = offsets[k:k + nt + 1].tolist()
-                utt = [flat[off[j]:off[j + 1]] for j in range(nt)]
-                lengths = [off[j + 1] - off[j] for j in range(nt)]
-                unk = int(is_unk[off[-1]] - is_unk[off[0]])
-                k += nt
-                if max(lengths) > max_utt_tokens:
-                    for j in range(nt):
-                        if lengths[j] > max_utt_tokens:
-                            utt[j] = utt[j][:max_utt_tokens]
-                            lengths[j] = max_utt_tokens
-                            token_trunc += 1
-                    unk = sum(int((u == unk_id).sum()) for u in utt)
-                windows = make_windows(lengths, args.max_turns, args.max_tokens)
-                split = STORE_SPLITS[labels[i]]
-                writer.add_session(split, utt, windows)
-                st = stats[(sources[src[i]], split)]
-                st["sessions"] += 1
-                st["windows"] += len(windows)
-                st["utterances"] += nt
-                st["chars"] += sum(map(len, turns))
-                st["tokens"] += sum(lengths)
-                st["unk_tokens"] += unk
-                st["turns_per_session"][nt] += 1
-                for _, count in windows:
-                    st["turns_per_window"][count] += 1
+            lengths = np.diff(offsets)
+            over = lengths > max_utt_tokens
+            if over.any():  # cut long utterances to max_utt_tokens (so that two turns always fit)
+                token_trunc += int(over.sum())
+                pos = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
+                flat = flat[pos < max_utt_tokens]
+                lengths = np.minimum(lengths, max_utt_tokens)
+            first_utt = np.concatenate([[0], np.cumsum(nturns)])
+            first_tok = np.concatenate([[0], np.cumsum(lengths)])
+            tokens = first_tok[first_utt[1:]] - first_tok[first_utt[:-1]]
+            unk_cum = np.concatenate([[0], np.cumsum(flat == unk_id)])
+            unk = unk_cum[first_tok[first_utt[1:]]] - unk_cum[first_tok[first_utt[:-1]]]
+            chars = np.fromiter((sum(map(len, turns)) for _, turns in batch), dtype=np.int64, count=len(batch))
+            # windows: a session that fits whole is one window (what make_windows returns for it)
+            whole = (nturns <= args.max_turns) & (1 + tokens + nturns <= args.max_tokens)
+            win_sess, win_rows = [], []
+            for b in np.flatnonzero(~whole).tolist():
+                ws = make_windows(lengths[first_utt[b]:first_utt[b + 1]].tolist(), args.max_turns, args.max_tokens)
+                win_sess.append(np.full(len(ws), b))
+                win_rows.append(np.array(ws, dtype=np.int64).reshape(-1, 2))
+            n_win = np.ones(len(batch), dtype=np.int64)
+            if win_sess:
+                whole_idx = np.flatnonzero(whole)
+                sess = np.concatenate([whole_idx] + win_sess)
+                rows = np.concatenate([np.stack([np.zeros(len(whole_idx), np.int64), nturns[whole_idx]], 1)]
+                                      + win_rows)
+                order = np.argsort(sess, kind="stable")  # windows in session order
+                sess, rows = sess[order], rows[order]
+                n_win = np.bincount(sess, minlength=len(batch))
+            else:
+                sess = np.arange(len(batch))
+                rows = np.stack([np.zeros(len(batch), np.int64), nturns], 1)
+            split_of = labels[idx]
+            src_of = src[idx]
+            for code, split in enumerate(STORE_SPLITS):
+                in_split = split_of == code
+                if not in_split.any():
+                    continue
+                utt_mask = np.repeat(in_split, nturns)
+                tok_mask = np.repeat(utt_mask, lengths)
+                base = np.cumsum(np.where(in_split, nturns, 0)) - nturns  # first utterance in this split's part
+                w = in_split[sess]
+                writer.add_sessions(split, flat[tok_mask], lengths[utt_mask],
+                                    rows[w] + np.stack([base[sess[w]], np.zeros(int(w.sum()), np.int64)], 1))
+                for si in np.unique(src_of[in_split]).tolist():
+                    m = in_split & (src_of == si)
+                    st = stats[(sources[si], split)]
+                    st["sessions"] += int(m.sum())
+                    st["windows"] += int(n_win[m].sum())
+                    st["utterances"] += int(nturns[m].sum())
+                    st["chars"] += int(chars[m].sum())
+                    st["tokens"] += int(tokens[m].sum())
+                    st["unk_tokens"] += int(unk[m].sum())
+                    t, c = np.unique(nturns[m], return_counts=True)
+                    st["turns_per_session"].update(dict(zip(t.tolist(), c.tolist())))
+                    t, c = np.unique(rows[m[sess], 1], return_counts=True)
+                    st["turns_per_window"].update(dict(zip(t.tolist(), c.tolist())))
 
         with open(tmp_path, encoding="utf-8") as tmp, \
                 _progress(args.progress, desc="tokenize+write", unit=" sessions", total=n_kept) as bar:

@@ -55,6 +55,21 @@ class SplitWriter:
                 raise ValueError(f"window ({start}, {count}) outside a session of {len(utterances)} turns")
             self._win.extend((base + start, count))
 
+    def add_sessions(self, ids: np.ndarray, utterance_lengths: np.ndarray, windows: np.ndarray) -> None:
+        """Bulk `add_session`: utterances as concatenated ids + their lengths, windows as rows (first
+        utterance, count) counted from the first utterance given here. Same bytes as one call per session."""
+        base = len(self._utt) - 1
+        n = len(utterance_lengths)
+        windows = np.asarray(windows, dtype=np.int64).reshape(-1, 2)
+        if len(windows) and ((windows[:, 1] < 1).any() or (windows[:, 0] < 0).any()
+                             or (windows.sum(axis=1) > n).any()):
+            raise ValueError(f"a window lies outside the {n} utterances given")
+        self._ids.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        ends = self.num_tokens + np.cumsum(utterance_lengths, dtype=np.int64)
+        self._utt.frombytes(ends.tobytes())
+        self.num_tokens = int(ends[-1]) if n else self.num_tokens
+        self._win.frombytes((windows + np.array([base, 0], dtype=np.int64)).tobytes())
+
     @property
     def num_utterances(self) -> int:
         return len(self._utt) - 1
@@ -83,6 +98,9 @@ class StoreWriter:
     def add_session(self, split: str, utterances: Sequence[Sequence[int]],
                     windows: Sequence[tuple[int, int]]) -> None:
         self.splits[split].add_session(utterances, windows)
+
+    def add_sessions(self, split: str, ids: np.ndarray, utterance_lengths: np.ndarray, windows: np.ndarray) -> None:
+        self.splits[split].add_sessions(ids, utterance_lengths, windows)
 
     def close(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Finish the files, save the tokenizer and write manifest.json (extra keys come from `manifest`)."""
