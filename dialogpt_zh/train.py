@@ -550,10 +550,12 @@ def train(config: TrainConfig, interrupt_at_step: Optional[int] = None) -> dict[
         _save(output, model, tokenizer, optimizer, scheduler, state, card(), metrics, improved, accelerator)
         return metrics
 
-    log.info("training %s %s (%.2fM parameters) on %d windows, %d processes, %s/%s, %d steps",
-             config.direction, "init" if config.init else config.preset, n_params / 1e6, len(train_idx), world,
-             device, precision, total_steps)
-    bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process,
+    if accelerator.is_main_process:
+        log.info("training %s %s (%.2fM parameters) on %d windows, %d processes, %s/%s, %d steps",
+                 config.direction, "init" if config.init else config.preset, n_params / 1e6, len(train_idx), world,
+                 device, precision, total_steps)
+    quiet = not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE"))
+    bar = tqdm(total=total_steps, initial=state.step, disable=quiet,
                desc=f"train {config.direction}", unit="step", dynamic_ncols=True)
     stopped: Optional[str] = None
     metrics: Optional[dict] = None
@@ -635,8 +637,9 @@ def train(config: TrainConfig, interrupt_at_step: Optional[int] = None) -> dict[
                 stopped = "interrupted"
             if stopped or state.step % config.eval_every == 0:
                 metrics = checkpoint(stopped)
-                bar.write(f"step {state.step}: valid loss {metrics['valid_loss']:.4f} "
-                          f"(ppl {metrics['valid_ppl']:.1f}), best {state.best_valid_loss:.4f} at {state.best_step}")
+                if accelerator.is_main_process:
+                    bar.write(f"step {state.step}: valid loss {metrics['valid_loss']:.4f} "
+                              f"(ppl {metrics['valid_ppl']:.1f}), best {state.best_valid_loss:.4f} at {state.best_step}")
                 stopped = metrics["stopped"]
             if stopped:
                 break
@@ -650,8 +653,9 @@ def train(config: TrainConfig, interrupt_at_step: Optional[int] = None) -> dict[
                f"(ppl {math.exp(min(50, state.best_valid_loss)):.1f}) at step {state.best_step}; "
                f"{state.tokens_seen:,} tokens in {state.wall_time_s:.0f}s "
                f"({metrics['tokens_per_s'] or 0:.0f} tokens/s); best model in {output}")
-    log.info(summary)
-    if stopped == "interrupted":
+    if accelerator.is_main_process:
+        log.info(summary)
+    if stopped == "interrupted" and accelerator.is_main_process:
         log.info("resume with: %s --resume", config_command(config))
     return metrics
 
