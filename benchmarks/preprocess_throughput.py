@@ -34,6 +34,8 @@ class BenchArguments:
     corpus: str = field(default=str(REPO.parent / "shared" / "corpus"), metadata=field_help("shared corpus"))
     synthetic_mb: int = field(default=0, metadata=field_help("also build and run a synthetic corpus of this size"))
     workdir: str = field(default=str(REPO / "bench_out"), metadata=field_help("scratch directory (deleted)"))
+    workers: str = field(default="0", metadata=field_help(
+        "comma list of --workers values to run each corpus with (0 = the preprocessor's auto choice)"))
 
 
 # A wrapper process per run, so that ru_maxrss (the max over a process's children) is this run's alone.
@@ -42,8 +44,9 @@ WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
         "print(f'RUSAGE {u.ru_maxrss} {u.ru_utime + u.ru_stime}', file=sys.stderr); sys.exit(r.returncode)")
 
 
-def run(inputs: list[str], output: Path) -> dict:
-    cmd = [sys.executable, "-m", "dialogpt_zh.preprocess", *inputs, "--output", str(output), "--no_progress"]
+def run(inputs: list[str], output: Path, workers: int = 0) -> dict:
+    cmd = [sys.executable, "-m", "dialogpt_zh.preprocess", *inputs, "--output", str(output), "--no_progress",
+           "--workers", str(workers)]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", WRAP, *cmd], cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -55,7 +58,7 @@ def run(inputs: list[str], output: Path) -> dict:
     return {"input_mb": size / 1e6, "chars": manifest["chars_read"], "wall_s": wall, "cpu_s": float(cpu),
             "chars_per_s": manifest["chars_read"] / wall, "peak_rss_mb": int(maxrss_kb) / 1024,
             "windows": sum(v["windows"] for v in manifest["counts"]["by_split"].values()),
-            "command": " ".join(cmd[1:])}
+            "command": " ".join(cmd[1:]), "load_after": os.getloadavg()[0]}
 
 
 def make_synthetic(corpus: Path, target_mb: int, out: Path) -> list[str]:
@@ -97,17 +100,23 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other jobs slow wall time)")
     rows = []
     try:
-        rows.append(("shared corpus", run([str(corpus / s) for s in SOURCES], work / "store_shared")))
+        workers = [int(w) for w in args.workers.split(",")]
+        for w in workers:
+            rows.append((f"shared corpus w={w}", run([str(corpus / s) for s in SOURCES], work / "store_shared", w)))
         if args.synthetic_mb:
             inputs = make_synthetic(corpus, args.synthetic_mb, work / "synthetic")
-            rows.append((f"synthetic {args.synthetic_mb} MB", run(inputs, work / "store_synthetic")))
+            for w in workers:
+                rows.append((f"synthetic {args.synthetic_mb} MB w={w}", run(inputs, work / "store_synthetic", w)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'corpus':22s} {'input MB':>9s} {'chars':>12s} {'wall s':>8s} {'cpu s':>8s} {'chars/s':>11s} "
-          f"{'peak RSS MB':>12s}")
+    print(f"{'corpus':26s} {'input MB':>9s} {'chars':>12s} {'wall s':>8s} {'cpu s':>8s} {'chars/s':>11s} "
+          f"{'chars/cpu-s':>12s} {'peak RSS MB':>12s} {'load after':>10s}")
     for name, r in rows:
-        print(f"{name:22s} {r['input_mb']:9.1f} {r['chars']:12,d} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} "
-              f"{r['chars_per_s']:11,.0f} {r['peak_rss_mb']:12.0f}")
+        print(f"{name:26s} {r['input_mb']:9.1f} {r['chars']:12,d} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} "
+              f"{r['chars_per_s']:11,.0f} {r['chars'] / r['cpu_s']:12,.0f} {r['peak_rss_mb']:12.0f} "
+              f"{r['load_after']:10.1f}")
+    print("cpu s: user + sys of the run and its worker processes; peak RSS: the largest single process "
+          "(workers are forked: most of their pages are shared with the parent)")
     for name, r in rows:
         print(f"command ({name}): python {r['command']}")
 
