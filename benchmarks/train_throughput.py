@@ -10,7 +10,6 @@ Prints its figures; nothing is asserted. CPU figures depend on the machine's loa
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import tempfile
