@@ -65,6 +65,11 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
     if not any(model_dir.glob("*.safetensors")):
         raise UserError("no .safetensors weights; convert pickled weights with a trusted tool first "
                         "(we never unpickle files from user paths)", path=model_dir)
+    import torch
+
+    # Weights may be stored in half precision to keep checkpoints small; compute in fp32 on CPU.
+    if dtype is None and str(device).startswith("cpu"):
+        dtype = torch.float32
     kwargs = {"use_safetensors": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
