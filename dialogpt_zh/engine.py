@@ -30,6 +30,7 @@ import torch
 
 from dialogpt_zh.cli import field_help
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.lean_gpt2 import LeanGPT2
 from dialogpt_zh.model import load_model, read_card
 from dialogpt_zh.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_tokens
 from dialogpt_zh.sequence import build_sequence
@@ -253,6 +254,63 @@ def _sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> list[
     return out.tolist()
 
 
+class _HFDecoder:
+    """Incremental decoding through the transformers forward and its DynamicCache (any causal LM)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def prompt(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
+        """Run the (1, L) context once; logits (1, V) of its last position."""
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def repeat_rows(self, n: int) -> None:
+        self.cache.batch_repeat_interleave(n)
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """One (rows, 1) token per live row; logits (rows, V)."""
+        return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits[:, -1, :]
+
+    def hidden_after_cache(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of right-padded (rows, m) ids that continue the cached context."""
+        full_mask = torch.cat([torch.ones((ids.shape[0], self.cache.get_seq_length()), dtype=torch.long,
+                                          device=ids.device), mask], dim=1)
+        # positions continue after the context (default: cache length + arange), right padding is harmless
+        return self.model.base_model(input_ids=ids, past_key_values=self.cache, attention_mask=full_mask,
+                                     use_cache=True).last_hidden_state
+
+
+class _LeanDecoder(_HFDecoder):
+    """The same steps through `LeanGPT2` (plain torch ops, preallocated KV cache): same results, less
+    per-call overhead. The cache holds the context plus `capacity` more positions."""
+
+    def __init__(self, model, lean: LeanGPT2) -> None:
+        self.model, self.lean = model, lean
+
+    def prompt(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
+        self.cache = self.lean.new_cache(1, ids.shape[1] + capacity)
+        return self.lean.logits(self.lean.hidden(ids, self.cache)[:, -1, :])
+
+    def repeat_rows(self, n: int) -> None:
+        self.cache.repeat_rows(n)
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        self.cache.select_rows(keep)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lean.logits(self.lean.hidden(ids, self.cache)[:, -1, :])
+
+    def hidden_after_cache(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.lean.hidden(ids, self.cache)  # causal over cache + new tokens; padding comes last
+
+
 # ----------------------------------------------------------------------------------------------- engine
 
 class ChatBot:
@@ -280,6 +338,8 @@ class ChatBot:
         vocab = forward_model.config.vocab_size
         self.banned_ids = sorted(i for i in specials if i is not None and i != self.sep_id and i < vocab)
         self._blocklists: dict[tuple[str, float], list[str]] = {}
+        # GPT-2 models run through LeanGPT2 (same results, less per-call overhead); False: always transformers
+        self.use_lean_forward = True
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, forward: str | Path | None = None,
@@ -376,15 +436,11 @@ class ChatBot:
     def _generate(self, context: list[list[int]], gen: GenerationSettings,
                   generator: torch.Generator) -> list[tuple[list[int], float]]:
         """Sample gen.num_candidates replies in one batch: [(token ids without [SEP], forward log-prob)]."""
-        from transformers import DynamicCache
-
-        model = self.forward_model
         n = gen.num_candidates
+        decoder = self._decoder(self.forward_model)
         ctx = torch.tensor([build_sequence(context, "forward", self.cls_id, self.sep_id)], device=self.device)
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :].float().expand(n, -1)
-        cache.batch_repeat_interleave(n)  # the context is encoded once and shared by the n rows
+        logits = decoder.prompt(ctx, gen.max_length + 1).float().expand(n, -1)
+        decoder.repeat_rows(n)  # the context is encoded once and shared by the n rows
 
         rows = torch.arange(n, device=self.device)          # original candidate index of each live row
         tokens: list[list[int]] = [[] for _ in range(n)]
@@ -417,12 +473,11 @@ class ChatBot:
                 break
             if bool(finished.any()):                        # finished rows leave the batch and the cache
                 keep = (~finished).nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
+                decoder.select_rows(keep)
                 rows, next_ids = rows[keep], next_ids[keep]
                 history = history[keep] if history is not None else None
             history = next_ids[:, None] if history is None else torch.cat([history, next_ids[:, None]], dim=1)
-            out = model(input_ids=next_ids[:, None], past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1, :].float()
+            logits = decoder.step(next_ids[:, None]).float()
         return [(tokens[i], float(fwd[i])) for i in range(n)]
 
     # ---------------------------------------------------------------------------------- scoring
@@ -430,23 +485,17 @@ class ChatBot:
     @torch.inference_mode()
     def _forward_scores(self, context: list[list[int]], replies: list[list[int]]) -> list[tuple[float, int]]:
         """log P(reply + [SEP] | context) for each reply: context encoded once, replies in one padded batch."""
-        from transformers import DynamicCache
-
         model = self.forward_model
+        decoder = self._decoder(model)
         ctx = torch.tensor([build_sequence(context, "forward", self.cls_id, self.sep_id)], device=self.device)
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        first_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each reply's 1st token
         rows = [r + [self.sep_id] for r in replies]
+        first = decoder.prompt(ctx, max(len(r) for r in rows))
+        first_logprobs = torch.log_softmax(first[0].float(), dim=-1)  # predicts each reply's 1st token
         fwd = [float(first_logprobs[r[0]]) for r in rows]
         if any(len(r) > 1 for r in rows):
-            cache.batch_repeat_interleave(len(rows))
+            decoder.repeat_rows(len(rows))
             ids, mask = _pad(rows, self.pad_id, self.device)
-            full_mask = torch.cat([torch.ones((len(rows), ctx.shape[1]), dtype=torch.long, device=self.device),
-                                   mask], dim=1)
-            # positions continue after the context (default: cache length + arange), right padding is harmless
-            hidden = model.base_model(input_ids=ids, past_key_values=cache, attention_mask=full_mask,
-                                      use_cache=True).last_hidden_state
+            hidden = decoder.hidden_after_cache(ids, mask)
             # hidden at reply position j predicts reply token j + 1
             score_mask = mask[:, 1:].bool()
             b, j = score_mask.nonzero(as_tuple=True)
@@ -465,12 +514,23 @@ class ChatBot:
         starts = torch.tensor([len(r) + 2 for r in replies], device=self.device)
         positions = torch.arange(ids.shape[1], device=self.device)
         target_mask = (positions[None, :] >= starts[:, None]) & mask.bool()
-        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        lean = self._lean(model)
+        if lean is not None:   # causal from position 0: the real tokens never see the right padding
+            hidden = lean.hidden(ids)
+        else:
+            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         b, t = target_mask.nonzero(as_tuple=True)
         lp = _token_logprobs(model, hidden[b, t - 1], ids[b, t])
         sums = _sum_per_row(lp, b, len(replies))
         n_ctx = sum(len(u) + 1 for u in context)
         return [(s, n_ctx) for s in sums]
+
+    def _lean(self, model) -> LeanGPT2 | None:
+        return LeanGPT2.wrap(model) if self.use_lean_forward else None
+
+    def _decoder(self, model) -> _HFDecoder:
+        lean = self._lean(model)
+        return _LeanDecoder(model, lean) if lean is not None else _HFDecoder(model)
 
     def _rank(self, candidates: list[Candidate], mmi: MMISettings, use_backward: bool) -> list[Candidate]:
         for c in candidates:

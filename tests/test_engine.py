@@ -1,5 +1,6 @@
 """The reply engine: context-only MMI mask, batching equivalence, KV-cached generation, history bounds,
-seeded determinism, duplicates, special tokens, MMI-off path, settings errors, int8 quantization."""
+seeded determinism, duplicates, special tokens, MMI-off path, settings errors, int8 quantization, and the
+lean GPT-2 forward (same logits and the same seeded replies as the transformers forward)."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +11,7 @@ import torch
 
 from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.lean_gpt2 import LeanGPT2
 from dialogpt_zh.sampling import (apply_repetition_penalty, banned_ngram_tokens, sample_tokens, top_k_filter,
                                    top_p_filter)
 from dialogpt_zh.sequence import build_sequence
@@ -58,7 +60,11 @@ def test_backward_score_is_context_tokens_only(bot):
 
 def test_backward_score_ignores_how_well_the_reply_predicts_itself(bot):
     """Make the backward model certain of the reply's own tokens (哈 after 哈...): whole-sequence scoring
-    (GPT2-chitchat) rewards that, our context-only score does not move."""
+    (GPT2-chitchat) rewards that, our context-only score does not move. The hook lives on the transformers
+    forward, so this runs the engine's transformers path (the lean forward gives the same hidden states:
+    test_lean_forward_matches_transformers)."""
+    bot = copy.copy(bot)
+    bot.use_lean_forward = False
     model = bot.backward_model
     reply = "哈哈哈哈"
     reply_ids = ids_of(bot, [reply])[0]
@@ -348,3 +354,122 @@ def test_repetition_penalty_and_sampling():
     assert counts[3] > 300
     draws = torch.stack([sample_tokens(torch.log(torch.tensor([[0.2, 0.8]])), 1.0, 0, 1.0, g) for _ in range(2000)])
     assert 0.75 < draws.float().mean().item() < 0.85  # the exponential race samples the right distribution
+
+
+# ---------------------------------------------------------------------------------------- lean forward
+
+def hf_cached_logits(model, ctx, steps):
+    """Logits of the transformers forward: ctx (1, L), then the cache repeated to rows and one (rows, 1)
+    token per step, keeping the rows `keep` (indices) before each step."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = [model(input_ids=ctx, past_key_values=cache, use_cache=True).logits]
+    cache.batch_repeat_interleave(steps[0][0].shape[0])
+    for ids, keep in steps:
+        if keep is not None:
+            cache.batch_select_indices(keep)
+        out.append(model(input_ids=ids, past_key_values=cache, use_cache=True).logits)
+    return out
+
+
+def lean_cached_logits(lean, ctx, steps, capacity):
+    cache = lean.new_cache(1, ctx.shape[1] + capacity)
+    out = [lean.logits(lean.hidden(ctx, cache))]
+    cache.repeat_rows(steps[0][0].shape[0])
+    for ids, keep in steps:
+        if keep is not None:
+            cache.select_rows(keep)
+        out.append(lean.logits(lean.hidden(ids, cache)))
+    return out
+
+
+@pytest.mark.parametrize("which", ["random", "trained"])
+@torch.inference_mode()
+def test_lean_forward_matches_transformers(which, random_bot_dir, trained_bot_dir):
+    """Same logits as the HF GPT-2 forward: the prompt, cached decode steps with rows dropped on the way,
+    a multi-token continuation of a cache (forward_logprobs) and a right-padded batch (MMI scoring)."""
+    bot = ChatBot.from_pretrained(random_bot_dir if which == "random" else trained_bot_dir)
+    gen = torch.Generator().manual_seed(0)
+    for model in (bot.forward_model, bot.backward_model):
+        lean = LeanGPT2.wrap(model)
+        assert lean is not None
+        vocab = model.config.vocab_size
+        ctx = torch.randint(5, vocab, (1, 17), generator=gen)
+        steps, rows = [], 6
+        for keep in (None, None, [0, 2, 3, 4, 5], None, [1, 3], [0]):
+            rows = len(keep) if keep is not None else rows
+            steps.append((torch.randint(5, vocab, (rows, 1), generator=gen),
+                          torch.tensor(keep) if keep is not None else None))
+        want = hf_cached_logits(model, ctx, steps)
+        got = lean_cached_logits(lean, ctx, steps, capacity=len(steps))
+        assert len(got) == len(want) == 7
+        for w, g in zip(want, got):
+            assert w.shape == g.shape
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        # the logits really depend on position and context (a wrong cache or position would show)
+        assert (want[1][0] - want[0][0, -1]).abs().max() > 1e-3
+        # several new tokens after a cache (as forward_logprobs feeds the replies)
+        from transformers import DynamicCache
+
+        cont = torch.randint(5, vocab, (3, 4), generator=gen)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ctx, past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(3)
+        want = model(input_ids=cont, past_key_values=cache, use_cache=True).logits
+        lcache = lean.new_cache(1, ctx.shape[1] + 4)
+        lean.hidden(ctx, lcache)
+        lcache.repeat_rows(3)
+        torch.testing.assert_close(lean.logits(lean.hidden(cont, lcache)), want, atol=1e-5, rtol=1e-5)
+        # a right-padded batch without cache: the real positions equal the HF forward with its mask
+        ids = torch.randint(5, vocab, (3, 9), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[1, 6:] = 0
+        mask[2, 3:] = 0
+        ids[mask == 0] = bot.pad_id
+        want = model(input_ids=ids, attention_mask=mask).logits
+        got = lean.logits(lean.hidden(ids))
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_lean_and_transformers_paths_give_the_same_replies(trained_bot_dir):
+    """A seeded reply (rows finishing at different steps, MMI on) and rerank/forward scores are the same
+    through the lean forward and the transformers forward."""
+    lean_bot = ChatBot.from_pretrained(trained_bot_dir)
+    hf_bot = copy.copy(lean_bot)
+    hf_bot.use_lean_forward = False
+    assert isinstance(lean_bot._decoder(lean_bot.forward_model).lean, LeanGPT2)
+    assert not hasattr(hf_bot._decoder(hf_bot.forward_model), "lean")
+    for seed in range(3):
+        a = lean_bot.reply(HISTORY, num_candidates=8, seed=seed, min_length=0)
+        b = hf_bot.reply(HISTORY, num_candidates=8, seed=seed, min_length=0)
+        assert [(c.text, c.token_ids, c.count, c.rank) for c in a.candidates] == \
+            [(c.text, c.token_ids, c.count, c.rank) for c in b.candidates]
+        for x, y in zip(a.candidates, b.candidates):
+            assert x.forward_logprob == pytest.approx(y.forward_logprob, abs=1e-4)
+            assert x.backward_logprob == pytest.approx(y.backward_logprob, abs=1e-4)
+    for x, y in zip(lean_bot.rerank(HISTORY, REPLIES), hf_bot.rerank(HISTORY, REPLIES)):
+        assert (x.text, x.rank) == (y.text, y.rank)
+        assert x.forward_logprob == pytest.approx(y.forward_logprob, abs=1e-4)
+        assert x.backward_logprob == pytest.approx(y.backward_logprob, abs=1e-4)
+
+
+def test_lean_forward_runs_int8_models(random_bot_dir):
+    """int8 models (Conv1D turned into dynamic-int8 Linear) also go through the lean forward, same logits."""
+    q = ChatBot.from_pretrained(random_bot_dir, quantize="int8")
+    lean = LeanGPT2.wrap(q.forward_model)
+    assert lean is not None
+    ids = torch.randint(5, q.forward_model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(lean.logits(lean.hidden(ids)), q.forward_model(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_lean_forward_falls_back_for_other_models(random_bot_dir):
+    bot = ChatBot.from_pretrained(random_bot_dir)
+    model = copy.deepcopy(bot.forward_model)
+    model.train()
+    assert LeanGPT2.wrap(model) is None             # dropout on: not covered
+    model.eval()
+    model.config.model_type = "llama"
+    assert LeanGPT2.wrap(model) is None

@@ -1,0 +1,137 @@
+"""A lean GPT-2 forward pass for the reply engine: plain torch ops over a loaded GPT2LMHeadModel's own weights.
+
+Why: at the default model's size (4 layers x 256, batch 10, one token per step) the arithmetic of a decoding
+step is tiny, and most of the time of transformers' GPT2 forward goes to per-call machinery (cache objects,
+mask creation, output classes, module dispatch). This forward does the same maths with a preallocated KV
+cache tensor that the caller manages (repeat the context to N rows once, drop finished rows by index).
+
+It reads the weights from the model's modules at construction (no copy), so build a `LeanGPT2` per call
+(cheap) rather than keeping one around a model whose modules may be replaced. Projections that are HF
+`Conv1D` run as `x @ W + b` (`torch.addmm`, as Conv1D does); any other module (the `nn.Linear` / dynamic
+int8 `Linear` that `engine.quantize_int8` puts in their place) is simply called. `LeanGPT2.wrap` returns None
+for models it does not cover (not GPT-2, cross-attention, training mode, unusual attention options), and
+the engine then uses the transformers forward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Keys and values of every layer in two preallocated tensors (layers, rows, heads, capacity, head_dim);
+    `length` positions are filled, the same for all rows (they decode in lockstep)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int = 0) -> None:
+        self.k, self.v, self.length = k, v, length
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def repeat_rows(self, n: int) -> None:
+        """A one-row cache becomes n identical rows (the context, encoded once, shared by n candidates)."""
+        assert self.rows == 1
+        self.k = self.k.expand(-1, n, -1, -1, -1).contiguous()
+        self.v = self.v.expand(-1, n, -1, -1, -1).contiguous()
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the rows `keep` (indices), in that order: finished candidates leave the cache."""
+        self.k = self.k.index_select(1, keep)
+        self.v = self.v.index_select(1, keep)
+
+
+def _projection(module):
+    """A function of a 2-D input: HF Conv1D as addmm over its own (in, out) weight, anything else called."""
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        weight, bias = module.weight, module.bias
+        return lambda x: torch.addmm(bias, x, weight)
+    return module
+
+
+class LeanGPT2:
+    """Final hidden states (after ln_f) and logits of a GPT2LMHeadModel, with an optional `KVCache`."""
+
+    def __init__(self, model) -> None:
+        cfg = model.config
+        t = model.transformer
+        self.n_layer, self.n_head, self.d = cfg.n_layer, cfg.n_head, cfg.n_embd
+        self.head_dim = self.d // self.n_head
+        self.eps = cfg.layer_norm_epsilon
+        self.wte, self.wpe = t.wte.weight, t.wpe.weight
+        self.lm_head = model.get_output_embeddings()
+        self.ln_f = (t.ln_f.weight, t.ln_f.bias)
+        act = cfg.activation_function
+        self.act = ((lambda x: F.gelu(x, approximate="tanh")) if act in ("gelu_new", "gelu_pytorch_tanh")
+                    else t.h[0].mlp.act)
+        base_scale = 1.0 / math.sqrt(self.head_dim) if cfg.scale_attn_weights else 1.0
+        self.layers = []
+        for i, block in enumerate(t.h):
+            scale = base_scale / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else base_scale
+            self.layers.append((
+                (block.ln_1.weight, block.ln_1.bias), _projection(block.attn.c_attn),
+                _projection(block.attn.c_proj), (block.ln_2.weight, block.ln_2.bias),
+                _projection(block.mlp.c_fc), _projection(block.mlp.c_proj), scale))
+
+    @classmethod
+    def wrap(cls, model) -> "LeanGPT2 | None":
+        """A LeanGPT2 over `model`, or None when this forward does not cover it (use the HF forward then)."""
+        cfg = getattr(model, "config", None)
+        if (cfg is None or getattr(cfg, "model_type", None) != "gpt2" or model.training
+                or not hasattr(model, "transformer") or getattr(cfg, "add_cross_attention", False)
+                or getattr(cfg, "reorder_and_upcast_attn", False)
+                or getattr(cfg, "activation_function", None) not in ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
+                or cfg.n_embd % cfg.n_head):
+            return None
+        return cls(model)
+
+    def new_cache(self, rows: int, capacity: int) -> KVCache:
+        shape = (self.n_layer, rows, self.n_head, capacity, self.head_dim)
+        return KVCache(self.wte.new_empty(shape), self.wte.new_empty(shape))
+
+    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, d) for `ids` (B, T) at positions cache.length .. + T - 1.
+
+        Without a cache the batch is causal from position 0; right padding is then harmless for the real
+        tokens (they never see later positions). With a cache, the new keys/values are written into it at
+        positions cache.length.. and attention runs over everything cached so far; cache.length advances.
+        """
+        b, t = ids.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + t > cache.capacity:
+            raise ValueError(f"KV cache full: {start} + {t} > {cache.capacity}")
+        if start + t > self.wpe.shape[0]:
+            raise ValueError(f"sequence longer than the model's {self.wpe.shape[0]} positions")
+        d, h, hd = self.d, self.n_head, self.head_dim
+        x = F.embedding(ids, self.wte) + self.wpe[start:start + t]
+        mask = None
+        if cache is not None and start > 0 and t > 1:   # new tokens see the whole cache + themselves causally
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=ids.device).tril(diagonal=start)
+        for i, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, scale) in enumerate(self.layers):
+            a = F.layer_norm(x, (d,), ln_1[0], ln_1[1], self.eps)
+            qkv = c_attn(a.view(b * t, d)).view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            if cache is not None:
+                cache.k[i, :, :, start:start + t] = k
+                cache.v[i, :, :, start:start + t] = v
+                k, v = cache.k[i, :, :, :start + t], cache.v[i, :, :, :start + t]
+            if t == 1 or mask is not None:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            else:
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            x = x + c_proj(a.transpose(1, 2).reshape(b * t, d)).view(b, t, d)
+            a = F.layer_norm(x, (d,), ln_2[0], ln_2[1], self.eps)
+            x = x + mlp_proj(self.act(c_fc(a.view(b * t, d)))).view(b, t, d)
+        if cache is not None:
+            cache.length = start + t
+        return F.layer_norm(x, (d,), self.ln_f[0], self.ln_f[1], self.eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head over (any shape of) final hidden states."""
+        return self.lm_head(hidden)
