@@ -495,7 +495,8 @@ class ChatBot:
         if any(len(r) > 1 for r in rows):
             decoder.repeat_rows(len(rows))
             ids, mask = _pad(rows, self.pad_id, self.device)
-            hidden = decoder.hidden_after_cache(ids, mask)
+            # the last column predicts nothing we score, so it is not run
+            hidden = decoder.hidden_after_cache(ids[:, :-1], mask[:, :-1])
             # hidden at reply position j predicts reply token j + 1
             score_mask = mask[:, 1:].bool()
             b, j = score_mask.nonzero(as_tuple=True)
@@ -515,10 +516,12 @@ class ChatBot:
         positions = torch.arange(ids.shape[1], device=self.device)
         target_mask = (positions[None, :] >= starts[:, None]) & mask.bool()
         lean = self._lean(model)
-        if lean is not None:   # causal from position 0: the real tokens never see the right padding
-            hidden = lean.hidden(ids)
+        # the last column predicts nothing, so it is not run; causal from position 0, the real tokens never
+        # see the right padding
+        if lean is not None:
+            hidden = lean.hidden(ids[:, :-1])
         else:
-            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = model.base_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).last_hidden_state
         b, t = target_mask.nonzero(as_tuple=True)
         lp = _token_logprobs(model, hidden[b, t - 1], ids[b, t])
         sums = _sum_per_row(lp, b, len(replies))
