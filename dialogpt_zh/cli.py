@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from dialogpt_zh.errors import UserError
@@ -52,3 +53,30 @@ def run_main(main: Callable[[], int | None]) -> int:
 def field_help(text: str, **kw: Any) -> dict:
     """Metadata for a dataclass field: `x: int = field(default=3, metadata=field_help("..."))`."""
     return {"help": text, **kw}
+
+
+@dataclass
+class BotArguments:
+    """Which bot to load and where: the flags every face that chats shares (interact, web, evaluate)."""
+
+    model: str | None = field(default=None, metadata=field_help(
+        "bot directory (forward/ + backward/, MMI on) or one forward model directory (MMI off); "
+        "default: the embedded checkpoints/default"))
+    backward: str | None = field(default=None, metadata=field_help(
+        "a backward model directory, when --model is a single forward model directory"))
+    device: str = field(default="cpu", metadata=field_help("torch device for the models (cpu, cuda, ...)"))
+    quantize: str | None = field(default=None, metadata=field_help(
+        "'int8': dynamic int8 quantization of the matmuls (CPU only; faster, slightly different scores)"))
+
+
+def load_bot(args: BotArguments, *settings: Any):
+    """The one engine, with the given settings dataclasses (GenerationSettings, MMISettings) as its defaults."""
+    from dataclasses import asdict
+
+    from dialogpt_zh.engine import ChatBot
+
+    if args.backward and not args.model:
+        raise UserError("--backward needs --model (the forward model directory)", field="backward")
+    merged = {k: v for s in settings for k, v in asdict(s).items()}
+    return ChatBot.from_pretrained(args.model, backward=args.backward, device=args.device,
+                                   quantize=args.quantize, **merged)

@@ -19,13 +19,12 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from dialogpt_zh import metrics
-from dialogpt_zh.cli import field_help, make_parser, parse, run_main
+from dialogpt_zh.cli import BotArguments, field_help, load_bot, make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
 
 log = logging.getLogger("dialogpt_zh.evaluate")
@@ -49,9 +48,6 @@ class EvalArgs:
     data: list[str] = field(default_factory=list, metadata=field_help(
         "held-out corpus files or directories, in any format the preprocessor reads"))
     output: str = field(default="", metadata=field_help("report.json to write (required)"))
-    model: str | None = field(default=None, metadata=field_help(
-        "bot directory (forward/ + backward/) or one forward model directory (MMI rows absent); "
-        "default: checkpoints/default"))
     format: str = field(default="auto", metadata=field_help(
         "corpus format of --data (auto, chitchat, tsv, lccc-json, kdconv-json, chatterbot-yaml, conv)"))
     split: str = field(default="auto", metadata=field_help(
@@ -73,7 +69,6 @@ class EvalArgs:
     samples: str | None = field(default=None, metadata=field_help(
         "samples.jsonl to write: context, reference, each decoder's output and candidates"))
     markdown: str | None = field(default=None, metadata=field_help("report.md to write (tables for humans)"))
-    device: str = field(default="cpu", metadata=field_help("torch device"))
     threads: int = field(default=0, metadata=field_help(
         "torch CPU threads (0 = torch's default); 1 is often faster for small models on a busy machine"))
     progress: bool = field(default=True, metadata=field_help("show a progress bar (--no_progress to hide)"))
@@ -263,21 +258,23 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def evaluate(args: EvalArgs, generation=None, mmi=None, bot=None, write: bool = True) -> dict[str, Any]:
+def evaluate(args: EvalArgs, generation=None, mmi=None, bot=None, write: bool = True,
+             bot_args: BotArguments | None = None) -> dict[str, Any]:
     """Run the whole evaluation and return the report dict; with `write`, write the files named in `args`
     (report, samples, markdown) atomically once everything is computed. `generation` / `mmi` are the
     engine's GenerationSettings / MMISettings (defaults when None); `bot` a loaded ChatBot to reuse."""
     if write and not args.output:
         raise UserError("give the report path (--output report.json)", field="output")
-    report, samples = run_evaluation(args, generation, mmi, bot)
+    report, samples = run_evaluation(args, generation, mmi, bot, bot_args)
     if write:
         write_outputs(report, samples, args)
     return report
 
 
-def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None) -> tuple[dict[str, Any], list[dict]]:
+def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None,
+                   bot_args: BotArguments | None = None) -> tuple[dict[str, Any], list[dict]]:
     """The evaluation itself: (report, samples), nothing written."""
-    from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings, validate_settings
+    from dialogpt_zh.engine import GenerationSettings, MMISettings, validate_settings
 
     t_start = time.perf_counter()
     generation = generation or GenerationSettings()
@@ -301,7 +298,7 @@ def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None) -> tuple
 
     t_load = time.perf_counter()
     if bot is None:
-        bot = ChatBot.from_pretrained(args.model, device=args.device, **asdict(generation), **asdict(mmi))
+        bot = load_bot(bot_args or BotArguments(), generation, mmi)
     else:
         bot.generation, bot.mmi_settings = generation, mmi
     load_s = time.perf_counter() - t_load
@@ -309,7 +306,8 @@ def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None) -> tuple
     # What can be measured with this model and these settings, and why not the rest.
     absent: dict[str, str] = {}
     if bot.backward_model is None:
-        why = (f"no backward model ({args.model or 'the model'} has no backward/ directory); MMI decoding and "
+        why = (f"no backward model ({(bot_args and bot_args.model) or 'the model'} has no backward/ directory); "
+               f"MMI decoding and "
                f"backward/MMI selection need one")
     elif not mmi.use_mmi:
         why = "MMI switched off (--no_use_mmi)"
@@ -457,6 +455,7 @@ def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None) -> tuple
                    "cases_per_s": len(cases) / loop_s if loop_s > 0 else 0.0,
                    "ppl_s": part_s["ppl"], **{f"{k}_s": v for k, v in part_s.items() if k != "ppl"}},
         "settings": {
+            "bot": asdict(bot_args) if bot_args else None,
             "eval": {**asdict(args), "num_candidates_mmi": num_candidates, "decoders_run": run_decoders,
                      "selection_candidates": SELECTION_CANDIDATES},
             "generation": asdict(generation),
@@ -551,17 +550,17 @@ def write_outputs(report: dict[str, Any], samples: Sequence[dict[str, Any]], arg
 def build_parser():
     from dialogpt_zh.engine import GenerationSettings, MMISettings
 
-    return make_parser([EvalArgs, GenerationSettings, MMISettings], prog="python -m dialogpt_zh.evaluate",
+    return make_parser([BotArguments, EvalArgs, GenerationSettings, MMISettings], prog="python -m dialogpt_zh.evaluate",
                        description=__doc__.split("\n\n")[0] + "\n\nMetric definitions: docs/evaluation.md.",
                        examples=EXAMPLES)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
-        args, generation, mmi = parse(build_parser(), argv)
+        bot_args, args, generation, mmi = parse(build_parser(), argv)
         if not args.output:
             raise UserError("give the report path (--output report.json)", field="output")
-        report = evaluate(args, generation, mmi)
+        report = evaluate(args, generation, mmi, bot_args=bot_args)
         print(markdown_report(report))
         print(f"wrote {args.output}" + (f", {args.markdown}" if args.markdown else "")
               + (f", {args.samples}" if args.samples else ""), file=sys.stderr)

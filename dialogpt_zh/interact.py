@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TextIO
 
-from dialogpt_zh.cli import field_help, make_parser, parse, run_main
+from dialogpt_zh.cli import BotArguments, field_help, load_bot, make_parser, parse, run_main
 from dialogpt_zh.engine import GenerationSettings, MMISettings
 from dialogpt_zh.errors import UserError
 
@@ -33,16 +33,8 @@ EXAMPLES = """
 
 @dataclass
 class InteractArgs:
-    model: str | None = field(default=None, metadata=field_help(
-        "bot directory (forward/ + backward/) or one forward model directory (MMI off); "
-        "default: checkpoints/default"))
-    backward: str | None = field(default=None, metadata=field_help(
-        "a backward model directory, when --model is a single forward model directory"))
     seed: int | None = field(default=None, metadata=field_help(
         "make the conversation reproducible: turn i is sampled with seed + i"))
-    quantize: str | None = field(default=None, metadata=field_help(
-        "'int8': dynamic int8 quantization of the matmuls (CPU; faster, slightly different scores)"))
-    device: str = field(default="cpu", metadata=field_help("torch device"))
     transcript: str | None = field(default=None, metadata=field_help(
         "write the conversation to this JSONL file (rewritten atomically after every turn)"))
     max_input_chars: int = field(default=300, metadata=field_help(
@@ -163,28 +155,18 @@ def chat(bot, args: InteractArgs, stdin: TextIO | None = None, stdout: TextIO | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser([InteractArgs, GenerationSettings, MMISettings], prog="python -m dialogpt_zh.interact",
+    parser = make_parser([BotArguments, InteractArgs, GenerationSettings, MMISettings], prog="python -m dialogpt_zh.interact",
                          description="Chat with a dialogpt_zh bot: N candidates sampled, MMI-reranked.",
                          examples=EXAMPLES)
 
     def body() -> int:
-        args, gen, mmi = parse(parser, argv)
+        bot_args, args, gen, mmi = parse(parser, argv)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bars in a chat
-        from dialogpt_zh.engine import ChatBot
-
-        if args.backward and not args.model:
-            raise UserError("--backward needs --model (the forward model directory)", field="backward")
         if args.max_input_chars < 1:
             raise UserError("must be >= 1", field="max_input_chars")
-        if args.backward:
-            bot = ChatBot.from_pretrained(forward=args.model, backward=args.backward, device=args.device,
-                                          quantize=args.quantize, **asdict(gen), **asdict(mmi))
-        else:
-            bot = ChatBot.from_pretrained(args.model, device=args.device, quantize=args.quantize,
-                                          **asdict(gen), **asdict(mmi))
-        return chat(bot, args)
+        return chat(load_bot(bot_args, gen, mmi), args)
 
     return run_main(body)
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry or version-check calls
 import gradio as gr  # noqa: E402
 
-from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
+from dialogpt_zh.cli import BotArguments, field_help, load_bot, make_parser, parse, run_main  # noqa: E402
 from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
 
@@ -38,11 +38,6 @@ CANDIDATE_HEADERS = ["排名", "选中", "候选回复", "前向 log P(回复|�
 class WebArguments:
     """Flags of the web face itself; generation and MMI flags come from the engine's dataclasses."""
 
-    model: str | None = field(default=None, metadata=field_help(
-        "bot directory with forward/ and backward/ (MMI on), or one forward model directory (MMI off); "
-        "default: the embedded checkpoints/default"))
-    backward: str | None = field(default=None, metadata=field_help(
-        "a backward model directory, when --model is a single forward model directory"))
     host: str = field(default="127.0.0.1", metadata=field_help(
         "address to listen on (0.0.0.0 makes the page reachable from other machines)"))
     port: int = field(default=7860, metadata=field_help("port to listen on"))
@@ -51,9 +46,6 @@ class WebArguments:
     transcript: str | None = field(default=None, metadata=field_help(
         "append every turn (session id, message, reply, candidates) as JSON lines to this file; "
         "without it nothing is written to disk"))
-    device: str = field(default="cpu", metadata=field_help("torch device for the models (cpu, cuda, ...)"))
-    quantize: str | None = field(default=None, metadata=field_help(
-        "int8: dynamic int8 quantization of the models (CPU only)"))
     concurrency: int = field(default=4, metadata=field_help(
         "replies computed at once; more requests wait in the queue (on 2 cores 4 gave more replies/s than "
         "1 or 2: the decoding loop is partly Python, so replies overlap; see docs/web.md)"))
@@ -299,23 +291,16 @@ EXAMPLES = """
 
 
 def make_web_parser():
-    return make_parser([WebArguments, GenerationSettings, MMISettings], prog="dialogpt-zh-web",
+    return make_parser([BotArguments, WebArguments, GenerationSettings, MMISettings], prog="dialogpt-zh-web",
                        description="Gradio chat page: chat with the bot and see every MMI-reranked candidate.",
                        examples=EXAMPLES)
-
-
-def load_bot(args: WebArguments, generation, mmi):
-    """The one engine, with the command line's settings as its defaults."""
-    settings = {**dataclasses.asdict(generation), **dataclasses.asdict(mmi)}
-    return ChatBot.from_pretrained(args.model, backward=args.backward, device=args.device, quantize=args.quantize,
-                                   **settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks, one line each
-        args, generation, mmi = parse(make_web_parser(), argv)
-        bot = load_bot(args, generation, mmi)
+        bot_args, args, generation, mmi = parse(make_web_parser(), argv)
+        bot = load_bot(bot_args, generation, mmi)
         for n in getattr(bot, "notices", []) or []:
             log.warning("note: %s", n)
         demo = build_app(bot, transcript=args.transcript, concurrency=args.concurrency,

@@ -144,8 +144,9 @@ def test_controls_default_to_engine_settings():
     fields = {**vars(GenerationSettings()), **vars(MMISettings())}
     assert all(c.name in fields for c in webapp.CONTROLS)
     parser = webapp.make_web_parser()
-    args, gen, mmi = parser.parse_args_into_dataclasses(["--port", "8000", "--top_p", "0.8", "--transcript", "t"])
-    assert (args.port, args.host, args.transcript, gen.top_p) == (8000, "127.0.0.1", "t", 0.8)
+    bot_args, args, gen, mmi = parser.parse_args_into_dataclasses(
+        ["--port", "8000", "--top_p", "0.8", "--transcript", "t", "--model", "m"])
+    assert (args.port, args.host, args.transcript, gen.top_p, bot_args.model) == (8000, "127.0.0.1", "t", 0.8, "m")
 
 
 def test_launcher_runs_from_a_fresh_checkout(tmp_path):
