@@ -3,15 +3,20 @@
     python benchmarks/latency.py                       # random-weight small + base shapes, ~13k-token vocab
     python benchmarks/latency.py --model checkpoints/default --presets model
     python benchmarks/latency.py --presets small --ns 10 --contexts 3 --reference none   # quick
+    python benchmarks/latency.py --model checkpoints/default --presets model \
+        --heldout ../shared/corpus/lccc-sample/toy_data.json --heldout_split valid   # int8 held-out perplexity
 
 For each N (candidates per reply) it prints p50 / p95 seconds per reply of
   ours         ChatBot.reply: context encoded once, KV cache shared by N rows, finished rows dropped,
-               MMI = one padded batch through the backward model, context tokens only;
+               MMI = one padded batch through the backward model, context tokens only; GPT-2 runs through
+               the engine's lean forward (dialogpt_zh/lean_gpt2.py);
+  ours (HF)    the same engine forced onto the transformers forward (bot.use_lean_forward = False);
   chitchat     GPT2-chitchat's interact_mmi algorithm: the N candidates in one batch but no KV cache (the whole
                sequence re-run every step, finished rows kept until all are done), then each candidate scored
                on its own by the backward model with the loss averaged over the whole sequence;
   one-by-one   the same, but each candidate also generated on its own (N separate uncached decodes);
-plus the MMI scoring share of our reply time and the int8 dynamic quantization speed-up.
+plus the MMI scoring share of our reply time and the int8 dynamic quantization speed-up with the perplexity
+change it causes (on --heldout sessions when given, else on the hand-written fixtures).
 
 Without --model the weights are random (speed does not depend on them, but random models never say [SEP]
 early, so every candidate runs to max_length: no early-finish savings for anyone; that is the worst case
@@ -19,6 +24,7 @@ for our row dropping). Figures taken while other jobs share the cores are pessim
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -55,7 +61,15 @@ class LatencyArgs:
     vocab_size: int = field(default=13317, metadata=field_help(
         "vocab of the random-weight models (13317 = GPT2-chitchat's vocab_small.txt)"))
     quantize: bool = field(default=True, metadata=field_help("also time --quantize int8 at N=10"))
-    threads: int = field(default=2, metadata=field_help("torch threads (the target machine has 2 cores)"))
+    heldout: str | None = field(default=None, metadata=field_help(
+        "held-out corpus file for the int8 perplexity change (any format the preprocessor reads)"))
+    heldout_split: str = field(default="valid", metadata=field_help("split of --heldout to use ('all' = every session)"))
+    heldout_pairs: int = field(default=400, metadata=field_help("(context, reply) pairs of --heldout scored"))
+    compare_hf: bool = field(default=True, metadata=field_help(
+        "also time our engine on the transformers forward (use_lean_forward=False)"))
+    threads: int = field(default=1, metadata=field_help(
+        "torch threads; 1 is faster for these small matrices and does not collapse when another job "
+        "shares the 2 cores (docs/engine.md)"))
     seed: int = field(default=0, metadata=field_help("seed of weights and sampling"))
 
 
@@ -156,7 +170,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 def time_ours(bot: ChatBot, contexts, n: int, max_length: int, seed: int) -> tuple[list[float], list[float]]:
-    bot.reply(contexts[0], num_candidates=n, seed=seed, max_length=max_length)  # warm-up
+    for ctx in contexts[:2]:
+        bot.reply(ctx, num_candidates=n, seed=seed, max_length=max_length)  # warm-up
     totals, shares = [], []
     for i, ctx in enumerate(contexts):
         r = bot.reply(ctx, num_candidates=n, seed=seed + i, max_length=max_length)
@@ -176,17 +191,27 @@ def time_reference(bot: ChatBot, contexts, n: int, max_length: int, seed: int, o
 
 def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[str], ref_ns: set[int],
                 args: LatencyArgs) -> None:
+    import copy
+
     bot = ChatBot.from_pretrained(bot_dir, max_length=args.max_length)
+    hf_bot = copy.copy(bot)
+    hf_bot.use_lean_forward = False
     cfg = bot.forward_model.config
     print(f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}; "
-          f"{len(contexts)} contexts, max_length {args.max_length}, {torch.get_num_threads()} threads")
+          f"{len(contexts)} contexts, max_length {args.max_length}, {torch.get_num_threads()} threads; "
+          f"load average {os.getloadavg()[0]:.2f}")
     head = f"{'N':>3} | {'ours p50':>9} {'p95':>7} | {'MMI share':>9}"
+    if args.compare_hf:
+        head += f" | {'ours (HF) p50':>13} {'p95':>7}"
     for ref in refs:
         head += f" | {ref + ' p50':>16} {'p95':>7} {'speed-up':>8}"
     print(head)
     for n in ns:
         ours, shares = time_ours(bot, contexts, n, args.max_length, args.seed)
         row = f"{n:>3} | {pct(ours, 50):9.3f} {pct(ours, 95):7.3f} | {statistics.median(shares) * 100:8.1f}%"
+        if args.compare_hf:
+            hf, _ = time_ours(hf_bot, contexts, n, args.max_length, args.seed)
+            row += f" | {pct(hf, 50):13.3f} {pct(hf, 95):7.3f}"
         for ref in refs:
             if n in ref_ns:
                 t = time_reference(bot, contexts, n, args.max_length, args.seed, ref == "one-by-one")
@@ -198,11 +223,15 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
         q = ChatBot.from_pretrained(bot_dir, quantize="int8", max_length=args.max_length)
         f32, _ = time_ours(bot, contexts, 10, args.max_length, args.seed)
         i8, _ = time_ours(q, contexts, 10, args.max_length, args.seed)
-        # perplexity of the contexts' real next turns under the forward model, float vs int8
-        sessions = fixture_contexts_with_replies(len(contexts))
-        ppl = [perplexity(b, sessions) for b in (bot, q)]
+        # perplexity of the real next turns under the forward model, float vs int8
+        if args.heldout:
+            pairs, what = heldout_pairs(args.heldout, args.heldout_split, args.heldout_pairs)
+        else:
+            pairs = fixture_contexts_with_replies(len(contexts))
+            what = f"{len(pairs)} fixture replies"
+        ppl = [perplexity(b, pairs) for b in (bot, q)]
         print(f"int8 at N=10: p50 {pct(i8, 50):.3f} s vs float {pct(f32, 50):.3f} s = "
-              f"{pct(f32, 50) / pct(i8, 50):.2f}x faster; fixture-reply perplexity float {ppl[0]:.2f} -> int8 "
+              f"{pct(f32, 50) / pct(i8, 50):.2f}x faster; perplexity of {what}: float {ppl[0]:.2f} -> int8 "
               f"{ppl[1]:.2f} ({(ppl[1] / ppl[0] - 1) * 100:+.2f}%)")
 
 
@@ -210,6 +239,24 @@ def fixture_contexts_with_replies(n: int) -> list[tuple[list[str], str]]:
     text = (REPO / "corpus" / "fixtures" / "chitchat_train.txt").read_text(encoding="utf-8")
     sessions = [[u for u in b.splitlines() if u.strip()] for b in text.split("\n\n") if b.strip()]
     return [(s[:-1][-3:], s[-1]) for s in sessions if len(s) >= 2][:max(n, 10)]
+
+
+def heldout_pairs(path: str, split: str, limit: int) -> tuple[list[tuple[list[str], str]], str]:
+    """(context of up to 3 turns, next turn) pairs from held-out sessions, read and cleaned like training data."""
+    from dialogpt_zh.errors import UserError
+    from dialogpt_zh.readers import iter_clean_sessions
+
+    pairs = []
+    for s in iter_clean_sessions(path):
+        if split != "all" and s.split not in {x.strip() for x in split.split(",")}:
+            continue
+        pairs += [(list(s.turns[max(0, t - 3):t]), s.turns[t]) for t in range(1, len(s.turns))]
+        if len(pairs) >= limit:
+            break
+    if not pairs:
+        raise UserError(f"no multi-turn session of split {split!r}", path=path, field="heldout")
+    pairs = pairs[:limit]
+    return pairs, f"{len(pairs)} held-out replies ({Path(path).name}, split {split})"
 
 
 def perplexity(bot: ChatBot, pairs) -> float:
@@ -234,7 +281,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         ns = [int(x) for x in args.ns.split(",")]
         refs = [r for r in args.reference.split(",") if r and r != "none"]
-        print(f"# latency per reply (seconds); torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print(f"# latency per reply (seconds); torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
         with tempfile.TemporaryDirectory() as tmp:
             for preset in args.presets.split(","):
                 if preset == "model":
@@ -250,6 +298,7 @@ def main(argv=None) -> int:
                 ref_ns = ({int(x) for x in args.base_reference_ns.split(",")} if is_base
                           else {n for n in ns if n <= args.reference_max_n})
                 bench_shape(f"{preset} (random weights)", bot_dir, contexts, ns, refs, ref_ns, args)
+        print(f"# load average at the end {os.getloadavg()[0]:.2f}")
         return 0
 
     return run_main(body)

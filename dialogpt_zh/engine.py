@@ -517,9 +517,9 @@ class ChatBot:
         target_mask = (positions[None, :] >= starts[:, None]) & mask.bool()
         lean = self._lean(model)
         # the last column predicts nothing, so it is not run; causal from position 0, the real tokens never
-        # see the right padding
+        # see the right padding (and the lean forward skips it in the matmuls)
         if lean is not None:
-            hidden = lean.hidden(ids[:, :-1])
+            hidden = lean.hidden(ids[:, :-1], mask=mask[:, :-1])
         else:
             hidden = model.base_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).last_hidden_state
         b, t = target_mask.nonzero(as_tuple=True)

@@ -95,12 +95,15 @@ class LeanGPT2:
         shape = (self.n_layer, rows, self.n_head, capacity, self.head_dim)
         return KVCache(self.wte.new_empty(shape), self.wte.new_empty(shape))
 
-    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, d) for `ids` (B, T) at positions cache.length .. + T - 1.
 
         Without a cache the batch is causal from position 0; right padding is then harmless for the real
-        tokens (they never see later positions). With a cache, the new keys/values are written into it at
-        positions cache.length.. and attention runs over everything cached so far; cache.length advances.
+        tokens (they never see later positions), and with `mask` (B, T, 1 = real token, right padding only)
+        the matmuls run on the real tokens only (the padding's hidden states are returned as zeros).
+        With a cache, the new keys/values are written into it at positions cache.length.. and attention runs
+        over everything cached so far; cache.length advances.
         """
         b, t = ids.shape
         start = cache.length if cache is not None else 0
@@ -110,27 +113,39 @@ class LeanGPT2:
             raise ValueError(f"sequence longer than the model's {self.wpe.shape[0]} positions")
         d, h, hd = self.d, self.n_head, self.head_dim
         x = F.embedding(ids, self.wte) + self.wpe[start:start + t]
-        mask = None
+        attn_mask = None
         if cache is not None and start > 0 and t > 1:   # new tokens see the whole cache + themselves causally
-            mask = torch.ones(t, start + t, dtype=torch.bool, device=ids.device).tril(diagonal=start)
+            attn_mask = torch.ones(t, start + t, dtype=torch.bool, device=ids.device).tril(diagonal=start)
+        packed = None                                   # flat indices of the real tokens among the b * t
+        if cache is None and mask is not None and not bool(mask.all()):
+            packed = mask.reshape(-1).nonzero().squeeze(1)
+            x = x.reshape(b * t, d).index_select(0, packed)
+        x = x.reshape(-1, d)                            # (tokens, d): the rows every matmul runs on
         for i, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, scale) in enumerate(self.layers):
-            a = F.layer_norm(x, (d,), ln_1[0], ln_1[1], self.eps)
-            qkv = c_attn(a.view(b * t, d)).view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+            qkv = c_attn(F.layer_norm(x, (d,), ln_1[0], ln_1[1], self.eps))
+            if packed is not None:                      # back to (b, t) rows for attention; padding = zeros
+                qkv = qkv.new_zeros(b * t, 3 * d).index_copy_(0, packed, qkv)
+            qkv = qkv.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)     # (3, B, H, T, hd)
             q, k, v = qkv[0], qkv[1], qkv[2]
             if cache is not None:
                 cache.k[i, :, :, start:start + t] = k
                 cache.v[i, :, :, start:start + t] = v
                 k, v = cache.k[i, :, :, :start + t], cache.v[i, :, :, :start + t]
-            if t == 1 or mask is not None:
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            if t == 1 or attn_mask is not None:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
             else:
                 a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-            x = x + c_proj(a.transpose(1, 2).reshape(b * t, d)).view(b, t, d)
-            a = F.layer_norm(x, (d,), ln_2[0], ln_2[1], self.eps)
-            x = x + mlp_proj(self.act(c_fc(a.view(b * t, d)))).view(b, t, d)
+            a = a.transpose(1, 2).reshape(b * t, d)
+            if packed is not None:
+                a = a.index_select(0, packed)
+            x = x + c_proj(a)
+            x = x + mlp_proj(self.act(c_fc(F.layer_norm(x, (d,), ln_2[0], ln_2[1], self.eps))))
         if cache is not None:
             cache.length = start + t
-        return F.layer_norm(x, (d,), self.ln_f[0], self.ln_f[1], self.eps)
+        x = F.layer_norm(x, (d,), self.ln_f[0], self.ln_f[1], self.eps)
+        if packed is not None:
+            x = x.new_zeros(b * t, d).index_copy_(0, packed, x)
+        return x.view(b, t, d)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head over (any shape of) final hidden states."""

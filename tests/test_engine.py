@@ -428,8 +428,8 @@ def test_lean_forward_matches_transformers(which, random_bot_dir, trained_bot_di
         mask[2, 3:] = 0
         ids[mask == 0] = bot.pad_id
         want = model(input_ids=ids, attention_mask=mask).logits
-        got = lean.logits(lean.hidden(ids))
-        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+        for got in (lean.logits(lean.hidden(ids)), lean.logits(lean.hidden(ids, mask=mask))):  # padded, packed
+            torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
 
 
 def test_lean_and_transformers_paths_give_the_same_replies(trained_bot_dir):
