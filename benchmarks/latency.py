@@ -67,9 +67,9 @@ class LatencyArgs:
     heldout_pairs: int = field(default=400, metadata=field_help("(context, reply) pairs of --heldout scored"))
     compare_hf: bool = field(default=True, metadata=field_help(
         "also time our engine on the transformers forward (use_lean_forward=False)"))
-    threads: int = field(default=1, metadata=field_help(
-        "torch threads; 1 is faster for these small matrices and does not collapse when another job "
-        "shares the 2 cores (docs/engine.md)"))
+    threads: int = field(default=2, metadata=field_help(
+        "torch threads (the target machine has 2 cores); use 1 when another job shares the cores: 2 threads "
+        "then run several times slower (docs/engine.md)"))
     seed: int = field(default=0, metadata=field_help("seed of weights and sampling"))
 
 
@@ -231,8 +231,8 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
             what = f"{len(pairs)} fixture replies"
         ppl = [perplexity(b, pairs) for b in (bot, q)]
         print(f"int8 at N=10: p50 {pct(i8, 50):.3f} s vs float {pct(f32, 50):.3f} s = "
-              f"{pct(f32, 50) / pct(i8, 50):.2f}x faster; perplexity of {what}: float {ppl[0]:.2f} -> int8 "
-              f"{ppl[1]:.2f} ({(ppl[1] / ppl[0] - 1) * 100:+.2f}%)")
+              f"{pct(f32, 50) / pct(i8, 50):.2f}x faster; perplexity of {what}: float {ppl[0]:.3f} -> int8 "
+              f"{ppl[1]:.3f} ({(ppl[1] / ppl[0] - 1) * 100:+.3f}%)")
 
 
 def fixture_contexts_with_replies(n: int) -> list[tuple[list[str], str]]:
