@@ -67,6 +67,9 @@ class BotArguments:
     device: str = field(default="cpu", metadata=field_help("torch device for the models (cpu, cuda, ...)"))
     quantize: str | None = field(default=None, metadata=field_help(
         "'int8': dynamic int8 quantization of the matmuls (CPU only; faster, slightly different scores)"))
+    threads: int = field(default=0, metadata=field_help(
+        "torch CPU threads (0 = torch's default: all cores); on a machine busy with other jobs 1 is often "
+        "several times faster for the small models (docs/engine.md, Threads)"))
 
 
 def load_bot(args: BotArguments, *settings: Any):
@@ -77,6 +80,12 @@ def load_bot(args: BotArguments, *settings: Any):
 
     if args.backward and not args.model:
         raise UserError("--backward needs --model (the forward model directory)", field="backward")
+    if args.threads < 0:
+        raise UserError(f"must be >= 0, got {args.threads}", field="threads")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # process-wide: a face serves one bot
     merged = {k: v for s in settings for k, v in asdict(s).items()}
     return ChatBot.from_pretrained(args.model, backward=args.backward, device=args.device,
                                    quantize=args.quantize, **merged)

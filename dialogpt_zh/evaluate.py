@@ -69,8 +69,6 @@ class EvalArgs:
     samples: str | None = field(default=None, metadata=field_help(
         "samples.jsonl to write: context, reference, each decoder's output and candidates"))
     markdown: str | None = field(default=None, metadata=field_help("report.md to write (tables for humans)"))
-    threads: int = field(default=0, metadata=field_help(
-        "torch CPU threads (0 = torch's default); 1 is often faster for small models on a busy machine"))
     progress: bool = field(default=True, metadata=field_help("show a progress bar (--no_progress to hide)"))
 
 
@@ -286,12 +284,6 @@ def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None,
     if args.limit < 0:
         raise UserError(f"must be >= 0, got {args.limit}", field="limit")
 
-    if args.threads < 0:
-        raise UserError(f"must be >= 0, got {args.threads}", field="threads")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     counts: Counter = Counter()
     sessions = load_sessions(args, counts)
     cases = build_cases(sessions, args.last_turn_only)
