@@ -11,7 +11,6 @@ engine's own reply time (from the page's status line). Figures are printed, neve
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import statistics
@@ -26,7 +25,7 @@ try:
 except ModuleNotFoundError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
+from dialogpt_zh.cli import BotArguments, field_help, load_bot, make_parser, parse, run_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 OPENERS = REPO / "corpus" / "fixtures" / "chitchat_train.txt"
@@ -34,8 +33,6 @@ OPENERS = REPO / "corpus" / "fixtures" / "chitchat_train.txt"
 
 @dataclass
 class LoadArguments:
-    model: str | None = field(default=None, metadata=field_help(
-        "bot directory to serve (default: the embedded checkpoints/default); ignored with --url"))
     url: str | None = field(default=None, metadata=field_help("load an app that is already running at this URL"))
     clients: int = field(default=20, metadata=field_help("concurrent clients (sessions)"))
     turns: int = field(default=10, metadata=field_help("turns per client"))
@@ -95,7 +92,8 @@ def main(argv=None) -> int:
 
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
 
-        args, gen, mmi = parse(make_parser([LoadArguments, GenerationSettings, MMISettings], prog="web_load.py",
+        bot_args, args, gen, mmi = parse(make_parser([BotArguments, LoadArguments, GenerationSettings, MMISettings],
+                                                     prog="web_load.py",
                                            description=__doc__.split("\n")[0], examples=__doc__.split("\n\n")[-1]),
                                argv)
         text = OPENERS.read_text(encoding="utf-8")
@@ -104,9 +102,7 @@ def main(argv=None) -> int:
         url = args.url
         if url is None:
             from dialogpt_zh import webapp
-            from dialogpt_zh.engine import ChatBot
-
-            bot = ChatBot.from_pretrained(args.model, **dataclasses.asdict(gen), **dataclasses.asdict(mmi))
+            bot = load_bot(bot_args, gen, mmi)  # --model etc. are ignored with --url
             demo = webapp.build_app(bot, concurrency=args.concurrency, max_queue=max(64, args.clients * 2))
             url = webapp.launch_in_background(demo)
             print(f"serving {bot.forward_dir} (+ {bot.backward_dir}) at {url}; concurrency {args.concurrency}; "
