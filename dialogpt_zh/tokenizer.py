@@ -85,8 +85,12 @@ def load_tokenizer(path: str | Path):
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of one utterance, without special tokens."""
-    return tokenizer.encode(text, add_special_tokens=False)
+    """Token ids of one utterance, without special tokens.
+
+    Text that looks like a special token (a user typing "[SEP]") is split into ordinary characters:
+    only the sequence format itself may place [CLS]/[SEP].
+    """
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
 
 def decode(tokenizer, ids: Sequence[int]) -> str:

@@ -473,3 +473,12 @@ def test_lean_forward_falls_back_for_other_models(random_bot_dir):
     model.eval()
     model.config.model_type = "llama"
     assert LeanGPT2.wrap(model) is None
+
+
+def test_typed_special_token_text_stays_text(random_bot_dir):
+    from dialogpt_zh.engine import ChatBot
+
+    bot = ChatBot.from_pretrained(random_bot_dir)
+    sep, cls = bot.tokenizer.sep_token_id, bot.tokenizer.cls_token_id
+    ids = bot._encode("你好[SEP][CLS]")
+    assert sep not in ids and cls not in ids and len(ids) == 12
