@@ -44,7 +44,6 @@ from dialogpt_zh.errors import UserError
 EMAIL_PLACEHOLDER = "【邮箱】"
 ID_CARD_PLACEHOLDER = "【身份证号】"
 PHONE_PLACEHOLDER = "【电话】"
-PLACEHOLDERS = (EMAIL_PLACEHOLDER, ID_CARD_PLACEHOLDER, PHONE_PLACEHOLDER)
 
 # Cc (except whitespace, handled below) and common Cf format characters (zero-width, bidi marks, BOM).
 _CONTROL_RE = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u00ad\u200b-\u200f\u202a-\u202e"

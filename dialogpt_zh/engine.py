@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import numpy as np
 import torch
 
 from dialogpt_zh.cli import field_help
@@ -313,6 +314,20 @@ class _LeanDecoder(_HFDecoder):
 
 # ----------------------------------------------------------------------------------------------- engine
 
+def mmi_score(fwd, bwd, num_tokens, num_context_tokens, forward_weight, backward_weight, length_weight,
+              normalize: str):
+    """THE ranking score: forward_weight · fwd + backward_weight · bwd + length_weight · num_tokens, with
+    per-token terms for normalize="mean" (fwd / reply tokens, bwd / context tokens).
+
+    Works on floats and on numpy arrays (weights may broadcast), so the evaluator's weight sweep computes
+    exactly what the chat ranks by.
+    """
+    if normalize == "mean":
+        fwd = fwd / num_tokens
+        bwd = bwd / np.maximum(num_context_tokens, 1)
+    return forward_weight * fwd + backward_weight * bwd + length_weight * num_tokens
+
+
 class ChatBot:
     """Forward model (+ optional backward model) and the settings to chat with them. Thread-safe for replies."""
 
@@ -537,13 +552,12 @@ class ChatBot:
 
     def _rank(self, candidates: list[Candidate], mmi: MMISettings, use_backward: bool) -> list[Candidate]:
         for c in candidates:
-            mean = mmi.normalize == "mean"
-            fwd = c.forward_logprob / c.num_tokens if mean else c.forward_logprob
             if use_backward:
-                bwd = c.backward_logprob / max(c.num_context_tokens, 1) if mean else c.backward_logprob
-                c.score = mmi.forward_weight * fwd + mmi.backward_weight * bwd + mmi.length_weight * c.num_tokens
-            else:
-                c.score = fwd + mmi.length_weight * c.num_tokens
+                weights, bwd = (mmi.forward_weight, mmi.backward_weight), c.backward_logprob
+            else:  # MMI off: the forward score alone
+                weights, bwd = (1.0, 0.0), 0.0
+            c.score = float(mmi_score(c.forward_logprob, bwd, c.num_tokens, c.num_context_tokens, *weights,
+                                      mmi.length_weight, mmi.normalize))
         ranked = sorted(candidates, key=lambda c: -c.score)  # stable: ties keep sampling order
         for i, c in enumerate(ranked, 1):
             c.rank = i

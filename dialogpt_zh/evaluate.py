@@ -25,13 +25,13 @@ import numpy as np
 
 from dialogpt_zh import metrics
 from dialogpt_zh.cli import BotArguments, field_help, load_bot, make_parser, parse, run_main
+from dialogpt_zh.engine import mmi_score
 from dialogpt_zh.errors import UserError
 
 log = logging.getLogger("dialogpt_zh.evaluate")
 
 DECODERS = ("plain", "mmi", "greedy")
 SELECTION_CANDIDATES = 10          # the true reply + 9 distractors: R10@k
-HELD_OUT_SPLITS = ("valid", "validation", "val", "dev", "test")
 
 EXAMPLES = """
   python -m dialogpt_zh.evaluate --data ../shared/corpus/lccc-sample/toy_data.json --output runs/eval/report.json
@@ -180,20 +180,6 @@ def draw_distractors(cases: Sequence[Case], sessions: Sequence[Any], seed: int,
 
 # ---------------------------------------------------------------------------------------- MMI scores
 
-def mmi_scores(fwd: np.ndarray, bwd: np.ndarray, num_tokens: np.ndarray, num_context_tokens: np.ndarray,
-               forward_weight, backward_weight, length_weight, normalize: str) -> np.ndarray:
-    """The engine's ranking score (engine.ChatBot._rank, see its module docstring), vectorised for the sweep.
-
-    Weights may be arrays broadcasting against the score arrays. The evaluator checks this formula
-    against the engine's own scores on every case (see `check_engine_scores`), so a change in the engine
-    cannot silently make the sweep measure something the chat does not do.
-    """
-    if normalize == "mean":
-        fwd = fwd / num_tokens
-        bwd = bwd / np.maximum(num_context_tokens, 1)
-    return forward_weight * fwd + backward_weight * bwd + length_weight * num_tokens
-
-
 SWEEP_GRID = {
     "forward_weight": [0.0, 0.25, 0.5, 0.75, 1.0],
     "backward_weight": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0],
@@ -218,7 +204,7 @@ def sweep_selection(fwd: np.ndarray, bwd: np.ndarray, num_tokens: np.ndarray, nu
         if len(combos) == 0 or fwd.size == 0:
             continue
         w = combos[:, :, None, None]                    # [K, 3, 1, 1]
-        scores = mmi_scores(fwd[None], bwd[None], num_tokens[None], num_context_tokens[None],
+        scores = mmi_score(fwd[None], bwd[None], num_tokens[None], num_context_tokens[None],
                             w[:, 0], w[:, 1], w[:, 2], normalize)   # [K, cases, 10]
         true = scores[:, :, :1]
         ranks = 1 + (scores[:, :, 1:] >= true).sum(axis=2)         # pessimistic ties, as metrics.true_reply_ranks
@@ -378,10 +364,10 @@ def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None,
                 "engine": np.array([c.score for c in row], dtype=np.float64),
             }
             if has_mmi:
-                mine = mmi_scores(arr["fwd"], arr["bwd"], arr["n"], arr["nctx"], mmi.forward_weight,
+                mine = mmi_score(arr["fwd"], arr["bwd"], arr["n"], arr["nctx"], mmi.forward_weight,
                                   mmi.backward_weight, mmi.length_weight, mmi.normalize)
             else:
-                mine = mmi_scores(arr["fwd"], 0.0, arr["n"], arr["nctx"], 1.0, 0.0, mmi.length_weight,
+                mine = mmi_score(arr["fwd"], 0.0, arr["n"], arr["nctx"], 1.0, 0.0, mmi.length_weight,
                                   mmi.normalize)
             score_diff = max(score_diff, float(np.abs(mine - arr["engine"]).max()))
             sel_rows.append(arr)
@@ -391,8 +377,8 @@ def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None,
     bar.close()
     loop_s = time.perf_counter() - t_loop
     if score_diff > 1e-4:
-        raise RuntimeError(f"the evaluator's copy of the engine's ranking score differs from ChatBot.rerank by "
-                           f"{score_diff:.3g}: update evaluate.mmi_scores to the engine's formula")
+        raise RuntimeError(f"mmi_score over the stored log-probs differs from ChatBot.rerank's scores by "
+                           f"{score_diff:.3g}")
 
     # ------------------------------------------------------------------------------------ aggregate
     references = [c.reference for c in cases]
@@ -411,10 +397,10 @@ def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None,
         N = np.stack([r["n"] for r in sel_rows])
         NC = np.stack([r["nctx"] for r in sel_rows])
         selection["forward"] = metrics.selection_metrics(
-            mmi_scores(F, 0.0, N, NC, 1.0, 0.0, mmi.length_weight, mmi.normalize))
+            mmi_score(F, 0.0, N, NC, 1.0, 0.0, mmi.length_weight, mmi.normalize))
         if has_mmi:
             # with "mean" the context length is the same for all 10 candidates, so sum and mean rank alike
-            selection["backward"] = metrics.selection_metrics(mmi_scores(F, B, N, NC, 0.0, 1.0, 0.0, mmi.normalize))
+            selection["backward"] = metrics.selection_metrics(mmi_score(F, B, N, NC, 0.0, 1.0, 0.0, mmi.normalize))
             selection["mmi"] = metrics.selection_metrics(np.stack([r["engine"] for r in sel_rows]))
             if args.sweep:
                 rows = sweep_selection(F, B, N, NC)

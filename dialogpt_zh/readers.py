@@ -256,7 +256,6 @@ class _JsonStream:
         self.buf, self.pos, self.eof = "", 0, False
         self.line_base = 1  # line number at buf[0]
         self.decoder = json.JSONDecoder()
-        self._decoder_state = None
 
     def _read(self) -> bool:
         if self.eof:

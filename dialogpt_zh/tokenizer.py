@@ -105,11 +105,3 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
             out.append(" ")  # whole Latin words from a BERT vocab: keep them apart
         out.append(tok)
     return "".join(out)
-
-
-def unk_rate(tokenizer, ids: Sequence[int]) -> float:
-    """Share of ids that are [UNK] (0.0 for an empty sequence)."""
-    if len(ids) == 0:
-        return 0.0
-    unk = tokenizer.unk_token_id
-    return sum(1 for i in ids if i == unk) / len(ids)

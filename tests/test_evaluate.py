@@ -81,10 +81,10 @@ def test_sweep_hand_computed():
     # both: case 1: -14, -32, -29 -> rank 1; case 2: -46, -23, -33 -> rank 3
     assert rows[(1.0, 1.0)]["r10@1"] == 50.0
     # equals metrics.selection_metrics on the same scores
-    both = E.mmi_scores(fwd, bwd, n, nctx, 1.0, 1.0, 0.0, "sum")
+    both = E.mmi_score(fwd, bwd, n, nctx, 1.0, 1.0, 0.0, "sum")
     assert M.selection_metrics(both)["mrr"] == pytest.approx(rows[(1.0, 1.0)]["mrr"])
     # "mean" divides fwd by reply tokens and bwd by context tokens
-    assert E.mmi_scores(fwd, bwd, n, nctx, 1.0, 1.0, 0.5, "mean")[0, 0] == pytest.approx(-4 / 2 - 10 / 10 + 0.5 * 2)
+    assert E.mmi_score(fwd, bwd, n, nctx, 1.0, 1.0, 0.5, "mean")[0, 0] == pytest.approx(-4 / 2 - 10 / 10 + 0.5 * 2)
 
 
 def test_mmi_scores_match_the_engine(bot_dir):
@@ -95,7 +95,7 @@ def test_mmi_scores_match_the_engine(bot_dir):
     for settings in (dict(normalize="mean", forward_weight=0.5, backward_weight=1.0, length_weight=0.1),
                      dict(normalize="sum", forward_weight=1.0, backward_weight=0.3, length_weight=-0.5)):
         ranked = bot.rerank(["今天天气真好", "是啊"], texts, **settings)
-        got = E.mmi_scores(np.array([c.forward_logprob for c in ranked]), np.array([c.backward_logprob for c in ranked]),
+        got = E.mmi_score(np.array([c.forward_logprob for c in ranked]), np.array([c.backward_logprob for c in ranked]),
                            np.array([c.num_tokens for c in ranked]), np.array([c.num_context_tokens for c in ranked]),
                            settings["forward_weight"], settings["backward_weight"], settings["length_weight"],
                            settings["normalize"])

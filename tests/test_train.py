@@ -10,7 +10,6 @@ import torch
 
 from conftest import build_fixture_store
 from dialogpt_zh.batching import IGNORE_INDEX, collate, plan_batches
-from dialogpt_zh.sequence import build_sequence
 from dialogpt_zh.store import TokenStore
 from dialogpt_zh.tokenizer import encode
 from dialogpt_zh.train import TrainConfig, main, train
