@@ -49,7 +49,8 @@ class EvalArgs:
         "held-out corpus files or directories, in any format the preprocessor reads"))
     output: str = field(default="", metadata=field_help("report.json to write (required)"))
     format: str = field(default="auto", metadata=field_help(
-        "corpus format of --data (auto, chitchat, tsv, lccc-json, kdconv-json, chatterbot-yaml, conv)"))
+        "corpus format of --data (auto, chitchat, tsv, lccc-json, kdconv-json, chat-json, chat-jsonl, "
+        "chatterbot-yaml, conv; also .gz or in .zip)"))
     split: str = field(default="auto", metadata=field_help(
         "which sessions to use by their split (JSON split key or file name): 'auto' = everything except "
         "'train', 'all', or a comma list such as 'valid,test'"))

@@ -51,14 +51,15 @@ SOURCE_SPLIT_CODES = {"train": 0, "valid": 1, "validation": 1, "val": 1, "dev": 
 DROP_REASONS = ("utterance_empty_dropped", "utterance_not_text", "session_too_short", "turns_in_short_sessions",
                 "session_blocklisted", "turns_in_blocklisted_sessions", "session_duplicate", "record_malformed",
                 "line_malformed", "files_skipped", "url_removed", "session_held_out",
-                "session_same_as_held_out")
+                "session_same_as_held_out", "message_system_skipped", "message_tool_skipped", "record_no_turns")
 
 
 @dataclass
 class PreprocessArguments:
     output: str = field(metadata=field_help("output store directory (replaced atomically when the run succeeds)"))
     format: str = field(default="auto", metadata=field_help(
-        f"input format: auto (by extension and content) or one of {', '.join(FORMATS)}"))
+        f"input format: auto (by extension and content) or one of {', '.join(FORMATS)}; any file may be "
+        "gzip'd (.gz) or in a .zip (each member read as its own file)"))
     max_turns: int = field(default=8, metadata=field_help("most turns in one window"))
     max_tokens: int = field(default=256, metadata=field_help(
         "most tokens in one window sequence, [CLS] and [SEP]s included (<= the model's n_positions)"))
@@ -474,9 +475,12 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
             counters[scan.source]["files_skipped"] += len(scan.skipped)
             inputs_info.append({"path": str(scan.path), "source": scan.source, "files": [],
                                 "skipped_files": scan.skipped})
+        file_hashes: dict[Path, str] = {}  # size and sha256 are of the file on disk (a zip member: its archive)
         for fi, (si, cf) in enumerate(files):
-            inputs_info[si]["files"].append({"path": str(cf.path), "format": cf.format, "split": cf.split,
-                                             "size": cf.path.stat().st_size, "sha256": file_sha256(cf.path),
+            if cf.path not in file_hashes:
+                file_hashes[cf.path] = file_sha256(cf.path)
+            inputs_info[si]["files"].append({"path": cf.name, "format": cf.format, "split": cf.split,
+                                             "size": cf.path.stat().st_size, "sha256": file_hashes[cf.path],
                                              "sessions_read": sessions_read[fi],
                                              "sessions_cleaned": kept_per_file[fi]})
         n = len(hashes)
@@ -658,6 +662,8 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
             "command": command,
             "config": {**asdict(args), "inputs": [str(p) for p in inputs]},
             "inputs": inputs_info,
+            "corpora": [{"path": str(scan.path), "licence": scan.licence, "licence_file": scan.licence_file}
+                        for scan in scans],
             "tokenizer": tok_info,
             "windowing": {"max_turns": args.max_turns, "max_tokens": args.max_tokens,
                           "max_utterance_tokens": max_utt_tokens,
@@ -717,6 +723,7 @@ EXAMPLES = """
       --vocab ../shared/corpus/vocab/gpt2-chitchat-vocab.txt --max-tokens 300
   python -m dialogpt_zh.preprocess corpus/ --output data/x --format tsv --keep-source-splits \\
       --blocklist words.txt --seed 1
+  python -m dialogpt_zh.preprocess ../shared/corpus/smile/smile.jsonl.gz chats.zip --output data/chat
 """
 
 

@@ -8,36 +8,59 @@ Formats (`--format`; `auto` picks by extension, then by content):
 | `tsv`             | `.tsv`, `.txt`   | one session per line, turns separated by TAB (LCCC toy_train.txt)   |
 | `lccc-json`       | `.json`          | a list of sessions (lists of utterances), or a dict of splits of such lists |
 | `kdconv-json`     | `.json`          | a list (or dict of splits) of `{"messages": [{"message": ...}, ...]}`; `attrs` ignored |
+| `chat-json`       | `.json`          | a list (or dict of splits) of chat records: `{"messages": [{"role", "content"}]}` (OpenAI) or `{"conversations": [{"from", "value"}]}` (ShareGPT) |
+| `chat-jsonl`      | `.jsonl`, `.ndjson` | one chat record per line (JSON Lines)                            |
 | `chatterbot-yaml` | `.yml`, `.yaml`  | `conversations: [[utterance, ...], ...]`                            |
 | `conv`            | `.conv`          | subtitle dialogues: `E` starts a session, `M text` is an utterance  |
 
 A `.txt` file is `tsv` when most of its first lines contain a TAB, `conv` when it starts with an `E` line,
-else `chitchat`; a `.json` file is `kdconv-json` when its first session is an object, else `lccc-json`.
+else `chitchat`; a `.json` file is `chat-jsonl` when its first line is a whole chat record, `chat-json` when
+its first session is a chat record, `kdconv-json` when it is another object, else `lccc-json`. The chat
+record rules (system messages, roles, non-text content) are in `chat_turns`.
+
+Compressed input: any of these gzip'd (`train.txt.gz`, `x.jsonl.gz`: detected by the name without `.gz`
+and the decompressed content), and `.zip` archives, each supported member read as its own file named
+`archive.zip:member.txt` (other members are skipped and reported); streamed, never unpacked to disk. A
+corrupt or truncated archive is a `UserError` naming the file.
+
 Directories are walked recursively in sorted order; files of other types (LICENSE, README.md, ...) are
 skipped and reported. Everything streams: line formats line by line, JSON one session at a time (a small
 incremental parser over `json.JSONDecoder.raw_decode`), so memory does not grow with the file. YAML files
-are loaded whole (ChatterBot files are a few KB).
+are loaded whole (ChatterBot files are a few KB). `corpus_licence` names the licence of an input (the
+preprocessor writes it to the manifest's `corpora`).
 
 Bad input raises `UserError` with file and line: a missing path, a directory without corpus files, an
-unknown format, bytes that are not UTF-8, malformed JSON or YAML. Malformed *records* inside a well-formed
-file (a session that is not a list of strings, a `.conv` line that is neither `E` nor `M ...`) are skipped
-and counted (`record_malformed`, `line_malformed`).
+unknown format, bytes that are not UTF-8, malformed JSON (a JSON Lines line included) or YAML, a corrupt
+archive. Malformed *records* inside a well-formed file (a session that is not a list of strings, a chat
+record without a messages list, a `.conv` line that is neither `E` nor `M ...`) are skipped and counted
+(`record_malformed`, `line_malformed`).
 """
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 import re
+import zipfile
+import zlib
 from collections import Counter
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import BinaryIO, Iterable, Iterator, Sequence
 
 from dialogpt_zh.errors import UserError
 
-FORMATS = ("chitchat", "tsv", "lccc-json", "kdconv-json", "chatterbot-yaml", "conv")
-CORPUS_EXTENSIONS = {".txt": None, ".tsv": "tsv", ".json": None, ".yml": "chatterbot-yaml",
-                     ".yaml": "chatterbot-yaml", ".conv": "conv"}
+FORMATS = ("chitchat", "tsv", "lccc-json", "kdconv-json", "chat-json", "chat-jsonl", "chatterbot-yaml", "conv")
+CORPUS_EXTENSIONS = {".txt": None, ".tsv": "tsv", ".json": None, ".jsonl": "chat-jsonl", ".ndjson": "chat-jsonl",
+                     ".yml": "chatterbot-yaml", ".yaml": "chatterbot-yaml", ".conv": "conv"}
+# chat messages that are not turns of the dialogue (counted, not read), and the speaker roles we know
+# (any other role is still a turn, counted `message_role_unknown`)
+CHAT_SYSTEM_ROLES = frozenset({"system", "developer"})
+CHAT_TOOL_ROLES = frozenset({"tool", "function", "ipython", "observation"})
+CHAT_SPEAKER_ROLES = frozenset({"user", "assistant", "human", "gpt", "bot", "model", "chatgpt", "client",
+                                "counselor", "counsellor", "patient", "doctor", "speaker"})
 SPLIT_NAMES = ("train", "valid", "validation", "val", "dev", "test")
 _SPLIT_TOKEN_RE = re.compile(r"[A-Za-z]+")
 
@@ -53,12 +76,26 @@ class RawSession:
 
 @dataclass(slots=True)
 class CorpusFile:
-    """A file to read: its format, the source (input) it belongs to and its own split (from its name)."""
+    """A file to read: its format, the source (input) it belongs to and its own split (from its name).
+
+    `path` is the file on disk; `member` names a file inside the zip archive `path`. A `.gz` path (or
+    member) is read through gzip. Everything is streamed, never unpacked to disk."""
 
     path: Path
     format: str
     source: str
     split: str | None
+    member: str | None = None
+
+    @property
+    def name(self) -> str:
+        """How messages and the manifest name it: the path, or `archive.zip:member.txt`."""
+        return f"{self.path}:{self.member}" if self.member is not None else str(self.path)
+
+    @property
+    def inner_name(self) -> str:
+        """The file name of the content: `train.txt.gz` -> `train.txt`, a zip member's own name."""
+        return _strip_gz(Path(self.member).name if self.member is not None else self.path.name)
 
 
 @dataclass
@@ -69,35 +106,129 @@ class InputScan:
     source: str
     files: list[CorpusFile] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    licence: str = "none stated"  # see corpus_licence
+    licence_file: str | None = None
 
 
-def split_from_name(path: Path) -> str | None:
-    """A split named in a file name: `toy_valid.txt` -> "valid", `dev.json` -> "dev", else None."""
-    for token in _SPLIT_TOKEN_RE.findall(path.stem.lower()):
+def _strip_gz(name: str) -> str:
+    return name[:-3] if name.lower().endswith(".gz") else name
+
+
+def split_from_name(path: Path | str) -> str | None:
+    """A split named in a file name: `toy_valid.txt` -> "valid", `dev.json.gz` -> "dev", else None."""
+    for token in _SPLIT_TOKEN_RE.findall(Path(_strip_gz(Path(path).name)).stem.lower()):
         if token in SPLIT_NAMES:
             return token
     return None
 
 
-def _head(path: Path, size: int = 65536) -> str:
-    with open(path, "rb") as f:
+# ---------------------------------------------------------------- compressed input
+
+class _GuardedReader(io.RawIOBase):
+    """Reads a decompressing stream; a corrupt or truncated archive becomes a UserError naming the file."""
+
+    ERRORS = (OSError, EOFError, zlib.error, zipfile.BadZipFile)
+
+    def __init__(self, f, name: str) -> None:
+        self.f, self.name, self.done = f, name, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        try:
+            data = self.f.read(min(len(b), 1 << 16))  # small reads: the error says where the damage starts
+        except self.ERRORS as e:
+            raise UserError(f"corrupt or truncated compressed data after {self.done:,} bytes of content "
+                            f"({type(e).__name__}: {e})", path=self.name) from e
+        n = len(data)
+        b[:n] = data
+        self.done += n
+        return n
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise UserError(f"not a readable zip archive ({e})", path=path) from e
+
+
+@contextmanager
+def open_corpus_file(cf: CorpusFile) -> Iterator[BinaryIO]:
+    """The (decompressed) bytes of a corpus file as a binary stream: plain, `.gz`, or a zip member."""
+    with ExitStack() as stack:
+        if cf.member is not None:
+            zf = stack.enter_context(_open_zip(cf.path))
+            try:
+                f = stack.enter_context(zf.open(cf.member))
+            except (KeyError, zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError) as e:
+                raise UserError(f"cannot read this archive member ({e})", path=cf.name) from e
+            inner = cf.member
+        else:
+            f = stack.enter_context(open(cf.path, "rb"))
+            inner = cf.path.name
+        if inner.lower().endswith(".gz"):
+            f = stack.enter_context(gzip.GzipFile(fileobj=f, mode="rb"))
+        if cf.member is not None or inner.lower().endswith(".gz"):
+            f = io.BufferedReader(_GuardedReader(f, cf.name), 1 << 16)
+        yield f
+
+
+def _zip_members(path: Path) -> list[str]:
+    """Names of the files in a zip archive, in archive order (directories and macOS metadata left out)."""
+    with _open_zip(path) as zf:
+        return [i.filename for i in zf.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX/")]
+
+
+def _head(cf: CorpusFile, size: int = 65536) -> str:
+    with open_corpus_file(cf) as f:
         data = f.read(size)
     if b"\x00" in data:
         return "\x00"
     return data.decode("utf-8", errors="replace").lstrip("\ufeff")
 
 
-def sniff_format(path: Path, explicit_only: bool = False) -> str | None:
-    """Guess a file's format from its extension and first bytes; None when it cannot tell."""
-    ext = path.suffix.lower()
+def _is_chat_record(obj: object) -> bool:
+    """A chat-messages record: {"messages": [{"role", "content"}...]} or {"conversations": [{"from", "value"}...]}."""
+    if not isinstance(obj, dict):
+        return False
+    if isinstance(obj.get("conversations"), list):
+        return True
+    messages = obj.get("messages")
+    first = messages[0] if isinstance(messages, list) and messages else None
+    return isinstance(first, dict) and "message" not in first and any(
+        k in first for k in ("role", "content", "from", "value"))
+
+
+def _first_json_record(cf: CorpusFile) -> object:
+    """The first session of a JSON file (None when it cannot be decoded: reading it will say why)."""
+    try:
+        with closing(_iter_json_sessions(cf)) as it:
+            return next(it, (None,))[0]
+    except (UserError, RecursionError):
+        return None
+
+
+def sniff_format(path: Path | CorpusFile, explicit_only: bool = False) -> str | None:
+    """Guess a file's format from its (decompressed) name and first bytes; None when it cannot tell."""
+    cf = path if isinstance(path, CorpusFile) else CorpusFile(Path(path), "", "", None)
+    ext = Path(cf.inner_name).suffix.lower()
     if ext in CORPUS_EXTENSIONS and CORPUS_EXTENSIONS[ext] is not None:
         return CORPUS_EXTENSIONS[ext]
     if ext not in CORPUS_EXTENSIONS and not explicit_only:
         return None
-    head = _head(path)
+    head = _head(cf)
     if "\x00" in head:
         return None
     stripped = head.lstrip()
+    if stripped[:1] == "{" and ext in (".json", ".txt", ""):
+        # JSON Lines named .json (or not named): the first line is a whole chat record
+        try:
+            if _is_chat_record(json.loads(stripped.split("\n", 1)[0])):
+                return "chat-jsonl"
+        except (ValueError, RecursionError):
+            pass
     if ext == ".json" or (ext not in CORPUS_EXTENSIONS and stripped[:1] in ("[", "{")):
         if stripped[:1] == "{":
             # a dict of splits: look at the first value's first element
@@ -106,7 +237,9 @@ def sniff_format(path: Path, explicit_only: bool = False) -> str | None:
         else:
             first = stripped[1:].lstrip()[:1]
         if ext == ".json" or first in ("[", "{", "]"):
-            return "kdconv-json" if first == "{" else "lccc-json"
+            if first != "{":
+                return "lccc-json"
+            return "chat-json" if _is_chat_record(_first_json_record(cf)) else "kdconv-json"
     lines = [ln.rstrip("\r") for ln in head.split("\n")[:200]]
     nonblank = [ln for ln in lines if ln.strip()]
     if not nonblank:
@@ -121,37 +254,126 @@ def sniff_format(path: Path, explicit_only: bool = False) -> str | None:
     return "chitchat" if ext == ".txt" else None
 
 
+def _is_corpus_name(name: str) -> bool:
+    """A corpus file by its name (after a `.gz`), a hidden file is not."""
+    return not Path(name).name.startswith(".") and Path(_strip_gz(name)).suffix.lower() in CORPUS_EXTENSIONS
+
+
+def _add_file(scan: InputScan, cf: CorpusFile, fmt: str, explicit: bool) -> None:
+    """Detect `cf`'s format (unless forced) and add it to the scan's files, or to its skipped ones."""
+    detected = fmt if fmt != "auto" else sniff_format(cf, explicit_only=explicit)
+    if detected is None:
+        if explicit:
+            raise UserError(f"cannot tell the corpus format; pass --format (one of {', '.join(FORMATS)})",
+                            path=cf.name)
+        scan.skipped.append(cf.name)
+        return
+    cf.format = detected
+    scan.files.append(cf)
+
+
+def _add_zip(scan: InputScan, path: Path, fmt: str, explicit: bool) -> None:
+    """Every supported member of a zip archive, each as its own corpus file (`archive.zip:member`)."""
+    archive_split = split_from_name(path)
+    for member in _zip_members(path):
+        cf = CorpusFile(path, "", scan.source, split_from_name(member) or archive_split, member)
+        if not _is_corpus_name(member):
+            scan.skipped.append(cf.name)
+            continue
+        _add_file(scan, cf, fmt, explicit=False)
+    if explicit and not scan.files:
+        what = f" (skipped: {', '.join(Path(s).name for s in scan.skipped[:5])})" if scan.skipped else ""
+        raise UserError(f"archive holds no corpus files{what}", path=path)
+
+
 def scan_input(path: str | Path, fmt: str = "auto", source: str | None = None) -> InputScan:
-    """Resolve one input (file or directory) into corpus files with their formats."""
+    """Resolve one input (file, `.gz`, `.zip` or directory) into corpus files with their formats."""
     if fmt != "auto" and fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose auto or one of {', '.join(FORMATS)}", field="format")
     path = Path(path)
     if not path.exists():
         raise UserError("no such file or directory", path=path)
     scan = InputScan(path=path, source=source or (path.resolve().name if path.is_dir() else path.name))
+    scan.licence, scan.licence_file = corpus_licence(path)
     if path.is_file():
-        detected = fmt if fmt != "auto" else sniff_format(path, explicit_only=True)
-        if detected is None:
-            raise UserError(f"cannot tell the corpus format; pass --format (one of {', '.join(FORMATS)})",
-                            path=path)
-        scan.files.append(CorpusFile(path, detected, scan.source, split_from_name(path)))
+        if path.suffix.lower() == ".zip":
+            _add_zip(scan, path, fmt, explicit=True)
+        else:
+            _add_file(scan, CorpusFile(path, "", scan.source, split_from_name(path)), fmt, explicit=True)
         return scan
     for root, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             p = Path(root) / name
-            if name.startswith(".") or p.suffix.lower() not in CORPUS_EXTENSIONS:
+            if not name.startswith(".") and name.lower().endswith(".zip"):
+                _add_zip(scan, p, fmt, explicit=False)
+            elif not _is_corpus_name(name):
                 scan.skipped.append(str(p))
-                continue
-            detected = fmt if fmt != "auto" else sniff_format(p)
-            if detected is None:
-                scan.skipped.append(str(p))
-                continue
-            scan.files.append(CorpusFile(p, detected, scan.source, split_from_name(p)))
+            else:
+                _add_file(scan, CorpusFile(p, "", scan.source, split_from_name(p)), fmt, explicit=False)
     if not scan.files:
         what = f" (skipped: {', '.join(Path(s).name for s in scan.skipped[:5])})" if scan.skipped else ""
-        raise UserError(f"directory holds no corpus files (.txt .tsv .json .yml .yaml .conv){what}", path=path)
+        raise UserError("directory holds no corpus files (.txt .tsv .json .jsonl .yml .yaml .conv, also as .gz, "
+                        f"or in .zip){what}", path=path)
     return scan
+
+
+# ---------------------------------------------------------------- licence of an input
+
+LICENCE_FILE_NAMES = ("LICENSE", "LICENSE.MD", "LICENSE.TXT", "LICENCE", "LICENCE.MD", "LICENCE.TXT",
+                      "COPYING", "COPYING.MD", "COPYING.TXT")
+# (SPDX id, phrases that must all occur in the lower-cased, whitespace-collapsed text); first match wins,
+# so the more specific licences come before those whose text they contain
+_LICENCE_RULES = (
+    ("AGPL-3.0", ("gnu affero general public license", "version 3")),
+    ("LGPL-3.0", ("gnu lesser general public license", "version 3")),
+    ("LGPL-2.1", ("gnu lesser general public license", "version 2.1")),
+    ("GPL-3.0", ("gnu general public license", "version 3")),
+    ("GPL-2.0", ("gnu general public license", "version 2")),
+    ("Apache-2.0", ("apache license", "version 2.0")),
+    ("MPL-2.0", ("mozilla public license", "2.0")),
+    ("CC0-1.0", ("cc0 1.0",)),
+    ("CC-BY-NC-SA-4.0", ("attribution-noncommercial-sharealike 4.0",)),
+    ("CC-BY-NC-4.0", ("attribution-noncommercial 4.0",)),
+    ("CC-BY-SA-4.0", ("attribution-sharealike 4.0",)),
+    ("CC-BY-4.0", ("attribution 4.0 international",)),
+    ("Unlicense", ("free and unencumbered software released into the public domain",)),
+    ("BSD-3-Clause", ("redistribution and use in source and binary forms", "neither the name")),
+    ("BSD-2-Clause", ("redistribution and use in source and binary forms",)),
+    ("ISC", ("permission to use, copy, modify, and/or distribute this software for any purpose",)),
+    ("MIT", ("permission is hereby granted, free of charge",)),
+)
+_SPDX_LINE_RE = re.compile(r"SPDX-License-Identifier:\s*([A-Za-z0-9.+-]+)")
+
+
+def recognise_licence(text: str) -> str | None:
+    """An SPDX-style id for a licence text (simple phrase matching), or None."""
+    m = _SPDX_LINE_RE.search(text)
+    if m:
+        return m.group(1)
+    flat = " ".join(text.lower().split())
+    for spdx, phrases in _LICENCE_RULES:
+        if all(p in flat for p in phrases):
+            return spdx
+    return None
+
+
+def corpus_licence(path: Path) -> tuple[str, str | None]:
+    """(licence, licence file) of an input: from a LICENSE/LICENCE/COPYING file (any case, optionally .md
+    or .txt) in the input directory, or in a file input's own directory. The licence is an SPDX-style id,
+    "unrecognised licence file: NAME", or "none stated"."""
+    directory = path if path.is_dir() else path.parent
+    try:
+        candidates = sorted((p for p in directory.iterdir() if p.name.upper() in LICENCE_FILE_NAMES and p.is_file()),
+                            key=lambda p: (LICENCE_FILE_NAMES.index(p.name.upper()), p.name))
+    except OSError:
+        candidates = []
+    if not candidates:
+        return "none stated", None
+    found = candidates[0]
+    with open(found, "rb") as f:
+        text = f.read(1 << 18).decode("utf-8", errors="replace")
+    return recognise_licence(text) or f"unrecognised licence file: {found.name}", str(found)
 
 
 def _decode_error(path: Path, e: UnicodeDecodeError, line: int) -> UserError:
@@ -159,12 +381,12 @@ def _decode_error(path: Path, e: UnicodeDecodeError, line: int) -> UserError:
                      f"`iconv -f gbk -t utf-8`", path=path, line=line)
 
 
-def _iter_line_blocks(path: Path, block_size: int = 1 << 20) -> Iterator[tuple[int, list[str]]]:
+def _iter_line_blocks(cf: CorpusFile, block_size: int = 1 << 20) -> Iterator[tuple[int, list[str]]]:
     """(number of the first line, lines without line ends) per block of a UTF-8 file; LF, CRLF and
     mixtures; BOM dropped. Decoding whole blocks is much faster than line by line."""
     lineno = 1
     rest = b""
-    with open(path, "rb") as f:
+    with open_corpus_file(cf) as f:
         while True:
             block = f.read(block_size)
             eof = not block
@@ -182,7 +404,7 @@ def _iter_line_blocks(path: Path, block_size: int = 1 << 20) -> Iterator[tuple[i
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise _decode_error(path, e, lineno + data.count(b"\n", 0, e.start)) from e
+                raise _decode_error(cf.name, e, lineno + data.count(b"\n", 0, e.start)) from e
             if lineno == 1 and text.startswith("\ufeff"):
                 text = text[1:]
             if "\r" in text:
@@ -198,16 +420,16 @@ def _iter_line_blocks(path: Path, block_size: int = 1 << 20) -> Iterator[tuple[i
                 return
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+def _iter_lines(cf: CorpusFile) -> Iterator[tuple[int, str]]:
     """(line number, text without line end) of a UTF-8 file."""
-    for first, lines in _iter_line_blocks(path):
+    for first, lines in _iter_line_blocks(cf):
         yield from enumerate(lines, first)
 
 
-def read_chitchat(path: Path, counters: Counter) -> Iterator[RawSession]:
+def read_chitchat(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
     turns: list[str] = []
     start = 0
-    for lineno, text in _iter_lines(path):
+    for lineno, text in _iter_lines(cf):
         if text.strip():
             if not turns:
                 start = lineno
@@ -219,17 +441,17 @@ def read_chitchat(path: Path, counters: Counter) -> Iterator[RawSession]:
         yield RawSession(turns, start)
 
 
-def read_tsv(path: Path, counters: Counter) -> Iterator[RawSession]:
-    for first, lines in _iter_line_blocks(path):
+def read_tsv(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
+    for first, lines in _iter_line_blocks(cf):
         for i, text in enumerate(lines):
             if text and not text.isspace():
                 yield RawSession(text.split("\t"), first + i)
 
 
-def read_conv(path: Path, counters: Counter) -> Iterator[RawSession]:
+def read_conv(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
     turns: list[str] = []
     start = 0
-    for first, lines in _iter_line_blocks(path):
+    for first, lines in _iter_line_blocks(cf):
         for i, text in enumerate(lines):
             if text[:2] == "M " or text == "M" or text[:2] == "M\t":
                 if not turns:
@@ -251,8 +473,8 @@ class _JsonStream:
     CHUNK = 1 << 20
     MAX_VALUE = 64 << 20
 
-    def __init__(self, path: Path, f) -> None:
-        self.path, self.f = path, f
+    def __init__(self, cf: CorpusFile, f) -> None:
+        self.cf, self.path, self.f = cf, cf.name, f
         self.buf, self.pos, self.eof = "", 0, False
         self.line_base = 1  # line number at buf[0]
         self.decoder = json.JSONDecoder()
@@ -276,7 +498,7 @@ class _JsonStream:
         return True
 
     def _decode_failure(self, e: UnicodeDecodeError) -> UserError:
-        line = _first_bad_line(self.path)
+        line = _first_bad_line(self.cf)
         return _decode_error(self.path, e, line)
 
     def line(self, pos: int | None = None) -> int:
@@ -332,8 +554,8 @@ class _JsonStream:
                 return
 
 
-def _first_bad_line(path: Path) -> int:
-    with open(path, "rb") as f:
+def _first_bad_line(cf: CorpusFile) -> int:
+    with open_corpus_file(cf) as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 raw.decode("utf-8")
@@ -342,10 +564,11 @@ def _first_bad_line(path: Path) -> int:
     return 1
 
 
-def _iter_json_sessions(path: Path) -> Iterator[tuple[object, int, str | None]]:
+def _iter_json_sessions(cf: CorpusFile) -> Iterator[tuple[object, int, str | None]]:
     """(element, line, split key) of a top-level list, or of each list in a top-level dict of splits."""
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        stream = _JsonStream(path, f)
+    path = cf.name
+    with open_corpus_file(cf) as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
+        stream = _JsonStream(cf, f)
         first = stream.peek()
         if first == "[":
             for obj, line in stream.items():
@@ -373,16 +596,16 @@ def _iter_json_sessions(path: Path) -> Iterator[tuple[object, int, str | None]]:
             raise stream.error("extra data after the top-level value")
 
 
-def read_lccc_json(path: Path, counters: Counter) -> Iterator[RawSession]:
-    for obj, line, split in _iter_json_sessions(path):
+def read_lccc_json(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
+    for obj, line, split in _iter_json_sessions(cf):
         if isinstance(obj, list) and all(isinstance(t, str) for t in obj):
             yield RawSession(obj, line, split)
         else:
             counters["record_malformed"] += 1
 
 
-def read_kdconv_json(path: Path, counters: Counter) -> Iterator[RawSession]:
-    for obj, line, split in _iter_json_sessions(path):
+def read_kdconv_json(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
+    for obj, line, split in _iter_json_sessions(cf):
         messages = obj.get("messages") if isinstance(obj, dict) else None
         if not isinstance(messages, list):
             counters["record_malformed"] += 1
@@ -394,15 +617,99 @@ def read_kdconv_json(path: Path, counters: Counter) -> Iterator[RawSession]:
         yield RawSession(turns, line, split)
 
 
-def read_chatterbot_yaml(path: Path, counters: Counter) -> Iterator[RawSession]:
+def _content_text(content: object) -> str | None:
+    """A message's text: a string, or the text parts of an OpenAI content list joined by a space; None for
+    anything else (null, a number, an image-only list), which cleaning counts as `utterance_not_text`."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        return " ".join(texts) if texts else None
+    return None
+
+
+def chat_turns(record: object, counters: Counter) -> list | None:
+    """The turns of a chat-messages record, or None when it is not one (the caller counts record_malformed).
+
+    `{"messages": [{"role", "content"}, ...]}` (OpenAI) or `{"conversations": [{"from", "value"}, ...]}`
+    (ShareGPT); either key pair works in either list. Messages become turns in order, whoever speaks
+    (consecutive messages of one speaker stay separate turns). Not turns, counted: system/developer
+    messages (`message_system_skipped`), tool/function results (`message_tool_skipped`). Kept, counted:
+    a role outside CHAT_SPEAKER_ROLES (`message_role_unknown`), no string role (`message_role_missing`).
+    A message that is not an object or has no text content gives a None turn (cleaning counts
+    `utterance_not_text` and splits the session there); empty text likewise splits it."""
+    if not isinstance(record, dict):
+        return None
+    messages = record.get("messages")
+    if messages is None:
+        messages = record.get("conversations")
+    if not isinstance(messages, list):
+        return None
+    turns: list = []
+    for m in messages:
+        if not isinstance(m, dict):
+            turns.append(None)
+            continue
+        role = m.get("role", m.get("from"))
+        if isinstance(role, str):
+            role = role.strip().lower()
+            if role in CHAT_SYSTEM_ROLES:
+                counters["message_system_skipped"] += 1
+                continue
+            if role in CHAT_TOOL_ROLES:
+                counters["message_tool_skipped"] += 1
+                continue
+            if role not in CHAT_SPEAKER_ROLES:
+                counters["message_role_unknown"] += 1
+        else:
+            counters["message_role_missing"] += 1
+        turns.append(_content_text(m["content"] if "content" in m else m.get("value")))
+    if not turns:
+        counters["record_no_turns"] += 1
+    return turns
+
+
+def read_chat_json(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
+    for obj, line, split in _iter_json_sessions(cf):
+        turns = chat_turns(obj, counters)
+        if turns is None:
+            counters["record_malformed"] += 1
+        elif turns:
+            yield RawSession(turns, line, split)
+
+
+def read_chat_jsonl(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
+    """One chat record per line; blank lines are not records; a line that is not JSON is fatal (file:line),
+    like malformed JSON in any other format (usually a truncated or concatenated file)."""
+    decode = json.JSONDecoder().decode
+    for first, lines in _iter_line_blocks(cf):
+        for i, text in enumerate(lines):
+            if not text or text.isspace():
+                continue
+            try:
+                obj = decode(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"malformed JSON Lines record: {e.msg} (column {e.colno})",
+                                path=cf.name, line=first + i) from e
+            except RecursionError as e:
+                raise UserError("malformed JSON Lines record: nested too deeply", path=cf.name, line=first + i) from e
+            turns = chat_turns(obj, counters)
+            if turns is None:
+                counters["record_malformed"] += 1
+            elif turns:
+                yield RawSession(turns, first + i)
+
+
+def read_chatterbot_yaml(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
     import yaml
 
+    path = cf.name
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open_corpus_file(cf) as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
             root = yaml.compose(f, Loader=loader)
     except UnicodeDecodeError as e:
-        raise _decode_error(path, e, _first_bad_line(path)) from e
+        raise _decode_error(path, e, _first_bad_line(cf)) from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -424,13 +731,14 @@ def read_chatterbot_yaml(path: Path, counters: Counter) -> Iterator[RawSession]:
 
 
 READERS = {"chitchat": read_chitchat, "tsv": read_tsv, "lccc-json": read_lccc_json,
-           "kdconv-json": read_kdconv_json, "chatterbot-yaml": read_chatterbot_yaml, "conv": read_conv}
+           "kdconv-json": read_kdconv_json, "chat-json": read_chat_json, "chat-jsonl": read_chat_jsonl,
+           "chatterbot-yaml": read_chatterbot_yaml, "conv": read_conv}
 
 
 def read_file(corpus_file: CorpusFile, counters: Counter | None = None) -> Iterator[RawSession]:
     """Raw sessions of one corpus file; the split is the record's (JSON dict key) or the file name's."""
     counters = counters if counters is not None else Counter()
-    for raw in READERS[corpus_file.format](corpus_file.path, counters):
+    for raw in READERS[corpus_file.format](corpus_file, counters):
         if raw.split is None:
             raw.split = corpus_file.split
         counters["sessions_read"] += 1
@@ -487,7 +795,7 @@ def iter_clean_file(cf: CorpusFile, options, counters: Counter, batch_sessions: 
     """Clean sessions of one corpus file (cleaned in batches of `batch_sessions` raw sessions)."""
     from dialogpt_zh.cleaning import clean_sessions
 
-    path = str(cf.path)
+    path = cf.name
     batch: list[RawSession] = []
 
     def flush() -> Iterator[CleanSession]:
