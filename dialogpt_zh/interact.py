@@ -1,23 +1,28 @@
 """Chat with a bot in the terminal: a thin REPL over `ChatBot` (all sampling and scoring live in the engine).
 
-Interactive (a terminal): prompts, commands /reset /debug /help /quit, Ctrl-D or Ctrl-C to leave.
-Piped (stdin not a terminal): one user utterance per line in, one reply per line out on stdout; notices,
-hints and /debug tables go to stderr so stdout stays one reply per line.
+Interactive (a terminal): prompts, commands /reset /debug /pick /better /help /quit, Ctrl-D or Ctrl-C to
+leave. Piped (stdin not a terminal): one user utterance per line in, one reply per line out on stdout; lines
+starting with `/` are commands; notices, hints and /debug tables go to stderr so stdout stays one reply per
+line. `/pick N` and `/better TEXT` are judgements (dialogpt_zh.feedback): saved only with --feedback FILE.
 """
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
 from dialogpt_zh.cli import BotArguments, field_help, load_bot, make_parser, parse, run_main
 from dialogpt_zh.engine import GenerationSettings, MMISettings
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.feedback import JsonlAppender, bot_model_ids, choose, make_record
 
 COMMANDS = {
     "/reset": "forget the conversation so far",
     "/debug": "toggle showing every candidate with its forward, backward and final scores",
+    "/pick N": "you would have chosen candidate N of the last turn (numbers as /debug shows them); "
+               "the chat continues with it",
+    "/better TEXT": "you would have replied TEXT to the last turn; the chat continues with it",
     "/help": "show these commands",
     "/quit": "leave (Ctrl-D and Ctrl-C also work)",
 }
@@ -28,6 +33,7 @@ EXAMPLES = """
   python -m dialogpt_zh.interact --model runs/mybot/forward      # forward model only: MMI off
   python -m dialogpt_zh.interact --num_candidates 20 --top_p 0.9 --backward_weight 2 --quantize int8
   printf '你好\\n吃了吗\\n' | python -m dialogpt_zh.interact --seed 0   # piped: one reply per line
+  printf '你好\\n/pick 2\\n/better 我也很好\\n' | python -m dialogpt_zh.interact --feedback fb.jsonl
 """
 
 
@@ -40,6 +46,9 @@ class InteractArgs:
     max_input_chars: int = field(default=300, metadata=field_help(
         "longer user messages are cut to this many characters (with a notice)"))
     debug: bool = field(default=False, metadata=field_help("start with /debug on"))
+    feedback: str | None = field(default=None, metadata=field_help(
+        "append each /pick and /better judgement to this JSON Lines file (personal data masked; "
+        "see `python -m dialogpt_zh.feedback export`); without it judgements are not saved"))
 
 
 def format_candidates(reply) -> str:
@@ -65,6 +74,8 @@ class Session:
         self.debug = args.debug
         self.turn = 0
         self.log: list[dict] = []
+        self.last = None  # (history given to the bot, Reply) of the last turn: what /pick and /better judge
+        self.feedback = JsonlAppender(args.feedback) if args.feedback else None
 
     def handle(self, line: str) -> bool:
         """Process one input line; False means quit."""
@@ -76,9 +87,13 @@ class Session:
         if command in ("/quit", "/exit"):
             return False
         if command == "/help":
-            print("\n".join(f"  {c:7} {h}" for c, h in COMMANDS.items()), file=self.info)
+            print("\n".join(f"  {c:13} {h}" for c, h in COMMANDS.items()), file=self.info)
+            return True
+        if command.split(maxsplit=1)[0] in ("/pick", "/better"):
+            self._judge(text)
             return True
         if command == "/reset":
+            self.last = None
             self.history.clear()
             self.log.append({"event": "reset"})
             self._save()
@@ -87,6 +102,9 @@ class Session:
         if command == "/debug":
             self.debug = not self.debug
             print(f"(debug {'on' if self.debug else 'off'})", file=self.info)
+            return True
+        if command.startswith("/"):
+            print(f"(unknown command {text.split()[0]}: /help lists the commands)", file=self.info)
             return True
         if len(text) > self.args.max_input_chars:
             print(f"(notice: input truncated from {len(text)} to {self.args.max_input_chars} characters)",
@@ -105,6 +123,7 @@ class Session:
         if self.debug:
             print(format_candidates(reply), file=self.info)
         print(self._prefix() + reply.text, file=self.out, flush=True)
+        self.last = (self.history + [text], reply)
         self.history.append(text)
         if reply.text:
             self.history.append(reply.text)
@@ -112,6 +131,37 @@ class Session:
                          "notices": reply.notices})
         self._save()
         return True
+
+    def _judge(self, text: str) -> None:
+        """/pick N or /better TEXT: the person's choice replaces the last reply (and is saved if asked)."""
+        command, _, arg = text.partition(" ")
+        command, arg = command.lower(), arg.strip()
+        if self.last is None:
+            print("(nothing to judge yet: /pick and /better refer to the last reply)", file=self.info)
+            return
+        given, reply = self.last
+        try:
+            if command == "/pick":
+                if not arg.isdigit():
+                    raise UserError(f"usage: /pick N (N = 1..{len(reply.candidates)}, as /debug shows them)")
+                judgement = choose(reply, pick=int(arg))
+            else:
+                judgement = choose(reply, better=arg)
+            record = None
+            if self.feedback is not None:
+                settings = {**asdict(self.bot.generation), **asdict(self.bot.mmi_settings)}
+                record = make_record(given, reply, judgement, settings, bot_model_ids(self.bot), "interact")
+        except UserError as e:
+            print(f"({e})", file=self.info)
+            return
+        if record is not None:
+            self.feedback.append(record)
+        self.history = given + [judgement.text]  # a second judgement of the same turn replaces the first
+        self.log.append({"event": judgement.kind, "rank": judgement.rank, "reply": judgement.text})
+        self._save()
+        what = f"candidate {judgement.rank}" if judgement.kind == "pick" else "your reply"
+        saved = "saved" if record is not None else "not saved: no --feedback"
+        print(f"(the chat continues with {what}: {judgement.text} — {saved})", file=self.info)
 
     def _prefix(self) -> str:
         return "bot: " if self.out.isatty() else ""
