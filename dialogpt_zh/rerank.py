@@ -1,0 +1,195 @@
+"""Rerank candidates from anywhere (another bot's outputs, a retrieval system's) with the engine's MMI scorer.
+
+Reads JSON Lines of `{"context": ["u1", ..., "uk"], "candidates": ["r1", "r2", ...]}` (a candidate may also be
+an object with a "text" field, so this command's own output can be fed back) and writes each record back,
+streaming, with every other field kept and each candidate as
+`{"text", "rank", "score", "forward_logprob", "backward_logprob", "num_tokens", "num_context_tokens"}` (input
+order, other fields of a candidate object kept; rank 1 = the best) plus "best" (the rank-1 text) and "mmi" (whether the backward model scored them).
+Every score comes from `ChatBot.rerank` (one batch per record); this file never scores anything itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence, TextIO
+
+from dialogpt_zh.cli import BotArguments, field_help, load_bot, make_parser, parse, run_main
+from dialogpt_zh.engine import GenerationSettings, MMISettings
+from dialogpt_zh.errors import UserError
+
+EXAMPLES = """
+  python -m dialogpt_zh.rerank candidates.jsonl --output reranked.jsonl
+  python -m dialogpt_zh.rerank other_bot.jsonl --output - --skip_bad_lines | head
+  python -m dialogpt_zh.rerank cands.jsonl --output out.jsonl --model runs/mybot --forward_weight 0.5
+  # one input line: {"context": ["你喜欢什么运动"], "candidates": ["喜欢", "我喜欢打篮球"]}
+"""
+
+
+@dataclass
+class RerankArgs:
+    output: str = field(default="", metadata=field_help(
+        "JSON Lines file to write (temp file, renamed at the end), or '-' for stdout (required)"))
+    overwrite: bool = field(default=False, metadata=field_help("replace --output if it exists"))
+    skip_bad_lines: bool = field(default=False, metadata=field_help(
+        "skip (and count, with file:line reasons) lines that are not a valid record instead of stopping"))
+    progress: bool = field(default=True, metadata=field_help("show a progress bar (--no_progress to hide)"))
+
+
+def parse_record(line: str) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(record, context, candidate texts) of one input line; ValueError says what is wrong."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    context = rec.get("context")
+    if isinstance(context, str):
+        context = [context]
+    if not isinstance(context, list) or not context or not all(isinstance(u, str) for u in context):
+        raise ValueError("field 'context' must be a non-empty list of strings (oldest first)")
+    cands = rec.get("candidates")
+    if not isinstance(cands, list):
+        raise ValueError("field 'candidates' must be a list")
+    texts = []
+    for i, c in enumerate(cands):
+        text = c.get("text") if isinstance(c, dict) else c
+        if not isinstance(text, str):
+            raise ValueError(f"candidate {i} must be a string or an object with a 'text' string")
+        texts.append(text)
+    return rec, context, texts
+
+
+def rerank_record(bot, rec: dict[str, Any], context: list[str], texts: list[str]) -> dict[str, Any]:
+    """`rec` with its candidates scored and ranked by `bot.rerank`, in input order."""
+    ranked = bot.rerank(context, texts) if texts else []
+    slots: dict[str, list[int]] = {}
+    for i, t in enumerate(texts):
+        slots.setdefault(t, []).append(i)
+    out: list[dict[str, Any] | None] = [None] * len(texts)
+    for c in ranked:  # ranked is sorted by rank; equal texts fill their input positions in order
+        i = slots[c.text].pop(0)
+        given = rec["candidates"][i]
+        out[i] = {**(given if isinstance(given, dict) else {}), "text": c.text, "rank": c.rank, "score": c.score, "forward_logprob": c.forward_logprob,
+                  "backward_logprob": c.backward_logprob, "num_tokens": c.num_tokens,
+                  "num_context_tokens": c.num_context_tokens}
+    return {**rec, "candidates": out, "best": ranked[0].text if ranked else None,
+            "mmi": bool(ranked and ranked[0].backward_logprob is not None)}
+
+
+def iter_lines(path: str) -> Iterator[tuple[int, str]]:
+    if path == "-":
+        yield from enumerate(sys.stdin, 1)
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=path, line=lineno) from e
+
+
+def count_lines(path: str) -> int | None:
+    if path == "-":
+        return None
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def rerank_file(bot, path: str, out: TextIO, skip_bad_lines: bool = False, progress: bool = True,
+                counts: Counter | None = None, skipped: list[str] | None = None) -> Counter:
+    """Stream `path` (JSON Lines, '-' = stdin) through `bot.rerank` into `out`; returns the counts."""
+    from tqdm import tqdm
+
+    counts = counts if counts is not None else Counter()
+    skipped = skipped if skipped is not None else []
+    where = "<stdin>" if path == "-" else path
+    with tqdm(total=count_lines(path), unit="line", desc="rerank", disable=not progress,
+              file=sys.stderr) as bar:
+        for lineno, line in iter_lines(path):
+            bar.update(1)
+            if not line.strip():
+                counts["blank_lines"] += 1
+                continue
+            try:
+                rec, context, texts = parse_record(line)
+                result = rerank_record(bot, rec, context, texts)
+            except (ValueError, UserError) as e:
+                if not skip_bad_lines:
+                    raise UserError(f"{e} (--skip_bad_lines to skip such lines)", path=where, line=lineno) from e
+                counts["skipped_bad_lines"] += 1
+                skipped.append(f"{where}:{lineno}: {e}")
+                continue
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+            counts["records"] += 1
+            counts["candidates"] += len(texts)
+    return counts
+
+
+@contextlib.contextmanager
+def open_output(output: str, overwrite: bool):
+    """stdout for '-', else a temp file beside `output` that replaces it only when the run succeeds."""
+    if output == "-":
+        yield sys.stdout
+        return
+    final = Path(output)
+    if final.exists() and not overwrite:
+        raise UserError("output exists; pass --overwrite to replace it", path=final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser([BotArguments, RerankArgs, GenerationSettings, MMISettings],
+                         prog="python -m dialogpt_zh.rerank", description=__doc__.split("\n\n")[0],
+                         examples=EXAMPLES)
+    parser.add_argument("input", metavar="INPUT", help="JSON Lines of {context, candidates}; '-' = stdin")
+
+    def body() -> int:
+        bot_args, args, gen, mmi, extra = parse(parser, argv)
+        if not args.output:
+            raise UserError("--output FILE (or '-' for stdout) is required", field="output")
+        if extra.input != "-" and not Path(extra.input).is_file():
+            raise UserError("input file not found", path=extra.input)
+        if args.output != "-" and extra.input != "-" and Path(args.output).resolve() == Path(extra.input).resolve():
+            raise UserError("--output is the input file; write somewhere else", path=args.output)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        bot = load_bot(bot_args, gen, mmi)
+        for n in bot.notices:
+            print(f"note: {n}", file=sys.stderr)
+        t0 = time.perf_counter()
+        skipped: list[str] = []
+        with open_output(args.output, args.overwrite) as out:
+            counts = rerank_file(bot, extra.input, out, args.skip_bad_lines, args.progress, skipped=skipped)
+        for line in skipped:
+            print(f"warning: skipped {line}", file=sys.stderr)
+        dt = time.perf_counter() - t0
+        print(f"reranked {counts['records']} records ({counts['candidates']} candidates) in {dt:.1f} s; "
+              f"{counts['skipped_bad_lines']} bad lines skipped, {counts['blank_lines']} blank lines"
+              + ("" if args.output == "-" else f" -> {args.output}"), file=sys.stderr)
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
