@@ -264,7 +264,9 @@ def _add_file(scan: InputScan, cf: CorpusFile, fmt: str, explicit: bool) -> None
     detected = fmt if fmt != "auto" else sniff_format(cf, explicit_only=explicit)
     if detected is None:
         if explicit:
-            raise UserError(f"cannot tell the corpus format; pass --format (one of {', '.join(FORMATS)})",
+            tar = any(x in cf.name.lower() for x in (".tar", ".tgz"))
+            hint = " (tar archives are not read: use .zip, or .gz per file)" if tar else ""
+            raise UserError(f"cannot tell the corpus format; pass --format (one of {', '.join(FORMATS)}){hint}",
                             path=cf.name)
         scan.skipped.append(cf.name)
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import tarfile
 import zipfile
 from collections import Counter
 from itertools import islice
@@ -179,6 +180,11 @@ def test_corrupt_archives_are_user_errors_naming_the_file(tmp_path):
         zf.writestr("cat.png", b"\x89PNG")
     with pytest.raises(UserError, match=r"pictures.zip: archive holds no corpus files \(skipped: .*cat.png"):
         scan_input(only_other)
+    tar = tmp_path / "corpus.tar.gz"
+    with tarfile.open(tar, "w:gz") as tf:
+        tf.add(FIXTURES / "lccc_pairs.tsv", "pairs.tsv")
+    with pytest.raises(UserError, match=r"corpus.tar.gz: cannot tell the corpus format.*tar archives are not read"):
+        scan_input(tar)
     # a member whose compressed bytes are damaged (the CRC check catches it)
     damaged = tmp_path / "damaged.zip"
     with zipfile.ZipFile(damaged, "w", zipfile.ZIP_STORED) as zf:
