@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
-from dialogpt_zh.engine import ChatBot  # noqa: E402
+from dialogpt_zh.engine import ChatBot, GenerationSettings  # noqa: E402
 from dialogpt_zh.sampling import NEG_INF, top_k_filter, top_p_filter  # noqa: E402
 from dialogpt_zh.sequence import build_sequence  # noqa: E402
 from dialogpt_zh.tokenizer import encode  # noqa: E402
@@ -193,7 +193,7 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
                 args: LatencyArgs) -> None:
     import copy
 
-    bot = ChatBot.from_pretrained(bot_dir, max_length=args.max_length)
+    bot = ChatBot.from_pretrained(bot_dir, generation=GenerationSettings(max_length=args.max_length))
     hf_bot = copy.copy(bot)
     hf_bot.use_lean_forward = False
     cfg = bot.forward_model.config
@@ -220,7 +220,7 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
                 row += f" | {'-':>16} {'-':>7} {'-':>8}"
         print(row, flush=True)
     if args.quantize:
-        q = ChatBot.from_pretrained(bot_dir, quantize="int8", max_length=args.max_length)
+        q = ChatBot.from_pretrained(bot_dir, quantize="int8", generation=GenerationSettings(max_length=args.max_length))
         f32, _ = time_ours(bot, contexts, 10, args.max_length, args.seed)
         i8, _ = time_ours(q, contexts, 10, args.max_length, args.seed)
         # perplexity of the real next turns under the forward model, float vs int8

@@ -25,7 +25,9 @@ try:
 except ModuleNotFoundError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dialogpt_zh.cli import BotArguments, field_help, load_bot, make_parser, parse, run_main  # noqa: E402
+from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
+from dialogpt_zh.engine import load_bot  # noqa: E402
+from dialogpt_zh.settings import BotArguments  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 OPENERS = REPO / "corpus" / "fixtures" / "chitchat_train.txt"

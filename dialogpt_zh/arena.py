@@ -85,7 +85,7 @@ class ArenaArgs:
 
 def parse_settings(items: Sequence[str], flag: str) -> dict[str, Any]:
     """NAME=VALUE strings -> engine settings, typed by the settings dataclasses and validated by the engine."""
-    from dialogpt_zh.engine import GenerationSettings, MMISettings, split_settings
+    from dialogpt_zh.settings import GenerationSettings, MMISettings, split_overrides
 
     defaults = {**dataclasses.asdict(GenerationSettings()), **dataclasses.asdict(MMISettings())}
     out: dict[str, Any] = {}
@@ -111,7 +111,7 @@ def parse_settings(items: Sequence[str], flag: str) -> dict[str, Any]:
         except ValueError:
             raise UserError(f"{name}: cannot read {raw!r} as {type(default).__name__}", field=flag) from None
         out[name] = value
-    split_settings(GenerationSettings(), MMISettings(), out)  # validates ranges (UserError names the field)
+    split_overrides(out)  # validates ranges (UserError names the field)
     return out
 
 
@@ -158,14 +158,14 @@ def pair_seed(seed: int, index: int) -> int:
 
 def load_bots(specs: dict[str, str | None], device: str = "cpu") -> dict[str, Any]:
     """One ChatBot per distinct directory (A and B may share one; their settings are per-call overrides)."""
-    from dialogpt_zh.engine import DEFAULT_BOT_DIR, ChatBot
+    from dialogpt_zh.engine import ChatBot, default_bot_dir
 
     loaded: dict[str, Any] = {}
     bots = {}
     for name, path in specs.items():
-        key = str(Path(path or DEFAULT_BOT_DIR).resolve())
+        key = str(Path(path or default_bot_dir()).resolve())
         if key not in loaded:
-            loaded[key] = ChatBot.from_pretrained(path or DEFAULT_BOT_DIR, device=device)
+            loaded[key] = ChatBot.from_pretrained(path or default_bot_dir(), device=device)
         bots[name] = loaded[key]
     return bots
 

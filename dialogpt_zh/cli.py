@@ -1,17 +1,18 @@
 """Shared command-line plumbing: arguments are dataclasses, parsed once, with defaults and examples in --help.
 
 Every face (preprocess, train, interact, evaluate, web, benchmarks) builds its parser here, so a setting
-such as `top_p` is declared once (in its dataclass) and means the same everywhere.
+such as `top_p` is declared once (in its dataclass) and means the same everywhere. Only plumbing lives here:
+the settings and `BotArguments` are in `dialogpt_zh.settings`, `load_bot` in `dialogpt_zh.engine`.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.settings import field_help  # noqa: F401  (re-exported: every CLI's dataclasses use it)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -48,44 +49,3 @@ def run_main(main: Callable[[], int | None]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return int(code or 0)
-
-
-def field_help(text: str, **kw: Any) -> dict:
-    """Metadata for a dataclass field: `x: int = field(default=3, metadata=field_help("..."))`."""
-    return {"help": text, **kw}
-
-
-@dataclass
-class BotArguments:
-    """Which bot to load and where: the flags every face that chats shares (interact, web, evaluate)."""
-
-    model: str | None = field(default=None, metadata=field_help(
-        "bot directory (forward/ + backward/, MMI on) or one forward model directory (MMI off); "
-        "default: the embedded checkpoints/default"))
-    backward: str | None = field(default=None, metadata=field_help(
-        "a backward model directory, when --model is a single forward model directory"))
-    device: str = field(default="cpu", metadata=field_help("torch device for the models (cpu, cuda, ...)"))
-    quantize: str | None = field(default=None, metadata=field_help(
-        "'int8': dynamic int8 quantization of the matmuls (CPU only; faster, slightly different scores)"))
-    threads: int = field(default=0, metadata=field_help(
-        "torch CPU threads (0 = torch's default: all cores); on a machine busy with other jobs 1 is often "
-        "several times faster for the small models (docs/engine.md, Threads)"))
-
-
-def load_bot(args: BotArguments, *settings: Any):
-    """The one engine, with the given settings dataclasses (GenerationSettings, MMISettings) as its defaults."""
-    from dataclasses import asdict
-
-    from dialogpt_zh.engine import ChatBot
-
-    if args.backward and not args.model:
-        raise UserError("--backward needs --model (the forward model directory)", field="backward")
-    if args.threads < 0:
-        raise UserError(f"must be >= 0, got {args.threads}", field="threads")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)  # process-wide: a face serves one bot
-    merged = {k: v for s in settings for k, v in asdict(s).items()}
-    return ChatBot.from_pretrained(args.model, backward=args.backward, device=args.device,
-                                   quantize=args.quantize, **merged)

@@ -22,106 +22,27 @@ import dataclasses
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from dialogpt_zh.cli import field_help
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.lean_gpt2 import LeanGPT2
 from dialogpt_zh.model import load_model, read_card
 from dialogpt_zh.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_tokens
 from dialogpt_zh.sequence import build_sequence
+from dialogpt_zh.settings import (BotArguments, GenerationSettings, MMISettings, apply_overrides, mmi_active,
+                                  mmi_score, ranking_weights)
 from dialogpt_zh.tokenizer import decode, encode, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BOT_DIR = REPO_ROOT / "checkpoints" / "default"
-
-
-# --------------------------------------------------------------------------------------------- settings
-
-@dataclass
-class GenerationSettings:
-    """How candidates are sampled and how much history the model sees. Defaults are provisional."""
-
-    num_candidates: int = field(default=10, metadata=field_help(
-        "candidate replies sampled per turn (one batch); the MMI reranker picks one"))
-    top_k: int = field(default=8, metadata=field_help("sample among the k most likely tokens (0 = off)"))
-    top_p: float = field(default=1.0, metadata=field_help("nucleus sampling threshold (1.0 = off)"))
-    temperature: float = field(default=1.0, metadata=field_help(
-        "softmax temperature; 0 = greedy (all candidates identical, so use with num_candidates 1)"))
-    repetition_penalty: float = field(default=1.2, metadata=field_help(
-        "penalty (>=1) on tokens already in the reply being generated (1.0 = off)"))
-    no_repeat_ngram_size: int = field(default=4, metadata=field_help(
-        "never repeat an n-gram of this size within a reply (0 = off)"))
-    min_length: int = field(default=1, metadata=field_help("minimum reply length in tokens before [SEP] is allowed"))
-    max_length: int = field(default=25, metadata=field_help("maximum reply length in tokens (longer ones are cut)"))
-    max_history: int = field(default=3, metadata=field_help(
-        "most recent utterances (the user's latest included) the model sees; older ones are dropped"))
-    max_context_tokens: int = field(default=200, metadata=field_help(
-        "token budget of the context; oldest turns are dropped first to fit (also capped by the model size)"))
-
-
-@dataclass
-class MMISettings:
-    """How candidates are ranked.
-
-    Defaults chosen on held-out data (README "Choosing the MMI weights"): on lccc-sample toy_data.json
-    "valid" (617 cases) ranking by the backward term alone beat every mix with the forward term in the
-    response-selection sweep, and as a decoder it raised BLEU-2 and cut bland replies where
-    forward_weight 0.5 made replies blander than plain sampling. Candidates are sampled from the forward
-    model already, so its prior is in the pool (DialoGPT reranks by the backward score alone too).
-    """
-
-    use_mmi: bool = field(default=True, metadata=field_help(
-        "rerank with the backward model when there is one (--no_use_mmi: rank by the forward score only)"))
-    forward_weight: float = field(default=0.0, metadata=field_help("weight of log P(reply | context)"))
-    backward_weight: float = field(default=1.0, metadata=field_help(
-        "weight of log P(context | reply), the MMI term (context tokens only)"))
-    length_weight: float = field(default=0.0, metadata=field_help("weight per reply token (>0 favours longer replies)"))
-    normalize: Literal["mean", "sum"] = field(default="mean", metadata=field_help(
-        "mean: per-token log-probs (fwd / reply tokens, bwd / context tokens); sum: summed log-probs"))
-    blocklist: str | None = field(default=None, metadata=field_help(
-        "file with one word per line; sampled candidates containing any of them are removed"))
-
-
-GENERATION_FIELDS = {f.name for f in dataclasses.fields(GenerationSettings)}
-MMI_FIELDS = {f.name for f in dataclasses.fields(MMISettings)}
-
-
-def split_settings(gen: GenerationSettings, mmi: MMISettings, overrides: dict[str, Any]):
-    """New settings objects with `overrides` applied; an unknown name is a UserError."""
-    unknown = sorted(set(overrides) - GENERATION_FIELDS - MMI_FIELDS)
-    if unknown:
-        raise UserError(f"unknown setting(s) {unknown}; known: {sorted(GENERATION_FIELDS | MMI_FIELDS)}",
-                        field=unknown[0])
-    gen = dataclasses.replace(gen, **{k: v for k, v in overrides.items() if k in GENERATION_FIELDS})
-    mmi = dataclasses.replace(mmi, **{k: v for k, v in overrides.items() if k in MMI_FIELDS})
-    validate_settings(gen, mmi)
-    return gen, mmi
-
-
-def validate_settings(gen: GenerationSettings, mmi: MMISettings) -> None:
-    checks = [
-        ("num_candidates", gen.num_candidates >= 1, "must be >= 1"),
-        ("top_k", gen.top_k >= 0, "must be >= 0 (0 = off)"),
-        ("top_p", 0.0 < gen.top_p <= 1.0, "must be in (0, 1]"),
-        ("temperature", gen.temperature >= 0.0, "must be >= 0"),
-        ("repetition_penalty", gen.repetition_penalty > 0.0, "must be > 0"),
-        ("no_repeat_ngram_size", gen.no_repeat_ngram_size >= 0, "must be >= 0"),
-        ("min_length", gen.min_length >= 0, "must be >= 0"),
-        ("max_length", gen.max_length >= max(1, gen.min_length), "must be >= 1 and >= min_length"),
-        ("max_history", gen.max_history >= 1, "must be >= 1"),
-        ("max_context_tokens", gen.max_context_tokens >= 2, "must be >= 2"),
-        ("normalize", mmi.normalize in ("mean", "sum"), "must be 'mean' or 'sum'"),
-    ]
-    for name, ok, message in checks:
-        if not ok:
-            value = getattr(gen, name, None) if name in GENERATION_FIELDS else getattr(mmi, name)
-            raise UserError(f"{message}, got {value!r}", field=name)
+# The default bot lives in the source checkout, not in the package: an editable install finds it beside the
+# package, a regular install only when run from a checkout (./checkpoints/default); otherwise --model DIR.
+DEFAULT_BOT_DIRS = (REPO_ROOT / "checkpoints" / "default", Path("checkpoints") / "default")
+DEFAULT_BOT_DIR = DEFAULT_BOT_DIRS[0]
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -155,11 +76,46 @@ class Reply:
 
 # ------------------------------------------------------------------------------------------- helpers
 
-def normalize_utterance(text: str) -> str:
-    """The preprocessor's per-utterance normaliser, so user input looks like the training data."""
-    from dialogpt_zh.cleaning import normalize_text  # lazy: cleaning pulls in its own helpers
+def normalize_utterance(text: str, max_repeat: int = 4, mask_pii: bool = True) -> str:
+    """The preprocessor's per-utterance normaliser, so user input looks like the training data; the options
+    are the store's (`cleaning_options`)."""
+    from dialogpt_zh.cleaning import normalize_many  # lazy: cleaning pulls in its own helpers
 
-    return normalize_text(text)
+    return normalize_many([text], max_repeat=max_repeat, mask_pii=mask_pii)[0]
+
+
+def cleaning_options(model_dir: Path | None) -> dict[str, Any]:
+    """The normaliser options the model's training data was cleaned with: the card's `store_config`
+    (the token store manifest's `config`), else the preprocessor's defaults (cards older than that field)."""
+    config = (read_card(model_dir).get("store_config") if model_dir is not None else None) or {}
+    options: dict[str, Any] = {"max_repeat": 4, "mask_pii": True}
+    if isinstance(config, dict):
+        if isinstance(config.get("max_repeat"), int) and not isinstance(config["max_repeat"], bool) \
+                and config["max_repeat"] >= 1:
+            options["max_repeat"] = config["max_repeat"]
+        if isinstance(config.get("mask_pii"), bool):
+            options["mask_pii"] = config["mask_pii"]
+    return options
+
+
+def check_device(device: str) -> str:
+    """A torch device string that exists on this machine, else a UserError saying what is there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UserError(f"not a torch device: {device!r} ({e})", field="device") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{device!r} asked for, but this machine has no usable CUDA GPU (torch "
+                            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use --device cpu",
+                            field="device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"{device!r}: there are only {torch.cuda.device_count()} CUDA device(s)", field="device")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"{device!r} asked for, but MPS is not available here; use --device cpu", field="device")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unsupported device type {dev.type!r}; use cpu or cuda", field="device")
+    return device
 
 
 def quantize_int8(model):
@@ -190,13 +146,22 @@ def quantize_int8(model):
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def default_bot_dir() -> Path:
+    """checkpoints/default beside the package (source checkout, editable install) or in the current
+    directory; else a UserError that says exactly what to pass."""
+    path = next((p for p in DEFAULT_BOT_DIRS if (p / "forward").is_dir()), None)
+    if path is None:
+        raise UserError("no default model: checkpoints/default is not beside the package (a regular, "
+                        "non-editable install does not contain it) nor in the current directory; pass "
+                        "--model DIR, DIR being a bot directory with forward/ and backward/ (such as "
+                        "checkpoints/default of a source checkout) or one forward model directory",
+                        field="model")
+    return path
+
+
 def _resolve_dirs(path, forward, backward) -> tuple[Path, Path | None]:
     if path is None and forward is None:
-        path = DEFAULT_BOT_DIR
-        if not path.is_dir():
-            raise UserError("the default model is missing; build it as described in README.md "
-                            "('Default model': train forward/ and backward/ into checkpoints/default), "
-                            "or pass a model directory (--model DIR)", path=path)
+        path = default_bot_dir()
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -314,20 +279,6 @@ class _LeanDecoder(_HFDecoder):
 
 # ----------------------------------------------------------------------------------------------- engine
 
-def mmi_score(fwd, bwd, num_tokens, num_context_tokens, forward_weight, backward_weight, length_weight,
-              normalize: str):
-    """THE ranking score: forward_weight · fwd + backward_weight · bwd + length_weight · num_tokens, with
-    per-token terms for normalize="mean" (fwd / reply tokens, bwd / context tokens).
-
-    Works on floats and on numpy arrays (weights may broadcast), so the evaluator's weight sweep computes
-    exactly what the chat ranks by.
-    """
-    if normalize == "mean":
-        fwd = fwd / num_tokens
-        bwd = bwd / np.maximum(num_context_tokens, 1)
-    return forward_weight * fwd + backward_weight * bwd + length_weight * num_tokens
-
-
 class ChatBot:
     """Forward model (+ optional backward model) and the settings to chat with them. Thread-safe for replies."""
 
@@ -339,12 +290,16 @@ class ChatBot:
         self.backward_model = backward_model
         self.tokenizer = tokenizer
         self.device = device
-        self.generation = generation or GenerationSettings()
-        self.mmi_settings = mmi or MMISettings()
-        validate_settings(self.generation, self.mmi_settings)
+        self.generation = generation if generation is not None else GenerationSettings()
+        self.mmi_settings = mmi if mmi is not None else MMISettings()
+        for value, kind in ((self.generation, GenerationSettings), (self.mmi_settings, MMISettings)):
+            if not isinstance(value, kind):
+                raise TypeError(f"expected a {kind.__name__}, got {type(value).__name__}")
         self.notices = list(notices)
         self.forward_dir = forward_dir
         self.backward_dir = backward_dir
+        # user input is normalised with the options the training data was cleaned with (the model card's)
+        self.cleaning = cleaning_options(forward_dir)
         self.cls_id = tokenizer.cls_token_id
         self.sep_id = tokenizer.sep_token_id
         self.pad_id = tokenizer.pad_token_id
@@ -353,17 +308,19 @@ class ChatBot:
         vocab = forward_model.config.vocab_size
         self.banned_ids = sorted(i for i in specials if i is not None and i != self.sep_id and i < vocab)
         self._blocklists: dict[tuple[str, float], list[str]] = {}
+        if self.mmi_settings.blocklist:
+            self._blocklist(self.mmi_settings.blocklist)  # a missing file is an error now, not on every reply
         # GPT-2 models run through LeanGPT2 (same results, less per-call overhead); False: always transformers
         self.use_lean_forward = True
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, forward: str | Path | None = None,
                         backward: str | Path | None = None, device: str = "cpu", quantize: str | None = None,
-                        **settings: Any) -> "ChatBot":
+                        generation: GenerationSettings | None = None, mmi: MMISettings | None = None) -> "ChatBot":
         """Load a bot: `path` = a dir with forward/ (+ backward/), or one forward model dir (MMI off), or
-        None for the embedded `checkpoints/default`; or `forward=` / `backward=` paths. Any settings field
-        (GenerationSettings, MMISettings) may be given as a keyword and becomes this bot's default."""
-        gen, mmi = split_settings(GenerationSettings(), MMISettings(), settings)
+        None for the default `checkpoints/default`; or `forward=` / `backward=` paths. `generation` / `mmi`
+        become this bot's default settings (each call may override single fields)."""
+        check_device(device)
         forward_dir, backward_dir = _resolve_dirs(path, forward, backward)
         if quantize not in (None, "int8"):
             raise UserError(f"unknown quantization {quantize!r}; the only one is 'int8'", field="quantize")
@@ -391,13 +348,13 @@ class ChatBot:
             forward_model = quantize_int8(forward_model)
             backward_model = quantize_int8(backward_model) if backward_model is not None else None
             notices.append("int8 dynamic quantization on")
-        return cls(forward_model, tokenizer, backward_model, device=device, generation=gen, mmi=mmi,
+        return cls(forward_model, tokenizer, backward_model, device=device, generation=generation, mmi=mmi,
                    notices=notices, forward_dir=forward_dir, backward_dir=backward_dir)
 
     # ---------------------------------------------------------------------------------- context
 
     def _encode(self, text: str) -> list[int]:
-        return encode(self.tokenizer, normalize_utterance(text))
+        return encode(self.tokenizer, normalize_utterance(text, **self.cleaning))
 
     def _check_history(self, history) -> list[str]:
         if isinstance(history, str):
@@ -418,7 +375,7 @@ class ChatBot:
         a single over-long latest turn keeps its last tokens. Every cut is reported in `notices`.
         """
         history = self._check_history(history)
-        texts = [normalize_utterance(u) for u in history]
+        texts = [normalize_utterance(u, **self.cleaning) for u in history]
         if not texts[-1].strip():
             raise UserError("the latest utterance is empty", field="history")
         if len(texts) > gen.max_history:
@@ -551,13 +508,11 @@ class ChatBot:
         return _LeanDecoder(model, lean) if lean is not None else _HFDecoder(model)
 
     def _rank(self, candidates: list[Candidate], mmi: MMISettings, use_backward: bool) -> list[Candidate]:
+        weights = ranking_weights(mmi, use_backward)
         for c in candidates:
-            if use_backward:
-                weights, bwd = (mmi.forward_weight, mmi.backward_weight), c.backward_logprob
-            else:  # MMI off: the forward score alone
-                weights, bwd = (1.0, 0.0), 0.0
+            bwd = c.backward_logprob if use_backward else 0.0
             c.score = float(mmi_score(c.forward_logprob, bwd, c.num_tokens, c.num_context_tokens, *weights,
-                                      mmi.length_weight, mmi.normalize))
+                                      mmi.normalize))
         ranked = sorted(candidates, key=lambda c: -c.score)  # stable: ties keep sampling order
         for i, c in enumerate(ranked, 1):
             c.rank = i
@@ -569,22 +524,32 @@ class ChatBot:
             raise UserError("blocklist file not found", path=p, field="blocklist")
         key = (str(p), p.stat().st_mtime)
         if key not in self._blocklists:
-            words = [normalize_utterance(w).strip() for w in p.read_text(encoding="utf-8").splitlines()]
+            words = [normalize_utterance(w, **self.cleaning).strip()
+                     for w in p.read_text(encoding="utf-8").splitlines()]
             self._blocklists[key] = [w for w in words if w and not w.startswith("#")]
         return self._blocklists[key]
 
-    def _mmi_on(self, mmi: MMISettings) -> bool:
-        return self.backward_model is not None and mmi.use_mmi
+    def mmi_active(self, mmi: MMISettings | None = None) -> bool:
+        """Whether replies are reranked by the backward model with these settings (default: the bot's)."""
+        return mmi_active(mmi if mmi is not None else self.mmi_settings, self.backward_model is not None)
+
+    def settings(self, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
+                 **overrides: Any) -> tuple[GenerationSettings, MMISettings]:
+        """The settings of one call: `generation` / `mmi` (default: the bot's) with `overrides` applied."""
+        return apply_overrides(generation if generation is not None else self.generation,
+                               mmi if mmi is not None else self.mmi_settings, overrides)
 
     # ---------------------------------------------------------------------------------- public API
 
-    def reply(self, history, *, seed: int | None = None, **overrides: Any) -> Reply:
+    def reply(self, history, *, seed: int | None = None, generation: GenerationSettings | None = None,
+              mmi: MMISettings | None = None, **overrides: Any) -> Reply:
         """Sample candidates for the next turn after `history` (oldest first, the user's latest last),
-        rerank them, and return the best with all candidates and their scores."""
+        rerank them, and return the best with all candidates and their scores. Settings: `generation` /
+        `mmi` objects (default: the bot's), single fields as keywords (`num_candidates=5`)."""
         t0 = time.perf_counter()
-        gen, mmi = split_settings(self.generation, self.mmi_settings, overrides)
+        gen, mmi = self.settings(generation, mmi, **overrides)
         notices = list(self.notices)
-        use_backward = self._mmi_on(mmi)
+        use_backward = self.mmi_active(mmi)
         if self.backward_model is not None and not use_backward:
             notices.append("MMI off (use_mmi=False): ranked by the forward score only")
         context, texts = self.prepare_context(history, gen, gen.max_length, notices)
@@ -624,14 +589,15 @@ class ChatBot:
                      timings={"encode": t1 - t0, "generate": t2 - t1, "score": t3 - t2}, mmi=use_backward,
                      notices=notices, seed=int(seed), context=texts)
 
-    def rerank(self, history, candidates: Sequence[str], **overrides: Any) -> list[Candidate]:
+    def rerank(self, history, candidates: Sequence[str], *, generation: GenerationSettings | None = None,
+               mmi: MMISettings | None = None, **overrides: Any) -> list[Candidate]:
         """Score replies that came from anywhere (forward + backward), sorted by rank. Blocklist not applied."""
-        gen, mmi = split_settings(self.generation, self.mmi_settings, overrides)
+        gen, mmi = self.settings(generation, mmi, **overrides)
         if not candidates:
             return []
         replies = [self._encode(c) for c in candidates]
         context, _ = self.prepare_context(history, gen, max(len(r) for r in replies), [])
-        use_backward = self._mmi_on(mmi)
+        use_backward = self.mmi_active(mmi)
         fwd = self._forward_scores(context, replies)
         bwd = self._backward_scores(context, replies) if use_backward else [(None, 0)] * len(replies)
         n_ctx = sum(len(u) + 1 for u in context)
@@ -640,22 +606,33 @@ class ChatBot:
                  for text, ids, (f, n), (b, _) in zip(candidates, replies, fwd, bwd)]
         return self._rank(cands, mmi, use_backward)
 
-    def forward_logprobs(self, history, replies: Sequence[str], **overrides: Any) -> list[tuple[float, int]]:
+    def forward_logprobs(self, history, replies: Sequence[str], *, generation: GenerationSettings | None = None,
+                         **overrides: Any) -> list[tuple[float, int]]:
         """[(log P(reply tokens + [SEP] | context), number of those tokens)] for each reply, one batch."""
-        gen, _ = split_settings(self.generation, self.mmi_settings, overrides)
+        gen, _ = self.settings(generation, None, **overrides)
         ids = [self._encode(r) for r in replies]
         if not ids:
             return []
         context, _ = self.prepare_context(history, gen, max(len(r) for r in ids), [])
         return self._forward_scores(context, ids)
 
-    def backward_logprobs(self, history, replies: Sequence[str], **overrides: Any) -> list[tuple[float, int]]:
+    def backward_logprobs(self, history, replies: Sequence[str], *, generation: GenerationSettings | None = None,
+                          **overrides: Any) -> list[tuple[float, int]]:
         """[(log P(context | reply), number of context tokens scored)] for each reply, one batch."""
         if self.backward_model is None:
             raise UserError("no backward model loaded, so there is no backward score", field="backward")
-        gen, _ = split_settings(self.generation, self.mmi_settings, overrides)
+        gen, _ = self.settings(generation, None, **overrides)
         ids = [self._encode(r) for r in replies]
         if not ids:
             return []
         context, _ = self.prepare_context(history, gen, max(len(r) for r in ids), [])
         return self._backward_scores(context, ids)
+
+
+def load_bot(args: BotArguments, generation: GenerationSettings | None = None,
+             mmi: MMISettings | None = None) -> ChatBot:
+    """The one engine for a face: which bot and where (`BotArguments`), with these settings as its defaults."""
+    if args.threads:
+        torch.set_num_threads(args.threads)  # process-wide: a face serves one bot
+    return ChatBot.from_pretrained(args.model, backward=args.backward, device=args.device, quantize=args.quantize,
+                                   generation=generation, mmi=mmi)

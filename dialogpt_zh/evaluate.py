@@ -12,7 +12,6 @@ the turn itself is the reference. See docs/evaluation.md for the metric definiti
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -24,9 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from dialogpt_zh import metrics
-from dialogpt_zh.cli import BotArguments, field_help, load_bot, make_parser, parse, run_main
-from dialogpt_zh.engine import mmi_score
+from dialogpt_zh.cli import make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help, mmi_score
 
 log = logging.getLogger("dialogpt_zh.evaluate")
 
@@ -55,8 +54,6 @@ class EvalArgs:
         "which sessions to use by their split (JSON split key or file name): 'auto' = everything except "
         "'train', 'all', or a comma list such as 'valid,test'"))
     limit: int = field(default=0, metadata=field_help("evaluate only the first N sessions (0 = all)"))
-    candidates: int | None = field(default=None, metadata=field_help(
-        "N candidates for the mmi decoder (default: --num_candidates)"))
     seed: int = field(default=0, metadata=field_help(
         "seed of everything random (case i is sampled with a seed derived from (seed, i)); same seed, same report"))
     last_turn_only: bool = field(default=False, metadata=field_help(
@@ -259,14 +256,11 @@ def evaluate(args: EvalArgs, generation=None, mmi=None, bot=None, write: bool = 
 def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None,
                    bot_args: BotArguments | None = None) -> tuple[dict[str, Any], list[dict]]:
     """The evaluation itself: (report, samples), nothing written."""
-    from dialogpt_zh.engine import GenerationSettings, MMISettings, validate_settings
-
     t_start = time.perf_counter()
-    generation = generation or GenerationSettings()
-    mmi = mmi or MMISettings()
-    num_candidates = args.candidates if args.candidates is not None else generation.num_candidates
-    generation = dataclasses.replace(generation, num_candidates=num_candidates)
-    validate_settings(generation, mmi)
+    # the caller's settings, else the given bot's own, else the defaults; the bot itself is never changed
+    generation = generation if generation is not None else bot.generation if bot is not None else GenerationSettings()
+    mmi = mmi if mmi is not None else bot.mmi_settings if bot is not None else MMISettings()
+    num_candidates = generation.num_candidates
     decoders = parse_decoders(args.decoders)
     if args.limit < 0:
         raise UserError(f"must be >= 0, got {args.limit}", field="limit")
@@ -277,9 +271,9 @@ def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None,
 
     t_load = time.perf_counter()
     if bot is None:
+        from dialogpt_zh.engine import load_bot
+
         bot = load_bot(bot_args or BotArguments(), generation, mmi)
-    else:
-        bot.generation, bot.mmi_settings = generation, mmi
     load_s = time.perf_counter() - t_load
 
     # What can be measured with this model and these settings, and why not the rest.
@@ -330,7 +324,7 @@ def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None,
                                   "turn": case.turn, "seed": seed, "context": case.context,
                                   "reference": case.reference, "outputs": {}, "candidates": {}}
         t = time.perf_counter()
-        (lp, n), = bot.forward_logprobs(case.context, [case.reference])
+        (lp, n), = bot.forward_logprobs(case.context, [case.reference], generation=generation)
         ref_lp.append(lp)
         ref_n.append(n)
         sample["reference_logprob"], sample["reference_tokens"] = lp, n
@@ -338,7 +332,7 @@ def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None,
 
         for name in run_decoders:
             t = time.perf_counter()
-            reply = bot.reply(case.context, seed=seed, **overrides[name])
+            reply = bot.reply(case.context, seed=seed, generation=generation, mmi=mmi, **overrides[name])
             part_s[name] += time.perf_counter() - t
             outputs[name].append(reply.text)
             empty[name] += not reply.text
@@ -353,7 +347,7 @@ def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None,
         if distractors[case.index] is not None:
             t = time.perf_counter()
             texts = [case.reference] + distractors[case.index]
-            ranked = bot.rerank(case.context, texts, use_mmi=has_mmi)
+            ranked = bot.rerank(case.context, texts, generation=generation, mmi=mmi, use_mmi=has_mmi)
             part_s["selection"] += time.perf_counter() - t
             by_text = {c.text: c for c in ranked}
             row = [by_text[x] for x in texts]          # back to the drawn order: column 0 = the true reply
@@ -527,8 +521,6 @@ def write_outputs(report: dict[str, Any], samples: Sequence[dict[str, Any]], arg
 # --------------------------------------------------------------------------------------------- CLI
 
 def build_parser():
-    from dialogpt_zh.engine import GenerationSettings, MMISettings
-
     return make_parser([BotArguments, EvalArgs, GenerationSettings, MMISettings], prog="python -m dialogpt_zh.evaluate",
                        description=__doc__.split("\n\n")[0] + "\n\nMetric definitions: docs/evaluation.md.",
                        examples=EXAMPLES)
@@ -536,6 +528,8 @@ def build_parser():
 
 def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
+        if any(a == "--candidates" or a.startswith("--candidates=") for a in argv or sys.argv[1:]):
+            raise UserError("--candidates is now --num_candidates (one name in every tool)", field="candidates")
         bot_args, args, generation, mmi = parse(build_parser(), argv)
         if not args.output:
             raise UserError("give the report path (--output report.json)", field="output")

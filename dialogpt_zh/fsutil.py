@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -56,3 +56,26 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_file(path: str | Path, field: str, inputs: Sequence[str | Path] = ()) -> Path:
+    """Refuse, before any work, an output file that could not be written: a directory, a parent that is a
+    file or not writable, or one of the run's `inputs` (never write into an input). Creates nothing."""
+    from dialogpt_zh.errors import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError("is a directory; give a file path to write", path=path, field=field)
+    resolved = path.resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if resolved == src or src in resolved.parents:
+            raise UserError(f"would write over or inside the input {src}", path=path, field=field)
+    parent = resolved.parent
+    while not parent.exists():  # the missing folders would be created: the first existing one must be writable
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{parent} is not a directory", path=path, field=field)
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"not writable (permission denied in {parent})", path=path, field=field)
+    return path

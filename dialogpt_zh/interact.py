@@ -12,10 +12,11 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
-from dialogpt_zh.cli import BotArguments, field_help, load_bot, make_parser, parse, run_main
-from dialogpt_zh.engine import GenerationSettings, MMISettings
+from dialogpt_zh.cli import make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.feedback import JsonlAppender, bot_model_ids, choose, make_record
+from dialogpt_zh.fsutil import check_output_file
+from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help
 
 COMMANDS = {
     "/reset": "forget the conversation so far",
@@ -50,6 +51,12 @@ class InteractArgs:
         "append each /pick and /better judgement to this JSON Lines file (personal data masked; "
         "see `python -m dialogpt_zh.feedback export`); without it judgements are not saved"))
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_input_chars <= 100_000:
+            raise UserError(f"must be in [1, 100000], got {self.max_input_chars}", field="max_input_chars")
+        if self.transcript:  # checked at start, not after the first reply
+            check_output_file(self.transcript, field="transcript")
+
 
 def format_candidates(reply) -> str:
     """The /debug table: every candidate with its three scores, best first."""
@@ -79,6 +86,9 @@ class Session:
 
     def handle(self, line: str) -> bool:
         """Process one input line; False means quit."""
+        if not is_valid_text(line):
+            print("(notice: that line is not valid UTF-8 text and was skipped; type it again)", file=self.info)
+            return True
         text = line.strip()
         if not text:
             print("(empty line ignored: type a message, or /help)", file=self.info)
@@ -174,11 +184,22 @@ class Session:
                               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.log))
 
 
+def is_valid_text(line: str) -> bool:
+    """False for a line with undecodable bytes (kept as lone surrogates by errors='surrogateescape')."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def chat(bot, args: InteractArgs, stdin: TextIO | None = None, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> int:
     """Run the REPL until /quit, end of input, or Ctrl-C (streams default to the current sys ones)."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     interactive = stdin.isatty()
+    if hasattr(stdin, "reconfigure"):  # one line of invalid UTF-8 is skipped with a notice, not a crash
+        stdin.reconfigure(errors="surrogateescape")
     info = stdout if interactive else stderr
     session = Session(bot, args, stdout, info)
     for notice in bot.notices:
@@ -213,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         bot_args, args, gen, mmi = parse(parser, argv)
         from transformers.utils import logging as hf_logging
 
+        from dialogpt_zh.engine import load_bot
+
         hf_logging.disable_progress_bar()  # no "Loading weights" bars in a chat
-        if args.max_input_chars < 1:
-            raise UserError("must be >= 1", field="max_input_chars")
         return chat(load_bot(bot_args, gen, mmi), args)
 
     return run_main(body)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
-from dialogpt_zh.cli import BotArguments, field_help, load_bot, make_parser, parse, run_main
-from dialogpt_zh.engine import GenerationSettings, MMISettings
+from dialogpt_zh.cli import make_parser, parse, run_main
+from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help
 from dialogpt_zh.errors import UserError
 
 EXAMPLES = """
@@ -171,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.output != "-" and extra.input != "-" and Path(args.output).resolve() == Path(extra.input).resolve():
             raise UserError("--output is the input file; write somewhere else", path=args.output)
         from transformers.utils import logging as hf_logging
+
+        from dialogpt_zh.engine import load_bot
 
         hf_logging.disable_progress_bar()
         bot = load_bot(bot_args, gen, mmi)

@@ -8,7 +8,6 @@ queue runs up to `concurrency` replies at once. Nothing is written to disk unles
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -22,9 +21,10 @@ from typing import Any, Sequence
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry or version-check calls
 import gradio as gr  # noqa: E402
 
-from dialogpt_zh.cli import BotArguments, field_help, load_bot, make_parser, parse, run_main  # noqa: E402
-from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings  # noqa: E402
+from dialogpt_zh.cli import make_parser, parse, run_main  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
+from dialogpt_zh.settings import (PAGE_RANGES, BotArguments, GenerationSettings, MMISettings,  # noqa: E402
+                                  apply_overrides, field_help)
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +60,49 @@ class WebArguments:
 
 @dataclass
 class Control:
-    """One slider on the page and the engine setting it overrides."""
+    """One slider on the page and the engine setting it overrides; its range is settings.PAGE_RANGES'."""
 
-    name: str          # keyword of ChatBot.reply / field of GenerationSettings or MMISettings
+    name: str          # field of GenerationSettings or MMISettings
     label: str
-    minimum: float
-    maximum: float
-    step: float
     info: str = ""
+
+    @property
+    def range(self) -> tuple[float, float, float]:
+        return PAGE_RANGES[self.name]  # (minimum, maximum, step), inside the settings' own bounds
 
 
 # MMI weight is the backward model's weight in the final score; 0 ranks by the forward model alone.
 CONTROLS: list[Control] = [
-    Control("num_candidates", "候选数", 1, 30, 1, "每轮采样多少个候选回复"),
-    Control("top_k", "top-k", 0, 100, 1, "只在概率最高的 k 个字里采样（0 = 不限）"),
-    Control("top_p", "top-p", 0.05, 1.0, 0.05, "核采样：累计概率阈值（1 = 不限）"),
-    Control("temperature", "温度", 0.1, 2.0, 0.05, "越高越发散，越低越保守"),
-    Control("repetition_penalty", "重复惩罚", 1.0, 2.0, 0.05, "1 = 不惩罚"),
-    Control("backward_weight", "MMI 权重", 0.0, 2.0, 0.05, "后向模型 log P(上文|回复) 的权重（0 = 不用 MMI，按前向分数）"),
-    Control("max_history", "历史轮数", 1, 20, 1, "生成时最多看最近几句话"),
+    Control("num_candidates", "候选数", "每轮采样多少个候选回复"),
+    Control("top_k", "top-k", "只在概率最高的 k 个字里采样（0 = 不限）"),
+    Control("top_p", "top-p", "核采样：累计概率阈值（1 = 不限）"),
+    Control("temperature", "温度", "越高越发散，越低越保守"),
+    Control("repetition_penalty", "重复惩罚", "1 = 不惩罚"),
+    Control("backward_weight", "MMI 权重", "后向模型 log P(上文|回复) 的权重（0 = 不用 MMI，按前向分数）"),
+    Control("max_history", "历史轮数", "生成时最多看最近几句话"),
 ]
+GENERIC_ERROR = "生成回复时出错（对话未改变，可稍后重试；详情已记录在服务器日志中）"
+
+
+class ClearCounter:
+    """Per-session count of "clear" clicks: a reply that started before the latest clear is dropped, so
+    clearing wins whatever the timing (the reply handler would otherwise write back its old history)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def get(self, session: str | None) -> int:
+        with self._lock:
+            return self._counts.get(session or "", 0)
+
+    def bump(self, session: str | None) -> None:
+        with self._lock:
+            self._counts[session or ""] = self._counts.get(session or "", 0) + 1
+
+    def forget(self, session: str | None) -> None:
+        with self._lock:
+            self._counts.pop(session or "", None)
 
 
 # ---------------------------------------------------------------------------------------------- transcript
@@ -145,10 +168,10 @@ def status_markdown(reply, notices: Sequence[str]) -> str:
 
 # ------------------------------------------------------------------------------------------------ the app
 
-def build_app(bot: ChatBot, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
+def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
               transcript: str | Path | None = None, *, concurrency: int = 4, max_queue: int = 64,
               max_input_chars: int = 150, seed: int | None = None) -> gr.Blocks:
-    """The Gradio page over `bot` (a ChatBot).
+    """The Gradio page over `bot` (a `dialogpt_zh.engine.ChatBot`).
 
     Slider defaults and every other setting come from `generation` / `mmi` (the engine's settings
     dataclasses; default: the bot's own). `transcript`: a JSONL file to append each turn to (None: nothing
@@ -156,9 +179,10 @@ def build_app(bot: ChatBot, generation: GenerationSettings | None = None, mmi: M
     """
     generation = generation if generation is not None else bot.generation
     mmi = mmi if mmi is not None else bot.mmi_settings
-    base_settings = {**dataclasses.asdict(generation), **dataclasses.asdict(mmi)}
+    defaults = {c.name: getattr(generation, c.name, getattr(mmi, c.name, None)) for c in CONTROLS}
     writer = TranscriptWriter(transcript) if transcript else None
     bot_notices = list(getattr(bot, "notices", []) or [])
+    clears = ClearCounter()
 
     # Explicit parameters (not *values) so that the API page and gradio_client show the settings' names.
     def reply_fn(message: str, history: list[str] | None, request: gr.Request, num_candidates: float,
@@ -167,6 +191,8 @@ def build_app(bot: ChatBot, generation: GenerationSettings | None = None, mmi: M
         values = dict(num_candidates=num_candidates, top_k=top_k, top_p=top_p, temperature=temperature,
                       repetition_penalty=repetition_penalty, backward_weight=backward_weight,
                       max_history=max_history)
+        session = getattr(request, "session_hash", None)
+        clears_at_start = clears.get(session)
         history = list(history or [])
         message = (message or "").strip()
         if not message:
@@ -177,16 +203,19 @@ def build_app(bot: ChatBot, generation: GenerationSettings | None = None, mmi: M
             message = message[:max_input_chars]
             notices.append(f"输入过长，只保留了前 {max_input_chars} 个字。")
             gr.Warning(notices[-1])
-        overrides = {c.name: _coerce(base_settings[c.name], values[c.name]) for c in CONTROLS}
-        # MMI weight 0 means "no MMI": skip the backward pass instead of computing a score weighted by 0.
-        overrides["use_mmi"] = bool(base_settings.get("use_mmi", True)) and overrides["backward_weight"] > 0
+        overrides = {k: _coerce(defaults[k], v) for k, v in values.items()}
         try:
-            reply = bot.reply(history + [message], seed=seed, **{**base_settings, **overrides})
-        except Exception as e:  # any engine failure becomes a message on the page, never a dead page
-            log.exception("reply failed")
-            text = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-            status = f"⚠ 生成回复时出错（对话未改变，可调整后重试）：{text}"
+            gen, mm = apply_overrides(generation, mmi, overrides)
+            # MMI weight 0 means "no MMI": skip the backward pass instead of computing a score weighted by 0.
+            mm = apply_overrides(gen, mm, {"use_mmi": mm.use_mmi and mm.backward_weight > 0})[1]
+            reply = bot.reply(history + [message], seed=seed, generation=gen, mmi=mm)
+        except Exception as e:  # any failure becomes a message on the page, never a dead page
+            # the details go to the server log; a remote user sees only what is meant for users
+            log.exception("reply failed (session %s)", session)
+            status = "⚠ " + (f"无法生成回复：{e}" if isinstance(e, UserError) else GENERIC_ERROR)
             return message, history_to_messages(history), history, gr.skip(), status
+        if clears.get(session) != clears_at_start:  # cleared while this reply was computed: drop it
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         if not reply.candidates:  # e.g. a blocklist removed every candidate: say so, keep the history
             status = "⚠ 这一轮没有可用的回复：" + "；".join(reply.notices or ["没有候选"])
             return message, history_to_messages(history), history, [], status
@@ -200,7 +229,7 @@ def build_app(bot: ChatBot, generation: GenerationSettings | None = None, mmi: M
                 "user": message,
                 "reply": reply.text,
                 "seed": getattr(reply, "seed", None),
-                "settings": overrides,
+                "settings": {**overrides, "use_mmi": mm.use_mmi},
                 "latency_s": round(reply.latency_s, 4),
                 "notices": notices,
                 "candidates": [{"rank": c.rank, "text": c.text, "forward_logprob": c.forward_logprob,
@@ -210,7 +239,11 @@ def build_app(bot: ChatBot, generation: GenerationSettings | None = None, mmi: M
         return "", history_to_messages(new_history), new_history, candidates_table(reply), \
             status_markdown(reply, notices)
 
-    def reset_fn():
+    def forget_fn(request: gr.Request):  # the browser tab closed
+        clears.forget(getattr(request, "session_hash", None))
+
+    def reset_fn(request: gr.Request):
+        clears.bump(getattr(request, "session_hash", None))
         return "", [], [], [], "已清空对话，开始新的聊天吧。"
 
     intro = ("GPT-2 前向模型每轮采样多个候选回复，后向模型按最大互信息（MMI）给候选打分重排，"
@@ -241,7 +274,7 @@ def build_app(bot: ChatBot, generation: GenerationSettings | None = None, mmi: M
                                                "number"],
                                      column_widths=["7%", "6%", "30%", "14%", "14%", "12%", "8%", "9%"])
                 with gr.Accordion("生成设置", open=True):
-                    sliders = [gr.Slider(c.minimum, c.maximum, value=base_settings.get(c.name), step=c.step,
+                    sliders = [gr.Slider(c.range[0], c.range[1], value=defaults[c.name], step=c.range[2],
                                          label=c.label, info=c.info, elem_id=f"ctl_{c.name}")
                                for c in CONTROLS]
         inputs = [textbox, history_state, *sliders]
@@ -251,6 +284,7 @@ def build_app(bot: ChatBot, generation: GenerationSettings | None = None, mmi: M
         reset.click(reset_fn, None, outputs, api_name="reset", queue=False)
         # The chat panel's own trash icon must forget the history too, not just the bubbles.
         chatbot.clear(reset_fn, None, outputs, api_visibility="private", queue=False)
+        demo.unload(forget_fn)
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     demo.transcript_writer = writer  # so callers can close it
     return demo
@@ -300,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks, one line each
         bot_args, args, generation, mmi = parse(make_web_parser(), argv)
+        from dialogpt_zh.engine import load_bot
+
         bot = load_bot(bot_args, generation, mmi)
         for n in getattr(bot, "notices", []) or []:
             log.warning("note: %s", n)

@@ -65,9 +65,9 @@ def test_piped_interact_pick_and_better_write_feedback(random_bot_dir, tmp_path)
 
 @pytest.fixture(scope="module")
 def bot(random_bot_dir):
-    from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.engine import ChatBot, GenerationSettings
 
-    return ChatBot.from_pretrained(random_bot_dir, num_candidates=3, max_length=6)
+    return ChatBot.from_pretrained(random_bot_dir, generation=GenerationSettings(num_candidates=3, max_length=6))
 
 
 def test_history_continues_with_the_choice_and_nothing_saved_without_feedback(bot, monkeypatch, tmp_path):

@@ -51,9 +51,9 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def bot(random_bot_dir):
-    from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.engine import ChatBot, GenerationSettings
 
-    return ChatBot.from_pretrained(random_bot_dir, num_candidates=3, max_length=6)
+    return ChatBot.from_pretrained(random_bot_dir, generation=GenerationSettings(num_candidates=3, max_length=6))
 
 
 def run_chat(bot, stdin: str, **args):
@@ -92,3 +92,66 @@ def test_history_is_kept_and_reset(bot, monkeypatch):
 def test_overlong_input_truncated_with_notice(bot):
     out, err = run_chat(bot, "好" * 50 + "\n", seed=0, max_input_chars=10)
     assert len(out) == 1 and "input truncated from 50 to 10 characters" in err
+
+
+# ------------------------------------------------------------------------------------ hostile inputs
+# Each is refused up front (before a model is loaded), exit 2, one line naming the field, no traceback.
+HOSTILE_FLAGS = [
+    (["--num_candidates", "100000"], "num_candidates"), (["--num_candidates", "0"], "num_candidates"),
+    (["--max_length", "100000"], "max_length"), (["--max_context_tokens", "10000000"], "max_context_tokens"),
+    (["--max_history", "0"], "max_history"), (["--min_length", "30"], "max_length"),
+    (["--temperature", "inf"], "temperature"), (["--temperature", "nan"], "temperature"),
+    (["--temperature", "-1"], "temperature"), (["--top_p", "0"], "top_p"), (["--top_p", "2"], "top_p"),
+    (["--top_k", "-1"], "top_k"), (["--repetition_penalty", "0"], "repetition_penalty"),
+    (["--backward_weight", "nan"], "backward_weight"), (["--forward_weight", "inf"], "forward_weight"),
+    (["--length_weight=-inf"], "length_weight"), (["--no_repeat_ngram_size", "-2"], "no_repeat_ngram_size"),
+    (["--device", "cuda"], "device"), (["--device", "cuda:3"], "device"), (["--device", "toaster"], "device"),
+    (["--threads", "-1"], "threads"), (["--quantize", "int4"], "quantize"), (["--backward", "b"], "backward"),
+    (["--max_input_chars", "0"], "max_input_chars"), (["--transcript", "{tmp}"], "transcript"),
+    (["--transcript", "{tmp}/afile/chat.jsonl"], "transcript"), (["--model", "{tmp}/missing"], "model path"),
+]
+
+
+@pytest.mark.parametrize("flags,field", HOSTILE_FLAGS, ids=[" ".join(f) for f, _ in HOSTILE_FLAGS])
+def test_hostile_flags_are_refused_up_front(flags, field, tmp_path, capsys):
+    from dialogpt_zh.interact import main
+
+    (tmp_path / "afile").write_text("x")
+    code = main([f.replace("{tmp}", str(tmp_path)) for f in flags])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and field in err and "Traceback" not in err
+
+
+def test_normalize_choice_is_checked_by_the_parser(capsys):
+    from dialogpt_zh.interact import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--normalize", "median"])
+    assert e.value.code == 2 and "normalize" in capsys.readouterr().err
+
+
+def test_invalid_utf8_line_is_skipped_and_the_chat_goes_on(bot):
+    stdin = io.TextIOWrapper(io.BytesIO("你好\n".encode() + b"\xff\xfe\xe4\xbd\n" + "吃了吗\n".encode()),
+                             encoding="utf-8")  # strict, as sys.stdin is
+    out, err = io.StringIO(), io.StringIO()
+    assert chat(bot, InteractArgs(seed=0), stdin=stdin, stdout=out, stderr=err) == 0
+    assert len(out.getvalue().splitlines()) == 2              # both valid lines got a reply
+    assert "not valid UTF-8" in err.getvalue()
+
+
+def test_regular_install_without_default_model_says_what_to_pass(tmp_path):
+    """A non-editable install has the package but not checkpoints/default beside it."""
+    import shutil
+    from pathlib import Path
+
+    import dialogpt_zh
+
+    site = tmp_path / "site"
+    shutil.copytree(Path(dialogpt_zh.__file__).parent, site / "dialogpt_zh",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "dialogpt_zh.interact"], input="你好\n", text=True, cwd=tmp_path,
+                       capture_output=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(site)})
+    assert r.returncode == 2, r.stderr
+    assert "error: model: no default model" in r.stderr and "pass --model DIR" in r.stderr
+    assert "Traceback" not in r.stderr

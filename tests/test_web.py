@@ -5,6 +5,8 @@ import json
 import math
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from dialogpt_zh import webapp  # noqa: E402
 from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings  # noqa: E402
+from dialogpt_zh.settings import PAGE_RANGES  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_CHARS = 20
@@ -43,7 +46,7 @@ class FlakyBot:
 
 @pytest.fixture(scope="module")
 def bot(trained_bot_dir) -> ChatBot:
-    return ChatBot.from_pretrained(trained_bot_dir, num_candidates=5, max_length=12)
+    return ChatBot.from_pretrained(trained_bot_dir, generation=GenerationSettings(num_candidates=5, max_length=12))
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +121,57 @@ def test_mmi_weight_zero_ranks_by_forward_only(app_url):
     assert scores == sorted(scores, reverse=True)
 
 
-def test_engine_error_is_a_message_and_transcript_is_opt_in(bot, tmp_path):
+class SlowBot(FlakyBot):
+    """A real ChatBot whose replies take a while, and which says when a reply has started."""
+
+    def __init__(self, bot: ChatBot) -> None:
+        super().__init__(bot)
+        self.started = threading.Semaphore(0)
+
+    def reply(self, history, **kw):
+        self.started.release()
+        time.sleep(0.8)
+        return self.bot.reply(history, **kw)
+
+
+def test_clear_wins_over_replies_in_flight(bot):
+    slow = SlowBot(bot)
+    demo = webapp.build_app(slow)
+    url = webapp.launch_in_background(demo)
+    try:
+        c = client(url)
+        for trial in range(3):
+            c.predict(f"旧话{trial}", api_name="/chat")
+            slow.started.acquire(timeout=30)
+            jobs = [c.submit(f"在途{trial}{k}", api_name="/chat") for k in range(2)]
+            for _ in jobs:
+                assert slow.started.acquire(timeout=30)      # both replies are being computed now
+            _, chat, table, _ = c.predict(api_name="/reset")
+            assert chat == [] and table["data"] == []
+            for job in jobs:
+                job.result(timeout=60)
+            _, chat, _, _ = c.predict(f"新话{trial}", api_name="/chat")
+            slow.started.acquire(timeout=30)
+            assert texts(chat, "user") == [f"新话{trial}"], trial   # nothing from before the clear came back
+            c.predict(api_name="/reset")
+    finally:
+        demo.close()
+
+
+def test_api_values_outside_the_page_ranges_are_refused(app_url):
+    # Gradio checks slider values sent through the API against the slider's range; keep it so (an
+    # upgrade must not let a client ask for 100000 candidates).
+    c = client(app_url)
+    hi = PAGE_RANGES["num_candidates"][1]
+    with pytest.raises(Exception, match=f"num_candidates|{hi}|range|maximum"):
+        c.predict("你好", num_candidates=hi + 1, api_name="/chat")
+    with pytest.raises(Exception):
+        c.predict("你好", temperature=PAGE_RANGES["temperature"][0] / 2, api_name="/chat")
+    _, chat, _, _ = c.predict("你好", num_candidates=hi, api_name="/chat")   # the top of the range is fine
+    assert texts(chat, "user") == ["你好"]
+
+
+def test_engine_error_is_a_message_and_transcript_is_opt_in(bot, tmp_path, caplog):
     transcript = tmp_path / "chats.jsonl"
     demo = webapp.build_app(FlakyBot(bot), transcript=transcript)
     url = webapp.launch_in_background(demo)
@@ -128,7 +181,9 @@ def test_engine_error_is_a_message_and_transcript_is_opt_in(bot, tmp_path):
         box, chat, _, status = c.predict("坏了", api_name="/chat")
         assert box == "坏了"                                    # kept so the user can retry
         assert texts(chat, "user") == ["你好"]                  # history unchanged
-        assert "出错" in status and "simulated engine failure" in status and "Traceback" not in status
+        # a remote user sees a generic message; the details are in the server log
+        assert "出错" in status and "simulated" not in status and "RuntimeError" not in status
+        assert "simulated engine failure" in caplog.text
         _, chat, table, _ = c.predict("再来", api_name="/chat")  # the page still works afterwards
         assert texts(chat, "user") == ["你好", "再来"] and table["data"]
     finally:
@@ -140,9 +195,18 @@ def test_engine_error_is_a_message_and_transcript_is_opt_in(bot, tmp_path):
     assert records[1]["candidates"][0]["rank"] == 1 and records[1]["reply"] == records[1]["candidates"][0]["text"]
 
 
-def test_controls_default_to_engine_settings():
-    fields = {**vars(GenerationSettings()), **vars(MMISettings())}
-    assert all(c.name in fields for c in webapp.CONTROLS)
+def test_controls_default_to_engine_settings(bot):
+    gen = GenerationSettings(num_candidates=7, top_p=0.85, max_history=4)
+    mmi = MMISettings(backward_weight=1.25)
+    demo = webapp.build_app(bot, gen, mmi)
+    sliders = {b.elem_id: b for b in demo.blocks.values() if isinstance(b, webapp.gr.Slider)}
+    assert set(sliders) == {f"ctl_{c.name}" for c in webapp.CONTROLS}
+    for c in webapp.CONTROLS:
+        s = sliders[f"ctl_{c.name}"]
+        expected = getattr(gen, c.name) if hasattr(gen, c.name) else getattr(mmi, c.name)
+        assert s.value == expected, c.name                              # the default is the engine's setting
+        assert (s.minimum, s.maximum, s.step) == PAGE_RANGES[c.name]    # the range is the settings module's
+    assert sliders["ctl_num_candidates"].value == 7 and sliders["ctl_backward_weight"].value == 1.25
     parser = webapp.make_web_parser()
     bot_args, args, gen, mmi = parser.parse_args_into_dataclasses(
         ["--port", "8000", "--top_p", "0.8", "--transcript", "t", "--model", "m"])

@@ -1,0 +1,220 @@
+"""The bot's settings, validated once, and THE ranking score: pure Python + numpy (no torch, no model).
+
+Every face (interact, web page, evaluate, benchmarks) builds its flags from these dataclasses (one name per
+setting everywhere) and hands the objects to the engine; a per-call change is `dataclasses.replace`, which
+runs the same validation. Each numeric setting has real bounds (`BOUNDS`): the largest values are what a
+small CPU bot can serve without exhausting memory (100000 candidates once grew to 22.8 GB), not taste.
+The web page's sliders offer a sub-range of these (`PAGE_RANGES`), so no web client can ask for more.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from dialogpt_zh.errors import UserError
+
+
+def field_help(text: str, **kw: Any) -> dict:
+    """Metadata for a dataclass field: `x: int = field(default=3, metadata=field_help("..."))`."""
+    return {"help": text, **kw}
+
+
+class SettingsError(UserError, ValueError):
+    """An out-of-range or wrongly typed setting; names the field (exit 2 in a CLI, ValueError in Python)."""
+
+
+# (minimum, maximum), both inclusive. Lengths are tokens; a model's own position limit cuts further.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "num_candidates": (1, 256),
+    "top_k": (0, 100_000),
+    "top_p": (0.0, 1.0),             # 0 itself is refused: (0, 1]
+    "temperature": (0.0, 100.0),     # 0 = greedy
+    "repetition_penalty": (0.01, 100.0),
+    "no_repeat_ngram_size": (0, 1024),
+    "min_length": (0, 1024),
+    "max_length": (1, 1024),
+    "max_history": (1, 1000),
+    "max_context_tokens": (2, 8192),
+    "forward_weight": (-1000.0, 1000.0),
+    "backward_weight": (-1000.0, 1000.0),
+    "length_weight": (-1000.0, 1000.0),
+}
+
+# The web page's sliders: (minimum, maximum, step), each inside BOUNDS (tests/test_settings.py checks it).
+# A shared page keeps N and the history small; Gradio refuses API values outside a slider's range.
+PAGE_RANGES: dict[str, tuple[float, float, float]] = {
+    "num_candidates": (1, 30, 1),
+    "top_k": (0, 100, 1),
+    "top_p": (0.05, 1.0, 0.05),
+    "temperature": (0.1, 2.0, 0.05),
+    "repetition_penalty": (1.0, 2.0, 0.05),
+    "backward_weight": (0.0, 2.0, 0.05),
+    "max_history": (1, 20, 1),
+}
+
+
+@dataclass
+class GenerationSettings:
+    """How candidates are sampled and how much history the model sees."""
+
+    num_candidates: int = field(default=10, metadata=field_help(
+        "candidate replies sampled per turn (one batch); the MMI reranker picks one (1..256)"))
+    top_k: int = field(default=8, metadata=field_help("sample among the k most likely tokens (0 = off)"))
+    top_p: float = field(default=1.0, metadata=field_help("nucleus sampling threshold in (0, 1] (1.0 = off)"))
+    temperature: float = field(default=1.0, metadata=field_help(
+        "softmax temperature (0..100); 0 = greedy (all candidates identical, so use with num_candidates 1)"))
+    repetition_penalty: float = field(default=1.2, metadata=field_help(
+        "penalty (>=1) on tokens already in the reply being generated (1.0 = off)"))
+    no_repeat_ngram_size: int = field(default=4, metadata=field_help(
+        "never repeat an n-gram of this size within a reply (0 = off)"))
+    min_length: int = field(default=1, metadata=field_help("minimum reply length in tokens before [SEP] is allowed"))
+    max_length: int = field(default=25, metadata=field_help(
+        "maximum reply length in tokens (longer ones are cut; 1..1024)"))
+    max_history: int = field(default=3, metadata=field_help(
+        "most recent utterances (the user's latest included) the model sees; older ones are dropped"))
+    max_context_tokens: int = field(default=200, metadata=field_help(
+        "token budget of the context; oldest turns are dropped first to fit (also capped by the model size)"))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_number(self, f.name, f.type)
+        if self.top_p <= 0.0:
+            raise SettingsError(f"must be in (0, 1], got {self.top_p!r}", field="top_p")
+        if self.max_length < self.min_length:
+            raise SettingsError(f"must be >= min_length ({self.min_length}), got {self.max_length}",
+                                field="max_length")
+
+
+@dataclass
+class MMISettings:
+    """How candidates are ranked.
+
+    Defaults chosen on held-out data (README "Choosing the MMI weights"): on lccc-sample toy_data.json
+    "valid" (617 cases) ranking by the backward term alone beat every mix with the forward term in the
+    response-selection sweep, and as a decoder it raised BLEU-2 and cut bland replies where
+    forward_weight 0.5 made replies blander than plain sampling. Candidates are sampled from the forward
+    model already, so its prior is in the pool (DialoGPT reranks by the backward score alone too).
+    """
+
+    use_mmi: bool = field(default=True, metadata=field_help(
+        "rerank with the backward model when there is one (--no_use_mmi: rank by the forward score only)"))
+    forward_weight: float = field(default=0.0, metadata=field_help("weight of log P(reply | context)"))
+    backward_weight: float = field(default=1.0, metadata=field_help(
+        "weight of log P(context | reply), the MMI term (context tokens only)"))
+    length_weight: float = field(default=0.0, metadata=field_help("weight per reply token (>0 favours longer replies)"))
+    normalize: Literal["mean", "sum"] = field(default="mean", metadata=field_help(
+        "mean: per-token log-probs (fwd / reply tokens, bwd / context tokens); sum: summed log-probs"))
+    blocklist: str | None = field(default=None, metadata=field_help(
+        "file with one word per line; sampled candidates containing any of them are removed"))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.use_mmi, (bool, np.bool_)):
+            raise SettingsError(f"must be true or false, got {self.use_mmi!r}", field="use_mmi")
+        self.use_mmi = bool(self.use_mmi)
+        for name in ("forward_weight", "backward_weight", "length_weight"):
+            _check_number(self, name, "float")
+        if self.normalize not in ("mean", "sum"):
+            raise SettingsError(f"must be 'mean' or 'sum', got {self.normalize!r}", field="normalize")
+        if self.blocklist is not None and not isinstance(self.blocklist, str):
+            raise SettingsError(f"must be a file path, got {type(self.blocklist).__name__}", field="blocklist")
+
+
+GENERATION_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationSettings))
+MMI_FIELDS = frozenset(f.name for f in dataclasses.fields(MMISettings))
+
+
+def _check_number(obj: Any, name: str, type_name: Any) -> None:
+    """Type (int stays int, float may be given as int) and BOUNDS of one numeric field; floats finite."""
+    value = getattr(obj, name)
+    is_int = str(type_name) in ("int", "<class 'int'>")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise SettingsError(f"must be a number, got {value!r}", field=name)
+    if is_int:
+        if float(value) != int(value):
+            raise SettingsError(f"must be a whole number, got {value!r}", field=name)
+        value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise SettingsError(f"must be a finite number, got {value!r}", field=name)
+    lo, hi = BOUNDS[name]
+    if not lo <= value <= hi:
+        raise SettingsError(f"must be in [{lo:g}, {hi:g}], got {value!r}", field=name)
+    setattr(obj, name, value)
+
+
+def apply_overrides(generation: GenerationSettings, mmi: MMISettings,
+                    overrides: dict[str, Any]) -> tuple[GenerationSettings, MMISettings]:
+    """New settings with keyword `overrides` applied (validated again); an unknown name is a SettingsError."""
+    unknown = sorted(set(overrides) - GENERATION_FIELDS - MMI_FIELDS)
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {unknown}; known: {sorted(GENERATION_FIELDS | MMI_FIELDS)}",
+                            field=unknown[0])
+    gen = {k: v for k, v in overrides.items() if k in GENERATION_FIELDS}
+    mm = {k: v for k, v in overrides.items() if k in MMI_FIELDS}
+    return (dataclasses.replace(generation, **gen) if gen else generation,
+            dataclasses.replace(mmi, **mm) if mm else mmi)
+
+
+def split_overrides(settings: dict[str, Any]) -> tuple[GenerationSettings, MMISettings]:
+    """GenerationSettings and MMISettings from one flat dict of fields (defaults for the rest)."""
+    return apply_overrides(GenerationSettings(), MMISettings(), settings)
+
+
+# ------------------------------------------------------------------------------------------ the score
+
+def mmi_active(mmi: MMISettings, has_backward: bool) -> bool:
+    """THE "is MMI on" test: a backward model is loaded and use_mmi is set."""
+    return has_backward and mmi.use_mmi
+
+
+def mmi_score(fwd, bwd, num_tokens, num_context_tokens, forward_weight, backward_weight, length_weight,
+              normalize: str):
+    """THE ranking score: forward_weight · fwd + backward_weight · bwd + length_weight · num_tokens, with
+    per-token terms for normalize="mean" (fwd / reply tokens, bwd / context tokens).
+
+    Works on floats and on numpy arrays (weights may broadcast), so the evaluator's weight sweep computes
+    exactly what the chat ranks by.
+    """
+    if normalize == "mean":
+        fwd = fwd / num_tokens
+        bwd = bwd / np.maximum(num_context_tokens, 1)
+    return forward_weight * fwd + backward_weight * bwd + length_weight * num_tokens
+
+
+def ranking_weights(mmi: MMISettings, use_backward: bool) -> tuple[float, float, float]:
+    """(forward, backward, length) weights the engine ranks by: with MMI off, the forward score alone."""
+    if use_backward:
+        return mmi.forward_weight, mmi.backward_weight, mmi.length_weight
+    return 1.0, 0.0, mmi.length_weight
+
+
+# ------------------------------------------------------------------------------------ which bot to load
+
+@dataclass
+class BotArguments:
+    """Which bot to load and where: the flags every face that chats shares (interact, web, evaluate)."""
+
+    model: str | None = field(default=None, metadata=field_help(
+        "bot directory (forward/ + backward/, MMI on) or one forward model directory (MMI off); "
+        "default: checkpoints/default of a source checkout (a regular pip install has none: pass --model DIR)"))
+    backward: str | None = field(default=None, metadata=field_help(
+        "a backward model directory, when --model is a single forward model directory"))
+    device: str = field(default="cpu", metadata=field_help("torch device for the models (cpu, cuda, ...)"))
+    quantize: str | None = field(default=None, metadata=field_help(
+        "'int8': dynamic int8 quantization of the matmuls (CPU only; faster, slightly different scores)"))
+    threads: int = field(default=0, metadata=field_help(
+        "torch CPU threads (0 = torch's default: all cores); on a machine busy with other jobs 1 is often "
+        "several times faster for the small models (docs/engine.md, Threads)"))
+
+    def __post_init__(self) -> None:
+        if self.backward and not self.model:
+            raise SettingsError("--backward needs --model (the forward model directory)", field="backward")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not 0 <= self.threads <= 1024:
+            raise SettingsError(f"must be in [0, 1024], got {self.threads!r}", field="threads")
+        if self.quantize not in (None, "int8"):
+            raise SettingsError(f"unknown quantization {self.quantize!r}; the only one is 'int8'", field="quantize")

@@ -1,0 +1,164 @@
+"""Settings: one validation with real bounds, the one MMI score, and the package's import graph (no cycles)."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dialogpt_zh import settings as S
+from dialogpt_zh.errors import UserError
+
+PACKAGE = Path(S.__file__).resolve().parent
+
+# (field, hostile value, words the message must contain): every numeric setting, both ends and non-finite.
+HOSTILE_SETTINGS = [
+    ("num_candidates", 100_000, "[1, 256]"), ("num_candidates", 0, "[1, 256]"), ("num_candidates", -3, "[1"),
+    ("num_candidates", 2.5, "whole number"), ("num_candidates", "10", "number"), ("num_candidates", True, "number"),
+    ("max_length", 100_000, "[1, 1024]"), ("max_length", 0, "[1, 1024]"),
+    ("min_length", -1, "[0, 1024]"), ("max_history", 0, "[1, 1000]"), ("max_history", 10**9, "[1, 1000]"),
+    ("max_context_tokens", 10**7, "[2, 8192]"), ("max_context_tokens", 1, "[2"),
+    ("no_repeat_ngram_size", -1, "[0"), ("top_k", -1, "[0"), ("top_k", 10**9, "100000"),
+    ("top_p", 0.0, "(0, 1]"), ("top_p", 1.5, "[0, 1]"), ("top_p", math.nan, "finite"),
+    ("temperature", math.inf, "finite"), ("temperature", -1.0, "[0, 100]"), ("temperature", math.nan, "finite"),
+    ("temperature", 1e9, "[0, 100]"),
+    ("repetition_penalty", 0.0, "[0.01"), ("repetition_penalty", math.inf, "finite"),
+    ("repetition_penalty", -math.inf, "finite"),
+    ("forward_weight", math.nan, "finite"), ("backward_weight", math.nan, "finite"),
+    ("backward_weight", math.inf, "finite"), ("length_weight", -math.inf, "finite"),
+    ("length_weight", 1e6, "[-1000, 1000]"), ("backward_weight", "1", "number"),
+    ("normalize", "median", "'mean' or 'sum'"), ("use_mmi", "yes", "true or false"), ("blocklist", 3, "file path"),
+]
+
+
+@pytest.mark.parametrize("name,value,words", HOSTILE_SETTINGS)
+def test_hostile_setting_is_refused_naming_the_field(name, value, words):
+    cls = S.GenerationSettings if name in S.GENERATION_FIELDS else S.MMISettings
+    with pytest.raises(S.SettingsError) as e:
+        cls(**{name: value})
+    assert str(e.value).startswith(f"{name}: ") and words in str(e.value)
+    assert isinstance(e.value, ValueError) and isinstance(e.value, UserError)
+    # a per-call override runs the same validation (dataclasses.replace calls __post_init__)
+    with pytest.raises(S.SettingsError, match=name):
+        S.apply_overrides(S.GenerationSettings(), S.MMISettings(), {name: value})
+
+
+def test_valid_settings_are_normalised_and_defaults_are_in_bounds():
+    gen = S.GenerationSettings(num_candidates=np.int64(7), max_length=30.0, temperature=0)
+    assert (gen.num_candidates, gen.max_length, gen.temperature) == (7, 30, 0.0)
+    assert type(gen.num_candidates) is int and type(gen.max_length) is int and type(gen.temperature) is float
+    with pytest.raises(S.SettingsError, match="max_length: must be >= min_length"):
+        S.GenerationSettings(min_length=10, max_length=5)
+    with pytest.raises(S.SettingsError, match="unknown setting"):
+        S.apply_overrides(S.GenerationSettings(), S.MMISettings(), {"top_kk": 1})
+    for name, (lo, hi) in S.BOUNDS.items():
+        default = getattr(S.GenerationSettings() if name in S.GENERATION_FIELDS else S.MMISettings(), name)
+        assert lo <= default <= hi, name
+
+
+def test_page_ranges_lie_inside_the_bounds():
+    for name, (lo, hi, step) in S.PAGE_RANGES.items():
+        blo, bhi = S.BOUNDS[name]
+        assert blo <= lo < hi <= bhi and step > 0, name
+        cls = S.GenerationSettings if name in S.GENERATION_FIELDS else S.MMISettings
+        cls(**{name: lo}), cls(**{name: hi})  # both ends are valid settings
+
+
+def test_bot_arguments_refuse_bad_combinations():
+    with pytest.raises(S.SettingsError, match="backward: --backward needs --model"):
+        S.BotArguments(backward="b")
+    with pytest.raises(S.SettingsError, match="threads"):
+        S.BotArguments(threads=-1)
+    with pytest.raises(S.SettingsError, match="quantize"):
+        S.BotArguments(quantize="int4")
+
+
+def test_mmi_score_and_ranking_weights_by_hand():
+    # mean: fwd per reply token, bwd per context token; sum: as given
+    assert S.mmi_score(-6.0, -20.0, 3, 10, 0.5, 1.0, 0.1, "mean") == pytest.approx(0.5 * -2 - 2 + 0.3)
+    assert S.mmi_score(-6.0, -20.0, 3, 10, 0.5, 1.0, 0.1, "sum") == pytest.approx(-3 - 20 + 0.3)
+    assert S.mmi_score(-6.0, -20.0, 3, 0, 0.0, 1.0, 0.0, "mean") == pytest.approx(-20.0)  # no context: no /0
+    mmi = S.MMISettings(forward_weight=0.25, backward_weight=2.0, length_weight=0.5)
+    assert S.ranking_weights(mmi, True) == (0.25, 2.0, 0.5)
+    assert S.ranking_weights(mmi, False) == (1.0, 0.0, 0.5)        # MMI off: the forward score alone
+    assert S.mmi_active(mmi, True) and not S.mmi_active(mmi, False)
+    assert not S.mmi_active(dataclasses.replace(mmi, use_mmi=False), True)
+
+
+def test_settings_module_is_pure():
+    tree = ast.parse((PACKAGE / "settings.py").read_text(encoding="utf-8"))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"torch", "transformers", "gradio"}, imported
+
+
+# ------------------------------------------------------------------------------------------ import graph
+
+def package_imports(package: Path) -> dict[str, set[str]]:
+    """module -> the package modules it imports, anywhere in the file (function-level imports too)."""
+    name = package.name
+    modules = {f"{name}.{p.stem}" if p.stem != "__init__" else name: p for p in package.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        deps = set()
+        base = name if path.stem == "__init__" else module.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                if node.level:  # relative: from . import x / from .x import y
+                    mod = ".".join([base] + ([mod] if mod else []))
+                targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
+            else:
+                continue
+            deps |= {t for t in targets if t in modules and t != module}
+        graph[module] = deps
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one_and_only_then():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_function_level_imports_are_edges(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg.b import x\n")
+    (pkg / "b.py").write_text("def f():\n    from . import a\n    import pkg.a\n")
+    graph = package_imports(pkg)
+    assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.a"}
+    assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
+
+
+def test_the_package_has_no_import_cycle():
+    graph = package_imports(PACKAGE)
+    assert "dialogpt_zh.engine" in graph and graph["dialogpt_zh.interact"]  # the walk really saw the package
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
