@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from typing import Any, Callable, Sequence
 
 from dialogpt_zh.errors import UserError
@@ -37,15 +39,33 @@ def parse(parser, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     return tuple(parsed)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (plain `kill`, `timeout`, a container stop), raised like Ctrl-C so cleanup code runs."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def run_main(main: Callable[[], int | None]) -> int:
-    """Run a CLI body: UserError -> one clear line on stderr and its exit code; Ctrl-C -> exit 130."""
+    """Run a CLI body: UserError -> one clear line on stderr and its exit code; Ctrl-C -> exit 130;
+    SIGTERM -> the same cleanup as Ctrl-C (temp files removed, previous outputs kept), exit 143."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print("terminated (SIGTERM); outputs left as they were", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(code or 0)

@@ -18,6 +18,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -25,7 +26,8 @@ import numpy as np
 from dialogpt_zh import metrics
 from dialogpt_zh.cli import make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help, mmi_score
+from dialogpt_zh.settings import (BotArguments, GenerationSettings, MMISettings, field_help, mmi_score,
+                                  ranking_weights)
 
 log = logging.getLogger("dialogpt_zh.evaluate")
 
@@ -120,8 +122,9 @@ def load_sessions(args: EvalArgs, counts: Counter) -> list[Any]:
             break
     if not sessions:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "nothing read"
-        hint = " (all were in the train split: pass --split all to use them)" if any(
-            k.startswith("session_not_in_split") for k in counts) else ""
+        other = sorted(k[len("session_not_in_split ("):-1] for k in counts if k.startswith("session_not_in_split ("))
+        hint = (f" (--split {args.split} matched none; the sessions read are in split(s) {', '.join(other)}: "
+                f"pass --split {','.join(other)}, or --split all)") if other else ""
         raise UserError(f"no usable multi-turn session in {', '.join(args.data)} ({why}){hint}", field="data")
     return sessions
 
@@ -204,12 +207,8 @@ def sweep_selection(fwd: np.ndarray, bwd: np.ndarray, num_tokens: np.ndarray, nu
         w = combos[:, :, None, None]                    # [K, 3, 1, 1]
         scores = mmi_score(fwd[None], bwd[None], num_tokens[None], num_context_tokens[None],
                             w[:, 0], w[:, 1], w[:, 2], normalize)   # [K, cases, 10]
-        true = scores[:, :, :1]
-        ranks = 1 + (scores[:, :, 1:] >= true).sum(axis=2)         # pessimistic ties, as metrics.true_reply_ranks
-        r1 = 100.0 * (ranks <= 1).mean(axis=1)
-        r2 = 100.0 * (ranks <= 2).mean(axis=1)
-        mrr = 100.0 * (1.0 / ranks).mean(axis=1)
-        for (f, b, l), a, c, m in zip(combos, r1, r2, mrr):
+        by_k = metrics.rank_metrics(metrics.true_reply_ranks(scores))  # [K] each: the one ranking, NaN = worst
+        for (f, b, l), a, c, m in zip(combos, by_k["r10@1"], by_k["r10@2"], by_k["mrr"]):
             rows.append({"normalize": normalize, "forward_weight": float(f), "backward_weight": float(b),
                          "length_weight": float(l), "r10@1": float(a), "r10@2": float(c), "mrr": float(m)})
     rows.sort(key=lambda r: (-r["r10@1"], -r["mrr"]))
@@ -240,27 +239,182 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def evaluate(args: EvalArgs, generation=None, mmi=None, bot=None, write: bool = True,
-             bot_args: BotArguments | None = None) -> dict[str, Any]:
+def evaluate(args: EvalArgs, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
+             bot=None, write: bool = True, bot_args: BotArguments | None = None) -> dict[str, Any]:
     """Run the whole evaluation and return the report dict; with `write`, write the files named in `args`
-    (report, samples, markdown) atomically once everything is computed. `generation` / `mmi` are the
-    engine's GenerationSettings / MMISettings (defaults when None); `bot` a loaded ChatBot to reuse."""
-    if write and not args.output:
-        raise UserError("give the report path (--output report.json)", field="output")
+    (report, samples, markdown) once everything is computed (their paths are checked first).
+    `generation` / `mmi`: the settings to evaluate (default: `bot`'s own, else the defaults); `bot`: a
+    loaded ChatBot to reuse, never modified."""
+    if write:
+        check_outputs(args)
     report, samples = run_evaluation(args, generation, mmi, bot, bot_args)
     if write:
         write_outputs(report, samples, args)
     return report
 
 
-def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None,
-                   bot_args: BotArguments | None = None) -> tuple[dict[str, Any], list[dict]]:
-    """The evaluation itself: (report, samples), nothing written."""
+def check_outputs(args: EvalArgs) -> None:
+    """Every output is writable, distinct, and not one of the inputs: found before the evaluation runs."""
+    from dialogpt_zh.fsutil import check_output_file
+
+    if not args.output:
+        raise UserError("give the report path (--output report.json)", field="output")
+    seen: dict[Path, str] = {}
+    for name in ("output", "samples", "markdown"):
+        path = getattr(args, name)
+        if not path:
+            continue
+        resolved = check_output_file(path, field=name, inputs=args.data).resolve()
+        if resolved in seen:
+            raise UserError(f"the same file as --{seen[resolved]}", path=path, field=name)
+        seen[resolved] = name
+
+
+# Per decoder: the settings it changes for its calls (the rest are the evaluated settings).
+DECODER_OVERRIDES = {
+    "plain": dict(num_candidates=1, use_mmi=False),
+    "mmi": dict(use_mmi=True),
+    "greedy": dict(num_candidates=1, temperature=0.0, use_mmi=False),
+}
+
+
+@dataclass
+class Plan:
+    """What this run measures, and why not the rest (`absent`: report key -> reason)."""
+
+    decoders: list[str]
+    selection: bool
+    sweep: bool
+    mmi: bool
+    absent: dict[str, str]
+
+
+def plan_run(args: EvalArgs, decoders: list[str], bot, mmi: MMISettings,
+             bot_args: BotArguments | None) -> Plan:
+    if bot.backward_model is None:
+        why = (f"no backward model ({(bot_args and bot_args.model) or 'the model'} has no backward/ directory); "
+               f"MMI decoding and backward/MMI selection need one")
+    elif not bot.mmi_active(mmi):
+        why = "MMI switched off (--no_use_mmi)"
+    else:
+        why = ""
+    absent: dict[str, str] = {}
+    if why:
+        if "mmi" in decoders:
+            absent["decoding.mmi"] = why
+        if args.selection:
+            absent["selection.backward"] = absent["selection.mmi"] = why
+        if args.sweep:
+            absent["sweep"] = why
+    return Plan(decoders=[d for d in decoders if d != "mmi" or not why], selection=args.selection,
+                sweep=args.sweep and not why, mmi=not why, absent=absent)
+
+
+@dataclass
+class Tally:
+    """What the per-case pass collects for the aggregate pass."""
+
+    ref_logprobs: list[float] = field(default_factory=list)
+    ref_tokens: list[int] = field(default_factory=list)
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+    empty: Counter = field(default_factory=Counter)
+    selection_rows: list[dict[str, np.ndarray]] = field(default_factory=list)  # per case: fwd, bwd, n, nctx, engine
+    seconds: Counter = field(default_factory=Counter)
+
+
+def evaluate_case(bot, case: Case, distractors: list[str] | None, plan: Plan, generation: GenerationSettings,
+                  mmi: MMISettings, seed: int, tally: Tally) -> dict[str, Any]:
+    """Reference log-prob, each decoder's reply, and the selection scores of one case; returns its sample."""
+    sample: dict[str, Any] = {"case": case.index, "source": case.source, "path": case.path, "line": case.line,
+                              "turn": case.turn, "seed": seed, "context": case.context,
+                              "reference": case.reference, "outputs": {}, "candidates": {}}
+    t = time.perf_counter()
+    (lp, n), = bot.forward_logprobs(case.context, [case.reference], generation=generation)
+    tally.ref_logprobs.append(lp)
+    tally.ref_tokens.append(n)
+    sample["reference_logprob"], sample["reference_tokens"] = lp, n
+    tally.seconds["ppl"] += time.perf_counter() - t
+
+    for name in plan.decoders:
+        t = time.perf_counter()
+        reply = bot.reply(case.context, seed=seed, generation=generation, mmi=mmi, **DECODER_OVERRIDES[name])
+        tally.seconds[name] += time.perf_counter() - t
+        tally.outputs.setdefault(name, []).append(reply.text)
+        tally.empty[name] += not reply.text
+        sample["outputs"][name] = reply.text
+        sample["model_context"] = reply.context
+        if name == "mmi":
+            sample["candidates"][name] = [
+                {"text": c.text, "rank": c.rank, "score": c.score, "forward_logprob": c.forward_logprob,
+                 "backward_logprob": c.backward_logprob, "num_tokens": c.num_tokens, "count": c.count}
+                for c in reply.candidates]
+
+    if distractors is not None:
+        t = time.perf_counter()
+        texts = [case.reference] + distractors
+        ranked = bot.rerank(case.context, texts, generation=generation, mmi=mmi, use_mmi=plan.mmi)
+        tally.seconds["selection"] += time.perf_counter() - t
+        by_text = {c.text: c for c in ranked}
+        row = [by_text[x] for x in texts]          # back to the drawn order: column 0 = the true reply
+        arr = {
+            "fwd": np.array([c.forward_logprob for c in row], dtype=np.float64),
+            "bwd": np.array([c.backward_logprob if c.backward_logprob is not None else np.nan for c in row]),
+            "n": np.array([c.num_tokens for c in row], dtype=np.float64),
+            "nctx": np.array([c.num_context_tokens for c in row], dtype=np.float64),
+            "engine": np.array([c.score for c in row], dtype=np.float64),
+        }
+        tally.selection_rows.append(arr)
+        sample["selection"] = {"candidates": texts, "true_rank_mmi" if plan.mmi else "true_rank_forward":
+                               int(metrics.true_reply_ranks(arr["engine"][None])[0])}
+    return sample
+
+
+def decoding_report(tally: Tally, references: list[str], plan: Plan) -> dict[str, Any]:
+    decoding = {}
+    for name in plan.decoders:
+        m = metrics.generation_metrics(tally.outputs.get(name, []), references)
+        m["empty_replies"] = tally.empty[name]
+        m["seconds"] = tally.seconds[name]
+        decoding[name] = m
+    return decoding
+
+
+def selection_report(tally: Tally, plan: Plan, mmi: MMISettings) -> tuple[dict[str, Any], dict | None]:
+    """R10@k / MRR ranked by forward, backward and the engine's MMI score; the weight sweep when asked."""
+    rows = tally.selection_rows
+    if not rows:
+        return {}, None
+    F, B, N, NC, engine = (np.stack([r[k] for r in rows]) for k in ("fwd", "bwd", "n", "nctx", "engine"))
+    selection: dict[str, Any] = {
+        "forward": metrics.selection_metrics(mmi_score(F, 0.0, N, NC, *ranking_weights(mmi, False), mmi.normalize))}
+    sweep = None
+    if plan.mmi:
+        # with "mean" the context length is the same for all 10 candidates, so sum and mean rank alike
+        selection["backward"] = metrics.selection_metrics(mmi_score(F, B, N, NC, 0.0, 1.0, 0.0, mmi.normalize))
+        selection["mmi"] = metrics.selection_metrics(engine)
+        if plan.sweep:
+            results = sweep_selection(F, B, N, NC)
+            sweep = {"metric": "r10@1", "grid": SWEEP_GRID, "best": results[0] if results else None,
+                     "engine_settings": {"forward_weight": mmi.forward_weight,
+                                         "backward_weight": mmi.backward_weight,
+                                         "length_weight": mmi.length_weight, "normalize": mmi.normalize,
+                                         **selection["mmi"]},
+                     "results": results}
+    selection["cases"] = len(rows)
+    selection["candidates_per_case"] = SELECTION_CANDIDATES
+    selection["seconds"] = tally.seconds["selection"]
+    return selection, sweep
+
+
+def run_evaluation(args: EvalArgs, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
+                   bot=None, bot_args: BotArguments | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """The evaluation itself, nothing written: read -> cases -> per-case pass -> aggregate -> (report, samples)."""
+    from tqdm.auto import tqdm
+
     t_start = time.perf_counter()
     # the caller's settings, else the given bot's own, else the defaults; the bot itself is never changed
     generation = generation if generation is not None else bot.generation if bot is not None else GenerationSettings()
     mmi = mmi if mmi is not None else bot.mmi_settings if bot is not None else MMISettings()
-    num_candidates = generation.num_candidates
     decoders = parse_decoders(args.decoders)
     if args.limit < 0:
         raise UserError(f"must be >= 0, got {args.limit}", field="limit")
@@ -275,167 +429,45 @@ def run_evaluation(args: EvalArgs, generation=None, mmi=None, bot=None,
 
         bot = load_bot(bot_args or BotArguments(), generation, mmi)
     load_s = time.perf_counter() - t_load
+    plan = plan_run(args, decoders, bot, mmi, bot_args)
+    distractors = draw_distractors(cases, sessions, args.seed) if plan.selection else [None] * len(cases)
 
-    # What can be measured with this model and these settings, and why not the rest.
-    absent: dict[str, str] = {}
-    if bot.backward_model is None:
-        why = (f"no backward model ({(bot_args and bot_args.model) or 'the model'} has no backward/ directory); "
-               f"MMI decoding and "
-               f"backward/MMI selection need one")
-    elif not mmi.use_mmi:
-        why = "MMI switched off (--no_use_mmi)"
-    else:
-        why = ""
-    has_mmi = not why
-    if not has_mmi:
-        if "mmi" in decoders:
-            absent["decoding.mmi"] = why
-        if args.selection:
-            absent["selection.backward"] = absent["selection.mmi"] = why
-        if args.sweep:
-            absent["sweep"] = why
-    run_decoders = [d for d in decoders if d != "mmi" or has_mmi]
-    distractors = draw_distractors(cases, sessions, args.seed) if args.selection else [None] * len(cases)
-    selection_skipped = Counter()
-    if args.selection:
-        selection_skipped["fewer than 9 distinct replies in other sessions"] = sum(d is None for d in distractors)
-
-    # ------------------------------------------------------------------------------------ per case
-    from tqdm.auto import tqdm
-
-    ref_lp: list[float] = []
-    ref_n: list[int] = []
-    outputs: dict[str, list[str]] = {d: [] for d in run_decoders}
-    empty: Counter = Counter()
-    sel_rows: list[dict[str, np.ndarray]] = []       # per selected case: fwd, bwd, n, nctx, engine score
-    samples: list[dict[str, Any]] = []
-    part_s: Counter = Counter()
-    score_diff = 0.0
-    overrides = {
-        "plain": dict(num_candidates=1, use_mmi=False),
-        "mmi": dict(num_candidates=num_candidates, use_mmi=True),
-        "greedy": dict(num_candidates=1, temperature=0.0, use_mmi=False),
-    }
+    tally = Tally()
+    samples = []
     t_loop = time.perf_counter()
-    bar = tqdm(cases, desc="evaluating", unit="case", disable=not args.progress, dynamic_ncols=True)
-    for case in bar:
-        seed = case_seed(args.seed, case.index)
-        sample: dict[str, Any] = {"case": case.index, "source": case.source, "path": case.path, "line": case.line,
-                                  "turn": case.turn, "seed": seed, "context": case.context,
-                                  "reference": case.reference, "outputs": {}, "candidates": {}}
-        t = time.perf_counter()
-        (lp, n), = bot.forward_logprobs(case.context, [case.reference], generation=generation)
-        ref_lp.append(lp)
-        ref_n.append(n)
-        sample["reference_logprob"], sample["reference_tokens"] = lp, n
-        part_s["ppl"] += time.perf_counter() - t
-
-        for name in run_decoders:
-            t = time.perf_counter()
-            reply = bot.reply(case.context, seed=seed, generation=generation, mmi=mmi, **overrides[name])
-            part_s[name] += time.perf_counter() - t
-            outputs[name].append(reply.text)
-            empty[name] += not reply.text
-            sample["outputs"][name] = reply.text
-            sample["model_context"] = reply.context
-            if name == "mmi":
-                sample["candidates"][name] = [
-                    {"text": c.text, "rank": c.rank, "score": c.score, "forward_logprob": c.forward_logprob,
-                     "backward_logprob": c.backward_logprob, "num_tokens": c.num_tokens, "count": c.count}
-                    for c in reply.candidates]
-
-        if distractors[case.index] is not None:
-            t = time.perf_counter()
-            texts = [case.reference] + distractors[case.index]
-            ranked = bot.rerank(case.context, texts, generation=generation, mmi=mmi, use_mmi=has_mmi)
-            part_s["selection"] += time.perf_counter() - t
-            by_text = {c.text: c for c in ranked}
-            row = [by_text[x] for x in texts]          # back to the drawn order: column 0 = the true reply
-            arr = {
-                "fwd": np.array([c.forward_logprob for c in row], dtype=np.float64),
-                "bwd": np.array([c.backward_logprob if c.backward_logprob is not None else np.nan for c in row]),
-                "n": np.array([c.num_tokens for c in row], dtype=np.float64),
-                "nctx": np.array([c.num_context_tokens for c in row], dtype=np.float64),
-                "engine": np.array([c.score for c in row], dtype=np.float64),
-            }
-            if has_mmi:
-                mine = mmi_score(arr["fwd"], arr["bwd"], arr["n"], arr["nctx"], mmi.forward_weight,
-                                  mmi.backward_weight, mmi.length_weight, mmi.normalize)
-            else:
-                mine = mmi_score(arr["fwd"], 0.0, arr["n"], arr["nctx"], 1.0, 0.0, mmi.length_weight,
-                                  mmi.normalize)
-            score_diff = max(score_diff, float(np.abs(mine - arr["engine"]).max()))
-            sel_rows.append(arr)
-            sample["selection"] = {"candidates": texts, "true_rank_mmi" if has_mmi else "true_rank_forward":
-                                   int(metrics.true_reply_ranks(arr["engine"][None])[0])}
-        samples.append(sample)
-    bar.close()
+    for case in tqdm(cases, desc="evaluating", unit="case", disable=not args.progress, dynamic_ncols=True):
+        samples.append(evaluate_case(bot, case, distractors[case.index], plan, generation, mmi,
+                                     case_seed(args.seed, case.index), tally))
     loop_s = time.perf_counter() - t_loop
-    if score_diff > 1e-4:
-        raise RuntimeError(f"mmi_score over the stored log-probs differs from ChatBot.rerank's scores by "
-                           f"{score_diff:.3g}")
 
-    # ------------------------------------------------------------------------------------ aggregate
-    references = [c.reference for c in cases]
-    decoding = {}
-    for name in run_decoders:
-        m = metrics.generation_metrics(outputs[name], references)
-        m["empty_replies"] = empty[name]
-        m["seconds"] = part_s[name]
-        decoding[name] = m
-
-    selection: dict[str, Any] = {}
-    sweep = None
-    if sel_rows:
-        F = np.stack([r["fwd"] for r in sel_rows])
-        B = np.stack([r["bwd"] for r in sel_rows])
-        N = np.stack([r["n"] for r in sel_rows])
-        NC = np.stack([r["nctx"] for r in sel_rows])
-        selection["forward"] = metrics.selection_metrics(
-            mmi_score(F, 0.0, N, NC, 1.0, 0.0, mmi.length_weight, mmi.normalize))
-        if has_mmi:
-            # with "mean" the context length is the same for all 10 candidates, so sum and mean rank alike
-            selection["backward"] = metrics.selection_metrics(mmi_score(F, B, N, NC, 0.0, 1.0, 0.0, mmi.normalize))
-            selection["mmi"] = metrics.selection_metrics(np.stack([r["engine"] for r in sel_rows]))
-            if args.sweep:
-                rows = sweep_selection(F, B, N, NC)
-                current = metrics.selection_metrics(np.stack([r["engine"] for r in sel_rows]))
-                sweep = {"metric": "r10@1", "grid": SWEEP_GRID, "best": rows[0] if rows else None,
-                         "engine_settings": {"forward_weight": mmi.forward_weight,
-                                             "backward_weight": mmi.backward_weight,
-                                             "length_weight": mmi.length_weight, "normalize": mmi.normalize,
-                                             **current},
-                         "results": rows}
-        selection["cases"] = len(sel_rows)
-        selection["candidates_per_case"] = SELECTION_CANDIDATES
-        selection["seconds"] = part_s["selection"]
-
-    wall_s = time.perf_counter() - t_start
+    selection, sweep = selection_report(tally, plan, mmi)
+    skipped_selection = sum(d is None for d in distractors) if plan.selection else 0
     report: dict[str, Any] = {
         "cases": len(cases),
         "sessions": len(sessions),
-        "ppl": metrics.perplexity(ref_lp, ref_n),
-        "reference_tokens": int(sum(ref_n)),
-        "decoding": decoding,
+        "ppl": metrics.perplexity(tally.ref_logprobs, tally.ref_tokens),
+        "reference_tokens": int(sum(tally.ref_tokens)),
+        "decoding": decoding_report(tally, [c.reference for c in cases], plan),
         "selection": selection,
-        "absent": absent,
+        "absent": plan.absent,
         "skipped": {
             "reading_and_cleaning": dict(sorted(counts.items())),
-            "selection_cases": {k: v for k, v in selection_skipped.items() if v},
+            "selection_cases": ({"fewer than 9 distinct replies in other sessions": skipped_selection}
+                                if skipped_selection else {}),
         },
         "notices": list(bot.notices),
-        "timing": {"wall_s": wall_s, "model_load_s": load_s, "cases_loop_s": loop_s,
-                   "cases_per_s": len(cases) / loop_s if loop_s > 0 else 0.0,
-                   "ppl_s": part_s["ppl"], **{f"{k}_s": v for k, v in part_s.items() if k != "ppl"}},
+        "timing": {"wall_s": time.perf_counter() - t_start, "model_load_s": load_s, "cases_loop_s": loop_s,
+                   "cases_per_s": len(cases) / loop_s if loop_s > 0 else 0.0, "ppl_s": tally.seconds["ppl"],
+                   **{f"{k}_s": v for k, v in tally.seconds.items() if k != "ppl"}},
         "settings": {
             "bot": asdict(bot_args) if bot_args else None,
-            "eval": {**asdict(args), "num_candidates_mmi": num_candidates, "decoders_run": run_decoders,
+            "eval": {**asdict(args), "num_candidates_mmi": generation.num_candidates, "decoders_run": plan.decoders,
                      "selection_candidates": SELECTION_CANDIDATES},
             "generation": asdict(generation),
             "mmi": asdict(mmi),
-            "decoder_overrides": {d: overrides[d] for d in run_decoders},
+            "decoder_overrides": {d: DECODER_OVERRIDES[d] for d in plan.decoders},
             "model": {"forward": str(bot.forward_dir) if bot.forward_dir else None,
-                      "backward": str(bot.backward_dir) if bot.backward_dir and has_mmi else None},
+                      "backward": str(bot.backward_dir) if bot.backward_dir and plan.mmi else None},
             "versions": _versions(),
             "command": ["python", "-m", "dialogpt_zh.evaluate", *sys.argv[1:]],
         },
@@ -508,14 +540,16 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 
 def write_outputs(report: dict[str, Any], samples: Sequence[dict[str, Any]], args: EvalArgs) -> None:
-    """Write samples, markdown, then the report, each via a temp file renamed into place."""
-    from dialogpt_zh.fsutil import atomic_write_json, atomic_write_text
+    """Write samples, markdown and the report: all to temp files first, then renamed into place together,
+    so an interrupted run leaves the previous outputs as they were and no temp files."""
+    from dialogpt_zh.fsutil import atomic_write_many
 
+    files = {args.output: json.dumps(report, ensure_ascii=False, indent=2) + "\n"}
     if args.samples:
-        atomic_write_text(args.samples, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        files[args.samples] = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
     if args.markdown:
-        atomic_write_text(args.markdown, markdown_report(report))
-    atomic_write_json(args.output, report)
+        files[args.markdown] = markdown_report(report)
+    atomic_write_many({path: text.encode("utf-8") for path, text in files.items()})
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -531,8 +565,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(a == "--candidates" or a.startswith("--candidates=") for a in argv or sys.argv[1:]):
             raise UserError("--candidates is now --num_candidates (one name in every tool)", field="candidates")
         bot_args, args, generation, mmi = parse(build_parser(), argv)
-        if not args.output:
-            raise UserError("give the report path (--output report.json)", field="output")
         report = evaluate(args, generation, mmi, bot_args=bot_args)
         print(markdown_report(report))
         print(f"wrote {args.output}" + (f", {args.markdown}" if args.markdown else "")

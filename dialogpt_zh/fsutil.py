@@ -79,3 +79,28 @@ def check_output_file(path: str | Path, field: str, inputs: Sequence[str | Path]
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"not writable (permission denied in {parent})", path=path, field=field)
     return path
+
+
+def atomic_write_many(files: dict[str | Path, bytes]) -> None:
+    """Write several files as one step: every temp file first, then the renames; on any error or interrupt
+    before the renames the temp files are removed and every target is left as it was."""
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        while temps:
+            tmp, path = temps[0]
+            os.replace(tmp, path)
+            temps.pop(0)
+    except BaseException:
+        for tmp, _ in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise

@@ -24,7 +24,7 @@ import numpy as np
 __all__ = [
     "char_tokens", "word_tokens", "ngrams", "bleu", "distinct", "entropy", "average_length",
     "repeated_ngram_share", "bland_share", "perplexity", "generation_metrics", "true_reply_ranks",
-    "selection_metrics",
+    "rank_metrics", "selection_metrics",
 ]
 
 
@@ -180,19 +180,27 @@ def generation_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> 
 
 # ---------------------------------------------------------------------------------- response selection
 def true_reply_ranks(scores: np.ndarray, true_index: int = 0) -> np.ndarray:
-    """1-based rank of the true reply in each row of `scores` [cases, candidates] (higher score = better).
+    """1-based rank of the true reply in each row of `scores` [..., cases, candidates] (higher = better).
 
     Ties are pessimistic: every other candidate scoring >= the true reply ranks above it, so a scorer that
     gives everything the same score gets rank = number of candidates, never a lucky rank 1.
-    A NaN score counts as the worst possible score.
+    A NaN score counts as the worst possible score. Leading axes (e.g. one per weighting of a sweep) are kept.
     """
     s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 2:
-        raise ValueError(f"scores must be [cases, candidates], got shape {s.shape}")
+    if s.ndim < 2:
+        raise ValueError(f"scores must be [..., cases, candidates], got shape {s.shape}")
     s = np.where(np.isnan(s), -np.inf, s)
-    true = s[:, true_index:true_index + 1]
-    others = np.delete(s, true_index, axis=1)
-    return 1 + (others >= true).sum(axis=1)
+    true = s[..., true_index:true_index + 1]
+    others = np.delete(s, true_index, axis=-1)
+    return 1 + (others >= true).sum(axis=-1)
+
+
+def rank_metrics(ranks: np.ndarray) -> dict[str, np.ndarray]:
+    """R10@1, R10@2 and MRR (0-100) of 1-based ranks [..., cases], averaged over the cases (last) axis."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return {"r10@1": 100.0 * (ranks <= 1).mean(axis=-1),
+            "r10@2": 100.0 * (ranks <= 2).mean(axis=-1),
+            "mrr": 100.0 * (1.0 / ranks).mean(axis=-1)}
 
 
 def selection_metrics(scores: np.ndarray, true_index: int = 0) -> dict[str, float]:
@@ -204,7 +212,6 @@ def selection_metrics(scores: np.ndarray, true_index: int = 0) -> dict[str, floa
     s = np.asarray(scores, dtype=np.float64)
     if s.size == 0:
         return {"r10@1": 0.0, "r10@2": 0.0, "mrr": 0.0}
-    ranks = true_reply_ranks(s, true_index)
-    return {"r10@1": float(100.0 * (ranks <= 1).mean()),
-            "r10@2": float(100.0 * (ranks <= 2).mean()),
-            "mrr": float(100.0 * (1.0 / ranks).mean())}
+    if s.ndim != 2:
+        raise ValueError(f"scores must be [cases, candidates], got shape {s.shape}")
+    return {k: float(v) for k, v in rank_metrics(true_reply_ranks(s, true_index)).items()}

@@ -26,12 +26,8 @@ def run_cli(tmp_path: Path, model: Path, *extra: str, name: str = "report") -> t
 
 
 @pytest.fixture(scope="module")
-def bot_dir(request):
-    # a trained tiny bot when the trainer's fixture exists (more realistic outputs), else the random one
-    try:
-        return request.getfixturevalue("trained_bot_dir")
-    except pytest.FixtureLookupError:
-        return request.getfixturevalue("random_bot_dir")
+def bot_dir(trained_bot_dir):
+    return trained_bot_dir  # trained tiny models: more realistic outputs than random weights
 
 
 # ------------------------------------------------------------------------------------------- pure parts
@@ -87,19 +83,31 @@ def test_sweep_hand_computed():
     assert E.mmi_score(fwd, bwd, n, nctx, 1.0, 1.0, 0.5, "mean")[0, 0] == pytest.approx(-4 / 2 - 10 / 10 + 0.5 * 2)
 
 
-def test_mmi_scores_match_the_engine(bot_dir):
+def test_sweep_counts_a_nan_score_as_the_worst():
+    # the true reply's backward score is NaN: it must rank last, never a lucky first (the old sweep did)
+    fwd = np.array([[-1.0, -2.0, -3.0]])
+    bwd = np.array([[np.nan, -5.0, -6.0]])
+    n, nctx = np.ones((1, 3)), np.full((1, 3), 4.0)
+    grid = {"forward_weight": [0.0], "backward_weight": [1.0], "length_weight": {"sum": [0.0]}, "normalize": ["sum"]}
+    (row,) = E.sweep_selection(fwd, bwd, n, nctx, grid)
+    assert row["r10@1"] == 0.0 and row["mrr"] == pytest.approx(100 / 3)
+
+
+def test_rerank_scores_are_the_weighted_log_probs(bot_dir):
+    """The engine's rank score, recomputed by hand from its forward and backward log-probs."""
     from dialogpt_zh.engine import ChatBot
 
     bot = ChatBot.from_pretrained(bot_dir)
-    texts = ["你好", "我刚下班", "去公园吧，下午三点见"]
-    for settings in (dict(normalize="mean", forward_weight=0.5, backward_weight=1.0, length_weight=0.1),
-                     dict(normalize="sum", forward_weight=1.0, backward_weight=0.3, length_weight=-0.5)):
-        ranked = bot.rerank(["今天天气真好", "是啊"], texts, **settings)
-        got = E.mmi_score(np.array([c.forward_logprob for c in ranked]), np.array([c.backward_logprob for c in ranked]),
-                           np.array([c.num_tokens for c in ranked]), np.array([c.num_context_tokens for c in ranked]),
-                           settings["forward_weight"], settings["backward_weight"], settings["length_weight"],
-                           settings["normalize"])
-        assert got == pytest.approx([c.score for c in ranked], abs=1e-9)
+    history, texts = ["今天天气真好", "是啊"], ["你好", "我刚下班", "去公园吧，下午三点见"]
+    fwd = dict(zip(texts, bot.forward_logprobs(history, texts)))
+    bwd = dict(zip(texts, bot.backward_logprobs(history, texts)))
+    for norm, wf, wb, wl in (("mean", 0.5, 1.0, 0.1), ("sum", 1.0, 0.3, -0.5)):
+        ranked = bot.rerank(history, texts, normalize=norm, forward_weight=wf, backward_weight=wb, length_weight=wl)
+        for c in ranked:
+            (f, n), (b, nc) = fwd[c.text], bwd[c.text]
+            want = wf * f / n + wb * b / nc + wl * n if norm == "mean" else wf * f + wb * b + wl * n
+            assert c.score == pytest.approx(want, abs=1e-6)
+        assert [c.rank for c in ranked] == [1, 2, 3] and all(a.score >= b.score for a, b in zip(ranked, ranked[1:]))
 
 
 # ------------------------------------------------------------------------------------------- the CLI
@@ -121,9 +129,12 @@ def test_cli_end_to_end_report_shape(tmp_path, bot_dir):
         assert set(sel) == {"r10@1", "r10@2", "mrr"}
         assert 0.0 <= sel["r10@1"] <= sel["r10@2"] <= 100.0
     assert report["selection"]["cases"] == report["cases"]
-    # the sweep's grid contains the engine's default weighting? Not necessarily; but its best is >= any row
+    # the sweep's row for "backward alone" ranks as the selection's backward row does (two code paths)
     sweep = report["sweep"]
-    assert sweep["best"]["r10@1"] == max(r["r10@1"] for r in sweep["results"])
+    (row,) = [r for r in sweep["results"] if (r["normalize"], r["forward_weight"], r["backward_weight"],
+                                               r["length_weight"]) == ("mean", 0.0, 1.0, 0.0)]
+    assert {k: row[k] for k in ("r10@1", "r10@2", "mrr")} == pytest.approx(report["selection"]["backward"])
+    assert sweep["engine_settings"]["r10@1"] == report["selection"]["mmi"]["r10@1"]
     # nothing dropped silently: the train-split session and the one-turn session are counted
     counts = report["skipped"]["reading_and_cleaning"]
     assert counts["session_not_in_split (train)"] == 1 and counts["session_too_short"] == 1
@@ -219,3 +230,95 @@ def test_help_lists_engine_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--data", "--last_turn_only", "--top_p", "--backward_weight", "--normalize", "--sweep", "examples:"):
         assert flag in text
+
+
+# ------------------------------------------------------------------------------------ hostile inputs
+# Refused before any model is loaded or any case evaluated (the model path does not exist, so an error
+# about anything else proves the order), exit 2, one line naming the field, no report written.
+HOSTILE_FLAGS = [
+    (["--num_candidates", "100000"], "num_candidates"), (["--max_length", "100000"], "max_length"),
+    (["--temperature", "inf"], "temperature"), (["--backward_weight", "nan"], "backward_weight"),
+    (["--forward_weight=-inf"], "forward_weight"), (["--top_p", "0"], "top_p"),
+    (["--max_history", "0"], "max_history"), (["--repetition_penalty", "nan"], "repetition_penalty"),
+    (["--device", "cuda"], "device"), (["--candidates", "5"], "now --num_candidates"),
+    (["--output", "{tmp}"], "is a directory"), (["--output", "{tmp}/afile/r.json"], "afile"),
+    (["--markdown", "{tmp}/outdir"], "markdown"), (["--samples", "{tmp}/r.json"], "same file as --output"),
+    (["--output", str(HELDOUT)], "input"), (["--limit", "-1"], "limit"), (["--decoders", "beam"], "decoders"),
+    (["--split", "test"], "split(s) train, valid"),
+]
+
+
+@pytest.mark.parametrize("flags,words", HOSTILE_FLAGS, ids=[" ".join(f) for f, _ in HOSTILE_FLAGS])
+def test_hostile_flags_are_refused_before_the_work(flags, words, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "outdir").mkdir()
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    # no model at this path: an error about anything else shows it was found before loading (or evaluating)
+    model = str(tmp_path / "no_model_here")
+    argv = ["--data", str(HELDOUT), "--output", str(tmp_path / "r.json"), "--model", model, "--no_progress", *flags]
+    code = E.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and words in err and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_evaluate_keeps_the_callers_bot_settings(bot_dir, tmp_path):
+    from dialogpt_zh.engine import ChatBot, GenerationSettings
+
+    bot = ChatBot.from_pretrained(bot_dir, generation=GenerationSettings(num_candidates=3, max_length=5))
+    before = (bot.generation, bot.mmi_settings)
+    args = E.EvalArgs(data=[str(HELDOUT)], output=str(tmp_path / "r.json"), limit=2, decoders="mmi",
+                      selection=False, progress=False)
+    report = E.evaluate(args, bot=bot)
+    assert (bot.generation, bot.mmi_settings) == before                   # not replaced
+    assert report["settings"]["generation"]["num_candidates"] == 3        # the bot's settings were evaluated
+    other = E.evaluate(args, GenerationSettings(num_candidates=2, max_length=4), bot=bot, write=False)
+    assert other["settings"]["generation"]["num_candidates"] == 2 and bot.generation == before[0]
+
+
+def test_sigterm_leaves_previous_outputs_and_no_temp_files(bot_dir, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from dialogpt_zh.engine import ChatBot
+
+    for name in ("r.json", "r.md", "r.jsonl"):
+        (tmp_path / name).write_text("previous run\n")
+    calls = []
+    real = ChatBot.reply
+
+    def reply_then_sigterm(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # mid-run, as `kill PID` or `timeout` would
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(ChatBot, "reply", reply_then_sigterm)
+    code = E.main(["--data", str(HELDOUT), "--model", str(bot_dir), "--output", str(tmp_path / "r.json"),
+                   "--markdown", str(tmp_path / "r.md"), "--samples", str(tmp_path / "r.jsonl"), *FAST])
+    assert code == 143 and "terminated" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.jsonl", "r.md"]   # no temp litter
+    assert all((tmp_path / n).read_text() == "previous run\n" for n in ("r.json", "r.md", "r.jsonl"))
+    assert signal.getsignal(signal.SIGTERM) is not None and len(calls) == 3
+
+
+def test_outputs_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
+    import os
+
+    from dialogpt_zh import fsutil
+
+    (tmp_path / "a").write_text("old a")
+    (tmp_path / "b").write_text("old b")
+    real_replace = os.replace
+
+    def fail_on_b(src, dst):
+        if str(dst).endswith("b"):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", fail_on_b)
+    with pytest.raises(KeyboardInterrupt):
+        fsutil.atomic_write_many({tmp_path / "b": b"new b", tmp_path / "a": b"new a"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    assert (tmp_path / "a").read_text() == "old a" and (tmp_path / "b").read_text() == "old b"
