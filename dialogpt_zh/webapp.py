@@ -23,6 +23,7 @@ import gradio as gr  # noqa: E402
 
 from dialogpt_zh.cli import make_parser, parse, run_main  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
+from dialogpt_zh.fsutil import check_output_file  # noqa: E402
 from dialogpt_zh.settings import (PAGE_RANGES, BotArguments, GenerationSettings, MMISettings,  # noqa: E402
                                   apply_overrides, field_help)
 
@@ -56,6 +57,14 @@ class WebArguments:
     seed: int | None = field(default=None, metadata=field_help(
         "seed every reply with this (reproducible demos); default: a fresh random seed per reply, "
         "shown on the page so a reply can be reproduced"))
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("port", 0, 65535), ("concurrency", 1, 256), ("max_queue", 1, 100_000),
+                             ("max_input_chars", 1, 100_000)):
+            if not lo <= getattr(self, name) <= hi:
+                raise UserError(f"must be in [{lo}, {hi}], got {getattr(self, name)}", field=name)
+        if self.transcript:  # found at start, not at the first turn
+            check_output_file(self.transcript, field="transcript")
 
 
 @dataclass

@@ -482,3 +482,39 @@ def test_typed_special_token_text_stays_text(random_bot_dir):
     sep, cls = bot.tokenizer.sep_token_id, bot.tokenizer.cls_token_id
     ids = bot._encode("你好[SEP][CLS]")
     assert sep not in ids and cls not in ids and len(ids) == 12
+
+
+# ---------------------------------------------------------------------------------------- settings
+
+def test_settings_are_bounded_when_called_from_python(bot):
+    from dialogpt_zh.settings import SettingsError
+
+    for bad in (dict(num_candidates=100_000), dict(max_length=100_000), dict(temperature=float("inf")),
+                dict(backward_weight=float("nan"))):
+        with pytest.raises(SettingsError, match=next(iter(bad))):
+            bot.reply(HISTORY, **bad)
+    with pytest.raises(SettingsError, match="num_candidates"):
+        bot.rerank(HISTORY, ["嗯"], generation=GenerationSettings(num_candidates=0))
+    with pytest.raises(TypeError, match="GenerationSettings"):
+        ChatBot(bot.forward_model, bot.tokenizer, generation={"num_candidates": 3})
+
+
+def test_user_input_is_cleaned_with_the_cards_store_options(random_bot_dir, tmp_path):
+    import json
+    import shutil
+
+    default = ChatBot.from_pretrained(random_bot_dir)
+    assert default.cleaning == {"max_repeat": 4, "mask_pii": True}      # an old card: the defaults
+    bot_dir = tmp_path / "bot"
+    shutil.copytree(random_bot_dir, bot_dir)
+    card_path = bot_dir / "forward" / "dialogpt_zh.json"
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card["store_config"] = {"max_repeat": 2, "mask_pii": False, "max_utterance_chars": 120}
+    card_path.write_text(json.dumps(card), encoding="utf-8")
+    bot = ChatBot.from_pretrained(bot_dir)
+    assert bot.cleaning == {"max_repeat": 2, "mask_pii": False}
+    text = "哈哈哈哈哈哈 13812345678"
+    seen = bot.reply([text], num_candidates=1, max_length=2, seed=0).context[-1]
+    assert seen.startswith("哈哈 ") and "13812345678" in seen                 # capped at 2, number kept
+    seen_default = default.reply([text], num_candidates=1, max_length=2, seed=0).context[-1]
+    assert seen_default.startswith("哈哈哈哈 ") and "13812345678" not in seen_default

@@ -219,3 +219,21 @@ def test_launcher_runs_from_a_fresh_checkout(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "model path not found" in result.stderr and "Traceback" not in result.stderr
+
+
+# Refused before a model is loaded or a port opened: exit 2, one line naming the field, no traceback.
+HOSTILE_FLAGS = [
+    (["--num_candidates", "100000"], "num_candidates"), (["--max_length", "100000"], "max_length"),
+    (["--temperature", "inf"], "temperature"), (["--backward_weight", "nan"], "backward_weight"),
+    (["--top_p", "1.5"], "top_p"), (["--device", "cuda"], "device"), (["--concurrency", "0"], "concurrency"),
+    (["--max_queue", "0"], "max_queue"), (["--port", "70000"], "port"), (["--max_input_chars", "0"], "max_input_chars"),
+    (["--transcript", "{tmp}"], "transcript"), (["--threads", "-2"], "threads"),
+]
+
+
+@pytest.mark.parametrize("flags,field", HOSTILE_FLAGS, ids=[" ".join(f) for f, _ in HOSTILE_FLAGS])
+def test_hostile_flags_are_refused_up_front(flags, field, tmp_path, capsys):
+    code = webapp.main(["--model", str(tmp_path / "no_model_here"), *[f.replace("{tmp}", str(tmp_path)) for f in flags]])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and field in err and "Traceback" not in err
