@@ -310,6 +310,10 @@ class ChatBot:
         self._blocklists: dict[tuple[str, float], list[str]] = {}
         if self.mmi_settings.blocklist:
             self._blocklist(self.mmi_settings.blocklist)  # a missing file is an error now, not on every reply
+        positions = min(_n_positions(m) for m in (forward_model, backward_model) if m is not None)
+        if self.generation.max_length + 4 > positions:  # [CLS], [SEP]s and 2 context tokens must fit too
+            raise UserError(f"must be at most {positions - 4} for these models ({positions} positions), got "
+                            f"{self.generation.max_length}", field="max_length")
         # GPT-2 models run through LeanGPT2 (same results, less per-call overhead); False: always transformers
         self.use_lean_forward = True
 

@@ -497,6 +497,9 @@ def test_settings_are_bounded_when_called_from_python(bot):
         bot.rerank(HISTORY, ["嗯"], generation=GenerationSettings(num_candidates=0))
     with pytest.raises(TypeError, match="GenerationSettings"):
         ChatBot(bot.forward_model, bot.tokenizer, generation={"num_candidates": 3})
+    # in bounds, but longer than these models can hold: refused when the bot is made, not on every reply
+    with pytest.raises(UserError, match=r"max_length: must be at most 252 for these models \(256 positions\)"):
+        ChatBot(bot.forward_model, bot.tokenizer, generation=GenerationSettings(max_length=1000))
 
 
 def test_user_input_is_cleaned_with_the_cards_store_options(random_bot_dir, tmp_path):
