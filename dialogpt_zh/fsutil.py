@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from dialogpt_zh.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -35,34 +44,167 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
-    """Yield a fresh temp directory beside `final`; on success it replaces `final` in one rename.
+# ------------------------------------------------------------------------------------------ directories
 
-    On any exception the temp directory is removed and `final` is left as it was.
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _temp_name_re(final: Path) -> re.Pattern:
+    # .NAME.tmp-PID-XXXXXXXX: the temp directory of a run (PID) writing NAME
+    return re.compile(r"\.%s\.tmp-(\d+)-[0-9a-f]{8}" % re.escape(final.name))
+
+
+def _old_name_re(final: Path) -> re.Pattern:
+    # .NAME.old-PID: the previous NAME, moved aside by a run (PID) where an exchange is not supported
+    return re.compile(r"\.%s\.old-(\d+)" % re.escape(final.name))
+
+
+def _remove_tree(path: Path, what: str) -> None:
+    """rmtree that reports what it could not remove (a warning: the caller's result stands)."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("could not remove %s %s: %s", what, path, e.strerror or e)
+
+
+def clean_stale_temp_dirs(final: str | Path) -> list[Path]:
+    """Remove the temp directories that killed runs (kill -9, power loss) left beside `final`.
+
+    Only entries that are clearly ours: a directory (not a link) named `.NAME.tmp-PID-XXXXXXXX` whose PID is
+    not a live process. A `.NAME.old-PID` of a dead run (the previous output moved aside where an atomic
+    exchange is unsupported) is moved back to NAME when NAME is missing, else removed.
+    Returns the paths removed or restored.
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    final = Path(os.path.abspath(final))
+    parent = final.parent
+    if not parent.is_dir():
+        return []
+    tmp_re, old_re = _temp_name_re(final), _old_name_re(final)
+    done = []
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        for regex in (tmp_re, old_re):
+            m = regex.fullmatch(entry.name)
+            if not m or entry.is_symlink() or not entry.is_dir():
+                continue
+            pid = int(m.group(1))
+            if pid == os.getpid() or pid_alive(pid):
+                continue
+            if regex is old_re and not os.path.lexists(final):
+                try:
+                    os.rename(entry, final)
+                    log.warning("restored %s from %s (left by a run killed while replacing it)", final, entry)
+                except OSError as e:
+                    log.warning("could not restore %s from %s: %s", final, entry, e.strerror or e)
+            else:
+                _remove_tree(entry, "stale temp directory")
+                log.info("removed %s (left by a killed run, pid %d)", entry, pid)
+            done.append(entry)
+    return done
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic rename (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # kernel or file system without the flag
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def check_replaceable(final: Path, replace_existing: bool) -> None:
+    """What `atomic_directory` may replace: nothing, an empty directory, or (replace_existing) a directory."""
+    if final.is_symlink():
+        raise UserError("is a symbolic link; give the directory it points to", path=final)
+    if final.exists() and not final.is_dir():
+        raise UserError("exists and is not a directory; refusing to replace it", path=final)
+    if not replace_existing and final.is_dir() and any(final.iterdir()):
+        raise UserError("directory exists and is not empty; refusing to replace it", path=final)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | Path, replace_existing: bool = False) -> Iterator[Path]:
+    """Yield a new temp directory beside `final` (`.NAME.tmp-PID-XXXXXXXX`); when the block succeeds, the
+    complete directory takes the place of `final`.
+
+    What may be at `final`: nothing, an empty directory, or - only with `replace_existing` (the caller has
+    decided, e.g. from `--overwrite`) - a directory with files. A file, a link or (without the flag) a
+    non-empty directory is a UserError, checked before the block runs and again before the rename.
+
+    The guarantee: `final` is the old output, untouched, until the new one is complete; then one rename
+    puts the new one in place. A new `final` is one plain rename. An existing one is swapped with the temp
+    directory in one atomic exchange (Linux renameat2 RENAME_EXCHANGE) and the old copy, now at the temp
+    name, is removed. Where the exchange is unsupported it takes two renames (old aside to `.NAME.old-PID`,
+    new into place): for that instant `final` is missing and the old output sits complete beside it;
+    `clean_stale_temp_dirs` (run on entry here) moves it back if the process died in between.
+
+    On any exception (and Ctrl-C / SIGTERM raised as exceptions) the temp directory is removed and `final`
+    is left as it was; temp directories of killed runs are removed by the next run for the same `final`.
+    The directory gets the umask's permissions (mkdtemp alone makes it private: 0700).
+    """
+    final = Path(os.path.abspath(final))
+    clean_stale_temp_dirs(final)
+    check_replaceable(final, replace_existing)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(mode=0o777)  # mode & ~umask
+    except OSError as e:
+        raise UserError(f"cannot create the output: {e.strerror or e}", path=final) from e
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(tmp, "temp directory")
         raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        _put_in_place(tmp, final, replace_existing)
+    except BaseException as exc:
+        if tmp.exists():
+            _remove_tree(tmp, "temp directory")
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot put the output in place: {exc.strerror or exc}", path=final) from exc
+        raise
+
+
+def _put_in_place(tmp: Path, final: Path, replace_existing: bool) -> None:
+    check_replaceable(final, replace_existing)
+    if not final.exists() or not any(final.iterdir()):
+        os.rename(tmp, final)  # rename(2) replaces an empty directory
+        return
+    if _exchange(tmp, final):
+        _remove_tree(tmp, "the previous output (now at)")
+        return
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        os.rename(old, final)
+        raise
+    _remove_tree(old, "the previous output (now at)")
 
 
 def check_output_file(path: str | Path, field: str, inputs: Sequence[str | Path] = ()) -> Path:
     """Refuse, before any work, an output file that could not be written: a directory, a parent that is a
     file or not writable, or one of the run's `inputs` (never write into an input). Creates nothing."""
-    from dialogpt_zh.errors import UserError
-
     path = Path(path)
     if path.is_dir():
         raise UserError("is a directory; give a file path to write", path=path, field=field)

@@ -24,8 +24,10 @@ consecutive turns fit; with the defaults (120 chars, 256 tokens) this never happ
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shlex
+import signal
 import sys
 import time
 from array import array
@@ -42,6 +44,7 @@ from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import atomic_directory
 from dialogpt_zh.readers import FORMATS, InputScan, read_file, scan_inputs
 from dialogpt_zh.sequence import sequence_length
+from dialogpt_zh.tokenizer import UtteranceEncoder
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,11 @@ DROP_REASONS = ("utterance_empty_dropped", "utterance_not_text", "session_too_sh
 
 @dataclass
 class PreprocessArguments:
-    output: str = field(metadata=field_help("output store directory (replaced atomically when the run succeeds)"))
+    output: str = field(metadata=field_help(
+        "output store directory; written beside it and put in place only when complete. It must not exist (or be "
+        "empty), be nor hold nor lie inside an input"))
+    overwrite: bool = field(default=False, metadata=field_help(
+        "replace an existing OUTPUT that is a token store (anything else there is never replaced)"))
     format: str = field(default="auto", metadata=field_help(
         f"input format: auto (by extension and content) or one of {', '.join(FORMATS)}; any file may be "
         "gzip'd (.gz) or in a .zip (each member read as its own file)"))
@@ -137,6 +144,11 @@ def make_windows(lengths: Sequence[int], max_turns: int, max_tokens: int) -> lis
         start = nxt
 
 
+def max_utterance_tokens(max_tokens: int) -> int:
+    """Longest utterance (tokens) kept whole: any two consecutive turns then fit in one window."""
+    return (max_tokens - 3) // 2
+
+
 # ---------------------------------------------------------------- split
 
 def split_indices(n: int, valid_ratio: float, test_ratio: float, seed: int,
@@ -193,71 +205,6 @@ def load_tokenizer_for(args: PreprocessArguments):
     return load_vocab_tokenizer(path)
 
 
-class UtteranceEncoder:
-    """Token ids of many utterances at once: (flat ids, offsets), utterance k = flat[off[k]:off[k+1]].
-
-    For a char tokenizer built by `build_char_tokenizer` the ids are looked up with one numpy table over
-    code points (its pipeline is NFKC + lowercase + one token per non-space character, and our text is
-    already NFKC); this is checked against the real tokenizer on the first batch and on `verify_every`-th
-    batch after, falling back to `encode_batch` if they ever differ. Other tokenizers (a BERT vocab) always
-    go through the fast tokenizer's `encode_batch`.
-    """
-
-    def __init__(self, tokenizer, dtype: np.dtype, char_level: bool, verify_every: int = 50) -> None:
-        self.tokenizer = tokenizer
-        self.dtype = dtype
-        self.table = None
-        self.verify_every = verify_every
-        self.batches = 0
-        self.fallback_reason: str | None = None
-        if char_level:
-            unk = tokenizer.unk_token_id
-            table = np.full(0x110000, unk, dtype=np.int64)
-            for tok, i in tokenizer.get_vocab().items():
-                if len(tok) == 1:
-                    table[ord(tok)] = i
-            for cp in range(0x3000 + 1):  # whitespace (all of it lies below U+3001) is not a token
-                if chr(cp).isspace():
-                    table[cp] = -1
-            self.table = table
-
-    def _table_encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        joined = "\n".join(texts).lower()
-        cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
-        ids = self.table[cps]
-        keep = ids >= 0
-        # utterance boundaries: the "\n" separators (utterances hold no newline after normalize_text)
-        bounds = np.concatenate([[0], np.flatnonzero(cps == 10) + 1, [len(cps) + 1]])
-        csum = np.concatenate([[0], np.cumsum(keep)])
-        offsets = csum[np.minimum(bounds, len(cps))]
-        return ids[keep].astype(self.dtype), offsets
-
-    def _generic_encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            seqs = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-        else:
-            seqs = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-        np.cumsum([len(x) for x in seqs], out=offsets[1:])
-        flat = np.fromiter((i for x in seqs for i in x), dtype=self.dtype, count=int(offsets[-1]))
-        return flat, offsets
-
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        if self.table is None:
-            return self._generic_encode(texts)
-        flat, offsets = self._table_encode(texts)
-        if self.batches % self.verify_every == 0:
-            ref_flat, ref_off = self._generic_encode(texts)
-            if not (np.array_equal(ref_off, offsets) and np.array_equal(ref_flat, flat)):
-                self.fallback_reason = "fast char lookup differed from the tokenizer; using encode_batch"
-                log.warning(self.fallback_reason)
-                self.table = None
-                flat, offsets = ref_flat, ref_off
-        self.batches += 1
-        return flat, offsets
-
-
 def _progress(enabled: bool, **kw):
     from tqdm.auto import tqdm
 
@@ -292,6 +239,13 @@ def _finish_stats(st: dict[str, Any]) -> dict[str, Any]:
     for k in ("turns_per_session", "turns_per_window"):
         out[k] = {str(t): c for t, c in sorted(st[k].items())}
     return out
+
+
+def _total(counters: dict[str, Counter]) -> Counter:
+    total: Counter = Counter()
+    for c in counters.values():
+        total.update(c)  # (Counter + Counter would drop the zero counts the manifest lists)
+    return total
 
 
 def _add_stats(into: dict[str, Any], st: dict[str, Any]) -> None:
@@ -333,6 +287,9 @@ def _batches(items: list) -> list[list]:
 def _init_clean_worker(options: CleaningOptions) -> None:
     global _worker_options
     _worker_options = options
+    # the parent handles Ctrl-C (sent to the whole process group) and SIGTERM, and stops the workers itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def clean_unit(batches: list[list[list]], options: CleaningOptions | None = None
@@ -397,297 +354,423 @@ def _ordered_map(pool, units: Iterator[tuple[int, list[list[list]], list]], work
         yield fi0, splits0, res.get()
 
 
+# ---------------------------------------------------------------- output
+
+def is_token_store(path: Path) -> bool:
+    """A directory our preprocessor wrote (its manifest names our format): what --overwrite may replace."""
+    from dialogpt_zh.store import MANIFEST, STORE_FORMAT
+
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format") == STORE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output(args: PreprocessArguments, inputs: Sequence[str | Path]) -> Path:
+    """The output directory, resolved, after refusing what it may not replace (before any work is done):
+    an input (or a directory holding one, or one inside an input), the current directory, a file, and an
+    existing directory unless `--overwrite` is given and it is a token store."""
+    out = Path(args.output).resolve()
+    named = [("input", p) for p in inputs] + [(f"--{k}", getattr(args, k)) for k in ("vocab", "blocklist")
+                                               if getattr(args, k)]
+    for what, p in named:
+        p = Path(p).resolve()
+        if out == p or out in p.parents or p in out.parents:
+            rel = "is" if out == p else "contains" if out in p.parents else "is inside"
+            raise UserError(f"the output {rel} the {what} {p}; the preprocessor never writes over or into "
+                            f"its inputs: choose another --output", path=args.output, field="output")
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise UserError("the output is (or contains) the current directory; choose another --output",
+                        path=args.output, field="output")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserError("exists and is not a directory; choose another --output", path=args.output)
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise UserError("output directory exists; pass --overwrite to replace it", path=args.output)
+        if not is_token_store(out):
+            raise UserError("exists and is not a token store (no manifest.json of one); refusing to replace it "
+                            "even with --overwrite: choose another --output", path=args.output)
+    return out
+
+
+# ---------------------------------------------------------------- pass 1: read + clean
+
+@dataclass
+class CleanedCorpus:
+    """Pass 1's result: the cleaned sessions in a temp file (one per line, turns joined by TAB) and, per
+    session, only what dedupe and split need (memory stays flat however big the corpus)."""
+
+    path: Path
+    sources: list[str]
+    hashes: np.ndarray          # int64 hash of the cleaned session text
+    source: np.ndarray          # uint16 index into `sources`
+    own_split: np.ndarray       # int16 index into `split_names` (-1: the session's source names no split)
+    split_names: dict[str, int]
+    counters: dict[str, Counter]  # per source, by reason
+    inputs_info: list[dict]
+    chars: int
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def count_per_source(self, mask: np.ndarray, reason: str) -> None:
+        """Add the sessions in `mask` to each source's counter `reason`."""
+        for si, count in enumerate(np.bincount(self.source[mask], minlength=len(self.sources))):
+            if count:
+                self.counters[self.sources[si]][reason] += int(count)
+
+
+def _read_units(files: list[tuple[int, Any]], counters: dict[str, Counter], sources: list[str],
+                sessions_read: dict[int, int]) -> Iterator[tuple[int, list[list[list]], list]]:
+    """(file index, raw sessions in batches of CLEAN_BATCH, their splits) per unit of cleaning work."""
+    for fi, (si, cf) in enumerate(files):
+        c = counters[sources[si]]
+        before = c["sessions_read"]
+        turns, splits = [], []
+        for raw in read_file(cf, c):
+            turns.append(raw.turns)
+            splits.append(raw.split)
+            if len(turns) >= CLEAN_BATCH * UNIT_BATCHES:
+                yield fi, _batches(turns), splits
+                turns, splits = [], []
+        if turns:
+            yield fi, _batches(turns), splits
+        sessions_read[fi] = c["sessions_read"] - before
+
+
+def read_and_clean(args: PreprocessArguments, scans: list[InputScan], options: CleaningOptions,
+                   tmp_path: Path) -> CleanedCorpus:
+    """Pass 1: read every input and clean it (in `--workers` processes, results kept in input order)."""
+    sources = [s.source for s in scans]
+    counters = {s: Counter() for s in sources}
+    hashes, src_ids, src_splits = array("q"), array("H"), array("h")
+    split_names: dict[str, int] = {}
+    files = [(si, cf) for si, scan in enumerate(scans) for cf in scan.files]
+    sessions_read: dict[int, int] = {}  # file index -> raw sessions read
+    kept_per_file: Counter = Counter()
+    chars = 0
+    workers = effective_workers(args.workers, files)
+    with open(tmp_path, "w", encoding="utf-8", newline="\n") as tmp, \
+            _progress(args.progress, desc="read+clean", unit=" sessions") as bar, \
+            _clean_pool(workers, options) as pool:
+        units = _read_units(files, counters, sources, sessions_read)
+        for fi, splits, (text, hash_bytes, pieces, n_chars, c_counts) in _ordered_map(pool, units, workers):
+            si = files[fi][0]
+            counters[sources[si]].update(c_counts)
+            tmp.write(text)
+            hashes.frombytes(hash_bytes)
+            k = len(hash_bytes) // 8
+            src_ids.extend(array("H", [si]) * k)
+            if len(set(splits)) == 1:
+                sp = splits[0]
+                code = split_names.setdefault(sp, len(split_names)) if sp and k else -1
+                src_splits.extend(array("h", [code]) * k)
+            else:
+                for sp, count in zip(splits, pieces):
+                    if count:
+                        code = split_names.setdefault(sp, len(split_names)) if sp else -1
+                        src_splits.extend(array("h", [code]) * count)
+            chars += n_chars
+            kept_per_file[fi] += k
+            bar.update(k)
+    inputs_info = []
+    for si, scan in enumerate(scans):
+        counters[scan.source]["files_skipped"] += len(scan.skipped)
+        inputs_info.append({"path": str(scan.path), "source": scan.source, "files": [],
+                            "skipped_files": scan.skipped})
+    file_hashes: dict[Path, str] = {}  # size and sha256 are of the file on disk (a zip member: its archive)
+    for fi, (si, cf) in enumerate(files):
+        if cf.path not in file_hashes:
+            file_hashes[cf.path] = file_sha256(cf.path)
+        inputs_info[si]["files"].append({"path": cf.name, "format": cf.format, "split": cf.split,
+                                         "size": cf.path.stat().st_size, "sha256": file_hashes[cf.path],
+                                         "sessions_read": sessions_read[fi],
+                                         "sessions_cleaned": kept_per_file[fi]})
+    corpus = CleanedCorpus(tmp_path, sources, np.frombuffer(hashes, dtype=np.int64),
+                           np.frombuffer(src_ids, dtype=np.uint16), np.frombuffer(src_splits, dtype=np.int16),
+                           split_names, counters, inputs_info, chars)
+    if not len(corpus):
+        total = _total(counters)
+        dropped = ", ".join(f"{r} {total[r]:,d}" for r in DROP_REASONS if total.get(r)) or "none"
+        raise UserError(f"no sessions left after cleaning ({total['sessions_read']:,d} sessions read; dropped: "
+                        f"{dropped}); nothing to write", path=scans[0].path)
+    return corpus
+
+
+# ---------------------------------------------------------------- pass 2: dedupe + split
+
+@dataclass
+class SplitPlan:
+    """Pass 2's result: where each cleaned session goes."""
+
+    labels: np.ndarray  # int8 per session: 0 train, 1 valid, 2 test, -1 left out (duplicate or held out)
+    holdout: list[str]
+    holdout_not_found: list[str]
+
+    @property
+    def kept(self) -> int:
+        return int((self.labels >= 0).sum())
+
+
+def dedupe_and_split(args: PreprocessArguments, corpus: CleanedCorpus) -> SplitPlan:
+    """Pass 2: drop exact duplicates (the first is kept) and held-out sessions, then assign splits."""
+    h = corpus.hashes
+    _, first = np.unique(h, return_index=True)
+    keep = np.zeros(len(corpus), dtype=bool)
+    keep[first] = True
+    corpus.count_per_source(~keep, "session_duplicate")
+    holdout = sorted({x.strip() for x in args.holdout_source_splits.split(",") if x.strip()})
+    not_found = [name for name in holdout if name not in corpus.split_names]
+    if not_found:
+        log.warning("--holdout-source-splits: no input has a source split named %s (seen: %s); "
+                    "names must match exactly (dev is not valid)", ", ".join(not_found),
+                    ", ".join(sorted(corpus.split_names)) or "none")
+    if holdout:
+        in_holdout = np.isin(corpus.own_split, [i for name, i in corpus.split_names.items() if name in holdout])
+        held = keep & in_holdout
+        # a session equal to a held-out one (a duplicate in another file) is left out too, whichever
+        # came first, so that no held-out session is ever trained on
+        same = keep & ~in_holdout & np.isin(h, h[in_holdout])
+        corpus.count_per_source(held, "session_held_out")
+        corpus.count_per_source(same, "session_same_as_held_out")
+        keep &= ~(held | same)
+        if not keep.any():
+            raise UserError("every session is in a held-out source split; nothing left to train on",
+                            field="holdout_source_splits")
+    labels = np.full(len(corpus), -1, dtype=np.int8)
+    if args.keep_source_splits:
+        code_of = np.full(len(corpus.split_names) + 1, -1, dtype=np.int8)  # the last entry: no split (-1)
+        for name, i in corpus.split_names.items():
+            code_of[i] = SOURCE_SPLIT_CODES.get(name, -1)
+        own = code_of[corpus.own_split]
+        labels[keep & (own >= 0)] = own[keep & (own >= 0)]
+    free = np.flatnonzero(keep & (labels < 0))
+    if len(free):
+        labels[free] = split_indices(len(free), args.valid_ratio, args.test_ratio, args.seed, corpus.source[free])
+    labels[~keep] = -1
+    return SplitPlan(labels, holdout, not_found)
+
+
+# ---------------------------------------------------------------- pass 3: tokenizer
+
+def make_tokenizer(args: PreprocessArguments, corpus: CleanedCorpus, plan: SplitPlan, given_tokenizer=None
+                   ) -> tuple[Any, dict[str, Any]]:
+    """Pass 3: the `--vocab` tokenizer, or a char tokenizer built from the train split's characters."""
+    from dialogpt_zh.tokenizer import build_char_tokenizer, count_chars
+
+    if given_tokenizer is not None:
+        info = {"kind": "vocab", "vocab": str(args.vocab)}
+        if Path(args.vocab).is_file():
+            info["vocab_sha256"] = file_sha256(Path(args.vocab))
+        info["vocab_size"] = len(given_tokenizer)
+        return given_tokenizer, info
+    char_counts: Counter = Counter()
+    chunk: list[str] = []
+    with open(corpus.path, encoding="utf-8") as tmp:
+        for i, line in enumerate(tmp):
+            if plan.labels[i] == 0:
+                chunk.append(line)
+                if len(chunk) >= 5000:
+                    count_chars(["".join(chunk)], char_counts)
+                    chunk = []
+    count_chars(["".join(chunk)], char_counts)
+    if not char_counts:
+        raise UserError("the train split is empty; lower --valid_ratio/--test_ratio or add data", field="valid_ratio")
+    tokenizer = build_char_tokenizer(char_counts, args.min_frequency)
+    return tokenizer, {"kind": "char", "min_frequency": args.min_frequency, "chars_seen": len(char_counts),
+                       "vocab_size": len(tokenizer)}
+
+
+# ---------------------------------------------------------------- pass 4: tokenize, window, write
+
+class WindowWriter:
+    """Pass 4's work on one batch of sessions: encode, cut into windows, append to the store, count.
+
+    Vectorised over the batch, with the same bytes and counts as session by session: sessions are appended
+    to their split in input order.
+    """
+
+    def __init__(self, writer, encoder: UtteranceEncoder, corpus: CleanedCorpus, plan: SplitPlan,
+                 max_turns: int, max_tokens: int) -> None:
+        self.writer, self.encoder = writer, encoder
+        self.labels, self.source, self.sources = plan.labels, corpus.source, corpus.sources
+        self.max_turns, self.max_tokens = max_turns, max_tokens
+        self.max_utterance_tokens = max_utterance_tokens(max_tokens)
+        self.unk_id = encoder.tokenizer.unk_token_id
+        self.stats = {(s, sp): _new_stats() for s in self.sources for sp in STORE_SPLITS}
+        self.tokens_truncated = 0
+
+    def add(self, batch: list[tuple[int, list[str]]]) -> None:
+        """Write a batch of (session index, turns)."""
+        idx = np.fromiter((i for i, _ in batch), dtype=np.int64, count=len(batch))
+        nturns = np.fromiter((len(turns) for _, turns in batch), dtype=np.int64, count=len(batch))
+        flat, lengths = self._encode([u for _, turns in batch for u in turns])
+        first_utt = np.concatenate([[0], np.cumsum(nturns)])
+        first_tok = np.concatenate([[0], np.cumsum(lengths)])
+        tokens = first_tok[first_utt[1:]] - first_tok[first_utt[:-1]]
+        unk_cum = np.concatenate([[0], np.cumsum(flat == self.unk_id)])
+        unk = unk_cum[first_tok[first_utt[1:]]] - unk_cum[first_tok[first_utt[:-1]]]
+        chars = np.fromiter((sum(map(len, turns)) for _, turns in batch), dtype=np.int64, count=len(batch))
+        sess, rows, n_win = self._windows(nturns, tokens, lengths, first_utt)
+        split_of, src_of = self.labels[idx], self.source[idx]
+        for code, split in enumerate(STORE_SPLITS):
+            in_split = split_of == code
+            if not in_split.any():
+                continue
+            utt_mask = np.repeat(in_split, nturns)
+            tok_mask = np.repeat(utt_mask, lengths)
+            base = np.cumsum(np.where(in_split, nturns, 0)) - nturns  # first utterance in this split's part
+            w = in_split[sess]
+            self.writer.add_sessions(split, flat[tok_mask], lengths[utt_mask],
+                                     rows[w] + np.stack([base[sess[w]], np.zeros(int(w.sum()), np.int64)], 1))
+            for si in np.unique(src_of[in_split]).tolist():
+                m = in_split & (src_of == si)
+                st = self.stats[(self.sources[si], split)]
+                st["sessions"] += int(m.sum())
+                st["windows"] += int(n_win[m].sum())
+                st["utterances"] += int(nturns[m].sum())
+                st["chars"] += int(chars[m].sum())
+                st["tokens"] += int(tokens[m].sum())
+                st["unk_tokens"] += int(unk[m].sum())
+                t, c = np.unique(nturns[m], return_counts=True)
+                st["turns_per_session"].update(dict(zip(t.tolist(), c.tolist())))
+                t, c = np.unique(rows[m[sess], 1], return_counts=True)
+                st["turns_per_window"].update(dict(zip(t.tolist(), c.tolist())))
+
+    def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(flat token ids, utterance lengths), long utterances cut to max_utterance_tokens (so that two
+        turns always fit in a window)."""
+        flat, offsets = self.encoder.encode(texts)
+        lengths = np.diff(offsets)
+        over = lengths > self.max_utterance_tokens
+        if over.any():
+            self.tokens_truncated += int(over.sum())
+            pos = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
+            flat = flat[pos < self.max_utterance_tokens]
+            lengths = np.minimum(lengths, self.max_utterance_tokens)
+        return flat, lengths
+
+    def _windows(self, nturns: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, first_utt: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Windows of the batch as (session of each window, rows (first turn, count), windows per session);
+        a session that fits whole is one window (what make_windows returns for it)."""
+        n = len(nturns)
+        whole = (nturns <= self.max_turns) & (1 + tokens + nturns <= self.max_tokens)
+        if whole.all():
+            return np.arange(n), np.stack([np.zeros(n, np.int64), nturns], 1), np.ones(n, dtype=np.int64)
+        whole_idx = np.flatnonzero(whole)
+        win_sess, win_rows = [whole_idx], [np.stack([np.zeros(len(whole_idx), np.int64), nturns[whole_idx]], 1)]
+        for b in np.flatnonzero(~whole).tolist():
+            ws = make_windows(lengths[first_utt[b]:first_utt[b + 1]].tolist(), self.max_turns, self.max_tokens)
+            win_sess.append(np.full(len(ws), b))
+            win_rows.append(np.array(ws, dtype=np.int64).reshape(-1, 2))
+        sess, rows = np.concatenate(win_sess), np.concatenate(win_rows)
+        order = np.argsort(sess, kind="stable")  # windows in session order
+        return sess[order], rows[order], np.bincount(sess, minlength=n)
+
+
+def write_windows(args: PreprocessArguments, corpus: CleanedCorpus, plan: SplitPlan, writer,
+                  encoder: UtteranceEncoder) -> WindowWriter:
+    """Pass 4: stream the kept sessions from the temp file through a WindowWriter in batches."""
+    ww = WindowWriter(writer, encoder, corpus, plan, args.max_turns, args.max_tokens)
+    with open(corpus.path, encoding="utf-8") as tmp, \
+            _progress(args.progress, desc="tokenize+write", unit=" sessions", total=plan.kept) as bar:
+        batch: list[tuple[int, list[str]]] = []
+        for i, line in enumerate(tmp):
+            if plan.labels[i] < 0:
+                continue
+            batch.append((i, line.rstrip("\n").split("\t")))
+            if len(batch) >= args.batch_sessions:
+                ww.add(batch)
+                bar.update(len(batch))
+                batch = []
+        if batch:
+            ww.add(batch)
+            bar.update(len(batch))
+    return ww
+
+
+# ---------------------------------------------------------------- manifest
+
+def make_manifest(args: PreprocessArguments, inputs: Sequence[str | Path], scans: list[InputScan], command: str,
+                  corpus: CleanedCorpus, plan: SplitPlan, tok_info: dict[str, Any], ww: WindowWriter
+                  ) -> dict[str, Any]:
+    """What the store records about how it was made (StoreWriter.close adds the format fields)."""
+    total_counts = _total(corpus.counters)
+    if ww.tokens_truncated:
+        total_counts["utterance_tokens_truncated"] = ww.tokens_truncated
+    by_split = {sp: _new_stats() for sp in STORE_SPLITS}
+    for (s, sp), st in ww.stats.items():
+        _add_stats(by_split[sp], st)
+    encoder = ww.encoder
+    return {
+        "command": command,
+        "config": {**asdict(args), "inputs": [str(p) for p in inputs]},
+        "inputs": corpus.inputs_info,
+        "corpora": [{"path": str(scan.path), "licence": scan.licence, "licence_file": scan.licence_file}
+                    for scan in scans],
+        "tokenizer": tok_info,
+        "windowing": {"max_turns": args.max_turns, "max_tokens": args.max_tokens,
+                      "max_utterance_tokens": ww.max_utterance_tokens,
+                      "rule": "greedy windows of consecutive turns; the next starts half a window back, "
+                              "so every utterance after the first is a reply in some window"},
+        "split": {"method": "source splits kept, the rest sklearn train_test_split" if args.keep_source_splits
+                  else "sklearn train_test_split by session, stratified by source when possible",
+                  "seed": args.seed, "valid_ratio": args.valid_ratio, "test_ratio": args.test_ratio,
+                  **({"held_out_source_splits": plan.holdout, "held_out_names_not_found": plan.holdout_not_found}
+                     if plan.holdout else {})},
+        "sessions": {"read": int(total_counts["sessions_read"]), "cleaned": len(corpus), "unique": plan.kept},
+        "counts": {"by_split": {sp: _finish_stats(st) for sp, st in by_split.items()},
+                   "by_source": {s: {sp: _finish_stats(ww.stats[(s, sp)]) for sp in STORE_SPLITS}
+                                 for s in corpus.sources}},
+        "unk_rate": {sp: _finish_stats(st)["unk_rate"] for sp, st in by_split.items()},
+        "cleaning": {"total": dict(sorted(total_counts.items())),
+                     "by_source": {s: dict(sorted(c.items())) for s, c in corpus.counters.items()},
+                     "drop_reasons": [r for r in DROP_REASONS if total_counts.get(r)]},
+        "chars_read": corpus.chars,
+        "encoder": "char table lookup (verified against the tokenizer)" if encoder.table is not None
+                   else "tokenizer encode_batch" + (f" ({encoder.fallback_reason})"
+                                                     if encoder.fallback_reason else ""),
+    }
+
+
 # ---------------------------------------------------------------- pipeline
 
 def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
                    command: str | None = None) -> dict[str, Any]:
-    """Run the whole pipeline; returns the manifest written to `args.output`/manifest.json."""
+    """Run the whole pipeline; returns the manifest written to `args.output`/manifest.json.
+
+    Everything that can be checked is checked before the work starts (arguments, inputs, the output path,
+    the blocklist and vocab files); the store is written into a temp directory beside the output and put in
+    place only when complete (`fsutil.atomic_directory`).
+    """
     from dialogpt_zh.store import StoreWriter
-    from dialogpt_zh.tokenizer import build_char_tokenizer, count_chars
 
     validate(args)
     if not inputs:
         raise UserError("no inputs given", field="inputs")
     t0 = time.perf_counter()
+    output = check_output(args, inputs)
     blocklist = load_blocklist(args.blocklist) if args.blocklist else ()
     options = CleaningOptions(max_utterance_chars=args.max_utterance_chars, max_repeat=args.max_repeat,
                               min_turns=args.min_turns, mask_pii=args.mask_pii, blocklist=blocklist)
-    scans: list[InputScan] = scan_inputs(inputs, args.format)  # fails before anything is written
+    scans: list[InputScan] = scan_inputs(inputs, args.format)
     given_tokenizer = load_tokenizer_for(args) if args.vocab else None
     if command is None:
         command = "python -m dialogpt_zh.preprocess " + shlex.join(args_to_argv(args, inputs))
-    sources = [s.source for s in scans]
-    max_utt_tokens = (args.max_tokens - 3) // 2
 
-    with atomic_directory(args.output) as out:
-        tmp_path = out / "sessions.tmp"
-        hashes, src_ids, src_splits = array("q"), array("H"), array("h")
-        split_name_index: dict[str, int] = {}  # a source's own split name -> small int in src_splits
-        counters = {s: Counter() for s in sources}
-        inputs_info = []
-        chars_read = 0
-        # ---- pass 1: read + clean -> temp file (cleaning in `workers` processes, results in input order)
-        files = [(si, cf) for si, scan in enumerate(scans) for cf in scan.files]
-        sessions_read: dict[int, int] = {}  # file index -> raw sessions read
-        kept_per_file = Counter()
-        workers = effective_workers(args.workers, files)
-
-        def units() -> Iterator[tuple[int, list[list[list]], list]]:
-            """(file index, raw sessions in batches of CLEAN_BATCH, their splits) per unit of work, read here."""
-            for fi, (si, cf) in enumerate(files):
-                c = counters[sources[si]]
-                before = c["sessions_read"]
-                turns, splits = [], []
-                for raw in read_file(cf, c):
-                    turns.append(raw.turns)
-                    splits.append(raw.split)
-                    if len(turns) >= CLEAN_BATCH * UNIT_BATCHES:
-                        yield fi, _batches(turns), splits
-                        turns, splits = [], []
-                if turns:
-                    yield fi, _batches(turns), splits
-                sessions_read[fi] = c["sessions_read"] - before
-
-        with open(tmp_path, "w", encoding="utf-8", newline="\n") as tmp, \
-                _progress(args.progress, desc="read+clean", unit=" sessions") as bar, \
-                _clean_pool(workers, options) as pool:
-            for fi, splits, (text, hash_bytes, pieces, n_chars, c_counts) in _ordered_map(
-                    pool, units(), workers):
-                si = files[fi][0]
-                counters[sources[si]].update(c_counts)
-                tmp.write(text)
-                hashes.frombytes(hash_bytes)
-                k = len(hash_bytes) // 8
-                src_ids.extend(array("H", [si]) * k)
-                if len(set(splits)) == 1:
-                    sp = splits[0]
-                    code = split_name_index.setdefault(sp, len(split_name_index)) if sp and k else -1
-                    src_splits.extend(array("h", [code]) * k)
-                else:
-                    for sp, count in zip(splits, pieces):
-                        if count:
-                            code = split_name_index.setdefault(sp, len(split_name_index)) if sp else -1
-                            src_splits.extend(array("h", [code]) * count)
-                chars_read += n_chars
-                kept_per_file[fi] += k
-                bar.update(k)
-        for si, scan in enumerate(scans):
-            counters[scan.source]["files_skipped"] += len(scan.skipped)
-            inputs_info.append({"path": str(scan.path), "source": scan.source, "files": [],
-                                "skipped_files": scan.skipped})
-        file_hashes: dict[Path, str] = {}  # size and sha256 are of the file on disk (a zip member: its archive)
-        for fi, (si, cf) in enumerate(files):
-            if cf.path not in file_hashes:
-                file_hashes[cf.path] = file_sha256(cf.path)
-            inputs_info[si]["files"].append({"path": cf.name, "format": cf.format, "split": cf.split,
-                                             "size": cf.path.stat().st_size, "sha256": file_hashes[cf.path],
-                                             "sessions_read": sessions_read[fi],
-                                             "sessions_cleaned": kept_per_file[fi]})
-        n = len(hashes)
-        if n == 0:
-            raise UserError("no sessions left after cleaning (see the counts above); nothing to write",
-                            path=scans[0].path)
+    with atomic_directory(output, replace_existing=True) as out:  # check_output decided what may be replaced
+        corpus = read_and_clean(args, scans, options, out / "sessions.tmp")
         t_read = time.perf_counter() - t0
-
-        # ---- dedupe (first occurrence kept) and split
-        h = np.frombuffer(hashes, dtype=np.int64)
-        src = np.frombuffer(src_ids, dtype=np.uint16)
-        _, first = np.unique(h, return_index=True)
-        keep = np.zeros(n, dtype=bool)
-        keep[first] = True
-        for si, count in enumerate(np.bincount(src[~keep], minlength=len(sources))):
-            if count:
-                counters[sources[si]]["session_duplicate"] += int(count)
-        own_names = np.frombuffer(src_splits, dtype=np.int16)
-        holdout = sorted({x.strip() for x in args.holdout_source_splits.split(",") if x.strip()})
-        holdout_unmatched = [name for name in holdout if name not in split_name_index]
-        if holdout_unmatched:
-            log.warning("--holdout-source-splits: no input has a source split named %s (seen: %s); "
-                        "names must match exactly (dev is not valid)", ", ".join(holdout_unmatched),
-                        ", ".join(sorted(split_name_index)) or "none")
-        if holdout:
-            in_holdout = np.isin(own_names, [i for name, i in split_name_index.items() if name in holdout])
-            held = keep & in_holdout
-            # a session equal to a held-out one (a duplicate in another file) is left out too, whichever
-            # came first, so that no held-out session is ever trained on
-            same = keep & ~in_holdout & np.isin(h, h[in_holdout])
-            for name, mask in (("session_held_out", held), ("session_same_as_held_out", same)):
-                for si, count in enumerate(np.bincount(src[mask], minlength=len(sources))):
-                    if count:
-                        counters[sources[si]][name] += int(count)
-            keep &= ~(held | same)
-            del in_holdout, held, same
-            if not keep.any():
-                raise UserError("every session is in a held-out source split; nothing left to train on",
-                                field="holdout_source_splits")
-        del h, first
-        labels = np.full(n, -1, dtype=np.int8)
-        if args.keep_source_splits:
-            code_of = np.full(len(split_name_index) + 1, -1, dtype=np.int8)  # the last entry: no split (-1)
-            for name, i in split_name_index.items():
-                code_of[i] = SOURCE_SPLIT_CODES.get(name, -1)
-            own = code_of[own_names]
-            labels[keep & (own >= 0)] = own[keep & (own >= 0)]
-        free = np.flatnonzero(keep & (labels < 0))
-        if len(free):
-            labels[free] = split_indices(len(free), args.valid_ratio, args.test_ratio, args.seed, src[free])
-        labels[~keep] = -1
-        del hashes, src_splits
-
-        # ---- pass 2: tokenizer
-        if given_tokenizer is not None:
-            tokenizer = given_tokenizer
-            tok_info = {"kind": "vocab", "vocab": str(args.vocab)}
-            if Path(args.vocab).is_file():
-                tok_info["vocab_sha256"] = file_sha256(Path(args.vocab))
-        else:
-            char_counts: Counter = Counter()
-            chunk: list[str] = []
-            with open(tmp_path, encoding="utf-8") as tmp:
-                for i, line in enumerate(tmp):
-                    if labels[i] == 0:
-                        chunk.append(line)
-                        if len(chunk) >= 5000:
-                            count_chars(["".join(chunk)], char_counts)
-                            chunk = []
-            count_chars(["".join(chunk)], char_counts)
-            if not char_counts:
-                raise UserError("the train split is empty; lower --valid_ratio/--test_ratio or add data",
-                                field="valid_ratio")
-            tokenizer = build_char_tokenizer(char_counts, args.min_frequency)
-            tok_info = {"kind": "char", "min_frequency": args.min_frequency,
-                        "chars_seen": len(char_counts)}
-        unk_id = tokenizer.unk_token_id
-        tok_info["vocab_size"] = len(tokenizer)
-
-        # ---- pass 3: tokenize, window, write
+        plan = dedupe_and_split(args, corpus)
+        corpus.hashes = corpus.own_split = None  # not needed after pass 2 (10 bytes a session)
+        tokenizer, tok_info = make_tokenizer(args, corpus, plan, given_tokenizer)
         writer = StoreWriter(out, tokenizer, STORE_SPLITS)
-        stats = {(s, sp): _new_stats() for s in sources for sp in STORE_SPLITS}
-        n_kept = int(keep.sum())
-        token_trunc = 0
-
         encoder = UtteranceEncoder(tokenizer, writer.dtype, char_level=tok_info["kind"] == "char")
-
-        def flush(batch: list[tuple[int, list[str]]]) -> None:
-            """Encode, window and write a batch of sessions, vectorised over the batch (the same bytes and
-            counts as session by session: sessions are appended to their split in input order)."""
-            nonlocal token_trunc
-            idx = np.fromiter((i for i, _ in batch), dtype=np.int64, count=len(batch))
-            nturns = np.fromiter((len(turns) for _, turns in batch), dtype=np.int64, count=len(batch))
-            flat, offsets = encoder.encode([u for _, turns in batch for u in turns])
-            lengths = np.diff(offsets)
-            over = lengths > max_utt_tokens
-            if over.any():  # cut long utterances to max_utt_tokens (so that two turns always fit)
-                token_trunc += int(over.sum())
-                pos = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
-                flat = flat[pos < max_utt_tokens]
-                lengths = np.minimum(lengths, max_utt_tokens)
-            first_utt = np.concatenate([[0], np.cumsum(nturns)])
-            first_tok = np.concatenate([[0], np.cumsum(lengths)])
-            tokens = first_tok[first_utt[1:]] - first_tok[first_utt[:-1]]
-            unk_cum = np.concatenate([[0], np.cumsum(flat == unk_id)])
-            unk = unk_cum[first_tok[first_utt[1:]]] - unk_cum[first_tok[first_utt[:-1]]]
-            chars = np.fromiter((sum(map(len, turns)) for _, turns in batch), dtype=np.int64, count=len(batch))
-            # windows: a session that fits whole is one window (what make_windows returns for it)
-            whole = (nturns <= args.max_turns) & (1 + tokens + nturns <= args.max_tokens)
-            win_sess, win_rows = [], []
-            for b in np.flatnonzero(~whole).tolist():
-                ws = make_windows(lengths[first_utt[b]:first_utt[b + 1]].tolist(), args.max_turns, args.max_tokens)
-                win_sess.append(np.full(len(ws), b))
-                win_rows.append(np.array(ws, dtype=np.int64).reshape(-1, 2))
-            n_win = np.ones(len(batch), dtype=np.int64)
-            if win_sess:
-                whole_idx = np.flatnonzero(whole)
-                sess = np.concatenate([whole_idx] + win_sess)
-                rows = np.concatenate([np.stack([np.zeros(len(whole_idx), np.int64), nturns[whole_idx]], 1)]
-                                      + win_rows)
-                order = np.argsort(sess, kind="stable")  # windows in session order
-                sess, rows = sess[order], rows[order]
-                n_win = np.bincount(sess, minlength=len(batch))
-            else:
-                sess = np.arange(len(batch))
-                rows = np.stack([np.zeros(len(batch), np.int64), nturns], 1)
-            split_of = labels[idx]
-            src_of = src[idx]
-            for code, split in enumerate(STORE_SPLITS):
-                in_split = split_of == code
-                if not in_split.any():
-                    continue
-                utt_mask = np.repeat(in_split, nturns)
-                tok_mask = np.repeat(utt_mask, lengths)
-                base = np.cumsum(np.where(in_split, nturns, 0)) - nturns  # first utterance in this split's part
-                w = in_split[sess]
-                writer.add_sessions(split, flat[tok_mask], lengths[utt_mask],
-                                    rows[w] + np.stack([base[sess[w]], np.zeros(int(w.sum()), np.int64)], 1))
-                for si in np.unique(src_of[in_split]).tolist():
-                    m = in_split & (src_of == si)
-                    st = stats[(sources[si], split)]
-                    st["sessions"] += int(m.sum())
-                    st["windows"] += int(n_win[m].sum())
-                    st["utterances"] += int(nturns[m].sum())
-                    st["chars"] += int(chars[m].sum())
-                    st["tokens"] += int(tokens[m].sum())
-                    st["unk_tokens"] += int(unk[m].sum())
-                    t, c = np.unique(nturns[m], return_counts=True)
-                    st["turns_per_session"].update(dict(zip(t.tolist(), c.tolist())))
-                    t, c = np.unique(rows[m[sess], 1], return_counts=True)
-                    st["turns_per_window"].update(dict(zip(t.tolist(), c.tolist())))
-
-        with open(tmp_path, encoding="utf-8") as tmp, \
-                _progress(args.progress, desc="tokenize+write", unit=" sessions", total=n_kept) as bar:
-            batch: list[tuple[int, list[str]]] = []
-            for i, line in enumerate(tmp):
-                if labels[i] < 0:
-                    continue
-                batch.append((i, line.rstrip("\n").split("\t")))
-                if len(batch) >= args.batch_sessions:
-                    flush(batch)
-                    bar.update(len(batch))
-                    batch = []
-            if batch:
-                flush(batch)
-                bar.update(len(batch))
-        tmp_path.unlink()
-
-        # ---- manifest
-        total_counts: Counter = Counter()
-        for c in counters.values():
-            total_counts.update(c)
-        if token_trunc:
-            total_counts["utterance_tokens_truncated"] = token_trunc
-        by_split = {sp: _new_stats() for sp in STORE_SPLITS}
-        for (s, sp), st in stats.items():
-            _add_stats(by_split[sp], st)
-        manifest = {
-            "command": command,
-            "config": {**asdict(args), "inputs": [str(p) for p in inputs]},
-            "inputs": inputs_info,
-            "corpora": [{"path": str(scan.path), "licence": scan.licence, "licence_file": scan.licence_file}
-                        for scan in scans],
-            "tokenizer": tok_info,
-            "windowing": {"max_turns": args.max_turns, "max_tokens": args.max_tokens,
-                          "max_utterance_tokens": max_utt_tokens,
-                          "rule": "greedy windows of consecutive turns; the next starts half a window back, "
-                                  "so every utterance after the first is a reply in some window"},
-            "split": {"method": "source splits kept, the rest sklearn train_test_split" if args.keep_source_splits
-                      else "sklearn train_test_split by session, stratified by source when possible",
-                      "seed": args.seed, "valid_ratio": args.valid_ratio, "test_ratio": args.test_ratio,
-                      **({"held_out_source_splits": holdout, "held_out_names_not_found": holdout_unmatched}
-                         if holdout else {})},
-            "sessions": {"read": int(total_counts["sessions_read"]), "cleaned": n, "unique": n_kept},
-            "counts": {"by_split": {sp: _finish_stats(st) for sp, st in by_split.items()},
-                       "by_source": {s: {sp: _finish_stats(stats[(s, sp)]) for sp in STORE_SPLITS}
-                                     for s in sources}},
-            "unk_rate": {sp: _finish_stats(st)["unk_rate"] for sp, st in by_split.items()},
-            "cleaning": {"total": dict(sorted(total_counts.items())),
-                         "by_source": {s: dict(sorted(c.items())) for s, c in counters.items()},
-                         "drop_reasons": [r for r in DROP_REASONS if total_counts.get(r)]},
-            "chars_read": chars_read,
-            "encoder": "char table lookup (verified against the tokenizer)" if encoder.table is not None
-                       else "tokenizer encode_batch" + (f" ({encoder.fallback_reason})"
-                                                         if encoder.fallback_reason else ""),
-        }
-        full = writer.close(manifest)
+        ww = write_windows(args, corpus, plan, writer, encoder)
+        corpus.path.unlink()
+        full = writer.close(make_manifest(args, inputs, scans, command, corpus, plan, tok_info, ww))
     elapsed = time.perf_counter() - t0
     full["_timing"] = {"seconds": elapsed, "read_clean_seconds": t_read}  # not in the file: varies per run
     return full
@@ -742,7 +825,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args, rest = parse(parser, argv_list)
         command = "python -m dialogpt_zh.preprocess " + shlex.join(argv_list)
-        manifest = run_preprocess(args, rest.inputs, command=command)
+        try:
+            manifest = run_preprocess(args, rest.inputs, command=command)
+        except KeyboardInterrupt:  # (run_main raises SIGTERM as cli.Terminated, a KeyboardInterrupt)  # Ctrl-C or SIGTERM: the temp directory is gone, the old output untouched
+            print(f"stopped before the store was complete; {args.output} is as it was", file=sys.stderr)
+            raise
         print(summary_table(manifest))
         t = manifest["_timing"]
         print(f"\nwrote {args.output} in {t['seconds']:.1f}s "

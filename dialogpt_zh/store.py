@@ -120,19 +120,41 @@ class StoreWriter:
 
 
 class StoreSplit:
-    """Read access to one split: windows as token sequences in either direction."""
+    """Read access to one split: windows as token sequences in either direction.
+
+    Checked when opened (a truncated or foreign file is a UserError naming it, never windows of garbage):
+    S.ids.bin holds exactly the manifest's token count, S.utt.npy is int64 [utterances + 1] rising from 0
+    to that count, S.win.npy is int64 [windows, 2] of windows inside the utterances, and every token id is
+    below the vocabulary size.
+    """
 
     def __init__(self, store: "TokenStore", split: str) -> None:
         d = store.path
         self.name = split
         self.cls_id, self.sep_id = store.cls_id, store.sep_id
-        ids_path = d / f"{split}.ids.bin"
+        counts = store.manifest["store_splits"][split]
         dtype = np.dtype(store.manifest["dtype"])
-        self.ids = (np.memmap(ids_path, dtype=dtype, mode="r") if ids_path.stat().st_size
-                    else np.zeros(0, dtype=dtype))
-        # allow_pickle=False: never unpickle anything from a user path.
-        self.utt = np.load(d / f"{split}.utt.npy", allow_pickle=False)
-        self.win = np.load(d / f"{split}.win.npy", allow_pickle=False).reshape(-1, 2)
+        ids_path = d / f"{split}.ids.bin"
+        if not ids_path.is_file():
+            raise UserError("missing store file", path=ids_path)
+        size = ids_path.stat().st_size
+        if size != counts["tokens"] * dtype.itemsize:
+            raise UserError(f"{size:,d} bytes where the manifest's {counts['tokens']:,d} {dtype.name} tokens take "
+                            f"{counts['tokens'] * dtype.itemsize:,d} (truncated or from another store); "
+                            f"re-run the preprocessor", path=ids_path)
+        self.ids = np.memmap(ids_path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
+        if size and int(self.ids.max()) >= store.manifest["vocab_size"]:
+            raise UserError(f"token id {int(self.ids.max())} is outside the vocabulary "
+                            f"({store.manifest['vocab_size']} tokens)", path=ids_path)
+        self.utt = _load_table(d / f"{split}.utt.npy", (counts["utterances"] + 1,))
+        if self.utt[0] != 0 or self.utt[-1] != counts["tokens"] or (np.diff(self.utt) < 0).any():
+            raise UserError(f"utterance offsets must rise from 0 to the {counts['tokens']} tokens",
+                            path=d / f"{split}.utt.npy")
+        self.win = _load_table(d / f"{split}.win.npy", (counts["windows"], 2))
+        if len(self.win) and ((self.win[:, 1] < 1).any() or (self.win[:, 0] < 0).any()
+                              or (self.win.sum(axis=1) > counts["utterances"]).any()):
+            raise UserError(f"a window lies outside the {counts['utterances']} utterances",
+                            path=d / f"{split}.win.npy")
 
     def __len__(self) -> int:
         return len(self.win)
@@ -160,8 +182,52 @@ class StoreSplit:
             yield self.turns(i)
 
 
+def _load_table(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """An int64 .npy table of the given shape (allow_pickle=False: never unpickle anything from a user path)."""
+    if not path.is_file():
+        raise UserError("missing store file", path=path)
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"unreadable .npy file ({e}); re-run the preprocessor", path=path) from e
+    if table.dtype != np.int64 or table.shape != shape:
+        raise UserError(f"expected int64 {list(shape)}, found {table.dtype} {list(table.shape)} (truncated or "
+                        f"from another store); re-run the preprocessor", path=path)
+    return table
+
+
+# manifest fields the reader relies on, with their types
+_MANIFEST_TYPES = {"dtype": str, "vocab_size": int, "special_ids": dict, "store_splits": dict}
+
+
+def _check_manifest(m: Any, path: Path) -> None:
+    if not isinstance(m, dict):
+        raise UserError("manifest is not a JSON object", path=path)
+    for key, kind in _MANIFEST_TYPES.items():
+        if not isinstance(m.get(key), kind) or isinstance(m.get(key), bool):
+            raise UserError(f"expected {kind.__name__}, found {type(m.get(key)).__name__}", path=path, field=key)
+    if m["dtype"] not in ("<u2", "<u4") or np.dtype(m["dtype"]) != ids_dtype(m["vocab_size"]):
+        raise UserError(f"dtype {m['dtype']!r} does not fit vocab_size {m['vocab_size']} "
+                        f"(expected {ids_dtype(m['vocab_size']).str!r})", path=path, field="dtype")
+    for name in ("pad", "cls", "sep", "unk"):
+        i = m["special_ids"].get(name)
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < m["vocab_size"]:
+            raise UserError(f"expected a token id below {m['vocab_size']}, found {i!r}", path=path,
+                            field=f"special_ids.{name}")
+    directions = m.get("directions", list(DIRECTIONS))
+    if not isinstance(directions, list) or not directions or not all(d in DIRECTIONS for d in directions):
+        raise UserError(f"expected a list of {list(DIRECTIONS)}, found {directions!r}", path=path,
+                        field="directions")
+    for split, counts in m["store_splits"].items():
+        for key in ("windows", "utterances", "tokens"):
+            v = counts.get(key) if isinstance(counts, dict) else None
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise UserError(f"expected a count (int >= 0), found {v!r}", path=path,
+                                field=f"store_splits.{split}.{key}")
+
+
 class TokenStore:
-    """A store directory written by `dialogpt_zh.preprocess`."""
+    """A store directory written by `dialogpt_zh.preprocess`; every split is checked when it is opened."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -175,15 +241,21 @@ class TokenStore:
             self.manifest: dict[str, Any] = json.loads(mpath.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise UserError(f"unreadable manifest: {e.msg}", path=mpath, line=e.lineno) from e
+        except UnicodeDecodeError as e:
+            raise UserError(f"manifest is not UTF-8 text ({e.reason} at byte {e.start})", path=mpath) from e
+        if not isinstance(self.manifest, dict):
+            raise UserError("manifest is not a JSON object", path=mpath)
         if self.manifest.get("format") != STORE_FORMAT:
             raise UserError(f"not a dialogpt_zh token store (format={self.manifest.get('format')!r})", path=mpath,
                             field="format")
         if self.manifest.get("version") != STORE_VERSION:
             raise UserError(f"store version {self.manifest.get('version')} is not supported "
                             f"(expected {STORE_VERSION}); re-run the preprocessor", path=mpath, field="version")
+        _check_manifest(self.manifest, mpath)
         special = self.manifest["special_ids"]
         self.cls_id, self.sep_id, self.pad_id = special["cls"], special["sep"], special["pad"]
-        self._splits: dict[str, StoreSplit] = {}
+        # open (and so check) every split now: a damaged store fails here, not in the middle of a run
+        self._splits: dict[str, StoreSplit] = {name: StoreSplit(self, name) for name in self.split_names()}
 
     @property
     def directions(self) -> list[str]:

@@ -7,14 +7,19 @@ construct tokenizers from a vocab file directly; we go through `from_pretrained`
 from __future__ import annotations
 
 import json
-import unicodedata
+import logging
 import shutil
 import tempfile
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from dialogpt_zh.errors import UserError
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS
@@ -105,3 +110,68 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
             out.append(" ")  # whole Latin words from a BERT vocab: keep them apart
         out.append(tok)
     return "".join(out)
+
+
+class UtteranceEncoder:
+    """Token ids of many utterances at once: (flat ids, offsets), utterance k = flat[off[k]:off[k+1]].
+
+    For a char tokenizer built by `build_char_tokenizer` the ids are looked up with one numpy table over
+    code points (its pipeline is NFKC + lowercase + one token per non-space character, and our text is
+    already NFKC); this is checked against the real tokenizer on the first batch and on `verify_every`-th
+    batch after, falling back to `encode_batch` if they ever differ. Other tokenizers (a BERT vocab) always
+    go through the fast tokenizer's `encode_batch`.
+    """
+
+    def __init__(self, tokenizer, dtype: np.dtype, char_level: bool, verify_every: int = 50) -> None:
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.table = None
+        self.verify_every = verify_every
+        self.batches = 0
+        self.fallback_reason: str | None = None
+        if char_level:
+            unk = tokenizer.unk_token_id
+            table = np.full(0x110000, unk, dtype=np.int64)
+            for tok, i in tokenizer.get_vocab().items():
+                if len(tok) == 1:
+                    table[ord(tok)] = i
+            for cp in range(0x3000 + 1):  # whitespace (all of it lies below U+3001) is not a token
+                if chr(cp).isspace():
+                    table[cp] = -1
+            self.table = table
+
+    def _table_encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        joined = "\n".join(texts).lower()
+        cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+        ids = self.table[cps]
+        keep = ids >= 0
+        # utterance boundaries: the "\n" separators (utterances hold no newline after normalize_text)
+        bounds = np.concatenate([[0], np.flatnonzero(cps == 10) + 1, [len(cps) + 1]])
+        csum = np.concatenate([[0], np.cumsum(keep)])
+        offsets = csum[np.minimum(bounds, len(cps))]
+        return ids[keep].astype(self.dtype), offsets
+
+    def _generic_encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            seqs = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        else:
+            seqs = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in seqs], out=offsets[1:])
+        flat = np.fromiter((i for x in seqs for i in x), dtype=self.dtype, count=int(offsets[-1]))
+        return flat, offsets
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self.table is None:
+            return self._generic_encode(texts)
+        flat, offsets = self._table_encode(texts)
+        if self.batches % self.verify_every == 0:
+            ref_flat, ref_off = self._generic_encode(texts)
+            if not (np.array_equal(ref_off, offsets) and np.array_equal(ref_flat, flat)):
+                self.fallback_reason = "fast char lookup differed from the tokenizer; using encode_batch"
+                log.warning(self.fallback_reason)
+                self.table = None
+                flat, offsets = ref_flat, ref_off
+        self.batches += 1
+        return flat, offsets

@@ -329,7 +329,7 @@ def _save(output: Path, model, tokenizer, optimizer, scheduler, state: RunState,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        with atomic_directory(output) as tmp:
+        with atomic_directory(output, replace_existing=True) as tmp:  # train checks --overwrite itself
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is meant to be shared

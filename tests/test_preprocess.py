@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 
 from dialogpt_zh.cleaning import normalize_text
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.preprocess import (PreprocessArguments, UtteranceEncoder, main, make_windows, run_preprocess,
-                                    split_indices)
+from dialogpt_zh.preprocess import PreprocessArguments, main, make_windows, run_preprocess, split_indices
 from dialogpt_zh.sequence import sequence_length
 from dialogpt_zh.store import TokenStore
 
@@ -72,7 +71,7 @@ def test_split_indices_deterministic_disjoint():
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.text(max_size=30), min_size=1, max_size=20))
 def test_char_table_encoder_matches_tokenizer(texts):
-    from dialogpt_zh.tokenizer import build_char_tokenizer, count_chars, encode
+    from dialogpt_zh.tokenizer import UtteranceEncoder, build_char_tokenizer, count_chars, encode
 
     texts = [normalize_text(t) for t in texts]
     # the tokenizer turns a literal "[SEP]" in text into the special token; the table reads it as characters
@@ -291,9 +290,11 @@ def test_failed_run_keeps_previous_store(tmp_path, capsys):
     before = (out / "manifest.json").read_bytes()
     bad = tmp_path / "bad.tsv"
     bad.write_bytes("你好\t好\n".encode() + "坏".encode("gbk") + b"\n")
-    assert main([str(FIXTURES / "chitchat_train.txt"), str(bad), "--output", str(out), "--no_progress"]) == 2
+    assert main([str(FIXTURES / "chitchat_train.txt"), str(bad), "--output", str(out), "--no_progress",
+                 "--overwrite"]) == 2
     assert "bad.tsv:2: not UTF-8" in capsys.readouterr().err
     assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tsv", "out"]  # no temp directory left
 
 
 def test_cli_help_has_defaults_and_examples(capsys):
