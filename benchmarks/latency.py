@@ -73,10 +73,16 @@ class LatencyArgs:
     seed: int = field(default=0, metadata=field_help("seed of weights and sampling"))
 
 
+def fixture_sessions() -> list[list[str]]:
+    """The hand-written chitchat fixture's sessions (raw turns), read by the project's own reader."""
+    from dialogpt_zh.readers import read_file, scan_input
+
+    return [raw.turns for cf in scan_input(REPO / "corpus" / "fixtures" / "chitchat_train.txt").files
+            for raw in read_file(cf)]
+
+
 def fixture_contexts(n: int) -> list[list[str]]:
-    text = (REPO / "corpus" / "fixtures" / "chitchat_train.txt").read_text(encoding="utf-8")
-    sessions = [[u for u in b.splitlines() if u.strip()] for b in text.split("\n\n") if b.strip()]
-    sessions = [s for s in sessions if len(s) >= 2]
+    sessions = [s for s in fixture_sessions() if len(s) >= 2]
     return [s[:-1][-3:] for s in sessions[:n]]  # up to 3 turns of context, like max_history=3
 
 
@@ -236,9 +242,7 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
 
 
 def fixture_contexts_with_replies(n: int) -> list[tuple[list[str], str]]:
-    text = (REPO / "corpus" / "fixtures" / "chitchat_train.txt").read_text(encoding="utf-8")
-    sessions = [[u for u in b.splitlines() if u.strip()] for b in text.split("\n\n") if b.strip()]
-    return [(s[:-1][-3:], s[-1]) for s in sessions if len(s) >= 2][:max(n, 10)]
+    return [(s[:-1][-3:], s[-1]) for s in fixture_sessions() if len(s) >= 2][:max(n, 10)]
 
 
 def heldout_pairs(path: str, split: str, limit: int) -> tuple[list[tuple[list[str], str]], str]:

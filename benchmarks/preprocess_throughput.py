@@ -7,7 +7,9 @@ Each run is a fresh `python -m dialogpt_zh.preprocess` subprocess (so imports an
 peak RSS comes from the child's rusage (ru_maxrss), CPU time from user + sys. chars/s = characters of the
 cleaned sessions (what the preprocessor reports as chars_read) / wall seconds. The synthetic corpus repeats
 every shared file, each copy's lines tagged with its copy number so that sessions stay unique (otherwise
-dedupe would drop all copies); it is written under bench_out/ (git-ignored) and deleted afterwards.
+dedupe would drop all copies); it is written in a new directory under --workdir (default bench_out/,
+git-ignored), and only that directory (and --workdir, when this run created it and it is left empty) is
+deleted afterwards: whatever else is in --workdir stays.
 Targets (issue 2): >= 1 M chars/s on 2 cores; peak RSS < 1 GB and not growing with corpus size.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +36,8 @@ SOURCES = ["lccc-sample", "kdconv", "chatterbot-zh", "subtitles-dgk"]
 class BenchArguments:
     corpus: str = field(default=str(REPO.parent / "shared" / "corpus"), metadata=field_help("shared corpus"))
     synthetic_mb: int = field(default=0, metadata=field_help("also build and run a synthetic corpus of this size"))
-    workdir: str = field(default=str(REPO / "bench_out"), metadata=field_help("scratch directory (deleted)"))
+    workdir: str = field(default=str(REPO / "bench_out"), metadata=field_help(
+        "scratch space: the run works in a new directory inside it and deletes only that"))
     workers: str = field(default="0", metadata=field_help(
         "comma list of --workers values to run each corpus with (0 = the preprocessor's auto choice)"))
 
@@ -95,8 +99,12 @@ def main() -> None:
     corpus = Path(args.corpus)
     if not corpus.is_dir():
         raise SystemExit(f"shared corpus not found at {corpus}")
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    workdir = Path(args.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise SystemExit(f"--workdir {workdir} is not a directory")
+    created_workdir = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="preprocess_throughput-", dir=workdir))  # ours alone: deleted at the end
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other jobs slow wall time)")
     rows = []
     try:
@@ -108,7 +116,9 @@ def main() -> None:
             for w in workers:
                 rows.append((f"synthetic {args.synthetic_mb} MB w={w}", run(inputs, work / "store_synthetic", w)))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work)
+        if created_workdir and not any(workdir.iterdir()):
+            workdir.rmdir()
     print(f"{'corpus':26s} {'input MB':>9s} {'chars':>12s} {'wall s':>8s} {'cpu s':>8s} {'chars/s':>11s} "
           f"{'chars/cpu-s':>12s} {'peak RSS MB':>12s} {'load after':>10s}")
     for name, r in rows:

@@ -6,7 +6,9 @@ brackets, counted by `clean_session` / `normalize_counted`):
 
 1. Unicode NFKC (full-width letters/digits/punctuation -> ASCII, compatibility forms) [nfkc_changed:
    utterances changed].
-2. Control and format characters removed [control_chars_removed: runs removed]; every run of whitespace
+2. Terminal escape sequences (ANSI colours `ESC[31m`, cursor moves, OSC titles) removed whole
+   [ansi_escapes_removed], so no `[31m` is left behind; then control and format characters removed
+   [control_chars_removed: runs removed]; every run of whitespace
    (tabs, newlines, NBSP, ideographic space) becomes one ASCII space; ends stripped.
 3. `_url_` placeholders and URLs (`http(s)://...`, `www....`) dropped [url_removed].
 4. The space rule [char_split_joined]: a line is *char-split* (LCCC style, `今 天 好 ， h e l l o`) when
@@ -48,6 +50,8 @@ PHONE_PLACEHOLDER = "【电话】"
 # Cc (except whitespace, handled below) and common Cf format characters (zero-width, bidi marks, BOM).
 _CONTROL_RE = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u00ad\u200b-\u200f\u202a-\u202e"
                          "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]+")
+# ANSI/VT escape sequences: CSI (ESC [ or C1 \x9b ... final byte), OSC (ESC ] ... BEL or ESC \), two-byte ESC x
+_ANSI_RE = re.compile(r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b\n]*(?:\x07|\x1b\\)?|\x1b[ -~]")
 _SPACE_RE = re.compile(r"\s+")
 _URL_RE = re.compile(r"(?:https?://|www\.)[!-~]+", re.IGNORECASE)
 _EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
@@ -93,7 +97,10 @@ def _repeat_re(max_repeat: int) -> re.Pattern:
 
 
 def load_blocklist(path: str | Path) -> list[str]:
-    """Words of a blocklist file: one per line, blank lines and `#` comments ignored."""
+    """Words of a blocklist file: one per line (UTF-8, BOM allowed), blank lines and `#` comments ignored.
+
+    The one reader of the format: the preprocessor's `--blocklist` and the engine's `MMISettings.blocklist`.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError("blocklist file not found", path=path)
@@ -154,6 +161,9 @@ def normalize_many(texts: Sequence[str], counters: Counter | None = None, max_re
     out = unicodedata.normalize("NFKC", joined)
     if out != joined:
         counters["nfkc_changed"] += sum(1 for a, b in zip(joined.split("\n"), out.split("\n")) if a != b)
+    if "\x1b" in out or "\x9b" in out:
+        out, k = _ANSI_RE.subn("", out)
+        counters["ansi_escapes_removed"] += k
     out, k = _CONTROL_RE.subn("", out)
     counters["control_chars_removed"] += k
     out = _EDGE_SPACES_RE.sub("\n", _BLANKS_RE.sub(" ", out)).strip(" ")

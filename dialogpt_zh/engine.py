@@ -528,9 +528,10 @@ class ChatBot:
             raise UserError("blocklist file not found", path=p, field="blocklist")
         key = (str(p), p.stat().st_mtime)
         if key not in self._blocklists:
-            words = [normalize_utterance(w, **self.cleaning).strip()
-                     for w in p.read_text(encoding="utf-8").splitlines()]
-            self._blocklists[key] = [w for w in words if w and not w.startswith("#")]
+            from dialogpt_zh.cleaning import load_blocklist  # the one blocklist format (BOM, comments, file:line)
+
+            words = (normalize_utterance(w, **self.cleaning).strip() for w in load_blocklist(p))
+            self._blocklists[key] = [w for w in words if w]
         return self._blocklists[key]
 
     def mmi_active(self, mmi: MMISettings | None = None) -> bool:

@@ -493,7 +493,7 @@ def read_and_clean(args: PreprocessArguments, scans: list[InputScan], options: C
     if not len(corpus):
         total = _total(counters)
         dropped = ", ".join(f"{r} {total[r]:,d}" for r in DROP_REASONS if total.get(r)) or "none"
-        raise UserError(f"no sessions left after cleaning ({total['sessions_read']:,d} sessions read; dropped: "
+        raise UserError(f"no sessions left after cleaning (sessions read: {total['sessions_read']:,d}; dropped: "
                         f"{dropped}); nothing to write", path=scans[0].path)
     return corpus
 
@@ -827,7 +827,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = "python -m dialogpt_zh.preprocess " + shlex.join(argv_list)
         try:
             manifest = run_preprocess(args, rest.inputs, command=command)
-        except KeyboardInterrupt:  # (run_main raises SIGTERM as cli.Terminated, a KeyboardInterrupt)  # Ctrl-C or SIGTERM: the temp directory is gone, the old output untouched
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cli.Terminated): the temp dir is gone, the old output kept
             print(f"stopped before the store was complete; {args.output} is as it was", file=sys.stderr)
             raise
         print(summary_table(manifest))

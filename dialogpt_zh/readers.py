@@ -181,9 +181,26 @@ def _zip_members(path: Path) -> list[str]:
         return [i.filename for i in zf.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX/")]
 
 
+def wide_encoding(data: bytes) -> str | None:
+    """"UTF-16" / "UTF-32" when the first bytes of a file say so (a BOM, or NULs at every other byte, as
+    ASCII has in UTF-16), else None."""
+    if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "UTF-32"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    sample = data[:4096 & ~3]
+    even, odd = sample[0::2].count(0), sample[1::2].count(0)
+    if len(sample) >= 8 and min(even, odd) == 0 and max(even, odd) * 4 >= len(sample) // 2:
+        return "UTF-16"
+    return None
+
+
 def _head(cf: CorpusFile, size: int = 65536) -> str:
     with open_corpus_file(cf) as f:
         data = f.read(size)
+    wide = wide_encoding(data)
+    if wide:
+        raise UserError(f"{wide} text, not UTF-8; convert it first, e.g. `iconv -f {wide} -t UTF-8`", path=cf.name)
     if b"\x00" in data:
         return "\x00"
     return data.decode("utf-8", errors="replace").lstrip("\ufeff")
@@ -379,6 +396,9 @@ def corpus_licence(path: Path) -> tuple[str, str | None]:
 
 
 def _decode_error(path: Path, e: UnicodeDecodeError, line: int) -> UserError:
+    wide = wide_encoding(e.object) if line == 1 and isinstance(e.object, bytes) else None
+    if wide:
+        return UserError(f"{wide} text, not UTF-8; convert it first, e.g. `iconv -f {wide} -t UTF-8`", path=path)
     return UserError(f"not UTF-8 text ({e.reason} at byte {e.start}); convert it first, e.g. "
                      f"`iconv -f gbk -t utf-8`", path=path, line=line)
 
@@ -481,11 +501,11 @@ class _JsonStream:
         self.line_base = 1  # line number at buf[0]
         self.decoder = json.JSONDecoder()
 
-    def _read(self) -> bool:
+    def _read(self, size: int = CHUNK) -> bool:
         if self.eof:
             return False
         try:
-            chunk = self.f.read(self.CHUNK)
+            chunk = self.f.read(size)
         except UnicodeDecodeError as e:
             raise self._decode_failure(e) from e
         if not chunk:
@@ -534,10 +554,14 @@ class _JsonStream:
             try:
                 obj, end = self.decoder.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as e:
-                # maybe the value continues past the chunk (one session may hold up to MAX_VALUE chars)
-                if len(self.buf) - self.pos < self.MAX_VALUE and self._read():
+                # maybe the value continues past the chunk (one session may hold up to MAX_VALUE chars):
+                # read as much again as is pending, so a big value is re-parsed a few times, not once a chunk
+                pending = len(self.buf) - self.pos
+                if pending < self.MAX_VALUE and self._read(max(self.CHUNK, pending)):
                     continue
                 raise self.error(e.msg, e.pos) from e
+            except RecursionError as e:
+                raise self.error("nested too deeply") from e
             if end >= len(self.buf) and not self.eof and self._read():
                 continue  # a number could continue in the next chunk
             line = self.line()

@@ -61,7 +61,12 @@ def load_vocab_tokenizer(vocab_path: str | Path):
     vocab_path = Path(vocab_path)
     if not vocab_path.is_file():
         raise UserError("vocab file not found", path=vocab_path)
-    lines = vocab_path.read_text(encoding="utf-8").splitlines()
+    data = vocab_path.read_bytes()
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"not UTF-8 text ({e.reason} at byte {e.start}); a vocab.txt has one token per line",
+                        path=vocab_path, line=data.count(b"\n", 0, e.start) + 1) from e
     missing = [t for t in SPECIAL_TOKENS if t not in lines]
     if missing:
         raise UserError(f"vocab lacks the special tokens {missing}", path=vocab_path)

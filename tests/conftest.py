@@ -10,9 +10,11 @@ FIXTURES = REPO / "corpus" / "fixtures"
 SHARED_CORPUS = REPO.parent / "shared" / "corpus"
 
 
-def read_fixture_sessions(name: str = "chitchat_train.txt") -> list[list[str]]:
-    text = (FIXTURES / name).read_text(encoding="utf-8")
-    return [[u for u in block.splitlines() if u.strip()] for block in text.split("\n\n") if block.strip()]
+def read_fixture_sessions(name: str = "chitchat_train.txt", fmt: str = "auto") -> list[list[str]]:
+    """Raw turns of each session of a fixture file, read by the project's own reader (no second parser)."""
+    from dialogpt_zh.readers import read_file, scan_input
+
+    return [raw.turns for cf in scan_input(FIXTURES / name, fmt).files for raw in read_file(cf)]
 
 
 @pytest.fixture(scope="session")

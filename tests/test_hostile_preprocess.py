@@ -1,0 +1,546 @@
+"""Hostile input for the data side (readers -> cleaning -> preprocess -> token store), as a careless or
+hostile user would give it: every case ends in a clear `error: file[:line]: message` and exit 2 (or a
+clean result), never a traceback, never a lost or half-written file (issue 13)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, REPO, build_fixture_store
+from dialogpt_zh.errors import UserError
+from dialogpt_zh.fsutil import atomic_directory, clean_stale_temp_dirs
+from dialogpt_zh.preprocess import main
+from dialogpt_zh.store import TokenStore
+
+CORPUS = FIXTURES / "chitchat_train.txt"
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under `path` with its bytes (to show nothing was touched)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def run(argv: list, capsys, cwd: Path | None = None) -> tuple[int, str]:
+    old = Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        code = main([str(a) for a in argv] + ["--no_progress"])
+    finally:
+        os.chdir(old)
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def old_store(tmp_path, fixture_tokenizer, fixture_sessions) -> Path:
+    """A previous output: a token store that a failed or stopped run must leave exactly as it was."""
+    return build_fixture_store(tmp_path / "out", fixture_tokenizer, fixture_sessions)
+
+
+# ------------------------------------------------------------------ output paths
+# (name, setup(tmp) -> (argv, cwd, path that must be untouched or None), exit code, message)
+
+def _other_files(tmp):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "notes.txt").write_text("mine")
+    return [CORPUS, "--output", tmp / "out"], None, tmp / "out"
+
+
+def _other_files_overwrite(tmp):
+    argv, cwd, keep = _other_files(tmp)
+    return argv + ["--overwrite"], cwd, keep
+
+
+def _output_is_input_dir(tmp):
+    shutil.copytree(FIXTURES, tmp / "corpus")
+    return [tmp / "corpus", "--output", tmp / "corpus", "--overwrite"], None, tmp / "corpus"
+
+
+def _output_inside_input(tmp):
+    shutil.copytree(FIXTURES, tmp / "corpus")
+    return [tmp / "corpus", "--output", tmp / "corpus" / "store"], None, tmp / "corpus"
+
+
+def _output_contains_input(tmp):
+    (tmp / "data").mkdir()
+    shutil.copy(CORPUS, tmp / "data" / "train.txt")
+    return [tmp / "data" / "train.txt", "--output", tmp / "data", "--overwrite"], None, tmp / "data"
+
+
+def _output_is_input_file(tmp):
+    shutil.copy(CORPUS, tmp / "train.txt")
+    return [tmp / "train.txt", "--output", tmp / "train.txt", "--overwrite"], None, tmp
+
+
+def _output_is_vocab(tmp):
+    (tmp / "v").mkdir()
+    (tmp / "v" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n你\n好\n", encoding="utf-8")
+    return [CORPUS, "--vocab", tmp / "v" / "vocab.txt", "--output", tmp / "v", "--overwrite"], None, tmp / "v"
+
+
+def _output_is_file(tmp):
+    (tmp / "out").write_text("a file")
+    return [CORPUS, "--output", tmp / "out", "--overwrite"], None, tmp
+
+
+def _output_is_symlink_to_file(tmp):
+    (tmp / "real").write_text("a file")
+    (tmp / "out").symlink_to(tmp / "real")
+    return [CORPUS, "--output", tmp / "out", "--overwrite"], None, tmp
+
+
+def _parent_is_file(tmp):
+    (tmp / "f").write_text("a file")
+    return [CORPUS, "--output", tmp / "f" / "out"], None, tmp
+
+
+def _output_dot(tmp):
+    (tmp / "work").mkdir()
+    return [CORPUS, "--output", ".", "--overwrite"], tmp / "work", tmp
+
+
+def _output_dot_with_input(tmp):
+    (tmp / "work").mkdir()
+    shutil.copy(CORPUS, tmp / "work" / "train.txt")
+    return ["train.txt", "--output", "."], tmp / "work", tmp / "work"
+
+
+def _output_parent_of_cwd(tmp):
+    (tmp / "a" / "b").mkdir(parents=True)
+    return [CORPUS, "--output", "..", "--overwrite"], tmp / "a" / "b", tmp
+
+
+def _store_without_overwrite(tmp):
+    assert main([str(CORPUS), "--output", str(tmp / "out"), "--no_progress"]) == 0
+    return [CORPUS, "--output", tmp / "out"], None, tmp / "out"
+
+
+OUTPUT_CASES = [
+    ("dir with other files", _other_files, "output directory exists; pass --overwrite"),
+    ("dir with other files, --overwrite", _other_files_overwrite, "not a token store"),
+    ("output is the input directory", _output_is_input_dir, "the output is the input"),
+    ("output inside an input", _output_inside_input, "the output is inside the input"),
+    ("output contains an input", _output_contains_input, "the output contains the input"),
+    ("output is the input file", _output_is_input_file, "the output is the input"),
+    ("output holds the --vocab", _output_is_vocab, "contains the --vocab"),
+    ("output is a plain file", _output_is_file, "not a directory"),
+    ("output is a symlink to a file", _output_is_symlink_to_file, "not a directory"),
+    ("parent is a plain file", _parent_is_file, "cannot create the output"),
+    ("--output . (empty cwd)", _output_dot, "current directory"),
+    ("--output . holding the input", _output_dot_with_input, "contains the input"),
+    ("--output .. (a parent of cwd)", _output_parent_of_cwd, "current directory"),
+    ("existing store, no --overwrite", _store_without_overwrite, "pass --overwrite"),
+]
+
+
+@pytest.mark.parametrize("setup, message", [c[1:] for c in OUTPUT_CASES], ids=[c[0] for c in OUTPUT_CASES])
+def test_output_paths_refused_before_any_work(tmp_path, capsys, setup, message):
+    argv, cwd, keep = setup(tmp_path)
+    capsys.readouterr()
+    before = tree(keep) if keep is not None else None
+    code, err = run(argv, capsys, cwd)
+    assert code == 2 and err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
+    if keep is not None:
+        assert tree(keep) == before  # nothing deleted, replaced or added
+    assert not list(tmp_path.rglob(".*.tmp-*"))  # no temp store left behind
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_parent(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        code, err = run([CORPUS, "--output", ro / "out"], capsys)
+    finally:
+        ro.chmod(0o755)
+    assert code == 2 and "cannot create the output: Permission denied" in err
+
+
+def test_overwrite_replaces_a_store_and_follows_the_umask(tmp_path, capsys, old_store):
+    before = tree(old_store)
+    old_umask = os.umask(0o022)
+    try:
+        code, _ = run([CORPUS, "--output", old_store, "--overwrite"], capsys)
+    finally:
+        os.umask(old_umask)
+    assert code == 0 and tree(old_store) != before
+    assert (old_store.stat().st_mode & 0o777) == 0o755  # not mkdtemp's 0700
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing beside it
+
+
+# ------------------------------------------------------------------ input text
+
+def _nested_json(tmp):
+    (tmp / "deep.json").write_text('[["你好", "好"],\n' + "[" * 100_000 + "]" * 100_000 + "]", encoding="utf-8")
+    return [tmp / "deep.json"]
+
+
+def _nested_json_split_dict(tmp):
+    (tmp / "deep.json").write_text('{"train": [\n["a", "b"], ' + "[" * 100_000 + "]" * 100_000 + "]}",
+                                   encoding="utf-8")
+    return [tmp / "deep.json"]
+
+
+def _utf16_bom(tmp):
+    (tmp / "u16.txt").write_bytes("你好\t好呀\n在吗\t在\n".encode("utf-16"))
+    return [tmp / "u16.txt"]
+
+
+def _utf16le_no_bom(tmp):
+    (tmp / "u16.txt").write_bytes("hello\thi there\nhow are you\tfine thanks\n".encode("utf-16-le"))
+    return [tmp / "u16.txt"]
+
+
+def _utf16_forced_format(tmp):
+    (tmp / "u16.tsv").write_bytes("你好\t好呀\n".encode("utf-16"))
+    return [tmp / "u16.tsv", "--format", "tsv"]
+
+
+def _utf16_in_directory(tmp):
+    (tmp / "d").mkdir()
+    shutil.copy(CORPUS, tmp / "d" / "a.txt")
+    (tmp / "d" / "b.txt").write_bytes("你好\n好呀\n".encode("utf-16"))
+    return [tmp / "d"]
+
+
+def _vocab_not_utf8(tmp):
+    (tmp / "vocab.txt").write_bytes("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n".encode() + "你".encode("gbk") + b"\n")
+    return [CORPUS, "--vocab", tmp / "vocab.txt"]
+
+
+def _blocklist_missing(tmp):
+    return [CORPUS, "--blocklist", tmp / "nope.txt"]
+
+
+def _blocklist_not_utf8(tmp):
+    (tmp / "block.txt").write_bytes("坏词\n".encode() + "脏".encode("gbk") + b"\n")
+    return [CORPUS, "--blocklist", tmp / "block.txt"]
+
+
+def _nothing_left(tmp):
+    (tmp / "one.tsv").write_text("只有一句\n\t\n", encoding="utf-8")
+    return [tmp / "one.tsv"]
+
+
+INPUT_CASES = [
+    ("deeply nested JSON", _nested_json, "deep.json:2: malformed JSON: nested too deeply"),
+    ("deeply nested JSON in a dict of splits", _nested_json_split_dict, "deep.json:2: malformed JSON: nested too"),
+    ("UTF-16 with BOM", _utf16_bom, "u16.txt: UTF-16 text, not UTF-8"),
+    ("UTF-16LE without BOM", _utf16le_no_bom, "u16.txt: UTF-16 text, not UTF-8"),
+    ("UTF-16 with --format tsv", _utf16_forced_format, "u16.tsv: UTF-16 text, not UTF-8"),
+    ("UTF-16 file in a directory", _utf16_in_directory, "b.txt: UTF-16 text, not UTF-8"),
+    ("--vocab not UTF-8", _vocab_not_utf8, "vocab.txt:6: not UTF-8 text"),
+    ("--blocklist missing", _blocklist_missing, "nope.txt: blocklist file not found"),
+    ("--blocklist not UTF-8", _blocklist_not_utf8, "block.txt:2: not UTF-8 text"),
+    ("nothing left after cleaning", _nothing_left, "(sessions read: 1; dropped: session_too_short 1, "
+                                                   "turns_in_short_sessions 1)"),
+]
+
+
+@pytest.mark.parametrize("setup, message", [c[1:] for c in INPUT_CASES], ids=[c[0] for c in INPUT_CASES])
+def test_bad_input_text_exit_2(tmp_path, capsys, setup, message):
+    argv = setup(tmp_path)
+    code, err = run(argv + ["--output", tmp_path / "out"], capsys)
+    assert code == 2 and err.startswith("error: ") and message in err, err
+    assert "see the counts above" not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_evaluate_reads_nested_json_through_the_same_readers(tmp_path):
+    from dialogpt_zh.readers import iter_clean_sessions
+
+    _nested_json(tmp_path)
+    with pytest.raises(UserError, match="deep.json:2: malformed JSON: nested too deeply"):
+        list(iter_clean_sessions(tmp_path / "deep.json"))
+
+
+def test_ansi_escapes_removed_and_counted(tmp_path):
+    from dialogpt_zh.readers import iter_clean_sessions
+
+    (tmp_path / "ansi.tsv").write_text("\x1b[31m红色\x1b[0m的字\t\x1b]0;标题\x07你好\x1b[1;32m呀\n", encoding="utf-8")
+    c = Counter()
+    sessions = list(iter_clean_sessions(tmp_path / "ansi.tsv", counters=c))
+    assert [s.turns for s in sessions] == [["红色的字", "你好呀"]]
+    assert c["ansi_escapes_removed"] == 4 and c["control_chars_removed"] == 0
+
+
+def test_big_json_value_is_not_reparsed_per_chunk(tmp_path, monkeypatch):
+    """One session of 300k turns (~3 MB): read in a few decodes, not one per 64 KB chunk."""
+    import json as json_module
+
+    from dialogpt_zh import readers
+
+    path = tmp_path / "big.json"
+    path.write_text(json_module.dumps([["你好呀"] * 300_000, ["a", "b"]], ensure_ascii=False), encoding="utf-8")
+    monkeypatch.setattr(readers._JsonStream, "CHUNK", 1 << 16)
+    calls = Counter()
+    real = json_module.JSONDecoder.raw_decode
+
+    def counting(self, s, idx=0):
+        calls["raw_decode"] += 1
+        return real(self, s, idx)
+
+    monkeypatch.setattr(json_module.JSONDecoder, "raw_decode", counting)
+    sessions = [r.turns for cf in readers.scan_input(path).files for r in readers.read_file(cf)]
+    assert [len(s) for s in sessions] == [300_000, 2]
+    assert calls["raw_decode"] <= 12  # 3 MB / 64 KB = 48 re-parses before
+
+
+def test_missing_blocklist_fails_when_the_bot_is_made(random_bot_dir, tmp_path, capsys, monkeypatch):
+    """interact --blocklist MISSING: an error at start (exit 2), not a message on every line."""
+    import io
+
+    from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.interact import main as interact_main
+
+    with pytest.raises(UserError, match="nope.txt.*blocklist file not found"):
+        ChatBot.from_pretrained(random_bot_dir, blocklist=str(tmp_path / "nope.txt"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n吃了吗\n"))
+    assert interact_main(["--model", str(random_bot_dir), "--blocklist", str(tmp_path / "nope.txt")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("blocklist file not found") == 1
+    bad = tmp_path / "block.txt"
+    bad.write_bytes("\ufeff# words\n坏词\n".encode() + "脏".encode("gbk") + b"\n")
+    with pytest.raises(UserError, match="block.txt:3: not UTF-8"):  # the one loader: file:line
+        ChatBot.from_pretrained(random_bot_dir, blocklist=str(bad))
+
+
+# ------------------------------------------------------------------ the token store checks itself
+
+def _truncate(path: Path, keep: int = -10) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+
+
+def _edit_manifest(store: Path, **changes) -> None:
+    m = json.loads((store / "manifest.json").read_text(encoding="utf-8"))
+    for key, value in changes.items():
+        target = m
+        *parents, last = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[last] = value
+    (store / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+
+
+def _save(path: Path, array) -> None:
+    with open(path, "wb") as f:  # np.save(path) would add .npy to a name without it
+        np.save(f, array, allow_pickle=True)
+
+
+STORE_CASES = [
+    ("truncated train.ids.bin", lambda s: _truncate(s / "train.ids.bin"), "train.ids.bin: "),
+    ("train.ids.bin too long", lambda s: (s / "train.ids.bin").open("ab").write(b"\0\0"), "train.ids.bin: "),
+    ("token id beyond the vocabulary", lambda s: (s / "train.ids.bin").write_bytes(
+        b"\xff\xff" * ((s / "train.ids.bin").stat().st_size // 2)), "train.ids.bin: token id 65535"),
+    ("truncated utt.npy", lambda s: _truncate(s / "train.utt.npy"), "train.utt.npy: unreadable .npy"),
+    ("utt.npy of float64", lambda s: _save(s / "train.utt.npy", np.load(s / "train.utt.npy").astype(np.float64)),
+     "train.utt.npy: expected int64"),
+    ("utt.npy of int32", lambda s: _save(s / "valid.utt.npy", np.load(s / "valid.utt.npy").astype(np.int32)),
+     "valid.utt.npy: expected int64"),
+    ("utt.npy offsets past the end", lambda s: _save(s / "train.utt.npy", np.load(s / "train.utt.npy") * 2),
+     "train.utt.npy: utterance offsets"),
+    ("win.npy window past the end", lambda s: _save(s / "train.win.npy", np.load(s / "train.win.npy") + [[1000, 0]]),
+     "train.win.npy: a window lies outside"),
+    ("win.npy with a zero-turn window", lambda s: _save(s / "train.win.npy", np.load(s / "train.win.npy") * [[1, 0]]),
+     "train.win.npy: a window lies outside"),
+    ("win.npy a pickled object array", lambda s: _save(s / "test.win.npy", np.array([{"x": 1}], dtype=object)),
+     "test.win.npy: unreadable .npy"),
+    ("win.npy missing", lambda s: (s / "valid.win.npy").unlink(), "valid.win.npy: missing store file"),
+    ("manifest not UTF-8", lambda s: (s / "manifest.json").write_bytes(b'{"format": "\xff"}'),
+     "manifest.json: manifest is not UTF-8"),
+    ("manifest a list", lambda s: (s / "manifest.json").write_text("[1, 2]"), "manifest.json: manifest is not a JSON"),
+    ("manifest vocab_size a string", lambda s: _edit_manifest(s, vocab_size="77"),
+     "manifest.json (field 'vocab_size'): expected int, found str"),
+    ("manifest dtype float", lambda s: _edit_manifest(s, dtype="<f8"), "(field 'dtype'): dtype '<f8'"),
+    ("manifest dtype too wide", lambda s: _edit_manifest(s, dtype="<u4"), "(field 'dtype'): dtype '<u4'"),
+    ("manifest special id a string", lambda s: _edit_manifest(s, **{"special_ids.sep": "3"}),
+     "(field 'special_ids.sep')"),
+    ("manifest count negative", lambda s: _edit_manifest(s, **{"store_splits.train.tokens": -1}),
+     "(field 'store_splits.train.tokens')"),
+    ("manifest split counts a list", lambda s: _edit_manifest(s, **{"store_splits.valid": [1, 2]}),
+     "(field 'store_splits.valid.windows')"),
+    ("manifest directions a string", lambda s: _edit_manifest(s, directions="forward"), "(field 'directions')"),
+]
+
+
+@pytest.mark.parametrize("damage, message", [c[1:] for c in STORE_CASES], ids=[c[0] for c in STORE_CASES])
+def test_damaged_store_is_an_error_naming_the_file(tmp_path, fixture_tokenizer, fixture_sessions, damage, message):
+    store = build_fixture_store(tmp_path / "store", fixture_tokenizer, fixture_sessions)
+    TokenStore(store)  # whole, it opens
+    damage(store)
+    with pytest.raises(UserError) as e:
+        TokenStore(store)
+    assert message in str(e.value) and str(store) in str(e.value)
+
+
+def test_train_on_a_truncated_store_exits_2(tmp_path, capsys, fixture_tokenizer, fixture_sessions):
+    from dialogpt_zh.train import main as train_main
+
+    store = build_fixture_store(tmp_path / "store", fixture_tokenizer, fixture_sessions)
+    _truncate(store / "train.ids.bin", 50)
+    code = train_main(["--data", str(store), "--output", str(tmp_path / "model"), "--preset", "tiny"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.ids.bin" in err and "truncated" in err
+    assert not (tmp_path / "model").exists()
+
+
+# ------------------------------------------------------------------ atomic_directory
+
+def test_atomic_directory_refuses_what_it_may_not_replace(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a directory"):
+        with atomic_directory(tmp_path / "file", replace_existing=True):
+            pass
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "a").write_text("a")
+    with pytest.raises(UserError, match="not empty"):
+        with atomic_directory(tmp_path / "full"):
+            pass
+    assert (tmp_path / "file").read_text() == "x" and (tmp_path / "full" / "a").read_text() == "a"
+    with atomic_directory(tmp_path / "empty") as d:  # new: one rename
+        (d / "b").write_text("b")
+    assert (tmp_path / "empty" / "b").read_text() == "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "full"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path, monkeypatch, exchange):
+    from dialogpt_zh import fsutil
+
+    if not exchange:
+        monkeypatch.setattr(fsutil, "_exchange", lambda a, b: False)
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(final, replace_existing=True) as d:
+            (d / "new").write_text("half")
+            raise RuntimeError("the work failed")
+    assert tree(final) == {"old": b"old"}
+    with atomic_directory(final, replace_existing=True) as d:
+        assert tree(final) == {"old": b"old"}  # the old output is intact until the new one is complete
+        (d / "new").write_text("new")
+    assert tree(final) == {"new": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_directory_rename_failure_is_a_user_error(tmp_path, monkeypatch):
+    """--output . used to fail with EBUSY at the very end and leave the complete temp store behind."""
+    import errno
+
+    from dialogpt_zh import fsutil
+
+    def busy(a, b):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(a))
+
+    monkeypatch.setattr(fsutil.os, "rename", busy)
+    with pytest.raises(UserError, match="cannot put the output in place: Device or resource busy"):
+        with atomic_directory(tmp_path / "out") as d:
+            (d / "big").write_bytes(b"x" * 1000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temp_dirs_only_ours_and_only_dead(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "manifest.json").write_text("{}")
+    dead, alive = dead_pid(), os.getppid()
+    stale = tmp_path / f".out.tmp-{dead}-0123abcd"
+    running = tmp_path / f".out.tmp-{alive}-0123abcd"
+    lookalikes = [tmp_path / f".out.tmp-{dead}-notours", tmp_path / f".other.tmp-{dead}-0123abcd",
+                  tmp_path / f"out.tmp-{dead}-0123abcd"]
+    for d in [stale, running, *lookalikes]:
+        d.mkdir()
+        (d / "f").write_text("x")
+    (tmp_path / f".out.tmp-{dead}-fedcba98").write_text("a file, not a directory")
+    assert clean_stale_temp_dirs(final) == [stale]
+    assert not stale.exists() and running.exists() and all(d.exists() for d in lookalikes)
+    # the previous output moved aside by a run killed between its two renames is put back
+    shutil.move(final, tmp_path / f".out.old-{dead}")
+    clean_stale_temp_dirs(final)
+    assert (final / "manifest.json").read_text() == "{}"
+
+
+# ------------------------------------------------------------------ signals
+
+def _signal_case(tmp_path: Path, sig: int, old_store: Path) -> tuple[subprocess.CompletedProcess, list[Path]]:
+    """Start `preprocess --overwrite` on a corpus big enough to take a few seconds, wait until it is writing
+    its temp store, then send `sig`."""
+    big = tmp_path / "big.tsv"
+    with open(big, "w", encoding="utf-8") as f:
+        for i in range(150_000):
+            f.write(f"第{i}句话说了什么\t回答第{i}句的话\t再说一句{i % 977}\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dialogpt_zh.preprocess", str(big), "--output", str(old_store),
+                             "--overwrite", "--no_progress", "--workers", "2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    temps: list[Path] = []
+    while not temps and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        temps = [p for p in tmp_path.glob(".out.tmp-*") if (p / "sessions.tmp").exists()]
+    assert temps, f"the run never started writing: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), temps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, message", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                (signal.SIGINT, 130, "interrupted")], ids=["SIGTERM", "SIGINT"])
+def test_stopped_run_cleans_up_and_keeps_the_old_store(tmp_path, old_store, sig, code, message):
+    before = tree(old_store)
+    r, _ = _signal_case(tmp_path, sig, old_store)
+    assert r.returncode == code, r.stderr
+    assert message in r.stderr and "is as it was" in r.stderr and "Traceback" not in r.stderr
+    assert tree(old_store) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tsv", "out"]  # no temp directory left
+
+
+@pytest.mark.slow
+def test_killed_run_litter_is_cleaned_by_the_next_run(tmp_path, old_store):
+    before = tree(old_store)
+    r, temps = _signal_case(tmp_path, signal.SIGKILL, old_store)
+    assert r.returncode == -signal.SIGKILL
+    assert tree(old_store) == before and all(t.exists() for t in temps)  # kill -9 cannot clean up
+    assert main([str(CORPUS), "--output", str(old_store), "--overwrite", "--no_progress"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tsv", "out"]
+    TokenStore(old_store)
+
+
+# ------------------------------------------------------------------ the throughput benchmark's --workdir
+
+def test_benchmark_deletes_only_what_it_created(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    corpus = tmp_path / "corpus"
+    for name in ("lccc-sample", "kdconv", "chatterbot-zh", "subtitles-dgk"):
+        (corpus / name).mkdir(parents=True)
+        shutil.copy(CORPUS, corpus / name / f"{name}.txt")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("keep me")
+    monkeypatch.setattr(sys, "argv", ["preprocess_throughput.py", "--corpus", str(corpus), "--workdir", str(work)])
+    runpy.run_path(str(REPO / "benchmarks" / "preprocess_throughput.py"), run_name="__main__")
+    assert "shared corpus w=0" in capsys.readouterr().out
+    assert [p.name for p in work.iterdir()] == ["precious.txt"]
