@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, REPO, build_fixture_store
+from conftest import FIXTURES, REPO, build_fixture_store, read_fixture_sessions
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import atomic_directory, clean_stale_temp_dirs
 from dialogpt_zh.preprocess import main
@@ -128,7 +128,10 @@ def _output_parent_of_cwd(tmp):
 
 
 def _store_without_overwrite(tmp):
-    assert main([str(CORPUS), "--output", str(tmp / "out"), "--no_progress"]) == 0
+    from dialogpt_zh.tokenizer import build_char_tokenizer, count_chars
+
+    sessions = read_fixture_sessions()
+    build_fixture_store(tmp / "out", build_char_tokenizer(count_chars(u for s in sessions for u in s)), sessions)
     return [CORPUS, "--output", tmp / "out"], None, tmp / "out"
 
 
@@ -530,17 +533,41 @@ def test_killed_run_litter_is_cleaned_by_the_next_run(tmp_path, old_store):
 
 # ------------------------------------------------------------------ the throughput benchmark's --workdir
 
-def test_benchmark_deletes_only_what_it_created(tmp_path, monkeypatch, capsys):
-    import runpy
+@pytest.mark.parametrize("workdir_exists", [True, False], ids=["given workdir", "new workdir"])
+def test_benchmark_deletes_only_what_it_created(tmp_path, monkeypatch, capsys, workdir_exists):
+    """It used to `rm -rf --workdir`. (Each preprocess run is replaced by writing a store-sized file where the
+    benchmark's run would write its store: what is measured does not matter here, what is deleted does.)"""
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("preprocess_throughput",
+                                                  REPO / "benchmarks" / "preprocess_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "preprocess_throughput", bench)  # (dataclasses look their module up)
+    spec.loader.exec_module(bench)
+    runs = []
+
+    def fake_run(inputs, output, workers=0):
+        output.mkdir(parents=True)
+        (output / "train.ids.bin").write_bytes(b"\0" * 100)
+        runs.append(output)
+        return {"input_mb": 1.0, "chars": 1, "wall_s": 1.0, "cpu_s": 1.0, "chars_per_s": 1.0, "peak_rss_mb": 1.0,
+                "windows": 1, "command": "x", "load_after": 0.0}
+
+    monkeypatch.setattr(bench, "run", fake_run)
     corpus = tmp_path / "corpus"
-    for name in ("lccc-sample", "kdconv", "chatterbot-zh", "subtitles-dgk"):
+    for name in bench.SOURCES:
         (corpus / name).mkdir(parents=True)
-        shutil.copy(CORPUS, corpus / name / f"{name}.txt")
+        shutil.copy(CORPUS, corpus / name / "train.txt")
     work = tmp_path / "work"
-    work.mkdir()
-    (work / "precious.txt").write_text("keep me")
-    monkeypatch.setattr(sys, "argv", ["preprocess_throughput.py", "--corpus", str(corpus), "--workdir", str(work)])
-    runpy.run_path(str(REPO / "benchmarks" / "preprocess_throughput.py"), run_name="__main__")
-    assert "shared corpus w=0" in capsys.readouterr().out
-    assert [p.name for p in work.iterdir()] == ["precious.txt"]
+    if workdir_exists:
+        work.mkdir()
+        (work / "precious.txt").write_text("keep me")
+    monkeypatch.setattr(sys, "argv", ["preprocess_throughput.py", "--corpus", str(corpus), "--workdir", str(work),
+                                      "--synthetic_mb", "1"])
+    bench.main()
+    assert "shared corpus w=0" in capsys.readouterr().out and len(runs) == 2
+    assert all(work in r.parents for r in runs)
+    if workdir_exists:
+        assert [p.name for p in work.iterdir()] == ["precious.txt"]
+    else:
+        assert not work.exists()
