@@ -188,9 +188,9 @@ def wide_encoding(data: bytes) -> str | None:
         return "UTF-32"
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         return "UTF-16"
-    sample = data[:4096 & ~3]
+    sample = data[:4096]
     even, odd = sample[0::2].count(0), sample[1::2].count(0)
-    if len(sample) >= 8 and min(even, odd) == 0 and max(even, odd) * 4 >= len(sample) // 2:
+    if min(even, odd) == 0 and max(even, odd) >= 4 and max(even, odd) * 4 >= len(sample) // 2:
         return "UTF-16"
     return None
 
