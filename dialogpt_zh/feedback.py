@@ -319,7 +319,7 @@ def export(paths: Sequence[str], output: str, overwrite: bool = False) -> dict[s
              "sessions_written": len(sessions), "utterances_written": sum(map(len, sessions)),
              "counts": dict(sorted(counts.items())),
              "skipped": skipped[:MAX_LISTED_SKIPS], "skipped_not_listed": max(0, len(skipped) - MAX_LISTED_SKIPS)}
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, replace_existing=overwrite) as tmp:
         (tmp / "train.txt").write_text("\n\n".join("\n".join(s) for s in sessions) + "\n", encoding="utf-8")
         (tmp / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return stats

@@ -314,9 +314,10 @@ def test_missing_blocklist_fails_when_the_bot_is_made(random_bot_dir, tmp_path, 
 
     from dialogpt_zh.engine import ChatBot
     from dialogpt_zh.interact import main as interact_main
+    from dialogpt_zh.settings import MMISettings
 
     with pytest.raises(UserError, match="nope.txt.*blocklist file not found"):
-        ChatBot.from_pretrained(random_bot_dir, blocklist=str(tmp_path / "nope.txt"))
+        ChatBot.from_pretrained(random_bot_dir, mmi=MMISettings(blocklist=str(tmp_path / "nope.txt")))
     monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n吃了吗\n"))
     assert interact_main(["--model", str(random_bot_dir), "--blocklist", str(tmp_path / "nope.txt")]) == 2
     out, err = capsys.readouterr()
@@ -324,7 +325,7 @@ def test_missing_blocklist_fails_when_the_bot_is_made(random_bot_dir, tmp_path, 
     bad = tmp_path / "block.txt"
     bad.write_bytes("\ufeff# words\n坏词\n".encode() + "脏".encode("gbk") + b"\n")
     with pytest.raises(UserError, match="block.txt:3: not UTF-8"):  # the one loader: file:line
-        ChatBot.from_pretrained(random_bot_dir, blocklist=str(bad))
+        ChatBot.from_pretrained(random_bot_dir, mmi=MMISettings(blocklist=str(bad)))
 
 
 # ------------------------------------------------------------------ the token store checks itself
