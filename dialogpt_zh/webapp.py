@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,6 +57,13 @@ class WebArguments:
     seed: int | None = field(default=None, metadata=field_help(
         "seed every reply with this (reproducible demos); default: a fresh random seed per reply, "
         "shown on the page so a reply can be reproduced"))
+    feedback: str | None = field(default=None, metadata=field_help(
+        "append every judgement (a candidate picked in the table, a better reply written) to this JSON Lines "
+        "file, personal data masked, no session ids (python -m dialogpt_zh.feedback export); default: not saved"))
+    arena_pairs: str | None = field(default=None, metadata=field_help(
+        "add a blind-arena tab judging this PAIRS.json (python -m dialogpt_zh.arena --make)"))
+    arena_verdicts: str | None = field(default=None, metadata=field_help(
+        "JSON Lines file the arena tab appends verdicts to (needed with --arena_pairs)"))
 
     def __post_init__(self) -> None:
         for name, lo, hi in (("port", 0, 65535), ("concurrency", 1, 256), ("max_queue", 1, 100_000),
@@ -179,13 +186,18 @@ def status_markdown(reply, notices: Sequence[str]) -> str:
 
 def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
               transcript: str | Path | None = None, *, concurrency: int = 4, max_queue: int = 64,
-              max_input_chars: int = 150, seed: int | None = None) -> gr.Blocks:
+              max_input_chars: int = 150, seed: int | None = None, feedback: str | Path | None = None,
+              arena_pairs: str | Path | None = None, arena_verdicts: str | Path | None = None) -> gr.Blocks:
     """The Gradio page over `bot` (a `dialogpt_zh.engine.ChatBot`).
 
     Slider defaults and every other setting come from `generation` / `mmi` (the engine's settings
     dataclasses; default: the bot's own). `transcript`: a JSONL file to append each turn to (None: nothing
     is written). `seed`: a fixed seed for every reply (None: the engine draws one per reply).
+    `feedback`: a JSONL file for people's judgements (picks, better replies; None: not saved).
+    `arena_pairs` + `arena_verdicts`: add the blind-arena tab (dialogpt_zh.web_judging).
     """
+    from dialogpt_zh import web_judging
+
     generation = generation if generation is not None else bot.generation
     mmi = mmi if mmi is not None else bot.mmi_settings
     defaults = {c.name: getattr(generation, c.name, getattr(mmi, c.name, None)) for c in CONTROLS}
@@ -206,7 +218,7 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
         message = (message or "").strip()
         if not message:
             gr.Info("空消息已忽略。")  # nothing else changes
-            return "", history_to_messages(history), history, gr.skip(), gr.skip()
+            return "", history_to_messages(history), history, gr.skip(), gr.skip(), gr.skip()
         notices = []
         if len(message) > max_input_chars:
             message = message[:max_input_chars]
@@ -222,12 +234,12 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
             # the details go to the server log; a remote user sees only what is meant for users
             log.exception("reply failed (session %s)", session)
             status = "⚠ " + (f"无法生成回复：{e}" if isinstance(e, UserError) else GENERIC_ERROR)
-            return message, history_to_messages(history), history, gr.skip(), status
+            return message, history_to_messages(history), history, gr.skip(), status, gr.skip()
         if clears.get(session) != clears_at_start:  # cleared while this reply was computed: drop it
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         if not reply.candidates:  # e.g. a blocklist removed every candidate: say so, keep the history
             status = "⚠ 这一轮没有可用的回复：" + "；".join(reply.notices or ["没有候选"])
-            return message, history_to_messages(history), history, [], status
+            return message, history_to_messages(history), history, [], status, None
         new_history = history + [message, reply.text]
         notices += [n for n in (reply.notices or []) if n not in bot_notices]
         if writer is not None:
@@ -245,25 +257,31 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
                                 "backward_logprob": c.backward_logprob, "score": c.score}
                                for c in reply.candidates],
             })
+        # the last turn, for the person's judgement (web_judging): what the bot was given and answered
+        turn = {"given": history + [message], "reply": reply, "settings": {**asdict(gen), **asdict(mm)}}
         return "", history_to_messages(new_history), new_history, candidates_table(reply), \
-            status_markdown(reply, notices)
+            status_markdown(reply, notices), turn
 
     def forget_fn(request: gr.Request):  # the browser tab closed
         clears.forget(getattr(request, "session_hash", None))
 
     def reset_fn(request: gr.Request):
         clears.bump(getattr(request, "session_hash", None))
-        return "", [], [], [], "已清空对话，开始新的聊天吧。"
+        return "", [], [], [], "已清空对话，开始新的聊天吧。", None
 
     intro = ("GPT-2 前向模型每轮采样多个候选回复，后向模型按最大互信息（MMI）给候选打分重排，"
              "选出得分最高的一句。右侧表格列出上一轮的全部候选及其分数。")
     privacy = ("**注意：运营者开启了对话记录，每一轮对话都会写入服务器上的记录文件。**" if writer
                else "对话只保存在本浏览器会话中，服务器不写入磁盘；刷新页面即清空。")
+    privacy += ("\n\n点表格里的一行 = 你会选这个候选；或在表格下写一句更好的回复。对话会用你的选择继续"
+                "（★ = MMI 的选择，✔ = 你的选择）。"
+                + ("**你的选择会被记录（已遮盖个人信息，不含会话标识）。**" if feedback else ""))
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\n{intro}\n\n{privacy}")
         for n in bot_notices:
             gr.Markdown(f"⚠ {n}")
         history_state = gr.State([])
+        turn_state = gr.State(None)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320):
                 chatbot = gr.Chatbot(label="对话", height=460, render_markdown=False, feedback_options=None,
@@ -282,20 +300,26 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
                                      datatype=["number", "str", "str", "number", "number", "number", "number",
                                                "number"],
                                      column_widths=["7%", "6%", "30%", "14%", "14%", "12%", "8%", "9%"])
+                feedback_writer = web_judging.add_judging(bot, feedback, table=table, chatbot=chatbot,
+                                                          history_state=history_state, turn_state=turn_state,
+                                                          status=status)
                 with gr.Accordion("生成设置", open=True):
                     sliders = [gr.Slider(c.range[0], c.range[1], value=defaults[c.name], step=c.range[2],
                                          label=c.label, info=c.info, elem_id=f"ctl_{c.name}")
                                for c in CONTROLS]
         inputs = [textbox, history_state, *sliders]
-        outputs = [textbox, chatbot, history_state, table, status]
+        outputs = [textbox, chatbot, history_state, table, status, turn_state]
         gr.on([textbox.submit, send.click], reply_fn, inputs, outputs, api_name="chat",
               concurrency_limit=concurrency, concurrency_id="reply", show_progress="minimal")
         reset.click(reset_fn, None, outputs, api_name="reset", queue=False)
         # The chat panel's own trash icon must forget the history too, not just the bubbles.
         chatbot.clear(reset_fn, None, outputs, api_visibility="private", queue=False)
         demo.unload(forget_fn)
+    if arena_pairs:
+        demo = web_judging.with_arena_tab(demo, TITLE, arena_pairs, arena_verdicts)
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     demo.transcript_writer = writer  # so callers can close it
+    demo.feedback_writer = feedback_writer
     return demo
 
 
@@ -330,6 +354,8 @@ EXAMPLES = """
   python web/app.py --model checkpoints/default --port 8000
   dialogpt-zh-web --host 0.0.0.0 --num_candidates 10 --backward_weight 1.0
   dialogpt-zh-web --transcript chats.jsonl           # operator opts in to keeping a log of every turn
+  dialogpt-zh-web --feedback feedback.jsonl          # keep people's picks / better replies (for fine-tuning)
+  dialogpt-zh-web --arena_pairs pairs.json --arena_verdicts verdicts.jsonl   # + a blind-arena tab
 """
 
 
@@ -349,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n in getattr(bot, "notices", []) or []:
             log.warning("note: %s", n)
         demo = build_app(bot, transcript=args.transcript, concurrency=args.concurrency,
-                         max_queue=args.max_queue, max_input_chars=args.max_input_chars, seed=args.seed)
+                         max_queue=args.max_queue, max_input_chars=args.max_input_chars, seed=args.seed,
+                         feedback=args.feedback, arena_pairs=args.arena_pairs, arena_verdicts=args.arena_verdicts)
         if args.transcript:
             log.info("transcript: appending every turn to %s", args.transcript)
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
