@@ -171,9 +171,9 @@ def load_bots(specs: dict[str, str | None], device: str = "cpu") -> dict[str, An
 
 
 def describe_system(bot, path: str | None, settings: dict[str, Any]) -> dict[str, Any]:
-    from dialogpt_zh.engine import DEFAULT_BOT_DIR
+    from dialogpt_zh.engine import default_bot_dir
 
-    return {"model": str(path or DEFAULT_BOT_DIR), "settings": settings,
+    return {"model": str(path or default_bot_dir()), "settings": settings,
             "forward": model_id(bot.forward_dir), "backward": model_id(bot.backward_dir)}
 
 

@@ -22,10 +22,10 @@ def browser():
 @pytest.fixture(scope="module")
 def app(trained_bot_dir, tmp_path_factory):
     from dialogpt_zh import arena, webapp
-    from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.engine import ChatBot, GenerationSettings
 
     root = tmp_path_factory.mktemp("judging")
-    bot = ChatBot.from_pretrained(trained_bot_dir, num_candidates=8, max_length=10)
+    bot = ChatBot.from_pretrained(trained_bot_dir, generation=GenerationSettings(num_candidates=8, max_length=10))
     contexts = [{"context": ["你好"]}, {"context": ["今天天气真好", "是啊"]}]
     pairs, order = arena.make_pairs(contexts, {"A": bot, "B": bot}, {"A": {}, "B": {"num_candidates": 1}}, 0,
                                     progress=False)
