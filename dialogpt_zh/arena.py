@@ -208,14 +208,18 @@ def default_key_path(pairs_path: str | Path) -> Path:
     return p.with_name(p.name[:-5] + ".key.json" if p.name.endswith(".json") else p.name + ".key.json")
 
 
+def _read_json(path: Path, what: str, hint: str = "") -> Any:
+    if not path.is_file():
+        raise UserError(f"{what} not found{hint}", path=path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"not a JSON {what} ({e})", path=path) from e
+
+
 def load_pairs(path: str | Path) -> tuple[list[dict[str, Any]], str]:
     path = Path(path)
-    if not path.is_file():
-        raise UserError("pairs file not found", path=path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"not a JSON pairs file ({e})", path=path) from e
+    doc = _read_json(path, "pairs file")
     if not isinstance(doc, dict) or doc.get("format") != PAIRS_FORMAT or not isinstance(doc.get("pairs"), list):
         raise UserError(f"not an arena pairs file (expected format {PAIRS_FORMAT!r})", path=path)
     for i, p in enumerate(doc["pairs"]):
@@ -229,12 +233,7 @@ def load_pairs(path: str | Path) -> tuple[list[dict[str, Any]], str]:
 
 def load_key(path: str | Path, run: str) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise UserError("key file not found (--key; written by --make beside the pairs)", path=path)
-    try:
-        key = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"not a JSON key file ({e})", path=path) from e
+    key = _read_json(path, "key file", " (--key; written by --make beside the pairs)")
     if not isinstance(key, dict) or key.get("format") != KEY_FORMAT:
         raise UserError(f"not an arena key file (expected format {KEY_FORMAT!r})", path=path)
     if key.get("run") != run:

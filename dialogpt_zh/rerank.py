@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from typing import Any, Iterator, Sequence, TextIO
 from dialogpt_zh.cli import make_parser, parse, run_main
 from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.fsutil import atomic_open
 
 EXAMPLES = """
   python -m dialogpt_zh.rerank candidates.jsonl --output reranked.jsonl
@@ -142,18 +141,8 @@ def open_output(output: str, overwrite: bool):
     final = Path(output)
     if final.exists() and not overwrite:
         raise UserError("output exists; pass --overwrite to replace it", path=final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(final, "w", encoding="utf-8") as f:
+        yield f
 
 
 def main(argv: Sequence[str] | None = None) -> int:

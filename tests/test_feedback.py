@@ -15,7 +15,7 @@ from dialogpt_zh.feedback import FORMAT, JsonlAppender, main as feedback_main
 from dialogpt_zh.interact import InteractArgs, chat
 
 
-def run_cli(args, stdin: str, timeout: int = 120):
+def run_cli(args, stdin: str, timeout: int = 600):  # a hang guard, generous for a loaded machine
     return subprocess.run([sys.executable, "-m", "dialogpt_zh.interact", *args], input=stdin, text=True,
                           capture_output=True, timeout=timeout)
 

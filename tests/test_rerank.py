@@ -84,7 +84,7 @@ def test_bad_lines_stop_with_file_line_or_are_counted(random_bot_dir, tmp_path, 
 def test_rerank_streams_stdin_to_stdout(random_bot_dir):
     r = subprocess.run([sys.executable, "-m", "dialogpt_zh.rerank", "-", "--output", "-", "--model",
                         str(random_bot_dir)], input=json.dumps(RECORDS[1], ensure_ascii=False) + "\n",
-                       text=True, capture_output=True, timeout=120)
+                       text=True, capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr
     (line,) = r.stdout.splitlines()
     assert json.loads(line)["best"] in ("在看书", "睡觉")

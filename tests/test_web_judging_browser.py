@@ -7,16 +7,7 @@ import json
 
 import pytest
 
-from tests.test_web_browser import CHROMIUM, CHROMIUM_ARGS, pytestmark  # noqa: F401  (same skip + mark)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install -e .[test])")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+from tests.test_web_browser import browser, pytestmark  # noqa: F401  (the same browser fixture, skip and mark)
 
 
 @pytest.fixture(scope="module")
