@@ -190,3 +190,34 @@ def test_export_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         feedback_main(["export", "--help"])
     assert e.value.code == 0 and "--overwrite" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_round_trip_feedback_to_fine_tuned_bot(random_bot_dir, tmp_path, monkeypatch):
+    """README's round trip with tiny numbers: chat with judgements -> export -> preprocess with the bot's
+    vocabulary -> `train --init` its forward model for 2 steps -> the result loads and chats."""
+    from dialogpt_zh import preprocess, train
+    from dialogpt_zh.engine import ChatBot
+
+    monkeypatch.chdir(tmp_path)
+    bot = ChatBot.from_pretrained(random_bot_dir)
+    out, err = io.StringIO(), io.StringIO()
+    chat(bot, InteractArgs(seed=0, feedback="fb.jsonl"), stdin=io.StringIO(
+        "你好\n/pick 1\n今天天气好\n/better 是啊，出去走走吧\n/reset\n晚安\n/better 晚安，明天见\n"
+        "你喜欢什么\n/better 喜欢看电影\n"), stdout=out, stderr=err)
+    assert len((tmp_path / "fb.jsonl").read_text(encoding="utf-8").splitlines()) == 4
+    assert feedback_main(["export", "fb.jsonl", "--output", "corpus"]) == 0
+    assert preprocess.main(["corpus/train.txt", "--vocab", str(random_bot_dir / "forward"), "--valid_ratio", "0.3",
+                            "--test_ratio", "0", "--output", "store", "--no_progress"]) == 0
+    assert train.main(["--data", "store", "--direction", "forward", "--init", str(random_bot_dir / "forward"),
+                       "--output", "ft/forward", "--max_steps", "2", "--eval_every", "2", "--lr", "1e-4",
+                       "--warmup_steps", "0", "--device", "cpu"]) == 0
+    tuned = ChatBot.from_pretrained(forward="ft/forward", backward=random_bot_dir / "backward")
+    reply = tuned.reply(["你好"], seed=0)
+    assert reply.mmi and reply.candidates
+    import torch
+    from safetensors.torch import load_file
+
+    before = load_file(random_bot_dir / "forward" / "model.safetensors")
+    after = load_file(tmp_path / "ft" / "forward" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)           # the weights really moved
