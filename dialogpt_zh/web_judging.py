@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.web_view import candidates_table, history_to_messages
 from dialogpt_zh.feedback import JsonlAppender, bot_model_ids, choose, make_record, utc_now
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,6 @@ PICK_MARK = "✔"  # the person's choice in the 选中 column (★ stays MMI's)
 
 def judged_rows(reply, picked_rank: int | None) -> list[list[Any]]:
     """The candidates table with the person's pick marked beside MMI's ★."""
-    from dialogpt_zh.webapp import candidates_table
-
     rows = candidates_table(reply)
     for row in rows:
         if picked_rank is not None and row[0] == picked_rank:
@@ -38,8 +37,6 @@ def add_judging(bot, feedback: str | Path | None, *, table, chatbot, history_sta
     this". Either replaces the bot's last reply, so the chat continues with the person's choice; with
     `feedback` each judgement is appended to that file. `turn_state` holds the last turn
     ({"given", "reply", "settings"}, set by the chat handler)."""
-    from dialogpt_zh.webapp import history_to_messages
-
     writer = JsonlAppender(feedback) if feedback else None
     models = bot_model_ids(bot)
     with gr.Row():

@@ -24,6 +24,7 @@ import gradio as gr  # noqa: E402
 from dialogpt_zh.cli import make_parser, parse, run_main  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
 from dialogpt_zh.fsutil import check_output_file  # noqa: E402
+from dialogpt_zh.web_view import CANDIDATE_HEADERS, candidates_table, history_to_messages  # noqa: E402,F401
 from dialogpt_zh.settings import (PAGE_RANGES, BotArguments, GenerationSettings, MMISettings,  # noqa: E402
                                   apply_overrides, field_help)
 
@@ -31,8 +32,6 @@ log = logging.getLogger(__name__)
 
 TITLE = "中文闲聊机器人 · GPT-2 生成 + MMI 重排"
 EXAMPLE_OPENERS = ["你好呀", "今天天气真好，出去玩吗？", "你喜欢看什么电影？", "最近工作好累啊", "晚饭吃什么好呢"]
-CANDIDATE_HEADERS = ["排名", "选中", "候选回复", "前向 log P(回复|上文)", "后向 log P(上文|回复)", "最终得分",
-                     "词元数", "采到次数"]
 
 
 @dataclass
@@ -147,28 +146,6 @@ class TranscriptWriter:
 
 
 # ------------------------------------------------------------------------------------------ pure helpers
-
-def history_to_messages(history: Sequence[str]) -> list[dict[str, str]]:
-    """Alternating utterances (user first) -> Chatbot messages."""
-    return [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(history)]
-
-
-def candidates_table(reply) -> list[list[Any]]:
-    """One row per candidate, in rank order; the chosen one (rank 1) is marked."""
-    rows = []
-    for c in sorted(reply.candidates, key=lambda c: c.rank):
-        rows.append([
-            c.rank,
-            "★" if c.rank == 1 else "",
-            c.text,
-            round(float(c.forward_logprob), 3),
-            None if c.backward_logprob is None else round(float(c.backward_logprob), 3),
-            round(float(c.score), 3),
-            c.num_tokens,
-            getattr(c, "count", 1),
-        ])
-    return rows
-
 
 def status_markdown(reply, notices: Sequence[str]) -> str:
     """Latency (with its encode / generate / score split), seed, MMI on/off, then one line per notice."""
