@@ -88,7 +88,8 @@ def fixture_contexts(n: int) -> list[list[str]]:
 
 def random_bot(preset: str, vocab_size: int, seed: int, tmp: Path) -> Path:
     """A bot dir with random-weight forward/backward models of a preset shape and a ~vocab_size char vocab."""
-    from dialogpt_zh.model import build_model, save_checkpoint
+    from dialogpt_zh.checkpoint import save_checkpoint
+    from dialogpt_zh.model import build_model
     from dialogpt_zh.tokenizer import build_char_tokenizer
 
     chars = Counter((REPO / "corpus" / "fixtures" / "chitchat_train.txt").read_text(encoding="utf-8"))

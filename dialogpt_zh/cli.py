@@ -7,10 +7,12 @@ the settings and `BotArguments` are in `dialogpt_zh.settings`, `load_bot` in `di
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dialogpt_zh.errors import UserError
@@ -21,22 +23,106 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Show defaults and keep the hand-formatted examples in the epilog."""
 
 
+CONFIG_FLAG = "--config"
+
+
 def make_parser(dataclass_types: Sequence[type], prog: str, description: str, examples: str = ""):
-    """An argument parser built from dataclasses (field metadata `help` becomes the flag's help)."""
+    """An argument parser built from dataclasses (field metadata `help` becomes the flag's help).
+
+    Every parser also takes `--config RUN.json`: settings from a JSON file, overridden by the flags given.
+    """
     from transformers import HfArgumentParser  # well-kept dataclass -> argparse mapping
 
     epilog = "examples:\n" + examples.strip("\n") if examples else None
-    return HfArgumentParser(list(dataclass_types), prog=prog, description=description, epilog=epilog,
-                            formatter_class=_HelpFormatter)
+    parser = HfArgumentParser(list(dataclass_types), prog=prog, description=description, epilog=epilog,
+                              formatter_class=_HelpFormatter)
+    parser.add_argument(CONFIG_FLAG, metavar="RUN.json", default=None, help=(
+        "take settings from this JSON file (an object of setting: value, or a file with such an object under "
+        "\"config\", e.g. a model's dialogpt_zh.json or a store's manifest.json); flags given on the command "
+        "line override it"))
+    return parser
 
 
 def parse(parser, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
-    """Parse argv into one instance per dataclass; unknown flags are an error (exit 2)."""
-    *parsed, remaining = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None,
-                                                            return_remaining_strings=True)
+    """Parse argv into one instance per dataclass; unknown flags are an error (exit 2).
+
+    With `--config FILE` the file's settings become the defaults first (the command line still wins).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument(CONFIG_FLAG, default=None)
+    known, _ = probe.parse_known_args(argv)
+    if known.config is not None:
+        _apply_config_file(parser, Path(known.config))
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:  # HfArgumentParser raises ValueError (a traceback, exit 1); argparse's error exits 2
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    if parsed and isinstance(parsed[-1], argparse.Namespace):  # extra (non-dataclass) arguments
+        del parsed[-1].config
+        if not vars(parsed[-1]):
+            parsed.pop()
     return tuple(parsed)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings in a --config file: a JSON object, or the object under its "config" key."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise UserError("config file not found", path=path) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the config file: {e}", path=path) from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"not valid JSON: {e.msg}", path=path, line=e.lineno) from e
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise UserError("a config file holds a JSON object of setting: value", path=path)
+    return data
+
+
+def _apply_config_file(parser, path: Path) -> None:
+    """Make the file's values the parser's defaults, checked and converted as if typed on the command line."""
+    actions = {}
+    for action in parser._actions:  # the typed action of each setting (not the --no_X twin of a bool)
+        if action.dest not in actions or action.type is not None:
+            actions[action.dest] = action
+    defaults = {}
+    for key, value in read_config_file(path).items():
+        action = actions.get(key)
+        if action is None or key in ("help", "config"):
+            raise UserError(f"unknown setting {key!r} for {parser.prog}", path=path, field=key)
+        defaults[key] = _config_value(action, value, path, key)
+        action.required = False  # the file gives it
+        if not action.option_strings and action.nargs == "+":
+            action.nargs = "*"  # a positional list (preprocess inputs) may now come from the file alone
+    parser.set_defaults(**defaults)
+
+
+def _config_value(action, value: Any, path: Path, key: str) -> Any:
+    if value is None:
+        if action.default is None and not action.required:  # an Optional setting
+            return None
+        raise UserError("null is not allowed for this setting", path=path, field=key)
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list):
+            raise UserError(f"expected a list, got {value!r}", path=path, field=key)
+        return [_config_scalar(action, v, path, key) for v in value]
+    return _config_scalar(action, value, path, key)
+
+
+def _config_scalar(action, value: Any, path: Path, key: str) -> Any:
+    convert = action.type or str
+    is_bool = getattr(convert, "__name__", "") == "string_to_bool"
+    if isinstance(value, (dict, list)) or (isinstance(value, bool) and not is_bool):
+        raise UserError(f"{value!r} is not a valid value", path=path, field=key)
+    try:
+        converted = convert(value if is_bool else str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        raise UserError(f"{value!r} is not a valid value ({e})", path=path, field=key) from e
+    if action.choices is not None and converted not in action.choices:
+        raise UserError(f"{value!r} is not one of {list(action.choices)}", path=path, field=key)
+    return converted
 
 
 class Terminated(KeyboardInterrupt):

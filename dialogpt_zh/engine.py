@@ -31,7 +31,7 @@ import torch
 
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.lean_gpt2 import LeanGPT2
-from dialogpt_zh.model import load_model, read_card
+from dialogpt_zh.checkpoint import load_model, read_card
 from dialogpt_zh.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_tokens
 from dialogpt_zh.sequence import build_sequence
 from dialogpt_zh.settings import (BotArguments, GenerationSettings, MMISettings, apply_overrides, mmi_active,

@@ -1,28 +1,24 @@
 """Train a forward (P(reply | context)) or backward (P(context | reply), the MMI scorer) GPT-2 on a token store.
 
-One plain loop on top of `accelerate.Accelerator` (which brings CUDA, bf16/fp16 and torchrun/DDP without
+One flat loop on top of `accelerate.Accelerator` (which brings CUDA, bf16/fp16 and torchrun/DDP without
 code changes). Our own parts are small: length-grouped batches (dialogpt_zh.batching), a token-weighted
 loss, and a resume state that continues exactly (weights, AdamW, schedule, RNG, data position).
-
-Output directory layout (replaced atomically at every save, so it always holds a complete best model):
-    config.json model.safetensors generation_config.json tokenizer files   the best model (by valid loss)
-    dialogpt_zh.json metrics.json loss_curve.png                           training card, figures
-    resume/  model.safetensors optimizer.pt rng_<rank>.pt state.json       the latest step, for --resume
+The output directory is written by dialogpt_zh.checkpoint (layout there), replaced atomically at every
+save, so it always holds a complete best model.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
-import json
 import logging
 import math
 import os
 import shlex
-import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -31,20 +27,20 @@ import torch
 import torch.nn.functional as F
 
 from dialogpt_zh.batching import Batch, collate, plan_batches, shard_batches
+from dialogpt_zh.checkpoint import (RUN_CONFIG_FILE, ResumeFiles, RunState, load_model, load_resume_optimizer,
+                                    load_resume_rng, load_resume_weights, read_run_state, remove_stale_temp,
+                                    rng_staging_dir, save_checkpoint, save_rng_state)
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.fsutil import atomic_directory
-from dialogpt_zh.model import CARD_FILE, PRESETS, build_model, load_model
+from dialogpt_zh.model import PRESETS, build_model
 from dialogpt_zh.store import MANIFEST, TokenStore
 
 log = logging.getLogger("dialogpt_zh.train")
 
-RESUME_DIR = "resume"
-METRICS_FILE = "metrics.json"
-CURVE_FILE = "loss_curve.png"
 # Settings that fix the exact sequence of updates: a --resume run must use the same ones.
 MUST_MATCH_ON_RESUME = ("direction", "replies_only", "seed", "lr", "warmup_steps", "weight_decay", "grad_accum",
                         "max_grad_norm", "batch_tokens", "batch_size", "eval_windows")
+MIN_LR_RATIO = 0.1  # the cosine decay ends at 10 % of --lr
 
 
 @dataclass
@@ -89,6 +85,53 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=field_help(
         "auto: fp32 on CPU, bf16 on CUDA (fp16 where bf16 is unsupported)"))
 
+    def __post_init__(self) -> None:
+        validate_config(self)
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Refuse settings that torch would take silently or crash on, naming the flag."""
+    def refuse(name: str, why: str) -> None:
+        raise UserError(f"{why}, got {getattr(config, name)!r}", field="--" + name.replace("_", "-"))
+
+    def number(name: str, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False,
+               integer: bool = False) -> None:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+            refuse(name, "must be " + ("an integer" if integer else "a number"))
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high \
+                or (high_open and value == high):
+            refuse(name, f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+
+    for name, choices in (("direction", ("forward", "backward")), ("preset", tuple(PRESETS)),
+                          ("device", ("auto", "cpu", "cuda")), ("precision", ("auto", "fp32", "bf16", "fp16"))):
+        if getattr(config, name) not in choices:
+            refuse(name, f"must be one of {', '.join(choices)}")
+    for name in ("data", "output"):
+        if not isinstance(getattr(config, name), str) or not getattr(config, name):
+            refuse(name, "a path is required")
+    number("lr", 0, 10, low_open=True)
+    number("dropout", 0, 1, high_open=True)
+    number("weight_decay", 0)
+    number("max_grad_norm", 0)
+    for name in ("n_layer", "n_embd", "n_head", "n_positions"):
+        if getattr(config, name) is not None:
+            number(name, 1, integer=True)
+    for name, low in (("warmup_steps", -1), ("grad_accum", 1), ("batch_tokens", 0), ("batch_size", 0), ("epochs", 0),
+                      ("max_steps", 0), ("eval_every", 1), ("eval_windows", 0), ("patience", 0), ("seed", 0),
+                      ("threads", 0)):
+        number(name, low, integer=True)
+    if config.batch_tokens == 0 and config.batch_size == 0:
+        refuse("batch_tokens", "give a positive --batch-tokens or --batch-size")
+    if config.max_steps == 0 and config.epochs == 0:
+        refuse("epochs", "give a positive --epochs or --max-steps")
+    if config.init is None:
+        shape = {**PRESETS[config.preset], **{k: getattr(config, k) for k in ("n_embd", "n_head")
+                                               if getattr(config, k) is not None}}
+        if shape["n_embd"] % shape["n_head"]:
+            refuse("n_head", f"must divide the hidden size {shape['n_embd']} (--n-embd)")
+
+
 
 EXAMPLES = """
   python -m dialogpt_zh.train --data data/base --direction forward  --output runs/fwd --preset small
@@ -96,55 +139,112 @@ EXAMPLES = """
   python -m dialogpt_zh.train --data data/base --output runs/fwd --preset small --resume   # after Ctrl-C
   python -m dialogpt_zh.train --data data/base --output runs/ft --init gpt2_chitchat_dir --lr 5e-5
   torchrun --nproc_per_node 4 -m dialogpt_zh.train --data data/base --output runs/fwd --preset base
+  python -m dialogpt_zh.train --config runs/fwd/run.json --output runs/fwd2   # replay a run's settings
 """
 
 
-# ----------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------- schedule
 
-def config_command(config: TrainConfig) -> str:
-    """A command line that reproduces `config` (only non-default settings, plus the required ones)."""
-    parts = ["python", "-m", "dialogpt_zh.train"]
-    for f in fields(TrainConfig):
-        value = getattr(config, f.name)
-        if f.name in ("resume", "overwrite"):
-            continue
-        if f.name not in ("data", "output", "direction") and value == f.default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            parts += [flag] if value else []
-        elif value is not None:
-            parts += [flag, str(value)]
-    return shlex.join(parts)
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warmup to --lr, then cosine decay to `min_lr_ratio` * --lr at `total_steps` (flat after)."""
+    total_steps: int
+    warmup_steps: int
+    batches_per_epoch: int      # micro-batches in epoch 0's plan, per process (an --epochs run's length)
+    min_lr_ratio: float = MIN_LR_RATIO
 
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    def factor(self, step: int) -> float:
+        """LR multiplier of optimizer step `step` (0-based: the first update uses factor(0))."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _lr_lambda(warmup: int, total: int, min_ratio: float = 0.1):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
+def make_schedule(config: TrainConfig, batches_per_epoch: int) -> Schedule:
+    """The LR schedule, a pure function of the settings and the number of micro-batches per epoch."""
+    if config.max_steps > 0:
+        total = config.max_steps
+    else:
+        total = math.ceil(config.epochs * batches_per_epoch / config.grad_accum)
+    warmup = config.warmup_steps if config.warmup_steps >= 0 else max(1, total // 20)
+    return Schedule(total, warmup, batches_per_epoch)
 
 
-def _is_oom(e: BaseException) -> bool:
-    if isinstance(e, torch.OutOfMemoryError):
-        return True
-    msg = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+# ------------------------------------------------------------------------------------------------ setup
+
+def run_config(config: TrainConfig) -> dict[str, Any]:
+    """The run's full settings, as saved in OUTPUT/run.json and the card: `--config` replays them."""
+    return {**asdict(config), "resume": False, "overwrite": False}
 
 
-def _oom_error(config: TrainConfig, batch: Batch) -> UserError:
-    shape = tuple(batch.input_ids.shape)
-    return UserError(f"out of memory on a micro-batch of {shape[0]} windows x {shape[1]} tokens; lower "
-                     f"--batch-tokens (now {config.batch_tokens}) or --batch-size and raise --grad-accum to keep "
-                     "the effective batch", field="batch_tokens")
+def check_output(config: TrainConfig) -> Path:
+    """Refuse an output we must not or cannot write, before any work is done."""
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise UserError("the output exists and is not a directory; name a directory", path=output, field="output")
+    here = output.resolve()
+    for flag, other in (("data", config.data), ("init", config.init)):
+        there = Path(other).resolve() if other else None
+        if there is not None and (here == there or here.is_relative_to(there) or there.is_relative_to(here)):
+            raise UserError(f"--output and --{flag} overlap ({other}); the output would be written over an input",
+                            path=output, field="output")
+    if config.resume:
+        read_run_state(output)  # nothing to resume / damaged: say so now
+    elif output.is_dir() and any(output.iterdir()) and not config.overwrite:
+        raise UserError("output directory exists; pass --resume to continue it or --overwrite to replace it",
+                        path=output)
+    parent = output.resolve().parent  # every save is a temp directory here, renamed into place
+    while not parent.exists():  # missing folders are created: the first existing one must be writable
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{parent} is not a directory", path=output, field="output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the output's directory (permission denied in {parent})", path=output,
+                        field="output")
+    return output
+
+
+def _resolve_device(config: TrainConfig) -> tuple[str, str]:
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA requested but torch sees no GPU; use --device cpu (or auto)", field="--device")
+    precision = config.precision
+    if precision == "auto":
+        precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if precision == "fp16" and device == "cpu":
+        raise UserError("fp16 needs CUDA; use --precision bf16 or fp32 on CPU", field="--precision")
+    return device, precision
+
+
+def _open_store(config: TrainConfig):
+    store = TokenStore(config.data)
+    if config.direction not in store.directions:
+        raise UserError(f"the store was made for directions {store.directions}, not {config.direction!r}; "
+                        "re-run the preprocessor with both directions", path=store.path / MANIFEST,
+                        field="directions")
+    train, valid = store.split("train"), store.split("valid")
+    for split in (train, valid):
+        if len(split) == 0:
+            raise UserError(f"the {split.name} split is empty (0 windows)", path=store.path / MANIFEST,
+                            field="store_splits")
+    tokenizer = store.tokenizer()
+    if len(tokenizer) != store.manifest.get("vocab_size"):
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the manifest says {store.manifest.get('vocab_size')}",
+                        path=store.path / MANIFEST, field="vocab_size")
+    return store, train, valid, tokenizer
+
+
+def _read_resume_state(output: Path, config: TrainConfig) -> RunState:
+    state = read_run_state(output)
+    changed = [k for k in MUST_MATCH_ON_RESUME if state.config.get(k) != getattr(config, k)]
+    if changed:
+        raise UserError("--resume needs the settings of the saved run; changed: " + ", ".join(
+            f"--{k.replace('_', '-')} {state.config.get(k)!r} -> {getattr(config, k)!r}" for k in changed),
+            path=output / "resume" / "state.json")
+    return state
 
 
 def _check_vocab(model, tokenizer, init_dir: Path) -> None:
@@ -167,46 +267,6 @@ def _check_vocab(model, tokenizer, init_dir: Path) -> None:
                         "preprocess with this model's vocabulary", path=init_dir, field="vocab")
 
 
-# ------------------------------------------------------------------------------------------------ setup
-
-@dataclass
-class RunState:
-    """Everything besides weights/optimizer/RNG that --resume needs; saved as resume/state.json."""
-    step: int = 0
-    epoch: int = 0
-    batch_index: int = 0        # next micro-batch of this epoch's plan
-    tokens_seen: int = 0        # real (non-padding) tokens, all processes
-    targets_seen: int = 0
-    padded_tokens_seen: int = 0
-    wall_time_s: float = 0.0
-    best_valid_loss: Optional[float] = None
-    best_step: int = 0
-    evals_without_improvement: int = 0
-    train_history: list = field(default_factory=list)   # [step, loss, lr]
-    valid_history: list = field(default_factory=list)   # [step, loss]
-    config: dict = field(default_factory=dict)
-    model_config: dict = field(default_factory=dict)
-    world_size: int = 1
-
-
-def _open_store(config: TrainConfig):
-    store = TokenStore(config.data)
-    if config.direction not in store.directions:
-        raise UserError(f"the store was made for directions {store.directions}, not {config.direction!r}; "
-                        "re-run the preprocessor with both directions", path=store.path / MANIFEST,
-                        field="directions")
-    train, valid = store.split("train"), store.split("valid")
-    for split in (train, valid):
-        if len(split) == 0:
-            raise UserError(f"the {split.name} split is empty (0 windows)", path=store.path / MANIFEST,
-                            field="store_splits")
-    tokenizer = store.tokenizer()
-    if len(tokenizer) != store.manifest.get("vocab_size"):
-        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the manifest says {store.manifest.get('vocab_size')}",
-                        path=store.path / MANIFEST, field="vocab_size")
-    return store, train, valid, tokenizer
-
-
 def _make_model(config: TrainConfig, tokenizer, saved_model_config: Optional[dict]):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -214,7 +274,7 @@ def _make_model(config: TrainConfig, tokenizer, saved_model_config: Optional[dic
         return GPT2LMHeadModel(GPT2Config.from_dict(saved_model_config))
     if config.init:
         init_dir = Path(config.init)
-        model = load_model(init_dir)
+        model = load_model(init_dir)  # refuses damaged or NaN weights, naming the file
         if model.config.model_type != "gpt2":
             raise UserError(f"--init expects a GPT-2 model, got model_type={model.config.model_type!r}",
                             path=init_dir / "config.json", field="model_type")
@@ -248,18 +308,21 @@ def _optimizer(model, config: TrainConfig):
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def _resolve_device(config: TrainConfig) -> tuple[str, str]:
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("CUDA requested but torch sees no GPU", field="device")
-    precision = config.precision
-    if precision == "auto":
-        precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if precision == "fp16" and device == "cpu":
-        raise UserError("fp16 needs CUDA; use --precision bf16 or fp32 on CPU", field="precision")
-    return device, precision
+def _restore_optimizer_and_rng(output: Path, optimizer, scheduler, rank: int) -> None:
+    saved = load_resume_optimizer(output)
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"the resume optimizer state does not fit this model: {e}",
+                        path=output / "resume" / "optimizer.pt") from e
+    rng = load_resume_rng(output, rank)
+    try:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    except (TypeError, RuntimeError) as e:
+        raise UserError(f"damaged random-number state: {e}", path=output / "resume" / f"rng_{rank}.pt") from e
 
 
 # ------------------------------------------------------------------------------------------- saving
@@ -315,69 +378,47 @@ def _metrics(state: RunState, config: TrainConfig, stopped: Optional[str], extra
     }
 
 
-def _save(output: Path, model, tokenizer, optimizer, scheduler, state: RunState, card: dict, metrics: dict,
-          best_improved: bool, accelerator) -> None:
-    """Write the whole output directory in one atomic rename (main process), RNG files per process."""
-    from safetensors.torch import save_model
+def _card(config: TrainConfig, state: RunState, store, schedule: Schedule) -> dict[str, Any]:
+    """The training card (dialogpt_zh.json): what was trained on what, and how to replay it."""
+    card = {"direction": config.direction, "preset": "init" if config.init else config.preset,
+            "init": config.init, "model_config": state.model_config, "data": str(store.path),
+            "data_manifest_sha256": hashlib.sha256((store.path / MANIFEST).read_bytes()).hexdigest(),
+            # the cleaning options the store was made with: the engine cleans user input the same way
+            "store_config": store.manifest.get("config")}
+    if "corpora" in store.manifest:
+        card["corpora"] = store.manifest["corpora"]
+    card.update({
+        "command": shlex.join(["python", "-m", "dialogpt_zh.train", "--config",
+                               str(Path(config.output) / RUN_CONFIG_FILE)]),
+        "argv": sys.argv, "seed": config.seed, "replies_only": config.replies_only,
+        "steps": state.best_step, "trained_steps": state.step, "best_valid_loss": state.best_valid_loss,
+        "tokens_seen": state.tokens_seen, "sequence_format": "[CLS] u1 [SEP] u2 [SEP] ... (reversed for backward)",
+        "schedule": asdict(schedule), "config": state.config,
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}})
+    return card
 
-    rng_dir = output.parent / f".{output.name}.rng"
-    rng_dir.mkdir(parents=True, exist_ok=True)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, rng_dir / f"rng_{accelerator.process_index}.pt")
+
+def _save(output: Path, accelerator, model, tokenizer, optimizer, scheduler, state: RunState, card: dict,
+          metrics: dict, improved: bool) -> None:
+    """Write the output directory in one atomic rename (main process); RNG files come from every process."""
+    rng_dir = rng_staging_dir(output)
+    save_rng_state(rng_dir, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        with atomic_directory(output, replace_existing=True) as tmp:  # train checks --overwrite itself
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is meant to be shared
-            if best_improved or not (output / "config.json").is_file():
-                unwrapped.save_pretrained(str(tmp), safe_serialization=True)
-                tokenizer.save_pretrained(str(tmp))
-            else:  # keep the previous best model's files (hard links: no copy of the weights)
-                for src in output.iterdir():
-                    if src.is_file() and src.name not in (CARD_FILE, METRICS_FILE, CURVE_FILE):
-                        try:
-                            os.link(src, tmp / src.name)
-                        except OSError:
-                            shutil.copy2(src, tmp / src.name)
-            (tmp / CARD_FILE).write_text(json.dumps(card, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-            (tmp / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n",
-                                            encoding="utf-8")
-            (tmp / CURVE_FILE).write_bytes(_loss_curve_png(state))
-            resume = tmp / RESUME_DIR
-            resume.mkdir()
-            save_model(unwrapped, str(resume / "model.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                       resume / "optimizer.pt")
-            for f in rng_dir.iterdir():
-                shutil.copy2(f, resume / f.name)
-            (resume / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n", encoding="utf-8")
-        shutil.rmtree(rng_dir, ignore_errors=True)
+        keep_best = not improved and (output / "config.json").is_file()  # the previous best model stays
+        resume = ResumeFiles(unwrapped, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                             rng_dir, state)
+        save_checkpoint(None if keep_best else unwrapped, tokenizer, output, card, run_config=state.config,
+                        metrics=metrics, curve_png=_loss_curve_png(state), resume=resume)
+        remove_stale_temp(output)  # the RNG staging directory
     accelerator.wait_for_everyone()
-
-
-def _load_resume_state(output: Path, config: TrainConfig) -> RunState:
-    path = output / RESUME_DIR / "state.json"
-    if not path.is_file():
-        raise UserError("nothing to resume (no resume/state.json); start without --resume", path=output)
-    try:
-        state = RunState(**json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise UserError(f"unreadable resume state: {e}", path=path) from e
-    changed = [k for k in MUST_MATCH_ON_RESUME if state.config.get(k) != getattr(config, k)]
-    if changed:
-        raise UserError("--resume needs the settings of the saved run; changed: " + ", ".join(
-            f"--{k.replace('_', '-')} {state.config.get(k)!r} -> {getattr(config, k)!r}" for k in changed), path=path)
-    return state
 
 
 # --------------------------------------------------------------------------------------------- the loop
 
 class _StopFlag:
-    """Ctrl-C / SIGTERM ask to stop at the next step boundary (a second Ctrl-C stops at once)."""
+    """Ctrl-C / SIGTERM ask to stop at the next step boundary (a second one stops at once)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -387,8 +428,8 @@ class _StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step (saving resume state); Ctrl-C again to abort without saving",
-              file=sys.stderr)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (saving resume state); "
+              "Ctrl-C again to abort without saving", file=sys.stderr)
 
     def __enter__(self) -> "_StopFlag":
         import threading
@@ -401,6 +442,20 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def _oom_error(config: TrainConfig, batch: Batch) -> UserError:
+    shape = tuple(batch.input_ids.shape)
+    return UserError(f"out of memory on a micro-batch of {shape[0]} windows x {shape[1]} tokens; lower "
+                     f"--batch-tokens (now {config.batch_tokens}) or --batch-size and raise --grad-accum to keep "
+                     "the effective batch", field="batch_tokens")
 
 
 def _batch_loss(model, batch: Batch) -> torch.Tensor:
@@ -435,32 +490,94 @@ def evaluate(model, split, indices: np.ndarray, lengths: np.ndarray, config: Tra
     return float(total[0] / max(1.0, float(total[1])))
 
 
+def _stop_reason(config: TrainConfig, state: RunState, plan_length: int) -> Optional[str]:
+    """Why the run is finished at this point, or None (the one place the stopping rules live)."""
+    if config.max_steps > 0:
+        if state.step >= config.max_steps:
+            return "max_steps"
+    elif state.epoch + (state.batch_index >= plan_length) >= config.epochs:
+        return "epochs"
+    if config.patience and state.evals_without_improvement >= config.patience:
+        return "early_stopping"
+    return None
+
+
+def _next_micro_batches(config: TrainConfig, state: RunState, plan: list, epoch_plan) -> tuple[list, list]:
+    """The next optimizer step's micro-batches (they may run into the next epoch); advances the data position."""
+    micro: list[np.ndarray] = []
+    while len(micro) < config.grad_accum:
+        if state.batch_index >= len(plan):
+            if config.max_steps <= 0 and state.epoch + 1 >= config.epochs:
+                break  # the last epoch ends inside this step
+            state.epoch, state.batch_index = state.epoch + 1, 0
+            plan = epoch_plan(state.epoch)
+        micro.append(plan[state.batch_index])
+        state.batch_index += 1
+    return micro, plan
+
+
+def _train_step(model, batches: list[Batch], optimizer, scheduler, accelerator, config: TrainConfig):
+    """Forward/backward over the micro-batches, clip, one AdamW update; returns (lr used, counts over processes)
+    where counts = [tokens, target tokens, padded tokens, summed loss]."""
+    targets = sum(b.num_targets for b in batches)
+    step_loss = 0.0
+    for k, batch in enumerate(batches):
+        batch = batch.to(accelerator.device)
+        sync = contextlib.nullcontext() if k == len(batches) - 1 else accelerator.no_sync(model)
+        try:
+            with sync:
+                loss_sum = _batch_loss(model, batch)
+                accelerator.backward(loss_sum / max(1, targets))
+        except Exception as e:  # noqa: BLE001
+            if _is_oom(e):
+                raise _oom_error(config, batch) from e
+            raise
+        step_loss += float(loss_sum.detach())
+    if config.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    counts = torch.tensor([sum(b.num_tokens for b in batches), targets, sum(b.input_ids.numel() for b in batches),
+                           step_loss], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts, "sum")
+    return lr, counts
+
+
+def _validate(state: RunState, loss: float) -> bool:
+    """Record a validation; returns whether it is the best so far."""
+    state.valid_history.append([state.step, loss])
+    improved = state.best_valid_loss is None or loss < state.best_valid_loss
+    if improved:
+        state.best_valid_loss, state.best_step, state.evals_without_improvement = loss, state.step, 0
+    else:
+        state.evals_without_improvement += 1
+    return improved
+
+
+def _any_process(flag: bool, accelerator) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
+
+
 def train(config: TrainConfig, interrupt_at_step: Optional[int] = None) -> dict[str, Any]:
     """Train as configured; returns the metrics dict also written to OUTPUT/metrics.json.
 
     `interrupt_at_step` (for tests) behaves like Ctrl-C arriving during that step.
     """
     from accelerate import Accelerator
-    from safetensors.torch import load_model as load_safetensors_model
     from tqdm.auto import tqdm
 
-    output = Path(config.output)
-    for name in ("grad_accum", "eval_every"):
-        if getattr(config, name) < 1:
-            raise UserError("must be at least 1", field=name)
-    if config.batch_tokens < 1 and config.batch_size < 1:
-        raise UserError("give a positive --batch-tokens or --batch-size", field="batch_tokens")
-    if config.max_steps <= 0 and config.epochs <= 0:
-        raise UserError("give a positive --epochs or --max-steps", field="epochs")
-    store, train_split, valid_split, tokenizer = _open_store(config)
-    if config.resume:
-        state = _load_resume_state(output, config)
-    else:
-        if output.exists() and any(output.iterdir()) and not config.overwrite:
-            raise UserError("output directory exists; pass --resume to continue it or --overwrite to replace it",
-                            path=output)
-        state = RunState(config=asdict(config))
+    # -- checks first: nothing is written before every setting, input and the output place are known good
+    validate_config(config)
+    output = check_output(config)
     device, precision = _resolve_device(config)
+    store, train_split, valid_split, tokenizer = _open_store(config)
+    state = _read_resume_state(output, config) if config.resume else RunState(config=run_config(config))
+
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     accelerator = Accelerator(cpu=device == "cpu",
@@ -468,16 +585,20 @@ def train(config: TrainConfig, interrupt_at_step: Optional[int] = None) -> dict[
     rank, world = accelerator.process_index, accelerator.num_processes
     if config.resume and state.world_size != world:
         raise UserError(f"the run was saved with {state.world_size} processes, not {world}: the data position "
-                        "would not match", path=output / RESUME_DIR)
+                        "would not match", path=output / "resume")
     state.world_size = world
+    if accelerator.is_main_process:
+        for p in remove_stale_temp(output):
+            log.info("removed %s (left by an earlier run that was killed)", p)
+    accelerator.wait_for_everyone()
 
+    # -- model, data, optimizer, schedule
     torch.manual_seed(config.seed)
     model = _make_model(config, tokenizer, state.model_config if config.resume else None)
-    max_len = model.config.n_positions
     state.model_config = model.config.to_dict()
     if config.resume:
-        load_safetensors_model(model, str(output / RESUME_DIR / "model.safetensors"))
-
+        load_resume_weights(model, output)
+    max_len = model.config.n_positions
     train_idx, train_len, train_skipped = _usable_windows(train_split, max_len)
     valid_idx, valid_len, valid_skipped = _usable_windows(valid_split, max_len)
     if train_skipped or valid_skipped:
@@ -497,127 +618,44 @@ def train(config: TrainConfig, interrupt_at_step: Optional[int] = None) -> dict[
             raise UserError(f"the train split has too few batches for {world} processes", path=store.path)
         return plan
 
-    plan = epoch_plan(state.epoch)
-    if config.max_steps > 0:
-        total_steps = config.max_steps
-    else:
-        total_steps = math.ceil(config.epochs * len(epoch_plan(0)) / config.grad_accum)
-    warmup = config.warmup_steps if config.warmup_steps >= 0 else max(1, total_steps // 20)
-
+    schedule = make_schedule(config, len(epoch_plan(0)))
     optimizer = _optimizer(model, config)
     model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer if hasattr(optimizer, "optimizer")
-                                                  else optimizer, _lr_lambda(warmup, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(getattr(optimizer, "optimizer", optimizer),
+                                                  lambda step: schedule.factor(step))
     if config.resume:
-        # weights_only=True: our own file, still never unpickled as arbitrary objects
-        saved = torch.load(output / RESUME_DIR / "optimizer.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        rng = torch.load(output / RESUME_DIR / f"rng_{rank}.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        _restore_optimizer_and_rng(output, optimizer, scheduler, rank)
     else:
         torch.manual_seed(config.seed + rank)  # dropout stream; per process
 
-    manifest_sha = _sha256(store.path / MANIFEST)
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     extra = {"parameters": n_params, "train_windows": int(len(train_idx)), "valid_windows_evaluated": int(len(valid_idx)),
-             "skipped_too_long": {"train": train_skipped, "valid": valid_skipped}, "total_steps": total_steps,
-             "device": device, "precision": precision, "processes": world}
-
-    def card() -> dict[str, Any]:
-        return {"direction": config.direction, "preset": "init" if config.init else config.preset,
-                "init": config.init, "model_config": state.model_config, "data": str(store.path),
-                "data_manifest_sha256": manifest_sha, "command": config_command(config),
-                "argv": sys.argv, "seed": config.seed, "replies_only": config.replies_only,
-                "steps": state.best_step, "trained_steps": state.step, "best_valid_loss": state.best_valid_loss,
-                "tokens_seen": state.tokens_seen, "sequence_format": "[CLS] u1 [SEP] u2 [SEP] ... (reversed for backward)",
-                "config": asdict(config), "versions": {"torch": torch.__version__,
-                                                        "transformers": __import__("transformers").__version__}}
-
-    def checkpoint(stopped: Optional[str]) -> dict[str, Any]:
-        loss = evaluate(accelerator.unwrap_model(model), valid_split, valid_idx, valid_len, config, tokenizer.pad_token_id, accelerator)
-        state.valid_history.append([state.step, loss])
-        improved = state.best_valid_loss is None or loss < state.best_valid_loss
-        if improved:
-            state.best_valid_loss, state.best_step, state.evals_without_improvement = loss, state.step, 0
-        else:
-            state.evals_without_improvement += 1
-        if stopped is None and config.patience and state.evals_without_improvement >= config.patience:
-            stopped = "early_stopping"
-        metrics = _metrics(state, config, stopped, extra)
-        _save(output, model, tokenizer, optimizer, scheduler, state, card(), metrics, improved, accelerator)
-        return metrics
-
+             "skipped_too_long": {"train": train_skipped, "valid": valid_skipped},
+             "total_steps": schedule.total_steps, "device": device, "precision": precision, "processes": world}
     if accelerator.is_main_process:
         log.info("training %s %s (%.2fM parameters) on %d windows, %d processes, %s/%s, %d steps",
                  config.direction, "init" if config.init else config.preset, n_params / 1e6, len(train_idx), world,
-                 device, precision, total_steps)
-    quiet = not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE"))
-    bar = tqdm(total=total_steps, initial=state.step, disable=quiet,
-               desc=f"train {config.direction}", unit="step", dynamic_ncols=True)
-    stopped: Optional[str] = None
-    metrics: Optional[dict] = None
-    t_start, tokens_at_start = time.perf_counter(), state.tokens_seen
-    wall_at_start = state.wall_time_s
+                 device, precision, schedule.total_steps)
+
+    # -- the loop: one optimizer step per turn; validate + save every --eval-every steps and at the end
+    plan = epoch_plan(state.epoch)
+    stopped = _stop_reason(config, state, len(plan))  # not None: a finished run was resumed; nothing to do
+    bar = tqdm(total=schedule.total_steps, initial=state.step, desc=f"train {config.direction}", unit="step",
+               disable=not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE")), dynamic_ncols=True)
+    t_start, tokens_at_start, wall_at_start = time.perf_counter(), state.tokens_seen, state.wall_time_s
     model.train()
     with _StopFlag() as stop:
-        while True:
-            if config.max_steps > 0 and state.step >= config.max_steps:  # resumed a finished run
-                stopped = "max_steps"
-                metrics = checkpoint(stopped)
-                break
-            micro: list[np.ndarray] = []
-            while len(micro) < config.grad_accum:
-                if config.max_steps <= 0 and state.epoch >= config.epochs:
-                    break
-                if state.batch_index >= len(plan):
-                    state.epoch, state.batch_index = state.epoch + 1, 0
-                    if config.max_steps <= 0 and state.epoch >= config.epochs:
-                        break
-                    plan = epoch_plan(state.epoch)
-                    continue
-                micro.append(plan[state.batch_index])
-                state.batch_index += 1
-            if not micro:  # resumed a finished run
-                stopped = "epochs"
-                metrics = checkpoint(stopped)
-                break
+        while stopped is None:
+            micro, plan = _next_micro_batches(config, state, plan, epoch_plan)
             batches = [collate(train_split, train_idx[b], config.direction, tokenizer.pad_token_id,
                                config.replies_only) for b in micro]
-            targets = sum(b.num_targets for b in batches)
-            step_loss = 0.0
-            for k, batch in enumerate(batches):
-                batch = batch.to(accelerator.device)
-                sync = contextlib.nullcontext() if k == len(batches) - 1 else accelerator.no_sync(model)
-                try:
-                    with sync:
-                        loss_sum = _batch_loss(model, batch)
-                        accelerator.backward(loss_sum / max(1, targets))
-                except Exception as e:  # noqa: BLE001
-                    if _is_oom(e):
-                        raise _oom_error(config, batch) from e
-                    raise
-                step_loss += float(loss_sum.detach())
-            if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr, counts = _train_step(model, batches, optimizer, scheduler, accelerator, config)
 
-            counts = torch.tensor([sum(b.num_tokens for b in batches), targets,
-                                   sum(b.input_ids.numel() for b in batches)], dtype=torch.float64,
-                                  device=accelerator.device)
-            sums = torch.tensor([step_loss], dtype=torch.float64, device=accelerator.device)
-            if world > 1:
-                counts, sums = accelerator.reduce(counts, "sum"), accelerator.reduce(sums, "sum")
             state.step += 1
             state.tokens_seen += int(counts[0])
             state.targets_seen += int(counts[1])
             state.padded_tokens_seen += int(counts[2])
-            state.train_history.append([state.step, float(sums[0] / max(1.0, float(counts[1]))), lr])
+            state.train_history.append([state.step, float(counts[3] / max(1.0, float(counts[1]))), lr])
             state.wall_time_s = wall_at_start + time.perf_counter() - t_start
             speed = (state.tokens_seen - tokens_at_start) / max(1e-9, time.perf_counter() - t_start)
             bar.update(1)
@@ -626,37 +664,35 @@ def train(config: TrainConfig, interrupt_at_step: Optional[int] = None) -> dict[
 
             if interrupt_at_step is not None and state.step == interrupt_at_step:
                 stop.requested = True
-            want_stop = torch.tensor([float(stop.requested)], device=accelerator.device)
-            if world > 1:
-                want_stop = accelerator.reduce(want_stop, "sum")
-            if config.max_steps > 0 and state.step >= config.max_steps:
-                stopped = "max_steps"
-            elif config.max_steps <= 0 and state.batch_index >= len(plan) and state.epoch + 1 >= config.epochs:
-                stopped = "epochs"
-            elif want_stop.item() > 0:
+            stopped = _stop_reason(config, state, len(plan))
+            if stopped is None and _any_process(stop.requested, accelerator):
                 stopped = "interrupted"
             if stopped or state.step % config.eval_every == 0:
-                metrics = checkpoint(stopped)
+                loss = evaluate(accelerator.unwrap_model(model), valid_split, valid_idx, valid_len, config,
+                                tokenizer.pad_token_id, accelerator)
+                improved = _validate(state, loss)
+                stopped = stopped or _stop_reason(config, state, len(plan))  # patience
+                _save(output, accelerator, model, tokenizer, optimizer, scheduler, state,
+                      _card(config, state, store, schedule), _metrics(state, config, stopped, extra), improved)
                 if accelerator.is_main_process:
-                    bar.write(f"step {state.step}: valid loss {metrics['valid_loss']:.4f} "
-                              f"(ppl {metrics['valid_ppl']:.1f}), best {state.best_valid_loss:.4f} at {state.best_step}")
-                stopped = metrics["stopped"]
-            if stopped:
-                break
+                    bar.write(f"step {state.step}: valid loss {loss:.4f} (ppl {math.exp(min(50, loss)):.1f}), "
+                              f"best {state.best_valid_loss:.4f} at {state.best_step}")
     bar.close()
     accelerator.wait_for_everyone()
     if not accelerator.use_distributed:
         from accelerate.state import AcceleratorState, GradientState
         AcceleratorState._reset_state(reset_partial_state=True)  # let the next in-process run pick its settings
         GradientState._reset_state()
-    summary = (f"{stopped} at step {state.step}: best valid loss {state.best_valid_loss:.4f} "
-               f"(ppl {math.exp(min(50, state.best_valid_loss)):.1f}) at step {state.best_step}; "
-               f"{state.tokens_seen:,} tokens in {state.wall_time_s:.0f}s "
-               f"({metrics['tokens_per_s'] or 0:.0f} tokens/s); best model in {output}")
+
+    metrics = _metrics(state, config, stopped, extra)
     if accelerator.is_main_process:
-        log.info(summary)
-    if stopped == "interrupted" and accelerator.is_main_process:
-        log.info("resume with: %s --resume", config_command(config))
+        log.info(f"{stopped} at step {state.step}: best valid loss {state.best_valid_loss:.4f} "
+                 f"(ppl {math.exp(min(50, state.best_valid_loss)):.1f}) at step {state.best_step}; "
+                 f"{state.tokens_seen:,} tokens in {state.wall_time_s:.0f}s "
+                 f"({metrics['tokens_per_s'] or 0:.0f} tokens/s); best model in {output}")
+        if stopped == "interrupted":
+            log.info("resume with: %s", shlex.join(["python", "-m", "dialogpt_zh.train", "--config",
+                                                    str(output / RUN_CONFIG_FILE), "--resume"]))
     return metrics
 
 

@@ -41,7 +41,8 @@ def random_bot_dir(tmp_path_factory, fixture_tokenizer) -> Path:
     """checkpoints-like dir with untrained tiny forward/ and backward/ models (shapes and plumbing only)."""
     import torch
 
-    from dialogpt_zh.model import build_model, save_checkpoint
+    from dialogpt_zh.checkpoint import save_checkpoint
+    from dialogpt_zh.model import build_model
 
     root = tmp_path_factory.mktemp("random_bot")
     for i, direction in enumerate(("forward", "backward")):
@@ -52,8 +53,10 @@ def random_bot_dir(tmp_path_factory, fixture_tokenizer) -> Path:
     return root
 
 
-def build_fixture_store(path: Path, tokenizer, sessions: list[list[str]], directions=("forward", "backward")) -> Path:
-    """A token store from hand-written sessions (every 5th session -> valid); windows: each prefix of >= 2 turns."""
+def build_fixture_store(path: Path, tokenizer, sessions: list[list[str]], directions=("forward", "backward"),
+                        **manifest) -> Path:
+    """A token store from hand-written sessions (every 5th session -> valid); windows: each prefix of >= 2 turns.
+    `manifest`: more manifest fields (e.g. the preprocessor's `config`)."""
     from dialogpt_zh.store import StoreWriter
     from dialogpt_zh.tokenizer import encode
 
@@ -61,7 +64,7 @@ def build_fixture_store(path: Path, tokenizer, sessions: list[list[str]], direct
     for k, session in enumerate(sessions):
         ids = [encode(tokenizer, u) for u in session]
         writer.add_session("valid" if k % 5 == 0 else "train", ids, [(0, n) for n in range(2, len(ids) + 1)])
-    writer.close({"command": "tests/conftest.py build_fixture_store", "directions": list(directions)})
+    writer.close({"command": "tests/conftest.py build_fixture_store", "directions": list(directions), **manifest})
     return path
 
 

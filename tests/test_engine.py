@@ -288,7 +288,8 @@ def test_bad_history_and_settings_are_user_errors(bot):
 
 
 def test_loading_errors(random_bot_dir, tmp_path, fixture_tokenizer):
-    from dialogpt_zh.model import build_model, save_checkpoint
+    from dialogpt_zh.checkpoint import save_checkpoint
+    from dialogpt_zh.model import build_model
     from dialogpt_zh.tokenizer import build_char_tokenizer
 
     with pytest.raises(UserError, match="not found"):

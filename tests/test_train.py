@@ -21,14 +21,25 @@ def _config(store: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(data=str(store), output=str(out), **{**TINY, **kw})
 
 
+STORE_CONFIG = {"max_turns": 8, "max_tokens": 256, "mask_pii": True, "seed": 42}  # as a preprocessor writes it
+CORPORA = [{"path": "corpus/fixtures/chitchat_train.txt", "licence": "written for this project"}]
+
+
 @pytest.fixture(scope="module")
-def forward_run(tmp_path_factory, fixture_store):
+def carded_store(tmp_path_factory, fixture_tokenizer, fixture_sessions) -> Path:
+    """The fixture store, its manifest also recording the cleaning options and the corpora's licences."""
+    return build_fixture_store(tmp_path_factory.mktemp("carded") / "store", fixture_tokenizer, fixture_sessions,
+                               config=STORE_CONFIG, corpora=CORPORA)
+
+
+@pytest.fixture(scope="module")
+def forward_run(tmp_path_factory, carded_store):
     out = tmp_path_factory.mktemp("fwd") / "model"
-    metrics = train(_config(fixture_store, out, max_steps=30, eval_every=10, dropout=0.0))
+    metrics = train(_config(carded_store, out, max_steps=30, eval_every=10, dropout=0.0))
     return out, metrics
 
 
-def test_loss_decreases_and_outputs_are_written(forward_run, fixture_store):
+def test_loss_decreases_and_outputs_are_written(forward_run, carded_store):
     out, metrics = forward_run
     train_losses = [h[1] for h in metrics["history"]["train"]]
     valid_losses = [h[1] for h in metrics["history"]["valid"]]
@@ -43,18 +54,22 @@ def test_loss_decreases_and_outputs_are_written(forward_run, fixture_store):
     card = json.loads((out / "dialogpt_zh.json").read_text(encoding="utf-8"))
     assert card["direction"] == "forward" and card["preset"] == "tiny" and card["seed"] == 0
     assert card["data_manifest_sha256"] == __import__("hashlib").sha256(
-        (fixture_store / "manifest.json").read_bytes()).hexdigest()
-    assert card["command"].startswith("python -m dialogpt_zh.train --data ")
+        (carded_store / "manifest.json").read_bytes()).hexdigest()
+    assert card["store_config"] == STORE_CONFIG and card["corpora"] == CORPORA
+    assert card["command"] == f"python -m dialogpt_zh.train --config {out / 'run.json'}"
+    assert json.loads((out / "run.json").read_text(encoding="utf-8")) == card["config"]
+    assert card["config"]["max_steps"] == 30 and card["config"]["data"] == str(carded_store)
+    assert card["schedule"]["total_steps"] == 30 and card["schedule"]["warmup_steps"] == 1
     assert card["model_config"]["n_layer"] == 2
 
 
-def test_checkpoint_loads_with_plain_transformers(forward_run, fixture_store):
+def test_checkpoint_loads_with_plain_transformers(forward_run, carded_store):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, metrics = forward_run
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     tok = AutoTokenizer.from_pretrained(str(out))
-    store = TokenStore(fixture_store)
+    store = TokenStore(carded_store)
     assert tok.get_vocab() == store.tokenizer().get_vocab()
     # the saved model is the best one: its loss on the valid split reproduces the recorded best valid loss
     valid = store.split("valid")
@@ -164,7 +179,8 @@ def test_empty_split_and_forward_only_store_exit_2(tmp_path, capsys, fixture_tok
 
 
 def test_init_vocab_mismatch_exit_2(tmp_path, capsys, fixture_store):
-    from dialogpt_zh.model import build_model, save_checkpoint
+    from dialogpt_zh.checkpoint import save_checkpoint
+    from dialogpt_zh.model import build_model
     from dialogpt_zh.tokenizer import build_char_tokenizer, count_chars
 
     other = build_char_tokenizer(count_chars(["完全不同的词表"]))
@@ -216,3 +232,309 @@ def test_help_shows_defaults_and_examples(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "--direction" in text and "--resume" in text and "examples:" in text and "torchrun" in text
+
+
+# ------------------------------------------------------------------ run configs replay (--config)
+
+def replayed_schedule(card: dict, metrics: dict):
+    """The LR schedule that the card's config replays to (through `--config`, as a recipe would),
+    or a reason why it cannot be derived here."""
+    from dialogpt_zh.cli import make_parser, parse
+    from dialogpt_zh.train import make_schedule
+
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        path = Path(tmp) / "card.json"
+        path.write_text(json.dumps(card), encoding="utf-8")
+        (config,) = parse(make_parser([TrainConfig], "train", ""), ["--config", str(path)])
+    batches_per_epoch = card.get("schedule", {}).get("batches_per_epoch")
+    if batches_per_epoch is None and config.max_steps == 0:
+        return config, None  # an old card of an --epochs run: its length needs the store, which is not recorded
+    return config, make_schedule(config, batches_per_epoch or 0)
+
+
+def assert_schedule_matches(config: TrainConfig, schedule, card: dict, metrics: dict) -> None:
+    lrs = [(step, lr) for step, _, lr in metrics["history"]["train"]]
+    assert len(lrs) == card["trained_steps"] > 0
+    for step, lr in lrs:  # the lr of step s (1-based) is the schedule's factor at s - 1: warmup, decay, floor
+        assert lr == pytest.approx(config.lr * schedule.factor(step - 1), rel=1e-9), step
+    if "total_steps" in metrics:
+        assert metrics["total_steps"] == schedule.total_steps
+    if "schedule" in card:
+        assert card["schedule"]["warmup_steps"] == schedule.warmup_steps
+        assert card["schedule"]["total_steps"] == schedule.total_steps
+
+
+def test_run_config_replays_the_run_and_its_schedule(tmp_path, forward_run, carded_store):
+    from dialogpt_zh.cli import make_parser, parse
+
+    out, metrics = forward_run
+    card = json.loads((out / "dialogpt_zh.json").read_text(encoding="utf-8"))
+    (replayed,) = parse(make_parser([TrainConfig], "train", ""), ["--config", str(out / "run.json")])
+    assert replayed == _config(carded_store, out, max_steps=30, eval_every=10, dropout=0.0)
+    (overridden,) = parse(make_parser([TrainConfig], "train", ""),
+                          ["--config", str(out / "run.json"), "--output", "elsewhere", "--lr", "0.01"])
+    assert overridden.output == "elsewhere" and overridden.lr == 0.01 and overridden.max_steps == 30
+    config, schedule = replayed_schedule(card, metrics)
+    assert_schedule_matches(config, schedule, card, metrics)
+    # an --epochs run: the card records batches per epoch, so the length replays without the store
+    epochs_run = train(_config(carded_store, tmp_path / "ep", epochs=2, eval_every=1000, grad_accum=3,
+                               warmup_steps=-1, batch_tokens=512))
+    ep_card = json.loads((tmp_path / "ep" / "dialogpt_zh.json").read_text(encoding="utf-8"))
+    config, schedule = replayed_schedule(ep_card, epochs_run)
+    assert schedule.total_steps == -(-2 * ep_card["schedule"]["batches_per_epoch"] // 3) == epochs_run["step"]
+    assert_schedule_matches(config, schedule, ep_card, epochs_run)
+    # an old-format card (no "schedule") of a --max-steps run replays from its config alone
+    old_card = {k: v for k, v in card.items() if k != "schedule"}
+    config, schedule = replayed_schedule(old_card, metrics)
+    assert_schedule_matches(config, schedule, old_card, metrics)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_committed_card_config_replays_to_the_recorded_schedule(direction):
+    model_dir = Path(__file__).resolve().parent.parent / "checkpoints" / "default" / direction
+    card = json.loads((model_dir / "dialogpt_zh.json").read_text(encoding="utf-8"))
+    metrics = json.loads((model_dir / "metrics.json").read_text(encoding="utf-8"))
+    config, schedule = replayed_schedule(card, metrics)
+    if schedule is None:
+        pytest.skip(f"{model_dir} is an old card of an --epochs run (epochs={config.epochs}): its schedule length "
+                    "depends on its store, which the card does not record")
+    assert config.direction == direction
+    assert_schedule_matches(config, schedule, card, metrics)
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, forward_run):
+    import shutil
+
+    out = tmp_path / "model"
+    shutil.copytree(forward_run[0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    metrics = main(["--config", str(out / "run.json"), "--output", str(out), "--resume"])
+    assert metrics == 0
+    on_disk = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert on_disk["history"]["valid"] == forward_run[1]["history"]["valid"]  # no duplicate validation entry
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+# ------------------------------------------------------------------ hostile input: refused up front, named
+
+BAD_SETTINGS = [
+    (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--lr", "0"], "--lr"),
+    (["--dropout", "2"], "--dropout"), (["--dropout", "-0.5"], "--dropout"), (["--dropout", "1"], "--dropout"),
+    (["--n-head", "3"], "--n-head"), (["--n-embd", "100", "--n-head", "3"], "--n-head"),
+    (["--n-layer", "0"], "--n-layer"), (["--n-embd", "-8"], "--n-embd"), (["--n-positions", "0"], "--n-positions"),
+    (["--eval-windows", "-1"], "--eval-windows"), (["--eval-every", "0"], "--eval-every"),
+    (["--batch-size", "-5"], "--batch-size"), (["--batch-tokens", "-1"], "--batch-tokens"),
+    (["--batch-tokens", "0", "--batch-size", "0"], "--batch-tokens"),
+    (["--weight-decay", "-5"], "--weight-decay"), (["--weight-decay", "nan"], "--weight-decay"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm"), (["--max-grad-norm", "inf"], "--max-grad-norm"),
+    (["--grad-accum", "0"], "--grad-accum"), (["--warmup-steps", "-2"], "--warmup-steps"),
+    (["--epochs", "-1"], "--epochs"), (["--epochs", "0", "--max-steps", "0"], "--epochs"),
+    (["--max-steps", "-3"], "--max-steps"), (["--patience", "-1"], "--patience"), (["--seed", "-1"], "--seed"),
+    (["--threads", "-2"], "--threads"),
+]
+
+
+@pytest.mark.parametrize("flags,named", BAD_SETTINGS, ids=[" ".join(f) for f, _ in BAD_SETTINGS])
+def test_bad_settings_are_refused_up_front(tmp_path, capsys, fixture_store, flags, named):
+    code, err = _run_cli(["--data", fixture_store, "--output", tmp_path / "out", "--preset", "tiny", *flags], capsys)
+    assert code == 2 and err.startswith(f"error: {named}: ") and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_without_a_gpu_is_refused_up_front(tmp_path, capsys, fixture_store):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, err = _run_cli(["--data", fixture_store, "--output", tmp_path / "out", "--device", "cuda"], capsys)
+    assert code == 2 and "--device" in err and "no GPU" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_config_files_are_named(tmp_path, capsys, fixture_store):
+    cases = {"not json": ("{", "not valid JSON"), "list": ("[1]", "JSON object"),
+             "unknown": ('{"lrr": 1}', "unknown setting"), "type": ('{"lr": "fast"}', "'fast'"),
+             "choice": ('{"direction": "sideways"}', "sideways"), "bool for int": ('{"epochs": true}', "True"),
+             "bad value": ('{"lr": -1}', "--lr")}
+    for name, (text, expected) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(text, encoding="utf-8")
+        code, err = _run_cli(["--config", path, "--data", fixture_store, "--output", tmp_path / "out"], capsys)
+        assert code == 2 and expected in err and "Traceback" not in err, (name, err)
+        assert str(path) in err or expected == "--lr", (name, err)
+    code, err = _run_cli(["--config", tmp_path / "missing.json"], capsys)
+    assert code == 2 and "missing.json" in err and "not found" in err
+
+
+def test_bad_outputs_are_refused_before_training(tmp_path, capsys, fixture_store, forward_run, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me", encoding="utf-8")
+    base = ["--data", fixture_store, "--preset", "tiny", "--max-steps", "2", "--device", "cpu"]
+    code, err = _run_cli([*base, "--output", a_file], capsys)
+    assert code == 2 and "not a directory" in err and "a_file" in err
+    code, err = _run_cli([*base, "--output", a_file / "model"], capsys)
+    assert code == 2 and "is not a directory" in err and "a_file" in err
+    assert a_file.read_text(encoding="utf-8") == "keep me"
+    manifest = (fixture_store / "manifest.json").read_bytes()
+    for output in (fixture_store, fixture_store / "model", fixture_store.parent):  # over or around the input
+        code, err = _run_cli([*base, "--output", output, "--overwrite"], capsys)
+        assert code == 2 and "--data overlap" in err, err
+    assert (fixture_store / "manifest.json").read_bytes() == manifest and not (fixture_store / "model").exists()
+    code, err = _run_cli([*base, "--output", forward_run[0], "--init", forward_run[0], "--overwrite"], capsys)
+    assert code == 2 and "--init overlap" in err
+    # a parent we may not write in (simulated: root may write anywhere)
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    code, err = _run_cli([*base, "--output", tmp_path / "ro" / "model"], capsys)
+    assert code == 2 and "cannot write" in err and "permission denied" in err and str(tmp_path) in err
+
+
+def test_read_only_parent_is_refused_before_training(tmp_path, capsys, fixture_store):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root may write into a read-only directory")
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        code, err = _run_cli(["--data", fixture_store, "--output", parent / "model", "--preset", "tiny"], capsys)
+    finally:
+        parent.chmod(0o755)
+    assert code == 2 and "cannot write" in err and not (parent / "model").exists()
+
+
+def _damage_random(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def _damage_truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _damage_nan(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _damage_evil_pickle(path: Path) -> None:
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (eval, ("__import__('os').system('touch /tmp/dialogpt_zh_pwned')",))
+
+    path.write_bytes(pickle.dumps({"optimizer": Evil(), "scheduler": {}}))
+
+
+RESUME_DAMAGE = [
+    ("state.json", lambda p: p.write_text("[1, 2]"), "expected a JSON object"),
+    ("state.json", lambda p: p.write_text('{"step": "seven"}'), "'step'"),
+    ("state.json", lambda p: p.write_text('{"step": 3}'), "missing"),
+    ("state.json", lambda p: p.write_text('{"step": 3, "batch_index": -1, "epoch": 0, "config": {}, '
+                                          '"model_config": {}}'), "negative"),
+    ("state.json", lambda p: p.write_text('{"step": 3, "spam": 1}'), "'spam'"),
+    ("state.json", lambda p: p.write_text('{"step": '), "damaged resume state"),
+    ("model.safetensors", lambda p: p.unlink(), "resume weights are missing"),
+    ("model.safetensors", _damage_truncate, "damaged resume weights"),
+    ("model.safetensors", _damage_random, "damaged resume weights"),
+    ("model.safetensors", _damage_nan, "NaN"),
+    ("optimizer.pt", _damage_random, "damaged resume optimizer state"),
+    ("optimizer.pt", _damage_truncate, "damaged resume optimizer state"),
+    ("optimizer.pt", _damage_evil_pickle, "damaged resume optimizer state"),
+    ("optimizer.pt", lambda p: torch.save({"optimizer": {"state": {}, "param_groups": []}, "scheduler": {}}, p),
+     "does not fit"),
+    ("optimizer.pt", lambda p: p.unlink(), "optimizer state is missing"),
+    ("rng_0.pt", lambda p: p.unlink(), "random-number state is missing"),
+    ("rng_0.pt", _damage_random, "damaged resume random-number state"),
+    ("rng_0.pt", lambda p: torch.save({"torch": torch.zeros(3)}, p), "random-number state"),
+]
+
+
+@pytest.mark.parametrize("name,damage,expected", RESUME_DAMAGE,
+                         ids=[f"{n}-{e}" for n, _, e in RESUME_DAMAGE])
+def test_damaged_resume_state_is_a_clear_error(tmp_path, capsys, forward_run, name, damage, expected):
+    import shutil
+
+    out = tmp_path / "model"
+    shutil.copytree(forward_run[0], out)
+    damage(out / "resume" / name)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, err = _run_cli(["--config", out / "run.json", "--output", out, "--resume", "--max-steps", "32"], capsys)
+    assert code == 2 and expected in err and "Traceback" not in err, err
+    assert str(out / "resume") in err, err  # names the file (or resume/ itself)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written
+    assert not Path("/tmp/dialogpt_zh_pwned").exists()
+
+
+INIT_DAMAGE = [(_damage_truncate, "cannot load the model"), (_damage_random, "cannot load the model"),
+               (_damage_nan, "NaN")]
+
+
+@pytest.mark.parametrize("damage,expected", INIT_DAMAGE, ids=[e for _, e in INIT_DAMAGE])
+def test_damaged_init_model_is_a_clear_error(tmp_path, capsys, forward_run, carded_store, damage, expected):
+    import shutil
+
+    init = tmp_path / "init"
+    shutil.copytree(forward_run[0], init, ignore=shutil.ignore_patterns("resume"))
+    damage(init / "model.safetensors")
+    code, err = _run_cli(["--data", carded_store, "--output", tmp_path / "out", "--init", init], capsys)
+    assert code == 2 and expected in err and str(init / "model.safetensors") in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_stops_like_ctrl_c_and_kill_9_leaves_the_output_intact(tmp_path, fixture_store):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dialogpt_zh.checkpoint import load_model, read_card, read_run_state
+
+    out = tmp_path / "model"
+    cmd = [sys.executable, "-m", "dialogpt_zh.train", "--data", str(fixture_store), "--output", str(out),
+           "--preset", "tiny", "--max-steps", "100000", "--eval-every", "3", "--batch-tokens", "256",
+           "--device", "cpu", "--eval-windows", "0", "--seed", "0", "--threads", "1"]
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+    def start_and_wait_for_a_save(extra: list[str], after_step: int) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd + extra, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads((out / "metrics.json").read_text(encoding="utf-8"))["step"] > after_step:
+                    return proc
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+        proc.kill()
+        raise AssertionError(proc.communicate()[0].decode())
+
+    proc = start_and_wait_for_a_save([], 0)
+    proc.send_signal(signal.SIGTERM)  # what `kill` and `timeout` send
+    log = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, log
+    assert "SIGTERM" in log and "resume with" in log and "Traceback" not in log
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["stopped"] == "interrupted" and read_run_state(out).step == metrics["step"]
+    load_model(out)
+
+    # kill -9 while it runs (maybe mid-save): the last complete output stays readable
+    proc = start_and_wait_for_a_save(["--resume"], metrics["step"])
+    proc.kill()
+    proc.communicate(timeout=60)
+    load_model(out)
+    step = read_run_state(out).step
+    assert read_card(out)["trained_steps"] == step > metrics["step"]
+    (tmp_path / ".model.tmp-4000000-0123abcd").mkdir()  # what a kill during a save leaves (a dead pid)
+    (tmp_path / ".model.rng").mkdir()
+    args = cmd[3:]
+    args[args.index("100000")] = str(step + 1)
+    code = main(args + ["--resume"])
+    assert code == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert read_run_state(out).step == step + 1
