@@ -1,11 +1,15 @@
-"""Pick the default bot from a sweep (corpus/recipes/sweep.sh) by held-out figures, and pack it.
+"""Pick the default bot from a sweep (corpus/recipes/sweep.sh) by held-out figures, and install it.
 
 Rule (fixed before looking at the results): the lowest held-out forward perplexity wins; a pair whose
 perplexity is within 2 % of the best and whose forward model is smaller is preferred (CPU latency).
-Writes SWEEP_DIR/choice.json and copies the chosen forward/ and backward/ into DEST (weights stored as fp16
+Writes SWEEP_DIR/choice.json and installs the chosen forward/ and backward/ as DEST (weights stored as fp16
 when the fp32 pair would exceed the 60 MB budget; the engine computes in fp32 on CPU).
 
+DEST is replaced as a whole, in one rename: a reader never sees old and new files mixed, and a failure
+leaves the old DEST as it was. DEST may hold only forward/ and backward/ (nothing else is deleted).
+
     python corpus/recipes/pick_default.py SWEEP_DIR DEST
+    python corpus/recipes/pick_default.py --install BOT_DIR DEST     # a given forward/ + backward/ pair
 """
 from __future__ import annotations
 
@@ -14,6 +18,12 @@ import shutil
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from dialogpt_zh.fsutil import atomic_directory, atomic_write_json  # noqa: E402
+
+DIRECTIONS = ("forward", "backward")
+
 
 def n_params(model_dir: Path) -> int:
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -21,8 +31,8 @@ def n_params(model_dir: Path) -> int:
     return 12 * L * d * d + (v + p) * d
 
 
-def main() -> int:
-    sweep, dest = Path(sys.argv[1]), Path(sys.argv[2])
+def choose(sweep: Path) -> Path:
+    """The chosen pair's directory (SWEEP_DIR/NAME); writes SWEEP_DIR/choice.json."""
     rows = []
     for report in sorted(sweep.glob("eval_*.json")):
         name = report.stem[len("eval_"):]
@@ -31,25 +41,49 @@ def main() -> int:
         rows.append({"name": name, "ppl": r["ppl"], "params": n_params(sweep / name / "forward"),
                      "r10@1": {k: v.get("r10@1") for k, v in sel.items() if isinstance(v, dict)}})
     if not rows:
-        print("no eval_*.json in", sweep)
-        return 1
+        raise SystemExit(f"error: {sweep}: no eval_*.json")
     best = min(r["ppl"] for r in rows)
     near = [r for r in rows if r["ppl"] <= best * 1.02]
     choice = min(near, key=lambda r: (r["params"], r["ppl"]))
-    (sweep / "choice.json").write_text(json.dumps({"rows": rows, "choice": choice["name"]}, indent=2))
+    atomic_write_json(sweep / "choice.json", {"rows": rows, "choice": choice["name"]})
     print(json.dumps({"rows": rows, "choice": choice["name"]}, indent=2))
-    half = 2 * 4 * choice["params"] > 58e6  # fp32 forward + backward over budget -> store fp16
-    for direction in ("forward", "backward"):
-        src, dst = sweep / choice["name"] / direction, dest / direction
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("resume"), dirs_exist_ok=True)
-        if half:
-            import torch
-            from transformers import AutoModelForCausalLM
+    return sweep / choice["name"]
 
-            model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
-            model.half().save_pretrained(str(dst), safe_serialization=True)
+
+def install(bot: Path, dest: Path) -> None:
+    """Copy BOT/forward and BOT/backward (without resume/) into DEST, replacing DEST in one rename."""
+    for direction in DIRECTIONS:
+        if not (bot / direction / "config.json").is_file():
+            raise SystemExit(f"error: {bot / direction}: not a model directory")
+    if dest.exists():
+        others = sorted(p.name for p in dest.iterdir() if p.name not in DIRECTIONS)
+        if others:
+            raise SystemExit(f"error: {dest}: holds more than forward/ and backward/ ({', '.join(others)}); "
+                             "move those away first")
+    half = 2 * 4 * n_params(bot / "forward") > 58e6  # fp32 forward + backward over budget -> store fp16
+    with atomic_directory(dest, replace_existing=True) as tmp:  # DEST holds only what we replace (checked)
+        for direction in DIRECTIONS:
+            src, dst = bot / direction, tmp / direction
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("resume"))
+            if half:
+                import torch
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+                model.half().save_pretrained(str(dst), safe_serialization=True)
+    print(f"installed {bot} as {dest}" + (" (fp16 weights)" if half else ""))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[0] == "--install":
+        install(Path(argv[1]), Path(argv[2]))
+    elif len(argv) == 2:
+        install(choose(Path(argv[0])), Path(argv[1]))
+    else:
+        print("usage:\n" + "\n".join(__doc__.strip().splitlines()[-2:]), file=sys.stderr)
+        return 2
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))
