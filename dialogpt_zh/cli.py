@@ -36,7 +36,9 @@ def make_parser(dataclass_types: Sequence[type], prog: str, description: str, ex
     epilog = "examples:\n" + examples.strip("\n") if examples else None
     parser = HfArgumentParser(list(dataclass_types), prog=prog, description=description, epilog=epilog,
                               formatter_class=_HelpFormatter)
-    parser.add_argument(CONFIG_FLAG, metavar="RUN.json", default=None, help=(
+    # default=SUPPRESS: no `config` attribute unless given (parse() removes it), so callers of
+    # parse_args_into_dataclasses still get exactly their dataclasses back
+    parser.add_argument(CONFIG_FLAG, metavar="RUN.json", default=argparse.SUPPRESS, help=(
         "take settings from this JSON file (an object of setting: value, or a file with such an object under "
         "\"config\", e.g. a model's dialogpt_zh.json or a store's manifest.json); flags given on the command "
         "line override it"))
@@ -58,7 +60,7 @@ def parse(parser, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     if remaining:  # HfArgumentParser raises ValueError (a traceback, exit 1); argparse's error exits 2
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
     if parsed and isinstance(parsed[-1], argparse.Namespace):  # extra (non-dataclass) arguments
-        del parsed[-1].config
+        vars(parsed[-1]).pop("config", None)
         if not vars(parsed[-1]):
             parsed.pop()
     return tuple(parsed)
