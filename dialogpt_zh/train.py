@@ -30,7 +30,7 @@ from dialogpt_zh.batching import Batch, collate, plan_batches, shard_batches
 from dialogpt_zh.checkpoint import (RUN_CONFIG_FILE, ResumeFiles, RunState, load_model, load_resume_optimizer,
                                     load_resume_rng, load_resume_weights, read_run_state, remove_stale_temp,
                                     rng_staging_dir, save_checkpoint, save_rng_state)
-from dialogpt_zh.cli import field_help, make_parser, parse, run_main
+from dialogpt_zh.cli import Terminated, field_help, make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.model import PRESETS, build_model
 from dialogpt_zh.store import MANIFEST, TokenStore
@@ -418,18 +418,19 @@ def _save(output: Path, accelerator, model, tokenizer, optimizer, scheduler, sta
 # --------------------------------------------------------------------------------------------- the loop
 
 class _StopFlag:
-    """Ctrl-C / SIGTERM ask to stop at the next step boundary (a second one stops at once)."""
+    """Ctrl-C / SIGTERM ask to stop at the next step boundary (a second one stops at once, without saving)."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal: Optional[str] = None  # "SIGINT" / "SIGTERM": which one asked
         self._old: dict = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step (saving resume state); "
-              "Ctrl-C again to abort without saving", file=sys.stderr)
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        self.requested, self.signal = True, signal.Signals(signum).name
+        print(f"\n{self.signal}: stopping after this step (saving resume state); Ctrl-C again to abort "
+              "without saving", file=sys.stderr)
 
     def __enter__(self) -> "_StopFlag":
         import threading
@@ -684,7 +685,7 @@ def train(config: TrainConfig, interrupt_at_step: Optional[int] = None) -> dict[
         AcceleratorState._reset_state(reset_partial_state=True)  # let the next in-process run pick its settings
         GradientState._reset_state()
 
-    metrics = _metrics(state, config, stopped, extra)
+    metrics = {**_metrics(state, config, stopped, extra), "signal": stop.signal}
     if accelerator.is_main_process:
         log.info(f"{stopped} at step {state.step}: best valid loss {state.best_valid_loss:.4f} "
                  f"(ppl {math.exp(min(50, state.best_valid_loss)):.1f}) at step {state.best_step}; "
@@ -702,7 +703,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                              description=__doc__.split("\n\n")[0], examples=EXAMPLES)
         (config,) = parse(parser, argv)
         metrics = train(config)
-        return 130 if metrics.get("stopped") == "interrupted" else 0
+        if metrics["stopped"] != "interrupted":
+            return 0
+        return 143 if metrics["signal"] == "SIGTERM" else 130  # the shells' codes for the two signals
 
     return run_main(body)
 

@@ -503,7 +503,7 @@ def test_sigterm_stops_like_ctrl_c_and_kill_9_leaves_the_output_intact(tmp_path,
 
     def start_and_wait_for_a_save(extra: list[str], after_step: int) -> subprocess.Popen:
         proc = subprocess.Popen(cmd + extra, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 1200  # generous: a loaded CI box starts torch slowly
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if json.loads((out / "metrics.json").read_text(encoding="utf-8"))["step"] > after_step:
@@ -516,8 +516,8 @@ def test_sigterm_stops_like_ctrl_c_and_kill_9_leaves_the_output_intact(tmp_path,
 
     proc = start_and_wait_for_a_save([], 0)
     proc.send_signal(signal.SIGTERM)  # what `kill` and `timeout` send
-    log = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == 130, log
+    log = proc.communicate(timeout=900)[0].decode()
+    assert proc.returncode == 143, log
     assert "SIGTERM" in log and "resume with" in log and "Traceback" not in log
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["stopped"] == "interrupted" and read_run_state(out).step == metrics["step"]
@@ -526,7 +526,7 @@ def test_sigterm_stops_like_ctrl_c_and_kill_9_leaves_the_output_intact(tmp_path,
     # kill -9 while it runs (maybe mid-save): the last complete output stays readable
     proc = start_and_wait_for_a_save(["--resume"], metrics["step"])
     proc.kill()
-    proc.communicate(timeout=60)
+    proc.communicate(timeout=300)
     load_model(out)
     step = read_run_state(out).step
     assert read_card(out)["trained_steps"] == step > metrics["step"]
