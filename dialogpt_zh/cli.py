@@ -51,7 +51,7 @@ def parse(parser, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     With `--config FILE` the file's settings become the defaults first (the command line still wins).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    probe = argparse.ArgumentParser(add_help=False)
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # `--c x` may be another flag
     probe.add_argument(CONFIG_FLAG, default=None)
     known, _ = probe.parse_known_args(argv)
     if known.config is not None:
@@ -60,7 +60,8 @@ def parse(parser, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     if remaining:  # HfArgumentParser raises ValueError (a traceback, exit 1); argparse's error exits 2
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
     if parsed and isinstance(parsed[-1], argparse.Namespace):  # extra (non-dataclass) arguments
-        vars(parsed[-1]).pop("config", None)
+        if vars(parsed[-1]).pop("config", None) is not None and known.config is None:
+            parser.error(f"write {CONFIG_FLAG} in full (an abbreviation of it was given)")
         if not vars(parsed[-1]):
             parsed.pop()
     return tuple(parsed)
