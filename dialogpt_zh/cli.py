@@ -132,17 +132,46 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (plain `kill`, `timeout`, a container stop), raised like Ctrl-C so cleanup code runs."""
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+_stop_signal: int | None = None  # the SIGINT/SIGTERM received during run_main, if any
+
+
+def _stop_exception(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _on_stop_signal(signum, frame) -> None:
+    global _stop_signal
+    _stop_signal = signum
+    raise _stop_exception(signum)
+
+
+def _quiet_swallowed_stop(unraisable) -> None:
+    """A stop signal's exception that the interpreter could not raise is acted on by raise_if_stopped();
+    everything else is reported as usual."""
+    if _stop_signal is not None and isinstance(unraisable.exc_value, KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def raise_if_stopped() -> None:
+    """Raise Ctrl-C / SIGTERM again if one was received. A signal's exception can be swallowed when it
+    lands inside an interpreter callback (e.g. logging's after-fork hook when a worker pool starts: Python
+    only prints "Exception ignored"); long jobs call this between batches and before they commit outputs,
+    so a stop request is never lost."""
+    if _stop_signal is not None:
+        raise _stop_exception(_stop_signal)
 
 
 def run_main(main: Callable[[], int | None]) -> int:
     """Run a CLI body: UserError -> one clear line on stderr and its exit code; Ctrl-C -> exit 130;
     SIGTERM -> the same cleanup as Ctrl-C (temp files removed, previous outputs kept), exit 143."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    global _stop_signal
+    _stop_signal = None
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_swallowed_stop
     try:
         code = main()
     except UserError as e:
@@ -155,6 +184,7 @@ def run_main(main: Callable[[], int | None]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in (previous or {}).items():
+            signal.signal(sig, handler)
+        sys.unraisablehook = previous_hook
     return int(code or 0)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -39,7 +40,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from dialogpt_zh.cleaning import CleaningOptions, clean_sessions, load_blocklist
-from dialogpt_zh.cli import field_help, make_parser, parse, run_main
+from dialogpt_zh.cli import field_help, make_parser, parse, raise_if_stopped, run_main
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import atomic_directory
 from dialogpt_zh.readers import FORMATS, InputScan, read_file, scan_inputs
@@ -284,12 +285,30 @@ def _batches(items: list) -> list[list]:
     return [items[i:i + CLEAN_BATCH] for i in range(0, len(items), CLEAN_BATCH)]
 
 
-def _init_clean_worker(options: CleaningOptions) -> None:
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel kills this worker when the parent exits, however it exits (a worker left behind
+    would wait for tasks forever and hold the parent's stdout/stderr open)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: Pool.terminate() in the parent still stops the workers
+        return
+    if os.getppid() != parent_pid:  # the parent was gone before prctl took effect
+        os._exit(1)
+
+
+def _init_clean_worker(options: CleaningOptions, parent_pid: int) -> None:
     global _worker_options
     _worker_options = options
+    _die_with_parent(parent_pid)
     # the parent handles Ctrl-C (sent to the whole process group) and SIGTERM, and stops the workers itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent while it forked us
 
 
 def clean_unit(batches: list[list[list]], options: CleaningOptions | None = None
@@ -330,7 +349,13 @@ def _clean_pool(workers: int, options: CleaningOptions):
 
     # fork: workers start in milliseconds and inherit the imported modules (spawn where fork is missing)
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    return ctx.Pool(workers, initializer=_init_clean_worker, initargs=(options,))
+    # Ctrl-C / SIGTERM wait while the workers are forked: one landing inside the interpreter's after-fork
+    # hooks is swallowed ("Exception ignored"), one raised inside Pool() leaves its workers unjoined.
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return ctx.Pool(workers, initializer=_init_clean_worker, initargs=(options, os.getpid()))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
 
 
 def _ordered_map(pool, units: Iterator[tuple[int, list[list[list]], list]], workers: int
@@ -456,6 +481,7 @@ def read_and_clean(args: PreprocessArguments, scans: list[InputScan], options: C
             _clean_pool(workers, options) as pool:
         units = _read_units(files, counters, sources, sessions_read)
         for fi, splits, (text, hash_bytes, pieces, n_chars, c_counts) in _ordered_map(pool, units, workers):
+            raise_if_stopped()
             si = files[fi][0]
             counters[sources[si]].update(c_counts)
             tmp.write(text)
@@ -603,6 +629,7 @@ class WindowWriter:
 
     def add(self, batch: list[tuple[int, list[str]]]) -> None:
         """Write a batch of (session index, turns)."""
+        raise_if_stopped()
         idx = np.fromiter((i for i, _ in batch), dtype=np.int64, count=len(batch))
         nturns = np.fromiter((len(turns) for _, turns in batch), dtype=np.int64, count=len(batch))
         flat, lengths = self._encode([u for _, turns in batch for u in turns])
@@ -770,7 +797,9 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
         encoder = UtteranceEncoder(tokenizer, writer.dtype, char_level=tok_info["kind"] == "char")
         ww = write_windows(args, corpus, plan, writer, encoder)
         corpus.path.unlink()
+        raise_if_stopped()  # a stop that arrived while a worker pool forked must not let the store commit
         full = writer.close(make_manifest(args, inputs, scans, command, corpus, plan, tok_info, ww))
+        raise_if_stopped()
     elapsed = time.perf_counter() - t0
     full["_timing"] = {"seconds": elapsed, "read_clean_seconds": t_read}  # not in the file: varies per run
     return full
