@@ -156,16 +156,18 @@ def pair_seed(seed: int, index: int) -> int:
     return case_seed(seed, index)
 
 
-def load_bots(specs: dict[str, str | None], device: str = "cpu") -> dict[str, Any]:
-    """One ChatBot per distinct directory (A and B may share one; their settings are per-call overrides)."""
-    from dialogpt_zh.engine import ChatBot, default_bot_dir
+def load_bots(specs: dict[str, str | None], device: str = "cpu", threads: int = 0) -> dict[str, Any]:
+    """One ChatBot per distinct directory (A and B may share one; their settings are per-call overrides),
+    loaded the way every face loads its bot (engine.load_bot)."""
+    from dialogpt_zh.engine import default_bot_dir, load_bot
+    from dialogpt_zh.settings import BotArguments
 
     loaded: dict[str, Any] = {}
     bots = {}
     for name, path in specs.items():
         key = str(Path(path or default_bot_dir()).resolve())
         if key not in loaded:
-            loaded[key] = ChatBot.from_pretrained(path or default_bot_dir(), device=device)
+            loaded[key] = load_bot(BotArguments(model=path, device=device, threads=threads))
         bots[name] = loaded[key]
     return bots
 
@@ -406,17 +408,11 @@ def judge(pairs: Sequence[dict[str, Any]], run: str, verdicts_path: str | Path, 
 
 def _generate(args: ArenaArgs) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any], dict[str, Any]]:
     settings = {"A": parse_settings(args.a_set, "a_set"), "B": parse_settings(args.b_set, "b_set")}
-    if args.threads < 0:
-        raise UserError(f"must be >= 0, got {args.threads}", field="threads")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     contexts = draw_contexts(args.data, args.pairs, args.seed, args.format, args.split)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    bots = load_bots({"A": args.a, "B": args.b}, args.device)
+    bots = load_bots({"A": args.a, "B": args.b}, args.device, args.threads)
     pairs, order = make_pairs(contexts, bots, settings, args.seed, args.progress)
     systems = {s: describe_system(bots[s], getattr(args, s.lower()), settings[s]) for s in ("A", "B")}
     meta = {"data": list(args.data), "split": args.split, "seed": args.seed,
