@@ -19,13 +19,18 @@ from dialogpt_zh.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new temp file in `path`'s directory (same file system, so the final rename is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb", **kw: Any) -> Iterator[IO]:
     """Open a temp file beside `path` for writing; when the block succeeds it is fsynced and renamed over
     `path`, when it fails it is removed (so a streamed output is whole or absent)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, mode, **kw) as f:
             yield f
@@ -238,8 +243,7 @@ def atomic_write_many(files: dict[str | Path, bytes]) -> None:
     try:
         for path, data in files.items():
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp = _temp_beside(path)
             temps.append((tmp, path))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
