@@ -75,6 +75,9 @@ def install(bot: Path, dest: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     if len(argv) == 3 and argv[0] == "--install":
         install(Path(argv[1]), Path(argv[2]))
     elif len(argv) == 2:
