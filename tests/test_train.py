@@ -531,7 +531,7 @@ def test_sigterm_stops_like_ctrl_c_and_kill_9_leaves_the_output_intact(tmp_path,
     step = read_run_state(out).step
     assert read_card(out)["trained_steps"] == step > metrics["step"]
     (tmp_path / ".model.tmp-4000000-0123abcd").mkdir()  # what a kill during a save leaves (a dead pid)
-    (tmp_path / ".model.rng").mkdir()
+    (tmp_path / ".model.rng").mkdir(exist_ok=True)  # the kill may already have left it
     args = cmd[3:]
     args[args.index("100000")] = str(step + 1)
     code = main(args + ["--resume"])
