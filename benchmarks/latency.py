@@ -5,6 +5,8 @@
     python benchmarks/latency.py --presets small --ns 10 --contexts 3 --reference none   # quick
     python benchmarks/latency.py --model checkpoints/default --presets model \
         --heldout ../shared/corpus/lccc-sample/toy_data.json --heldout_split valid   # int8 held-out perplexity
+    python benchmarks/latency.py --model checkpoints/default --presets model --ns 10 --contexts 15 \
+        --background-load 1 --thread_settings policy,1,2   # idle vs one busy process, per thread setting
 
 For each N (candidates per reply) it prints p50 / p95 seconds per reply of
   ours         ChatBot.reply: context encoded once, KV cache shared by N rows, finished rows dropped,
@@ -16,7 +18,12 @@ For each N (candidates per reply) it prints p50 / p95 seconds per reply of
                on its own by the backward model with the loss averaged over the whole sequence;
   one-by-one   the same, but each candidate also generated on its own (N separate uncached decodes);
 plus the MMI scoring share of our reply time and the int8 dynamic quantization speed-up with the perplexity
-change it causes (on --heldout sessions when given, else on the hand-written fixtures).
+change it causes (on --heldout sessions when given, else on the hand-written fixtures). Threads: the engine's
+thread policy (dialogpt_zh/threads.py) unless --threads N; the references run with the threads ours chose.
+
+With --background-load K it instead times ours idle and then beside K busy processes (pure-Python loops,
+killed at the end, also on Ctrl-C), for each --thread_settings entry (policy = the thread policy, N = N
+threads), and prints idle vs loaded p50/p95, the loaded/idle p50 ratio, the MMI share and the threads used.
 
 Without --model the weights are random (speed does not depend on them, but random models never say [SEP]
 early, so every candidate runs to max_length: no early-finish savings for anyone; that is the worst case
@@ -26,9 +33,11 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +50,7 @@ from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E4
 from dialogpt_zh.engine import ChatBot, GenerationSettings  # noqa: E402
 from dialogpt_zh.sampling import NEG_INF, top_k_filter, top_p_filter  # noqa: E402
 from dialogpt_zh.sequence import build_sequence  # noqa: E402
+from dialogpt_zh.threads import ThreadPolicy  # noqa: E402
 from dialogpt_zh.tokenizer import encode  # noqa: E402
 
 
@@ -67,9 +77,12 @@ class LatencyArgs:
     heldout_pairs: int = field(default=400, metadata=field_help("(context, reply) pairs of --heldout scored"))
     compare_hf: bool = field(default=True, metadata=field_help(
         "also time our engine on the transformers forward (use_lean_forward=False)"))
-    threads: int = field(default=2, metadata=field_help(
-        "torch threads (the target machine has 2 cores); use 1 when another job shares the cores: 2 threads "
-        "then run several times slower (docs/engine.md)"))
+    threads: int = field(default=0, metadata=field_help(
+        "intra-op threads per reply: 0 = the engine's thread policy (auto), N = always N (docs/engine.md)"))
+    background_load: int = field(default=0, metadata=field_help(
+        "K > 0: time ours idle and then beside K busy processes, per --thread_settings (no references)"))
+    thread_settings: str = field(default="policy,1,2", metadata=field_help(
+        "with --background-load: comma list of thread settings to compare (policy = the thread policy, N = N)"))
     seed: int = field(default=0, metadata=field_help("seed of weights and sampling"))
 
 
@@ -176,15 +189,17 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def time_ours(bot: ChatBot, contexts, n: int, max_length: int, seed: int) -> tuple[list[float], list[float]]:
+def time_ours(bot: ChatBot, contexts, n: int, max_length: int, seed: int) -> tuple[list[float], list[float], list[int]]:
+    """Seconds per reply, MMI share of each, threads each used (after 2 warm-up replies)."""
     for ctx in contexts[:2]:
         bot.reply(ctx, num_candidates=n, seed=seed, max_length=max_length)  # warm-up
-    totals, shares = [], []
+    totals, shares, threads = [], [], []
     for i, ctx in enumerate(contexts):
         r = bot.reply(ctx, num_candidates=n, seed=seed + i, max_length=max_length)
         totals.append(r.latency_s)
         shares.append(r.timings["score"] / r.latency_s)
-    return totals, shares
+        threads.append(r.threads)
+    return totals, shares, threads
 
 
 def time_reference(bot: ChatBot, contexts, n: int, max_length: int, seed: int, one_by_one: bool) -> list[float]:
@@ -192,8 +207,90 @@ def time_reference(bot: ChatBot, contexts, n: int, max_length: int, seed: int, o
     for i, ctx in enumerate(contexts):
         turns = [encode(bot.tokenizer, u) for u in ctx]
         g = torch.Generator().manual_seed(seed + i)
-        totals.append(reference_reply(bot, turns, n, max_length, one_by_one, g)[0])
+        with bot.thread_policy.use():  # the same threads as ours would get now
+            totals.append(reference_reply(bot, turns, n, max_length, one_by_one, g)[0])
     return totals
+
+
+def threads_used(threads: list[int]) -> str:
+    """'2', or 'ThreadsxCount ...' when replies used different counts."""
+    counts = Counter(threads)
+    return str(threads[0]) if len(counts) == 1 else " ".join(f"{t}x{c}" for t, c in sorted(counts.items()))
+
+
+# ---------------------------------------------------------------------------------- background load
+
+BUSY_LOOP = """import os
+parent = os.getppid()
+while os.getppid() == parent:  # ends by itself if the benchmark dies without cleaning up
+    for _ in range(1_000_000):
+        pass
+"""
+
+
+@contextmanager
+def background_load(k: int):
+    """K busy processes (one core each) while inside; always killed and reaped on the way out."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(k):
+            procs.append(subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(1.0)  # let them start, and the thread policy see them (as it would a load that was there)
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+def policy_for(setting: str) -> ThreadPolicy:
+    from dialogpt_zh.errors import UserError
+
+    if setting == "policy":
+        return ThreadPolicy()
+    if not setting.isdigit() or int(setting) < 1:
+        raise UserError(f"thread setting {setting!r}: expected 'policy' or a number >= 1", field="thread_settings")
+    return ThreadPolicy(int(setting))
+
+
+def bench_load(name: str, bot_dir: Path, contexts, ns: list[int], args: LatencyArgs) -> None:
+    """Ours idle, then beside --background-load busy processes, for each thread setting."""
+    settings = [s.strip() for s in args.thread_settings.split(",") if s.strip()]
+    policies = {s: policy_for(s) for s in settings}
+    bot = ChatBot.from_pretrained(bot_dir, generation=GenerationSettings(max_length=args.max_length))
+    cfg = bot.forward_model.config
+    print(f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}; "
+          f"{len(contexts)} contexts, max_length {args.max_length}; idle vs {args.background_load} busy "
+          f"process(es)")
+    results: dict[tuple[str, int, str], tuple[list[float], list[float], list[int]]] = {}
+
+    def measure(phase: str) -> None:
+        monitor = policies.get("policy", ThreadPolicy()).monitor
+        print(f"# {phase}: load average {os.getloadavg()[0]:.2f}, other processes' busy cores (the policy's "
+              f"estimate) {monitor.busy_cores():.2f}", flush=True)
+        for n in ns:
+            for setting, policy in policies.items():
+                bot.thread_policy = policy
+                results[setting, n, phase] = time_ours(bot, contexts, n, args.max_length, args.seed)
+
+    measure("idle")
+    with background_load(args.background_load) as pids:
+        print(f"# started {len(pids)} busy process(es): pids {' '.join(map(str, pids))}", flush=True)
+        measure("loaded")
+    print(f"{'N':>3} {'threads':>8} | {'idle p50':>8} {'p95':>7} {'MMI':>6} {'thr':>7} | "
+          f"{'loaded p50':>10} {'p95':>7} {'MMI':>6} {'thr':>7} | {'loaded/idle p50':>15}")
+    for n in ns:
+        for setting in settings:
+            row = f"{n:>3} {setting:>8}"
+            for phase in ("idle", "loaded"):
+                totals, shares, threads = results[setting, n, phase]
+                width = 8 if phase == "idle" else 10
+                row += (f" | {pct(totals, 50):{width}.3f} {pct(totals, 95):7.3f} "
+                        f"{statistics.median(shares) * 100:5.1f}% {threads_used(threads):>7}")
+            ratio = pct(results[setting, n, "loaded"][0], 50) / pct(results[setting, n, "idle"][0], 50)
+            print(f"{row} | {ratio:14.2f}x", flush=True)
 
 
 def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[str], ref_ns: set[int],
@@ -201,23 +298,25 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
     import copy
 
     bot = ChatBot.from_pretrained(bot_dir, generation=GenerationSettings(max_length=args.max_length))
+    bot.thread_policy = ThreadPolicy(args.threads)
     hf_bot = copy.copy(bot)
     hf_bot.use_lean_forward = False
     cfg = bot.forward_model.config
     print(f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}; "
-          f"{len(contexts)} contexts, max_length {args.max_length}, {torch.get_num_threads()} threads; "
+          f"{len(contexts)} contexts, max_length {args.max_length}; threads: {bot.thread_policy.describe()}; "
           f"load average {os.getloadavg()[0]:.2f}")
-    head = f"{'N':>3} | {'ours p50':>9} {'p95':>7} | {'MMI share':>9}"
+    head = f"{'N':>3} | {'ours p50':>9} {'p95':>7} | {'MMI share':>9} | {'threads':>7}"
     if args.compare_hf:
         head += f" | {'ours (HF) p50':>13} {'p95':>7}"
     for ref in refs:
         head += f" | {ref + ' p50':>16} {'p95':>7} {'speed-up':>8}"
     print(head)
     for n in ns:
-        ours, shares = time_ours(bot, contexts, n, args.max_length, args.seed)
-        row = f"{n:>3} | {pct(ours, 50):9.3f} {pct(ours, 95):7.3f} | {statistics.median(shares) * 100:8.1f}%"
+        ours, shares, threads = time_ours(bot, contexts, n, args.max_length, args.seed)
+        row = (f"{n:>3} | {pct(ours, 50):9.3f} {pct(ours, 95):7.3f} | {statistics.median(shares) * 100:8.1f}% | "
+               f"{threads_used(threads):>7}")
         if args.compare_hf:
-            hf, _ = time_ours(hf_bot, contexts, n, args.max_length, args.seed)
+            hf, _, _ = time_ours(hf_bot, contexts, n, args.max_length, args.seed)
             row += f" | {pct(hf, 50):13.3f} {pct(hf, 95):7.3f}"
         for ref in refs:
             if n in ref_ns:
@@ -228,8 +327,9 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
         print(row, flush=True)
     if args.quantize:
         q = ChatBot.from_pretrained(bot_dir, quantize="int8", generation=GenerationSettings(max_length=args.max_length))
-        f32, _ = time_ours(bot, contexts, 10, args.max_length, args.seed)
-        i8, _ = time_ours(q, contexts, 10, args.max_length, args.seed)
+        q.thread_policy = bot.thread_policy
+        f32, _, _ = time_ours(bot, contexts, 10, args.max_length, args.seed)
+        i8, _, _ = time_ours(q, contexts, 10, args.max_length, args.seed)
         # perplexity of the real next turns under the forward model, float vs int8
         if args.heldout:
             pairs, what = heldout_pairs(args.heldout, args.heldout_split, args.heldout_pairs)
@@ -283,26 +383,40 @@ def main(argv=None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        torch.set_num_threads(args.threads)
         ns = [int(x) for x in args.ns.split(",")]
         refs = [r for r in args.reference.split(",") if r and r != "none"]
-        print(f"# latency per reply (seconds); torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+        print(f"# latency per reply (seconds); torch {torch.__version__}, threads: "
+              f"{ThreadPolicy(args.threads).describe()}, {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.2f}")
+        from dialogpt_zh.errors import UserError
+
+        for name in ("threads", "background_load"):
+            if getattr(args, name) < 0:
+                raise UserError(f"must be >= 0, got {getattr(args, name)}", field=name)
+        if args.background_load:
+            for s in args.thread_settings.split(","):
+                policy_for(s.strip())  # a bad setting is an error now, not after the idle phase
+
+        def bench(name: str, bot_dir: Path, contexts, ref_ns: set[int]) -> None:
+            if args.background_load:
+                bench_load(name, bot_dir, contexts, ns, args)
+            else:
+                bench_shape(name, bot_dir, contexts, ns, refs, ref_ns, args)
         with tempfile.TemporaryDirectory() as tmp:
             for preset in args.presets.split(","):
                 if preset == "model":
                     if not args.model:
                         print("skip 'model': no --model given")
                         continue
-                    bench_shape(f"model {args.model}", Path(args.model), fixture_contexts(args.contexts), ns, refs,
-                                {n for n in ns if n <= args.reference_max_n}, args)
+                    bench(f"model {args.model}", Path(args.model), fixture_contexts(args.contexts),
+                          {n for n in ns if n <= args.reference_max_n})
                     continue
                 bot_dir = random_bot(preset, args.vocab_size, args.seed, Path(tmp))
                 is_base = preset == "base"
                 contexts = fixture_contexts(args.base_contexts if is_base else args.contexts)
                 ref_ns = ({int(x) for x in args.base_reference_ns.split(",")} if is_base
                           else {n for n in ns if n <= args.reference_max_n})
-                bench_shape(f"{preset} (random weights)", bot_dir, contexts, ns, refs, ref_ns, args)
+                bench(f"{preset} (random weights)", bot_dir, contexts, ref_ns)
         print(f"# load average at the end {os.getloadavg()[0]:.2f}")
         return 0
 

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
             url = webapp.launch_in_background(demo)
             print(f"serving {bot.forward_dir} (+ {bot.backward_dir}) at {url}; concurrency {args.concurrency}; "
                   f"num_candidates {bot.generation.num_candidates}, max_length {bot.generation.max_length}; "
-                  f"torch threads {__import__('torch').get_num_threads()}, cpus {os.cpu_count()}", flush=True)
+                  f"threads: {bot.thread_policy.describe()}, cpus {os.cpu_count()}", flush=True)
         results: dict[int, dict] = {}
         barrier = threading.Barrier(args.clients + 1)
         threads = [threading.Thread(target=run_client, args=(url, i, args.turns, utterances, barrier, results))

@@ -77,7 +77,8 @@ class ArenaArgs:
     key: str | None = field(default=None, metadata=field_help("key file (default: PAIRS.key.json beside PAIRS)"))
     overwrite: bool = field(default=False, metadata=field_help("--make: replace existing pairs/key files"))
     device: str = field(default="cpu", metadata=field_help("torch device for the models"))
-    threads: int = field(default=0, metadata=field_help("torch CPU threads (0 = torch's default)"))
+    threads: int = field(default=0, metadata=field_help(
+        "intra-op CPU threads per reply: 0 = the thread policy (auto), N = always N (as --threads of interact)"))
     progress: bool = field(default=True, metadata=field_help("show a progress bar while generating"))
 
 

@@ -19,6 +19,7 @@ normalize="mean" fwd and bwd are per token (fwd / num_tokens, bwd / num_context_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import warnings
@@ -36,6 +37,7 @@ from dialogpt_zh.sampling import NEG_INF, apply_repetition_penalty, ban_repeated
 from dialogpt_zh.sequence import build_sequence
 from dialogpt_zh.settings import (BotArguments, GenerationSettings, MMISettings, apply_overrides, mmi_active,
                                   mmi_score, ranking_weights)
+from dialogpt_zh.threads import ThreadPolicy
 from dialogpt_zh.tokenizer import decode, encode, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +74,7 @@ class Reply:
     notices: list[str]
     seed: int | None = None           # the seed used: pass it back to reproduce this reply exactly
     context: list[str] = dataclasses.field(default_factory=list)  # the utterances the model saw
+    threads: int = 0                  # intra-op threads this reply ran with (bot.thread_policy); 0 = not known
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -214,6 +217,20 @@ def _token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
+def _uses_thread_policy(method):
+    """Runs a public call inside `self.thread_policy.use()`: threads chosen for this call and set in the
+    calling thread (torch's count is per thread); the Reply(s) it returns record them."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.thread_policy.use() as threads:
+            result = method(self, *args, **kwargs)
+        for r in result if isinstance(result, list) else [result]:
+            if isinstance(r, Reply):
+                r.threads = threads
+        return result
+    return wrapper
+
+
 def _sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> list[float]:
     out = torch.zeros(n_rows, dtype=torch.float64)
     out.index_add_(0, rows.cpu(), values.double().cpu())
@@ -316,6 +333,8 @@ class ChatBot:
                             f"{self.generation.max_length}", field="max_length")
         # GPT-2 models run through LeanGPT2 (same results, less per-call overhead); False: always transformers
         self.use_lean_forward = True
+        # intra-op threads per call: auto (the cores other processes leave free, shared by the calls in flight)
+        self.thread_policy = ThreadPolicy()
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, forward: str | Path | None = None,
@@ -546,6 +565,7 @@ class ChatBot:
 
     # ---------------------------------------------------------------------------------- public API
 
+    @_uses_thread_policy
     def reply(self, history, *, seed: int | None = None, generation: GenerationSettings | None = None,
               mmi: MMISettings | None = None, **overrides: Any) -> Reply:
         """Sample candidates for the next turn after `history` (oldest first, the user's latest last),
@@ -594,6 +614,7 @@ class ChatBot:
                      timings={"encode": t1 - t0, "generate": t2 - t1, "score": t3 - t2}, mmi=use_backward,
                      notices=notices, seed=int(seed), context=texts)
 
+    @_uses_thread_policy
     def rerank(self, history, candidates: Sequence[str], *, generation: GenerationSettings | None = None,
                mmi: MMISettings | None = None, **overrides: Any) -> list[Candidate]:
         """Score replies that came from anywhere (forward + backward), sorted by rank. Blocklist not applied."""
@@ -611,6 +632,7 @@ class ChatBot:
                  for text, ids, (f, n), (b, _) in zip(candidates, replies, fwd, bwd)]
         return self._rank(cands, mmi, use_backward)
 
+    @_uses_thread_policy
     def forward_logprobs(self, history, replies: Sequence[str], *, generation: GenerationSettings | None = None,
                          **overrides: Any) -> list[tuple[float, int]]:
         """[(log P(reply tokens + [SEP] | context), number of those tokens)] for each reply, one batch."""
@@ -621,6 +643,7 @@ class ChatBot:
         context, _ = self.prepare_context(history, gen, max(len(r) for r in ids), [])
         return self._forward_scores(context, ids)
 
+    @_uses_thread_policy
     def backward_logprobs(self, history, replies: Sequence[str], *, generation: GenerationSettings | None = None,
                           **overrides: Any) -> list[tuple[float, int]]:
         """[(log P(context | reply), number of context tokens scored)] for each reply, one batch."""
@@ -637,7 +660,7 @@ class ChatBot:
 def load_bot(args: BotArguments, generation: GenerationSettings | None = None,
              mmi: MMISettings | None = None) -> ChatBot:
     """The one engine for a face: which bot and where (`BotArguments`), with these settings as its defaults."""
-    if args.threads:
-        torch.set_num_threads(args.threads)  # process-wide: a face serves one bot
-    return ChatBot.from_pretrained(args.model, backward=args.backward, device=args.device, quantize=args.quantize,
-                                   generation=generation, mmi=mmi)
+    bot = ChatBot.from_pretrained(args.model, backward=args.backward, device=args.device, quantize=args.quantize,
+                                  generation=generation, mmi=mmi)
+    bot.thread_policy = ThreadPolicy(args.threads)  # 0 = auto, N = N threads per call
+    return bot

@@ -210,8 +210,8 @@ class BotArguments:
     quantize: str | None = field(default=None, metadata=field_help(
         "'int8': dynamic int8 quantization of the matmuls (CPU only; faster, slightly different scores)"))
     threads: int = field(default=0, metadata=field_help(
-        "torch CPU threads (0 = torch's default: all cores); on a machine busy with other jobs 1 is often "
-        "several times faster for the small models (docs/engine.md, Threads)"))
+        "intra-op CPU threads per reply: 0 = the thread policy (auto: the cores other processes leave free, "
+        "shared by the replies in flight); N = always N (docs/engine.md, Threads)"))
 
     def __post_init__(self) -> None:
         if self.backward and not self.model:
