@@ -255,6 +255,9 @@ class ThreadPolicy:
         self.monitor = monitor             # None when fixed: nothing to measure
         self.flight = in_flight if in_flight is not None else _shared_in_flight
 
+    def __deepcopy__(self, memo) -> "ThreadPolicy":
+        return self  # a copied bot shares its policy: the cores and the calls in flight are the process's
+
     @property
     def in_flight(self) -> int:
         return self.flight.count

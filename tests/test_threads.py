@@ -214,6 +214,9 @@ def test_every_public_call_runs_inside_the_policy(random_bot_dir):
     bot.backward_logprobs(["你好"], ["好的"])
     bot.reply(["你好"], num_candidates=2, max_length=4, seed=0)
     assert len(calls) == 4 and bot.thread_policy.in_flight == 0
+    import copy
+
+    assert copy.deepcopy(bot).thread_policy is bot.thread_policy  # the process's cores, shared by copies
 
 
 # ------------------------------------------------------------------------------------------ benchmark
