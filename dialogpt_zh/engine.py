@@ -75,6 +75,23 @@ class Reply:
     seed: int | None = None           # the seed used: pass it back to reproduce this reply exactly
     context: list[str] = dataclasses.field(default_factory=list)  # the utterances the model saw
     threads: int = 0                  # intra-op threads this reply ran with (bot.thread_policy); 0 = not known
+    batch_size: int = 1               # requests computed in the same batch as this one (reply_many)
+
+
+@dataclass
+class _Job:
+    """One reply request, prepared by `ChatBot.prepare_reply`: settings, encoded context, its own generator."""
+
+    gen: GenerationSettings
+    mmi: MMISettings
+    use_backward: bool
+    context: list[list[int]]
+    texts: list[str]
+    notices: list[str]
+    seed: int
+    generator: torch.Generator
+    started: float                    # perf_counter at the request
+    prepared: float                   # ... and when it was ready to join a batch
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -281,6 +298,11 @@ class _LeanDecoder(_HFDecoder):
         self.cache = self.lean.new_cache(1, ids.shape[1] + capacity)
         return self.lean.logits(self.lean.hidden(ids, self.cache)[:, -1, :])
 
+    def prompt_rows(self, contexts: list[list[int]], counts: list[int], capacity: int) -> torch.Tensor:
+        """Several (1, L_i) contexts, context i shared by counts[i] rows; logits (rows, V)."""
+        self.cache, logits = self.lean.prompt_rows(contexts, counts, capacity)
+        return logits
+
     def repeat_rows(self, n: int) -> None:
         self.cache.repeat_rows(n)
 
@@ -427,41 +449,69 @@ class ChatBot:
 
     # ---------------------------------------------------------------------------------- generation
 
-    @torch.inference_mode()
-    def _generate(self, context: list[list[int]], gen: GenerationSettings,
-                  generator: torch.Generator) -> list[tuple[list[int], float]]:
-        """Sample gen.num_candidates replies in one batch: [(token ids without [SEP], forward log-prob)]."""
-        n = gen.num_candidates
-        decoder = self._decoder(self.forward_model)
-        ctx = torch.tensor([build_sequence(context, "forward", self.cls_id, self.sep_id)], device=self.device)
-        logits = decoder.prompt(ctx, gen.max_length + 1).float().expand(n, -1)
-        decoder.repeat_rows(n)  # the context is encoded once and shared by the n rows
+    def _next_tokens(self, logits: torch.Tensor, history: torch.Tensor | None, tokens: list[list[int]], step: int,
+                     gen: GenerationSettings, generator: torch.Generator, banned: torch.Tensor) -> torch.Tensor:
+        """One token per row of one request: its filters (penalty, bans, length limits) and its own generator."""
+        scores = apply_repetition_penalty(logits, history, gen.repetition_penalty)
+        if scores is logits:
+            scores = logits.clone()
+        scores[:, banned] = NEG_INF
+        if step < gen.min_length:
+            scores[:, self.sep_id] = NEG_INF
+        if step >= gen.max_length:                          # cut: the reply ends here
+            scores = torch.full_like(scores, NEG_INF)
+            scores[:, self.sep_id] = 0.0
+        scores = ban_repeated_ngrams(scores, tokens, gen.no_repeat_ngram_size)
+        dead = scores.amax(dim=-1) == NEG_INF                # everything banned (tiny vocab): end the reply
+        if bool(dead.any()):
+            scores[dead, self.sep_id] = 0.0
+        return sample_tokens(scores, gen.temperature, gen.top_k, gen.top_p, generator)
 
-        rows = torch.arange(n, device=self.device)          # original candidate index of each live row
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        fwd = torch.zeros(n, dtype=torch.float64)
+    @torch.inference_mode()
+    def _generate(self, jobs: "list[_Job]") -> list[list[tuple[list[int], float]]]:
+        """Sample each job's gen.num_candidates replies, all jobs in one batch: per job
+        [(token ids without [SEP], forward log-prob)].
+
+        Each context is encoded once and shared by its rows; rows then decode together one token per step,
+        each job's rows with its own filters and generator (so a job's draws do not depend on the others),
+        and a row that emits [SEP] leaves the batch and the cache."""
+        decoder = self._decoder(self.forward_model)
+        if len(jobs) > 1 and not isinstance(decoder, _LeanDecoder):  # the HF cache has one length: one by one
+            return [self._generate([job])[0] for job in jobs]
+        counts = [job.gen.num_candidates for job in jobs]
+        total = sum(counts)
+        room = max(job.gen.max_length for job in jobs) + 1
+        contexts = [build_sequence(job.context, "forward", self.cls_id, self.sep_id) for job in jobs]
+        if len(jobs) == 1:
+            logits = decoder.prompt(torch.tensor(contexts, device=self.device), room).float().expand(total, -1)
+            decoder.repeat_rows(total)  # the context is encoded once and shared by the n rows
+        else:
+            logits = decoder.prompt_rows(contexts, counts, room).float()
+
+        owner = torch.repeat_interleave(torch.arange(len(jobs)), torch.tensor(counts))  # job of each row
+        rows = torch.arange(total, device=self.device)     # original candidate index of each live row
+        tokens: list[list[int]] = [[] for _ in range(total)]
+        fwd = torch.zeros(total, dtype=torch.float64)
         history: torch.Tensor | None = None                  # (rows, steps) tokens so far, for the penalty
         banned = torch.tensor(self.banned_ids, dtype=torch.long, device=self.device)
-        for step in range(gen.max_length + 1):
+        for step in range(room):
             logprobs = torch.log_softmax(logits, dim=-1)     # the model's own distribution: the forward score
-            scores = apply_repetition_penalty(logits, history, gen.repetition_penalty)
-            if scores is logits:
-                scores = logits.clone()
-            scores[:, banned] = NEG_INF
-            if step < gen.min_length:
-                scores[:, self.sep_id] = NEG_INF
-            if step == gen.max_length:                      # cut: the reply ends here
-                scores = torch.full_like(scores, NEG_INF)
-                scores[:, self.sep_id] = 0.0
-            scores = ban_repeated_ngrams(scores, [tokens[r] for r in rows.tolist()], gen.no_repeat_ngram_size)
-            dead = scores.amax(dim=-1) == NEG_INF            # everything banned (tiny vocab): end the reply
-            if bool(dead.any()):
-                scores[dead, self.sep_id] = 0.0
-            next_ids = sample_tokens(scores, gen.temperature, gen.top_k, gen.top_p, generator)
+            live = rows.tolist()
+            # rows stay grouped by job (finished rows leave in order), so each job owns one slice
+            live_counts = torch.bincount(owner[rows.cpu()], minlength=len(jobs)).tolist()
+            picks, start = [], 0
+            for job, n in zip(jobs, live_counts):
+                if n:
+                    part = slice(start, start + n)
+                    picks.append(self._next_tokens(
+                        logits[part], history[part] if history is not None else None,
+                        [tokens[r] for r in live[part]], step, job.gen, job.generator, banned))
+                    start += n
+            next_ids = picks[0] if len(picks) == 1 else torch.cat(picks)
             chosen = logprobs.gather(-1, next_ids[:, None]).squeeze(-1)
             fwd.index_add_(0, rows.cpu(), chosen.double().cpu())
             finished = next_ids == self.sep_id
-            for r, t, f in zip(rows.tolist(), next_ids.tolist(), finished.tolist()):
+            for r, t, f in zip(live, next_ids.tolist(), finished.tolist()):
                 if not f:
                     tokens[r].append(t)
             if bool(finished.all()):
@@ -473,7 +523,11 @@ class ChatBot:
                 history = history[keep] if history is not None else None
             history = next_ids[:, None] if history is None else torch.cat([history, next_ids[:, None]], dim=1)
             logits = decoder.step(next_ids[:, None]).float()
-        return [(tokens[i], float(fwd[i])) for i in range(n)]
+        out, start = [], 0
+        for n in counts:
+            out.append([(tokens[i], float(fwd[i])) for i in range(start, start + n)])
+            start += n
+        return out
 
     # ---------------------------------------------------------------------------------- scoring
 
@@ -500,14 +554,19 @@ class ChatBot:
             fwd = [f + r for f, r in zip(fwd, rest)]
         return [(f, len(r)) for f, r in zip(fwd, rows)]
 
-    @torch.inference_mode()
     def _backward_scores(self, context: list[list[int]], replies: list[list[int]]) -> list[tuple[float, int]]:
-        """log P(context | reply): `[CLS] reply [SEP] uk [SEP] ... u1 [SEP]`, context tokens only, one batch."""
+        """log P(context | reply) for each reply after one context (see `_backward_scores_pairs`)."""
+        return self._backward_scores_pairs([(context, r) for r in replies])
+
+    @torch.inference_mode()
+    def _backward_scores_pairs(self, pairs: list[tuple[list[list[int]], list[int]]]) -> list[tuple[float, int]]:
+        """log P(context | reply) for (context, reply) pairs: `[CLS] reply [SEP] uk [SEP] ... u1 [SEP]`,
+        context tokens only, all pairs (of one request or of many) in one batch."""
         model = self.backward_model
-        seqs = [build_sequence(list(context) + [r], "backward", self.cls_id, self.sep_id) for r in replies]
+        seqs = [build_sequence(list(context) + [r], "backward", self.cls_id, self.sep_id) for context, r in pairs]
         ids, mask = _pad(seqs, self.pad_id, self.device)
         # target t is scored iff it is a context token: t >= len(reply) + 2 (after [CLS] reply [SEP]), not padding
-        starts = torch.tensor([len(r) + 2 for r in replies], device=self.device)
+        starts = torch.tensor([len(r) + 2 for _, r in pairs], device=self.device)
         positions = torch.arange(ids.shape[1], device=self.device)
         target_mask = (positions[None, :] >= starts[:, None]) & mask.bool()
         lean = self._lean(model)
@@ -519,9 +578,8 @@ class ChatBot:
             hidden = model.base_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).last_hidden_state
         b, t = target_mask.nonzero(as_tuple=True)
         lp = _token_logprobs(model, hidden[b, t - 1], ids[b, t])
-        sums = _sum_per_row(lp, b, len(replies))
-        n_ctx = sum(len(u) + 1 for u in context)
-        return [(s, n_ctx) for s in sums]
+        sums = _sum_per_row(lp, b, len(pairs))
+        return [(s, sum(len(u) + 1 for u in context)) for s, (context, _) in zip(sums, pairs)]
 
     def _lean(self, model) -> LeanGPT2 | None:
         return LeanGPT2.wrap(model) if self.use_lean_forward else None
@@ -565,12 +623,10 @@ class ChatBot:
 
     # ---------------------------------------------------------------------------------- public API
 
-    @_uses_thread_policy
-    def reply(self, history, *, seed: int | None = None, generation: GenerationSettings | None = None,
-              mmi: MMISettings | None = None, **overrides: Any) -> Reply:
-        """Sample candidates for the next turn after `history` (oldest first, the user's latest last),
-        rerank them, and return the best with all candidates and their scores. Settings: `generation` /
-        `mmi` objects (default: the bot's), single fields as keywords (`num_candidates=5`)."""
+    def prepare_reply(self, history, *, seed: int | None = None, generation: GenerationSettings | None = None,
+                      mmi: MMISettings | None = None, **overrides: Any) -> "_Job":
+        """Settings resolved and checked, context encoded: a reply request ready for `reply_many` (bad input
+        raises here, in the caller's thread, before it joins a batch)."""
         t0 = time.perf_counter()
         gen, mmi = self.settings(generation, mmi, **overrides)
         notices = list(self.notices)
@@ -582,37 +638,68 @@ class ChatBot:
             seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(seed))
-        t1 = time.perf_counter()
+        return _Job(gen=gen, mmi=mmi, use_backward=use_backward, context=context, texts=texts, notices=notices,
+                    seed=int(seed), generator=generator, started=t0, prepared=time.perf_counter())
 
-        samples = self._generate(context, gen, generator)
-        by_text: dict[str, Candidate] = {}
-        n_ctx = sum(len(u) + 1 for u in context)
-        for ids, fwd in samples:
-            text = decode(self.tokenizer, ids)
-            if text in by_text:
-                by_text[text].count += 1
-                continue
-            by_text[text] = Candidate(text=text, token_ids=ids, forward_logprob=fwd, backward_logprob=None,
-                                      num_tokens=len(ids) + 1, num_context_tokens=n_ctx, score=0.0)
-        candidates = list(by_text.values())
-        if mmi.blocklist:
-            words = self._blocklist(mmi.blocklist)
-            kept = [c for c in candidates if not any(w in c.text for w in words)]
-            if len(kept) < len(candidates):
-                notices.append(f"blocklist removed {len(candidates) - len(kept)} of {len(candidates)} candidates")
-            candidates = kept
+    @_uses_thread_policy
+    def reply(self, history, *, seed: int | None = None, generation: GenerationSettings | None = None,
+              mmi: MMISettings | None = None, **overrides: Any) -> Reply:
+        """Sample candidates for the next turn after `history` (oldest first, the user's latest last),
+        rerank them, and return the best with all candidates and their scores. Settings: `generation` /
+        `mmi` objects (default: the bot's), single fields as keywords (`num_candidates=5`)."""
+        return self.reply_many([self.prepare_reply(history, seed=seed, generation=generation, mmi=mmi,
+                                                   **overrides)])[0]
+
+    @_uses_thread_policy
+    def reply_many(self, jobs: "Sequence[_Job]") -> list[Reply]:
+        """Replies to several prepared requests (`prepare_reply`) computed together: one sampling batch and
+        one MMI batch. Each keeps its own history, seed and settings; with the lean forward a request's
+        candidates are those it gets alone (up to float rounding in the shared matmuls)."""
+        jobs = list(jobs)
+        if not jobs:
+            return []
+        t1 = time.perf_counter()
+        samples = self._generate(jobs)
+        per_job: list[list[Candidate]] = []
+        for job, job_samples in zip(jobs, samples):
+            by_text: dict[str, Candidate] = {}
+            n_ctx = sum(len(u) + 1 for u in job.context)
+            for ids, fwd in job_samples:
+                text = decode(self.tokenizer, ids)
+                if text in by_text:
+                    by_text[text].count += 1
+                    continue
+                by_text[text] = Candidate(text=text, token_ids=ids, forward_logprob=fwd, backward_logprob=None,
+                                          num_tokens=len(ids) + 1, num_context_tokens=n_ctx, score=0.0)
+            candidates = list(by_text.values())
+            if job.mmi.blocklist:
+                words = self._blocklist(job.mmi.blocklist)
+                kept = [c for c in candidates if not any(w in c.text for w in words)]
+                if len(kept) < len(candidates):
+                    job.notices.append(f"blocklist removed {len(candidates) - len(kept)} of {len(candidates)} "
+                                       f"candidates")
+                candidates = kept
+            per_job.append(candidates)
         t2 = time.perf_counter()
 
-        if candidates and use_backward:
-            for c, (bwd, _) in zip(candidates, self._backward_scores(context, [c.token_ids for c in candidates])):
+        scored = [(job, c) for job, cands in zip(jobs, per_job) if job.use_backward for c in cands]
+        if scored:
+            for (job, c), (bwd, _) in zip(scored, self._backward_scores_pairs(
+                    [(job.context, c.token_ids) for job, c in scored])):
                 c.backward_logprob = bwd
-        ranked = self._rank(candidates, mmi, use_backward)
+        replies = []
+        for job, candidates in zip(jobs, per_job):
+            ranked = self._rank(candidates, job.mmi, job.use_backward)
+            if not ranked:
+                job.notices.append("no reply: every candidate contained a blocklisted word")
+            replies.append(ranked)
         t3 = time.perf_counter()
-        if not ranked:
-            notices.append("no reply: every candidate contained a blocklisted word")
-        return Reply(text=ranked[0].text if ranked else "", candidates=ranked, latency_s=t3 - t0,
-                     timings={"encode": t1 - t0, "generate": t2 - t1, "score": t3 - t2}, mmi=use_backward,
-                     notices=notices, seed=int(seed), context=texts)
+        return [Reply(text=ranked[0].text if ranked else "", candidates=ranked, latency_s=t3 - job.started,
+                      timings={"encode": job.prepared - job.started, "wait": t1 - job.prepared,
+                               "generate": t2 - t1, "score": t3 - t2},
+                      mmi=job.use_backward, notices=job.notices, seed=job.seed, context=job.texts,
+                      batch_size=len(jobs))
+                for job, ranked in zip(jobs, replies)]
 
     @_uses_thread_policy
     def rerank(self, history, candidates: Sequence[str], *, generation: GenerationSettings | None = None,

@@ -22,10 +22,16 @@ import torch.nn.functional as F
 
 class KVCache:
     """Keys and values of every layer in two preallocated tensors (layers, rows, heads, capacity, head_dim);
-    `length` positions are filled, the same for all rows (they decode in lockstep)."""
+    `length` columns are filled, the same for all rows (they decode in lockstep).
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int = 0) -> None:
+    Rows of different contexts (replies of several requests in one batch, `LeanGPT2.prompt_rows`) keep each
+    context at columns 0..L-1 and decode from the common column `width` on; `gap` (rows,) = width - L shifts
+    each row's positions back, and `valid` (rows, capacity) masks the unused columns L..width-1."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int = 0,
+                 gap: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> None:
         self.k, self.v, self.length = k, v, length
+        self.gap, self.valid = gap, valid
 
     @property
     def rows(self) -> int:
@@ -45,6 +51,8 @@ class KVCache:
         """Keep only the rows `keep` (indices), in that order: finished candidates leave the cache."""
         self.k = self.k.index_select(1, keep)
         self.v = self.v.index_select(1, keep)
+        if self.gap is not None:
+            self.gap, self.valid = self.gap.index_select(0, keep), self.valid.index_select(0, keep)
 
 
 def _projection(module):
@@ -95,6 +103,27 @@ class LeanGPT2:
         shape = (self.n_layer, rows, self.n_head, capacity, self.head_dim)
         return KVCache(self.wte.new_empty(shape), self.wte.new_empty(shape))
 
+    def prompt_rows(self, contexts: list[list[int]], counts: list[int], capacity: int) -> tuple[KVCache, torch.Tensor]:
+        """A cache of sum(counts) rows, `counts[i]` rows holding context i (each encoded once, batch 1), with
+        room for `capacity` more columns; and the logits (rows, V) of each row's last context position."""
+        lengths = [len(c) for c in contexts]
+        width, rows = max(lengths), sum(counts)
+        cache = self.new_cache(rows, width + capacity)
+        logits, row = [], 0
+        for ids, n in zip(contexts, counts):
+            one = self.new_cache(1, len(ids))
+            hidden = self.hidden(torch.tensor([ids], device=self.wte.device), one)
+            logits.append(self.logits(hidden[:, -1, :]).expand(n, -1))
+            cache.k[:, row:row + n, :, :len(ids)] = one.k
+            cache.v[:, row:row + n, :, :len(ids)] = one.v
+            row += n
+        row_lengths = torch.repeat_interleave(torch.tensor(lengths), torch.tensor(counts)).to(self.wte.device)
+        columns = torch.arange(width + capacity, device=self.wte.device)
+        cache.length = width
+        cache.gap = width - row_lengths
+        cache.valid = (columns[None, :] < row_lengths[:, None]) | (columns[None, :] >= width)
+        return cache, torch.cat(logits)
+
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, d) for `ids` (B, T) at positions cache.length .. + T - 1.
@@ -109,13 +138,22 @@ class LeanGPT2:
         start = cache.length if cache is not None else 0
         if cache is not None and start + t > cache.capacity:
             raise ValueError(f"KV cache full: {start} + {t} > {cache.capacity}")
-        if start + t > self.wpe.shape[0]:
-            raise ValueError(f"sequence longer than the model's {self.wpe.shape[0]} positions")
         d, h, hd = self.d, self.n_head, self.head_dim
-        x = F.embedding(ids, self.wte) + self.wpe[start:start + t]
         attn_mask = None
-        if cache is not None and start > 0 and t > 1:   # new tokens see the whole cache + themselves causally
-            attn_mask = torch.ones(t, start + t, dtype=torch.bool, device=ids.device).tril(diagonal=start)
+        if cache is not None and cache.gap is not None:  # rows of different contexts: own positions, own keys
+            if t != 1:
+                raise ValueError("a cache of rows with different contexts decodes one token at a time")
+            positions = start - cache.gap[:, None]          # (b, 1)
+            if int(positions.max()) >= self.wpe.shape[0]:
+                raise ValueError(f"sequence longer than the model's {self.wpe.shape[0]} positions")
+            x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
+            attn_mask = cache.valid[:, None, None, :start + 1]
+        else:
+            if start + t > self.wpe.shape[0]:
+                raise ValueError(f"sequence longer than the model's {self.wpe.shape[0]} positions")
+            x = F.embedding(ids, self.wte) + self.wpe[start:start + t]
+            if cache is not None and start > 0 and t > 1:   # new tokens see the whole cache + themselves causally
+                attn_mask = torch.ones(t, start + t, dtype=torch.bool, device=ids.device).tril(diagonal=start)
         packed = None                                   # flat indices of the real tokens among the b * t
         if cache is None and mask is not None and not bool(mask.all()):
             packed = mask.reshape(-1).nonzero().squeeze(1)

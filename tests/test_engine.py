@@ -522,3 +522,55 @@ def test_user_input_is_cleaned_with_the_cards_store_options(random_bot_dir, tmp_
     assert seen.startswith("哈哈 ") and "13812345678" in seen                 # capped at 2, number kept
     seen_default = default.reply([text], num_candidates=1, max_length=2, seed=0).context[-1]
     assert seen_default.startswith("哈哈哈哈 ") and "13812345678" not in seen_default
+
+
+# ------------------------------------------------------------------------------ replies of many requests
+
+BATCH_REQUESTS = [  # different context lengths, seeds, candidate counts and settings, one with MMI off
+    (["你好"], dict(seed=1, num_candidates=6, min_length=0)),
+    (HISTORY, dict(seed=2, num_candidates=3, temperature=0.7, top_k=5, repetition_penalty=1.3, min_length=0)),
+    (["在看电影呢，你呢", "我在家"], dict(seed=3, num_candidates=5, top_p=0.8, max_length=6, use_mmi=False)),
+    (["今天天气真好我们去公园吧"], dict(seed=4, num_candidates=4, no_repeat_ngram_size=2, min_length=3)),
+]
+
+
+def assert_same_reply(got, want) -> None:
+    assert [(c.text, c.token_ids, c.count, c.rank) for c in got.candidates] == \
+        [(c.text, c.token_ids, c.count, c.rank) for c in want.candidates]
+    for x, y in zip(got.candidates, want.candidates):
+        assert x.forward_logprob == pytest.approx(y.forward_logprob, abs=1e-4)
+        if y.backward_logprob is None:
+            assert x.backward_logprob is None
+        else:
+            assert x.backward_logprob == pytest.approx(y.backward_logprob, abs=1e-4)
+    assert (got.text, got.seed, got.mmi, got.context) == (want.text, want.seed, want.mmi, want.context)
+
+
+def test_requests_batched_together_get_the_replies_they_get_alone(trained_bot_dir):
+    """reply_many: each request keeps its own history, seed and settings in the shared sampling and MMI
+    batches (rows of different context lengths: own positions, own keys), whether it runs with others or alone."""
+    bot = ChatBot.from_pretrained(trained_bot_dir)
+    alone = [bot.reply(history, **kw) for history, kw in BATCH_REQUESTS]
+    together = bot.reply_many([bot.prepare_reply(history, **kw) for history, kw in BATCH_REQUESTS])
+    assert len({len(r.candidates) for r in alone}) > 1
+    for got, want in zip(together, alone):
+        assert_same_reply(got, want)
+        assert got.batch_size == len(BATCH_REQUESTS) and want.batch_size == 1
+    assert together[2].mmi is False and all(c.backward_logprob is None for c in together[2].candidates)
+    assert all(len(c.token_ids) <= 6 for c in together[2].candidates)
+    # the same through the transformers forward, which runs the requests one by one
+    hf_bot = copy.copy(bot)
+    hf_bot.use_lean_forward = False
+    for got, want in zip(hf_bot.reply_many([hf_bot.prepare_reply(h, **kw) for h, kw in BATCH_REQUESTS]), alone):
+        assert_same_reply(got, want)
+
+
+def test_batched_forward_logprobs_match_full_recomputation(trained_bot_dir):
+    """The forward log-prob each batched candidate carries equals an uncached run of that candidate alone."""
+    bot = ChatBot.from_pretrained(trained_bot_dir)
+    jobs = [bot.prepare_reply(h, **kw) for h, kw in BATCH_REQUESTS]
+    for job, reply in zip(jobs, bot.reply_many(jobs)):
+        ctx = build_sequence(job.context, "forward", bot.cls_id, bot.sep_id)
+        for c in reply.candidates:
+            want = manual_logprobs(bot.forward_model, ctx + c.token_ids + [bot.sep_id], len(ctx))
+            assert c.forward_logprob == pytest.approx(want, abs=1e-3)
