@@ -1,12 +1,14 @@
-"""Load test of the Gradio page: N concurrent gradio_client clients x T turns each against one app.
+"""Load test of the Gradio page: N concurrent gradio_client clients x T turns each against one app,
+with and without cross-user batching (each mode on a fresh app).
 
 Every client is its own browser-like session (own session hash, own gr.State history). The script counts
 errors, checks that each client's chat holds exactly the messages it sent (no history leaking between
 sessions), and prints p50/p95 latency: end to end as the client sees it (queue wait included) and the
 engine's own reply time (from the page's status line). Figures are printed, never asserted.
 
-  python benchmarks/web_load.py                               # embedded checkpoints/default, 20 x 10
-  python benchmarks/web_load.py --model runs/bot --clients 20 --turns 10 --concurrency 2
+  python benchmarks/web_load.py                               # embedded checkpoints/default, 20 x 10, both modes
+  python benchmarks/web_load.py --modes batched --max_batch 4 --batch_window_ms 2
+  python benchmarks/web_load.py --model runs/bot --clients 20 --turns 10 --modes alone --alone_concurrency 2
   python benchmarks/web_load.py --url http://127.0.0.1:7860/  # against an app that is already running
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ except ModuleNotFoundError:
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
 from dialogpt_zh.engine import load_bot  # noqa: E402
+from dialogpt_zh.errors import UserError  # noqa: E402
 from dialogpt_zh.settings import BotArguments  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +41,14 @@ class LoadArguments:
     url: str | None = field(default=None, metadata=field_help("load an app that is already running at this URL"))
     clients: int = field(default=20, metadata=field_help("concurrent clients (sessions)"))
     turns: int = field(default=10, metadata=field_help("turns per client"))
-    concurrency: int = field(default=4, metadata=field_help("replies the app computes at once (webapp --concurrency)"))
+    modes: str = field(default="batched,alone", metadata=field_help(
+        "comma list: batched (replies of different users share batches: webapp --max_batch) and/or alone "
+        "(each reply computed on its own: --max_batch 1)"))
+    concurrency: int = field(default=16, metadata=field_help("webapp --concurrency in the batched mode"))
+    max_batch: int = field(default=8, metadata=field_help("webapp --max_batch in the batched mode"))
+    batch_window_ms: float = field(default=5.0, metadata=field_help("webapp --batch_window_ms in the batched mode"))
+    alone_concurrency: int = field(default=4, metadata=field_help(
+        "webapp --concurrency in the alone mode (4 was the best on 2 cores before batching)"))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -86,6 +96,43 @@ def run_client(url: str, index: int, turns: int, utterances: list[str], start: t
     out[index] = dict(errors=errors, mismatches=mismatches, e2e=e2e, engine=engine)
 
 
+def run_load(url: str, args: LoadArguments, utterances: list[str]) -> dict:
+    """args.clients concurrent clients x args.turns turns against `url`; prints and returns the figures."""
+    results: dict[int, dict] = {}
+    barrier = threading.Barrier(args.clients + 1)
+    threads = [threading.Thread(target=run_client, args=(url, i, args.turns, utterances, barrier, results))
+               for i in range(args.clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+
+    errors = [e for r in results.values() for e in r["errors"]]
+    mismatches = sum(r["mismatches"] for r in results.values())
+    crossed = sum(1 for r in results.values() if r["mismatches"])
+    e2e = [x for r in results.values() for x in r["e2e"]]
+    engine = [x for r in results.values() for x in r["engine"]]
+    total = args.clients * args.turns
+    print(f"clients {args.clients} x turns {args.turns} = {total} requests in {wall:.1f} s "
+          f"({len(e2e) / wall:.2f} replies/s)")
+    print(f"errors: {len(errors)}; clients whose chat was not exactly their own messages: {crossed} "
+          f"({mismatches} turns)")
+    for e in errors[:5]:
+        print("  e.g.", e)
+    if e2e:
+        print(f"end-to-end latency (queue wait included): p50 {percentile(e2e, 50):.2f} s, "
+              f"p95 {percentile(e2e, 95):.2f} s, max {max(e2e):.2f} s")
+    if engine:
+        print(f"engine reply time (batch wait included): p50 {percentile(engine, 50):.3f} s, "
+              f"p95 {percentile(engine, 95):.3f} s, mean {statistics.mean(engine):.3f} s", flush=True)
+    return dict(rate=len(e2e) / wall, p50=percentile(e2e, 50) if e2e else float("nan"),
+                p95=percentile(e2e, 95) if e2e else float("nan"), errors=len(errors), crossed=crossed,
+                failed=bool(errors or mismatches))
+
+
 def main(argv=None) -> int:
     def body() -> int:
         import logging
@@ -100,48 +147,45 @@ def main(argv=None) -> int:
                                argv)
         text = OPENERS.read_text(encoding="utf-8")
         utterances = [u.strip() for u in text.splitlines() if u.strip()]
-        demo = None
-        url = args.url
-        if url is None:
-            from dialogpt_zh import webapp
-            bot = load_bot(bot_args, gen, mmi)  # --model etc. are ignored with --url
-            demo = webapp.build_app(bot, concurrency=args.concurrency, max_queue=max(64, args.clients * 2))
-            url = webapp.launch_in_background(demo)
-            print(f"serving {bot.forward_dir} (+ {bot.backward_dir}) at {url}; concurrency {args.concurrency}; "
-                  f"num_candidates {bot.generation.num_candidates}, max_length {bot.generation.max_length}; "
-                  f"threads: {bot.thread_policy.describe()}, cpus {os.cpu_count()}", flush=True)
-        results: dict[int, dict] = {}
-        barrier = threading.Barrier(args.clients + 1)
-        threads = [threading.Thread(target=run_client, args=(url, i, args.turns, utterances, barrier, results))
-                   for i in range(args.clients)]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        if demo is not None:
-            demo.close()
+        if args.url is not None:
+            return 1 if run_load(args.url, args, utterances)["failed"] else 0
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        unknown = sorted(set(modes) - {"batched", "alone"})
+        if unknown or not modes:
+            raise UserError(f"unknown mode(s) {unknown}; use batched and/or alone", field="modes")
+        from dialogpt_zh import webapp
 
-        errors = [e for r in results.values() for e in r["errors"]]
-        mismatches = sum(r["mismatches"] for r in results.values())
-        e2e = [x for r in results.values() for x in r["e2e"]]
-        engine = [x for r in results.values() for x in r["engine"]]
-        total = args.clients * args.turns
-        print(f"clients {args.clients} x turns {args.turns} = {total} requests in {wall:.1f} s "
-              f"({len(e2e) / wall:.2f} replies/s)")
-        print(f"errors: {len(errors)}; clients whose chat was not exactly their own messages: "
-              f"{sum(1 for r in results.values() if r['mismatches'])} ({mismatches} turns)")
-        for e in errors[:5]:
-            print("  e.g.", e)
-        if e2e:
-            print(f"end-to-end latency (queue wait included): p50 {percentile(e2e, 50):.2f} s, "
-                  f"p95 {percentile(e2e, 95):.2f} s, max {max(e2e):.2f} s")
-        if engine:
-            print(f"engine reply time: p50 {percentile(engine, 50):.3f} s, p95 {percentile(engine, 95):.3f} s, "
-                  f"mean {statistics.mean(engine):.3f} s")
-        return 1 if errors or mismatches else 0
+        bot = load_bot(bot_args, gen, mmi)
+        summary = {}
+        for mode in modes:
+            batched = mode == "batched"
+            concurrency = args.concurrency if batched else args.alone_concurrency
+            demo = webapp.build_app(bot, concurrency=concurrency, max_queue=max(64, args.clients * 2),
+                                    max_batch=args.max_batch if batched else 1,
+                                    batch_window_ms=args.batch_window_ms)
+            url = webapp.launch_in_background(demo)
+            print(f"\n## {mode}: serving {bot.forward_dir} (+ {bot.backward_dir}) at {url}; concurrency "
+                  f"{concurrency}, max_batch {args.max_batch if batched else 1}"
+                  + (f", window {args.batch_window_ms:g} ms" if batched else "")
+                  + f"; num_candidates {bot.generation.num_candidates}, max_length {bot.generation.max_length}; "
+                  f"threads: {bot.thread_policy.describe()}, "
+                  f"cpus {os.cpu_count()}", flush=True)
+            try:
+                summary[mode] = run_load(url, args, utterances)
+                batcher = getattr(demo, "reply_batcher", None)
+                if batcher is not None and batcher.batches:
+                    print(f"batches: {batcher.batches}, mean {batcher.requests / batcher.batches:.2f} replies "
+                          f"per batch")
+            finally:
+                if getattr(demo, "reply_batcher", None) is not None:
+                    demo.reply_batcher.close()
+                demo.close()
+        if len(summary) > 1:
+            print("\n| mode | replies/s | e2e p50 s | e2e p95 s | errors | crossed histories |\n|---|---|---|---|---|---|")
+            for mode, r in summary.items():
+                print(f"| {mode} | {r['rate']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['errors']} | "
+                      f"{r['crossed']} |")
+        return 1 if any(r["failed"] for r in summary.values()) else 0
 
     return run_main(body)
 

@@ -46,9 +46,14 @@ class WebArguments:
     transcript: str | None = field(default=None, metadata=field_help(
         "append every turn (session id, message, reply, candidates) as JSON lines to this file; "
         "without it nothing is written to disk"))
-    concurrency: int = field(default=4, metadata=field_help(
-        "replies computed at once; more requests wait in the queue (on 2 cores 4 gave more replies/s than "
-        "1 or 2: the decoding loop is partly Python, so replies overlap; see docs/web.md)"))
+    concurrency: int = field(default=16, metadata=field_help(
+        "reply requests handled at once (waiting for or computing a batch); more wait in Gradio's queue"))
+    max_batch: int = field(default=8, metadata=field_help(
+        "replies of different users computed together in one sampling and one MMI batch; 1 = no "
+        "cross-user batching (each reply computed on its own, up to --concurrency at once; docs/web.md)"))
+    batch_window_ms: float = field(default=5.0, metadata=field_help(
+        "an idle server waits this long after a request for others to share its batch (0: never waits; "
+        "requests that arrive while a batch runs always form the next one)"))
     max_queue: int = field(default=64, metadata=field_help(
         "requests allowed to wait; beyond that new requests are refused with 'queue full'"))
     max_input_chars: int = field(default=150, metadata=field_help(
@@ -66,7 +71,7 @@ class WebArguments:
 
     def __post_init__(self) -> None:
         for name, lo, hi in (("port", 0, 65535), ("concurrency", 1, 256), ("max_queue", 1, 100_000),
-                             ("max_input_chars", 1, 100_000)):
+                             ("max_input_chars", 1, 100_000), ("max_batch", 1, 256), ("batch_window_ms", 0, 1000)):
             if not lo <= getattr(self, name) <= hi:
                 raise UserError(f"must be in [{lo}, {hi}], got {getattr(self, name)}", field=name)
         if self.transcript:  # found at start, not at the first turn
@@ -162,7 +167,8 @@ def status_markdown(reply, notices: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------------------------ the app
 
 def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
-              transcript: str | Path | None = None, *, concurrency: int = 4, max_queue: int = 64,
+              transcript: str | Path | None = None, *, concurrency: int = 16, max_queue: int = 64,
+              max_batch: int = 8, batch_window_ms: float = 5.0,
               max_input_chars: int = 150, seed: int | None = None, feedback: str | Path | None = None,
               arena_pairs: str | Path | None = None, arena_verdicts: str | Path | None = None) -> gr.Blocks:
     """The Gradio page over `bot` (a `dialogpt_zh.engine.ChatBot`).
@@ -172,6 +178,7 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
     is written). `seed`: a fixed seed for every reply (None: the engine draws one per reply).
     `feedback`: a JSONL file for people's judgements (picks, better replies; None: not saved).
     `arena_pairs` + `arena_verdicts`: add the blind-arena tab (dialogpt_zh.web_judging).
+    `max_batch` > 1: replies of different users share batches (`dialogpt_zh.batcher`); 1: each on its own.
     """
     from dialogpt_zh import web_judging
 
@@ -181,6 +188,11 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
     writer = TranscriptWriter(transcript) if transcript else None
     bot_notices = list(getattr(bot, "notices", []) or [])
     clears = ClearCounter()
+    replier = bot  # what computes a reply: the bot itself, or a batcher sharing its batches between users
+    if max_batch > 1 and hasattr(bot, "reply_many"):
+        from dialogpt_zh.batcher import ReplyBatcher
+
+        replier = ReplyBatcher(bot, window_s=batch_window_ms / 1000, max_requests=max_batch)
 
     # Explicit parameters (not *values) so that the API page and gradio_client show the settings' names.
     def reply_fn(message: str, history: list[str] | None, request: gr.Request, num_candidates: float,
@@ -206,7 +218,7 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
             gen, mm = apply_overrides(generation, mmi, overrides)
             # MMI weight 0 means "no MMI": skip the backward pass instead of computing a score weighted by 0.
             mm = apply_overrides(gen, mm, {"use_mmi": mm.use_mmi and mm.backward_weight > 0})[1]
-            reply = bot.reply(history + [message], seed=seed, generation=gen, mmi=mm)
+            reply = replier.reply(history + [message], seed=seed, generation=gen, mmi=mm)
         except Exception as e:  # any failure becomes a message on the page, never a dead page
             # the details go to the server log; a remote user sees only what is meant for users
             log.exception("reply failed (session %s)", session)
@@ -297,6 +309,7 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     demo.transcript_writer = writer  # so callers can close it
     demo.feedback_writer = feedback_writer
+    demo.reply_batcher = replier if replier is not bot else None
     return demo
 
 
@@ -352,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n in getattr(bot, "notices", []) or []:
             log.warning("note: %s", n)
         demo = build_app(bot, transcript=args.transcript, concurrency=args.concurrency,
-                         max_queue=args.max_queue, max_input_chars=args.max_input_chars, seed=args.seed,
+                         max_queue=args.max_queue, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_input_chars=args.max_input_chars, seed=args.seed,
                          feedback=args.feedback, arena_pairs=args.arena_pairs, arena_verdicts=args.arena_verdicts)
         if args.transcript:
             log.info("transcript: appending every turn to %s", args.transcript)

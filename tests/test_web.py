@@ -237,3 +237,35 @@ def test_hostile_flags_are_refused_up_front(flags, field, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and field in err and "Traceback" not in err
+
+
+def test_concurrent_users_share_batches_and_keep_their_own_chats(bot):
+    """Replies requested together are computed in one batch (a long batching window makes sure) and each
+    client gets the reply the bot gives its own history alone, with the page's fixed seed."""
+    demo = webapp.build_app(bot, seed=7, max_batch=8, batch_window_ms=400)
+    url = webapp.launch_in_background(demo)
+    openers = ["你好", "今天好冷啊", "晚饭吃什么", "周末去哪玩"]
+    chats: dict[int, list] = {}
+    start = threading.Barrier(len(openers))
+
+    def run(i: int) -> None:
+        c = client(url)
+        start.wait()
+        c.predict(openers[i], api_name="/chat")
+        chats[i] = c.predict("真的吗", api_name="/chat")[1]
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(openers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert demo.reply_batcher.batches < demo.reply_batcher.requests == 2 * len(openers)
+    finally:
+        demo.reply_batcher.close()
+        demo.close()
+    for i, opener in enumerate(openers):
+        assert texts(chats[i], "user") == [opener, "真的吗"]
+        first = bot.reply([opener], seed=7)
+        second = bot.reply([opener, first.text, "真的吗"], seed=7)
+        assert texts(chats[i], "assistant") == [first.text, second.text]

@@ -1,0 +1,98 @@
+"""Cross-user batching: replies asked for at the same time share batches and stay each caller's own."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from dialogpt_zh.batcher import ReplyBatcher
+from dialogpt_zh.engine import ChatBot
+from dialogpt_zh.errors import UserError
+
+REQUESTS = [(["你好"], dict(seed=1)), (["你好呀，在干嘛", "在看电影呢"], dict(seed=2, num_candidates=3)),
+            (["今天好冷啊"], dict(seed=3, temperature=0.7, use_mmi=False)), (["晚饭吃什么"], dict(seed=4, top_k=3)),
+            (["你好"], dict(seed=5))]
+
+
+@pytest.fixture(scope="module")
+def bot(trained_bot_dir) -> ChatBot:
+    return ChatBot.from_pretrained(trained_bot_dir)
+
+
+def call_together(batcher: ReplyBatcher, requests) -> list:
+    """Every request from its own thread, released at once; results (or exceptions) in request order."""
+    out: list = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def run(i: int, history, kw) -> None:
+        start.wait()
+        try:
+            out[i] = batcher.reply(history, **kw)
+        except Exception as e:  # noqa: BLE001 - returned for the test to check
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, h, kw)) for i, (h, kw) in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def key(reply):
+    return reply.text, [(c.text, c.rank, round(c.forward_logprob, 3)) for c in reply.candidates], reply.seed
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_replies(bot):
+    batcher = ReplyBatcher(bot, window_s=0.5, max_requests=8)
+    try:
+        got = call_together(batcher, REQUESTS)
+    finally:
+        batcher.close()
+    assert batcher.requests == len(REQUESTS) and batcher.batches < len(REQUESTS)  # some shared a batch
+    assert max(r.batch_size for r in got) > 1
+    for (history, kw), reply in zip(REQUESTS, got):
+        assert key(reply) == key(bot.reply(history, **kw))
+        assert reply.context[-1] == history[-1]
+
+
+def test_batches_respect_the_request_and_row_limits(bot):
+    batcher = ReplyBatcher(bot, window_s=0.5, max_requests=2, max_rows=1000)
+    try:
+        got = call_together(batcher, REQUESTS)
+    finally:
+        batcher.close()
+    assert all(r.batch_size <= 2 for r in got) and batcher.batches >= 3
+    batcher = ReplyBatcher(bot, window_s=0.5, max_requests=8, max_rows=1)  # one request per batch at most
+    try:
+        got = call_together(batcher, REQUESTS[:3])
+    finally:
+        batcher.close()
+    assert [r.batch_size for r in got] == [1, 1, 1]
+
+
+def test_bad_input_fails_alone_and_a_failed_batch_is_retried_per_request(bot, monkeypatch):
+    batcher = ReplyBatcher(bot, window_s=0.3)
+    real = bot.reply_many
+
+    def fails_in_company(jobs):  # a batch with more than one request fails; alone they work
+        if len(jobs) > 1:
+            raise RuntimeError("simulated batch failure")
+        return real(jobs)
+
+    try:
+        got = call_together(batcher, [(["你好"], dict(seed=1)), (["   "], dict(seed=2)),
+                                      (["你好"], dict(seed=1, num_candidates=0))])
+        assert not isinstance(got[0], Exception)
+        assert isinstance(got[1], UserError) and isinstance(got[2], UserError)
+        monkeypatch.setattr(bot, "reply_many", fails_in_company)
+        got = call_together(batcher, REQUESTS[:3])
+    finally:
+        batcher.close()
+    monkeypatch.undo()
+    for (history, kw), reply in zip(REQUESTS[:3], got):
+        assert key(reply) == key(bot.reply(history, **kw))  # the same draws as if the batch had not failed
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.reply(["你好"])
+    with pytest.raises(ValueError):
+        ReplyBatcher(bot, window_s=-1)
