@@ -641,12 +641,12 @@ class ChatBot:
         return _Job(gen=gen, mmi=mmi, use_backward=use_backward, context=context, texts=texts, notices=notices,
                     seed=int(seed), generator=generator, started=t0, prepared=time.perf_counter())
 
-    @_uses_thread_policy
     def reply(self, history, *, seed: int | None = None, generation: GenerationSettings | None = None,
               mmi: MMISettings | None = None, **overrides: Any) -> Reply:
         """Sample candidates for the next turn after `history` (oldest first, the user's latest last),
         rerank them, and return the best with all candidates and their scores. Settings: `generation` /
-        `mmi` objects (default: the bot's), single fields as keywords (`num_candidates=5`)."""
+        `mmi` objects (default: the bot's), single fields as keywords (`num_candidates=5`). Runs inside the
+        thread policy through `reply_many`."""
         return self.reply_many([self.prepare_reply(history, seed=seed, generation=generation, mmi=mmi,
                                                    **overrides)])[0]
 

@@ -212,8 +212,9 @@ def test_every_public_call_runs_inside_the_policy(random_bot_dir):
     bot.rerank(["你好"], ["好的", "不好"])
     bot.forward_logprobs(["你好"], ["好的"])
     bot.backward_logprobs(["你好"], ["好的"])
-    bot.reply(["你好"], num_candidates=2, max_length=4, seed=0)
-    assert len(calls) == 4 and bot.thread_policy.in_flight == 0
+    bot.reply(["你好"], num_candidates=2, max_length=4, seed=0)  # through reply_many
+    bot.reply_many([bot.prepare_reply(["你好"], seed=1), bot.prepare_reply(["在吗"], seed=2)])
+    assert len(calls) == 5 and bot.thread_policy.in_flight == 0
     import copy
 
     assert copy.deepcopy(bot).thread_policy is bot.thread_policy  # the process's cores, shared by copies
