@@ -108,7 +108,10 @@ class LeanGPT2:
         room for `capacity` more columns; and the logits (rows, V) of each row's last context position."""
         lengths = [len(c) for c in contexts]
         width, rows = max(lengths), sum(counts)
-        cache = self.new_cache(rows, width + capacity)
+        # zeros, not new_empty: the masked gap columns still enter the attention matmuls, and garbage there
+        # (NaN/inf bit patterns) would turn masked scores into NaN
+        shape = (self.n_layer, rows, self.n_head, width + capacity, self.head_dim)
+        cache = KVCache(self.wte.new_zeros(shape), self.wte.new_zeros(shape))
         logits, row = [], 0
         for ids, n in zip(contexts, counts):
             one = self.new_cache(1, len(ids))
