@@ -51,20 +51,25 @@ def parse(parser, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     With `--config FILE` the file's settings become the defaults first (the command line still wins).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # `--c x` may be another flag
-    probe.add_argument(CONFIG_FLAG, default=None)
-    known, _ = probe.parse_known_args(argv)
-    if known.config is not None:
-        _apply_config_file(parser, Path(known.config))
+    config = config_path(argv)
+    if config is not None:
+        _apply_config_file(parser, Path(config))
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:  # HfArgumentParser raises ValueError (a traceback, exit 1); argparse's error exits 2
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
     if parsed and isinstance(parsed[-1], argparse.Namespace):  # extra (non-dataclass) arguments
-        if vars(parsed[-1]).pop("config", None) is not None and known.config is None:
+        if vars(parsed[-1]).pop("config", None) is not None and config is None:
             parser.error(f"write {CONFIG_FLAG} in full (an abbreviation of it was given)")
         if not vars(parsed[-1]):
             parsed.pop()
     return tuple(parsed)
+
+
+def config_path(argv: Sequence[str]) -> str | None:
+    """The FILE of `--config FILE` in argv, else None (an input of the run: never to be written over)."""
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # `--c x` may be another flag
+    probe.add_argument(CONFIG_FLAG, default=None)
+    return probe.parse_known_args(list(argv))[0].config
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@
       -> decoders plain / mmi / greedy   (ChatBot.reply, same case seed for each)
       -> response selection R10@k, MRR   (ChatBot.rerank of the true reply + 9 replies of other sessions)
       -> metrics (dialogpt_zh.metrics) -> report.json, report.md, samples.jsonl (written when complete)
+         + report.run.json: every setting of the run, flat; `--config report.run.json` replays it
 
 A case is a reply turn of a session (every turn after the first, or only the last with --last_turn_only):
 the turns before it are the context (the engine bounds it exactly as in chat: max_history, max_context_tokens),
@@ -24,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dialogpt_zh import metrics
-from dialogpt_zh.cli import make_parser, parse, run_main
+from dialogpt_zh.cli import config_path, make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.settings import (BotArguments, GenerationSettings, MMISettings, field_help, mmi_score,
                                   ranking_weights)
@@ -41,6 +42,7 @@ EXAMPLES = """
   python -m dialogpt_zh.evaluate --data heldout.json --model runs/mybot --decoders plain,mmi,greedy \\
       --num_candidates 20 --top_p 0.9 --backward_weight 1.5 --seed 1 --output report.json
   python -m dialogpt_zh.evaluate --data heldout.json --decoders none --sweep --output sweep.json  # MMI weights
+  python -m dialogpt_zh.evaluate --config runs/eval/report.run.json --output runs/eval2/report.json  # replay
 """
 
 
@@ -48,7 +50,9 @@ EXAMPLES = """
 class EvalArgs:
     data: list[str] = field(default_factory=list, metadata=field_help(
         "held-out corpus files or directories, in any format the preprocessor reads"))
-    output: str = field(default="", metadata=field_help("report.json to write (required)"))
+    output: str = field(default="", metadata=field_help(
+        "report.json to write (required); every setting of the run is written beside it as report.run.json "
+        "(REPORT.json -> REPORT.run.json), which --config replays"))
     format: str = field(default="auto", metadata=field_help(
         "corpus format of --data (auto, chitchat, tsv, lccc-json, kdconv-json, chat-json, chat-jsonl, "
         "chatterbot-yaml, conv; also .gz or in .zip)"))
@@ -240,34 +244,69 @@ def _versions() -> dict[str, str]:
 
 
 def evaluate(args: EvalArgs, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
-             bot=None, write: bool = True, bot_args: BotArguments | None = None) -> dict[str, Any]:
+             bot=None, write: bool = True, bot_args: BotArguments | None = None,
+             config_file: str | None = None) -> dict[str, Any]:
     """Run the whole evaluation and return the report dict; with `write`, write the files named in `args`
-    (report, samples, markdown) once everything is computed (their paths are checked first).
-    `generation` / `mmi`: the settings to evaluate (default: `bot`'s own, else the defaults); `bot`: a
-    loaded ChatBot to reuse, never modified."""
+    (report, samples, markdown) and the run config beside the report (`run_config_path`) once everything
+    is computed (their paths are checked first). `generation` / `mmi`: the settings to evaluate (default:
+    `bot`'s own, else the defaults); `bot`: a loaded ChatBot to reuse, never modified; `config_file`: the
+    --config file the settings came from (an input: never written over)."""
     if write:
-        check_outputs(args)
+        check_outputs(args, config_file)
+    generation, mmi = evaluated_settings(generation, mmi, bot)
     report, samples = run_evaluation(args, generation, mmi, bot, bot_args)
     if write:
-        write_outputs(report, samples, args)
+        bot_args = bot_args or (bot_arguments_of(bot) if bot is not None else BotArguments())
+        write_outputs(report, samples, args, run_config(bot_args, args, generation, mmi))
     return report
 
 
-def check_outputs(args: EvalArgs) -> None:
-    """Every output is writable, distinct, and not one of the inputs: found before the evaluation runs."""
+def run_config_path(output: str | Path) -> Path:
+    """Where the run config of the report `output` goes: report.json -> report.run.json (else NAME.run.json)."""
+    output = Path(output)
+    return output.with_name((output.stem if output.suffix == ".json" else output.name) + ".run.json")
+
+
+def run_config(bot_args: BotArguments, args: EvalArgs, generation: GenerationSettings,
+               mmi: MMISettings) -> dict[str, Any]:
+    """Every setting of the run, flat, named as its flag: `--config` parses it back to the same dataclasses."""
+    return {**asdict(bot_args), **asdict(args), **asdict(generation), **asdict(mmi)}
+
+
+def bot_arguments_of(bot) -> BotArguments:
+    """The BotArguments that load this bot's models (for a caller that passed a bot, not its arguments;
+    quantization and threads are not recorded by the bot: their defaults)."""
+    backward = str(bot.backward_dir) if bot.backward_dir else None
+    return BotArguments(model=str(bot.forward_dir) if bot.forward_dir else None,
+                        backward=backward if bot.forward_dir else None, device=str(bot.device))
+
+
+def evaluated_settings(generation: GenerationSettings | None, mmi: MMISettings | None,
+                       bot=None) -> tuple[GenerationSettings, MMISettings]:
+    """The caller's settings, else the given bot's own, else the defaults (the bot itself is never changed)."""
+    generation = generation if generation is not None else bot.generation if bot is not None else GenerationSettings()
+    mmi = mmi if mmi is not None else bot.mmi_settings if bot is not None else MMISettings()
+    return generation, mmi
+
+
+def check_outputs(args: EvalArgs, config_file: str | None = None) -> None:
+    """Every output (the run config beside the report included) is writable, distinct, and not one of the
+    inputs (--data, the --config file): found before the evaluation runs."""
     from dialogpt_zh.fsutil import check_output_file
 
     if not args.output:
         raise UserError("give the report path (--output report.json)", field="output")
+    inputs = [*args.data, *([config_file] if config_file else [])]
     seen: dict[Path, str] = {}
-    for name in ("output", "samples", "markdown"):
-        path = getattr(args, name)
+    outputs = [(f"--{name}", name, getattr(args, name)) for name in ("output", "samples", "markdown")]
+    outputs.append(("the run config of --output", "output", run_config_path(args.output)))
+    for label, name, path in outputs:
         if not path:
             continue
-        resolved = check_output_file(path, field=name, inputs=args.data).resolve()
+        resolved = check_output_file(path, field=name, inputs=inputs).resolve()
         if resolved in seen:
-            raise UserError(f"the same file as --{seen[resolved]}", path=path, field=name)
-        seen[resolved] = name
+            raise UserError(f"the same file as {seen[resolved]}", path=path, field=name)
+        seen[resolved] = label
 
 
 # Per decoder: the settings it changes for its calls (the rest are the evaluated settings).
@@ -412,9 +451,7 @@ def run_evaluation(args: EvalArgs, generation: GenerationSettings | None = None,
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    # the caller's settings, else the given bot's own, else the defaults; the bot itself is never changed
-    generation = generation if generation is not None else bot.generation if bot is not None else GenerationSettings()
-    mmi = mmi if mmi is not None else bot.mmi_settings if bot is not None else MMISettings()
+    generation, mmi = evaluated_settings(generation, mmi, bot)
     decoders = parse_decoders(args.decoders)
     if args.limit < 0:
         raise UserError(f"must be >= 0, got {args.limit}", field="limit")
@@ -539,12 +576,16 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(report: dict[str, Any], samples: Sequence[dict[str, Any]], args: EvalArgs) -> None:
-    """Write samples, markdown and the report: all to temp files first, then renamed into place together,
-    so an interrupted run leaves the previous outputs as they were and no temp files."""
+def write_outputs(report: dict[str, Any], samples: Sequence[dict[str, Any]], args: EvalArgs,
+                  config: dict[str, Any] | None = None) -> None:
+    """Write samples, markdown, the run `config` (beside the report) and the report: all to temp files
+    first, then renamed into place together, so an interrupted run leaves the previous outputs as they were
+    and no temp files."""
     from dialogpt_zh.fsutil import atomic_write_many
 
     files = {args.output: json.dumps(report, ensure_ascii=False, indent=2) + "\n"}
+    if config is not None:
+        files[run_config_path(args.output)] = json.dumps(config, ensure_ascii=False, indent=2) + "\n"
     if args.samples:
         files[args.samples] = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
     if args.markdown:
@@ -565,9 +606,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(a == "--candidates" or a.startswith("--candidates=") for a in argv or sys.argv[1:]):
             raise UserError("--candidates is now --num_candidates (one name in every tool)", field="candidates")
         bot_args, args, generation, mmi = parse(build_parser(), argv)
-        report = evaluate(args, generation, mmi, bot_args=bot_args)
+        config_file = config_path(sys.argv[1:] if argv is None else argv)
+        report = evaluate(args, generation, mmi, bot_args=bot_args, config_file=config_file)
         print(markdown_report(report))
-        print(f"wrote {args.output}" + (f", {args.markdown}" if args.markdown else "")
+        print(f"wrote {args.output}, {run_config_path(args.output)}" + (f", {args.markdown}" if args.markdown else "")
               + (f", {args.samples}" if args.samples else ""), file=sys.stderr)
         return 0
 

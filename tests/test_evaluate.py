@@ -223,6 +223,71 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, bot_dir):
     assert "output" in _fails(tmp_path, capsys, HELDOUT, "--model", str(bot_dir), "--output", "")
 
 
+def test_run_config_replays_to_the_same_settings(tmp_path, bot_dir):
+    """report.run.json holds every setting of every dataclass of the parser; --config parses it back exactly."""
+    from dataclasses import fields
+
+    from dialogpt_zh.cli import parse
+
+    extra = ["--limit", "2", "--last_turn_only", "--decoders", "plain", "--seed", "3", "--top_p", "0.9",
+             "--backward_weight", "1.5", "--normalize", "sum", "--no_selection", "--split", "valid"]
+    code, out = run_cli(tmp_path, bot_dir, *extra)
+    assert code == 0
+    run_file = tmp_path / "report.run.json"
+    assert run_file == E.run_config_path(out)
+    saved = json.loads(run_file.read_text(encoding="utf-8"))
+    argv = ["--data", str(HELDOUT), "--model", str(bot_dir), "--output", str(out),
+            "--samples", str(tmp_path / "report.jsonl"), "--markdown", str(tmp_path / "report.md"), *FAST, *extra]
+    given = parse(E.build_parser(), argv)
+    assert [type(x).__name__ for x in given] == ["BotArguments", "EvalArgs", "GenerationSettings", "MMISettings"]
+    assert set(saved) == {f.name for x in given for f in fields(x)}           # flat, every setting, no extras
+    replayed = parse(E.build_parser(), ["--config", str(run_file)])
+    for want, got in zip(given, replayed):
+        for f in fields(want):
+            assert getattr(got, f.name) == getattr(want, f.name), f.name
+        assert got == want
+    assert replayed[2].top_p == 0.9 and replayed[3].normalize == "sum" and replayed[1].selection is False
+    assert replayed[1].data == [str(HELDOUT)] and replayed[0].threads == 1
+    # the report's own settings block is unchanged in shape
+    assert json.loads(out.read_text(encoding="utf-8"))["settings"]["eval"]["seed"] == 3
+
+
+def test_run_config_flags_override_the_file(tmp_path):
+    from dialogpt_zh.cli import parse
+    from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings
+
+    run_file = tmp_path / "r.run.json"
+    args = E.EvalArgs(data=[str(HELDOUT)], output=str(tmp_path / "r.json"), limit=4, seed=7)
+    config = E.run_config(BotArguments(model="m", threads=2), args, GenerationSettings(top_k=5, max_length=9),
+                          MMISettings(use_mmi=False, length_weight=0.25))
+    run_file.write_text(json.dumps(config), encoding="utf-8")
+    bot, ev, gen, mmi = parse(E.build_parser(), ["--config", str(run_file), "--seed", "8", "--top_k", "2",
+                                                 "--use_mmi", "--output", str(tmp_path / "r2.json")])
+    assert (ev.seed, gen.top_k, mmi.use_mmi, ev.output) == (8, 2, True, str(tmp_path / "r2.json"))  # flags win
+    assert (ev.limit, gen.max_length, mmi.length_weight, bot.model, bot.threads) == (4, 9, 0.25, "m", 2)  # file
+
+
+def test_run_config_is_checked_before_the_work(tmp_path, capsys):
+    """The run file beside the report is checked like the other outputs: not a directory, not an input."""
+    out = tmp_path / "r.json"
+    base = ["--data", str(HELDOUT), "--output", str(out), "--model", str(tmp_path / "no_model_here"),
+            "--no_progress"]
+    (tmp_path / "r.run.json").mkdir()
+    assert E.main(base) == 2
+    err = capsys.readouterr().err
+    assert "r.run.json" in err and "is a directory" in err and not out.exists()
+    (tmp_path / "r.run.json").rmdir()
+    # replaying a run into the same report would write over the --config file read: refused, file untouched
+    config = tmp_path / "r.run.json"
+    config.write_text(json.dumps({"seed": 1}), encoding="utf-8")
+    assert E.main(["--config", str(config), *base]) == 2
+    err = capsys.readouterr().err
+    assert "would write over or inside the input" in err and "r.run.json" in err
+    assert config.read_text(encoding="utf-8") == json.dumps({"seed": 1}) and not out.exists()
+    assert E.run_config_path("a/report") == Path("a/report.run.json")
+    assert E.run_config_path("a/r.v2.json") == Path("a/r.v2.run.json")
+
+
 def test_help_lists_engine_flags(capsys):
     with pytest.raises(SystemExit) as e:
         E.main(["--help"])
