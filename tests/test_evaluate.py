@@ -338,6 +338,9 @@ def test_evaluate_keeps_the_callers_bot_settings(bot_dir, tmp_path):
     report = E.evaluate(args, bot=bot)
     assert (bot.generation, bot.mmi_settings) == before                   # not replaced
     assert report["settings"]["generation"]["num_candidates"] == 3        # the bot's settings were evaluated
+    run = json.loads((tmp_path / "r.run.json").read_text(encoding="utf-8"))  # and recorded, with its models
+    assert (run["num_candidates"], run["max_length"], run["decoders"]) == (3, 5, "mmi")
+    assert (run["model"], run["backward"]) == (str(bot.forward_dir), str(bot.backward_dir))
     other = E.evaluate(args, GenerationSettings(num_candidates=2, max_length=4), bot=bot, write=False)
     assert other["settings"]["generation"]["num_candidates"] == 2 and bot.generation == before[0]
 
