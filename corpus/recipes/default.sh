@@ -6,10 +6,16 @@
 #
 # What it does, exactly:
 #   1. the store: `preprocess --config corpus/recipes/default_store.json` (the store config the committed
-#      models were trained on; its inputs re-rooted at CORPUS_DIR, default ../shared/corpus);
-#   2. both models: `train --config checkpoints/default/$direction/dialogpt_zh.json` (the committed card's
-#      full training config), only --data/--output (and --device when DEVICE is given) replaced;
-#   3. the README's held-out evaluation.
+#      models were trained on: lccc-sample + lccc-base + gpt2-chitchat-50w + KdConv + ChatterBot, held-out
+#      source splits left out; its inputs re-rooted at CORPUS_DIR, default ../shared/corpus);
+#   2. stage 1, both models: `train --config corpus/recipes/default_stage1_$direction.json` (500 steps of
+#      8,192 tokens, lr 5e-4, dropout 0.1);
+#   3. stage 2, both models: `train --config checkpoints/default/$direction/dialogpt_zh.json --init STAGE1`
+#      (the committed card's config: 1,100 more steps of 4,096 tokens, lr 1e-3 warm restart, dropout 0);
+#      only --data/--output/--init (and --device when DEVICE is given) replaced;
+#   4. the README's held-out evaluation.
+# Time on 2 CPU cores (1 thread per run, both directions side by side): ~70 min for stage 1 and ~60 min for
+# stage 2 (~1,000-1,200 tokens/s per run); on one GPU a few minutes.
 # The replay gives the same settings and the same LR schedule (tests/test_train.py checks the cards).
 # A CPU rebuild of a CPU-trained card with the same torch version repeats the run; on other hardware or
 # precision the weights come out close but not bit-identical. A card of a run that was stopped early by a
@@ -30,13 +36,15 @@ mapfile -t INPUTS < <($PY -c 'import json, sys; print("\n".join(json.load(open(s
 INPUTS=("${INPUTS[@]/#..\/shared\/corpus/$CORPUS}")
 $PY -m dialogpt_zh.preprocess --config "$HERE/default_store.json" --output "$OUT/store" "${INPUTS[@]}"
 
-# 2. forward and backward models: each committed card's config (the backward one reads the windows reversed)
+# 2.-3. forward and backward models, two stages each (the backward one reads the windows reversed)
 for direction in forward backward; do
-  $PY -m dialogpt_zh.train --config "checkpoints/default/$direction/dialogpt_zh.json" \
+  $PY -m dialogpt_zh.train --config "$HERE/default_stage1_$direction.json" \
+      --data "$OUT/store" --output "$OUT/stage1/$direction" "${DEVICE_FLAG[@]}" "${SMOKE[@]}"
+  $PY -m dialogpt_zh.train --config "checkpoints/default/$direction/dialogpt_zh.json" --init "$OUT/stage1/$direction" \
       --data "$OUT/store" --output "$OUT/bot/$direction" "${DEVICE_FLAG[@]}" "${SMOKE[@]}"
 done
 
-# 3. held-out evaluation (the README's table)
+# 4. held-out evaluation (the README's table)
 $PY -m dialogpt_zh.evaluate --data "$CORPUS/lccc-sample/toy_data.json" --split valid --model "$OUT/bot" \
     --decoders plain,mmi,greedy --sweep --seed 0 --limit $EVAL_LIMIT "${DEVICE_FLAG[@]}" \
     --output "$OUT/heldout_lccc.json" --markdown "$OUT/heldout_lccc.md" --samples "$OUT/heldout_lccc.jsonl"
