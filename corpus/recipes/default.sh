@@ -15,7 +15,8 @@
 #      only --data/--output/--init (and --device when DEVICE is given) replaced;
 #   4. the README's held-out evaluation.
 # Time on 2 CPU cores (1 thread per run, both directions side by side): ~70 min for stage 1 and ~60 min for
-# stage 2 (~1,000-1,200 tokens/s per run); on one GPU a few minutes.
+# stage 2 (~1,000-1,200 tokens/s per run); not measured on a GPU (an estimate from the previous sweep's
+# H100 throughput: about a minute per direction).
 # The replay gives the same settings and the same LR schedule (tests/test_train.py checks the cards).
 # A CPU rebuild of a CPU-trained card with the same torch version repeats the run; on other hardware or
 # precision the weights come out close but not bit-identical. A card of a run that was stopped early by a
