@@ -660,8 +660,10 @@ class ChatBot:
             return []
         t1 = time.perf_counter()
         samples = self._generate(jobs)
+        # this call's notices (a job may be run again, e.g. alone after a failed batch: notices not doubled)
+        notices = [list(job.notices) for job in jobs]
         per_job: list[list[Candidate]] = []
-        for job, job_samples in zip(jobs, samples):
+        for job, job_samples, job_notices in zip(jobs, samples, notices):
             by_text: dict[str, Candidate] = {}
             n_ctx = sum(len(u) + 1 for u in job.context)
             for ids, fwd in job_samples:
@@ -676,8 +678,8 @@ class ChatBot:
                 words = self._blocklist(job.mmi.blocklist)
                 kept = [c for c in candidates if not any(w in c.text for w in words)]
                 if len(kept) < len(candidates):
-                    job.notices.append(f"blocklist removed {len(candidates) - len(kept)} of {len(candidates)} "
-                                       f"candidates")
+                    job_notices.append(f"blocklist removed {len(candidates) - len(kept)} of {len(candidates)} "
+                                       "candidates")
                 candidates = kept
             per_job.append(candidates)
         t2 = time.perf_counter()
@@ -688,18 +690,18 @@ class ChatBot:
                     [(job.context, c.token_ids) for job, c in scored])):
                 c.backward_logprob = bwd
         replies = []
-        for job, candidates in zip(jobs, per_job):
+        for job, candidates, job_notices in zip(jobs, per_job, notices):
             ranked = self._rank(candidates, job.mmi, job.use_backward)
             if not ranked:
-                job.notices.append("no reply: every candidate contained a blocklisted word")
+                job_notices.append("no reply: every candidate contained a blocklisted word")
             replies.append(ranked)
         t3 = time.perf_counter()
         return [Reply(text=ranked[0].text if ranked else "", candidates=ranked, latency_s=t3 - job.started,
                       timings={"encode": job.prepared - job.started, "wait": t1 - job.prepared,
                                "generate": t2 - t1, "score": t3 - t2},
-                      mmi=job.use_backward, notices=job.notices, seed=job.seed, context=job.texts,
+                      mmi=job.use_backward, notices=job_notices, seed=job.seed, context=job.texts,
                       batch_size=len(jobs))
-                for job, ranked in zip(jobs, replies)]
+                for job, ranked, job_notices in zip(jobs, replies, notices)]
 
     @_uses_thread_policy
     def rerank(self, history, candidates: Sequence[str], *, generation: GenerationSettings | None = None,

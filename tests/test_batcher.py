@@ -91,7 +91,9 @@ def test_bad_input_fails_alone_and_a_failed_batch_is_retried_per_request(bot, mo
         batcher.close()
     monkeypatch.undo()
     for (history, kw), reply in zip(REQUESTS[:3], got):
-        assert key(reply) == key(bot.reply(history, **kw))  # the same draws as if the batch had not failed
+        alone = bot.reply(history, **kw)
+        assert key(reply) == key(alone)  # the same draws as if the batch had not failed
+        assert reply.notices == alone.notices  # the failed attempt left nothing behind
     with pytest.raises(RuntimeError, match="closed"):
         batcher.reply(["你好"])
     with pytest.raises(ValueError):
