@@ -10,9 +10,11 @@ engine's own reply time (from the page's status line). Figures are printed, neve
   python benchmarks/web_load.py --modes batched --max_batch 4 --batch_window_ms 2
   python benchmarks/web_load.py --model runs/bot --clients 20 --turns 10 --modes alone --alone_concurrency 2
   python benchmarks/web_load.py --url http://127.0.0.1:7860/  # against an app that is already running
+  python benchmarks/web_load.py --no_app_process --modes batched  # app and clients in one process
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import statistics
@@ -49,6 +51,10 @@ class LoadArguments:
     batch_window_ms: float = field(default=5.0, metadata=field_help("webapp --batch_window_ms in the batched mode"))
     alone_concurrency: int = field(default=4, metadata=field_help(
         "webapp --concurrency in the alone mode (4 was the best on 2 cores before batching)"))
+    app_process: bool = field(default=True, metadata=field_help(
+        "serve the app from its own process (`python -m dialogpt_zh.webapp`), as it is deployed; "
+        "--no_app_process serves it from this one, where the 20 clients' Python competes with the server "
+        "for one interpreter lock (the figures before this option existed)"))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -133,6 +139,69 @@ def run_load(url: str, args: LoadArguments, utterances: list[str]) -> dict:
                 failed=bool(errors or mismatches))
 
 
+def print_summary(summary: dict[str, dict]) -> int:
+    """The modes side by side; exit status 1 when any had errors or crossed histories."""
+    if len(summary) > 1:
+        print("\n| mode | replies/s | e2e p50 s | e2e p95 s | errors | crossed histories |\n|---|---|---|---|---|---|")
+        for mode, r in summary.items():
+            print(f"| {mode} | {r['rate']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['errors']} | {r['crossed']} |")
+    return 1 if any(r["failed"] for r in summary.values()) else 0
+
+
+def changed_settings(*settings) -> list[str]:
+    """Command-line flags for the fields of these settings dataclasses that differ from their defaults."""
+    import dataclasses
+
+    argv = []
+    for obj in settings:
+        for f in dataclasses.fields(obj):
+            value, default = getattr(obj, f.name), getattr(type(obj)(), f.name)
+            if value != default:
+                argv += [f"--{f.name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+@contextlib.contextmanager
+def app_process(bot_args: BotArguments, gen, mmi, concurrency: int, max_queue: int, max_batch: int,
+                batch_window_ms: float, timeout_s: float = 300.0):
+    """`python -m dialogpt_zh.webapp` in its own process on a free port; yields its URL, stops it after."""
+    import subprocess
+    import urllib.request
+
+    from dialogpt_zh.webapp import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "dialogpt_zh.webapp", "--port", str(port), "--concurrency", str(concurrency),
+           "--max_queue", str(max_queue), "--max_batch", str(max_batch), "--batch_window_ms", str(batch_window_ms),
+           *changed_settings(bot_args, gen, mmi)]
+    print("app:", " ".join(cmd), flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise UserError(f"the app exited with {proc.returncode} before serving: "
+                                f"{proc.stderr.read()[-2000:]}", field="app_process")
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise UserError(f"the app did not answer at {url} within {timeout_s:.0f} s",
+                                    field="app_process") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def main(argv=None) -> int:
     def body() -> int:
         import logging
@@ -155,8 +224,19 @@ def main(argv=None) -> int:
             raise UserError(f"unknown mode(s) {unknown}; use batched and/or alone", field="modes")
         from dialogpt_zh import webapp
 
-        bot = load_bot(bot_args, gen, mmi)
         summary = {}
+        if args.app_process:
+            for mode in modes:
+                batched = mode == "batched"
+                concurrency = args.concurrency if batched else args.alone_concurrency
+                print(f"\n## {mode}: app in its own process; concurrency {concurrency}, max_batch "
+                      f"{args.max_batch if batched else 1}" + (f", window {args.batch_window_ms:g} ms" if batched else "")
+                      + f"; cpus {os.cpu_count()}", flush=True)
+                with app_process(bot_args, gen, mmi, concurrency, max(64, args.clients * 2),
+                                 args.max_batch if batched else 1, args.batch_window_ms) as url:
+                    summary[mode] = run_load(url, args, utterances)
+            return print_summary(summary)
+        bot = load_bot(bot_args, gen, mmi)
         for mode in modes:
             batched = mode == "batched"
             concurrency = args.concurrency if batched else args.alone_concurrency
@@ -180,12 +260,7 @@ def main(argv=None) -> int:
                 if getattr(demo, "reply_batcher", None) is not None:
                     demo.reply_batcher.close()
                 demo.close()
-        if len(summary) > 1:
-            print("\n| mode | replies/s | e2e p50 s | e2e p95 s | errors | crossed histories |\n|---|---|---|---|---|---|")
-            for mode, r in summary.items():
-                print(f"| {mode} | {r['rate']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['errors']} | "
-                      f"{r['crossed']} |")
-        return 1 if any(r["failed"] for r in summary.values()) else 0
+        return print_summary(summary)
 
     return run_main(body)
 

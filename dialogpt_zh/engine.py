@@ -248,6 +248,14 @@ def _uses_thread_policy(method):
     return wrapper
 
 
+def backward_context(context: list[list[int]], mmi: MMISettings) -> list[list[int]]:
+    """The context turns the backward model scores: the `backward_context_turns` most recent (0 = all).
+    It reads them newest first after the reply, so a cut drops the tail of its sequence: the kept turns'
+    log-probs are the same as with the whole context (causal), only cheaper."""
+    k = mmi.backward_context_turns
+    return context[-k:] if k and len(context) > k else context
+
+
 def _sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> list[float]:
     out = torch.zeros(n_rows, dtype=torch.float64)
     out.index_add_(0, rows.cpu(), values.double().cpu())
@@ -665,7 +673,7 @@ class ChatBot:
         per_job: list[list[Candidate]] = []
         for job, job_samples, job_notices in zip(jobs, samples, notices):
             by_text: dict[str, Candidate] = {}
-            n_ctx = sum(len(u) + 1 for u in job.context)
+            n_ctx = sum(len(u) + 1 for u in backward_context(job.context, job.mmi))
             for ids, fwd in job_samples:
                 text = decode(self.tokenizer, ids)
                 if text in by_text:
@@ -687,7 +695,7 @@ class ChatBot:
         scored = [(job, c) for job, cands in zip(jobs, per_job) if job.use_backward for c in cands]
         if scored:
             for (job, c), (bwd, _) in zip(scored, self._backward_scores_pairs(
-                    [(job.context, c.token_ids) for job, c in scored])):
+                    [(backward_context(job.context, job.mmi), c.token_ids) for job, c in scored])):
                 c.backward_logprob = bwd
         replies = []
         for job, candidates, job_notices in zip(jobs, per_job, notices):
@@ -714,8 +722,9 @@ class ChatBot:
         context, _ = self.prepare_context(history, gen, max(len(r) for r in replies), [])
         use_backward = self.mmi_active(mmi)
         fwd = self._forward_scores(context, replies)
-        bwd = self._backward_scores(context, replies) if use_backward else [(None, 0)] * len(replies)
-        n_ctx = sum(len(u) + 1 for u in context)
+        scored_context = backward_context(context, mmi)
+        bwd = self._backward_scores(scored_context, replies) if use_backward else [(None, 0)] * len(replies)
+        n_ctx = sum(len(u) + 1 for u in scored_context)
         cands = [Candidate(text=text, token_ids=ids, forward_logprob=f, backward_logprob=b, num_tokens=n,
                            num_context_tokens=n_ctx, score=0.0)
                  for text, ids, (f, n), (b, _) in zip(candidates, replies, fwd, bwd)]

@@ -91,6 +91,11 @@ class PreprocessArguments:
         "entirely, so an evaluation on those files is held out (counted as session_held_out)"))
     blocklist: str | None = field(default=None, metadata=field_help(
         "file of words (one per line): sessions containing any of them are dropped"))
+    upsample: str = field(default="", metadata=field_help(
+        "comma list of SOURCE=N (SOURCE: an input's name as in the summary table, e.g. 'kdconv=4'): that "
+        "source's train windows are written N times, so training sees it N times as often; valid/test are "
+        "never repeated. The counts per source stay those of the unique sessions; the repeats are counted "
+        "under 'upsampled'"))
     batch_sessions: int = field(default=2000, metadata=field_help("sessions tokenized per batch"))
     workers: int = field(default=0, metadata=field_help(
         "processes that clean the text (the output is the same for any number); 0 = auto: 2 for inputs of "
@@ -117,6 +122,27 @@ def validate(args: PreprocessArguments) -> None:
         raise UserError("must be at least 1", field="batch_sessions")
     if args.workers < 0:
         raise UserError("must be 0 (auto) or more", field="workers")
+    parse_upsample(args.upsample)
+
+
+def parse_upsample(text: str, sources: Sequence[str] | None = None) -> dict[str, int]:
+    """'kdconv=4,lccc-base=2' -> {'kdconv': 4, 'lccc-base': 2}; with `sources`, every name must be one."""
+    out: dict[str, int] = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, eq, times = item.rpartition("=")
+        if not eq or not name.strip() or not times.strip().isdigit() or int(times) < 1:
+            raise UserError(f"{item!r} is not SOURCE=N with N a whole number >= 1", field="upsample")
+        if name.strip() in out:
+            raise UserError(f"source {name.strip()!r} given twice", field="upsample")
+        out[name.strip()] = int(times)
+    if sources is not None:
+        unknown = sorted(set(out) - set(sources))
+        if unknown:
+            raise UserError(f"no input is named {', '.join(map(repr, unknown))} (inputs: {', '.join(sources)})",
+                            field="upsample")
+    return out
 
 
 # ---------------------------------------------------------------- windows
@@ -618,9 +644,13 @@ class WindowWriter:
     """
 
     def __init__(self, writer, encoder: UtteranceEncoder, corpus: CleanedCorpus, plan: SplitPlan,
-                 max_turns: int, max_tokens: int) -> None:
+                 max_turns: int, max_tokens: int, upsample: dict[str, int] | None = None) -> None:
         self.writer, self.encoder = writer, encoder
         self.labels, self.source, self.sources = plan.labels, corpus.source, corpus.sources
+        # times each source's train windows are written (valid/test: once)
+        self.copies = np.array([(upsample or {}).get(s, 1) for s in self.sources], dtype=np.int64)
+        self.upsampled = {s: {"copies": int(n), "windows": 0, "tokens": 0}
+                          for s, n in zip(self.sources, self.copies.tolist()) if n > 1}
         self.max_turns, self.max_tokens = max_turns, max_tokens
         self.max_utterance_tokens = max_utterance_tokens(max_tokens)
         self.unk_id = encoder.tokenizer.unk_token_id
@@ -645,12 +675,17 @@ class WindowWriter:
             in_split = split_of == code
             if not in_split.any():
                 continue
-            utt_mask = np.repeat(in_split, nturns)
-            tok_mask = np.repeat(utt_mask, lengths)
-            base = np.cumsum(np.where(in_split, nturns, 0)) - nturns  # first utterance in this split's part
-            w = in_split[sess]
-            self.writer.add_sessions(split, flat[tok_mask], lengths[utt_mask],
-                                     rows[w] + np.stack([base[sess[w]], np.zeros(int(w.sum()), np.int64)], 1))
+            self._write(split, in_split, nturns, lengths, flat, rows, sess)
+            if split == "train":
+                for extra in range(1, int(self.copies.max())):  # upsampled sources, copy by copy
+                    again = in_split & (self.copies[src_of] > extra)
+                    if again.any():
+                        self._write(split, again, nturns, lengths, flat, rows, sess)
+                        for si in np.unique(src_of[again]).tolist():
+                            m = again & (src_of == si)
+                            up = self.upsampled[self.sources[si]]
+                            up["windows"] += int(n_win[m].sum())
+                            up["tokens"] += int(tokens[m].sum())
             for si in np.unique(src_of[in_split]).tolist():
                 m = in_split & (src_of == si)
                 st = self.stats[(self.sources[si], split)]
@@ -664,6 +699,16 @@ class WindowWriter:
                 st["turns_per_session"].update(dict(zip(t.tolist(), c.tolist())))
                 t, c = np.unique(rows[m[sess], 1], return_counts=True)
                 st["turns_per_window"].update(dict(zip(t.tolist(), c.tolist())))
+
+    def _write(self, split: str, chosen: np.ndarray, nturns: np.ndarray, lengths: np.ndarray, flat: np.ndarray,
+               rows: np.ndarray, sess: np.ndarray) -> None:
+        """Append the `chosen` sessions of the batch (a mask) with their windows to `split`."""
+        utt_mask = np.repeat(chosen, nturns)
+        tok_mask = np.repeat(utt_mask, lengths)
+        base = np.cumsum(np.where(chosen, nturns, 0)) - nturns  # first utterance in this split's part
+        w = chosen[sess]
+        self.writer.add_sessions(split, flat[tok_mask], lengths[utt_mask],
+                                 rows[w] + np.stack([base[sess[w]], np.zeros(int(w.sum()), np.int64)], 1))
 
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(flat token ids, utterance lengths), long utterances cut to max_utterance_tokens (so that two
@@ -700,7 +745,8 @@ class WindowWriter:
 def write_windows(args: PreprocessArguments, corpus: CleanedCorpus, plan: SplitPlan, writer,
                   encoder: UtteranceEncoder) -> WindowWriter:
     """Pass 4: stream the kept sessions from the temp file through a WindowWriter in batches."""
-    ww = WindowWriter(writer, encoder, corpus, plan, args.max_turns, args.max_tokens)
+    ww = WindowWriter(writer, encoder, corpus, plan, args.max_turns, args.max_tokens,
+                      parse_upsample(args.upsample, corpus.sources))
     with open(corpus.path, encoding="utf-8") as tmp, \
             _progress(args.progress, desc="tokenize+write", unit=" sessions", total=plan.kept) as bar:
         batch: list[tuple[int, list[str]]] = []
@@ -752,6 +798,7 @@ def make_manifest(args: PreprocessArguments, inputs: Sequence[str | Path], scans
                    "by_source": {s: {sp: _finish_stats(ww.stats[(s, sp)]) for sp in STORE_SPLITS}
                                  for s in corpus.sources}},
         "unk_rate": {sp: _finish_stats(st)["unk_rate"] for sp, st in by_split.items()},
+        **({"upsampled": ww.upsampled} if ww.upsampled else {}),
         "cleaning": {"total": dict(sorted(total_counts.items())),
                      "by_source": {s: dict(sorted(c.items())) for s, c in corpus.counters.items()},
                      "drop_reasons": [r for r in DROP_REASONS if total_counts.get(r)]},
@@ -783,6 +830,7 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
     options = CleaningOptions(max_utterance_chars=args.max_utterance_chars, max_repeat=args.max_repeat,
                               min_turns=args.min_turns, mask_pii=args.mask_pii, blocklist=blocklist)
     scans: list[InputScan] = scan_inputs(inputs, args.format)
+    parse_upsample(args.upsample, [scan.source for scan in scans])  # a wrong name fails before the work
     given_tokenizer = load_tokenizer_for(args) if args.vocab else None
     if command is None:
         command = "python -m dialogpt_zh.preprocess " + shlex.join(args_to_argv(args, inputs))
@@ -820,6 +868,9 @@ def summary_table(manifest: dict[str, Any]) -> str:
     lines = ["  ".join(str(v).rjust(w) if i > 1 else str(v).ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    for s, up in manifest.get("upsampled", {}).items():
+        lines.append(f"upsampled: {s}'s train windows written {up['copies']} times "
+                     f"(+{up['windows']:,d} windows, +{up['tokens']:,d} tokens in train)")
     lines.append("")
     lines.append("cleaning (count by reason; see corpus/README.md):")
     for reason, count in manifest["cleaning"]["total"].items():
@@ -836,6 +887,8 @@ EXAMPLES = """
   python -m dialogpt_zh.preprocess corpus/ --output data/x --format tsv --keep-source-splits \\
       --blocklist words.txt --seed 1
   python -m dialogpt_zh.preprocess ../shared/corpus/smile/smile.jsonl.gz chats.zip --output data/chat
+  python -m dialogpt_zh.preprocess ../shared/corpus/lccc-base ../shared/corpus/kdconv --upsample kdconv=4 \
+      --holdout-source-splits valid,test --output data/kd4
 """
 
 

@@ -42,6 +42,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "forward_weight": (-1000.0, 1000.0),
     "backward_weight": (-1000.0, 1000.0),
     "length_weight": (-1000.0, 1000.0),
+    "backward_context_turns": (0, 1000),
 }
 
 # The web page's sliders: (minimum, maximum, step), each inside BOUNDS (tests/test_settings.py checks it).
@@ -107,6 +108,9 @@ class MMISettings:
     backward_weight: float = field(default=1.0, metadata=field_help(
         "weight of log P(context | reply), the MMI term (context tokens only)"))
     length_weight: float = field(default=0.0, metadata=field_help("weight per reply token (>0 favours longer replies)"))
+    backward_context_turns: int = field(default=0, metadata=field_help(
+        "context turns the backward model scores, most recent first (0 = every turn the forward model sees; "
+        "1 = only the user's latest): fewer turns make MMI cheaper"))
     normalize: Literal["mean", "sum"] = field(default="mean", metadata=field_help(
         "mean: per-token log-probs (fwd / reply tokens, bwd / context tokens); sum: summed log-probs"))
     blocklist: str | None = field(default=None, metadata=field_help(
@@ -118,6 +122,7 @@ class MMISettings:
         self.use_mmi = bool(self.use_mmi)
         for name in ("forward_weight", "backward_weight", "length_weight"):
             _check_number(self, name, "float")
+        _check_number(self, "backward_context_turns", "int")
         if self.normalize not in ("mean", "sum"):
             raise SettingsError(f"must be 'mean' or 'sum', got {self.normalize!r}", field="normalize")
         if self.blocklist is not None and not isinstance(self.blocklist, str):

@@ -146,6 +146,25 @@ def test_rerank_matches_reply_scores(bot):
         assert other.score == pytest.approx(c.score, abs=1e-4)
 
 
+def test_backward_context_turns_scores_only_the_latest_turns(bot):
+    assert len(HISTORY) >= 3
+    whole = {c.text: c for c in bot.rerank(HISTORY, REPLIES)}
+    for k in (1, 2):
+        alone = bot.backward_logprobs(HISTORY[-k:], REPLIES)  # the same sequence, cut after k turns
+        cut = {c.text: c for c in bot.rerank(HISTORY, REPLIES, backward_context_turns=k)}
+        for text, (bwd, n_ctx) in zip(REPLIES, alone):
+            assert cut[text].backward_logprob == pytest.approx(bwd, abs=1e-3)
+            assert cut[text].num_context_tokens == n_ctx < whole[text].num_context_tokens
+            assert cut[text].forward_logprob == pytest.approx(whole[text].forward_logprob, abs=1e-4)
+        r = bot.reply(HISTORY, num_candidates=4, seed=3, backward_context_turns=k)
+        for c in r.candidates:
+            assert c.num_context_tokens == n_ctx
+    big = {c.text: c for c in bot.rerank(HISTORY, REPLIES, backward_context_turns=len(HISTORY) + 5)}
+    assert all(big[t].backward_logprob == pytest.approx(whole[t].backward_logprob, abs=1e-4) for t in REPLIES)
+    with pytest.raises(UserError, match="backward_context_turns"):
+        bot.rerank(HISTORY, REPLIES, backward_context_turns=-1)
+
+
 # ---------------------------------------------------------------------------------------- ranking
 
 @pytest.mark.parametrize("normalize", ["mean", "sum"])

@@ -245,6 +245,39 @@ def test_holdout_source_splits(tmp_path, caplog):
     assert not (tmp_path / "none").exists()
 
 
+def test_upsample_repeats_one_sources_train_windows_only(tmp_path):
+    plain = run_preprocess(args(tmp_path / "plain", valid_ratio=0.2, test_ratio=0.2), INPUTS)
+    up = run_preprocess(args(tmp_path / "up", valid_ratio=0.2, test_ratio=0.2, upsample="kdconv_dev.json=3"), INPUTS)
+    kd = plain["counts"]["by_source"]["kdconv_dev.json"]["train"]
+    assert kd["windows"] > 0
+    assert up["upsampled"] == {"kdconv_dev.json": {"copies": 3, "windows": 2 * kd["windows"],
+                                              "tokens": 2 * kd["tokens"]}}
+    assert up["store_splits"]["train"]["windows"] == plain["store_splits"]["train"]["windows"] + 2 * kd["windows"]
+    for split in ("valid", "test"):  # held-out splits, the tokenizer and the per-source counts: unchanged
+        assert up["store_splits"][split] == plain["store_splits"][split]
+    assert up["counts"] == plain["counts"]
+    assert (tmp_path / "up" / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (tmp_path / "plain" / "tokenizer" / "tokenizer.json").read_bytes()
+    # every kdconv train window is in the store three times, the others once
+    a, b = stored_sessions(tmp_path / "plain")["train"], stored_sessions(tmp_path / "up")["train"]
+    extra = list(b)
+    for s in a:
+        extra.remove(s)
+    assert len(extra) == 2 * kd["windows"] and set(extra) <= set(a)
+    assert all(b.count(s) == 3 * a.count(s) for s in set(extra))
+
+
+@pytest.mark.parametrize("value, message", [("kdconv_dev.json", "SOURCE=N"), ("kdconv_dev.json=0", "SOURCE=N"),
+                                            ("nosuch=2", "no input is named 'nosuch'"),
+                                            ("kdconv_dev.json=2,kdconv_dev.json=3", "given twice")])
+def test_upsample_bad_values_are_named(tmp_path, capsys, value, message):
+    out = tmp_path / "out"
+    assert main([*map(str, INPUTS), "--output", str(out), "--upsample", value, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "upsample" in err
+    assert not out.exists()
+
+
 def test_blocklist_and_vocab_file(tmp_path):
     block = tmp_path / "block.txt"
     block.write_text("泰坦尼克\n", encoding="utf-8")
