@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
-from dialogpt_zh.engine import ChatBot, GenerationSettings  # noqa: E402
+from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings  # noqa: E402
 from dialogpt_zh.sampling import NEG_INF, top_k_filter, top_p_filter  # noqa: E402
 from dialogpt_zh.sequence import build_sequence  # noqa: E402
 from dialogpt_zh.threads import ThreadPolicy  # noqa: E402
@@ -259,7 +259,7 @@ def bench_load(name: str, bot_dir: Path, contexts, ns: list[int], args: LatencyA
     """Ours idle, then beside --background-load busy processes, for each thread setting."""
     settings = [s.strip() for s in args.thread_settings.split(",") if s.strip()]
     policies = {s: policy_for(s) for s in settings}
-    bot = ChatBot.from_pretrained(bot_dir, generation=GenerationSettings(max_length=args.max_length))
+    bot = ChatBot.from_pretrained(bot_dir, generation=GenerationSettings(max_length=args.max_length), mmi=args.mmi)
     cfg = bot.forward_model.config
     print(f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}; "
           f"{len(contexts)} contexts, max_length {args.max_length}; idle vs {args.background_load} busy "
@@ -297,7 +297,7 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
                 args: LatencyArgs) -> None:
     import copy
 
-    bot = ChatBot.from_pretrained(bot_dir, generation=GenerationSettings(max_length=args.max_length))
+    bot = ChatBot.from_pretrained(bot_dir, generation=GenerationSettings(max_length=args.max_length), mmi=args.mmi)
     bot.thread_policy = ThreadPolicy(args.threads)
     hf_bot = copy.copy(bot)
     hf_bot.use_lean_forward = False
@@ -326,7 +326,8 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
                 row += f" | {'-':>16} {'-':>7} {'-':>8}"
         print(row, flush=True)
     if args.quantize:
-        q = ChatBot.from_pretrained(bot_dir, quantize="int8", generation=GenerationSettings(max_length=args.max_length))
+        q = ChatBot.from_pretrained(bot_dir, quantize="int8", generation=GenerationSettings(max_length=args.max_length),
+                                    mmi=args.mmi)
         q.thread_policy = bot.thread_policy
         f32, _, _ = time_ours(bot, contexts, 10, args.max_length, args.seed)
         i8, _, _ = time_ours(q, contexts, 10, args.max_length, args.seed)
@@ -373,11 +374,11 @@ def perplexity(bot: ChatBot, pairs) -> float:
 
 
 def main(argv=None) -> int:
-    parser = make_parser([LatencyArgs], prog="python benchmarks/latency.py",
+    parser = make_parser([LatencyArgs, MMISettings], prog="python benchmarks/latency.py",
                          description=__doc__.split("\n\n")[0], examples=__doc__.split("\n\n")[1])
 
     def body() -> int:
-        (args,) = parse(parser, argv)
+        args, args.mmi = parse(parser, argv)  # MMI flags (e.g. --backward_context_turns) set the bot's ranking
         import tempfile
 
         from transformers.utils import logging as hf_logging

@@ -148,7 +148,7 @@ def test_rerank_matches_reply_scores(bot):
 
 def test_backward_context_turns_scores_only_the_latest_turns(bot):
     assert len(HISTORY) >= 3
-    whole = {c.text: c for c in bot.rerank(HISTORY, REPLIES)}
+    whole = {c.text: c for c in bot.rerank(HISTORY, REPLIES, backward_context_turns=0)}  # every turn
     for k in (1, 2):
         alone = bot.backward_logprobs(HISTORY[-k:], REPLIES)  # the same sequence, cut after k turns
         cut = {c.text: c for c in bot.rerank(HISTORY, REPLIES, backward_context_turns=k)}
@@ -159,6 +159,8 @@ def test_backward_context_turns_scores_only_the_latest_turns(bot):
         r = bot.reply(HISTORY, num_candidates=4, seed=3, backward_context_turns=k)
         for c in r.candidates:
             assert c.num_context_tokens == n_ctx
+    default = {c.text: c for c in bot.rerank(HISTORY, REPLIES)}  # the default: the latest turn only
+    assert all(default[t].num_context_tokens == len(encode(bot.tokenizer, HISTORY[-1])) + 1 for t in REPLIES)
     big = {c.text: c for c in bot.rerank(HISTORY, REPLIES, backward_context_turns=len(HISTORY) + 5)}
     assert all(big[t].backward_logprob == pytest.approx(whole[t].backward_logprob, abs=1e-4) for t in REPLIES)
     with pytest.raises(UserError, match="backward_context_turns"):
