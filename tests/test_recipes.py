@@ -28,6 +28,32 @@ def test_default_store_config_replays_with_the_preprocessor():
     assert rest.inputs == ["a", "b"]  # inputs on the command line win
 
 
+def test_stage3_store_config_is_the_default_store_with_kdconv_upsampled():
+    import json
+
+    from dialogpt_zh.cli import parse
+    from dialogpt_zh.preprocess import build_parser, parse_upsample
+
+    base = json.loads((RECIPES / "default_store.json").read_text(encoding="utf-8"))
+    stage3 = json.loads((RECIPES / "default_store_stage3.json").read_text(encoding="utf-8"))
+    differs = {k for k in set(base) | set(stage3) if base.get(k) != stage3.get(k)}
+    assert differs <= {"output", "overwrite", "upsample"}
+    assert parse_upsample(stage3["upsample"], [Path(p).name for p in stage3["inputs"]]) == {"kdconv": 8}
+    args, _ = parse(build_parser(), ["--config", str(RECIPES / "default_store_stage3.json"), "--output", "x"])
+    assert args.upsample == "kdconv=8"
+
+
+@pytest.mark.parametrize("config", ["default_stage1_forward.json", "default_stage1_backward.json",
+                                    "default_stage2_forward.json"])
+def test_stage_configs_replay_with_the_trainer(config):
+    from dialogpt_zh.cli import make_parser, parse
+    from dialogpt_zh.train import TrainConfig
+
+    (cfg,) = parse(make_parser([TrainConfig], "train", ""),
+                   ["--config", str(RECIPES / config), "--data", "s", "--output", "o", "--init", "i"])
+    assert cfg.direction in config and cfg.init == "i" and cfg.data == "s"
+
+
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_default_cards_replay_with_the_trainer(direction):
     from dialogpt_zh.cli import make_parser, parse

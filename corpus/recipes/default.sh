@@ -5,18 +5,22 @@
 #   bash corpus/recipes/default.sh [CORPUS_DIR] [OUT_DIR] [DEVICE]      (run from the repository root)
 #
 # What it does, exactly:
-#   1. the store: `preprocess --config corpus/recipes/default_store.json` (the store config the committed
-#      models were trained on: lccc-sample + lccc-base + gpt2-chitchat-50w + KdConv + ChatterBot, held-out
-#      source splits left out; its inputs re-rooted at CORPUS_DIR, default ../shared/corpus);
+#   1. two stores from the same inputs: `preprocess --config corpus/recipes/default_store.json` (lccc-sample +
+#      lccc-base + gpt2-chitchat-50w + KdConv + ChatterBot, held-out source splits left out; its inputs
+#      re-rooted at CORPUS_DIR, default ../shared/corpus) and the same with `--upsample kdconv=8`
+#      (`default_store_stage3.json`: KdConv's train windows written 8 times; same tokenizer, same valid/test);
 #   2. stage 1, both models: `train --config corpus/recipes/default_stage1_$direction.json` (500 steps of
 #      8,192 tokens, lr 5e-4, dropout 0.1);
-#   3. stage 2, both models: `train --config checkpoints/default/$direction/dialogpt_zh.json --init STAGE1`
-#      (the committed card's config: 1,100 more steps of 4,096 tokens, lr 1e-3 warm restart, dropout 0);
-#      only --data/--output/--init (and --device when DEVICE is given) replaced;
-#   4. the README's held-out evaluation.
-# Time on 2 CPU cores (1 thread per run, both directions side by side): ~70 min for stage 1 and ~60 min for
-# stage 2 (~1,000-1,200 tokens/s per run); not measured on a GPU (an estimate from the previous sweep's
-# H100 throughput: about a minute per direction).
+#   3. stage 2 with --init STAGE1: the backward model's committed card config, the forward model's
+#      `default_stage2_forward.json` (both: 1,100 more steps of 4,096 tokens, lr 1e-3 warm restart, dropout 0);
+#      the backward model is done here;
+#   4. stage 3, forward only, with --init STAGE2 on the upsampled store: the committed forward card's config
+#      (800 steps of 4,096 tokens, lr 5e-4);
+#      in 2-4 only --data/--output/--init (and --device when DEVICE is given) are replaced;
+#   5. the README's held-out evaluation.
+# Time on 2 CPU cores (1 thread per run, the two directions side by side): ~70 min for stage 1, ~60 min
+# for stage 2 and ~50 min for stage 3 (~1,000-1,200 tokens/s per run); not measured on a GPU (an estimate
+# from the previous sweep's H100 throughput: a few minutes per direction).
 # The replay gives the same settings and the same LR schedule (tests/test_train.py checks the cards).
 # A CPU rebuild of a CPU-trained card with the same torch version repeats the run; on other hardware or
 # precision the weights come out close but not bit-identical. A card of a run that was stopped early by a
@@ -31,21 +35,25 @@ SMOKE=(); [[ -n ${PRESET:-} ]] && SMOKE+=(--preset "$PRESET"); [[ -n ${MAX_STEPS
 EVAL_LIMIT=${EVAL_LIMIT:-0}
 DEVICE_FLAG=(); [[ -n $DEVICE ]] && DEVICE_FLAG=(--device "$DEVICE")
 
-# 1. store: the recorded inputs, re-rooted at CORPUS (held-out source splits are left out by the config)
+# 1. stores: the recorded inputs, re-rooted at CORPUS (held-out source splits are left out by the configs)
 mapfile -t INPUTS < <($PY -c 'import json, sys; print("\n".join(json.load(open(sys.argv[1]))["inputs"]))' \
     "$HERE/default_store.json")
 INPUTS=("${INPUTS[@]/#..\/shared\/corpus/$CORPUS}")
 $PY -m dialogpt_zh.preprocess --config "$HERE/default_store.json" --output "$OUT/store" "${INPUTS[@]}"
+$PY -m dialogpt_zh.preprocess --config "$HERE/default_store_stage3.json" --output "$OUT/store_kd8" "${INPUTS[@]}"
 
-# 2.-3. forward and backward models, two stages each (the backward one reads the windows reversed)
+# 2.-4. forward and backward models (the backward one reads the windows reversed)
+train() {  # config, store, output, [init]
+  $PY -m dialogpt_zh.train --config "$1" --data "$2" --output "$3" ${4:+--init "$4"} "${DEVICE_FLAG[@]}" "${SMOKE[@]}"
+}
 for direction in forward backward; do
-  $PY -m dialogpt_zh.train --config "$HERE/default_stage1_$direction.json" \
-      --data "$OUT/store" --output "$OUT/stage1/$direction" "${DEVICE_FLAG[@]}" "${SMOKE[@]}"
-  $PY -m dialogpt_zh.train --config "checkpoints/default/$direction/dialogpt_zh.json" --init "$OUT/stage1/$direction" \
-      --data "$OUT/store" --output "$OUT/bot/$direction" "${DEVICE_FLAG[@]}" "${SMOKE[@]}"
+  train "$HERE/default_stage1_$direction.json" "$OUT/store" "$OUT/stage1/$direction"
 done
+train "$HERE/default_stage2_forward.json" "$OUT/store" "$OUT/stage2/forward" "$OUT/stage1/forward"
+train checkpoints/default/backward/dialogpt_zh.json "$OUT/store" "$OUT/bot/backward" "$OUT/stage1/backward"
+train checkpoints/default/forward/dialogpt_zh.json "$OUT/store_kd8" "$OUT/bot/forward" "$OUT/stage2/forward"
 
-# 4. held-out evaluation (the README's table)
+# 5. held-out evaluation (the README's table)
 $PY -m dialogpt_zh.evaluate --data "$CORPUS/lccc-sample/toy_data.json" --split valid --model "$OUT/bot" \
     --decoders plain,mmi,greedy --sweep --seed 0 --limit $EVAL_LIMIT "${DEVICE_FLAG[@]}" \
     --output "$OUT/heldout_lccc.json" --markdown "$OUT/heldout_lccc.md" --samples "$OUT/heldout_lccc.jsonl"
