@@ -11,10 +11,12 @@ engine's own reply time (from the page's status line). Figures are printed, neve
   python benchmarks/web_load.py --model runs/bot --clients 20 --turns 10 --modes alone --alone_concurrency 2
   python benchmarks/web_load.py --url http://127.0.0.1:7860/  # against an app that is already running
   python benchmarks/web_load.py --no_app_process --modes batched  # app and clients in one process
+  python benchmarks/web_load.py --client gradio_client       # one full gradio_client.Client per user
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import statistics
@@ -51,6 +53,11 @@ class LoadArguments:
     batch_window_ms: float = field(default=5.0, metadata=field_help("webapp --batch_window_ms in the batched mode"))
     alone_concurrency: int = field(default=4, metadata=field_help(
         "webapp --concurrency in the alone mode (4 was the best on 2 cores before batching)"))
+    client: str = field(default="light", metadata=field_help(
+        "light: each simulated user is a thread speaking Gradio's queue protocol over httpx (the payload "
+        "gradio_client sends, recorded from one real gradio_client call), so the load generator costs little "
+        "CPU beside the app; gradio_client: a full gradio_client.Client per user (heavier: 20 of them use "
+        "most of a core)"))
     app_process: bool = field(default=True, metadata=field_help(
         "serve the app from its own process (`python -m dialogpt_zh.webapp`), as it is deployed; "
         "--no_app_process serves it from this one, where the 20 clients' Python competes with the server "
@@ -102,12 +109,106 @@ def run_client(url: str, index: int, turns: int, utterances: list[str], start: t
     out[index] = dict(errors=errors, mismatches=mismatches, e2e=e2e, engine=engine)
 
 
+class QueueTemplate:
+    """What one gradio_client call of /chat sends and gets, recorded once, so light clients can send the same."""
+
+    def __init__(self, url: str) -> None:
+        from gradio_client import Client
+        from gradio_client import client as client_module
+
+        seen: dict = {}
+        original = client_module.Client.send_data
+
+        def record(self_, data, hash_data, protocol, request_headers):
+            seen.setdefault("data", json.loads(json.dumps(data)))
+            return original(self_, data, hash_data, protocol, request_headers)
+
+        client_module.Client.send_data = record
+        try:
+            client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+            client.predict("你好", api_name="/chat")
+            client.close()
+        finally:
+            client_module.Client.send_data = original
+        if "data" not in seen:
+            raise UserError("could not record the /chat payload (gradio_client sent nothing)", field="client")
+        self.payload = seen["data"]
+        self.message_index = self.payload["data"].index("你好")
+
+    def body(self, message: str, session_hash: str) -> dict:
+        data = list(self.payload["data"])
+        data[self.message_index] = message
+        return {**self.payload, "data": data, "session_hash": session_hash}
+
+
+def light_predict(http, url: str, template: QueueTemplate, message: str, session_hash: str):
+    """One /chat call over Gradio's queue protocol: join, then read the session's event stream until this
+    event completes. Returns (chat messages, table, status) found in the outputs by their shape."""
+    r = http.post(url + "gradio_api/queue/join", json=template.body(message, session_hash))
+    r.raise_for_status()
+    event_id = r.json()["event_id"]
+    with http.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session_hash}) as resp:
+        for line in resp.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            msg = json.loads(line[5:])
+            if msg.get("event_id") != event_id or msg.get("msg") != "process_completed":
+                continue
+            if not msg.get("success", False):
+                raise RuntimeError(f"app error: {msg.get('output', {}).get('error')}")
+            outputs = msg["output"]["data"]
+            chat = next(o for o in outputs if isinstance(o, list) and o and isinstance(o[0], dict) and "role" in o[0])
+            table = next((o for o in outputs if isinstance(o, dict) and "data" in o), {})
+            status = next((o for o in outputs if isinstance(o, str) and "本轮" in o or isinstance(o, str) and "出错" in o),
+                          None)
+            return chat, table, status
+    raise RuntimeError("event stream ended before the reply")
+
+
+def run_light_client(url: str, index: int, turns: int, utterances: list[str], start: threading.Barrier,
+                     out: dict, template: QueueTemplate) -> None:
+    import uuid
+
+    import httpx
+
+    errors, mismatches, e2e, engine = [], 0, [], []
+    session_hash = uuid.uuid4().hex[:11]
+    sent: list[str] = []
+    with httpx.Client(timeout=httpx.Timeout(300.0)) as http:
+        start.wait()
+        for turn in range(turns):
+            message = utterances[(index * 7 + turn) % len(utterances)]
+            t0 = time.perf_counter()
+            try:
+                chat, table, status = light_predict(http, url, template, message, session_hash)
+            except Exception as e:  # noqa: BLE001 - counted, not raised: this is a load test
+                errors.append(f"turn {turn}: {type(e).__name__}: {e}")
+                continue
+            e2e.append(time.perf_counter() - t0)
+            if not isinstance(status, str) or "出错" in status or not table.get("data"):
+                errors.append(f"turn {turn}: error on the page: {status!r}")
+                continue
+            sent.append(message)
+            if user_texts(chat) != sent:
+                mismatches += 1
+            m = re.search(r"本轮用时 ([0-9.]+) 秒", status)
+            if m:
+                engine.append(float(m.group(1)))
+    out[index] = dict(errors=errors, mismatches=mismatches, e2e=e2e, engine=engine)
+
+
 def run_load(url: str, args: LoadArguments, utterances: list[str]) -> dict:
     """args.clients concurrent clients x args.turns turns against `url`; prints and returns the figures."""
     results: dict[int, dict] = {}
     barrier = threading.Barrier(args.clients + 1)
-    threads = [threading.Thread(target=run_client, args=(url, i, args.turns, utterances, barrier, results))
-               for i in range(args.clients)]
+    if args.client == "light":
+        template = QueueTemplate(url)  # one real gradio_client call (a warm-up turn of its own session)
+        threads = [threading.Thread(target=run_light_client,
+                                    args=(url, i, args.turns, utterances, barrier, results, template))
+                   for i in range(args.clients)]
+    else:
+        threads = [threading.Thread(target=run_client, args=(url, i, args.turns, utterances, barrier, results))
+                   for i in range(args.clients)]
     for t in threads:
         t.start()
     barrier.wait()
@@ -214,6 +315,8 @@ def main(argv=None) -> int:
                                                      prog="web_load.py",
                                            description=__doc__.split("\n")[0], examples=__doc__.split("\n\n")[-1]),
                                argv)
+        if args.client not in ("light", "gradio_client"):
+            raise UserError(f"unknown client {args.client!r}; use light or gradio_client", field="client")
         text = OPENERS.read_text(encoding="utf-8")
         utterances = [u.strip() for u in text.splitlines() if u.strip()]
         if args.url is not None:

@@ -100,7 +100,8 @@ def test_rerank_scores_are_the_weighted_log_probs(bot_dir):
     bot = ChatBot.from_pretrained(bot_dir)
     history, texts = ["今天天气真好", "是啊"], ["你好", "我刚下班", "去公园吧，下午三点见"]
     fwd = dict(zip(texts, bot.forward_logprobs(history, texts)))
-    bwd = dict(zip(texts, bot.backward_logprobs(history, texts)))
+    # the default ranking's backward term scores the latest turn only (backward_context_turns 1)
+    bwd = dict(zip(texts, bot.backward_logprobs(history[-1:], texts)))
     for norm, wf, wb, wl in (("mean", 0.5, 1.0, 0.1), ("sum", 1.0, 0.3, -0.5)):
         ranked = bot.rerank(history, texts, normalize=norm, forward_weight=wf, backward_weight=wb, length_weight=wl)
         for c in ranked:
