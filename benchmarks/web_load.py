@@ -74,41 +74,6 @@ def user_texts(chat: list[dict]) -> list[str]:
     return ["".join(p["text"] for p in m["content"]) for m in chat if m["role"] == "user"]
 
 
-def run_client(url: str, index: int, turns: int, utterances: list[str], start: threading.Barrier,
-               out: dict) -> None:
-    from gradio_client import Client
-
-    errors, mismatches, e2e, engine = [], 0, [], []
-    try:
-        client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
-    except Exception as e:  # noqa: BLE001 - counted, not raised: this is a load test
-        start.wait()
-        out[index] = dict(errors=[f"connect: {type(e).__name__}: {e}"] * turns, mismatches=0, e2e=[], engine=[])
-        return
-    start.wait()
-    sent: list[str] = []
-    for turn in range(turns):
-        message = utterances[(index * 7 + turn) % len(utterances)]
-        t0 = time.perf_counter()
-        try:
-            _, chat, table, status = client.predict(message, api_name="/chat")
-        except Exception as e:  # noqa: BLE001
-            errors.append(f"turn {turn}: {type(e).__name__}: {e}")
-            continue
-        e2e.append(time.perf_counter() - t0)
-        if not isinstance(status, str) or "出错" in status or not table.get("data"):
-            errors.append(f"turn {turn}: error on the page: {status!r}")
-            continue
-        sent.append(message)
-        if user_texts(chat) != sent:
-            mismatches += 1
-        m = re.search(r"本轮用时 ([0-9.]+) 秒", status)
-        if m:
-            engine.append(float(m.group(1)))
-    client.close()
-    out[index] = dict(errors=errors, mismatches=mismatches, e2e=e2e, engine=engine)
-
-
 class QueueTemplate:
     """What one gradio_client call of /chat sends and gets, recorded once, so light clients can send the same."""
 
@@ -165,23 +130,43 @@ def light_predict(http, url: str, template: QueueTemplate, message: str, session
     raise RuntimeError("event stream ended before the reply")
 
 
-def run_light_client(url: str, index: int, turns: int, utterances: list[str], start: threading.Barrier,
-                     out: dict, template: QueueTemplate) -> None:
+def run_user(url: str, index: int, turns: int, utterances: list[str], start: threading.Barrier, out: dict,
+             template: "QueueTemplate | None" = None) -> None:
+    """One simulated user: `turns` messages in its own session, each checked; a light client (Gradio's queue
+    protocol over httpx, `template`'s payload) or, with template None, a full gradio_client.Client."""
     import uuid
 
-    import httpx
-
     errors, mismatches, e2e, engine = [], 0, [], []
-    session_hash = uuid.uuid4().hex[:11]
-    sent: list[str] = []
-    with httpx.Client(timeout=httpx.Timeout(300.0)) as http:
+    with contextlib.ExitStack() as stack:
+        try:
+            if template is None:
+                from gradio_client import Client
+
+                client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+                stack.callback(client.close)
+
+                def ask(message: str):
+                    return client.predict(message, api_name="/chat")[1:]
+            else:
+                import httpx
+
+                http = stack.enter_context(httpx.Client(timeout=httpx.Timeout(300.0)))
+                session_hash = uuid.uuid4().hex[:11]
+
+                def ask(message: str):
+                    return light_predict(http, url, template, message, session_hash)
+        except Exception as e:  # noqa: BLE001 - counted, not raised: this is a load test
+            start.wait()
+            out[index] = dict(errors=[f"connect: {type(e).__name__}: {e}"] * turns, mismatches=0, e2e=[], engine=[])
+            return
         start.wait()
+        sent: list[str] = []
         for turn in range(turns):
             message = utterances[(index * 7 + turn) % len(utterances)]
             t0 = time.perf_counter()
             try:
-                chat, table, status = light_predict(http, url, template, message, session_hash)
-            except Exception as e:  # noqa: BLE001 - counted, not raised: this is a load test
+                chat, table, status = ask(message)
+            except Exception as e:  # noqa: BLE001
                 errors.append(f"turn {turn}: {type(e).__name__}: {e}")
                 continue
             e2e.append(time.perf_counter() - t0)
@@ -201,14 +186,10 @@ def run_load(url: str, args: LoadArguments, utterances: list[str]) -> dict:
     """args.clients concurrent clients x args.turns turns against `url`; prints and returns the figures."""
     results: dict[int, dict] = {}
     barrier = threading.Barrier(args.clients + 1)
-    if args.client == "light":
-        template = QueueTemplate(url)  # one real gradio_client call (a warm-up turn of its own session)
-        threads = [threading.Thread(target=run_light_client,
-                                    args=(url, i, args.turns, utterances, barrier, results, template))
-                   for i in range(args.clients)]
-    else:
-        threads = [threading.Thread(target=run_client, args=(url, i, args.turns, utterances, barrier, results))
-                   for i in range(args.clients)]
+    # light: one real gradio_client call records the payload (a warm-up turn in a session of its own)
+    template = QueueTemplate(url) if args.client == "light" else None
+    threads = [threading.Thread(target=run_user, args=(url, i, args.turns, utterances, barrier, results, template))
+               for i in range(args.clients)]
     for t in threads:
         t.start()
     barrier.wait()

@@ -1,0 +1,63 @@
+"""benchmarks/web_load.py's light clients: they speak Gradio's queue protocol correctly (replies, per-session
+state) and its history check catches sessions that share state."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+pytest.importorskip("gradio_client")
+
+from dialogpt_zh import webapp  # noqa: E402
+from dialogpt_zh.engine import ChatBot  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "web_load.py"
+
+
+@pytest.fixture(scope="module")
+def web_load():
+    spec = importlib.util.spec_from_file_location("web_load", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["web_load"] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def app_url(random_bot_dir):
+    bot = ChatBot.from_pretrained(random_bot_dir, generation=None)
+    demo = webapp.build_app(bot)
+    url = webapp.launch_in_background(demo)
+    yield url
+    if getattr(demo, "reply_batcher", None) is not None:
+        demo.reply_batcher.close()
+    demo.close()
+
+
+def test_light_clients_get_replies_in_their_own_sessions(web_load, app_url):
+    args = web_load.LoadArguments(clients=3, turns=3, client="light")
+    result = web_load.run_load(app_url, args, ["你好", "今天天气真好", "你喜欢看电影吗"])
+    assert result["errors"] == 0 and result["crossed"] == 0 and not result["failed"]
+    assert result["rate"] > 0
+
+
+def test_a_shared_session_is_caught_as_crossed_history(web_load, app_url):
+    template = web_load.QueueTemplate(app_url)
+    results: dict[int, dict] = {}
+    barrier = threading.Barrier(1)
+    # two users forced into one session hash: the second sees the first's messages in its chat
+    fixed = uuid.UUID(int=12345)
+    real_uuid4 = uuid.uuid4
+    uuid.uuid4 = lambda: fixed
+    try:
+        web_load.run_user(app_url, 0, 2, ["你好"], barrier, results, template)
+        web_load.run_user(app_url, 1, 2, ["再见"], barrier, results, template)
+    finally:
+        uuid.uuid4 = real_uuid4
+    assert results[0]["errors"] == [] and results[0]["mismatches"] == 0
+    assert results[1]["errors"] == [] and results[1]["mismatches"] == 2
