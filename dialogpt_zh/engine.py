@@ -33,7 +33,7 @@ import torch
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.lean_gpt2 import LeanGPT2
 from dialogpt_zh.checkpoint import load_model, read_card
-from dialogpt_zh.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_tokens
+from dialogpt_zh.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_rows
 from dialogpt_zh.sequence import build_sequence
 from dialogpt_zh.settings import (BotArguments, GenerationSettings, MMISettings, apply_overrides, mmi_active,
                                   mmi_score, ranking_weights)
@@ -458,8 +458,11 @@ class ChatBot:
     # ---------------------------------------------------------------------------------- generation
 
     def _next_tokens(self, logits: torch.Tensor, history: torch.Tensor | None, tokens: list[list[int]], step: int,
-                     gen: GenerationSettings, generator: torch.Generator, banned: torch.Tensor) -> torch.Tensor:
-        """One token per row of one request: its filters (penalty, bans, length limits) and its own generator."""
+                     gen: GenerationSettings, draws: list[tuple[int, torch.Generator]],
+                     banned: torch.Tensor) -> torch.Tensor:
+        """One token per row of consecutive requests with the same settings `gen`: the filters (penalty, bans,
+        length limits) once over all their rows, each request's draws from its own generator (`draws`:
+        (live rows, generator) per request, in row order)."""
         scores = apply_repetition_penalty(logits, history, gen.repetition_penalty)
         if scores is logits:
             scores = logits.clone()
@@ -473,7 +476,7 @@ class ChatBot:
         dead = scores.amax(dim=-1) == NEG_INF                # everything banned (tiny vocab): end the reply
         if bool(dead.any()):
             scores[dead, self.sep_id] = 0.0
-        return sample_tokens(scores, gen.temperature, gen.top_k, gen.top_p, generator)
+        return sample_rows(scores, gen.temperature, gen.top_k, gen.top_p, draws)
 
     @torch.inference_mode()
     def _generate(self, jobs: "list[_Job]") -> list[list[tuple[list[int], float]]]:
@@ -507,14 +510,22 @@ class ChatBot:
             live = rows.tolist()
             # rows stay grouped by job (finished rows leave in order), so each job owns one slice
             live_counts = torch.bincount(owner[rows.cpu()], minlength=len(jobs)).tolist()
-            picks, start = [], 0
+            # consecutive requests with equal settings are filtered together (the usual case on the web page)
+            groups: list[tuple[GenerationSettings, list[tuple[int, torch.Generator]]]] = []
             for job, n in zip(jobs, live_counts):
-                if n:
-                    part = slice(start, start + n)
-                    picks.append(self._next_tokens(
-                        logits[part], history[part] if history is not None else None,
-                        [tokens[r] for r in live[part]], step, job.gen, job.generator, banned))
-                    start += n
+                if not n:
+                    continue
+                if groups and groups[-1][0] == job.gen:
+                    groups[-1][1].append((n, job.generator))
+                else:
+                    groups.append((job.gen, [(n, job.generator)]))
+            picks, start = [], 0
+            for gen, draws in groups:
+                part = slice(start, start + sum(n for n, _ in draws))
+                picks.append(self._next_tokens(
+                    logits[part], history[part] if history is not None else None,
+                    [tokens[r] for r in live[part]], step, gen, draws, banned))
+                start = part.stop
             next_ids = picks[0] if len(picks) == 1 else torch.cat(picks)
             chosen = logprobs.gather(-1, next_ids[:, None]).squeeze(-1)
             fwd.index_add_(0, rows.cpu(), chosen.double().cpu())

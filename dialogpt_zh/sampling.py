@@ -84,14 +84,25 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     costs milliseconds per step on CPU); without it, by an exponential race over the full distribution
     (argmax p / E with E ~ Exp(1) is an exact sample), both from the caller's generator.
     """
+    return sample_rows(logits, temperature, top_k, top_p, [(logits.shape[0], generator)])
+
+
+def sample_rows(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                draws: Sequence[tuple[int, torch.Generator | None]]) -> torch.Tensor:
+    """`sample_tokens` for consecutive groups of rows with the same settings but their own generators:
+    `draws` = [(rows, generator), ...] in row order. The filters run once over all rows; each group's
+    random draws come from its own generator, so a group gets exactly what it gets sampled alone."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    counts = [n for n, _ in draws]
     logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         values, indices = torch.topk(logits, top_k, dim=-1)   # sorted, so top-p applies directly
-        values = top_p_filter(values, top_p)
-        choice = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)
+        probs = torch.softmax(top_p_filter(values, top_p), dim=-1)
+        choice = torch.cat([torch.multinomial(part, 1, generator=g)
+                            for part, (_, g) in zip(probs.split(counts), draws)])
         return indices.gather(-1, choice).squeeze(-1)
     probs = torch.softmax(top_p_filter(logits, top_p), dim=-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    race = torch.cat([torch.empty_like(part).exponential_(1.0, generator=g)
+                      for part, (_, g) in zip(probs.split(counts), draws)])
     return (probs / race).argmax(dim=-1)
