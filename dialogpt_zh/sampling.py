@@ -99,8 +99,9 @@ def sample_rows(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     if 0 < top_k < logits.shape[-1]:
         values, indices = torch.topk(logits, top_k, dim=-1)   # sorted, so top-p applies directly
         probs = torch.softmax(top_p_filter(values, top_p), dim=-1)
-        choice = torch.cat([torch.multinomial(part, 1, generator=g)
-                            for part, (_, g) in zip(probs.split(counts), draws)])
+        parts = probs.split(counts) if len(draws) > 1 else (probs,)
+        choice = torch.cat([torch.multinomial(part, 1, generator=g) for part, (_, g) in zip(parts, draws)]) \
+            if len(draws) > 1 else torch.multinomial(probs, 1, generator=draws[0][1])
         return indices.gather(-1, choice).squeeze(-1)
     probs = torch.softmax(top_p_filter(logits, top_p), dim=-1)
     race = torch.cat([torch.empty_like(part).exponential_(1.0, generator=g)
