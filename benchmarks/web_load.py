@@ -75,7 +75,7 @@ def user_texts(chat: list[dict]) -> list[str]:
 
 
 class QueueTemplate:
-    """What one gradio_client call of /chat sends and gets, recorded once, so light clients can send the same."""
+    """The payload one real gradio_client call of /chat sends, recorded once, so light clients send the same."""
 
     def __init__(self, url: str) -> None:
         from gradio_client import Client
@@ -109,10 +109,11 @@ class QueueTemplate:
 def light_predict(http, url: str, template: QueueTemplate, message: str, session_hash: str):
     """One /chat call over Gradio's queue protocol: join, then read the session's event stream until this
     event completes. Returns (chat messages, table, status) found in the outputs by their shape."""
-    r = http.post(url + "gradio_api/queue/join", json=template.body(message, session_hash))
+    root = url.rstrip("/") + "/gradio_api/queue/"
+    r = http.post(root + "join", json=template.body(message, session_hash))
     r.raise_for_status()
     event_id = r.json()["event_id"]
-    with http.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session_hash}) as resp:
+    with http.stream("GET", root + "data", params={"session_hash": session_hash}) as resp:
         for line in resp.iter_lines():
             if not line.startswith("data:"):
                 continue
@@ -124,16 +125,16 @@ def light_predict(http, url: str, template: QueueTemplate, message: str, session
             outputs = msg["output"]["data"]
             chat = next(o for o in outputs if isinstance(o, list) and o and isinstance(o[0], dict) and "role" in o[0])
             table = next((o for o in outputs if isinstance(o, dict) and "data" in o), {})
-            status = next((o for o in outputs if isinstance(o, str) and "本轮" in o or isinstance(o, str) and "出错" in o),
-                          None)
+            status = next((o for o in outputs if isinstance(o, str) and ("本轮" in o or "出错" in o)), None)
             return chat, table, status
     raise RuntimeError("event stream ended before the reply")
 
 
 def run_user(url: str, index: int, turns: int, utterances: list[str], start: threading.Barrier, out: dict,
-             template: "QueueTemplate | None" = None) -> None:
+             template: "QueueTemplate | None" = None, session_hash: str | None = None) -> None:
     """One simulated user: `turns` messages in its own session, each checked; a light client (Gradio's queue
-    protocol over httpx, `template`'s payload) or, with template None, a full gradio_client.Client."""
+    protocol over httpx, `template`'s payload; `session_hash`: default a fresh one) or, with template None,
+    a full gradio_client.Client."""
     import uuid
 
     errors, mismatches, e2e, engine = [], 0, [], []
@@ -151,10 +152,10 @@ def run_user(url: str, index: int, turns: int, utterances: list[str], start: thr
                 import httpx
 
                 http = stack.enter_context(httpx.Client(timeout=httpx.Timeout(300.0)))
-                session_hash = uuid.uuid4().hex[:11]
+                session = session_hash or uuid.uuid4().hex[:11]
 
                 def ask(message: str):
-                    return light_predict(http, url, template, message, session_hash)
+                    return light_predict(http, url, template, message, session)
         except Exception as e:  # noqa: BLE001 - counted, not raised: this is a load test
             start.wait()
             out[index] = dict(errors=[f"connect: {type(e).__name__}: {e}"] * turns, mismatches=0, e2e=[], engine=[])

@@ -649,8 +649,6 @@ class WindowWriter:
         self.labels, self.source, self.sources = plan.labels, corpus.source, corpus.sources
         # times each source's train windows are written (valid/test: once)
         self.copies = np.array([(upsample or {}).get(s, 1) for s in self.sources], dtype=np.int64)
-        self.upsampled = {s: {"copies": int(n), "windows": 0, "tokens": 0}
-                          for s, n in zip(self.sources, self.copies.tolist()) if n > 1}
         self.max_turns, self.max_tokens = max_turns, max_tokens
         self.max_utterance_tokens = max_utterance_tokens(max_tokens)
         self.unk_id = encoder.tokenizer.unk_token_id
@@ -681,11 +679,6 @@ class WindowWriter:
                     again = in_split & (self.copies[src_of] > extra)
                     if again.any():
                         self._write(split, again, nturns, lengths, flat, rows, sess)
-                        for si in np.unique(src_of[again]).tolist():
-                            m = again & (src_of == si)
-                            up = self.upsampled[self.sources[si]]
-                            up["windows"] += int(n_win[m].sum())
-                            up["tokens"] += int(tokens[m].sum())
             for si in np.unique(src_of[in_split]).tolist():
                 m = in_split & (src_of == si)
                 st = self.stats[(self.sources[si], split)]
@@ -699,6 +692,17 @@ class WindowWriter:
                 st["turns_per_session"].update(dict(zip(t.tolist(), c.tolist())))
                 t, c = np.unique(rows[m[sess], 1], return_counts=True)
                 st["turns_per_window"].update(dict(zip(t.tolist(), c.tolist())))
+
+    @property
+    def upsampled(self) -> dict[str, dict[str, int]]:
+        """Per upsampled source: its copies and the windows/tokens the repeats added to train (the unique
+        train counts times copies - 1)."""
+        out = {}
+        for s, n in zip(self.sources, self.copies.tolist()):
+            if n > 1:
+                st = self.stats[(s, "train")]
+                out[s] = {"copies": n, "windows": (n - 1) * st["windows"], "tokens": (n - 1) * st["tokens"]}
+        return out
 
     def _write(self, split: str, chosen: np.ndarray, nturns: np.ndarray, lengths: np.ndarray, flat: np.ndarray,
                rows: np.ndarray, sess: np.ndarray) -> None:
@@ -743,10 +747,9 @@ class WindowWriter:
 
 
 def write_windows(args: PreprocessArguments, corpus: CleanedCorpus, plan: SplitPlan, writer,
-                  encoder: UtteranceEncoder) -> WindowWriter:
+                  encoder: UtteranceEncoder, upsample: dict[str, int] | None = None) -> WindowWriter:
     """Pass 4: stream the kept sessions from the temp file through a WindowWriter in batches."""
-    ww = WindowWriter(writer, encoder, corpus, plan, args.max_turns, args.max_tokens,
-                      parse_upsample(args.upsample, corpus.sources))
+    ww = WindowWriter(writer, encoder, corpus, plan, args.max_turns, args.max_tokens, upsample)
     with open(corpus.path, encoding="utf-8") as tmp, \
             _progress(args.progress, desc="tokenize+write", unit=" sessions", total=plan.kept) as bar:
         batch: list[tuple[int, list[str]]] = []
@@ -830,7 +833,7 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
     options = CleaningOptions(max_utterance_chars=args.max_utterance_chars, max_repeat=args.max_repeat,
                               min_turns=args.min_turns, mask_pii=args.mask_pii, blocklist=blocklist)
     scans: list[InputScan] = scan_inputs(inputs, args.format)
-    parse_upsample(args.upsample, [scan.source for scan in scans])  # a wrong name fails before the work
+    upsample = parse_upsample(args.upsample, [scan.source for scan in scans])  # a wrong name fails before the work
     given_tokenizer = load_tokenizer_for(args) if args.vocab else None
     if command is None:
         command = "python -m dialogpt_zh.preprocess " + shlex.join(args_to_argv(args, inputs))
@@ -843,7 +846,7 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
         tokenizer, tok_info = make_tokenizer(args, corpus, plan, given_tokenizer)
         writer = StoreWriter(out, tokenizer, STORE_SPLITS)
         encoder = UtteranceEncoder(tokenizer, writer.dtype, char_level=tok_info["kind"] == "char")
-        ww = write_windows(args, corpus, plan, writer, encoder)
+        ww = write_windows(args, corpus, plan, writer, encoder, upsample)
         corpus.path.unlink()
         raise_if_stopped()  # a stop that arrived while a worker pool forked must not let the store commit
         full = writer.close(make_manifest(args, inputs, scans, command, corpus, plan, tok_info, ww))

@@ -94,16 +94,20 @@ def sample_rows(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     random draws come from its own generator, so a group gets exactly what it gets sampled alone."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    counts = [n for n, _ in draws]
+
+    def per_group(values: torch.Tensor, draw) -> torch.Tensor:
+        """`draw(rows, generator)` for each group's rows of `values`, concatenated in row order."""
+        if len(draws) == 1:
+            return draw(values, draws[0][1])
+        parts = values.split([n for n, _ in draws])
+        return torch.cat([draw(part, g) for part, (_, g) in zip(parts, draws)])
+
     logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         values, indices = torch.topk(logits, top_k, dim=-1)   # sorted, so top-p applies directly
         probs = torch.softmax(top_p_filter(values, top_p), dim=-1)
-        parts = probs.split(counts) if len(draws) > 1 else (probs,)
-        choice = torch.cat([torch.multinomial(part, 1, generator=g) for part, (_, g) in zip(parts, draws)]) \
-            if len(draws) > 1 else torch.multinomial(probs, 1, generator=draws[0][1])
+        choice = per_group(probs, lambda p, g: torch.multinomial(p, 1, generator=g))
         return indices.gather(-1, choice).squeeze(-1)
     probs = torch.softmax(top_p_filter(logits, top_p), dim=-1)
-    race = torch.cat([torch.empty_like(part).exponential_(1.0, generator=g)
-                      for part, (_, g) in zip(probs.split(counts), draws)])
+    race = per_group(probs, lambda p, g: torch.empty_like(p).exponential_(1.0, generator=g))
     return (probs / race).argmax(dim=-1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import pytest
@@ -50,14 +49,8 @@ def test_a_shared_session_is_caught_as_crossed_history(web_load, app_url):
     template = web_load.QueueTemplate(app_url)
     results: dict[int, dict] = {}
     barrier = threading.Barrier(1)
-    # two users forced into one session hash: the second sees the first's messages in its chat
-    fixed = uuid.UUID(int=12345)
-    real_uuid4 = uuid.uuid4
-    uuid.uuid4 = lambda: fixed
-    try:
-        web_load.run_user(app_url, 0, 2, ["你好"], barrier, results, template)
-        web_load.run_user(app_url, 1, 2, ["再见"], barrier, results, template)
-    finally:
-        uuid.uuid4 = real_uuid4
+    # two users forced into one session: the second sees the first's messages in its chat
+    web_load.run_user(app_url, 0, 2, ["你好"], barrier, results, template, session_hash="shared12345")
+    web_load.run_user(app_url, 1, 2, ["再见"], barrier, results, template, session_hash="shared12345")
     assert results[0]["errors"] == [] and results[0]["mismatches"] == 0
     assert results[1]["errors"] == [] and results[1]["mismatches"] == 2
