@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -55,7 +56,8 @@ SOURCE_SPLIT_CODES = {"train": 0, "valid": 1, "validation": 1, "val": 1, "dev": 
 DROP_REASONS = ("utterance_empty_dropped", "utterance_not_text", "session_too_short", "turns_in_short_sessions",
                 "session_blocklisted", "turns_in_blocklisted_sessions", "session_duplicate", "record_malformed",
                 "line_malformed", "files_skipped", "url_removed", "session_held_out",
-                "session_same_as_held_out", "message_system_skipped", "message_tool_skipped", "record_no_turns")
+                "session_same_as_held_out", "message_system_skipped", "message_tool_skipped", "record_no_turns",
+                "session_subsampled_out")
 
 
 @dataclass
@@ -96,6 +98,11 @@ class PreprocessArguments:
         "source's train windows are written N times, so training sees it N times as often; valid/test are "
         "never repeated. The counts per source stay those of the unique sessions; the repeats are counted "
         "under 'upsampled'"))
+    subsample: str = field(default="", metadata=field_help(
+        "comma list of SOURCE=N: keep a seeded random N of that source's sessions (N a whole number), or "
+        "that share of them (0 < N < 1, e.g. 'smile=0.1'), chosen after the dedupe and before the "
+        "split, so its valid/test shrink alike; the rest are counted as session_subsampled_out. For a "
+        "large pre-training text trained on a time budget"))
     batch_sessions: int = field(default=2000, metadata=field_help("sessions tokenized per batch"))
     workers: int = field(default=0, metadata=field_help(
         "processes that clean the text (the output is the same for any number); 0 = auto: 2 for inputs of "
@@ -123,26 +130,46 @@ def validate(args: PreprocessArguments) -> None:
     if args.workers < 0:
         raise UserError("must be 0 (auto) or more", field="workers")
     parse_upsample(args.upsample)
+    parse_subsample(args.subsample)
 
 
-def parse_upsample(text: str, sources: Sequence[str] | None = None) -> dict[str, int]:
-    """'kdconv=4,lccc-base=2' -> {'kdconv': 4, 'lccc-base': 2}; with `sources`, every name must be one."""
-    out: dict[str, int] = {}
+def parse_source_values(text: str, field_name: str, sources: Sequence[str] | None = None,
+                        fraction: bool = False) -> dict[str, float]:
+    """'kdconv=4,lccc-base=2' -> {'kdconv': 4, 'lccc-base': 2}: whole numbers >= 1 (with `fraction`, also
+    shares 0 < x < 1); with `sources`, every name must be one of them."""
+    what = "a whole number >= 1" + (" or a share between 0 and 1" if fraction else "")
+    out: dict[str, float] = {}
     for item in (x.strip() for x in text.split(",")):
         if not item:
             continue
-        name, eq, times = item.rpartition("=")
-        if not eq or not name.strip() or not times.strip().isdigit() or int(times) < 1:
-            raise UserError(f"{item!r} is not SOURCE=N with N a whole number >= 1", field="upsample")
-        if name.strip() in out:
-            raise UserError(f"source {name.strip()!r} given twice", field="upsample")
-        out[name.strip()] = int(times)
+        name, eq, value = (x.strip() for x in item.rpartition("="))
+        number = None
+        if eq and name:
+            if value.isdigit() and int(value) >= 1:
+                number = int(value)
+            elif fraction and re.fullmatch(r"0?\.\d+", value) and 0 < float(value) < 1:
+                number = float(value)
+        if number is None:
+            raise UserError(f"{item!r} is not SOURCE=N with N {what}", field=field_name)
+        if name in out:
+            raise UserError(f"source {name!r} given twice", field=field_name)
+        out[name] = number
     if sources is not None:
         unknown = sorted(set(out) - set(sources))
         if unknown:
             raise UserError(f"no input is named {', '.join(map(repr, unknown))} (inputs: {', '.join(sources)})",
-                            field="upsample")
+                            field=field_name)
     return out
+
+
+def parse_upsample(text: str, sources: Sequence[str] | None = None) -> dict[str, int]:
+    """'kdconv=4,lccc-base=2' -> {'kdconv': 4, 'lccc-base': 2}; with `sources`, every name must be one."""
+    return {k: int(v) for k, v in parse_source_values(text, "upsample", sources).items()}
+
+
+def parse_subsample(text: str, sources: Sequence[str] | None = None) -> dict[str, float]:
+    """'smile.jsonl.gz=5000' (sessions) or 'smile.jsonl.gz=0.1' (a share)."""
+    return parse_source_values(text, "subsample", sources, fraction=True)
 
 
 # ---------------------------------------------------------------- windows
@@ -559,6 +586,7 @@ class SplitPlan:
     labels: np.ndarray  # int8 per session: 0 train, 1 valid, 2 test, -1 left out (duplicate or held out)
     holdout: list[str]
     holdout_not_found: list[str]
+    subsampled: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def kept(self) -> int:
@@ -590,6 +618,7 @@ def dedupe_and_split(args: PreprocessArguments, corpus: CleanedCorpus) -> SplitP
         if not keep.any():
             raise UserError("every session is in a held-out source split; nothing left to train on",
                             field="holdout_source_splits")
+    subsampled = subsample_sessions(keep, corpus, parse_subsample(args.subsample), args.seed)
     labels = np.full(len(corpus), -1, dtype=np.int8)
     if args.keep_source_splits:
         code_of = np.full(len(corpus.split_names) + 1, -1, dtype=np.int8)  # the last entry: no split (-1)
@@ -601,7 +630,28 @@ def dedupe_and_split(args: PreprocessArguments, corpus: CleanedCorpus) -> SplitP
     if len(free):
         labels[free] = split_indices(len(free), args.valid_ratio, args.test_ratio, args.seed, corpus.source[free])
     labels[~keep] = -1
-    return SplitPlan(labels, holdout, not_found)
+    return SplitPlan(labels, holdout, not_found, subsampled)
+
+
+def subsample_sessions(keep: np.ndarray, corpus: CleanedCorpus, wanted: dict[str, float], seed: int
+                       ) -> dict[str, dict[str, Any]]:
+    """Clear `keep` for all but a seeded random N (or share) of each named source's kept sessions."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, n in wanted.items():
+        si = corpus.sources.index(name)
+        idx = np.flatnonzero(keep & (corpus.source == si))
+        target = min(len(idx), int(n) if n >= 1 else round(n * len(idx)))
+        # one generator per source, seeded by the source's name too, so adding a source changes no other's pick
+        rng = np.random.default_rng([seed, int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)])
+        dropped = np.zeros(len(corpus), dtype=bool)
+        dropped[idx] = True
+        dropped[rng.choice(idx, size=target, replace=False)] = False
+        corpus.count_per_source(dropped, "session_subsampled_out")
+        keep &= ~dropped
+        out[name] = {"requested": n, "kept": int(target), "of": int(len(idx))}
+    if wanted and not keep.any():
+        raise UserError("no session left after the subsample", field="subsample")
+    return out
 
 
 # ---------------------------------------------------------------- pass 3: tokenizer
@@ -802,6 +852,7 @@ def make_manifest(args: PreprocessArguments, inputs: Sequence[str | Path], scans
                                  for s in corpus.sources}},
         "unk_rate": {sp: _finish_stats(st)["unk_rate"] for sp, st in by_split.items()},
         **({"upsampled": ww.upsampled} if ww.upsampled else {}),
+        **({"subsampled": plan.subsampled} if plan.subsampled else {}),
         "cleaning": {"total": dict(sorted(total_counts.items())),
                      "by_source": {s: dict(sorted(c.items())) for s, c in corpus.counters.items()},
                      "drop_reasons": [r for r in DROP_REASONS if total_counts.get(r)]},
@@ -834,6 +885,7 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
                               min_turns=args.min_turns, mask_pii=args.mask_pii, blocklist=blocklist)
     scans: list[InputScan] = scan_inputs(inputs, args.format)
     upsample = parse_upsample(args.upsample, [scan.source for scan in scans])  # a wrong name fails before the work
+    parse_subsample(args.subsample, [scan.source for scan in scans])
     given_tokenizer = load_tokenizer_for(args) if args.vocab else None
     if command is None:
         command = "python -m dialogpt_zh.preprocess " + shlex.join(args_to_argv(args, inputs))
@@ -874,6 +926,9 @@ def summary_table(manifest: dict[str, Any]) -> str:
     for s, up in manifest.get("upsampled", {}).items():
         lines.append(f"upsampled: {s}'s train windows written {up['copies']} times "
                      f"(+{up['windows']:,d} windows, +{up['tokens']:,d} tokens in train)")
+    for s, sub in manifest.get("subsampled", {}).items():
+        lines.append(f"subsampled: {s} kept {sub['kept']:,d} of its {sub['of']:,d} unique sessions "
+                     f"(asked for {sub['requested']})")
     lines.append("")
     lines.append("cleaning (count by reason; see corpus/README.md):")
     for reason, count in manifest["cleaning"]["total"].items():
@@ -892,6 +947,8 @@ EXAMPLES = """
   python -m dialogpt_zh.preprocess ../shared/corpus/smile/smile.jsonl.gz chats.zip --output data/chat
   python -m dialogpt_zh.preprocess ../shared/corpus/lccc-base ../shared/corpus/kdconv --upsample kdconv=4 \
       --holdout-source-splits valid,test --output data/kd4
+  python -m dialogpt_zh.preprocess ../shared/corpus/smile --subsample smile=0.15 \
+      --vocab data/base/tokenizer --output data/smile_pretrain
 """
 
 

@@ -278,6 +278,49 @@ def test_upsample_bad_values_are_named(tmp_path, capsys, value, message):
     assert not out.exists()
 
 
+def test_subsample_keeps_a_seeded_pick_of_one_source(tmp_path):
+    plain = run_preprocess(args(tmp_path / "plain"), INPUTS)
+    total = sum(plain["counts"]["by_source"]["chitchat_train.txt"][sp]["sessions"] for sp in ("train", "valid", "test"))
+    assert total >= 4
+    sub = run_preprocess(args(tmp_path / "sub", subsample="chitchat_train.txt=3"), INPUTS)
+    assert sub["subsampled"] == {"chitchat_train.txt": {"requested": 3, "kept": 3, "of": total}}
+    kept = sub["counts"]["by_source"]["chitchat_train.txt"]
+    assert sum(kept[sp]["sessions"] for sp in ("train", "valid", "test")) == 3
+    assert sub["cleaning"]["by_source"]["chitchat_train.txt"]["session_subsampled_out"] == total - 3
+    assert "session_subsampled_out" in sub["cleaning"]["drop_reasons"]
+    for source, per in plain["counts"]["by_source"].items():  # the other sources keep every session
+        if source != "chitchat_train.txt":
+            assert sum(per[sp]["sessions"] for sp in per) == \
+                sum(sub["counts"]["by_source"][source][sp]["sessions"] for sp in per)
+    # the kept sessions are a subset of the full run's (same tokenizer, so the same [UNK]s), the same ones
+    # again with the same seed, and a share rounds to that many sessions
+    run_preprocess(args(tmp_path / "subv", subsample="chitchat_train.txt=3", vocab=str(tmp_path / "plain" / "tokenizer")),
+                   INPUTS)
+    def turns(out):
+        return {u for ss in stored_sessions(out).values() for s in ss for u in s}
+    assert turns(tmp_path / "subv") < turns(tmp_path / "plain")
+    again = run_preprocess(args(tmp_path / "again", subsample="chitchat_train.txt=3"), INPUTS)
+    assert again["counts"] == sub["counts"]
+    assert stored_sessions(tmp_path / "again") == stored_sessions(tmp_path / "sub")
+    other = run_preprocess(args(tmp_path / "other", seed=7, subsample="chitchat_train.txt=3"), INPUTS)
+    assert other["subsampled"]["chitchat_train.txt"]["kept"] == 3
+    share = run_preprocess(args(tmp_path / "share", subsample="chitchat_train.txt=0.5"), INPUTS)
+    assert share["subsampled"]["chitchat_train.txt"]["kept"] == round(0.5 * total)
+    # asking for more than there is keeps them all
+    big = run_preprocess(args(tmp_path / "big", subsample=f"chitchat_train.txt={total + 5}"), INPUTS)
+    assert big["counts"] == plain["counts"]
+
+
+@pytest.mark.parametrize("value, message", [("chitchat_train.txt=0", "SOURCE=N"), ("chitchat_train.txt=1.5", "SOURCE=N"),
+                                            ("chitchat_train.txt=-0.5", "SOURCE=N"), ("nosuch=0.5", "no input is named")])
+def test_subsample_bad_values_are_named(tmp_path, capsys, value, message):
+    out = tmp_path / "out"
+    assert main([*map(str, INPUTS), "--output", str(out), "--subsample", value, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "subsample" in err
+    assert not out.exists()
+
+
 def test_blocklist_and_vocab_file(tmp_path):
     block = tmp_path / "block.txt"
     block.write_text("泰坦尼克\n", encoding="utf-8")
