@@ -59,7 +59,8 @@ class LatencyArgs:
     model: str | None = field(default=None, metadata=field_help(
         "a bot directory (forward/ + backward/) to time instead of random weights (use with --presets model)"))
     presets: str = field(default="small,base", metadata=field_help(
-        "comma list of shapes to time: small, base (random weights), model (--model)"))
+        "comma list of shapes to time: tiny, small, mid, large, base (dialogpt_zh.model.PRESETS, random weights), "
+        "model (--model)"))
     ns: str = field(default="1,5,10,20", metadata=field_help("candidate counts N"))
     contexts: int = field(default=5, metadata=field_help("contexts (from corpus/fixtures) timed per N"))
     base_contexts: int = field(default=2, metadata=field_help("contexts for the slow 12-layer base shape"))

@@ -5,10 +5,13 @@ from typing import Any
 
 from dialogpt_zh.errors import UserError
 
-# tiny: seconds, for tests. small: ~1 h on 2 CPU cores on the shared corpus. base: GPT2-chitchat's shape.
+# tiny: seconds, for tests. small: ~1 h on 2 CPU cores on the shared corpus (the default models). mid, large:
+# the larger shapes the serving budget was measured for (README, "Default models"). base: GPT2-chitchat's shape.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2, n_positions=256),
     "small": dict(n_layer=4, n_embd=256, n_head=4, n_positions=512),
+    "mid": dict(n_layer=6, n_embd=384, n_head=6, n_positions=512),
+    "large": dict(n_layer=8, n_embd=512, n_head=8, n_positions=512),
     "base": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024),
 }
 

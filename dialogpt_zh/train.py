@@ -49,7 +49,7 @@ class TrainConfig:
     output: str = field(metadata=field_help("checkpoint directory to write (a Hugging Face model directory)"))
     direction: Literal["forward", "backward"] = field(
         default="forward", metadata=field_help("forward: P(reply | context); backward: P(context | reply), the MMI scorer"))
-    preset: Literal["tiny", "small", "base"] = field(
+    preset: Literal["tiny", "small", "mid", "large", "base"] = field(
         default="small", metadata=field_help(f"model shape: {', '.join(f'{k}={v}' for k, v in PRESETS.items())}"))
     n_layer: Optional[int] = field(default=None, metadata=field_help("override the preset's layer count"))
     n_embd: Optional[int] = field(default=None, metadata=field_help("override the preset's hidden size"))

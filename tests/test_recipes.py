@@ -87,3 +87,16 @@ def test_install_replaces_the_whole_bot_or_nothing(tmp_path, random_bot_dir):
         pick.install(random_bot_dir, dest)  # never deletes what it does not own
     (dest / "README").unlink()
     assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
+
+
+def test_pretrain_smile_recipe_is_valid_bash_and_replays_existing_configs():
+    import re
+    import subprocess
+
+    script = RECIPES / "pretrain_smile.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text(encoding="utf-8")
+    for config in set(re.findall(r"default_stage1_\$1\.json", text)):
+        for direction in ("forward", "backward"):
+            assert (RECIPES / config.replace("$1", direction)).is_file()
+    assert "--subsample \"smile=$SHARE\"" in text and "--vocab \"$STORE/tokenizer\"" in text
