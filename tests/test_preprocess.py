@@ -267,17 +267,6 @@ def test_upsample_repeats_one_sources_train_windows_only(tmp_path):
     assert all(b.count(s) == 3 * a.count(s) for s in set(extra))
 
 
-@pytest.mark.parametrize("value, message", [("kdconv_dev.json", "SOURCE=N"), ("kdconv_dev.json=0", "SOURCE=N"),
-                                            ("nosuch=2", "no input is named 'nosuch'"),
-                                            ("kdconv_dev.json=2,kdconv_dev.json=3", "given twice")])
-def test_upsample_bad_values_are_named(tmp_path, capsys, value, message):
-    out = tmp_path / "out"
-    assert main([*map(str, INPUTS), "--output", str(out), "--upsample", value, "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert message in err and "upsample" in err
-    assert not out.exists()
-
-
 def test_subsample_keeps_a_seeded_pick_of_one_source(tmp_path):
     plain = run_preprocess(args(tmp_path / "plain"), INPUTS)
     total = sum(plain["counts"]["by_source"]["chitchat_train.txt"][sp]["sessions"] for sp in ("train", "valid", "test"))
@@ -311,13 +300,17 @@ def test_subsample_keeps_a_seeded_pick_of_one_source(tmp_path):
     assert big["counts"] == plain["counts"]
 
 
-@pytest.mark.parametrize("value, message", [("chitchat_train.txt=0", "SOURCE=N"), ("chitchat_train.txt=1.5", "SOURCE=N"),
-                                            ("chitchat_train.txt=-0.5", "SOURCE=N"), ("nosuch=0.5", "no input is named")])
-def test_subsample_bad_values_are_named(tmp_path, capsys, value, message):
+@pytest.mark.parametrize("flag, value, message", [
+    ("upsample", "kdconv_dev.json", "SOURCE=N"), ("upsample", "kdconv_dev.json=0", "SOURCE=N"),
+    ("upsample", "kdconv_dev.json=0.5", "SOURCE=N"), ("upsample", "nosuch=2", "no input is named 'nosuch'"),
+    ("upsample", "kdconv_dev.json=2,kdconv_dev.json=3", "given twice"),
+    ("subsample", "chitchat_train.txt=0", "SOURCE=N"), ("subsample", "chitchat_train.txt=1.5", "SOURCE=N"),
+    ("subsample", "chitchat_train.txt=-0.5", "SOURCE=N"), ("subsample", "nosuch=0.5", "no input is named")])
+def test_per_source_flags_bad_values_are_named(tmp_path, capsys, flag, value, message):
     out = tmp_path / "out"
-    assert main([*map(str, INPUTS), "--output", str(out), "--subsample", value, "--no-progress"]) == 2
+    assert main([*map(str, INPUTS), "--output", str(out), f"--{flag}", value, "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert message in err and "subsample" in err
+    assert message in err and flag in err
     assert not out.exists()
 
 
