@@ -168,7 +168,7 @@ def parse_upsample(text: str, sources: Sequence[str] | None = None) -> dict[str,
 
 
 def parse_subsample(text: str, sources: Sequence[str] | None = None) -> dict[str, float]:
-    """'smile.jsonl.gz=5000' (sessions) or 'smile.jsonl.gz=0.1' (a share)."""
+    """'smile=5000' (sessions) or 'smile=0.1' (a share)."""
     return parse_source_values(text, "subsample", sources, fraction=True)
 
 
@@ -640,7 +640,7 @@ def subsample_sessions(keep: np.ndarray, corpus: CleanedCorpus, wanted: dict[str
     for name, n in wanted.items():
         si = corpus.sources.index(name)
         idx = np.flatnonzero(keep & (corpus.source == si))
-        target = min(len(idx), int(n) if n >= 1 else round(n * len(idx)))
+        target = min(len(idx), int(n) if n >= 1 else max(1, round(n * len(idx))))  # a share keeps at least one
         # one generator per source, seeded by the source's name too, so adding a source changes no other's pick
         rng = np.random.default_rng([seed, int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)])
         dropped = np.zeros(len(corpus), dtype=bool)
