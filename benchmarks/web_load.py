@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 try:
     import dialogpt_zh  # noqa: F401
@@ -53,7 +54,7 @@ class LoadArguments:
     batch_window_ms: float = field(default=5.0, metadata=field_help("webapp --batch_window_ms in the batched mode"))
     alone_concurrency: int = field(default=4, metadata=field_help(
         "webapp --concurrency in the alone mode (4 was the best on 2 cores before batching)"))
-    client: str = field(default="light", metadata=field_help(
+    client: Literal["light", "gradio_client"] = field(default="light", metadata=field_help(
         "light: each simulated user is a thread speaking Gradio's queue protocol over httpx (the payload "
         "gradio_client sends, recorded from one real gradio_client call), so the load generator costs little "
         "CPU beside the app; gradio_client: a full gradio_client.Client per user (heavier: 20 of them use "
@@ -297,8 +298,6 @@ def main(argv=None) -> int:
                                                      prog="web_load.py",
                                            description=__doc__.split("\n")[0], examples=__doc__.split("\n\n")[-1]),
                                argv)
-        if args.client not in ("light", "gradio_client"):
-            raise UserError(f"unknown client {args.client!r}; use light or gradio_client", field="client")
         text = OPENERS.read_text(encoding="utf-8")
         utterances = [u.strip() for u in text.splitlines() if u.strip()]
         if args.url is not None:

@@ -593,8 +593,10 @@ class SplitPlan:
         return int((self.labels >= 0).sum())
 
 
-def dedupe_and_split(args: PreprocessArguments, corpus: CleanedCorpus) -> SplitPlan:
-    """Pass 2: drop exact duplicates (the first is kept) and held-out sessions, then assign splits."""
+def dedupe_and_split(args: PreprocessArguments, corpus: CleanedCorpus,
+                     subsample: dict[str, float] | None = None) -> SplitPlan:
+    """Pass 2: drop exact duplicates (the first is kept) and held-out sessions, keep the `subsample` pick
+    (`parse_subsample`), then assign splits."""
     h = corpus.hashes
     _, first = np.unique(h, return_index=True)
     keep = np.zeros(len(corpus), dtype=bool)
@@ -618,7 +620,7 @@ def dedupe_and_split(args: PreprocessArguments, corpus: CleanedCorpus) -> SplitP
         if not keep.any():
             raise UserError("every session is in a held-out source split; nothing left to train on",
                             field="holdout_source_splits")
-    subsampled = subsample_sessions(keep, corpus, parse_subsample(args.subsample), args.seed)
+    subsampled = subsample_sessions(keep, corpus, subsample or {}, args.seed)
     labels = np.full(len(corpus), -1, dtype=np.int8)
     if args.keep_source_splits:
         code_of = np.full(len(corpus.split_names) + 1, -1, dtype=np.int8)  # the last entry: no split (-1)
@@ -884,8 +886,8 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
     options = CleaningOptions(max_utterance_chars=args.max_utterance_chars, max_repeat=args.max_repeat,
                               min_turns=args.min_turns, mask_pii=args.mask_pii, blocklist=blocklist)
     scans: list[InputScan] = scan_inputs(inputs, args.format)
-    upsample = parse_upsample(args.upsample, [scan.source for scan in scans])  # a wrong name fails before the work
-    parse_subsample(args.subsample, [scan.source for scan in scans])
+    sources = [scan.source for scan in scans]  # a wrong name in --upsample/--subsample fails before the work
+    upsample, subsample = parse_upsample(args.upsample, sources), parse_subsample(args.subsample, sources)
     given_tokenizer = load_tokenizer_for(args) if args.vocab else None
     if command is None:
         command = "python -m dialogpt_zh.preprocess " + shlex.join(args_to_argv(args, inputs))
@@ -893,7 +895,7 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
     with atomic_directory(output, replace_existing=True) as out:  # check_output decided what may be replaced
         corpus = read_and_clean(args, scans, options, out / "sessions.tmp")
         t_read = time.perf_counter() - t0
-        plan = dedupe_and_split(args, corpus)
+        plan = dedupe_and_split(args, corpus, subsample)
         corpus.hashes = corpus.own_split = None  # not needed after pass 2 (10 bytes a session)
         tokenizer, tok_info = make_tokenizer(args, corpus, plan, given_tokenizer)
         writer = StoreWriter(out, tokenizer, STORE_SPLITS)
