@@ -104,36 +104,37 @@ class LeanGPT2:
         return KVCache(self.wte.new_empty(shape), self.wte.new_empty(shape))
 
     def prompt_rows(self, contexts: list[list[int]], counts: list[int], capacity: int) -> tuple[KVCache, torch.Tensor]:
-        """A cache of sum(counts) rows, `counts[i]` rows holding context i (each encoded once, batch 1), with
-        room for `capacity` more columns; and the logits (rows, V) of each row's last context position."""
-        lengths = [len(c) for c in contexts]
-        width, rows = max(lengths), sum(counts)
-        # zeros, not new_empty: the masked gap columns still enter the attention matmuls, and garbage there
-        # (NaN/inf bit patterns) would turn masked scores into NaN
-        shape = (self.n_layer, rows, self.n_head, width + capacity, self.head_dim)
-        cache = KVCache(self.wte.new_zeros(shape), self.wte.new_zeros(shape))
-        logits, row = [], 0
-        for ids, n in zip(contexts, counts):
-            one = self.new_cache(1, len(ids))
-            hidden = self.hidden(torch.tensor([ids], device=self.wte.device), one)
-            logits.append(self.logits(hidden[:, -1, :]).expand(n, -1))
-            cache.k[:, row:row + n, :, :len(ids)] = one.k
-            cache.v[:, row:row + n, :, :len(ids)] = one.v
-            row += n
-        row_lengths = torch.repeat_interleave(torch.tensor(lengths), torch.tensor(counts)).to(self.wte.device)
-        columns = torch.arange(width + capacity, device=self.wte.device)
-        cache.length = width
+        """A cache of sum(counts) rows, `counts[i]` rows holding context i, with room for `capacity` more
+        columns; and the logits (rows, V) of each row's last context position.
+
+        The contexts are encoded together in one right-padded pass (one batch of matmuls over their real
+        tokens, not one small pass per context), then each context's keys/values are repeated to its rows."""
+        device = self.wte.device
+        lengths = torch.tensor([len(c) for c in contexts])
+        width, n_ctx = int(lengths.max()), len(contexts)
+        ids = torch.zeros(n_ctx, width, dtype=torch.long)
+        for i, c in enumerate(contexts):
+            ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        mask = torch.arange(width)[None, :] < lengths[:, None]
+        one = self.new_cache(n_ctx, width + capacity)
+        hidden = self.hidden(ids.to(device), one, mask=mask.to(device))
+        last = self.logits(hidden[torch.arange(n_ctx, device=device), (lengths - 1).to(device)])  # (n_ctx, V)
+        owner = torch.repeat_interleave(torch.arange(n_ctx), torch.tensor(counts)).to(device)  # context of each row
+        cache = KVCache(one.k.index_select(1, owner), one.v.index_select(1, owner), length=width)
+        row_lengths = lengths.to(device).index_select(0, owner)
+        columns = torch.arange(width + capacity, device=device)
         cache.gap = width - row_lengths
         cache.valid = (columns[None, :] < row_lengths[:, None]) | (columns[None, :] >= width)
-        return cache, torch.cat(logits)
+        return cache, last.index_select(0, owner)
 
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, d) for `ids` (B, T) at positions cache.length .. + T - 1.
 
-        Without a cache the batch is causal from position 0; right padding is then harmless for the real
-        tokens (they never see later positions), and with `mask` (B, T, 1 = real token, right padding only)
-        the matmuls run on the real tokens only (the padding's hidden states are returned as zeros).
+        Without a cache, or with an empty one, the batch is causal from position 0; right padding is then
+        harmless for the real tokens (they never see later positions), and with `mask` (B, T, 1 = real token,
+        right padding only) the matmuls run on the real tokens only (the padding's hidden states are returned
+        as zeros, its cached keys/values are zeros).
         With a cache, the new keys/values are written into it at positions cache.length.. and attention runs
         over everything cached so far; cache.length advances.
         """
@@ -158,7 +159,7 @@ class LeanGPT2:
             if cache is not None and start > 0 and t > 1:   # new tokens see the whole cache + themselves causally
                 attn_mask = torch.ones(t, start + t, dtype=torch.bool, device=ids.device).tril(diagonal=start)
         packed = None                                   # flat indices of the real tokens among the b * t
-        if cache is None and mask is not None and not bool(mask.all()):
+        if (cache is None or start == 0) and mask is not None and not bool(mask.all()):
             packed = mask.reshape(-1).nonzero().squeeze(1)
             x = x.reshape(b * t, d).index_select(0, packed)
         x = x.reshape(-1, d)                            # (tokens, d): the rows every matmul runs on

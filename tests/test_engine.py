@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import dialogpt_zh.engine as engine_module
 from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.lean_gpt2 import LeanGPT2
@@ -124,9 +125,12 @@ def test_kv_cached_generation_matches_full_recomputation(bot):
     check_cached_generation(bot, seed=3)
 
 
-def test_row_dropping_with_a_trained_bot(trained_bot_dir):
-    """A trained model ends replies at different lengths, so rows leave the batch and cache mid-way;
-    the scores must still equal full recomputation."""
+@pytest.mark.parametrize("compact_share", [0.0, 0.5, 1.0])
+def test_row_dropping_with_a_trained_bot(trained_bot_dir, compact_share, monkeypatch):
+    """A trained model ends replies at different lengths, so rows leave the batch mid-way: out of the cache
+    at once (share 0), once half the cache rows are finished (0.5, the default), or never (1.0: they decode
+    a dummy token to the end); the scores must still equal full recomputation."""
+    monkeypatch.setattr(engine_module, "COMPACT_DEAD_SHARE", compact_share)
     bot = ChatBot.from_pretrained(trained_bot_dir)
     lengths = set()
     for seed in range(3):
