@@ -52,6 +52,7 @@ class LoadArguments:
     concurrency: int = field(default=16, metadata=field_help("webapp --concurrency in the batched mode"))
     max_batch: int = field(default=8, metadata=field_help("webapp --max_batch in the batched mode"))
     batch_window_ms: float = field(default=5.0, metadata=field_help("webapp --batch_window_ms in the batched mode"))
+    batch_workers: int = field(default=1, metadata=field_help("webapp --batch_workers in the batched mode"))
     alone_concurrency: int = field(default=4, metadata=field_help(
         "webapp --concurrency in the alone mode (4 was the best on 2 cores before batching)"))
     client: Literal["light", "gradio_client"] = field(default="light", metadata=field_help(
@@ -247,7 +248,7 @@ def changed_settings(*settings) -> list[str]:
 
 @contextlib.contextmanager
 def app_process(bot_args: BotArguments, gen, mmi, concurrency: int, max_queue: int, max_batch: int,
-                batch_window_ms: float, timeout_s: float = 300.0):
+                batch_window_ms: float, batch_workers: int = 1, timeout_s: float = 300.0):
     """`python -m dialogpt_zh.webapp` in its own process on a free port; yields its URL, stops it after."""
     import subprocess
     import urllib.request
@@ -257,7 +258,7 @@ def app_process(bot_args: BotArguments, gen, mmi, concurrency: int, max_queue: i
     port = free_port()
     cmd = [sys.executable, "-m", "dialogpt_zh.webapp", "--port", str(port), "--concurrency", str(concurrency),
            "--max_queue", str(max_queue), "--max_batch", str(max_batch), "--batch_window_ms", str(batch_window_ms),
-           *changed_settings(bot_args, gen, mmi)]
+           "--batch_workers", str(batch_workers), *changed_settings(bot_args, gen, mmi)]
     print("app:", " ".join(cmd), flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -314,10 +315,12 @@ def main(argv=None) -> int:
                 batched = mode == "batched"
                 concurrency = args.concurrency if batched else args.alone_concurrency
                 print(f"\n## {mode}: app in its own process; concurrency {concurrency}, max_batch "
-                      f"{args.max_batch if batched else 1}" + (f", window {args.batch_window_ms:g} ms" if batched else "")
+                      f"{args.max_batch if batched else 1}"
+                      + (f", window {args.batch_window_ms:g} ms, {args.batch_workers} worker(s)" if batched else "")
                       + f"; cpus {os.cpu_count()}", flush=True)
                 with app_process(bot_args, gen, mmi, concurrency, max(64, args.clients * 2),
-                                 args.max_batch if batched else 1, args.batch_window_ms) as url:
+                                 args.max_batch if batched else 1, args.batch_window_ms,
+                                 args.batch_workers) as url:
                     summary[mode] = run_load(url, args, utterances)
             return print_summary(summary)
         bot = load_bot(bot_args, gen, mmi)
@@ -326,11 +329,11 @@ def main(argv=None) -> int:
             concurrency = args.concurrency if batched else args.alone_concurrency
             demo = webapp.build_app(bot, concurrency=concurrency, max_queue=max(64, args.clients * 2),
                                     max_batch=args.max_batch if batched else 1,
-                                    batch_window_ms=args.batch_window_ms)
+                                    batch_window_ms=args.batch_window_ms, batch_workers=args.batch_workers)
             url = webapp.launch_in_background(demo)
             print(f"\n## {mode}: serving {bot.forward_dir} (+ {bot.backward_dir}) at {url}; concurrency "
                   f"{concurrency}, max_batch {args.max_batch if batched else 1}"
-                  + (f", window {args.batch_window_ms:g} ms" if batched else "")
+                  + (f", window {args.batch_window_ms:g} ms, {args.batch_workers} worker(s)" if batched else "")
                   + f"; num_candidates {bot.generation.num_candidates}, max_length {bot.generation.max_length}; "
                   f"threads: {bot.thread_policy.describe()}, "
                   f"cpus {os.cpu_count()}", flush=True)

@@ -13,6 +13,10 @@ model work is shared.
 
 While a batch runs, new requests queue up and form the next batch as soon as it ends; an idle batcher
 waits `window_s` after a first request for others to join (0: never waits).
+
+With `workers` > 1, that many worker threads take batches from the one queue, so a batch can start while
+another runs; the engine's thread policy then gives each running batch its share of the free cores (one
+each on 2 cores), which keeps both cores busy through the single-threaded parts of a batch.
 """
 from __future__ import annotations
 
@@ -25,12 +29,13 @@ from dialogpt_zh.engine import ChatBot, Reply
 
 
 class ReplyBatcher:
-    """One worker thread running queued reply requests together, up to `max_requests` per batch and about
+    """`workers` threads running queued reply requests together, up to `max_requests` per batch and about
     `max_rows` candidates (a single request is never split)."""
 
-    def __init__(self, bot: ChatBot, *, window_s: float = 0.005, max_requests: int = 8, max_rows: int = 160) -> None:
-        if not (0 <= window_s <= 1 and max_requests >= 1 and max_rows >= 1):
-            raise ValueError("window_s must be in [0, 1] s, max_requests and max_rows at least 1")
+    def __init__(self, bot: ChatBot, *, window_s: float = 0.005, max_requests: int = 8, max_rows: int = 160,
+                 workers: int = 1) -> None:
+        if not (0 <= window_s <= 1 and max_requests >= 1 and max_rows >= 1 and workers >= 1):
+            raise ValueError("window_s must be in [0, 1] s, max_requests, max_rows and workers at least 1")
         self.bot = bot
         self.window_s, self.max_requests, self.max_rows = window_s, max_requests, max_rows
         self._queue: list[tuple[Any, Future]] = []
@@ -38,8 +43,10 @@ class ReplyBatcher:
         self._closed = False
         self.batches = 0                 # counters, for benchmarks and tests
         self.requests = 0
-        self._worker = threading.Thread(target=self._run, name="reply-batcher", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._run, name=f"reply-batcher-{i}", daemon=True)
+                         for i in range(workers)]
+        for worker in self._workers:
+            worker.start()
 
     def reply(self, history, *, seed: int | None = None, **settings: Any) -> Reply:
         """`ChatBot.reply`, computed in a batch with whatever other requests are waiting."""
@@ -57,21 +64,26 @@ class ReplyBatcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._worker.join()
+        for worker in self._workers:
+            worker.join()
 
     def _take_batch(self) -> list[tuple[Any, Future]]:
+        """The next batch; [] only once the batcher is closed and its queue drained."""
         with self._cond:
-            while not self._queue and not self._closed:
-                self._cond.wait()
-            if not self._queue:
-                return []
-            # an idle batcher gives others a moment to join the first request
-            deadline = self._queue[0][0].prepared + self.window_s
-            while len(self._queue) < self.max_requests and not self._closed:
-                left = deadline - time.perf_counter()
-                if left <= 0:
+            while True:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return []
+                # an idle batcher gives others a moment to join the first request
+                deadline = self._queue[0][0].prepared + self.window_s
+                while len(self._queue) < self.max_requests and not self._closed:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if self._queue:  # else another worker took them during the wait: wait again
                     break
-                self._cond.wait(left)
             batch, rows = [], 0
             while self._queue and len(batch) < self.max_requests:
                 n = self._queue[0][0].gen.num_candidates
@@ -79,6 +91,8 @@ class ReplyBatcher:
                     break
                 batch.append(self._queue.pop(0))
                 rows += n
+            self.batches += 1
+            self.requests += len(batch)
             return batch
 
     def _run(self) -> None:
@@ -86,8 +100,6 @@ class ReplyBatcher:
             batch = self._take_batch()
             if not batch:
                 return
-            self.batches += 1
-            self.requests += len(batch)
             try:
                 replies = self.bot.reply_many([job for job, _ in batch])
             except BaseException as e:  # noqa: BLE001 - handed to the waiting callers

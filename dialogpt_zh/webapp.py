@@ -54,6 +54,9 @@ class WebArguments:
     batch_window_ms: float = field(default=5.0, metadata=field_help(
         "an idle server waits this long after a request for others to share its batch (0: never waits; "
         "requests that arrive while a batch runs always form the next one)"))
+    batch_workers: int = field(default=1, metadata=field_help(
+        "with --max_batch > 1: threads taking batches from the queue, so a batch can start while another "
+        "runs (each gets its share of the free cores)"))
     max_queue: int = field(default=64, metadata=field_help(
         "requests allowed to wait; beyond that new requests are refused with 'queue full'"))
     max_input_chars: int = field(default=150, metadata=field_help(
@@ -71,7 +74,8 @@ class WebArguments:
 
     def __post_init__(self) -> None:
         for name, lo, hi in (("port", 0, 65535), ("concurrency", 1, 256), ("max_queue", 1, 100_000),
-                             ("max_input_chars", 1, 100_000), ("max_batch", 1, 256), ("batch_window_ms", 0, 1000)):
+                             ("max_input_chars", 1, 100_000), ("max_batch", 1, 256), ("batch_window_ms", 0, 1000),
+                             ("batch_workers", 1, 16)):
             if not lo <= getattr(self, name) <= hi:
                 raise UserError(f"must be in [{lo}, {hi}], got {getattr(self, name)}", field=name)
         if self.transcript:  # found at start, not at the first turn
@@ -168,7 +172,7 @@ def status_markdown(reply, notices: Sequence[str]) -> str:
 
 def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
               transcript: str | Path | None = None, *, concurrency: int = 16, max_queue: int = 64,
-              max_batch: int = 8, batch_window_ms: float = 5.0,
+              max_batch: int = 8, batch_window_ms: float = 5.0, batch_workers: int = 1,
               max_input_chars: int = 150, seed: int | None = None, feedback: str | Path | None = None,
               arena_pairs: str | Path | None = None, arena_verdicts: str | Path | None = None) -> gr.Blocks:
     """The Gradio page over `bot` (a `dialogpt_zh.engine.ChatBot`).
@@ -192,7 +196,8 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
     if max_batch > 1 and hasattr(bot, "reply_many"):
         from dialogpt_zh.batcher import ReplyBatcher
 
-        replier = ReplyBatcher(bot, window_s=batch_window_ms / 1000, max_requests=max_batch)
+        replier = ReplyBatcher(bot, window_s=batch_window_ms / 1000, max_requests=max_batch,
+                               workers=batch_workers)
 
     # Explicit parameters (not *values) so that the API page and gradio_client show the settings' names.
     def reply_fn(message: str, history: list[str] | None, request: gr.Request, num_candidates: float,
@@ -365,7 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n in getattr(bot, "notices", []) or []:
             log.warning("note: %s", n)
         demo = build_app(bot, transcript=args.transcript, concurrency=args.concurrency,
-                         max_queue=args.max_queue, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_input_chars=args.max_input_chars, seed=args.seed,
+                         max_queue=args.max_queue, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                         batch_workers=args.batch_workers, max_input_chars=args.max_input_chars, seed=args.seed,
                          feedback=args.feedback, arena_pairs=args.arena_pairs, arena_verdicts=args.arena_verdicts)
         if args.transcript:
             log.info("transcript: appending every turn to %s", args.transcript)

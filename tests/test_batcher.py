@@ -71,6 +71,33 @@ def test_batches_respect_the_request_and_row_limits(bot):
     assert [r.batch_size for r in got] == [1, 1, 1]
 
 
+def test_two_workers_both_take_batches_and_stay_alive(bot):
+    """With two workers, one can empty the queue while the other waits out its window; that other must go
+    back to waiting, not stop (it did: an empty take was read as "closed")."""
+    batcher = ReplyBatcher(bot, window_s=0.2, max_requests=2, max_rows=1000, workers=2)
+    seen: set[str] = set()
+    real = bot.reply_many
+
+    def note_worker(jobs):
+        seen.add(threading.current_thread().name)
+        return real(jobs)
+
+    bot.reply_many = note_worker  # instance attribute: the batcher calls bot.reply_many
+    try:
+        for _ in range(3):  # rounds: a worker that stopped in one would be missing after it
+            got = call_together(batcher, REQUESTS)
+            assert all(w.is_alive() for w in batcher._workers)
+            for (history, kw), reply in zip(REQUESTS, got):
+                assert key(reply) == key(real([bot.prepare_reply(history, **kw)])[0])
+    finally:
+        del bot.reply_many
+        batcher.close()
+    assert seen == {"reply-batcher-0", "reply-batcher-1"}
+    assert not any(w.is_alive() for w in batcher._workers)
+    with pytest.raises(ValueError):
+        ReplyBatcher(bot, workers=0)
+
+
 def test_bad_input_fails_alone_and_a_failed_batch_is_retried_per_request(bot, monkeypatch):
     batcher = ReplyBatcher(bot, window_s=0.3)
     real = bot.reply_many
