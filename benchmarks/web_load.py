@@ -52,7 +52,7 @@ class LoadArguments:
     concurrency: int = field(default=16, metadata=field_help("webapp --concurrency in the batched mode"))
     max_batch: int = field(default=8, metadata=field_help("webapp --max_batch in the batched mode"))
     batch_window_ms: float = field(default=5.0, metadata=field_help("webapp --batch_window_ms in the batched mode"))
-    batch_workers: int = field(default=1, metadata=field_help("webapp --batch_workers in the batched mode"))
+    batch_workers: int = field(default=2, metadata=field_help("webapp --batch_workers in the batched mode"))
     alone_concurrency: int = field(default=4, metadata=field_help(
         "webapp --concurrency in the alone mode (4 was the best on 2 cores before batching)"))
     client: Literal["light", "gradio_client"] = field(default="light", metadata=field_help(
@@ -248,7 +248,7 @@ def changed_settings(*settings) -> list[str]:
 
 @contextlib.contextmanager
 def app_process(bot_args: BotArguments, gen, mmi, concurrency: int, max_queue: int, max_batch: int,
-                batch_window_ms: float, batch_workers: int = 1, timeout_s: float = 300.0):
+                batch_window_ms: float, batch_workers: int = 2, timeout_s: float = 300.0):
     """`python -m dialogpt_zh.webapp` in its own process on a free port; yields its URL, stops it after."""
     import subprocess
     import urllib.request

@@ -264,7 +264,7 @@ def _sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> list[
 
 # Finished candidates leave the KV cache (one copy of it) only once this share of its rows is finished;
 # until then they decode a dummy token. Measured at 8 and 20 requests per batch: ~1.2x the throughput of
-# dropping them at every step at 20 requests, no worse at 8 (docs/engine.md, "Batching").
+# dropping them at every finish at 20 requests, no worse at 8 or alone (docs/engine.md, Generation).
 COMPACT_DEAD_SHARE = 0.5
 
 

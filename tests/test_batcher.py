@@ -125,3 +125,28 @@ def test_bad_input_fails_alone_and_a_failed_batch_is_retried_per_request(bot, mo
         batcher.reply(["你好"])
     with pytest.raises(ValueError):
         ReplyBatcher(bot, window_s=-1)
+
+
+def test_batch_throughput_benchmark_smoke(monkeypatch, capsys, random_bot_dir):
+    """benchmarks/batch_throughput.py runs end to end on a tiny bot and refuses bad lists by field name."""
+    import importlib.util
+    import sys
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("batch_throughput", REPO / "benchmarks" / "batch_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "batch_throughput", bench)  # (dataclasses look their module up)
+    spec.loader.exec_module(bench)
+    code = bench.main(["--model", str(random_bot_dir), "--batch_sizes", "1,3", "--requests", "3", "--rounds", "1",
+                       "--clients", "3", "--turns", "2", "--workers", "1,2", "--max_length", "3",
+                       "--num_candidates", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = [line.split("|")[0].strip() for line in out.splitlines() if "|" in line and "replies/s" not in line]
+    assert rows == ["1", "3"]
+    loops = [line for line in out.splitlines() if line.startswith("closed loop")]
+    assert len(loops) == 2 and "1 worker(s)" in loops[0] and "2 worker(s)" in loops[1]
+    for flag, bad in (("--batch_sizes", "0"), ("--workers", "x"), ("--requests", "0")):
+        assert bench.main(["--model", str(random_bot_dir), flag, bad]) == 2
+        assert flag.lstrip("-") in capsys.readouterr().err
