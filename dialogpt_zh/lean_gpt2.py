@@ -116,6 +116,9 @@ class LeanGPT2:
         for i, c in enumerate(contexts):
             ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
         mask = torch.arange(width)[None, :] < lengths[:, None]
+        # new_empty is safe: this pass writes every column < width (the padding's keys/values as zeros: masked
+        # columns still enter the attention matmuls, where garbage NaN/inf bit patterns would give NaN), and
+        # decoding writes each later column before attention reads it
         one = self.new_cache(n_ctx, width + capacity)
         hidden = self.hidden(ids.to(device), one, mask=mask.to(device))
         last = self.logits(hidden[torch.arange(n_ctx, device=device), (lengths - 1).to(device)])  # (n_ctx, V)
