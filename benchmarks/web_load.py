@@ -53,6 +53,8 @@ class LoadArguments:
     max_batch: int = field(default=8, metadata=field_help("webapp --max_batch in the batched mode"))
     batch_window_ms: float = field(default=5.0, metadata=field_help("webapp --batch_window_ms in the batched mode"))
     batch_workers: int = field(default=2, metadata=field_help("webapp --batch_workers in the batched mode"))
+    engine_process: bool = field(default=False, metadata=field_help(
+        "webapp --engine_process in the batched mode (replies computed in a child process of the app)"))
     alone_concurrency: int = field(default=4, metadata=field_help(
         "webapp --concurrency in the alone mode (4 was the best on 2 cores before batching)"))
     client: Literal["light", "gradio_client"] = field(default="light", metadata=field_help(
@@ -248,7 +250,8 @@ def changed_settings(*settings) -> list[str]:
 
 @contextlib.contextmanager
 def app_process(bot_args: BotArguments, gen, mmi, concurrency: int, max_queue: int, max_batch: int,
-                batch_window_ms: float, batch_workers: int = 2, timeout_s: float = 300.0):
+                batch_window_ms: float, batch_workers: int = 2, engine_process: bool = False,
+                timeout_s: float = 300.0):
     """`python -m dialogpt_zh.webapp` in its own process on a free port; yields its URL, stops it after."""
     import subprocess
     import urllib.request
@@ -258,7 +261,8 @@ def app_process(bot_args: BotArguments, gen, mmi, concurrency: int, max_queue: i
     port = free_port()
     cmd = [sys.executable, "-m", "dialogpt_zh.webapp", "--port", str(port), "--concurrency", str(concurrency),
            "--max_queue", str(max_queue), "--max_batch", str(max_batch), "--batch_window_ms", str(batch_window_ms),
-           "--batch_workers", str(batch_workers), *changed_settings(bot_args, gen, mmi)]
+           "--batch_workers", str(batch_workers), *(["--engine_process"] if engine_process else []),
+           *changed_settings(bot_args, gen, mmi)]
     print("app:", " ".join(cmd), flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -316,11 +320,12 @@ def main(argv=None) -> int:
                 concurrency = args.concurrency if batched else args.alone_concurrency
                 print(f"\n## {mode}: app in its own process; concurrency {concurrency}, max_batch "
                       f"{args.max_batch if batched else 1}"
-                      + (f", window {args.batch_window_ms:g} ms, {args.batch_workers} worker(s)" if batched else "")
+                      + (f", window {args.batch_window_ms:g} ms, {args.batch_workers} worker(s)"
+                         + (", engine process" if args.engine_process else "") if batched else "")
                       + f"; cpus {os.cpu_count()}", flush=True)
                 with app_process(bot_args, gen, mmi, concurrency, max(64, args.clients * 2),
                                  args.max_batch if batched else 1, args.batch_window_ms,
-                                 args.batch_workers) as url:
+                                 args.batch_workers, batched and args.engine_process) as url:
                     summary[mode] = run_load(url, args, utterances)
             return print_summary(summary)
         bot = load_bot(bot_args, gen, mmi)

@@ -51,13 +51,17 @@ class ReplyBatcher:
     def reply(self, history, *, seed: int | None = None, **settings: Any) -> Reply:
         """`ChatBot.reply`, computed in a batch with whatever other requests are waiting."""
         job = self.bot.prepare_reply(history, seed=seed, **settings)  # bad input raises here, in this thread
+        return self.submit(job).result()
+
+    def submit(self, job) -> Future:
+        """Queue a prepared request (`ChatBot.prepare_reply`); its Future gets the Reply or the error."""
         future: Future = Future()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the reply batcher is closed")
             self._queue.append((job, future))
             self._cond.notify_all()
-        return future.result()
+        return future
 
     def close(self) -> None:
         """Finish what is queued, then stop the worker."""

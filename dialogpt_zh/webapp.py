@@ -54,6 +54,9 @@ class WebArguments:
     batch_window_ms: float = field(default=5.0, metadata=field_help(
         "an idle server waits this long after a request for others to share its batch (0: never waits; "
         "requests that arrive while a batch runs always form the next one)"))
+    engine_process: bool = field(default=False, metadata=field_help(
+        "with --max_batch > 1: compute replies in a child process with its own interpreter (the batches do "
+        "not wait for Gradio's Python); the page's process still loads the bot for its settings"))
     batch_workers: int = field(default=2, metadata=field_help(
         "with --max_batch > 1: threads taking batches from the queue, so a batch can start while another "
         "runs (each gets its share of the free cores; 2 did 1.15-1.28x the replies/s of 1 on 2 cores)"))
@@ -172,7 +175,7 @@ def status_markdown(reply, notices: Sequence[str]) -> str:
 
 def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
               transcript: str | Path | None = None, *, concurrency: int = 16, max_queue: int = 64,
-              max_batch: int = 8, batch_window_ms: float = 5.0, batch_workers: int = 2,
+              max_batch: int = 8, batch_window_ms: float = 5.0, batch_workers: int = 2, replier=None,
               max_input_chars: int = 150, seed: int | None = None, feedback: str | Path | None = None,
               arena_pairs: str | Path | None = None, arena_verdicts: str | Path | None = None) -> gr.Blocks:
     """The Gradio page over `bot` (a `dialogpt_zh.engine.ChatBot`).
@@ -192,8 +195,10 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
     writer = TranscriptWriter(transcript) if transcript else None
     bot_notices = list(getattr(bot, "notices", []) or [])
     clears = ClearCounter()
-    replier = bot  # what computes a reply: the bot itself, or a batcher sharing its batches between users
-    if max_batch > 1 and hasattr(bot, "reply_many"):
+    # what computes a reply: the bot itself, a batcher sharing its batches between users, or the caller's
+    # `replier` (e.g. an EngineProcess); a replier with a close() is closed by whoever launched the page
+    replier = replier if replier is not None else bot
+    if replier is bot and max_batch > 1 and hasattr(bot, "reply_many"):
         from dialogpt_zh.batcher import ReplyBatcher
 
         replier = ReplyBatcher(bot, window_s=batch_window_ms / 1000, max_requests=max_batch,
@@ -369,14 +374,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         bot = load_bot(bot_args, generation, mmi)
         for n in getattr(bot, "notices", []) or []:
             log.warning("note: %s", n)
-        demo = build_app(bot, transcript=args.transcript, concurrency=args.concurrency,
-                         max_queue=args.max_queue, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                         batch_workers=args.batch_workers, max_input_chars=args.max_input_chars, seed=args.seed,
-                         feedback=args.feedback, arena_pairs=args.arena_pairs, arena_verdicts=args.arena_verdicts)
-        if args.transcript:
-            log.info("transcript: appending every turn to %s", args.transcript)
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
-                    ssr_mode=False)
+        replier = None
+        if args.engine_process and args.max_batch > 1:
+            from dialogpt_zh.engine_process import EngineProcess
+
+            replier = EngineProcess(bot_args, generation, mmi, window_s=args.batch_window_ms / 1000,
+                                    max_requests=args.max_batch, workers=args.batch_workers)
+            log.info("replies computed in engine process %s", replier.pid)
+        try:
+            demo = build_app(bot, transcript=args.transcript, concurrency=args.concurrency,
+                             max_queue=args.max_queue, max_batch=args.max_batch,
+                             batch_window_ms=args.batch_window_ms, batch_workers=args.batch_workers,
+                             replier=replier, max_input_chars=args.max_input_chars, seed=args.seed,
+                             feedback=args.feedback, arena_pairs=args.arena_pairs,
+                             arena_verdicts=args.arena_verdicts)
+            if args.transcript:
+                log.info("transcript: appending every turn to %s", args.transcript)
+            demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
+                        ssr_mode=False)
+        finally:
+            if replier is not None:
+                replier.close()
         return 0
 
     return run_main(body)

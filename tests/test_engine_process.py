@@ -1,0 +1,72 @@
+"""The engine in a child process (webapp --engine_process): same replies, errors per request, no hang on a crash."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from dialogpt_zh.engine import ChatBot
+from dialogpt_zh.engine_process import EngineProcess
+from dialogpt_zh.errors import UserError
+from dialogpt_zh.settings import BotArguments
+
+REQUESTS = [(["你好"], dict(seed=1)), (["你好呀，在干嘛", "在看电影呢"], dict(seed=2, num_candidates=3)),
+            (["今天好冷啊"], dict(seed=3, temperature=0.7, use_mmi=False)), (["晚饭吃什么"], dict(seed=4, top_k=3))]
+
+
+def key(reply):
+    return reply.text, [(c.text, c.rank, round(c.forward_logprob, 3)) for c in reply.candidates], reply.seed
+
+
+@pytest.fixture(scope="module")
+def engine(trained_bot_dir):
+    process = EngineProcess(BotArguments(model=str(trained_bot_dir)), window_s=0.2, max_requests=8, workers=2)
+    yield process
+    process.close()
+
+
+def test_replies_from_the_child_are_the_bots_replies(engine, trained_bot_dir):
+    bot = ChatBot.from_pretrained(trained_bot_dir)
+    out: list = [None] * len(REQUESTS)
+
+    def ask(i: int) -> None:
+        history, kw = REQUESTS[i]
+        out[i] = engine.reply(history, **kw)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(REQUESTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert max(r.batch_size for r in out) > 1  # they did share batches in the child
+    for (history, kw), reply in zip(REQUESTS, out):
+        assert key(reply) == key(bot.reply(history, **kw))
+
+
+def test_bad_input_fails_only_its_request_with_the_same_message(engine, trained_bot_dir):
+    bot = ChatBot.from_pretrained(trained_bot_dir)
+    with pytest.raises(UserError) as remote:
+        engine.reply(["   "], seed=1)
+    with pytest.raises(UserError) as local:
+        bot.reply(["   "], seed=1)
+    assert str(remote.value) == str(local.value)
+    with pytest.raises(UserError, match="num_candidates"):
+        engine.reply(["你好"], num_candidates=0)
+    assert engine.reply(["你好"], seed=1).text == bot.reply(["你好"], seed=1).text  # still serving
+
+
+def test_a_dead_child_fails_requests_instead_of_hanging(trained_bot_dir):
+    process = EngineProcess(BotArguments(model=str(trained_bot_dir)), window_s=0.0)
+    try:
+        assert process.reply(["你好"], seed=1).text
+        process._process.kill()
+        process._reader.join(30)
+        with pytest.raises(RuntimeError, match="engine process stopped"):
+            process.reply(["你好"], seed=1)
+    finally:
+        process.close()
+
+
+def test_a_bad_model_fails_at_start(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path / "missing")):
+        EngineProcess(BotArguments(model=str(tmp_path / "missing")))
