@@ -53,8 +53,9 @@ class LoadArguments:
     max_batch: int = field(default=8, metadata=field_help("webapp --max_batch in the batched mode"))
     batch_window_ms: float = field(default=5.0, metadata=field_help("webapp --batch_window_ms in the batched mode"))
     batch_workers: int = field(default=2, metadata=field_help("webapp --batch_workers in the batched mode"))
-    engine_process: bool = field(default=False, metadata=field_help(
-        "webapp --engine_process in the batched mode (replies computed in a child process of the app)"))
+    engine_process: bool = field(default=True, metadata=field_help(
+        "webapp --engine_process in the batched mode (replies computed in a child process of the app); "
+        "--no_engine_process passes --no_engine_process"))
     alone_concurrency: int = field(default=4, metadata=field_help(
         "webapp --concurrency in the alone mode (4 was the best on 2 cores before batching)"))
     client: Literal["light", "gradio_client"] = field(default="light", metadata=field_help(
@@ -250,7 +251,7 @@ def changed_settings(*settings) -> list[str]:
 
 @contextlib.contextmanager
 def app_process(bot_args: BotArguments, gen, mmi, concurrency: int, max_queue: int, max_batch: int,
-                batch_window_ms: float, batch_workers: int = 2, engine_process: bool = False,
+                batch_window_ms: float, batch_workers: int = 2, engine_process: bool = True,
                 timeout_s: float = 300.0):
     """`python -m dialogpt_zh.webapp` in its own process on a free port; yields its URL, stops it after."""
     import subprocess
@@ -261,7 +262,7 @@ def app_process(bot_args: BotArguments, gen, mmi, concurrency: int, max_queue: i
     port = free_port()
     cmd = [sys.executable, "-m", "dialogpt_zh.webapp", "--port", str(port), "--concurrency", str(concurrency),
            "--max_queue", str(max_queue), "--max_batch", str(max_batch), "--batch_window_ms", str(batch_window_ms),
-           "--batch_workers", str(batch_workers), *(["--engine_process"] if engine_process else []),
+           "--batch_workers", str(batch_workers), "--engine_process" if engine_process else "--no_engine_process",
            *changed_settings(bot_args, gen, mmi)]
     print("app:", " ".join(cmd), flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

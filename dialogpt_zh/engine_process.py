@@ -34,9 +34,14 @@ def _portable_error(e: BaseException) -> tuple[str, str]:
 def _serve(conn, bot_args: BotArguments, generation: GenerationSettings | None, mmi: MMISettings | None,
            batcher_options: dict[str, Any]) -> None:
     """The child: load the bot, then answer requests until the parent sends None or goes away."""
+    import signal
+
     from dialogpt_zh.batcher import ReplyBatcher
     from dialogpt_zh.engine import load_bot
 
+    # Ctrl-C reaches the whole process group: the parent stops the child (close(), or the pipe's end when the
+    # parent dies), so the child neither prints a traceback nor drops requests half-way on its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         bot = load_bot(bot_args, generation, mmi)
         batcher = ReplyBatcher(bot, **batcher_options)

@@ -227,7 +227,7 @@ HOSTILE_FLAGS = [
     (["--temperature", "inf"], "temperature"), (["--backward_weight", "nan"], "backward_weight"),
     (["--top_p", "1.5"], "top_p"), (["--device", "cuda"], "device"), (["--concurrency", "0"], "concurrency"),
     (["--max_queue", "0"], "max_queue"), (["--port", "70000"], "port"), (["--max_input_chars", "0"], "max_input_chars"),
-    (["--transcript", "{tmp}"], "transcript"), (["--threads", "-2"], "threads"),
+    (["--transcript", "{tmp}"], "transcript"), (["--threads", "-2"], "threads"), (["--batch_workers", "0"], "batch_workers"),
 ]
 
 
