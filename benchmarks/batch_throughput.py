@@ -32,6 +32,7 @@ from dialogpt_zh.batcher import ReplyBatcher  # noqa: E402
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
 from dialogpt_zh.engine import GenerationSettings, MMISettings, load_bot  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
+from dialogpt_zh.metrics import percentile  # noqa: E402
 from dialogpt_zh.settings import BotArguments  # noqa: E402
 
 FIXTURE = REPO / "corpus" / "fixtures" / "chitchat_train.txt"
@@ -58,7 +59,7 @@ def fixture_lines() -> list[str]:
 def contexts(n: int) -> list[list[str]]:
     """n contexts of up to 3 consecutive fixture lines (the page keeps max_history = 3 turns)."""
     lines = fixture_lines()
-    return [lines[i % len(lines):i % len(lines) + 3] or lines[:3] for i in range(n)]
+    return [lines[i % len(lines):i % len(lines) + 3] for i in range(n)]
 
 
 def time_batches(bot, ctxs: list[list[str]], k: int, seed: int) -> tuple[float, list[float]]:
@@ -109,13 +110,9 @@ def closed_loop(bot, args: ThroughputArgs, workers: int) -> tuple[float, list[fl
     return seconds, latencies, batcher.batches, threads
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
-
-
 def main(argv=None) -> int:
-    parser = make_parser([BotArguments, ThroughputArgs, GenerationSettings, MMISettings], prog="python benchmarks/batch_throughput.py",
+    parser = make_parser([BotArguments, ThroughputArgs, GenerationSettings, MMISettings],
+                         prog="python benchmarks/batch_throughput.py",
                          description=__doc__.split("\n\n")[0], examples=__doc__.split("\n\n")[1])
 
     def body() -> int:
@@ -162,7 +159,7 @@ def main(argv=None) -> int:
             seconds, lat, batches, threads = closed_loop(bot, args, w)
             print(f"closed loop: {args.clients} users x {args.turns} turns through one ReplyBatcher (max_batch "
                   f"{args.max_batch}, window {args.batch_window_ms:g} ms, {w} worker(s)), no web server: "
-                  f"{len(lat) / seconds:.2f} replies/s, latency p50 {pct(lat, 50):.2f} s, p95 {pct(lat, 95):.2f} s, "
+                  f"{len(lat) / seconds:.2f} replies/s, latency p50 {percentile(lat, 50):.2f} s, p95 {percentile(lat, 95):.2f} s, "
                   f"{len(lat) / batches:.1f} requests per batch, threads used {sorted(set(threads))}")
         print(f"# load average at the end {os.getloadavg()[0]:.2f}")
         return 0

@@ -35,6 +35,7 @@ except ModuleNotFoundError:
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
 from dialogpt_zh.engine import load_bot  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
+from dialogpt_zh.metrics import percentile  # noqa: E402
 from dialogpt_zh.settings import BotArguments  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,12 +68,6 @@ class LoadArguments:
         "serve the app from its own process (`python -m dialogpt_zh.webapp`), as it is deployed; "
         "--no_app_process serves it from this one, where the 20 clients' Python competes with the server "
         "for one interpreter lock (the figures before this option existed)"))
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
 def user_texts(chat: list[dict]) -> list[str]:

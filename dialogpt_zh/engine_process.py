@@ -27,8 +27,9 @@ from dialogpt_zh.settings import BotArguments
 
 def _portable_error(e: BaseException) -> tuple[str, str]:
     """An error as (kind, message): UserError stays a UserError in the parent, anything else a RuntimeError."""
-    return ("user" if isinstance(e, UserError) else "other"), (str(e) if isinstance(e, UserError)
-                                                               else f"{type(e).__name__}: {e}")
+    if isinstance(e, UserError):
+        return "user", str(e)
+    return "other", f"{type(e).__name__}: {e}"
 
 
 def _serve(conn, bot_args: BotArguments, generation: GenerationSettings | None, mmi: MMISettings | None,

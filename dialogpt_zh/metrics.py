@@ -140,6 +140,13 @@ def bland_share(texts: Sequence[str], top: int = 20) -> float:
 
 
 # ----------------------------------------------------------------------------------------- perplexity
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list: a value that occurred, no interpolation."""
+    ordered = sorted(values)
+    # rank ceil(q * n / 100), 1-based (math.ceil, not round(x + 0.5): round() takes half to even)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered) / 100) - 1))]
+
+
 def perplexity(sum_logprobs: Iterable[float], num_tokens: Iterable[int]) -> float:
     """Token-level perplexity exp(-sum of log-probs / sum of tokens) over the whole set (natural log).
 

@@ -60,7 +60,7 @@ class WebArguments:
         "loads the bot for its settings; --no_engine_process computes them in the page's process"))
     batch_workers: int = field(default=2, metadata=field_help(
         "with --max_batch > 1: threads taking batches from the queue, so a batch can start while another "
-        "runs (each gets its share of the free cores; 2 did 1.15-1.28x the replies/s of 1 on 2 cores)"))
+        "runs (each gets its share of the free cores; 2 did 1.13-1.28x the replies/s of 1 on 2 cores)"))
     max_queue: int = field(default=64, metadata=field_help(
         "requests allowed to wait; beyond that new requests are refused with 'queue full'"))
     max_input_chars: int = field(default=150, metadata=field_help(

@@ -84,3 +84,20 @@ def trained_bot_dir(tmp_path_factory, fixture_store) -> Path:
         train(TrainConfig(data=str(fixture_store), output=str(root / direction), direction=direction, preset="tiny",
                           max_steps=40, eval_every=40, lr=3e-3, batch_tokens=512, dropout=0.0, seed=0, device="cpu"))
     return root
+
+
+def load_benchmark(name: str, monkeypatch=None):
+    """benchmarks/NAME.py as a module (the scripts are not a package). It is registered in sys.modules under
+    NAME, because dataclasses look their module up while a class is made; through `monkeypatch` when given,
+    so the entry goes away after the test."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    if monkeypatch is not None:
+        monkeypatch.setitem(sys.modules, name, module)
+    else:
+        sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -129,15 +129,9 @@ def test_bad_input_fails_alone_and_a_failed_batch_is_retried_per_request(bot, mo
 
 def test_batch_throughput_benchmark_smoke(monkeypatch, capsys, random_bot_dir):
     """benchmarks/batch_throughput.py runs end to end on a tiny bot and refuses bad lists by field name."""
-    import importlib.util
-    import sys
+    from tests.conftest import load_benchmark
 
-    from tests.conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("batch_throughput", REPO / "benchmarks" / "batch_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "batch_throughput", bench)  # (dataclasses look their module up)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("batch_throughput", monkeypatch)
     code = bench.main(["--model", str(random_bot_dir), "--batch_sizes", "1,3", "--requests", "3", "--rounds", "1",
                        "--clients", "3", "--turns", "2", "--workers", "1,2", "--max_length", "3",
                        "--num_candidates", "2"])

@@ -1,8 +1,6 @@
 """The engine in a child process (webapp --engine_process): same replies, errors per request, no hang on a crash."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,8 +11,7 @@ from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings
 from dialogpt_zh.engine_process import EngineProcess
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.settings import BotArguments
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import load_benchmark
 
 REQUESTS = [(["你好"], dict(seed=1)), (["你好呀，在干嘛", "在看电影呢"], dict(seed=2, num_candidates=3)),
             (["今天好冷啊"], dict(seed=3, temperature=0.7, use_mmi=False)), (["晚饭吃什么"], dict(seed=4, top_k=3))]
@@ -94,14 +91,11 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find the child process")
-def test_the_deployed_app_serves_from_its_engine_process_and_stops_it(trained_bot_dir):
+def test_the_deployed_app_serves_from_its_engine_process_and_stops_it(trained_bot_dir, monkeypatch):
     """`python -m dialogpt_zh.webapp --engine_process` as web_load starts it: light clients get their own
     replies; the app has a child process while it serves, and stopping the app (SIGTERM) stops the child."""
     pytest.importorskip("gradio")
-    spec = importlib.util.spec_from_file_location("web_load", REPO / "benchmarks" / "web_load.py")
-    web_load = importlib.util.module_from_spec(spec)
-    sys.modules["web_load"] = web_load
-    spec.loader.exec_module(web_load)
+    web_load = load_benchmark("web_load", monkeypatch)
     with web_load.app_process(BotArguments(model=str(trained_bot_dir)), GenerationSettings(), MMISettings(), 4, 16,
                               8, 5.0, 2, engine_process=True) as url:
         port = url.rstrip("/").rsplit(":", 1)[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, REPO, build_fixture_store, read_fixture_sessions
+from conftest import FIXTURES, REPO, build_fixture_store, load_benchmark, read_fixture_sessions
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import atomic_directory, clean_stale_temp_dirs
 from dialogpt_zh.preprocess import main
@@ -538,13 +538,7 @@ def test_killed_run_litter_is_cleaned_by_the_next_run(tmp_path, old_store):
 def test_benchmark_deletes_only_what_it_created(tmp_path, monkeypatch, capsys, workdir_exists):
     """It used to `rm -rf --workdir`. (Each preprocess run is replaced by writing a store-sized file where the
     benchmark's run would write its store: what is measured does not matter here, what is deleted does.)"""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("preprocess_throughput",
-                                                  REPO / "benchmarks" / "preprocess_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "preprocess_throughput", bench)  # (dataclasses look their module up)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("preprocess_throughput", monkeypatch)
     runs = []
 
     def fake_run(inputs, output, workers=0):

@@ -140,3 +140,11 @@ def test_selection_ties_and_nan_are_pessimistic():
     assert M.selection_metrics(np.zeros((0, 10))) == {"r10@1": 0.0, "r10@2": 0.0, "mrr": 0.0}
     single = M.selection_metrics(np.array([[1.0, 0.5] + [0.0] * 8]))
     assert single == {"r10@1": 100.0, "r10@2": 100.0, "mrr": 100.0}
+
+
+def test_percentile_is_nearest_rank():
+    """The load benchmarks' percentile: the smallest value with at least q % of the values at or below it."""
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert [M.percentile(values, q) for q in (0, 20, 21, 50, 80, 95, 100)] == [1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 5.0]
+    assert M.percentile([7.0], 95) == 7.0
+    assert M.percentile(list(range(1, 101)), 95) == 95

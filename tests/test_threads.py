@@ -223,16 +223,9 @@ def test_every_public_call_runs_inside_the_policy(random_bot_dir):
 # ------------------------------------------------------------------------------------------ benchmark
 
 def load_latency_benchmark(monkeypatch):
-    import importlib.util
-    import sys
+    from tests.conftest import load_benchmark
 
-    from tests.conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("latency_bench", REPO / "benchmarks" / "latency.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "latency_bench", bench)  # (dataclasses look their module up)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("latency", monkeypatch)
 
 
 def _alive(pid: int) -> bool:

@@ -2,10 +2,7 @@
 state) and its history check catches sessions that share state."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -14,17 +11,12 @@ pytest.importorskip("gradio_client")
 
 from dialogpt_zh import webapp  # noqa: E402
 from dialogpt_zh.engine import ChatBot  # noqa: E402
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "web_load.py"
+from tests.conftest import load_benchmark  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def web_load():
-    spec = importlib.util.spec_from_file_location("web_load", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["web_load"] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("web_load")
 
 
 @pytest.fixture(scope="module")
