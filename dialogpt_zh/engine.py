@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.lean_gpt2 import LeanGPT2
+from dialogpt_zh.lean_gpt2 import DecodingRows, LeanGPT2
 from dialogpt_zh.checkpoint import load_model, read_card
 from dialogpt_zh.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_rows
 from dialogpt_zh.sequence import build_sequence
@@ -304,8 +304,8 @@ class _HFDecoder:
 
 
 class _LeanDecoder(_HFDecoder):
-    """The same steps through `LeanGPT2` (plain torch ops, preallocated KV cache): same results, less
-    per-call overhead. The cache holds the context plus `capacity` more positions."""
+    """`prompt`, `repeat_rows` and `hidden_after_cache` through `LeanGPT2` (plain torch ops, preallocated KV
+    cache): same results, less per-call overhead. The cache holds the context plus `capacity` more positions."""
 
     def __init__(self, model, lean: LeanGPT2) -> None:
         self.model, self.lean = model, lean
@@ -314,23 +314,172 @@ class _LeanDecoder(_HFDecoder):
         self.cache = self.lean.new_cache(1, ids.shape[1] + capacity)
         return self.lean.logits(self.lean.hidden(ids, self.cache)[:, -1, :])
 
-    def prompt_rows(self, contexts: list[list[int]], counts: list[int], capacity: int) -> torch.Tensor:
-        """Several (1, L_i) contexts, context i shared by counts[i] rows; logits (rows, V)."""
-        self.cache, logits = self.lean.prompt_rows(contexts, counts, capacity)
-        return logits
-
     def repeat_rows(self, n: int) -> None:
         self.cache.repeat_rows(n)
 
-    def select_rows(self, keep: torch.Tensor) -> None:
-        self.cache.select_rows(keep)
-
-    def step(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.lean.hidden(ids, self.cache)[:, -1, :]
-        return self.lean.logits(hidden if rows is None else hidden.index_select(0, rows))  # LM head on live rows
-
     def hidden_after_cache(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.lean.hidden(ids, self.cache)  # causal over cache + new tokens; padding comes last
+
+
+class _HFRows:
+    """`DecodingRows`' interface over the transformers forward, for models LeanGPT2 does not cover: one
+    request at a time (its DynamicCache has one length for all rows), finished rows decode a dummy token
+    until COMPACT_DEAD_SHARE of the rows are finished."""
+
+    joins_running_batches = False
+
+    def __init__(self, model, dummy_id: int, compact_dead_share: float) -> None:
+        self.decoder, self.dummy_id, self.compact_dead_share = _HFDecoder(model), dummy_id, compact_dead_share
+        self.rows = 0
+
+    def admit(self, live: torch.Tensor, contexts: list[list[int]], counts: list[int],
+              room: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if len(live) or len(contexts) != 1:
+            raise ValueError("the transformers forward decodes one request at a time")
+        device = live.device
+        logits = self.decoder.prompt(torch.tensor(contexts, device=device), room)
+        self.decoder.repeat_rows(counts[0])  # the context is encoded once and shared by the n rows
+        self.rows = counts[0]
+        return live, torch.arange(counts[0], device=device), logits.expand(counts[0], -1)
+
+    def leave(self, live: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        live = live[~finished]
+        dead = self.rows - len(live)
+        if dead >= self.compact_dead_share * self.rows:
+            self.decoder.select_rows(live)
+            self.rows = len(live)
+            return torch.arange(len(live), device=live.device)
+        return live
+
+    def step(self, ids: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        if len(live) == self.rows:  # no finished rows in the cache: live is 0..n-1 in order
+            return self.decoder.step(ids.view(-1, 1))
+        full = torch.full((self.rows, 1), self.dummy_id, dtype=torch.long, device=ids.device)
+        full[live, 0] = ids.view(-1)
+        return self.decoder.step(full, live)
+
+
+class _JobRows:
+    """One request's candidates while they decode: tokens so far, forward log-prob sums, steps taken."""
+
+    def __init__(self, job: "_Job") -> None:
+        n = job.gen.num_candidates
+        self.job, self.live, self.step = job, n, 0
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.fwd = torch.zeros(n, dtype=torch.float64)
+        self.admitted = time.perf_counter()
+
+    def samples(self) -> list[tuple[list[int], float]]:
+        return [(tokens, float(f)) for tokens, f in zip(self.tokens, self.fwd)]
+
+
+class DecodeBatch:
+    """The candidates of several requests decoding together, one token per row per step, each request with
+    its own filters and generator (its draws do not depend on the others). Requests may join between steps
+    (`admit`: with the lean forward, continuous batching: a request starts at the next step instead of when
+    the batch ends) and each leaves as soon as its last candidate is finished (`step` returns it).
+
+    Rows stay grouped by request in admission order, so each request owns one slice of the rows."""
+
+    def __init__(self, bot: "ChatBot") -> None:
+        self.bot = bot
+        lean = bot._lean(bot.forward_model)
+        self.rows = (DecodingRows(lean) if lean is not None
+                     else _HFRows(bot.forward_model, bot.sep_id, COMPACT_DEAD_SHARE))
+        # whether requests can join a batch that is running (the lean forward); else one request at a time
+        self.joins_running_batches = lean is not None
+        device = bot.device
+        self.banned = torch.tensor(bot.banned_ids, dtype=torch.long, device=device)
+        self.requests: list[_JobRows] = []
+        self.slots = torch.zeros(0, dtype=torch.long, device=device)   # cache slot of each live row
+        self.candidate = torch.zeros(0, dtype=torch.long)              # its candidate index in its request
+        self.logits: torch.Tensor | None = None                        # (rows, V) for the next token
+        # (rows, steps) tokens so far for the repetition penalty; rows that joined later are left-padded
+        # with a banned token (its score is set to -inf after the penalty anyway)
+        self.history = torch.zeros(0, 0, dtype=torch.long, device=device)
+
+    def __len__(self) -> int:
+        """Requests still decoding."""
+        return len(self.requests)
+
+    @property
+    def live_rows(self) -> int:
+        return len(self.slots)
+
+    def admit(self, jobs: "Sequence[_Job]") -> None:
+        """Jobs join: each context encoded once (all in one padded pass) and repeated to its rows."""
+        if not jobs:
+            return
+        bot = self.bot
+        counts = [job.gen.num_candidates for job in jobs]
+        contexts = [build_sequence(job.context, "forward", bot.cls_id, bot.sep_id) for job in jobs]
+        room = max(job.gen.max_length for job in jobs) + 1
+        self.slots, new_slots, logits = self.rows.admit(self.slots, contexts, counts, room)
+        self.slots = torch.cat([self.slots, new_slots])
+        self.candidate = torch.cat([self.candidate] + [torch.arange(n) for n in counts])
+        logits = logits.float()
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        pad = self.banned[:1] if len(self.banned) else None
+        if self.history.shape[1] and pad is None:
+            raise ValueError("no banned token to pad the penalty history with: requests cannot join")
+        new_history = (pad.expand(len(new_slots), self.history.shape[1]) if self.history.shape[1]
+                       else self.history.new_zeros(len(new_slots), 0))
+        self.history = torch.cat([self.history, new_history])
+        self.requests.extend(_JobRows(job) for job in jobs)
+
+    def step(self) -> list[_JobRows]:
+        """One token for every live row; returns the requests whose candidates are now all finished."""
+        bot = self.bot
+        logits, device = self.logits, self.bot.device
+        logprobs = torch.log_softmax(logits, dim=-1)     # the model's own distribution: the forward score
+        # consecutive requests with equal settings are filtered together (the usual case on the web page)
+        groups: list[tuple[GenerationSettings, list[tuple[int, torch.Generator]], list[int]]] = []
+        for request in self.requests:
+            job = request.job
+            if groups and groups[-1][0] == job.gen:
+                groups[-1][1].append((request.live, job.generator))
+                groups[-1][2].append(request.step)
+            else:
+                groups.append((job.gen, [(request.live, job.generator)], [request.step]))
+        candidate = self.candidate.tolist()
+        row_requests = [r for r in self.requests for _ in range(r.live)]
+        picks, start = [], 0
+        for gen, draws, steps in groups:
+            counts = [n for n, _ in draws]
+            part = slice(start, start + sum(counts))
+            row_steps = torch.repeat_interleave(torch.tensor(steps), torch.tensor(counts)).to(device)
+            history = self.history[part]
+            picks.append(bot._next_tokens(
+                logits[part], history if history.shape[1] else None,
+                [r.tokens[c] for r, c in zip(row_requests[part], candidate[part])], row_steps, gen, draws,
+                self.banned))
+            start = part.stop
+        next_ids = picks[0] if len(picks) == 1 else torch.cat(picks)
+        chosen = logprobs.gather(-1, next_ids[:, None]).squeeze(-1).double().cpu().tolist()
+        finished = next_ids == bot.sep_id
+        done = []
+        for request, c, t, f, lp in zip(row_requests, candidate, next_ids.tolist(), finished.tolist(), chosen):
+            request.fwd[c] += lp
+            if f:
+                request.live -= 1
+            else:
+                request.tokens[c].append(t)
+        for request in self.requests:
+            request.step += 1
+            if not request.live:
+                done.append(request)
+        if done:
+            self.requests = [r for r in self.requests if r.live]
+        if bool(finished.any()):                          # finished rows leave the batch and the cache
+            keep = (~finished).nonzero().squeeze(-1)
+            self.slots = self.rows.leave(self.slots, finished)
+            next_ids, self.candidate, self.history = next_ids[keep], self.candidate[keep.cpu()], self.history[keep]
+        self.history = torch.cat([self.history, next_ids[:, None]], dim=1)
+        if self.requests:
+            self.logits = self.rows.step(next_ids, self.slots).float()
+        else:
+            self.logits, self.history = None, self.history[:, :0]
+        return done
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -466,21 +615,23 @@ class ChatBot:
 
     # ---------------------------------------------------------------------------------- generation
 
-    def _next_tokens(self, logits: torch.Tensor, history: torch.Tensor | None, tokens: list[list[int]], step: int,
-                     gen: GenerationSettings, draws: list[tuple[int, torch.Generator]],
+    def _next_tokens(self, logits: torch.Tensor, history: torch.Tensor | None, tokens: list[list[int]],
+                     steps: torch.Tensor, gen: GenerationSettings, draws: list[tuple[int, torch.Generator]],
                      banned: torch.Tensor) -> torch.Tensor:
         """One token per row of consecutive requests with the same settings `gen`: the filters (penalty, bans,
-        length limits) once over all their rows, each request's draws from its own generator (`draws`:
-        (live rows, generator) per request, in row order)."""
+        length limits at each row's step `steps`) once over all their rows, each request's draws from its own
+        generator (`draws`: (live rows, generator) per request, in row order)."""
         scores = apply_repetition_penalty(logits, history, gen.repetition_penalty)
         if scores is logits:
             scores = logits.clone()
         scores[:, banned] = NEG_INF
-        if step < gen.min_length:
-            scores[:, self.sep_id] = NEG_INF
-        if step >= gen.max_length:                          # cut: the reply ends here
-            scores = torch.full_like(scores, NEG_INF)
-            scores[:, self.sep_id] = 0.0
+        short = steps < gen.min_length
+        if bool(short.any()):
+            scores[short, self.sep_id] = NEG_INF
+        cut = steps >= gen.max_length                       # cut: the reply ends here
+        if bool(cut.any()):
+            scores[cut] = NEG_INF
+            scores[cut, self.sep_id] = 0.0
         scores = ban_repeated_ngrams(scores, tokens, gen.no_repeat_ngram_size)
         dead = scores.amax(dim=-1) == NEG_INF                # everything banned (tiny vocab): end the reply
         if bool(dead.any()):
@@ -489,83 +640,17 @@ class ChatBot:
 
     @torch.inference_mode()
     def _generate(self, jobs: "list[_Job]") -> list[list[tuple[list[int], float]]]:
-        """Sample each job's gen.num_candidates replies, all jobs in one batch: per job
-        [(token ids without [SEP], forward log-prob)].
-
-        Each context is encoded once and shared by its rows; rows then decode together one token per step,
-        each job's rows with its own filters and generator (so a job's draws do not depend on the others),
-        and a row that emits [SEP] leaves the batch and the cache."""
-        decoder = self._decoder(self.forward_model)
-        if len(jobs) > 1 and not isinstance(decoder, _LeanDecoder):  # the HF cache has one length: one by one
+        """Sample each job's gen.num_candidates replies, all jobs in one `DecodeBatch`: per job
+        [(token ids without [SEP], forward log-prob)]."""
+        batch = DecodeBatch(self)
+        if len(jobs) > 1 and not batch.joins_running_batches:  # the HF cache has one length: one by one
             return [self._generate([job])[0] for job in jobs]
-        counts = [job.gen.num_candidates for job in jobs]
-        total = sum(counts)
-        room = max(job.gen.max_length for job in jobs) + 1
-        contexts = [build_sequence(job.context, "forward", self.cls_id, self.sep_id) for job in jobs]
-        if len(jobs) == 1:
-            logits = decoder.prompt(torch.tensor(contexts, device=self.device), room).float().expand(total, -1)
-            decoder.repeat_rows(total)  # the context is encoded once and shared by the n rows
-        else:
-            logits = decoder.prompt_rows(contexts, counts, room).float()
-
-        owner = torch.repeat_interleave(torch.arange(len(jobs)), torch.tensor(counts))  # job of each row
-        rows = torch.arange(total, device=self.device)     # original candidate index of each live row
-        # cache row of each live row: finished rows stay in the cache (decoding a dummy token, their logits
-        # never computed) until enough have finished that dropping them pays for copying the cache
-        slots, cache_rows = rows, total
-        tokens: list[list[int]] = [[] for _ in range(total)]
-        fwd = torch.zeros(total, dtype=torch.float64)
-        history: torch.Tensor | None = None                  # (rows, steps) tokens so far, for the penalty
-        banned = torch.tensor(self.banned_ids, dtype=torch.long, device=self.device)
-        for step in range(room):
-            logprobs = torch.log_softmax(logits, dim=-1)     # the model's own distribution: the forward score
-            live = rows.tolist()
-            # rows stay grouped by job (finished rows leave in order), so each job owns one slice
-            live_counts = torch.bincount(owner[rows.cpu()], minlength=len(jobs)).tolist()
-            # consecutive requests with equal settings are filtered together (the usual case on the web page)
-            groups: list[tuple[GenerationSettings, list[tuple[int, torch.Generator]]]] = []
-            for job, n in zip(jobs, live_counts):
-                if not n:
-                    continue
-                if groups and groups[-1][0] == job.gen:
-                    groups[-1][1].append((n, job.generator))
-                else:
-                    groups.append((job.gen, [(n, job.generator)]))
-            picks, start = [], 0
-            for gen, draws in groups:
-                part = slice(start, start + sum(n for n, _ in draws))
-                picks.append(self._next_tokens(
-                    logits[part], history[part] if history is not None else None,
-                    [tokens[r] for r in live[part]], step, gen, draws, banned))
-                start = part.stop
-            next_ids = picks[0] if len(picks) == 1 else torch.cat(picks)
-            chosen = logprobs.gather(-1, next_ids[:, None]).squeeze(-1)
-            fwd.index_add_(0, rows.cpu(), chosen.double().cpu())
-            finished = next_ids == self.sep_id
-            for r, t, f in zip(live, next_ids.tolist(), finished.tolist()):
-                if not f:
-                    tokens[r].append(t)
-            if bool(finished.all()):
-                break
-            if bool(finished.any()):                        # finished rows leave the batch
-                keep = (~finished).nonzero().squeeze(-1)
-                rows, slots, next_ids = rows[keep], slots[keep], next_ids[keep]
-                history = history[keep] if history is not None else None
-                if cache_rows - len(rows) >= COMPACT_DEAD_SHARE * cache_rows:
-                    decoder.select_rows(slots)              # ... and the cache
-                    slots, cache_rows = torch.arange(len(rows), device=self.device), len(rows)
-            history = next_ids[:, None] if history is None else torch.cat([history, next_ids[:, None]], dim=1)
-            if cache_rows == len(rows):
-                logits = decoder.step(next_ids[:, None]).float()
-            else:
-                step_ids = torch.full((cache_rows, 1), self.sep_id, dtype=torch.long, device=self.device)
-                step_ids[slots, 0] = next_ids
-                logits = decoder.step(step_ids, slots).float()
-        out, start = [], 0
-        for n in counts:
-            out.append([(tokens[i], float(fwd[i])) for i in range(start, start + n)])
-            start += n
-        return out
+        batch.admit(jobs)
+        samples: dict[int, list[tuple[list[int], float]]] = {}
+        while len(batch):
+            for request in batch.step():
+                samples[id(request.job)] = request.samples()
+        return [samples[id(job)] for job in jobs]
 
     # ---------------------------------------------------------------------------------- scoring
 

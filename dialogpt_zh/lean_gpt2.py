@@ -24,9 +24,9 @@ class KVCache:
     """Keys and values of every layer in two preallocated tensors (layers, rows, heads, capacity, head_dim);
     `length` columns are filled, the same for all rows (they decode in lockstep).
 
-    Rows of different contexts (replies of several requests in one batch, `LeanGPT2.prompt_rows`) keep each
-    context at columns 0..L-1 and decode from the common column `width` on; `gap` (rows,) = width - L shifts
-    each row's positions back, and `valid` (rows, capacity) masks the unused columns L..width-1."""
+    Rows of different contexts (replies of several requests in one batch, `DecodingRows`) keep each context
+    at columns 0..L-1 and decode from a common column J on (the cache's length when the row joined); `gap`
+    (rows,) = J - L shifts each row's positions back, and `valid` (rows, capacity) masks the columns L..J-1."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int = 0,
                  gap: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> None:
@@ -103,12 +103,12 @@ class LeanGPT2:
         shape = (self.n_layer, rows, self.n_head, capacity, self.head_dim)
         return KVCache(self.wte.new_empty(shape), self.wte.new_empty(shape))
 
-    def prompt_rows(self, contexts: list[list[int]], counts: list[int], capacity: int) -> tuple[KVCache, torch.Tensor]:
-        """A cache of sum(counts) rows, `counts[i]` rows holding context i, with room for `capacity` more
-        columns; and the logits (rows, V) of each row's last context position.
+    def encode_contexts(self, contexts: list[list[int]]) -> tuple[KVCache, torch.Tensor]:
+        """The keys/values of each context in a one-row-per-context cache (columns 0..len-1 of row i, the
+        right padding as zeros, no spare column) and the logits (n, V) of each context's last position.
 
-        The contexts are encoded together in one right-padded pass (one batch of matmuls over their real
-        tokens, not one small pass per context), then each context's keys/values are repeated to its rows."""
+        The contexts are encoded together in one right-padded pass: one batch of matmuls over their real
+        tokens, not one small pass per context."""
         device = self.wte.device
         lengths = torch.tensor([len(c) for c in contexts])
         width, n_ctx = int(lengths.max()), len(contexts)
@@ -116,19 +116,11 @@ class LeanGPT2:
         for i, c in enumerate(contexts):
             ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
         mask = torch.arange(width)[None, :] < lengths[:, None]
-        # new_empty is safe: this pass writes every column < width (the padding's keys/values as zeros: masked
-        # columns still enter the attention matmuls, where garbage NaN/inf bit patterns would give NaN), and
-        # decoding writes each later column before attention reads it
-        one = self.new_cache(n_ctx, width + capacity)
-        hidden = self.hidden(ids.to(device), one, mask=mask.to(device))
-        last = self.logits(hidden[torch.arange(n_ctx, device=device), (lengths - 1).to(device)])  # (n_ctx, V)
-        owner = torch.repeat_interleave(torch.arange(n_ctx), torch.tensor(counts)).to(device)  # context of each row
-        cache = KVCache(one.k.index_select(1, owner), one.v.index_select(1, owner), length=width)
-        row_lengths = lengths.to(device).index_select(0, owner)
-        columns = torch.arange(width + capacity, device=device)
-        cache.gap = width - row_lengths
-        cache.valid = (columns[None, :] < row_lengths[:, None]) | (columns[None, :] >= width)
-        return cache, last.index_select(0, owner)
+        # new_empty is safe: this pass writes every column (the padding's keys/values as zeros: masked
+        # columns still enter the attention matmuls, where garbage NaN/inf bit patterns would give NaN)
+        cache = self.new_cache(n_ctx, width)
+        hidden = self.hidden(ids.to(device), cache, mask=mask.to(device))
+        return cache, self.logits(hidden[torch.arange(n_ctx, device=device), (lengths - 1).to(device)])
 
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None,
                mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,3 +187,128 @@ class LeanGPT2:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head over (any shape of) final hidden states."""
         return self.lm_head(hidden)
+
+
+class DecodingRows:
+    """The rows of one KV cache for candidates that join and leave between decoding steps (continuous
+    batching): a request's context joins, encoded once and repeated to its rows; a finished row leaves.
+
+    The live rows always fill slots 0..n-1, so every step runs on them alone with plain slices (no dummy
+    tokens, no masks over dead rows): a finished row's slot is filled by moving the last live row into it
+    (one row's keys/values copied). The caller keeps each live row's slot (a LongTensor, in its own row
+    order) and passes it to every call; calls that move rows return the new slots, same order.
+
+    Every row writes its new token at the common column `length`; a row that joined at column J with a
+    context of L tokens has its context at columns 0..L-1 (see `KVCache`). When a joining context needs more
+    columns than are left, the live rows are re-laid out: context first, generated tokens right-aligned
+    before the new length."""
+
+    def __init__(self, lean: LeanGPT2) -> None:
+        self.lean = lean
+        self.k = self.v = None              # (layers, slots, heads, columns, head_dim); slots 0..n-1 live
+        self.n = self.length = 0
+        self.room = 1                       # columns a joining row may need: the largest reply room seen
+        self.ctx_len = self.join = torch.zeros(0, dtype=torch.long)   # per slot: context length, join column
+
+    def admit(self, live: torch.Tensor, contexts: list[list[int]], counts: list[int],
+              room: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Context i joins as counts[i] new rows that will decode up to `room` tokens: (the live rows' new
+        slots, the new rows' slots, the new rows' logits (rows, V) for their first token)."""
+        self.room = max(self.room, room)
+        encoded, last = self.lean.encode_contexts(contexts)
+        width, n_new, device = encoded.capacity, sum(counts), encoded.k.device
+        if (self.k is None or self.n + n_new > self.k.shape[1] or self.length < width
+                or self.length + room > self.k.shape[3]):
+            live = self._reallocate(live, rows=self.n + n_new, min_length=width)
+        slots = torch.arange(self.n, self.n + n_new, device=device)
+        owner = torch.repeat_interleave(torch.arange(len(contexts)), torch.tensor(counts)).to(device)
+        new = slice(self.n, self.n + n_new)
+        self.k[:, new, :, :width] = encoded.k.index_select(1, owner)
+        self.v[:, new, :, :width] = encoded.v.index_select(1, owner)
+        # columns width..length-1 are masked, but masked columns still enter the attention matmuls: zeros, not
+        # garbage bit patterns (NaN/inf)
+        self.k[:, new, :, width:self.length] = 0.0
+        self.v[:, new, :, width:self.length] = 0.0
+        self.ctx_len[new] = torch.tensor([len(c) for c in contexts]).index_select(0, owner.cpu())
+        self.join[new] = self.length
+        self.n += n_new
+        return live, slots, last.index_select(0, owner)
+
+    def leave(self, live: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        """Rows leave: `live` (the slots before) without the rows where `finished` (bool, row order) is set;
+        returns the remaining rows' slots, 0..n-1 again (the last live rows moved into the freed slots)."""
+        keep = live[~finished]
+        n = len(keep)
+        movers = keep[keep >= n]                            # live rows beyond the new end ...
+        if len(movers):
+            holes = live[finished]
+            holes = holes[holes < n].sort().values            # ... fill the freed slots below it
+            movers = movers.sort().values
+            cpu_holes, cpu_movers = holes.cpu(), movers.cpu()
+            for hole, mover in zip(cpu_holes.tolist(), cpu_movers.tolist()):
+                # a plain copy per row: ~20x faster than advanced indexing or index_copy_ on these strides
+                self.k[:, hole, :, :self.length].copy_(self.k[:, mover, :, :self.length])
+                self.v[:, hole, :, :self.length].copy_(self.v[:, mover, :, :self.length])
+            self.ctx_len[cpu_holes] = self.ctx_len[cpu_movers]
+            self.join[cpu_holes] = self.join[cpu_movers]
+            slot_map = torch.arange(self.k.shape[1], device=live.device)
+            slot_map[movers] = holes
+            keep = slot_map[keep]
+        self.n = n
+        return keep
+
+    def step(self, ids: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """One token per live row (ids (n,), the rows' order); logits (n, V) of the next one."""
+        n = self.n
+        if self.length + 1 > self.k.shape[3]:
+            live = self._reallocate(live, rows=self.k.shape[1], min_length=0)
+        by_slot = torch.empty_like(ids).index_copy_(0, live, ids)
+        device = ids.device
+        ctx_len, join = self.ctx_len[:n].to(device), self.join[:n].to(device)
+        columns = torch.arange(self.length + 1, device=device)[None, :]
+        cache = KVCache(self.k[:, :n], self.v[:, :n], length=self.length, gap=join - ctx_len,
+                        valid=(columns < ctx_len[:, None]) | (columns >= join[:, None]))
+        hidden = self.lean.hidden(by_slot.view(-1, 1), cache)[:, -1, :]
+        self.length += 1
+        return self.lean.logits(hidden.index_select(0, live))
+
+    def _reallocate(self, live: torch.Tensor, rows: int, min_length: int) -> torch.Tensor:
+        """New cache tensors with `rows` slots (the live rows first) and columns for at least `min_length`
+        + 2 x room. The columns stay where they are while the length suffices; else each live row's context
+        goes to columns 0..L-1 and its generated tokens right-aligned before the new length. Returns the
+        live rows' slots (unchanged: they stay 0..n-1)."""
+        lean, n = self.lean, self.n
+        if self.k is not None and n and self.length >= min_length:
+            width = self.length
+            src = None
+        elif self.k is not None and n:
+            ctx, join = self.ctx_len[:n], self.join[:n]
+            gen = self.length - join
+            width = max(int((ctx + gen).max()), min_length)
+            new_join = width - gen
+            cols = torch.arange(width)[None, :]
+            # new column -> old column: the context in place, the generated tokens shifted by new_join - join
+            # (the masked columns between them copy anything finite)
+            src = torch.where(cols < ctx[:, None], cols, join[:, None] + cols - new_join[:, None])
+            src = src.clamp_(0, self.length - 1)
+            self.join[:n] = new_join
+        else:
+            width, src = min_length, None
+        shape = (lean.n_layer, max(rows, n), lean.n_head, width + 2 * self.room, lean.head_dim)
+        # new_empty is safe: the live rows' columns < width are all copied (masked ones finite), `admit`
+        # writes a joining row's, and every later column is written before it is read
+        k, v = lean.wte.new_empty(shape), lean.wte.new_empty(shape)
+        if n and width:
+            if src is None:
+                k[:, :n, :, :width], v[:, :n, :, :width] = self.k[:, :n, :, :width], self.v[:, :n, :, :width]
+            else:
+                index = src.to(k.device)[None, :, None, :, None].expand(lean.n_layer, n, lean.n_head, width,
+                                                                        lean.head_dim)
+                k[:, :n, :, :width] = self.k[:, :n].gather(3, index)
+                v[:, :n, :, :width] = self.v[:, :n].gather(3, index)
+        grow = shape[1] - len(self.ctx_len)
+        if grow > 0:
+            self.ctx_len = torch.cat([self.ctx_len, torch.zeros(grow, dtype=torch.long)])
+            self.join = torch.cat([self.join, torch.zeros(grow, dtype=torch.long)])
+        self.k, self.v, self.length = k, v, width
+        return live
