@@ -11,8 +11,12 @@ logic of the page (clear counters, transcripts, notices) would have to be rewrit
 page keeps one handler per request (Gradio's `concurrency_limit` still bounds how many wait) and only the
 model work is shared.
 
-While a batch runs, new requests queue up and form the next batch as soon as it ends; an idle batcher
-waits `window_s` after a first request for others to join (0: never waits).
+Continuous batching (the default, `continuous=True`, for models the lean forward covers): a request that
+arrives while a batch runs joins it at the next decoding step and leaves it as soon as its own candidates
+are finished and scored, instead of waiting for the running batch to end and then for the slowest request
+of its own batch. With `continuous=False` (and for other models), new requests queue up while a batch runs
+and form the next batch when it ends. Either way an idle worker waits `window_s` after a first request for
+others to join (0: never waits).
 
 With `workers` > 1, that many worker threads take batches from the one queue, so a batch can start while
 another runs; the engine's thread policy then gives each running batch its share of the free cores (one
@@ -25,25 +29,30 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
+import torch
+
 from dialogpt_zh.engine import ChatBot, Reply
 
 
 class ReplyBatcher:
     """`workers` threads running queued reply requests together, up to `max_requests` per batch and about
-    `max_rows` candidates (a single request is never split)."""
+    `max_rows` candidates (a single request is never split); `continuous`: requests join running batches."""
 
     def __init__(self, bot: ChatBot, *, window_s: float = 0.005, max_requests: int = 8, max_rows: int = 160,
-                 workers: int = 1) -> None:
+                 workers: int = 1, continuous: bool = True) -> None:
         if not (0 <= window_s <= 1 and max_requests >= 1 and max_rows >= 1 and workers >= 1):
             raise ValueError("window_s must be in [0, 1] s, max_requests, max_rows and workers at least 1")
         self.bot = bot
         self.window_s, self.max_requests, self.max_rows = window_s, max_requests, max_rows
+        # joining a running batch needs the lean forward (ChatBot.decode_batch().joins_running_batches)
+        self.continuous = continuous and bot.decode_batch().joins_running_batches
         self._queue: list[tuple[Any, Future]] = []
         self._cond = threading.Condition()
         self._closed = False
         self.batches = 0                 # counters, for benchmarks and tests
         self.requests = 0
-        self._workers = [threading.Thread(target=self._run, name=f"reply-batcher-{i}", daemon=True)
+        run = self._run_continuous if self.continuous else self._run
+        self._workers = [threading.Thread(target=run, name=f"reply-batcher-{i}", daemon=True)
                          for i in range(workers)]
         for worker in self._workers:
             worker.start()
@@ -72,7 +81,7 @@ class ReplyBatcher:
             worker.join()
 
     def _take_batch(self) -> list[tuple[Any, Future]]:
-        """The next batch; [] only once the batcher is closed and its queue drained."""
+        """The next batch (waiting for one); [] only once the batcher is closed and its queue drained."""
         with self._cond:
             while True:
                 while not self._queue and not self._closed:
@@ -88,16 +97,62 @@ class ReplyBatcher:
                     self._cond.wait(left)
                 if self._queue:  # else another worker took them during the wait: wait again
                     break
-            batch, rows = [], 0
-            while self._queue and len(batch) < self.max_requests:
-                n = self._queue[0][0].gen.num_candidates
-                if batch and rows + n > self.max_rows:
-                    break
-                batch.append(self._queue.pop(0))
-                rows += n
+            return self._pop(self.max_requests, self.max_rows, may_be_empty=False)
+
+    def _pop(self, max_requests: int, max_rows: int, may_be_empty: bool) -> list[tuple[Any, Future]]:
+        """Queued requests from the front, up to the limits (at least one unless `may_be_empty`); under the lock."""
+        batch, rows = [], 0
+        while self._queue and len(batch) < max_requests:
+            n = self._queue[0][0].gen.num_candidates
+            if (batch or may_be_empty) and rows + n > max_rows:
+                break
+            batch.append(self._queue.pop(0))
+            rows += n
+        if batch:
             self.batches += 1
             self.requests += len(batch)
-            return batch
+        return batch
+
+    def _run_continuous(self) -> None:
+        """Decode steps over one batch that requests join between steps and leave when done; idle when empty."""
+        bot = self.bot
+        while True:
+            first = self._take_batch()
+            if not first:
+                return
+            # the thread policy counts this worker as one call in flight for as long as its batch is busy
+            with bot.thread_policy.use() as threads, torch.inference_mode():
+                batch = bot.decode_batch()
+                futures: dict[int, tuple[Any, Future]] = {}
+                joining = first
+                while joining or len(batch):
+                    try:
+                        if joining:
+                            batch.admit([job for job, _ in joining])
+                            futures.update((id(job), (job, future)) for job, future in joining)
+                            joining = []
+                        done = batch.step()
+                        replies = bot.finish_replies(done) if done else []
+                    except BaseException:  # noqa: BLE001 - every request of the batch is retried alone
+                        self._retry_alone(list(futures.values()) + joining)
+                        batch, futures, joining = bot.decode_batch(), {}, []
+                        continue
+                    for request, reply in zip(done, replies):
+                        reply.threads = threads
+                        futures.pop(id(request.job))[1].set_result(reply)
+                    with self._cond:
+                        joining = self._pop(self.max_requests - len(batch), self.max_rows - batch.live_rows,
+                                            may_be_empty=True)
+
+    def _retry_alone(self, requests: list[tuple[Any, Future]]) -> None:
+        """After a failed batch: each request alone, from its seed again (the same draws as if the batch had
+        not failed), so only a request that fails by itself gets an error."""
+        for job, future in requests:
+            job.generator.manual_seed(job.seed)
+            try:
+                future.set_result(self.bot.reply_many([job])[0])
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(e)
 
     def _run(self) -> None:
         while True:
@@ -109,13 +164,8 @@ class ReplyBatcher:
             except BaseException as e:  # noqa: BLE001 - handed to the waiting callers
                 if len(batch) == 1:
                     batch[0][1].set_exception(e)
-                    continue
-                for job, future in batch:  # find whose request failed: the others still get their replies
-                    job.generator.manual_seed(job.seed)  # the same draws as if the batch had not failed
-                    try:
-                        future.set_result(self.bot.reply_many([job])[0])
-                    except BaseException as e1:  # noqa: BLE001
-                        future.set_exception(e1)
+                else:  # find whose request failed: the others still get their replies
+                    self._retry_alone(batch)
                 continue
             for (_, future), reply in zip(batch, replies):
                 future.set_result(reply)

@@ -368,6 +368,8 @@ class _JobRows:
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.fwd = torch.zeros(n, dtype=torch.float64)
         self.admitted = time.perf_counter()
+        self.generated = 0.0              # perf_counter when its last candidate finished
+        self.batch_size = 1               # requests decoding in its batch when it joined (itself included)
 
     def samples(self) -> list[tuple[list[int], float]]:
         return [(tokens, float(f)) for tokens, f in zip(self.tokens, self.fwd)]
@@ -426,6 +428,8 @@ class DecodeBatch:
                        else self.history.new_zeros(len(new_slots), 0))
         self.history = torch.cat([self.history, new_history])
         self.requests.extend(_JobRows(job) for job in jobs)
+        for request in self.requests[-len(jobs):]:
+            request.batch_size = len(self.requests)
 
     def step(self) -> list[_JobRows]:
         """One token for every live row; returns the requests whose candidates are now all finished."""
@@ -464,9 +468,11 @@ class DecodeBatch:
                 request.live -= 1
             else:
                 request.tokens[c].append(t)
+        now = time.perf_counter()
         for request in self.requests:
             request.step += 1
             if not request.live:
+                request.generated = now
                 done.append(request)
         if done:
             self.requests = [r for r in self.requests if r.live]
@@ -639,18 +645,19 @@ class ChatBot:
         return sample_rows(scores, gen.temperature, gen.top_k, gen.top_p, draws)
 
     @torch.inference_mode()
-    def _generate(self, jobs: "list[_Job]") -> list[list[tuple[list[int], float]]]:
-        """Sample each job's gen.num_candidates replies, all jobs in one `DecodeBatch`: per job
-        [(token ids without [SEP], forward log-prob)]."""
+    def _generate(self, jobs: "list[_Job]") -> list[_JobRows]:
+        """Sample each job's gen.num_candidates replies, all jobs in one `DecodeBatch` (in job order)."""
         batch = DecodeBatch(self)
         if len(jobs) > 1 and not batch.joins_running_batches:  # the HF cache has one length: one by one
             return [self._generate([job])[0] for job in jobs]
         batch.admit(jobs)
-        samples: dict[int, list[tuple[list[int], float]]] = {}
+        done: dict[int, _JobRows] = {}
         while len(batch):
             for request in batch.step():
-                samples[id(request.job)] = request.samples()
-        return [samples[id(job)] for job in jobs]
+                done[id(request.job)] = request
+        for request in done.values():
+            request.batch_size = len(jobs)
+        return [done[id(job)] for job in jobs]
 
     # ---------------------------------------------------------------------------------- scoring
 
@@ -781,15 +788,26 @@ class ChatBot:
         jobs = list(jobs)
         if not jobs:
             return []
-        t1 = time.perf_counter()
-        samples = self._generate(jobs)
+        return self.finish_replies(self._generate(jobs))
+
+    def decode_batch(self) -> DecodeBatch:
+        """An empty `DecodeBatch` for a caller that runs its own steps (`ReplyBatcher`): `admit` prepared
+        requests, `step` until they come back, then `finish_replies`. Run it inside `thread_policy.use()`
+        and `torch.inference_mode()`."""
+        return DecodeBatch(self)
+
+    def finish_replies(self, requests: "Sequence[_JobRows]") -> list[Reply]:
+        """The replies of decoded requests: candidates (duplicates collapsed, blocklist applied), all of
+        them MMI-scored in one batch, ranked."""
+        jobs = [r.job for r in requests]
         # this call's notices (a job may be run again, e.g. alone after a failed batch: notices not doubled)
         notices = [list(job.notices) for job in jobs]
         per_job: list[list[Candidate]] = []
-        for job, job_samples, job_notices in zip(jobs, samples, notices):
+        for request, job_notices in zip(requests, notices):
+            job = request.job
             by_text: dict[str, Candidate] = {}
             n_ctx = sum(len(u) + 1 for u in backward_context(job.context, job.mmi))
-            for ids, fwd in job_samples:
+            for ids, fwd in request.samples():
                 text = decode(self.tokenizer, ids)
                 if text in by_text:
                     by_text[text].count += 1
@@ -805,7 +823,7 @@ class ChatBot:
                                        "candidates")
                 candidates = kept
             per_job.append(candidates)
-        t2 = time.perf_counter()
+        scoring = time.perf_counter()
 
         scored = [(job, c) for job, cands in zip(jobs, per_job) if job.use_backward for c in cands]
         if scored:
@@ -818,13 +836,13 @@ class ChatBot:
             if not ranked:
                 job_notices.append("no reply: every candidate contained a blocklisted word")
             replies.append(ranked)
-        t3 = time.perf_counter()
-        return [Reply(text=ranked[0].text if ranked else "", candidates=ranked, latency_s=t3 - job.started,
-                      timings={"encode": job.prepared - job.started, "wait": t1 - job.prepared,
-                               "generate": t2 - t1, "score": t3 - t2},
-                      mmi=job.use_backward, notices=job_notices, seed=job.seed, context=job.texts,
-                      batch_size=len(jobs))
-                for job, ranked, job_notices in zip(jobs, replies, notices)]
+        end = time.perf_counter()
+        return [Reply(text=ranked[0].text if ranked else "", candidates=ranked, latency_s=end - r.job.started,
+                      timings={"encode": r.job.prepared - r.job.started, "wait": r.admitted - r.job.prepared,
+                               "generate": scoring - r.admitted, "score": end - scoring},
+                      mmi=r.job.use_backward, notices=job_notices, seed=r.job.seed, context=r.job.texts,
+                      batch_size=r.batch_size)
+                for r, ranked, job_notices in zip(requests, replies, notices)]
 
     @_uses_thread_policy
     def rerank(self, history, candidates: Sequence[str], *, generation: GenerationSettings | None = None,

@@ -199,9 +199,9 @@ class DecodingRows:
     order) and passes it to every call; calls that move rows return the new slots, same order.
 
     Every row writes its new token at the common column `length`; a row that joined at column J with a
-    context of L tokens has its context at columns 0..L-1 (see `KVCache`). When a joining context needs more
-    columns than are left, the live rows are re-laid out: context first, generated tokens right-aligned
-    before the new length."""
+    context of L tokens has its context at columns 0..L-1 (see `KVCache`). When the columns run out (or a
+    joining context needs more), the live rows move to new tensors: context first, generated tokens
+    right-aligned before the new length, so the columns of rows that left are dropped."""
 
     def __init__(self, lean: LeanGPT2) -> None:
         self.lean = lean
@@ -273,39 +273,29 @@ class DecodingRows:
         return self.lean.logits(hidden.index_select(0, live))
 
     def _reallocate(self, live: torch.Tensor, rows: int, min_length: int) -> torch.Tensor:
-        """New cache tensors with `rows` slots (the live rows first) and columns for at least `min_length`
-        + 2 x room. The columns stay where they are while the length suffices; else each live row's context
-        goes to columns 0..L-1 and its generated tokens right-aligned before the new length. Returns the
-        live rows' slots (unchanged: they stay 0..n-1)."""
+        """New cache tensors with `rows` slots (the live rows first): each live row's context at columns
+        0..L-1 and its generated tokens right-aligned before the new length (the longest row, at least
+        `min_length`), so the columns a long-running batch no longer needs are dropped; 2 x room spare
+        columns. Returns the live rows' slots (unchanged: they stay 0..n-1)."""
         lean, n = self.lean, self.n
-        if self.k is not None and n and self.length >= min_length:
-            width = self.length
-            src = None
-        elif self.k is not None and n:
-            ctx, join = self.ctx_len[:n], self.join[:n]
-            gen = self.length - join
-            width = max(int((ctx + gen).max()), min_length)
-            new_join = width - gen
-            cols = torch.arange(width)[None, :]
-            # new column -> old column: the context in place, the generated tokens shifted by new_join - join
-            # (the masked columns between them copy anything finite)
-            src = torch.where(cols < ctx[:, None], cols, join[:, None] + cols - new_join[:, None])
-            src = src.clamp_(0, self.length - 1)
-            self.join[:n] = new_join
-        else:
-            width, src = min_length, None
+        ctx, join = self.ctx_len[:n], self.join[:n]
+        gen = self.length - join
+        width = max(int((ctx + gen).max()) if n else 0, min_length)
+        new_join = width - gen
         shape = (lean.n_layer, max(rows, n), lean.n_head, width + 2 * self.room, lean.head_dim)
         # new_empty is safe: the live rows' columns < width are all copied (masked ones finite), `admit`
         # writes a joining row's, and every later column is written before it is read
         k, v = lean.wte.new_empty(shape), lean.wte.new_empty(shape)
         if n and width:
-            if src is None:
-                k[:, :n, :, :width], v[:, :n, :, :width] = self.k[:, :n, :, :width], self.v[:, :n, :, :width]
-            else:
-                index = src.to(k.device)[None, :, None, :, None].expand(lean.n_layer, n, lean.n_head, width,
-                                                                        lean.head_dim)
-                k[:, :n, :, :width] = self.k[:, :n].gather(3, index)
-                v[:, :n, :, :width] = self.v[:, :n].gather(3, index)
+            cols = torch.arange(width)[None, :]
+            # new column -> old column: the context in place, the generated tokens shifted by new_join - join
+            # (the masked columns between them copy anything finite)
+            src = torch.where(cols < ctx[:, None], cols, join[:, None] + cols - new_join[:, None])
+            index = src.clamp_(0, self.length - 1).to(k.device)[None, :, None, :, None]
+            index = index.expand(lean.n_layer, n, lean.n_head, width, lean.head_dim)
+            k[:, :n, :, :width] = self.k[:, :n].gather(3, index)
+            v[:, :n, :, :width] = self.v[:, :n].gather(3, index)
+        self.join[:n] = new_join
         grow = shape[1] - len(self.ctx_len)
         if grow > 0:
             self.ctx_len = torch.cat([self.ctx_len, torch.zeros(grow, dtype=torch.long)])

@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from dialogpt_zh.batcher import ReplyBatcher
-from dialogpt_zh.engine import ChatBot
+from dialogpt_zh.engine import ChatBot, DecodeBatch
 from dialogpt_zh.errors import UserError
 
 REQUESTS = [(["你好"], dict(seed=1)), (["你好呀，在干嘛", "在看电影呢"], dict(seed=2, num_candidates=3)),
@@ -17,6 +17,12 @@ REQUESTS = [(["你好"], dict(seed=1)), (["你好呀，在干嘛", "在看电影
 @pytest.fixture(scope="module")
 def bot(trained_bot_dir) -> ChatBot:
     return ChatBot.from_pretrained(trained_bot_dir)
+
+
+@pytest.fixture(params=[True, False], ids=["continuous", "batch-by-batch"])
+def continuous(request) -> bool:
+    """Both ways of batching: requests join running batches, or wait for the next batch."""
+    return request.param
 
 
 def call_together(batcher: ReplyBatcher, requests) -> list:
@@ -43,8 +49,9 @@ def key(reply):
     return reply.text, [(c.text, c.rank, round(c.forward_logprob, 3)) for c in reply.candidates], reply.seed
 
 
-def test_concurrent_requests_share_batches_and_get_their_own_replies(bot):
-    batcher = ReplyBatcher(bot, window_s=0.5, max_requests=8)
+def test_concurrent_requests_share_batches_and_get_their_own_replies(bot, continuous):
+    batcher = ReplyBatcher(bot, window_s=0.5, max_requests=8, continuous=continuous)
+    assert batcher.continuous == continuous
     try:
         got = call_together(batcher, REQUESTS)
     finally:
@@ -56,14 +63,15 @@ def test_concurrent_requests_share_batches_and_get_their_own_replies(bot):
         assert reply.context[-1] == history[-1]
 
 
-def test_batches_respect_the_request_and_row_limits(bot):
-    batcher = ReplyBatcher(bot, window_s=0.5, max_requests=2, max_rows=1000)
+def test_batches_respect_the_request_and_row_limits(bot, continuous):
+    batcher = ReplyBatcher(bot, window_s=0.5, max_requests=2, max_rows=1000, continuous=continuous)
     try:
         got = call_together(batcher, REQUESTS)
     finally:
         batcher.close()
     assert all(r.batch_size <= 2 for r in got) and batcher.batches >= 3
-    batcher = ReplyBatcher(bot, window_s=0.5, max_requests=8, max_rows=1)  # one request per batch at most
+    # one request per batch at most
+    batcher = ReplyBatcher(bot, window_s=0.5, max_requests=8, max_rows=1, continuous=continuous)
     try:
         got = call_together(batcher, REQUESTS[:3])
     finally:
@@ -71,26 +79,26 @@ def test_batches_respect_the_request_and_row_limits(bot):
     assert [r.batch_size for r in got] == [1, 1, 1]
 
 
-def test_two_workers_both_take_batches_and_stay_alive(bot):
+def test_two_workers_both_take_batches_and_stay_alive(bot, continuous):
     """With two workers, one can empty the queue while the other waits out its window; that other must go
     back to waiting, not stop (it did: an empty take was read as "closed")."""
-    batcher = ReplyBatcher(bot, window_s=0.2, max_requests=2, max_rows=1000, workers=2)
+    batcher = ReplyBatcher(bot, window_s=0.2, max_requests=2, max_rows=1000, workers=2, continuous=continuous)
     seen: set[str] = set()
-    real = bot.reply_many
+    alone = [key(bot.reply(history, **kw)) for history, kw in REQUESTS]
+    real = bot.finish_replies
 
-    def note_worker(jobs):
+    def note_worker(requests):
         seen.add(threading.current_thread().name)
-        return real(jobs)
+        return real(requests)
 
-    bot.reply_many = note_worker  # instance attribute: the batcher calls bot.reply_many
+    bot.finish_replies = note_worker  # instance attribute: both ways of batching end in bot.finish_replies
     try:
         for _ in range(3):  # rounds: a worker that stopped in one would be missing after it
             got = call_together(batcher, REQUESTS)
             assert all(w.is_alive() for w in batcher._workers)
-            for (history, kw), reply in zip(REQUESTS, got):
-                assert key(reply) == key(real([bot.prepare_reply(history, **kw)])[0])
+            assert [key(reply) for reply in got] == alone
     finally:
-        del bot.reply_many
+        del bot.finish_replies
         batcher.close()
     assert seen == {"reply-batcher-0", "reply-batcher-1"}
     assert not any(w.is_alive() for w in batcher._workers)
@@ -98,21 +106,21 @@ def test_two_workers_both_take_batches_and_stay_alive(bot):
         ReplyBatcher(bot, workers=0)
 
 
-def test_bad_input_fails_alone_and_a_failed_batch_is_retried_per_request(bot, monkeypatch):
-    batcher = ReplyBatcher(bot, window_s=0.3)
-    real = bot.reply_many
+def test_bad_input_fails_alone_and_a_failed_batch_is_retried_per_request(bot, monkeypatch, continuous):
+    batcher = ReplyBatcher(bot, window_s=0.3, continuous=continuous)
+    real = DecodeBatch.step
 
-    def fails_in_company(jobs):  # a batch with more than one request fails; alone they work
-        if len(jobs) > 1:
+    def fails_in_company(self):  # a batch with more than one request fails; alone they work
+        if len(self) > 1:
             raise RuntimeError("simulated batch failure")
-        return real(jobs)
+        return real(self)
 
     try:
         got = call_together(batcher, [(["你好"], dict(seed=1)), (["   "], dict(seed=2)),
                                       (["你好"], dict(seed=1, num_candidates=0))])
         assert not isinstance(got[0], Exception)
         assert isinstance(got[1], UserError) and isinstance(got[2], UserError)
-        monkeypatch.setattr(bot, "reply_many", fails_in_company)
+        monkeypatch.setattr(DecodeBatch, "step", fails_in_company)
         got = call_together(batcher, REQUESTS[:3])
     finally:
         batcher.close()

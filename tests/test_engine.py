@@ -138,6 +138,43 @@ def test_row_dropping_with_a_trained_bot(trained_bot_dir, compact_share, monkeyp
     assert len(lengths) > 1 and min(lengths) < 13  # rows did finish early, at different steps
 
 
+JOINERS = [["你好"], ["你好呀，在干嘛", "在看电影呢"], ["今天好冷啊，我都不想出门了，你那边冷不冷？要不要一起去吃火锅"],
+           ["晚饭吃什么"], ["嗯"], ["你好", "你好呀，在干嘛", "在看电影呢", "好看吗", "还行吧，就是有点长"]]
+
+
+@torch.inference_mode()
+def test_requests_joining_a_running_batch_get_the_replies_they_get_alone(trained_bot_dir):
+    """Continuous batching: requests join a DecodeBatch every other step (longer and shorter contexts than
+    the columns used so far, so the cache grows and re-lays its columns out) and rows leave as they finish;
+    each request's candidates and forward scores are those it gets alone."""
+    from dialogpt_zh.engine import DecodeBatch
+
+    bot = ChatBot.from_pretrained(trained_bot_dir)
+    batch = DecodeBatch(bot)
+    assert batch.joins_running_batches
+    settings = [dict(seed=i, num_candidates=3 + i % 4, max_length=6 + 3 * (i % 3), min_length=0,
+                     temperature=1.3, top_k=0) for i in range(12)]
+    jobs = [bot.prepare_reply(JOINERS[i % len(JOINERS)], **kw) for i, kw in enumerate(settings)]
+    done, joined, step, most = {}, 0, 0, 0
+    while joined < len(jobs) or len(batch):
+        if joined < len(jobs) and step % 2 == 0:
+            batch.admit(jobs[joined:joined + 1 + joined % 2])
+            joined += 1 + joined % 2
+        most = max(most, len(batch))
+        for request in batch.step():
+            done[id(request.job)] = request.samples()
+        step += 1
+    assert most >= 3 and len(done) == len(jobs)
+    lengths = set()
+    for job, kw in zip(jobs, settings):
+        alone = bot._generate([bot.prepare_reply(JOINERS[jobs.index(job) % len(JOINERS)], **kw)])[0].samples()
+        got = done[id(job)]
+        assert [tokens for tokens, _ in got] == [tokens for tokens, _ in alone]
+        assert [f for _, f in got] == pytest.approx([f for _, f in alone], abs=1e-3)
+        lengths |= {len(tokens) for tokens, _ in got}
+    assert len(lengths) > 2  # rows really finished at different steps
+
+
 def test_rerank_matches_reply_scores(bot):
     r = bot.reply(HISTORY, num_candidates=6, seed=1)
     reranked = {c.text: c for c in bot.rerank(HISTORY, [c.text for c in r.candidates])}
