@@ -18,6 +18,7 @@ Run it on an idle machine: other jobs on the cores lower every figure.
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import sys
 import threading
@@ -45,10 +46,16 @@ class ThroughputArgs:
     rounds: int = field(default=3, metadata=field_help("rounds (each runs every batch size once)"))
     clients: int = field(default=20, metadata=field_help("closed loop: concurrent users (0 = skip it)"))
     turns: int = field(default=10, metadata=field_help("closed loop: turns per user"))
+    think_s: float = field(default=0.0, metadata=field_help(
+        "closed loop: mean pause of a user between a reply and the next message (random, exponential, "
+        "seeded); 0 = none, the saturated load of benchmarks/web_load.py"))
     max_batch: int = field(default=8, metadata=field_help("closed loop: ReplyBatcher max_requests (webapp --max_batch)"))
     batch_window_ms: float = field(default=5.0, metadata=field_help("closed loop: ReplyBatcher window"))
     workers: str = field(default="1,2", metadata=field_help(
         "closed loop: comma list of ReplyBatcher worker counts (webapp --batch_workers), each run in turn"))
+    batching: str = field(default="batch", metadata=field_help(
+        "closed loop: comma list of ReplyBatcher modes, each run in turn for each worker count: batch (batch "
+        "by batch, the web page's default) and/or continuous (requests join running batches)"))
     seed: int = field(default=0, metadata=field_help("sampling seeds are seed + request index"))
 
 
@@ -73,10 +80,11 @@ def time_batches(bot, ctxs: list[list[str]], k: int, seed: int) -> tuple[float, 
     return time.perf_counter() - t0, per_batch
 
 
-def closed_loop(bot, args: ThroughputArgs, workers: int) -> tuple[float, list[float], int, list[int]]:
+def closed_loop(bot, args: ThroughputArgs, workers: int,
+                continuous: bool = False) -> tuple[float, list[float], int, list[int]]:
     """Users chatting at once through one ReplyBatcher: (seconds, each reply's latency, batches, threads)."""
     batcher = ReplyBatcher(bot, window_s=args.batch_window_ms / 1000, max_requests=args.max_batch,
-                           workers=workers)
+                           workers=workers, continuous=continuous)
     lines = fixture_lines()
     latencies: list[float] = []
     threads: list[int] = []
@@ -85,8 +93,11 @@ def closed_loop(bot, args: ThroughputArgs, workers: int) -> tuple[float, list[fl
 
     def user(u: int) -> None:
         history: list[str] = []
+        pauses = random.Random(args.seed * 1000 + u)
         try:
             for t in range(args.turns):
+                if args.think_s > 0:
+                    time.sleep(pauses.expovariate(1 / args.think_s))
                 history.append(lines[(u * 7 + t) % len(lines)])
                 start = time.perf_counter()
                 reply = batcher.reply(history[-3:], seed=args.seed + u * 1000 + t)
@@ -127,6 +138,8 @@ def main(argv=None) -> int:
                 raise UserError(f"must be >= 1, got {value}", field=name)
         if not sizes or min(sizes) < 1:
             raise UserError(f"batch sizes must be >= 1, got {args.batch_sizes!r}", field="batch_sizes")
+        if args.think_s < 0:
+            raise UserError(f"must be >= 0, got {args.think_s}", field="think_s")
         if args.clients < 0:
             raise UserError(f"must be >= 0, got {args.clients}", field="clients")
         try:
@@ -135,6 +148,9 @@ def main(argv=None) -> int:
             workers = []
         if not workers or min(workers) < 1:
             raise UserError(f"worker counts must be whole numbers >= 1, got {args.workers!r}", field="workers")
+        modes = [m.strip() for m in args.batching.split(",") if m.strip()]
+        if not modes or set(modes) - {"continuous", "batch"}:
+            raise UserError(f"use continuous and/or batch, got {args.batching!r}", field="batching")
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -156,11 +172,15 @@ def main(argv=None) -> int:
             each = " ".join(f"{r:.1f}" for r in rates[k])
             print(f"{k:>18} | {statistics.median(rates[k]):>6.1f} ({each}) | {statistics.median(batch_s[k]):.3f}")
         for w in workers if args.clients else []:
-            seconds, lat, batches, threads = closed_loop(bot, args, w)
-            print(f"closed loop: {args.clients} users x {args.turns} turns through one ReplyBatcher (max_batch "
-                  f"{args.max_batch}, window {args.batch_window_ms:g} ms, {w} worker(s)), no web server: "
-                  f"{len(lat) / seconds:.2f} replies/s, latency p50 {percentile(lat, 50):.2f} s, p95 {percentile(lat, 95):.2f} s, "
-                  f"{len(lat) / batches:.1f} requests per batch, threads used {sorted(set(threads))}")
+            for mode in modes:
+                seconds, lat, batches, threads = closed_loop(bot, args, w, continuous=mode == "continuous")
+                print(f"closed loop: {args.clients} users x {args.turns} turns"
+                      + (f" (pauses of {args.think_s:g} s on average)" if args.think_s else "")
+                      + f" through one ReplyBatcher ({mode}, "
+                      f"max_batch {args.max_batch}, window {args.batch_window_ms:g} ms, {w} worker(s)), no web "
+                      f"server: {len(lat) / seconds:.2f} replies/s, latency p50 {percentile(lat, 50):.2f} s, "
+                      f"p95 {percentile(lat, 95):.2f} s, {len(lat) / batches:.1f} requests per "
+                      f"{'admission' if mode == 'continuous' else 'batch'}, threads used {sorted(set(threads))}")
         print(f"# load average at the end {os.getloadavg()[0]:.2f}")
         return 0
 

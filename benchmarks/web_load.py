@@ -54,6 +54,8 @@ class LoadArguments:
     max_batch: int = field(default=8, metadata=field_help("webapp --max_batch in the batched mode"))
     batch_window_ms: float = field(default=5.0, metadata=field_help("webapp --batch_window_ms in the batched mode"))
     batch_workers: int = field(default=2, metadata=field_help("webapp --batch_workers in the batched mode"))
+    continuous_batching: bool = field(default=False, metadata=field_help(
+        "webapp --continuous_batching in the batched mode (requests join running batches)"))
     engine_process: bool = field(default=True, metadata=field_help(
         "webapp --engine_process in the batched mode (replies computed in a child process of the app); "
         "--no_engine_process passes --no_engine_process"))
@@ -252,7 +254,7 @@ def changed_settings(*settings) -> list[str]:
 @contextlib.contextmanager
 def app_process(bot_args: BotArguments, gen, mmi, concurrency: int, max_queue: int, max_batch: int,
                 batch_window_ms: float, batch_workers: int = 2, engine_process: bool = True,
-                timeout_s: float = 300.0):
+                continuous_batching: bool = False, timeout_s: float = 300.0):
     """`python -m dialogpt_zh.webapp` in its own process on a free port; yields its URL, stops it after."""
     import subprocess
     import urllib.request
@@ -263,6 +265,7 @@ def app_process(bot_args: BotArguments, gen, mmi, concurrency: int, max_queue: i
     cmd = [sys.executable, "-m", "dialogpt_zh.webapp", "--port", str(port), "--concurrency", str(concurrency),
            "--max_queue", str(max_queue), "--max_batch", str(max_batch), "--batch_window_ms", str(batch_window_ms),
            "--batch_workers", str(batch_workers), "--engine_process" if engine_process else "--no_engine_process",
+           "--continuous_batching" if continuous_batching else "--no_continuous_batching",
            *changed_settings(bot_args, gen, mmi)]
     print("app:", " ".join(cmd), flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -322,11 +325,14 @@ def main(argv=None) -> int:
                 print(f"\n## {mode}: app in its own process; concurrency {concurrency}, max_batch "
                       f"{args.max_batch if batched else 1}"
                       + (f", window {args.batch_window_ms:g} ms, {args.batch_workers} worker(s)"
-                         + (", engine process" if args.engine_process else "") if batched else "")
+                         + (", engine process" if args.engine_process else "")
+                         + (", continuous batching" if args.continuous_batching else ", batch by batch")
+                         if batched else "")
                       + f"; cpus {os.cpu_count()}", flush=True)
                 with app_process(bot_args, gen, mmi, concurrency, max(64, args.clients * 2),
                                  args.max_batch if batched else 1, args.batch_window_ms,
-                                 args.batch_workers, batched and args.engine_process) as url:
+                                 args.batch_workers, batched and args.engine_process,
+                                 args.continuous_batching) as url:
                     summary[mode] = run_load(url, args, utterances)
             return print_summary(summary)
         bot = load_bot(bot_args, gen, mmi)
@@ -335,7 +341,8 @@ def main(argv=None) -> int:
             concurrency = args.concurrency if batched else args.alone_concurrency
             demo = webapp.build_app(bot, concurrency=concurrency, max_queue=max(64, args.clients * 2),
                                     max_batch=args.max_batch if batched else 1,
-                                    batch_window_ms=args.batch_window_ms, batch_workers=args.batch_workers)
+                                    batch_window_ms=args.batch_window_ms, batch_workers=args.batch_workers,
+                                    continuous_batching=args.continuous_batching)
             url = webapp.launch_in_background(demo)
             print(f"\n## {mode}: serving {bot.forward_dir} (+ {bot.backward_dir}) at {url}; concurrency "
                   f"{concurrency}, max_batch {args.max_batch if batched else 1}"

@@ -11,12 +11,12 @@ logic of the page (clear counters, transcripts, notices) would have to be rewrit
 page keeps one handler per request (Gradio's `concurrency_limit` still bounds how many wait) and only the
 model work is shared.
 
-Continuous batching (the default, `continuous=True`, for models the lean forward covers): a request that
-arrives while a batch runs joins it at the next decoding step and leaves it as soon as its own candidates
-are finished and scored, instead of waiting for the running batch to end and then for the slowest request
-of its own batch. With `continuous=False` (and for other models), new requests queue up while a batch runs
-and form the next batch when it ends. Either way an idle worker waits `window_s` after a first request for
-others to join (0: never waits).
+By default new requests queue up while a batch runs and form the next batch when it ends. With
+`continuous=True` (continuous batching, for models the lean forward covers), a request that arrives while a
+batch runs joins it at the next decoding step and leaves it as soon as its own candidates are finished and
+scored. On 2 cores with the default model that was no faster: its many small context and MMI passes cost
+what the waiting saved (docs/web.md), so it is an option. Either way an idle worker waits `window_s` after a
+first request for others to join (0: never waits).
 
 With `workers` > 1, that many worker threads take batches from the one queue, so a batch can start while
 another runs; the engine's thread policy then gives each running batch its share of the free cores (one
@@ -39,7 +39,7 @@ class ReplyBatcher:
     `max_rows` candidates (a single request is never split); `continuous`: requests join running batches."""
 
     def __init__(self, bot: ChatBot, *, window_s: float = 0.005, max_requests: int = 8, max_rows: int = 160,
-                 workers: int = 1, continuous: bool = True) -> None:
+                 workers: int = 1, continuous: bool = False) -> None:
         if not (0 <= window_s <= 1 and max_requests >= 1 and max_rows >= 1 and workers >= 1):
             raise ValueError("window_s must be in [0, 1] s, max_requests, max_rows and workers at least 1")
         self.bot = bot

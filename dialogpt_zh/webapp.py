@@ -53,7 +53,11 @@ class WebArguments:
         "cross-user batching (each reply computed on its own, up to --concurrency at once; docs/web.md)"))
     batch_window_ms: float = field(default=5.0, metadata=field_help(
         "an idle server waits this long after a request for others to share its batch (0: never waits; "
-        "requests that arrive while a batch runs always form the next one)"))
+        "requests that arrive while a batch runs join it, or with --no_continuous_batching form the next one)"))
+    continuous_batching: bool = field(default=False, metadata=field_help(
+        "with --max_batch > 1: a request joins a running batch at its next decoding step and leaves it as "
+        "soon as its own reply is ready, instead of waiting for the running batch to end (on 2 cores no "
+        "faster than batch by batch, docs/web.md)"))
     engine_process: bool = field(default=True, metadata=field_help(
         "with --max_batch > 1: compute replies in a child process with its own interpreter, so the batches "
         "do not wait for Gradio's Python (1.11x the replies/s, median of 6 pairs); the page's process still "
@@ -176,7 +180,8 @@ def status_markdown(reply, notices: Sequence[str]) -> str:
 
 def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
               transcript: str | Path | None = None, *, concurrency: int = 16, max_queue: int = 64,
-              max_batch: int = 8, batch_window_ms: float = 5.0, batch_workers: int = 2, replier=None,
+              max_batch: int = 8, batch_window_ms: float = 5.0, batch_workers: int = 2,
+              continuous_batching: bool = False, replier=None,
               max_input_chars: int = 150, seed: int | None = None, feedback: str | Path | None = None,
               arena_pairs: str | Path | None = None, arena_verdicts: str | Path | None = None) -> gr.Blocks:
     """The Gradio page over `bot` (a `dialogpt_zh.engine.ChatBot`).
@@ -203,7 +208,7 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
         from dialogpt_zh.batcher import ReplyBatcher
 
         replier = ReplyBatcher(bot, window_s=batch_window_ms / 1000, max_requests=max_batch,
-                               workers=batch_workers)
+                               workers=batch_workers, continuous=continuous_batching)
 
     # Explicit parameters (not *values) so that the API page and gradio_client show the settings' names.
     def reply_fn(message: str, history: list[str] | None, request: gr.Request, num_candidates: float,
@@ -380,13 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dialogpt_zh.engine_process import EngineProcess
 
             replier = EngineProcess(bot_args, generation, mmi, window_s=args.batch_window_ms / 1000,
-                                    max_requests=args.max_batch, workers=args.batch_workers)
+                                    max_requests=args.max_batch, workers=args.batch_workers,
+                                    continuous=args.continuous_batching)
             log.info("replies computed in engine process %s", replier.pid)
         try:
             demo = build_app(bot, transcript=args.transcript, concurrency=args.concurrency,
                              max_queue=args.max_queue, max_batch=args.max_batch,
                              batch_window_ms=args.batch_window_ms, batch_workers=args.batch_workers,
-                             replier=replier, max_input_chars=args.max_input_chars, seed=args.seed,
+                             continuous_batching=args.continuous_batching, replier=replier, max_input_chars=args.max_input_chars, seed=args.seed,
                              feedback=args.feedback, arena_pairs=args.arena_pairs,
                              arena_verdicts=args.arena_verdicts)
             if args.transcript:
