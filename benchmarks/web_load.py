@@ -265,8 +265,7 @@ def app_process(bot_args: BotArguments, gen, mmi, concurrency: int, max_queue: i
     cmd = [sys.executable, "-m", "dialogpt_zh.webapp", "--port", str(port), "--concurrency", str(concurrency),
            "--max_queue", str(max_queue), "--max_batch", str(max_batch), "--batch_window_ms", str(batch_window_ms),
            "--batch_workers", str(batch_workers), "--engine_process" if engine_process else "--no_engine_process",
-           "--continuous_batching" if continuous_batching else "--no_continuous_batching",
-           *changed_settings(bot_args, gen, mmi)]
+           *(["--continuous_batching"] if continuous_batching else []), *changed_settings(bot_args, gen, mmi)]
     print("app:", " ".join(cmd), flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
