@@ -219,7 +219,9 @@ class DecodingRows:
         width, n_new, device = encoded.capacity, sum(counts), encoded.k.device
         if (self.k is None or self.n + n_new > self.k.shape[1] or self.length < width
                 or self.length + room > self.k.shape[3]):
-            live = self._reallocate(live, rows=self.n + n_new, min_length=width)
+            # a running batch that needs more slots gets twice as many: joins then rarely copy the cache
+            grown = 2 * self.k.shape[1] if self.k is not None and self.n + n_new > self.k.shape[1] else 0
+            live = self._reallocate(live, rows=max(self.n + n_new, grown), min_length=width)
         slots = torch.arange(self.n, self.n + n_new, device=device)
         owner = torch.repeat_interleave(torch.arange(len(contexts)), torch.tensor(counts)).to(device)
         new = slice(self.n, self.n + n_new)
