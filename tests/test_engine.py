@@ -12,7 +12,7 @@ import torch
 import dialogpt_zh.engine as engine_module
 from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.lean_gpt2 import LeanGPT2
+from dialogpt_zh.lean_gpt2 import DecodingRows, LeanGPT2
 from dialogpt_zh.sampling import (apply_repetition_penalty, banned_ngram_tokens, sample_tokens, top_k_filter,
                                    top_p_filter)
 from dialogpt_zh.sequence import build_sequence
@@ -125,17 +125,28 @@ def test_kv_cached_generation_matches_full_recomputation(bot):
     check_cached_generation(bot, seed=3)
 
 
-@pytest.mark.parametrize("compact_share", [0.0, 0.5, 1.0])
-def test_row_dropping_with_a_trained_bot(trained_bot_dir, compact_share, monkeypatch):
-    """A trained model ends replies at different lengths, so rows leave the batch mid-way: out of the cache
-    at once (share 0), once half the cache rows are finished (0.5, the default), or never (1.0: they decode
-    a dummy token to the end); the scores must still equal full recomputation."""
-    monkeypatch.setattr(engine_module, "COMPACT_DEAD_SHARE", compact_share)
+@pytest.mark.parametrize("forward,compact_share", [("lean", None), ("transformers", 0.0),
+                                                   ("transformers", 0.5), ("transformers", 1.0)])
+def test_row_dropping_with_a_trained_bot(trained_bot_dir, forward, compact_share, monkeypatch):
+    """A trained model ends replies at different lengths, so rows leave the batch mid-way: with the lean
+    forward the last live row moves into a finished row's slot at once; with transformers' cache rows leave
+    it at once (share 0), once half the cache rows are finished (0.5, the default), or never (1.0: they
+    decode a dummy token to the end). The scores must still equal full recomputation."""
     bot = ChatBot.from_pretrained(trained_bot_dir)
+    if forward == "transformers":
+        monkeypatch.setattr(engine_module, "COMPACT_DEAD_SHARE", compact_share)
+        bot.use_lean_forward = False
+    else:  # rows really moved: a finished row's slot taken by a later one
+        moves = []
+        real = DecodingRows.leave
+        monkeypatch.setattr(DecodingRows, "leave", lambda self, live, finished: moves.append(
+            bool((live[~finished] >= int((~finished).sum())).any())) or real(self, live, finished))
     lengths = set()
     for seed in range(3):
         lengths |= check_cached_generation(bot, seed)
     assert len(lengths) > 1 and min(lengths) < 13  # rows did finish early, at different steps
+    if forward == "lean":
+        assert any(moves)
 
 
 JOINERS = [["你好"], ["你好呀，在干嘛", "在看电影呢"], ["今天好冷啊，我都不想出门了，你那边冷不冷？要不要一起去吃火锅"],
