@@ -35,8 +35,8 @@ from dialogpt_zh.lean_gpt2 import DecodingRows, LeanGPT2
 from dialogpt_zh.checkpoint import load_model, read_card
 from dialogpt_zh.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_rows
 from dialogpt_zh.sequence import build_sequence
-from dialogpt_zh.settings import (BotArguments, GenerationSettings, MMISettings, apply_overrides, mmi_active,
-                                  mmi_score, ranking_weights)
+from dialogpt_zh.settings import (QUANTIZATIONS, BotArguments, GenerationSettings, MMISettings, apply_overrides,
+                                  mmi_active, mmi_score, ranking_weights)
 from dialogpt_zh.threads import ThreadPolicy
 from dialogpt_zh.tokenizer import decode, encode, load_tokenizer
 
@@ -540,8 +540,8 @@ class ChatBot:
         become this bot's default settings (each call may override single fields)."""
         check_device(device)
         forward_dir, backward_dir = _resolve_dirs(path, forward, backward)
-        if quantize not in (None, "int8"):
-            raise UserError(f"unknown quantization {quantize!r}; the only one is 'int8'", field="quantize")
+        if quantize not in QUANTIZATIONS:
+            raise UserError(f"unknown quantization {quantize!r}; use one of {QUANTIZATIONS[1:]}", field="quantize")
         if quantize and not str(device).startswith("cpu"):
             raise UserError("int8 dynamic quantization runs on CPU only; use --device cpu", field="quantize")
         _check_direction(forward_dir, "forward")
@@ -566,6 +566,9 @@ class ChatBot:
             forward_model = quantize_int8(forward_model)
             backward_model = quantize_int8(backward_model) if backward_model is not None else None
             notices.append("int8 dynamic quantization on")
+        elif quantize == "int8-forward":  # the sampler in int8, the MMI judge exact
+            forward_model = quantize_int8(forward_model)
+            notices.append("int8 dynamic quantization on (forward model only; MMI scores in float)")
         return cls(forward_model, tokenizer, backward_model, device=device, generation=generation, mmi=mmi,
                    notices=notices, forward_dir=forward_dir, backward_dir=backward_dir)
 

@@ -206,6 +206,10 @@ def ranking_weights(mmi: MMISettings, use_backward: bool) -> tuple[float, float,
 
 # ------------------------------------------------------------------------------------ which bot to load
 
+# --quantize values: none, both models' matmuls in dynamic int8, or the forward model's only
+QUANTIZATIONS = (None, "int8", "int8-forward")
+
+
 @dataclass
 class BotArguments:
     """Which bot to load and where: the flags every face that chats shares (interact, web, evaluate)."""
@@ -217,7 +221,9 @@ class BotArguments:
         "a backward model directory, when --model is a single forward model directory"))
     device: str = field(default="cpu", metadata=field_help("torch device for the models (cpu, cuda, ...)"))
     quantize: str | None = field(default=None, metadata=field_help(
-        "'int8': dynamic int8 quantization of the matmuls (CPU only; faster, slightly different scores)"))
+        "'int8': dynamic int8 quantization of both models' matmuls (CPU only; faster, slightly different "
+        "scores); 'int8-forward': of the forward model only, so candidates are sampled faster and MMI "
+        "scores them exactly as in float (docs/engine.md, int8)"))
     threads: int = field(default=0, metadata=field_help(
         "intra-op CPU threads per reply: 0 = the thread policy (auto: the cores other processes leave free, "
         "shared by the replies in flight); N = always N (docs/engine.md, Threads)"))
@@ -227,5 +233,6 @@ class BotArguments:
             raise SettingsError("--backward needs --model (the forward model directory)", field="backward")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not 0 <= self.threads <= 1024:
             raise SettingsError(f"must be in [0, 1024], got {self.threads!r}", field="threads")
-        if self.quantize not in (None, "int8"):
-            raise SettingsError(f"unknown quantization {self.quantize!r}; the only one is 'int8'", field="quantize")
+        if self.quantize not in QUANTIZATIONS:
+            raise SettingsError(f"unknown quantization {self.quantize!r}; use one of {QUANTIZATIONS[1:]}",
+                                field="quantize")

@@ -402,6 +402,20 @@ def test_int8_quantization_really_quantizes(random_bot_dir, bot):
     assert q.reply(HISTORY, num_candidates=3, seed=0).text is not None
 
 
+def test_int8_forward_quantizes_the_sampler_and_keeps_mmi_exact(random_bot_dir, bot):
+    """--quantize int8-forward: the forward model's matmuls in int8, the backward model untouched, so the
+    MMI scores of any given candidates are exactly the float bot's."""
+    q = ChatBot.from_pretrained(random_bot_dir, quantize="int8-forward")
+    quantized = [sum("quantized.dynamic" in type(m).__module__ for m in model.modules())
+                 for model in (q.forward_model, q.backward_model)]
+    assert quantized == [4 * q.forward_model.config.n_layer + 1, 0]
+    assert q.backward_logprobs(HISTORY, REPLIES) == bot.backward_logprobs(HISTORY, REPLIES)
+    assert q.forward_logprobs(HISTORY, REPLIES) != bot.forward_logprobs(HISTORY, REPLIES)
+    assert any("forward model only" in n for n in q.notices)
+    r = q.reply(HISTORY, num_candidates=4, seed=0)
+    assert r.mmi and all(c.backward_logprob is not None for c in r.candidates)
+
+
 # ---------------------------------------------------------------------------------------- filters
 
 def test_sampling_filters():
