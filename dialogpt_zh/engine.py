@@ -369,7 +369,6 @@ class _JobRows:
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.fwd = torch.zeros(n, dtype=torch.float64)
         self.admitted = time.perf_counter()
-        self.generated = 0.0              # perf_counter when its last candidate finished
         self.batch_size = 1               # requests decoding in its batch when it joined (itself included)
 
     def samples(self) -> list[tuple[list[int], float]]:
@@ -469,11 +468,9 @@ class DecodeBatch:
                 request.live -= 1
             else:
                 request.tokens[c].append(t)
-        now = time.perf_counter()
         for request in self.requests:
             request.step += 1
             if not request.live:
-                request.generated = now
                 done.append(request)
         if done:
             self.requests = [r for r in self.requests if r.live]
