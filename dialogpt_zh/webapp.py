@@ -53,7 +53,7 @@ class WebArguments:
         "cross-user batching (each reply computed on its own, up to --concurrency at once; docs/web.md)"))
     batch_window_ms: float = field(default=5.0, metadata=field_help(
         "an idle server waits this long after a request for others to share its batch (0: never waits; "
-        "requests that arrive while a batch runs join it, or with --no_continuous_batching form the next one)"))
+        "requests that arrive while a batch runs form the next one, or join it with --continuous_batching)"))
     continuous_batching: bool = field(default=False, metadata=field_help(
         "with --max_batch > 1: a request joins a running batch at its next decoding step and leaves it as "
         "soon as its own reply is ready, instead of waiting for the running batch to end (on 2 cores no "
