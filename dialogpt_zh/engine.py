@@ -327,21 +327,18 @@ class _HFRows:
     request at a time (its DynamicCache has one length for all rows), finished rows decode a dummy token
     until COMPACT_DEAD_SHARE of the rows are finished."""
 
-    joins_running_batches = False
+    def __init__(self, model, device: str, dummy_id: int, compact_dead_share: float) -> None:
+        self.decoder, self.device = _HFDecoder(model), device
+        self.dummy_id, self.compact_dead_share = dummy_id, compact_dead_share
+        self.rows: int | None = None          # cache rows, finished ones included; None before `admit`
 
-    def __init__(self, model, dummy_id: int, compact_dead_share: float) -> None:
-        self.decoder, self.dummy_id, self.compact_dead_share = _HFDecoder(model), dummy_id, compact_dead_share
-        self.rows = 0
-
-    def admit(self, live: torch.Tensor, contexts: list[list[int]], counts: list[int],
-              room: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if len(live) or len(contexts) != 1:
+    def admit(self, contexts: list[list[int]], counts: list[int], room: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rows is not None or len(contexts) != 1:
             raise ValueError("the transformers forward decodes one request at a time")
-        device = live.device
-        logits = self.decoder.prompt(torch.tensor(contexts, device=device), room)
+        logits = self.decoder.prompt(torch.tensor(contexts, device=self.device), room)
         self.decoder.repeat_rows(counts[0])  # the context is encoded once and shared by the n rows
         self.rows = counts[0]
-        return live, torch.arange(counts[0], device=device), logits.expand(counts[0], -1)
+        return torch.arange(counts[0], device=self.device), logits.expand(counts[0], -1)
 
     def leave(self, live: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
         live = live[~finished]
@@ -387,7 +384,7 @@ class DecodeBatch:
         self.bot = bot
         lean = bot._lean(bot.forward_model)
         self.rows = (DecodingRows(lean) if lean is not None
-                     else _HFRows(bot.forward_model, bot.sep_id, COMPACT_DEAD_SHARE))
+                     else _HFRows(bot.forward_model, bot.device, bot.sep_id, COMPACT_DEAD_SHARE))
         # whether requests can join a batch that is running (the lean forward); else one request at a time
         self.joins_running_batches = lean is not None
         device = bot.device
@@ -416,7 +413,7 @@ class DecodeBatch:
         counts = [job.gen.num_candidates for job in jobs]
         contexts = [build_sequence(job.context, "forward", bot.cls_id, bot.sep_id) for job in jobs]
         room = max(job.gen.max_length for job in jobs) + 1
-        self.slots, new_slots, logits = self.rows.admit(self.slots, contexts, counts, room)
+        new_slots, logits = self.rows.admit(contexts, counts, room)
         self.slots = torch.cat([self.slots, new_slots])
         self.candidate = torch.cat([self.candidate] + [torch.arange(n) for n in counts])
         logits = logits.float()
@@ -656,8 +653,6 @@ class ChatBot:
         while len(batch):
             for request in batch.step():
                 done[id(request.job)] = request
-        for request in done.values():
-            request.batch_size = len(jobs)
         return [done[id(job)] for job in jobs]
 
     # ---------------------------------------------------------------------------------- scoring

@@ -47,13 +47,6 @@ class KVCache:
         self.k = self.k.expand(-1, n, -1, -1, -1).contiguous()
         self.v = self.v.expand(-1, n, -1, -1, -1).contiguous()
 
-    def select_rows(self, keep: torch.Tensor) -> None:
-        """Keep only the rows `keep` (indices), in that order: finished candidates leave the cache."""
-        self.k = self.k.index_select(1, keep)
-        self.v = self.v.index_select(1, keep)
-        if self.gap is not None:
-            self.gap, self.valid = self.gap.index_select(0, keep), self.valid.index_select(0, keep)
-
 
 def _projection(module):
     """A function of a 2-D input: HF Conv1D as addmm over its own (in, out) weight, anything else called."""
@@ -196,7 +189,7 @@ class DecodingRows:
     The live rows always fill slots 0..n-1, so every step runs on them alone with plain slices (no dummy
     tokens, no masks over dead rows): a finished row's slot is filled by moving the last live row into it
     (one row's keys/values copied). The caller keeps each live row's slot (a LongTensor, in its own row
-    order) and passes it to every call; calls that move rows return the new slots, same order.
+    order) and passes it to `step`; `leave` returns the slots after the moves, same order.
 
     Every row writes its new token at the common column `length`; a row that joined at column J with a
     context of L tokens has its context at columns 0..L-1 (see `KVCache`). When the columns run out (or a
@@ -210,10 +203,9 @@ class DecodingRows:
         self.room = 1                       # columns a joining row may need: the largest reply room seen
         self.ctx_len = self.join = torch.zeros(0, dtype=torch.long)   # per slot: context length, join column
 
-    def admit(self, live: torch.Tensor, contexts: list[list[int]], counts: list[int],
-              room: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Context i joins as counts[i] new rows that will decode up to `room` tokens: (the live rows' new
-        slots, the new rows' slots, the new rows' logits (rows, V) for their first token)."""
+    def admit(self, contexts: list[list[int]], counts: list[int], room: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context i joins as counts[i] new rows that will decode up to `room` tokens: (the new rows' slots,
+        their logits (rows, V) for their first token). The live rows keep their slots."""
         self.room = max(self.room, room)
         encoded, last = self.lean.encode_contexts(contexts)
         width, n_new, device = encoded.capacity, sum(counts), encoded.k.device
@@ -221,7 +213,7 @@ class DecodingRows:
                 or self.length + room > self.k.shape[3]):
             # a running batch that needs more slots gets twice as many: joins then rarely copy the cache
             grown = 2 * self.k.shape[1] if self.k is not None and self.n + n_new > self.k.shape[1] else 0
-            live = self._reallocate(live, rows=max(self.n + n_new, grown), min_length=width)
+            self._reallocate(rows=max(self.n + n_new, grown), min_length=width)
         slots = torch.arange(self.n, self.n + n_new, device=device)
         owner = torch.repeat_interleave(torch.arange(len(contexts)), torch.tensor(counts)).to(device)
         new = slice(self.n, self.n + n_new)
@@ -234,7 +226,7 @@ class DecodingRows:
         self.ctx_len[new] = torch.tensor([len(c) for c in contexts]).index_select(0, owner.cpu())
         self.join[new] = self.length
         self.n += n_new
-        return live, slots, last.index_select(0, owner)
+        return slots, last.index_select(0, owner)
 
     def leave(self, live: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
         """Rows leave: `live` (the slots before) without the rows where `finished` (bool, row order) is set;
@@ -248,7 +240,7 @@ class DecodingRows:
             movers = movers.sort().values
             cpu_holes, cpu_movers = holes.cpu(), movers.cpu()
             for hole, mover in zip(cpu_holes.tolist(), cpu_movers.tolist()):
-                # a plain copy per row: ~20x faster than advanced indexing or index_copy_ on these strides
+                # a plain copy per row: measured 6.6x faster than advanced indexing, 60x than index_copy_ here
                 self.k[:, hole, :, :self.length].copy_(self.k[:, mover, :, :self.length])
                 self.v[:, hole, :, :self.length].copy_(self.v[:, mover, :, :self.length])
             self.ctx_len[cpu_holes] = self.ctx_len[cpu_movers]
@@ -263,7 +255,7 @@ class DecodingRows:
         """One token per live row (ids (n,), the rows' order); logits (n, V) of the next one."""
         n = self.n
         if self.length + 1 > self.k.shape[3]:
-            live = self._reallocate(live, rows=self.k.shape[1], min_length=0)
+            self._reallocate(rows=self.k.shape[1], min_length=0)
         by_slot = torch.empty_like(ids).index_copy_(0, live, ids)
         device = ids.device
         ctx_len, join = self.ctx_len[:n].to(device), self.join[:n].to(device)
@@ -274,11 +266,11 @@ class DecodingRows:
         self.length += 1
         return self.lean.logits(hidden.index_select(0, live))
 
-    def _reallocate(self, live: torch.Tensor, rows: int, min_length: int) -> torch.Tensor:
-        """New cache tensors with `rows` slots (the live rows first): each live row's context at columns
-        0..L-1 and its generated tokens right-aligned before the new length (the longest row, at least
-        `min_length`), so the columns a long-running batch no longer needs are dropped; 2 x room spare
-        columns. Returns the live rows' slots (unchanged: they stay 0..n-1)."""
+    def _reallocate(self, rows: int, min_length: int) -> None:
+        """New cache tensors with `rows` slots (the live rows stay in 0..n-1): each live row's context at
+        columns 0..L-1 and its generated tokens right-aligned before the new length (the longest row, at
+        least `min_length`), so the columns a long-running batch no longer needs are dropped; 2 x room spare
+        columns."""
         lean, n = self.lean, self.n
         ctx, join = self.ctx_len[:n], self.join[:n]
         gen = self.length - join
@@ -303,4 +295,3 @@ class DecodingRows:
             self.ctx_len = torch.cat([self.ctx_len, torch.zeros(grow, dtype=torch.long)])
             self.join = torch.cat([self.join, torch.zeros(grow, dtype=torch.long)])
         self.k, self.v, self.length = k, v, width
-        return live

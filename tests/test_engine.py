@@ -467,7 +467,7 @@ def lean_cached_logits(lean, ctx, steps, capacity):
     cache.repeat_rows(steps[0][0].shape[0])
     for ids, keep in steps:
         if keep is not None:
-            cache.select_rows(keep)
+            cache.k, cache.v = cache.k.index_select(1, keep), cache.v.index_select(1, keep)
         out.append(lean.logits(lean.hidden(ids, cache)))
     return out
 
