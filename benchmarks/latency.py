@@ -20,6 +20,8 @@ For each N (candidates per reply) it prints p50 / p95 seconds per reply of
 plus the MMI scoring share of our reply time and the int8 dynamic quantization speed-up with the perplexity
 change it causes (on --heldout sessions when given, else on the hand-written fixtures). Threads: the engine's
 thread policy (dialogpt_zh/threads.py) unless --threads N; the references run with the threads ours chose.
+Weights: --quantize as in the faces (default fp16: every weight at float16 precision, float32 arithmetic);
+the references run on the very models ours loaded, so on the same weights and the same matmul kernels.
 
 With --background-load K it instead times ours idle and then beside K busy processes (pure-Python loops,
 killed at the end, also on Ctrl-C), for each --thread_settings entry (policy = the thread policy, N = N
@@ -71,7 +73,10 @@ class LatencyArgs:
     max_length: int = field(default=25, metadata=field_help("reply length cap (GPT2-chitchat's max_len)"))
     vocab_size: int = field(default=13317, metadata=field_help(
         "vocab of the random-weight models (13317 = GPT2-chitchat's vocab_small.txt)"))
-    quantize: bool = field(default=True, metadata=field_help("also time --quantize int8 at N=10"))
+    quantize: str = field(default="fp16", metadata=field_help(
+        "weights of the timed bot, as the faces' --quantize (fp16 = their default, none = float32); the "
+        "references run on the same loaded models, so on the same weights"))
+    time_int8: bool = field(default=True, metadata=field_help("also time --quantize int8 at N=10 against --quantize"))
     heldout: str | None = field(default=None, metadata=field_help(
         "held-out corpus file for the int8 perplexity change (any format the preprocessor reads)"))
     heldout_split: str = field(default="valid", metadata=field_help("split of --heldout to use ('all' = every session)"))
@@ -260,9 +265,10 @@ def bench_load(name: str, bot_dir: Path, contexts, ns: list[int], args: LatencyA
     """Ours idle, then beside --background-load busy processes, for each thread setting."""
     settings = [s.strip() for s in args.thread_settings.split(",") if s.strip()]
     policies = {s: policy_for(s) for s in settings}
-    bot = ChatBot.from_pretrained(bot_dir, generation=GenerationSettings(max_length=args.max_length), mmi=args.mmi)
+    bot = ChatBot.from_pretrained(bot_dir, quantize=args.quantize, generation=GenerationSettings(max_length=args.max_length),
+                                  mmi=args.mmi)
     cfg = bot.forward_model.config
-    print(f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}; "
+    print(f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}, weights {args.quantize}; "
           f"{len(contexts)} contexts, max_length {args.max_length}; idle vs {args.background_load} busy "
           f"process(es)")
     results: dict[tuple[str, int, str], tuple[list[float], list[float], list[int]]] = {}
@@ -298,12 +304,13 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
                 args: LatencyArgs) -> None:
     import copy
 
-    bot = ChatBot.from_pretrained(bot_dir, generation=GenerationSettings(max_length=args.max_length), mmi=args.mmi)
+    bot = ChatBot.from_pretrained(bot_dir, quantize=args.quantize, generation=GenerationSettings(max_length=args.max_length),
+                                  mmi=args.mmi)
     bot.thread_policy = ThreadPolicy(args.threads)
     hf_bot = copy.copy(bot)
     hf_bot.use_lean_forward = False
     cfg = bot.forward_model.config
-    print(f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}; "
+    print(f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}, weights {args.quantize}; "
           f"{len(contexts)} contexts, max_length {args.max_length}; threads: {bot.thread_policy.describe()}; "
           f"load average {os.getloadavg()[0]:.2f}")
     head = f"{'N':>3} | {'ours p50':>9} {'p95':>7} | {'MMI share':>9} | {'threads':>7}"
@@ -326,7 +333,7 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
             else:
                 row += f" | {'-':>16} {'-':>7} {'-':>8}"
         print(row, flush=True)
-    if args.quantize:
+    if args.time_int8:
         q = ChatBot.from_pretrained(bot_dir, quantize="int8", generation=GenerationSettings(max_length=args.max_length),
                                     mmi=args.mmi)
         q.thread_policy = bot.thread_policy
@@ -339,8 +346,8 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
             pairs = fixture_contexts_with_replies(len(contexts))
             what = f"{len(pairs)} fixture replies"
         ppl = [perplexity(b, pairs) for b in (bot, q)]
-        print(f"int8 at N=10: p50 {pct(i8, 50):.3f} s vs float {pct(f32, 50):.3f} s = "
-              f"{pct(f32, 50) / pct(i8, 50):.2f}x faster; perplexity of {what}: float {ppl[0]:.3f} -> int8 "
+        print(f"int8 at N=10: p50 {pct(i8, 50):.3f} s vs {args.quantize} {pct(f32, 50):.3f} s = "
+              f"{pct(f32, 50) / pct(i8, 50):.2f}x faster; perplexity of {what}: {args.quantize} {ppl[0]:.3f} -> int8 "
               f"{ppl[1]:.3f} ({(ppl[1] / ppl[0] - 1) * 100:+.3f}%)")
 
 

@@ -138,13 +138,9 @@ def check_device(device: str) -> str:
     return device
 
 
-def quantize_int8(model):
-    """Dynamic int8 quantization of the matmuls, for CPU.
-
-    HF GPT-2 uses `Conv1D` (a Linear with a transposed weight) for attention and MLP, which
-    `quantize_dynamic` does not know; we turn each into an equivalent `nn.Linear` first so that they,
-    and the LM head, really are quantized (the embedding stays float).
-    """
+def _conv1d_to_linear(model) -> None:
+    """HF GPT-2 implements attention and MLP with `Conv1D` (a Linear with a transposed weight), which
+    `quantize_dynamic` does not know: each becomes an equivalent `nn.Linear`, in place."""
     from transformers.pytorch_utils import Conv1D
 
     def convert(module: torch.nn.Module) -> None:
@@ -159,11 +155,38 @@ def quantize_int8(model):
                 convert(child)
 
     convert(model)
+
+
+def _quantize_dynamic(model, dtype: torch.dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao (not installed)
         from torch.ao.quantization import quantize_dynamic
 
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=dtype)
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantization of the matmuls (its `Conv1D`s and the LM head; the embeddings stay float),
+    for CPU."""
+    _conv1d_to_linear(model)
+    return _quantize_dynamic(model, torch.qint8)
+
+
+def weights_fp16(model):
+    """Every weight rounded to float16 precision, the arithmetic still in float32 (docs/engine.md, fp16).
+
+    On CPU the matmuls (the `Conv1D`s and the LM head) then run through fbgemm's fp16-weight kernels, which
+    read half the bytes and, at the few rows of a decoding step, are faster than MKL's float32 GEMM on the
+    same values; elsewhere the rounded weights stay in float32 tensors. Either way every device computes
+    with the same weight values, and the embeddings (tied to the LM head) are rounded too."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.copy_(p.to(torch.float16).to(p.dtype))
+    if next(model.parameters()).device.type != "cpu":
+        return model
+    _conv1d_to_linear(model)
+    return _quantize_dynamic(model, torch.float16)
 
 
 def default_bot_dir() -> Path:
@@ -524,6 +547,8 @@ class ChatBot:
         self.use_lean_forward = True
         # intra-op threads per call: auto (the cores other processes leave free, shared by the calls in flight)
         self.thread_policy = ThreadPolicy()
+        # how from_pretrained loaded the weights (a QUANTIZATIONS value; models passed in: as they are)
+        self.quantize = "none"
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, forward: str | Path | None = None,
@@ -534,9 +559,10 @@ class ChatBot:
         become this bot's default settings (each call may override single fields)."""
         check_device(device)
         forward_dir, backward_dir = _resolve_dirs(path, forward, backward)
-        if quantize not in QUANTIZATIONS:
-            raise UserError(f"unknown quantization {quantize!r}; use one of {QUANTIZATIONS[1:]}", field="quantize")
-        if quantize and not str(device).startswith("cpu"):
+        quantize = None if quantize == "none" else quantize
+        if quantize is not None and quantize not in QUANTIZATIONS:
+            raise UserError(f"unknown quantization {quantize!r}; use one of {QUANTIZATIONS}", field="quantize")
+        if quantize and quantize.startswith("int8") and not str(device).startswith("cpu"):
             raise UserError("int8 dynamic quantization runs on CPU only; use --device cpu", field="quantize")
         _check_direction(forward_dir, "forward")
         tokenizer = load_tokenizer(forward_dir)
@@ -556,15 +582,20 @@ class ChatBot:
             if model is not None and model.config.vocab_size < len(tokenizer):
                 raise UserError(f"model vocab ({model.config.vocab_size}) is smaller than its tokenizer "
                                 f"({len(tokenizer)})", path=model_dir)
-        if quantize == "int8":
+        if quantize == "fp16":
+            forward_model = weights_fp16(forward_model)
+            backward_model = weights_fp16(backward_model) if backward_model is not None else None
+        elif quantize == "int8":
             forward_model = quantize_int8(forward_model)
             backward_model = quantize_int8(backward_model) if backward_model is not None else None
             notices.append("int8 dynamic quantization on")
         elif quantize == "int8-forward":  # the sampler in int8, the MMI judge exact
             forward_model = quantize_int8(forward_model)
             notices.append("int8 dynamic quantization on (forward model only; MMI scores in float)")
-        return cls(forward_model, tokenizer, backward_model, device=device, generation=generation, mmi=mmi,
-                   notices=notices, forward_dir=forward_dir, backward_dir=backward_dir)
+        bot = cls(forward_model, tokenizer, backward_model, device=device, generation=generation, mmi=mmi,
+                  notices=notices, forward_dir=forward_dir, backward_dir=backward_dir)
+        bot.quantize = quantize or "none"
+        return bot
 
     # ---------------------------------------------------------------------------------- context
 

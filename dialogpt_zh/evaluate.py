@@ -275,10 +275,11 @@ def run_config(bot_args: BotArguments, args: EvalArgs, generation: GenerationSet
 
 def bot_arguments_of(bot) -> BotArguments:
     """The BotArguments that load this bot's models (for a caller that passed a bot, not its arguments;
-    quantization and threads are not recorded by the bot: their defaults)."""
+    threads are not recorded by the bot: their default)."""
     backward = str(bot.backward_dir) if bot.backward_dir else None
     return BotArguments(model=str(bot.forward_dir) if bot.forward_dir else None,
-                        backward=backward if bot.forward_dir else None, device=str(bot.device))
+                        backward=backward if bot.forward_dir else None, device=str(bot.device),
+                        quantize=bot.quantize)
 
 
 def evaluated_settings(generation: GenerationSettings | None, mmi: MMISettings | None,

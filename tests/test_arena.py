@@ -52,8 +52,9 @@ def test_make_is_blind_and_score_uses_the_key(random_bot_dir, tmp_path, capsys):
 
     # every reply is the engine's reply for that context and seed, placed as the key says
     from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.settings import BotArguments
 
-    bot = ChatBot.from_pretrained(random_bot_dir)
+    bot = ChatBot.from_pretrained(random_bot_dir, quantize=BotArguments().quantize)  # as every face loads it
     for i, p in enumerate(doc["pairs"]):
         s = arena.pair_seed(1, i)
         want = {"A": bot.reply(p["context"], seed=s, max_length=6).text,

@@ -416,6 +416,33 @@ def test_int8_forward_quantizes_the_sampler_and_keeps_mmi_exact(random_bot_dir, 
     assert r.mmi and all(c.backward_logprob is not None for c in r.candidates)
 
 
+def test_fp16_weights_round_every_weight_and_score_as_float_does(random_bot_dir, bot):
+    """--quantize fp16 (the faces' default): every weight rounded to float16 precision, the matmuls in
+    fbgemm's fp16-weight kernels on CPU, arithmetic in float32: scores within rounding of float32's."""
+    q = ChatBot.from_pretrained(random_bot_dir, quantize="fp16")
+    assert q.quantize == "fp16" and bot.quantize == "none" and not q.notices[1:]
+    for model in (q.forward_model, q.backward_model):
+        fp16_linears = [m for m in model.modules() if "quantized.dynamic" in type(m).__module__]
+        assert len(fp16_linears) == 4 * model.config.n_layer + 1
+        assert all(m._packed_params.dtype == torch.float16 for m in fp16_linears)
+        for name, p in model.named_parameters():  # what stays a plain tensor (embeddings, norms) is rounded too
+            assert torch.equal(p, p.half().float()), name
+    for ours, theirs in ((q.forward_logprobs, bot.forward_logprobs), (q.backward_logprobs, bot.backward_logprobs)):
+        for (a, n), (b, m) in zip(ours(HISTORY, REPLIES), theirs(HISTORY, REPLIES)):
+            assert n == m and abs(a - b) < 1e-3 * abs(b) + 1e-4
+    # the lean forward and transformers' forward run the same fp16 modules: the same replies
+    lean = q.reply(HISTORY, num_candidates=4, seed=3)
+    q.use_lean_forward = False
+    hf = q.reply(HISTORY, num_candidates=4, seed=3)
+    assert [c.token_ids for c in lean.candidates] == [c.token_ids for c in hf.candidates]
+    for a, b in zip(lean.candidates, hf.candidates):
+        assert abs(a.score - b.score) < 1e-4 * abs(b.score) + 1e-4
+    with pytest.raises(UserError, match="unknown quantization"):
+        ChatBot.from_pretrained(random_bot_dir, quantize="fp8")
+    assert ChatBot.from_pretrained(random_bot_dir, quantize="none").backward_logprobs(HISTORY, REPLIES) == \
+        bot.backward_logprobs(HISTORY, REPLIES)
+
+
 # ---------------------------------------------------------------------------------------- filters
 
 def test_sampling_filters():

@@ -29,7 +29,7 @@ def engine(trained_bot_dir):
 
 
 def test_replies_from_the_child_are_the_bots_replies(engine, trained_bot_dir):
-    bot = ChatBot.from_pretrained(trained_bot_dir)
+    bot = ChatBot.from_pretrained(trained_bot_dir, quantize=BotArguments().quantize)  # loaded as the child does
     out: list = [None] * len(REQUESTS)
 
     def ask(i: int) -> None:

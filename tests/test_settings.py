@@ -74,6 +74,9 @@ def test_bot_arguments_refuse_bad_combinations():
         S.BotArguments(threads=-1)
     with pytest.raises(S.SettingsError, match="quantize"):
         S.BotArguments(quantize="int4")
+    # the faces load fp16 weights unless told; the Python API's None means float32 weights
+    assert S.BotArguments().quantize == "fp16"
+    assert S.BotArguments(quantize=None).quantize == "none"
 
 
 def test_mmi_score_and_ranking_weights_by_hand():
