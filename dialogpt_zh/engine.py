@@ -35,6 +35,7 @@ from dialogpt_zh.lean_gpt2 import DecodingRows, LeanGPT2
 from dialogpt_zh.checkpoint import load_model, read_card
 from dialogpt_zh.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_rows
 from dialogpt_zh.sequence import build_sequence
+from dialogpt_zh.fp16 import weights_fp16
 from dialogpt_zh.settings import (QUANTIZATIONS, BotArguments, GenerationSettings, MMISettings, apply_overrides,
                                   mmi_active, mmi_score, ranking_weights)
 from dialogpt_zh.threads import ThreadPolicy
@@ -138,9 +139,13 @@ def check_device(device: str) -> str:
     return device
 
 
-def _conv1d_to_linear(model) -> None:
-    """HF GPT-2 implements attention and MLP with `Conv1D` (a Linear with a transposed weight), which
-    `quantize_dynamic` does not know: each becomes an equivalent `nn.Linear`, in place."""
+def quantize_int8(model):
+    """Dynamic int8 quantization of the matmuls, for CPU.
+
+    HF GPT-2 uses `Conv1D` (a Linear with a transposed weight) for attention and MLP, which
+    `quantize_dynamic` does not know; we turn each into an equivalent `nn.Linear` first so that they,
+    and the LM head, really are quantized (the embedding stays float).
+    """
     from transformers.pytorch_utils import Conv1D
 
     def convert(module: torch.nn.Module) -> None:
@@ -155,38 +160,11 @@ def _conv1d_to_linear(model) -> None:
                 convert(child)
 
     convert(model)
-
-
-def _quantize_dynamic(model, dtype: torch.dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao (not installed)
         from torch.ao.quantization import quantize_dynamic
 
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=dtype)
-
-
-def quantize_int8(model):
-    """Dynamic int8 quantization of the matmuls (its `Conv1D`s and the LM head; the embeddings stay float),
-    for CPU."""
-    _conv1d_to_linear(model)
-    return _quantize_dynamic(model, torch.qint8)
-
-
-def weights_fp16(model):
-    """Every weight rounded to float16 precision, the arithmetic still in float32 (docs/engine.md, fp16).
-
-    On CPU the matmuls (the `Conv1D`s and the LM head) then run through fbgemm's fp16-weight kernels, which
-    read half the bytes and, at the few rows of a decoding step, are faster than MKL's float32 GEMM on the
-    same values; elsewhere the rounded weights stay in float32 tensors. Either way every device computes
-    with the same weight values, and the embeddings (tied to the LM head) are rounded too."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.copy_(p.to(torch.float16).to(p.dtype))
-    if next(model.parameters()).device.type != "cpu":
-        return model
-    _conv1d_to_linear(model)
-    return _quantize_dynamic(model, torch.float16)
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def default_bot_dir() -> Path:

@@ -4,6 +4,7 @@ lean GPT-2 forward (same logits and the same seeded replies as the transformers 
 from __future__ import annotations
 
 import copy
+import copy
 import math
 
 import pytest
@@ -421,12 +422,33 @@ def test_fp16_weights_round_every_weight_and_score_as_float_does(random_bot_dir,
     fbgemm's fp16-weight kernels on CPU, arithmetic in float32: scores within rounding of float32's."""
     q = ChatBot.from_pretrained(random_bot_dir, quantize="fp16")
     assert q.quantize == "fp16" and bot.quantize == "none" and not q.notices[1:]
+    from transformers.pytorch_utils import Conv1D
+
+    from dialogpt_zh.fp16 import Fp16Linear, fbgemm_fp16_available
+
+    assert fbgemm_fp16_available()  # x86 CPU builds of torch have fbgemm: the fast path is the one tested
     for model in (q.forward_model, q.backward_model):
-        fp16_linears = [m for m in model.modules() if "quantized.dynamic" in type(m).__module__]
-        assert len(fp16_linears) == 4 * model.config.n_layer + 1
-        assert all(m._packed_params.dtype == torch.float16 for m in fp16_linears)
+        assert sum(isinstance(m, Fp16Linear) for m in model.modules()) == 4 * model.config.n_layer + 1
+        assert not any(isinstance(m, (Conv1D, torch.nn.Linear)) for m in model.modules())
         for name, p in model.named_parameters():  # what stays a plain tensor (embeddings, norms) is rounded too
             assert torch.equal(p, p.half().float()), name
+    # an Fp16Linear computes x W^T + b with W at float16 precision, through either kernel (few rows: the
+    # direct one; many rows on 2 threads: the supported op), and the two kernels agree bit for bit
+    w, b = torch.randn(7, 5), torch.randn(7)
+    layer = Fp16Linear(w, b)
+    assert layer.packed is not None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for rows in (3, 40):
+            x = torch.randn(rows, 5)
+            assert torch.allclose(layer(x), x @ w.half().float().t() + b, atol=1e-5)
+        x = torch.randn(40, 5)
+        assert torch.equal(layer(x), torch.fbgemm_linear_fp16_weight(x, layer.packed, layer.bias))
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(TypeError, match="cannot be copied"):
+        copy.deepcopy(layer)
     for ours, theirs in ((q.forward_logprobs, bot.forward_logprobs), (q.backward_logprobs, bot.backward_logprobs)):
         for (a, n), (b, m) in zip(ours(HISTORY, REPLIES), theirs(HISTORY, REPLIES)):
             assert n == m and abs(a - b) < 1e-3 * abs(b) + 1e-4
