@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.settings import NULL_IN_RUN_FILES
 from dialogpt_zh.settings import field_help  # noqa: F401  (re-exported: every CLI's dataclasses use it)
 
 
@@ -111,6 +112,8 @@ def _config_value(action, value: Any, path: Path, key: str) -> Any:
     if value is None:
         if action.default is None and not action.required:  # an Optional setting
             return None
+        if key in NULL_IN_RUN_FILES:
+            return NULL_IN_RUN_FILES[key]
         raise UserError("null is not allowed for this setting", path=path, field=key)
     if action.nargs in ("+", "*"):
         if not isinstance(value, list):

@@ -534,7 +534,9 @@ class ChatBot:
                         generation: GenerationSettings | None = None, mmi: MMISettings | None = None) -> "ChatBot":
         """Load a bot: `path` = a dir with forward/ (+ backward/), or one forward model dir (MMI off), or
         None for the default `checkpoints/default`; or `forward=` / `backward=` paths. `generation` / `mmi`
-        become this bot's default settings (each call may override single fields)."""
+        become this bot's default settings (each call may override single fields). `quantize`: None or
+        "none" = the float32 weights as saved (the default here; the faces' `--quantize` defaults to "fp16"),
+        "fp16", "int8" or "int8-forward" (docs/engine.md)."""
         check_device(device)
         forward_dir, backward_dir = _resolve_dirs(path, forward, backward)
         quantize = None if quantize == "none" else quantize

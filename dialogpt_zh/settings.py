@@ -209,6 +209,9 @@ def ranking_weights(mmi: MMISettings, use_backward: bool) -> tuple[float, float,
 # --quantize values: float32 weights, every weight at float16 precision (the faces' default; arithmetic in
 # float32), both models' matmuls in dynamic int8, or the forward model's only
 QUANTIZATIONS = ("none", "fp16", "int8", "int8-forward")
+# what a null in a run file (--config) means for settings whose null once meant a value: run files written
+# before fp16 became the default say "quantize": null for the float32 weights
+NULL_IN_RUN_FILES = {"quantize": "none"}
 
 
 @dataclass

@@ -266,6 +266,10 @@ def test_run_config_flags_override_the_file(tmp_path):
                                                  "--use_mmi", "--output", str(tmp_path / "r2.json")])
     assert (ev.seed, gen.top_k, mmi.use_mmi, ev.output) == (8, 2, True, str(tmp_path / "r2.json"))  # flags win
     assert (ev.limit, gen.max_length, mmi.length_weight, bot.model, bot.threads) == (4, 9, 0.25, "m", 2)  # file
+    assert bot.quantize == "fp16"  # the default when the file does not say
+    # run files from before fp16 became the default wrote null for the float32 weights: replayed as such
+    run_file.write_text(json.dumps({**config, "quantize": None}), encoding="utf-8")
+    assert parse(E.build_parser(), ["--config", str(run_file)])[0].quantize == "none"
 
 
 def test_run_config_is_checked_before_the_work(tmp_path, capsys):
