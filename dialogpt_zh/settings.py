@@ -226,7 +226,7 @@ class BotArguments:
     device: str = field(default="cpu", metadata=field_help("torch device for the models (cpu, cuda, ...)"))
     quantize: str = field(default="fp16", metadata=field_help(
         "'fp16': every weight rounded to float16 precision, arithmetic in float32 (on CPU fbgemm's fp16-weight "
-        "matmuls: faster; next-token distributions within 1e-7 nats of float32); 'none': the float32 weights "
+        "matmuls: faster; next-token distributions ~1e-7 nats per token from float32); 'none': the float32 weights "
         "as trained; 'int8': dynamic int8 quantization of both models' matmuls (CPU only; faster, slightly "
         "different scores); 'int8-forward': of the forward model only, so candidates are sampled faster and "
         "MMI scores them exactly as in float (docs/engine.md, fp16 and int8)"))
