@@ -265,8 +265,8 @@ def bench_load(name: str, bot_dir: Path, contexts, ns: list[int], args: LatencyA
     """Ours idle, then beside --background-load busy processes, for each thread setting."""
     settings = [s.strip() for s in args.thread_settings.split(",") if s.strip()]
     policies = {s: policy_for(s) for s in settings}
-    bot = ChatBot.from_pretrained(bot_dir, quantize=args.quantize, generation=GenerationSettings(max_length=args.max_length),
-                                  mmi=args.mmi)
+    bot = ChatBot.from_pretrained(bot_dir, quantize=args.quantize,
+                                  generation=GenerationSettings(max_length=args.max_length), mmi=args.mmi)
     cfg = bot.forward_model.config
     print(f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}, weights {args.quantize}; "
           f"{len(contexts)} contexts, max_length {args.max_length}; idle vs {args.background_load} busy "
@@ -304,8 +304,8 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
                 args: LatencyArgs) -> None:
     import copy
 
-    bot = ChatBot.from_pretrained(bot_dir, quantize=args.quantize, generation=GenerationSettings(max_length=args.max_length),
-                                  mmi=args.mmi)
+    bot = ChatBot.from_pretrained(bot_dir, quantize=args.quantize,
+                                  generation=GenerationSettings(max_length=args.max_length), mmi=args.mmi)
     bot.thread_policy = ThreadPolicy(args.threads)
     hf_bot = copy.copy(bot)
     hf_bot.use_lean_forward = False
