@@ -30,11 +30,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from dialogpt_zh.checkpoint import load_model  # noqa: E402
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
-from dialogpt_zh.engine import ChatBot, default_bot_dir, quantize_int8  # noqa: E402
+from dialogpt_zh.engine import default_bot_dir, quantize_int8  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
 from dialogpt_zh.fp16 import weights_fp16  # noqa: E402
 from dialogpt_zh.sequence import build_sequence  # noqa: E402
-from dialogpt_zh.tokenizer import encode  # noqa: E402
+from dialogpt_zh.tokenizer import encode, load_tokenizer  # noqa: E402
 from latency import fixture_contexts_with_replies, heldout_pairs  # noqa: E402
 
 CONVERT = {"fp16": weights_fp16, "int8": quantize_int8}
@@ -88,15 +88,16 @@ def main(argv=None) -> int:
         else:
             pairs = fixture_contexts_with_replies(50)
             what = f"{len(pairs)} fixture replies"
-        bot = ChatBot.from_pretrained(root, quantize="none")
+        tokenizer = load_tokenizer(root / "forward")  # the ids only: each model is loaded below, per direction
+        cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
         print(f"# {root}: {what}")
         print(f"{'model':>8} {'precision':>9} | {'positions':>9} {'mean KL nats':>12} {'same argmax':>11} "
               f"{'max |dlogp|':>11} | {'PPL float32':>11} {'PPL other':>10}")
         for direction in ("forward", "backward"):
             if not (root / direction).is_dir():
                 continue
-            sequences = [build_sequence([encode(bot.tokenizer, u) for u in context + [reply]], direction,
-                                        bot.cls_id, bot.sep_id) for context, reply in pairs]
+            sequences = [build_sequence([encode(tokenizer, u) for u in context + [reply]], direction, cls_id,
+                                        sep_id) for context, reply in pairs]
             reference = load_model(root / direction, "cpu")
             for p in precisions:
                 d = drift(reference, CONVERT[p](load_model(root / direction, "cpu")), sequences)

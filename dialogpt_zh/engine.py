@@ -366,7 +366,7 @@ class _JobRows:
         self.job, self.live, self.step = job, n, 0
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.fwd = torch.zeros(n, dtype=torch.float64)
-        self.admitted = time.perf_counter()
+        self.admitted = time.perf_counter()   # when it joined its batch (`DecodeBatch.admit` sets it)
         self.batch_size = 1               # requests decoding in its batch when it joined (itself included)
 
     def samples(self) -> list[tuple[list[int], float]]:
@@ -410,6 +410,7 @@ class DecodeBatch:
         """Jobs join: each context encoded once (all in one padded pass) and repeated to its rows."""
         if not jobs:
             return
+        admitted = time.perf_counter()  # before the context pass: encoding the context is generation work
         bot = self.bot
         counts = [job.gen.num_candidates for job in jobs]
         contexts = [build_sequence(job.context, "forward", bot.cls_id, bot.sep_id) for job in jobs]
@@ -427,7 +428,7 @@ class DecodeBatch:
         self.history = torch.cat([self.history, new_history])
         self.requests.extend(_JobRows(job) for job in jobs)
         for request in self.requests[-len(jobs):]:
-            request.batch_size = len(self.requests)
+            request.batch_size, request.admitted = len(self.requests), admitted
 
     def step(self) -> list[_JobRows]:
         """One token for every live row; returns the requests whose candidates are now all finished."""

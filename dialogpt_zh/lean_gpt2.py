@@ -8,8 +8,8 @@ cache tensor that the caller manages (repeat the context to N rows once, drop fi
 It reads the weights from the model's modules at construction (no copy), so build a `LeanGPT2` per call
 (cheap) rather than keeping one around a model whose modules may be replaced. Projections that are HF
 `Conv1D` run as `x @ W + b` (`torch.addmm`, as Conv1D does), an `Fp16Linear` (`--quantize fp16`) through its
-kernel; any other module (the `nn.Linear` / dynamic
-int8 `Linear` that `engine.quantize_int8` puts in their place) is simply called. `LeanGPT2.wrap` returns None
+kernel; any other module (the dynamic int8 `Linear` that `engine.quantize_int8` puts in their place) is
+simply called. `LeanGPT2.wrap` returns None
 for models it does not cover (not GPT-2, cross-attention, training mode, unusual attention options), and
 the engine then uses the transformers forward.
 """

@@ -227,9 +227,9 @@ class BotArguments:
     quantize: str = field(default="fp16", metadata=field_help(
         "'fp16': every weight rounded to float16 precision, arithmetic in float32 (on CPU fbgemm's fp16-weight "
         "matmuls: faster; next-token distributions ~1e-7 nats per token from float32); 'none': the float32 weights "
-        "as trained; 'int8': dynamic int8 quantization of both models' matmuls (CPU only; faster, slightly "
-        "different scores); 'int8-forward': of the forward model only, so candidates are sampled faster and "
-        "MMI scores them exactly as in float (docs/engine.md, fp16 and int8)"))
+        "as trained; 'int8': dynamic int8 quantization of both models' matmuls (CPU only; slightly different "
+        "scores, and here no faster than fp16); 'int8-forward': of the forward model only, the backward model "
+        "in float32, so MMI scores candidates exactly as with 'none' (docs/engine.md, fp16 and int8)"))
     threads: int = field(default=0, metadata=field_help(
         "intra-op CPU threads per reply: 0 = the thread policy (auto: the cores other processes leave free, "
         "shared by the replies in flight); N = always N (docs/engine.md, Threads)"))

@@ -392,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             demo = build_app(bot, transcript=args.transcript, concurrency=args.concurrency,
                              max_queue=args.max_queue, max_batch=args.max_batch,
                              batch_window_ms=args.batch_window_ms, batch_workers=args.batch_workers,
-                             continuous_batching=args.continuous_batching, replier=replier, max_input_chars=args.max_input_chars, seed=args.seed,
+                             continuous_batching=args.continuous_batching, replier=replier,
+                             max_input_chars=args.max_input_chars, seed=args.seed,
                              feedback=args.feedback, arena_pairs=args.arena_pairs,
                              arena_verdicts=args.arena_verdicts)
             if args.transcript:
