@@ -707,15 +707,16 @@ class ChatBot:
         starts = torch.tensor([len(r) + 2 for _, r in pairs], device=self.device)
         positions = torch.arange(ids.shape[1], device=self.device)
         target_mask = (positions[None, :] >= starts[:, None]) & mask.bool()
+        b, t = target_mask.nonzero(as_tuple=True)
         lean = self._lean(model)
         # the last column predicts nothing, so it is not run; causal from position 0, the real tokens never
-        # see the right padding (and the lean forward skips it in the matmuls)
-        if lean is not None:
-            hidden = lean.hidden(ids[:, :-1], mask=mask[:, :-1])
+        # see the right padding (and the lean forward skips it in the matmuls). Position t - 1 predicts t.
+        if lean is not None:  # its last block runs past the attention only for the positions we score
+            hidden = lean.hidden(ids[:, :-1], mask=mask[:, :-1], select=b * (ids.shape[1] - 1) + t - 1)
         else:
-            hidden = model.base_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).last_hidden_state
-        b, t = target_mask.nonzero(as_tuple=True)
-        lp = _token_logprobs(model, hidden[b, t - 1], ids[b, t])
+            hidden = model.base_model(input_ids=ids[:, :-1],
+                                      attention_mask=mask[:, :-1]).last_hidden_state[b, t - 1]
+        lp = _token_logprobs(model, hidden, ids[b, t])
         sums = _sum_per_row(lp, b, len(pairs))
         return [(s, sum(len(u) + 1 for u in context)) for s, (context, _) in zip(sums, pairs)]
 

@@ -51,6 +51,17 @@ class KVCache:
         self.v = self.v.expand(-1, n, -1, -1, -1).contiguous()
 
 
+_GELU_2C = math.sqrt(8 / math.pi)   # 2 * sqrt(2 / pi)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh GELU, 0.5 x (1 + tanh(c (x + 0.044715 x^3))), as the equal x * sigmoid(2c x (1 + 0.044715
+    x^2)): torch's CPU tanh is slow (F.gelu(approximate="tanh") 0.67 ms on 160 x 1024 values on one thread
+    here, this 0.35 ms; 1.5x at 1200 rows); the values agree to float rounding (~5e-7)."""
+    u = torch.addcmul(x.new_tensor(_GELU_2C), x, x, value=_GELU_2C * 0.044715)   # 2c (1 + 0.044715 x^2)
+    return u.mul_(x).sigmoid_().mul_(x)
+
+
 def _projection(module):
     """A function of a 2-D input: HF Conv1D as addmm over its own (in, out) weight, an `Fp16Linear`'s kernel
     called directly (no module-call overhead: 17 matmuls a step), anything else called."""
@@ -75,8 +86,7 @@ class LeanGPT2:
         self.lm_head = _projection(model.get_output_embeddings())
         self.ln_f = (t.ln_f.weight, t.ln_f.bias)
         act = cfg.activation_function
-        self.act = ((lambda x: F.gelu(x, approximate="tanh")) if act in ("gelu_new", "gelu_pytorch_tanh")
-                    else t.h[0].mlp.act)
+        self.act = gelu_tanh if act in ("gelu_new", "gelu_pytorch_tanh") else t.h[0].mlp.act
         base_scale = 1.0 / math.sqrt(self.head_dim) if cfg.scale_attn_weights else 1.0
         self.layers = []
         for i, block in enumerate(t.h):
@@ -122,8 +132,13 @@ class LeanGPT2:
         return cache, self.logits(hidden[torch.arange(n_ctx, device=device), (lengths - 1).to(device)])
 
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+               mask: torch.Tensor | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, d) for `ids` (B, T) at positions cache.length .. + T - 1.
+
+        `select` (flat indices into the B * T positions, row-major): return only those positions' hidden
+        states, (len(select), d). The last block then runs its attention output, MLP and ln_f on them alone
+        (every position still writes its keys/values): exactly the same values, less work when few
+        positions are needed (MMI scores only the context's, ~40 % of a backward sequence).
 
         Without a cache, or with an empty one, the batch is causal from position 0; right padding is then
         harmless for the real tokens (they never see later positions), and with `mask` (B, T, 1 = real token,
@@ -157,6 +172,7 @@ class LeanGPT2:
             packed = mask.reshape(-1).nonzero().squeeze(1)
             x = x.reshape(b * t, d).index_select(0, packed)
         x = x.reshape(-1, d)                            # (tokens, d): the rows every matmul runs on
+        last = len(self.layers) - 1
         for i, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, scale) in enumerate(self.layers):
             qkv = c_attn(F.layer_norm(x, (d,), ln_1[0], ln_1[1], self.eps))
             if packed is not None:                      # back to (b, t) rows for attention; padding = zeros
@@ -172,13 +188,18 @@ class LeanGPT2:
             else:
                 a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
             a = a.transpose(1, 2).reshape(b * t, d)
-            if packed is not None:
+            if i == last and select is not None:        # from here on, row by row: only the selected rows
+                a = a.index_select(0, select)
+                x = x.index_select(0, select if packed is None else torch.searchsorted(packed, select))
+            elif packed is not None:
                 a = a.index_select(0, packed)
             x = x + c_proj(a)
             x = x + mlp_proj(self.act(c_fc(F.layer_norm(x, (d,), ln_2[0], ln_2[1], self.eps))))
         if cache is not None:
             cache.length = start + t
         x = F.layer_norm(x, (d,), self.ln_f[0], self.ln_f[1], self.eps)
+        if select is not None:
+            return x
         if packed is not None:
             x = x.new_zeros(b * t, d).index_copy_(0, packed, x)
         return x.view(b, t, d)

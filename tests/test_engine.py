@@ -567,6 +567,21 @@ def test_lean_forward_matches_transformers(which, random_bot_dir, trained_bot_di
         want = model(input_ids=ids, attention_mask=mask).logits
         for got in (lean.logits(lean.hidden(ids)), lean.logits(lean.hidden(ids, mask=mask))):  # padded, packed
             torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+        # only some positions (`select`, as MMI scoring asks): the same values, in the order asked
+        flat = mask.reshape(-1).nonzero().squeeze(1)
+        pick = flat[torch.randperm(len(flat), generator=gen)[:7]]
+        for m in (None, mask):  # padded, packed
+            got = lean.logits(lean.hidden(ids, mask=m, select=pick))
+            assert got.shape == (7, vocab)
+            torch.testing.assert_close(got, want.reshape(-1, vocab)[pick], atol=1e-5, rtol=1e-5)
+
+
+def test_gelu_tanh_is_gpt2s_gelu():
+    from dialogpt_zh.lean_gpt2 import gelu_tanh
+
+    x = torch.cat([torch.linspace(-12, 12, 4001), torch.randn(1000) * 3, torch.tensor([0.0, -0.0, 50.0, -50.0])])
+    torch.testing.assert_close(gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"), atol=2e-6, rtol=1e-5)
+    assert gelu_tanh(x.view(5, -1)).shape == (5, x.numel() // 5)
 
 
 def test_lean_and_transformers_paths_give_the_same_replies(trained_bot_dir):
