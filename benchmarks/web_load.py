@@ -50,7 +50,8 @@ class LoadArguments:
     modes: str = field(default="batched,alone", metadata=field_help(
         "comma list: batched (replies of different users share batches: webapp --max_batch) and/or alone "
         "(each reply computed on its own: --max_batch 1)"))
-    concurrency: int = field(default=16, metadata=field_help("webapp --concurrency in the batched mode"))
+    concurrency: int = field(default=0, metadata=field_help(
+        "webapp --concurrency in the batched mode (0 = the page's auto: 32 when batched)"))
     max_batch: int = field(default=8, metadata=field_help("webapp --max_batch in the batched mode"))
     batch_window_ms: float = field(default=5.0, metadata=field_help("webapp --batch_window_ms in the batched mode"))
     batch_workers: int = field(default=2, metadata=field_help("webapp --batch_workers in the batched mode"))
@@ -320,7 +321,8 @@ def main(argv=None) -> int:
         if args.app_process:
             for mode in modes:
                 batched = mode == "batched"
-                concurrency = args.concurrency if batched else args.alone_concurrency
+                concurrency = webapp.resolve_concurrency(args.concurrency if batched else args.alone_concurrency,
+                                                         args.max_batch if batched else 1)
                 print(f"\n## {mode}: app in its own process; concurrency {concurrency}, max_batch "
                       f"{args.max_batch if batched else 1}"
                       + (f", window {args.batch_window_ms:g} ms, {args.batch_workers} worker(s)"
@@ -337,7 +339,8 @@ def main(argv=None) -> int:
         bot = load_bot(bot_args, gen, mmi)
         for mode in modes:
             batched = mode == "batched"
-            concurrency = args.concurrency if batched else args.alone_concurrency
+            concurrency = webapp.resolve_concurrency(args.concurrency if batched else args.alone_concurrency,
+                                                     args.max_batch if batched else 1)
             demo = webapp.build_app(bot, concurrency=concurrency, max_queue=max(64, args.clients * 2),
                                     max_batch=args.max_batch if batched else 1,
                                     batch_window_ms=args.batch_window_ms, batch_workers=args.batch_workers,

@@ -4,7 +4,7 @@ A thin face: sampling and scoring happen in `dialogpt_zh.engine`; this file only
 `ChatBot.reply` keywords and the `Reply` into a chat message, a candidates table and a status line.
 
 Each browser session keeps its own history in a `gr.State` (no module-level conversation state), and the
-queue runs up to `concurrency` replies at once. Nothing is written to disk unless `--transcript` is given.
+queue runs up to `--concurrency` replies at once (auto: 32 batched, 4 alone). Nothing is written to disk unless `--transcript` is given.
 """
 from __future__ import annotations
 
@@ -34,6 +34,20 @@ TITLE = "中文闲聊机器人 · GPT-2 生成 + MMI 重排"
 EXAMPLE_OPENERS = ["你好呀", "今天天气真好，出去玩吗？", "你喜欢看什么电影？", "最近工作好累啊", "晚饭吃什么好呢"]
 
 
+# --concurrency 0 (auto). Batched: requests held in Gradio's queue reach the batcher only when a slot frees,
+# often just after a batch formed, so they wait a batch more (measured, docs/web.md); 32 stays below Gradio's
+# 40 worker threads. Alone (--max_batch 1): each admitted request computes, so few at once on few cores.
+AUTO_CONCURRENCY_BATCHED = 32
+AUTO_CONCURRENCY_ALONE = 4
+
+
+def resolve_concurrency(concurrency: int, max_batch: int) -> int:
+    """The page's concurrency limit: `concurrency` if > 0, else the auto value for `max_batch`."""
+    if concurrency > 0:
+        return concurrency
+    return AUTO_CONCURRENCY_BATCHED if max_batch > 1 else AUTO_CONCURRENCY_ALONE
+
+
 @dataclass
 class WebArguments:
     """Flags of the web face itself; generation and MMI flags come from the engine's dataclasses."""
@@ -46,8 +60,11 @@ class WebArguments:
     transcript: str | None = field(default=None, metadata=field_help(
         "append every turn (session id, message, reply, candidates) as JSON lines to this file; "
         "without it nothing is written to disk"))
-    concurrency: int = field(default=16, metadata=field_help(
-        "reply requests handled at once (waiting for or computing a batch); more wait in Gradio's queue"))
+    concurrency: int = field(default=0, metadata=field_help(
+        "reply requests handled at once (waiting for or computing a batch); more wait in Gradio's queue. "
+        f"0 = auto: {AUTO_CONCURRENCY_BATCHED} with cross-user batching (a request waits in the batcher, not "
+        f"in Gradio's queue: 20 users got more replies/s and a lower p95 than with 16, docs/web.md), "
+        f"{AUTO_CONCURRENCY_ALONE} with --max_batch 1 (each of them computes at once)"))
     max_batch: int = field(default=8, metadata=field_help(
         "replies of different users computed together in one sampling and one MMI batch; 1 = no "
         "cross-user batching (each reply computed on its own, up to --concurrency at once; docs/web.md)"))
@@ -81,7 +98,7 @@ class WebArguments:
         "JSON Lines file the arena tab appends verdicts to (needed with --arena_pairs)"))
 
     def __post_init__(self) -> None:
-        for name, lo, hi in (("port", 0, 65535), ("concurrency", 1, 256), ("max_queue", 1, 100_000),
+        for name, lo, hi in (("port", 0, 65535), ("concurrency", 0, 256), ("max_queue", 1, 100_000),
                              ("max_input_chars", 1, 100_000), ("max_batch", 1, 256), ("batch_window_ms", 0, 1000),
                              ("batch_workers", 1, 16)):
             if not lo <= getattr(self, name) <= hi:
@@ -179,7 +196,7 @@ def status_markdown(reply, notices: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------------------------ the app
 
 def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
-              transcript: str | Path | None = None, *, concurrency: int = 16, max_queue: int = 64,
+              transcript: str | Path | None = None, *, concurrency: int = 0, max_queue: int = 64,
               max_batch: int = 8, batch_window_ms: float = 5.0, batch_workers: int = 2,
               continuous_batching: bool = False, replier=None,
               max_input_chars: int = 150, seed: int | None = None, feedback: str | Path | None = None,
@@ -192,9 +209,11 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
     `feedback`: a JSONL file for people's judgements (picks, better replies; None: not saved).
     `arena_pairs` + `arena_verdicts`: add the blind-arena tab (dialogpt_zh.web_judging).
     `max_batch` > 1: replies of different users share batches (`dialogpt_zh.batcher`); 1: each on its own.
+    `concurrency`: replies handled at once (0 = auto, `resolve_concurrency`).
     """
     from dialogpt_zh import web_judging
 
+    concurrency = resolve_concurrency(concurrency, max_batch)
     generation = generation if generation is not None else bot.generation
     mmi = mmi if mmi is not None else bot.mmi_settings
     defaults = {c.name: getattr(generation, c.name, getattr(mmi, c.name, None)) for c in CONTROLS}

@@ -213,6 +213,25 @@ def test_controls_default_to_engine_settings(bot):
     assert (args.port, args.host, args.transcript, gen.top_p, bot_args.model) == (8000, "127.0.0.1", "t", 0.8, "m")
 
 
+def test_concurrency_auto_lets_batched_requests_through(bot):
+    """--concurrency 0 (the default): 32 replies in flight with cross-user batching, 4 without; a number given
+    is kept. The chat event and the queue's default both get it."""
+    def chat_limit(demo):
+        (fn,) = [f for f in demo.fns.values() if f.api_name == "chat"]
+        return fn.concurrency_limit
+
+    cases = [({}, webapp.AUTO_CONCURRENCY_BATCHED), ({"max_batch": 1}, webapp.AUTO_CONCURRENCY_ALONE),
+             ({"concurrency": 7}, 7), ({"concurrency": 3, "max_batch": 1}, 3)]
+    for kwargs, expected in cases:
+        demo = webapp.build_app(bot, **kwargs)
+        try:
+            assert chat_limit(demo) == expected, kwargs
+        finally:
+            if demo.reply_batcher is not None:
+                demo.reply_batcher.close()
+    assert webapp.WebArguments().concurrency == 0 and (webapp.AUTO_CONCURRENCY_BATCHED, webapp.AUTO_CONCURRENCY_ALONE) == (32, 4)
+
+
 def test_launcher_runs_from_a_fresh_checkout(tmp_path):
     # `python web/app.py` must work without the package installed and from any directory.
     result = subprocess.run([sys.executable, str(REPO / "web" / "app.py"), "--model", str(tmp_path / "missing")],
@@ -225,7 +244,7 @@ def test_launcher_runs_from_a_fresh_checkout(tmp_path):
 HOSTILE_FLAGS = [
     (["--num_candidates", "100000"], "num_candidates"), (["--max_length", "100000"], "max_length"),
     (["--temperature", "inf"], "temperature"), (["--backward_weight", "nan"], "backward_weight"),
-    (["--top_p", "1.5"], "top_p"), (["--device", "cuda"], "device"), (["--concurrency", "0"], "concurrency"),
+    (["--top_p", "1.5"], "top_p"), (["--device", "cuda"], "device"), (["--concurrency", "-1"], "concurrency"),
     (["--max_queue", "0"], "max_queue"), (["--port", "70000"], "port"), (["--max_input_chars", "0"], "max_input_chars"),
     (["--transcript", "{tmp}"], "transcript"), (["--threads", "-2"], "threads"), (["--batch_workers", "0"], "batch_workers"),
 ]
