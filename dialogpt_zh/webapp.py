@@ -63,7 +63,7 @@ class WebArguments:
     concurrency: int = field(default=0, metadata=field_help(
         "reply requests handled at once (waiting for or computing a batch); more wait in Gradio's queue. "
         f"0 = auto: {AUTO_CONCURRENCY_BATCHED} with cross-user batching (a request waits in the batcher, not "
-        f"in Gradio's queue: 20 users got more replies/s and a lower p95 than with 16, docs/web.md), "
+        f"in Gradio's queue: a lower p95 than with 16 in 4 of 5 alternating runs of 20 users, docs/web.md), "
         f"{AUTO_CONCURRENCY_ALONE} with --max_batch 1 (each of them computes at once)"))
     max_batch: int = field(default=8, metadata=field_help(
         "replies of different users computed together in one sampling and one MMI batch; 1 = no "
