@@ -4,7 +4,8 @@ A thin face: sampling and scoring happen in `dialogpt_zh.engine`; this file only
 `ChatBot.reply` keywords and the `Reply` into a chat message, a candidates table and a status line.
 
 Each browser session keeps its own history in a `gr.State` (no module-level conversation state), and the
-queue runs up to `--concurrency` replies at once (auto: 32 batched, 4 alone). Nothing is written to disk unless `--transcript` is given.
+queue runs up to `--concurrency` replies at once (auto: 32 batched, 4 alone). Nothing is written to disk
+unless `--transcript` is given.
 """
 from __future__ import annotations
 
