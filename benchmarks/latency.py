@@ -11,7 +11,7 @@
 For each N (candidates per reply) it prints p50 / p95 seconds per reply of
   ours         ChatBot.reply: context encoded once, KV cache shared by N rows, finished rows dropped,
                MMI = one padded batch through the backward model, context tokens only; GPT-2 runs through
-               the engine's lean forward (dialogpt_zh/lean_gpt2.py);
+               the engine's lean forward (dialogpt_zh/engine/lean_gpt2.py);
   ours (HF)    the same engine forced onto the transformers forward (bot.use_lean_forward = False);
   chitchat     GPT2-chitchat's interact_mmi algorithm: the N candidates in one batch but no KV cache (the whole
                sequence re-run every step, finished rows kept until all are done), then each candidate scored
@@ -19,7 +19,7 @@ For each N (candidates per reply) it prints p50 / p95 seconds per reply of
   one-by-one   the same, but each candidate also generated on its own (N separate uncached decodes);
 plus the MMI scoring share of our reply time and the int8 dynamic quantization speed-up with the perplexity
 change it causes (on --heldout sessions when given, else on the hand-written fixtures). Threads: the engine's
-thread policy (dialogpt_zh/threads.py) unless --threads N; the references run with the threads ours chose.
+thread policy (dialogpt_zh/engine/threads.py) unless --threads N; the references run with the threads ours chose.
 Weights: --quantize as in the faces (default fp16: every weight at float16 precision, float32 arithmetic);
 the references run on the very models ours loaded, so on the same weights and the same matmul kernels.
 
@@ -49,10 +49,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
-from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings  # noqa: E402
-from dialogpt_zh.sampling import NEG_INF, top_k_filter, top_p_filter  # noqa: E402
+from dialogpt_zh.engine.bot import ChatBot, GenerationSettings, MMISettings  # noqa: E402
+from dialogpt_zh.engine.sampling import NEG_INF, top_k_filter, top_p_filter  # noqa: E402
 from dialogpt_zh.sequence import build_sequence  # noqa: E402
-from dialogpt_zh.threads import ThreadPolicy  # noqa: E402
+from dialogpt_zh.engine.threads import ThreadPolicy  # noqa: E402
 from dialogpt_zh.tokenizer import encode  # noqa: E402
 
 
@@ -61,7 +61,7 @@ class LatencyArgs:
     model: str | None = field(default=None, metadata=field_help(
         "a bot directory (forward/ + backward/) to time instead of random weights (use with --presets model)"))
     presets: str = field(default="small,base", metadata=field_help(
-        "comma list of shapes to time: tiny, small, mid, large, base (dialogpt_zh.model.PRESETS, random weights), "
+        "comma list of shapes to time: tiny, small, mid, large, base (dialogpt_zh.training.presets.PRESETS, random weights), "
         "model (--model)"))
     ns: str = field(default="1,5,10,20", metadata=field_help("candidate counts N"))
     contexts: int = field(default=5, metadata=field_help("contexts (from corpus/fixtures) timed per N"))
@@ -94,7 +94,7 @@ class LatencyArgs:
 
 def fixture_sessions() -> list[list[str]]:
     """The hand-written chitchat fixture's sessions (raw turns), read by the project's own reader."""
-    from dialogpt_zh.readers import read_file, scan_input
+    from dialogpt_zh.data.readers import read_file, scan_input
 
     return [raw.turns for cf in scan_input(REPO / "corpus" / "fixtures" / "chitchat_train.txt").files
             for raw in read_file(cf)]
@@ -108,7 +108,7 @@ def fixture_contexts(n: int) -> list[list[str]]:
 def random_bot(preset: str, vocab_size: int, seed: int, tmp: Path) -> Path:
     """A bot dir with random-weight forward/backward models of a preset shape and a ~vocab_size char vocab."""
     from dialogpt_zh.checkpoint import save_checkpoint
-    from dialogpt_zh.model import build_model
+    from dialogpt_zh.training.presets import build_model
     from dialogpt_zh.tokenizer import build_char_tokenizer
 
     chars = Counter((REPO / "corpus" / "fixtures" / "chitchat_train.txt").read_text(encoding="utf-8"))
@@ -358,7 +358,7 @@ def fixture_contexts_with_replies(n: int) -> list[tuple[list[str], str]]:
 def heldout_pairs(path: str, split: str, limit: int) -> tuple[list[tuple[list[str], str]], str]:
     """(context of up to 3 turns, next turn) pairs from held-out sessions, read and cleaned like training data."""
     from dialogpt_zh.errors import UserError
-    from dialogpt_zh.readers import iter_clean_sessions
+    from dialogpt_zh.data.readers import iter_clean_sessions
 
     pairs = []
     for s in iter_clean_sessions(path):

@@ -42,9 +42,9 @@ def naive_loop(store_path: str, preset: str, steps: int, batch_size: int, seed: 
     """GPT2-chitchat's way: uniformly random batches padded to their longest window; loss via labels."""
     import torch
 
-    from dialogpt_zh.batching import collate
-    from dialogpt_zh.model import build_model
-    from dialogpt_zh.store import TokenStore
+    from dialogpt_zh.training.batches import collate
+    from dialogpt_zh.training.presets import build_model
+    from dialogpt_zh.data.store import TokenStore
 
     store = TokenStore(store_path)
     split, tok = store.split("train"), store.tokenizer()
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             print(f"no token store at {args.data}: make one with `python -m dialogpt_zh.preprocess ... --output "
                   f"{args.data}` (the shared corpus store is what the figures in docs/training.md use)")
             return 1
-        from dialogpt_zh.store import TokenStore
+        from dialogpt_zh.data.store import TokenStore
 
         store = TokenStore(args.data)
         train_tokens = int(store.split("train").lengths().sum())
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
 
         print(f"\n== our trainer per preset (--batch-tokens {args.batch_tokens}) ==")
         print(f"{'preset':8s} {'params':>8s} {'steps':>5s} {'tokens/s':>9s} {'epoch (est.)':>13s}")
-        from dialogpt_zh.model import build_model
+        from dialogpt_zh.training.presets import build_model
 
         for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
             steps = args.base_steps if preset == "base" else args.preset_steps

@@ -33,9 +33,9 @@ except ModuleNotFoundError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
-from dialogpt_zh.engine import load_bot  # noqa: E402
+from dialogpt_zh.engine.bot import load_bot  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
-from dialogpt_zh.metrics import percentile  # noqa: E402
+from dialogpt_zh.judging.metrics import percentile  # noqa: E402
 from dialogpt_zh.settings import BotArguments  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     def body() -> int:
         import logging
 
-        from dialogpt_zh.engine import GenerationSettings, MMISettings
+        from dialogpt_zh.engine.bot import GenerationSettings, MMISettings
 
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
 

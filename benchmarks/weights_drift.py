@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from dialogpt_zh.checkpoint import load_model  # noqa: E402
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
-from dialogpt_zh.engine import default_bot_dir, quantize_int8  # noqa: E402
+from dialogpt_zh.engine.bot import default_bot_dir, quantize_int8  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
-from dialogpt_zh.fp16 import weights_fp16  # noqa: E402
+from dialogpt_zh.engine.fp16 import weights_fp16  # noqa: E402
 from dialogpt_zh.sequence import build_sequence  # noqa: E402
 from dialogpt_zh.tokenizer import encode, load_tokenizer  # noqa: E402
 from latency import fixture_contexts_with_replies, heldout_pairs  # noqa: E402

@@ -13,7 +13,7 @@ __all__ = ["ChatBot", "Reply", "Candidate", "__version__"]
 def __getattr__(name: str):
     # Lazy so that `import dialogpt_zh` (e.g. for the preprocessor) does not import torch.
     if name in ("ChatBot", "Reply", "Candidate"):
-        from dialogpt_zh import engine
+        from dialogpt_zh.engine import bot
 
-        return getattr(engine, name)
+        return getattr(bot, name)
     raise AttributeError(name)

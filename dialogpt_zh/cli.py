@@ -2,7 +2,7 @@
 
 Every face (preprocess, train, interact, evaluate, web, benchmarks) builds its parser here, so a setting
 such as `top_p` is declared once (in its dataclass) and means the same everywhere. Only plumbing lives here:
-the settings and `BotArguments` are in `dialogpt_zh.settings`, `load_bot` in `dialogpt_zh.engine`.
+the settings and `BotArguments` are in `dialogpt_zh.settings`, `load_bot` in `dialogpt_zh.engine.bot`.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
       -> PPL of the references           (ChatBot.forward_logprobs)
       -> decoders plain / mmi / greedy   (ChatBot.reply, same case seed for each)
       -> response selection R10@k, MRR   (ChatBot.rerank of the true reply + 9 replies of other sessions)
-      -> metrics (dialogpt_zh.metrics) -> report.json, report.md, samples.jsonl (written when complete)
+      -> metrics (dialogpt_zh.judging.metrics) -> report.json, report.md, samples.jsonl (written when complete)
          + report.run.json: every setting of the run, flat; `--config report.run.json` replays it
 
 A case is a reply turn of a session (every turn after the first, or only the last with --last_turn_only):
@@ -24,11 +24,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dialogpt_zh import metrics
 from dialogpt_zh.cli import config_path, make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.settings import (BotArguments, GenerationSettings, MMISettings, field_help, mmi_score,
-                                  ranking_weights)
+from dialogpt_zh.judging import metrics
+from dialogpt_zh.judging.heldout import case_seed, split_wanted
+from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help, mmi_score, ranking_weights
 
 log = logging.getLogger("dialogpt_zh.evaluate")
 
@@ -101,17 +101,9 @@ def parse_decoders(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def split_wanted(split: str | None, spec: str) -> bool:
-    if spec == "all":
-        return True
-    if spec == "auto":
-        return split != "train"
-    return split in {s.strip() for s in spec.split(",")}
-
-
 def load_sessions(args: EvalArgs, counts: Counter) -> list[Any]:
     """Cleaned sessions of --data (the preprocessor's readers and cleaning), filtered by split, limited."""
-    from dialogpt_zh.readers import iter_clean_sessions
+    from dialogpt_zh.data.readers import iter_clean_sessions
 
     if not args.data:
         raise UserError("give at least one held-out file or directory", field="data")
@@ -140,11 +132,6 @@ def build_cases(sessions: Sequence[Any], last_turn_only: bool) -> list[Case]:
         for t in turns:
             cases.append(Case(len(cases), si, t, list(s.turns[:t]), s.turns[t], s.source, s.path, s.line))
     return cases
-
-
-def case_seed(seed: int, index: int) -> int:
-    """Seed of case `index`: independent of which other cases or decoders run."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
 
 
 def draw_distractors(cases: Sequence[Case], sessions: Sequence[Any], seed: int,
@@ -463,7 +450,7 @@ def run_evaluation(args: EvalArgs, generation: GenerationSettings | None = None,
 
     t_load = time.perf_counter()
     if bot is None:
-        from dialogpt_zh.engine import load_bot
+        from dialogpt_zh.engine.bot import load_bot
 
         bot = load_bot(bot_args or BotArguments(), generation, mmi)
     load_s = time.perf_counter() - t_load

@@ -14,7 +14,7 @@ from typing import TextIO
 
 from dialogpt_zh.cli import make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.feedback import JsonlAppender, bot_model_ids, choose, make_record
+from dialogpt_zh.judging.feedback import JsonlAppender, bot_model_ids, choose, make_record
 from dialogpt_zh.fsutil import check_output_file
 from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help
 
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         bot_args, args, gen, mmi = parse(parser, argv)
         from transformers.utils import logging as hf_logging
 
-        from dialogpt_zh.engine import load_bot
+        from dialogpt_zh.engine.bot import load_bot
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bars in a chat
         return chat(load_bot(bot_args, gen, mmi), args)

@@ -3,14 +3,14 @@
     python -m dialogpt_zh.preprocess ../shared/corpus/lccc-sample ../shared/corpus/kdconv --output data/base
 
 Passes (memory stays flat: sessions go to a temp file inside the output's temp directory):
-1. read + clean every input (dialogpt_zh.readers / dialogpt_zh.cleaning), write each session as one line
+1. read + clean every input (dialogpt_zh.data.readers / dialogpt_zh.data.cleaning), write each session as one line
    of the temp file and keep only an 8-byte hash, a source id and a split code per session;
 2. drop exact duplicate sessions (same cleaned turns, anywhere in the inputs; the first is kept), then
    split by session (scikit-learn `train_test_split`, `--seed`, stratified by source when possible),
    or keep a source's own split (`--keep-source-splits`);
 3. build a char tokenizer from the train split's characters (or load `--vocab`);
 4. tokenize (the fast tokenizer's `encode_batch`), cut each session into windows, write the store
-   (dialogpt_zh.store.StoreWriter) inside `fsutil.atomic_directory`, so a failed run leaves no half store.
+   (dialogpt_zh.data.store.StoreWriter) inside `fsutil.atomic_directory`, so a failed run leaves no half store.
 
 Windowing rule (`make_windows`): a window is a run of consecutive turns, at most `--max-turns` turns and
 at most `--max-tokens` tokens as a sequence ([CLS] + turns + one [SEP] each). Windows are taken greedily
@@ -40,11 +40,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from dialogpt_zh.cleaning import CleaningOptions, clean_sessions, load_blocklist
+from dialogpt_zh.data.cleaning import CleaningOptions, clean_sessions, load_blocklist
 from dialogpt_zh.cli import field_help, make_parser, parse, raise_if_stopped, run_main
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import atomic_directory
-from dialogpt_zh.readers import FORMATS, InputScan, read_file, scan_inputs
+from dialogpt_zh.data.readers import FORMATS, InputScan, read_file, scan_inputs
 from dialogpt_zh.sequence import sequence_length
 from dialogpt_zh.tokenizer import UtteranceEncoder
 
@@ -436,7 +436,7 @@ def _ordered_map(pool, units: Iterator[tuple[int, list[list[list]], list]], work
 
 def is_token_store(path: Path) -> bool:
     """A directory our preprocessor wrote (its manifest names our format): what --overwrite may replace."""
-    from dialogpt_zh.store import MANIFEST, STORE_FORMAT
+    from dialogpt_zh.data.store import MANIFEST, STORE_FORMAT
 
     try:
         return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format") == STORE_FORMAT
@@ -875,7 +875,7 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
     the blocklist and vocab files); the store is written into a temp directory beside the output and put in
     place only when complete (`fsutil.atomic_directory`).
     """
-    from dialogpt_zh.store import StoreWriter
+    from dialogpt_zh.data.store import StoreWriter
 
     validate(args)
     if not inputs:

@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError("--output is the input file; write somewhere else", path=args.output)
         from transformers.utils import logging as hf_logging
 
-        from dialogpt_zh.engine import load_bot
+        from dialogpt_zh.engine.bot import load_bot
 
         hf_logging.disable_progress_bar()
         bot = load_bot(bot_args, gen, mmi)

@@ -1,7 +1,7 @@
 """Train a forward (P(reply | context)) or backward (P(context | reply), the MMI scorer) GPT-2 on a token store.
 
 One flat loop on top of `accelerate.Accelerator` (which brings CUDA, bf16/fp16 and torchrun/DDP without
-code changes). Our own parts are small: length-grouped batches (dialogpt_zh.batching), a token-weighted
+code changes). Our own parts are small: length-grouped batches (dialogpt_zh.training.batches), a token-weighted
 loss, and a resume state that continues exactly (weights, AdamW, schedule, RNG, data position).
 The output directory is written by dialogpt_zh.checkpoint (layout there), replaced atomically at every
 save, so it always holds a complete best model.
@@ -26,14 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dialogpt_zh.batching import Batch, collate, plan_batches, shard_batches
+from dialogpt_zh.training.batches import Batch, collate, plan_batches, shard_batches
 from dialogpt_zh.checkpoint import (RUN_CONFIG_FILE, ResumeFiles, RunState, load_model, load_resume_optimizer,
                                     load_resume_rng, load_resume_weights, read_run_state, remove_stale_temp,
                                     rng_staging_dir, save_checkpoint, save_rng_state)
 from dialogpt_zh.cli import Terminated, field_help, make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.model import PRESETS, build_model
-from dialogpt_zh.store import MANIFEST, TokenStore
+from dialogpt_zh.training.presets import PRESETS, build_model
+from dialogpt_zh.data.store import MANIFEST, TokenStore
 
 log = logging.getLogger("dialogpt_zh.train")
 

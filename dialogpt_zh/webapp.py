@@ -1,6 +1,6 @@
 """Gradio chat page over the one reply engine (`ChatBot`): chat panel + the last turn's MMI candidates.
 
-A thin face: sampling and scoring happen in `dialogpt_zh.engine`; this file only turns page controls into
+A thin face: sampling and scoring happen in `dialogpt_zh.engine.bot`; this file only turns page controls into
 `ChatBot.reply` keywords and the `Reply` into a chat message, a candidates table and a status line.
 
 Each browser session keeps its own history in a `gr.State` (no module-level conversation state), and the
@@ -25,7 +25,7 @@ import gradio as gr  # noqa: E402
 from dialogpt_zh.cli import make_parser, parse, run_main  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
 from dialogpt_zh.fsutil import check_output_file  # noqa: E402
-from dialogpt_zh.web_view import CANDIDATE_HEADERS, candidates_table, history_to_messages  # noqa: E402,F401
+from dialogpt_zh.webui.view import CANDIDATE_HEADERS, candidates_table, history_to_messages  # noqa: E402,F401
 from dialogpt_zh.settings import (PAGE_RANGES, BotArguments, GenerationSettings, MMISettings,  # noqa: E402
                                   apply_overrides, field_help)
 
@@ -202,17 +202,17 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
               continuous_batching: bool = False, replier=None,
               max_input_chars: int = 150, seed: int | None = None, feedback: str | Path | None = None,
               arena_pairs: str | Path | None = None, arena_verdicts: str | Path | None = None) -> gr.Blocks:
-    """The Gradio page over `bot` (a `dialogpt_zh.engine.ChatBot`).
+    """The Gradio page over `bot` (a `dialogpt_zh.engine.bot.ChatBot`).
 
     Slider defaults and every other setting come from `generation` / `mmi` (the engine's settings
     dataclasses; default: the bot's own). `transcript`: a JSONL file to append each turn to (None: nothing
     is written). `seed`: a fixed seed for every reply (None: the engine draws one per reply).
     `feedback`: a JSONL file for people's judgements (picks, better replies; None: not saved).
-    `arena_pairs` + `arena_verdicts`: add the blind-arena tab (dialogpt_zh.web_judging).
-    `max_batch` > 1: replies of different users share batches (`dialogpt_zh.batcher`); 1: each on its own.
+    `arena_pairs` + `arena_verdicts`: add the blind-arena tab (dialogpt_zh.webui.judging).
+    `max_batch` > 1: replies of different users share batches (`dialogpt_zh.engine.batcher`); 1: each on its own.
     `concurrency`: replies handled at once (0 = auto, `resolve_concurrency`).
     """
-    from dialogpt_zh import web_judging
+    from dialogpt_zh.webui import judging as web_judging
 
     concurrency = resolve_concurrency(concurrency, max_batch)
     generation = generation if generation is not None else bot.generation
@@ -225,7 +225,7 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
     # `replier` (e.g. an EngineProcess); a replier with a close() is closed by whoever launched the page
     replier = replier if replier is not None else bot
     if replier is bot and max_batch > 1 and hasattr(bot, "reply_many"):
-        from dialogpt_zh.batcher import ReplyBatcher
+        from dialogpt_zh.engine.batcher import ReplyBatcher
 
         replier = ReplyBatcher(bot, window_s=batch_window_ms / 1000, max_requests=max_batch,
                                workers=batch_workers, continuous=continuous_batching)
@@ -395,14 +395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks, one line each
         bot_args, args, generation, mmi = parse(make_web_parser(), argv)
-        from dialogpt_zh.engine import load_bot
+        from dialogpt_zh.engine.bot import load_bot
 
         bot = load_bot(bot_args, generation, mmi)
         for n in getattr(bot, "notices", []) or []:
             log.warning("note: %s", n)
         replier = None
         if args.engine_process and args.max_batch > 1:
-            from dialogpt_zh.engine_process import EngineProcess
+            from dialogpt_zh.engine.process import EngineProcess
 
             replier = EngineProcess(bot_args, generation, mmi, window_s=args.batch_window_ms / 1000,
                                     max_requests=args.max_batch, workers=args.batch_workers,

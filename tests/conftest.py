@@ -12,7 +12,7 @@ SHARED_CORPUS = REPO.parent / "shared" / "corpus"
 
 def read_fixture_sessions(name: str = "chitchat_train.txt", fmt: str = "auto") -> list[list[str]]:
     """Raw turns of each session of a fixture file, read by the project's own reader (no second parser)."""
-    from dialogpt_zh.readers import read_file, scan_input
+    from dialogpt_zh.data.readers import read_file, scan_input
 
     return [raw.turns for cf in scan_input(FIXTURES / name, fmt).files for raw in read_file(cf)]
 
@@ -42,7 +42,7 @@ def random_bot_dir(tmp_path_factory, fixture_tokenizer) -> Path:
     import torch
 
     from dialogpt_zh.checkpoint import save_checkpoint
-    from dialogpt_zh.model import build_model
+    from dialogpt_zh.training.presets import build_model
 
     root = tmp_path_factory.mktemp("random_bot")
     for i, direction in enumerate(("forward", "backward")):
@@ -57,7 +57,7 @@ def build_fixture_store(path: Path, tokenizer, sessions: list[list[str]], direct
                         **manifest) -> Path:
     """A token store from hand-written sessions (every 5th session -> valid); windows: each prefix of >= 2 turns.
     `manifest`: more manifest fields (e.g. the preprocessor's `config`)."""
-    from dialogpt_zh.store import StoreWriter
+    from dialogpt_zh.data.store import StoreWriter
     from dialogpt_zh.tokenizer import encode
 
     writer = StoreWriter(path, tokenizer)

@@ -7,17 +7,19 @@ import json
 import pytest
 
 from dialogpt_zh import arena
+from dialogpt_zh.errors import UserError
+from dialogpt_zh.judging import arena as arena_lib
 from tests.conftest import FIXTURES
 
 DATA = str(FIXTURES / "chitchat_train.txt")
 
 
 def test_wilson_interval_known_values():
-    lo, hi = arena.wilson_interval(7, 10)
+    lo, hi = arena_lib.wilson_interval(7, 10)
     assert lo == pytest.approx(0.3968, abs=1e-4) and hi == pytest.approx(0.8922, abs=1e-4)
-    lo, hi = arena.wilson_interval(0, 5)
+    lo, hi = arena_lib.wilson_interval(0, 5)
     assert lo == 0.0 and hi == pytest.approx(0.4345, abs=1e-4)
-    assert arena.wilson_interval(0, 0) is None
+    assert arena_lib.wilson_interval(0, 0) is None
 
 
 def test_parse_settings_types_and_errors():
@@ -25,7 +27,7 @@ def test_parse_settings_types_and_errors():
         {"num_candidates": 1, "use_mmi": False, "top_p": 0.9}
     for bad, msg in ((["nope=1"], "unknown setting"), (["top_k"], "NAME=VALUE"),
                      (["top_k=x"], "cannot read"), (["top_p=2"], "top_p")):
-        with pytest.raises(arena.UserError, match=msg):
+        with pytest.raises(UserError, match=msg):
             arena.parse_settings(bad, "b_set")
 
 
@@ -51,12 +53,12 @@ def test_make_is_blind_and_score_uses_the_key(random_bot_dir, tmp_path, capsys):
     assert sorted(set(key["order"].values())) <= ["AB", "BA"] and set(key["order"]) == {p["id"] for p in doc["pairs"]}
 
     # every reply is the engine's reply for that context and seed, placed as the key says
-    from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.engine.bot import ChatBot
     from dialogpt_zh.settings import BotArguments
 
     bot = ChatBot.from_pretrained(random_bot_dir, quantize=BotArguments().quantize)  # as every face loads it
     for i, p in enumerate(doc["pairs"]):
-        s = arena.pair_seed(1, i)
+        s = arena_lib.pair_seed(1, i)
         want = {"A": bot.reply(p["context"], seed=s, max_length=6).text,
                 "B": bot.reply(p["context"], seed=s, num_candidates=1, use_mmi=False).text}
         first, second = key["order"][p["id"]]

@@ -52,7 +52,7 @@ DAMAGE = [
 
 @pytest.mark.parametrize("name,damage,expected", DAMAGE, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(DAMAGE)])
 def test_damaged_model_files_are_refused_at_load_naming_the_file(tmp_path, random_bot_dir, name, damage, expected):
-    from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.engine.bot import ChatBot
 
     bot = tmp_path / "bot"
     shutil.copytree(random_bot_dir, bot)
@@ -64,7 +64,7 @@ def test_damaged_model_files_are_refused_at_load_naming_the_file(tmp_path, rando
 
 
 def test_the_writer_is_atomic_and_keeps_the_previous_model(tmp_path, fixture_tokenizer):
-    from dialogpt_zh.model import build_model
+    from dialogpt_zh.training.presets import build_model
 
     torch.manual_seed(0)
     out = tmp_path / "m"

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dialogpt_zh.cleaning import (EMAIL_PLACEHOLDER, ID_CARD_PLACEHOLDER, PHONE_PLACEHOLDER, CleaningOptions,
+from dialogpt_zh.data.cleaning import (EMAIL_PLACEHOLDER, ID_CARD_PLACEHOLDER, PHONE_PLACEHOLDER, CleaningOptions,
                                   clean_session, is_char_split, join_char_split, load_blocklist,
                                   normalize_counted, normalize_text)
 from dialogpt_zh.errors import UserError
@@ -169,7 +169,7 @@ def test_space_rule_loses_no_cjk_character(words, gaps):
 @given(st.lists(st.one_of(st.text(), st.text(MIXED, max_size=40)), max_size=12))
 def test_batch_normaliser_equals_one_by_one(texts):
     """The preprocessor cleans in batches; the chat engine one utterance at a time: same result."""
-    from dialogpt_zh.cleaning import normalize_many
+    from dialogpt_zh.data.cleaning import normalize_many
 
     assert normalize_many(texts) == [normalize_text(t) for t in texts]
     c1, c2 = Counter(), Counter()

@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-import dialogpt_zh.engine as engine_module
-from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings
+import dialogpt_zh.engine.bot as engine_module
+from dialogpt_zh.engine.bot import ChatBot, GenerationSettings, MMISettings
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.lean_gpt2 import DecodingRows, LeanGPT2
-from dialogpt_zh.sampling import (apply_repetition_penalty, banned_ngram_tokens, sample_tokens, top_k_filter,
+from dialogpt_zh.engine.lean_gpt2 import DecodingRows, LeanGPT2
+from dialogpt_zh.engine.sampling import (apply_repetition_penalty, banned_ngram_tokens, sample_tokens, top_k_filter,
                                    top_p_filter)
 from dialogpt_zh.sequence import build_sequence
 from dialogpt_zh.tokenizer import encode
@@ -38,7 +38,7 @@ def manual_logprobs(model, ids: list[int], start: int) -> float:
 
 def ids_of(bot, texts):
     """Token ids as the engine sees them (normalised like the training data, then encoded)."""
-    from dialogpt_zh.cleaning import normalize_text
+    from dialogpt_zh.data.cleaning import normalize_text
 
     return [encode(bot.tokenizer, normalize_text(t)) for t in texts]
 
@@ -159,7 +159,7 @@ def test_requests_joining_a_running_batch_get_the_replies_they_get_alone(trained
     """Continuous batching: requests join a DecodeBatch every other step (longer and shorter contexts than
     the columns used so far, so the cache grows and re-lays its columns out) and rows leave as they finish;
     each request's candidates and forward scores are those it gets alone."""
-    from dialogpt_zh.engine import DecodeBatch
+    from dialogpt_zh.engine.bot import DecodeBatch
 
     bot = ChatBot.from_pretrained(trained_bot_dir)
     batch = DecodeBatch(bot)
@@ -363,7 +363,7 @@ def test_bad_history_and_settings_are_user_errors(bot):
 
 def test_loading_errors(random_bot_dir, tmp_path, fixture_tokenizer):
     from dialogpt_zh.checkpoint import save_checkpoint
-    from dialogpt_zh.model import build_model
+    from dialogpt_zh.training.presets import build_model
     from dialogpt_zh.tokenizer import build_char_tokenizer
 
     with pytest.raises(UserError, match="not found"):
@@ -424,7 +424,7 @@ def test_fp16_weights_round_every_weight_and_score_as_float_does(random_bot_dir,
     assert q.quantize == "fp16" and bot.quantize == "none" and not q.notices[1:]
     from transformers.pytorch_utils import Conv1D
 
-    from dialogpt_zh.fp16 import Fp16Linear, fbgemm_fp16_available
+    from dialogpt_zh.engine.fp16 import Fp16Linear, fbgemm_fp16_available
 
     assert fbgemm_fp16_available()  # x86 CPU builds of torch have fbgemm: the fast path is the one tested
     for model in (q.forward_model, q.backward_model):
@@ -577,7 +577,7 @@ def test_lean_forward_matches_transformers(which, random_bot_dir, trained_bot_di
 
 
 def test_gelu_tanh_is_gpt2s_gelu():
-    from dialogpt_zh.lean_gpt2 import gelu_tanh
+    from dialogpt_zh.engine.lean_gpt2 import gelu_tanh
 
     x = torch.cat([torch.linspace(-12, 12, 4001), torch.randn(1000) * 3, torch.tensor([0.0, -0.0, 50.0, -50.0])])
     torch.testing.assert_close(gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"), atol=2e-6, rtol=1e-5)
@@ -628,7 +628,7 @@ def test_lean_forward_falls_back_for_other_models(random_bot_dir):
 
 
 def test_typed_special_token_text_stays_text(random_bot_dir):
-    from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.engine.bot import ChatBot
 
     bot = ChatBot.from_pretrained(random_bot_dir)
     sep, cls = bot.tokenizer.sep_token_id, bot.tokenizer.cls_token_id

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings
-from dialogpt_zh.engine_process import EngineProcess
+from dialogpt_zh.engine.bot import ChatBot, GenerationSettings, MMISettings
+from dialogpt_zh.engine.process import EngineProcess
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.settings import BotArguments
 from tests.conftest import load_benchmark

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dialogpt_zh import evaluate as E
-from dialogpt_zh import metrics as M
+from dialogpt_zh.judging import metrics as M
 
 HELDOUT = Path(__file__).resolve().parent.parent / "corpus" / "fixtures" / "heldout.json"
 # heldout.json "valid": 11 sessions, one of them a single turn (dropped by cleaning); turns of the other 10:
@@ -95,7 +95,7 @@ def test_sweep_counts_a_nan_score_as_the_worst():
 
 def test_rerank_scores_are_the_weighted_log_probs(bot_dir):
     """The engine's rank score, recomputed by hand from its forward and backward log-probs."""
-    from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.engine.bot import ChatBot
 
     bot = ChatBot.from_pretrained(bot_dir)
     history, texts = ["今天天气真好", "是啊"], ["你好", "我刚下班", "去公园吧，下午三点见"]
@@ -334,7 +334,7 @@ def test_hostile_flags_are_refused_before_the_work(flags, words, tmp_path, capsy
 
 
 def test_evaluate_keeps_the_callers_bot_settings(bot_dir, tmp_path):
-    from dialogpt_zh.engine import ChatBot, GenerationSettings
+    from dialogpt_zh.engine.bot import ChatBot, GenerationSettings
 
     bot = ChatBot.from_pretrained(bot_dir, generation=GenerationSettings(num_candidates=3, max_length=5))
     before = (bot.generation, bot.mmi_settings)
@@ -354,7 +354,7 @@ def test_sigterm_leaves_previous_outputs_and_no_temp_files(bot_dir, tmp_path, mo
     import os
     import signal
 
-    from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.engine.bot import ChatBot
 
     for name in ("r.json", "r.md", "r.jsonl"):
         (tmp_path / name).write_text("previous run\n")

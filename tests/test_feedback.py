@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from dialogpt_zh.feedback import FORMAT, JsonlAppender, main as feedback_main
+from dialogpt_zh.feedback import main as feedback_main
+from dialogpt_zh.judging.feedback import FORMAT, JsonlAppender
 from dialogpt_zh.interact import InteractArgs, chat
 
 
@@ -65,7 +66,7 @@ def test_piped_interact_pick_and_better_write_feedback(random_bot_dir, tmp_path)
 
 @pytest.fixture(scope="module")
 def bot(random_bot_dir):
-    from dialogpt_zh.engine import ChatBot, GenerationSettings
+    from dialogpt_zh.engine.bot import ChatBot, GenerationSettings
 
     return ChatBot.from_pretrained(random_bot_dir, generation=GenerationSettings(num_candidates=3, max_length=6))
 
@@ -162,7 +163,7 @@ def test_export_writes_corpus_and_stats(tmp_path, capsys):
     # the preprocessor's own reader reads the corpus back as the same sessions
     from collections import Counter
 
-    from dialogpt_zh.readers import iter_clean_sessions
+    from dialogpt_zh.data.readers import iter_clean_sessions
 
     sessions = [s.turns for s in iter_clean_sessions(out / "train.txt", counters=Counter())]
     assert sessions == [["你好", "候选2", "在干嘛", "候选1"], ["吃了吗", "吃过了 邮箱 【邮箱】"], ["晚安", "候选3"]]
@@ -197,7 +198,7 @@ def test_round_trip_feedback_to_fine_tuned_bot(random_bot_dir, tmp_path, monkeyp
     """README's round trip with tiny numbers: chat with judgements -> export -> preprocess with the bot's
     vocabulary -> `train --init` its forward model for 2 steps -> the result loads and chats."""
     from dialogpt_zh import preprocess, train
-    from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.engine.bot import ChatBot
 
     monkeypatch.chdir(tmp_path)
     bot = ChatBot.from_pretrained(random_bot_dir)

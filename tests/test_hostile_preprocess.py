@@ -20,7 +20,7 @@ from conftest import FIXTURES, REPO, build_fixture_store, load_benchmark, read_f
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import atomic_directory, clean_stale_temp_dirs
 from dialogpt_zh.preprocess import main
-from dialogpt_zh.store import TokenStore
+from dialogpt_zh.data.store import TokenStore
 
 CORPUS = FIXTURES / "chitchat_train.txt"
 
@@ -269,7 +269,7 @@ def test_bad_input_text_exit_2(tmp_path, capsys, setup, message):
 
 
 def test_evaluate_reads_nested_json_through_the_same_readers(tmp_path):
-    from dialogpt_zh.readers import iter_clean_sessions
+    from dialogpt_zh.data.readers import iter_clean_sessions
 
     _nested_json(tmp_path)
     with pytest.raises(UserError, match="deep.json:2: malformed JSON: nested too deeply"):
@@ -277,7 +277,7 @@ def test_evaluate_reads_nested_json_through_the_same_readers(tmp_path):
 
 
 def test_ansi_escapes_removed_and_counted(tmp_path):
-    from dialogpt_zh.readers import iter_clean_sessions
+    from dialogpt_zh.data.readers import iter_clean_sessions
 
     (tmp_path / "ansi.tsv").write_text("\x1b[31m红色\x1b[0m的字\t\x1b]0;标题\x07你好\x1b[1;32m呀\n", encoding="utf-8")
     c = Counter()
@@ -290,7 +290,7 @@ def test_big_json_value_is_not_reparsed_per_chunk(tmp_path, monkeypatch):
     """One session of 300k turns (~3 MB): read in a few decodes, not one per 64 KB chunk."""
     import json as json_module
 
-    from dialogpt_zh import readers
+    from dialogpt_zh.data import readers
 
     path = tmp_path / "big.json"
     path.write_text(json_module.dumps([["你好呀"] * 300_000, ["a", "b"]], ensure_ascii=False), encoding="utf-8")
@@ -312,7 +312,7 @@ def test_missing_blocklist_fails_when_the_bot_is_made(random_bot_dir, tmp_path, 
     """interact --blocklist MISSING: an error at start (exit 2), not a message on every line."""
     import io
 
-    from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.engine.bot import ChatBot
     from dialogpt_zh.interact import main as interact_main
     from dialogpt_zh.settings import MMISettings
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from dialogpt_zh import metrics as M
+from dialogpt_zh.judging import metrics as M
 
 
 # ------------------------------------------------------------------------------------------------ BLEU

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dialogpt_zh.cleaning import normalize_text
+from dialogpt_zh.data.cleaning import normalize_text
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.preprocess import PreprocessArguments, main, make_windows, run_preprocess, split_indices
 from dialogpt_zh.sequence import sequence_length
-from dialogpt_zh.store import TokenStore
+from dialogpt_zh.data.store import TokenStore
 
 FIXTURES = Path(__file__).resolve().parent.parent / "corpus" / "fixtures"
 INPUTS = [FIXTURES / n for n in ("lccc_pairs.tsv", "lccc_splits.json", "kdconv_dev.json", "chatterbot.yml",
@@ -190,7 +190,7 @@ def stored_sessions(out: Path) -> dict[str, list[tuple[str, ...]]]:
 
 
 def test_holdout_source_splits(tmp_path, caplog):
-    from dialogpt_zh.readers import iter_clean_sessions
+    from dialogpt_zh.data.readers import iter_clean_sessions
 
     def held_text(path, split):
         return {tuple(t.replace(" ", "").lower() for t in s.turns)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.readers import (CorpusFile, iter_clean_sessions, read_file, scan_input, sniff_format,
+from dialogpt_zh.data.readers import (CorpusFile, iter_clean_sessions, read_file, scan_input, sniff_format,
                                  split_from_name)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "corpus" / "fixtures"
@@ -176,7 +176,7 @@ def test_malformed_yaml_names_line(tmp_path):
 
 def test_json_streaming_across_chunks(tmp_path, monkeypatch):
     """Sessions that straddle the parser's read chunks are decoded whole, with the right line numbers."""
-    from dialogpt_zh import readers
+    from dialogpt_zh.data import readers
 
     monkeypatch.setattr(readers._JsonStream, "CHUNK", 7)
     sessions = [[f"第{i}句", "回复" * (i % 5 + 1)] for i in range(50)]

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dialogpt_zh.cleaning import clean_sessions
+from dialogpt_zh.data.cleaning import clean_sessions
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.preprocess import PreprocessArguments, main, run_preprocess
-from dialogpt_zh.readers import (chat_turns, corpus_licence, iter_clean_sessions, read_file, recognise_licence,
+from dialogpt_zh.data.readers import (chat_turns, corpus_licence, iter_clean_sessions, read_file, recognise_licence,
                                  scan_input, sniff_format)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "corpus" / "fixtures"

@@ -12,7 +12,7 @@ from dialogpt_zh.rerank import main
 
 @pytest.fixture(scope="module")
 def bot(random_bot_dir):
-    from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.engine.bot import ChatBot
 
     return ChatBot.from_pretrained(random_bot_dir)
 

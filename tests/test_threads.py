@@ -1,4 +1,4 @@
-"""The thread policy (dialogpt_zh/threads.py): arithmetic from fake /proc readings, the per-thread torch count,
+"""The thread policy (dialogpt_zh/engine/threads.py): arithmetic from fake /proc readings, the per-thread torch count,
 the engine hook, and the latency benchmark's background load."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from dialogpt_zh.threads import (CpuMonitor, CpuSample, InFlight, ThreadPolicy, cpu_max_cores, others_busy_cores,
+from dialogpt_zh.engine.threads import (CpuMonitor, CpuSample, InFlight, ThreadPolicy, cpu_max_cores, others_busy_cores,
                                  parse_proc_stat)
 
 TICKS = 100  # USER_HZ
@@ -182,7 +182,7 @@ def test_use_sets_the_threads_in_the_calling_thread_and_counts_replies_in_flight
 # ------------------------------------------------------------------------------------------ engine hook
 
 def test_load_bot_threads_fixed_and_auto(random_bot_dir):
-    from dialogpt_zh.engine import load_bot
+    from dialogpt_zh.engine.bot import load_bot
     from dialogpt_zh.settings import BotArguments
 
     bot = load_bot(BotArguments(model=str(random_bot_dir), threads=1))
@@ -198,7 +198,7 @@ def test_load_bot_threads_fixed_and_auto(random_bot_dir):
 
 
 def test_every_public_call_runs_inside_the_policy(random_bot_dir):
-    from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.engine.bot import ChatBot
 
     bot = ChatBot.from_pretrained(random_bot_dir)
     calls = []

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import build_fixture_store
-from dialogpt_zh.batching import IGNORE_INDEX, collate, plan_batches
-from dialogpt_zh.store import TokenStore
+from dialogpt_zh.training.batches import IGNORE_INDEX, collate, plan_batches
+from dialogpt_zh.data.store import TokenStore
 from dialogpt_zh.tokenizer import encode
 from dialogpt_zh.train import TrainConfig, main, train
 
@@ -180,7 +180,7 @@ def test_empty_split_and_forward_only_store_exit_2(tmp_path, capsys, fixture_tok
 
 def test_init_vocab_mismatch_exit_2(tmp_path, capsys, fixture_store):
     from dialogpt_zh.checkpoint import save_checkpoint
-    from dialogpt_zh.model import build_model
+    from dialogpt_zh.training.presets import build_model
     from dialogpt_zh.tokenizer import build_char_tokenizer, count_chars
 
     other = build_char_tokenizer(count_chars(["完全不同的词表"]))

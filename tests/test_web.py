@@ -15,7 +15,7 @@ pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 from dialogpt_zh import webapp  # noqa: E402
-from dialogpt_zh.engine import ChatBot, GenerationSettings, MMISettings  # noqa: E402
+from dialogpt_zh.engine.bot import ChatBot, GenerationSettings, MMISettings  # noqa: E402
 from dialogpt_zh.settings import PAGE_RANGES  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

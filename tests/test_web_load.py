@@ -10,7 +10,7 @@ pytest.importorskip("gradio")
 pytest.importorskip("gradio_client")
 
 from dialogpt_zh import webapp  # noqa: E402
-from dialogpt_zh.engine import ChatBot  # noqa: E402
+from dialogpt_zh.engine.bot import ChatBot  # noqa: E402
 from tests.conftest import load_benchmark  # noqa: E402
 
 

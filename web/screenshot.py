@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from playwright.sync_api import expect, sync_playwright
 
     from dialogpt_zh import webapp
-    from dialogpt_zh.engine import ChatBot
+    from dialogpt_zh.engine.bot import ChatBot
 
     demo = webapp.build_app(ChatBot.from_pretrained(args.model, backward=args.backward), seed=args.seed)
     url = webapp.launch_in_background(demo)

@@ -27,21 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.lean_gpt2 import DecodingRows, LeanGPT2
+from dialogpt_zh.engine.lean_gpt2 import DecodingRows, LeanGPT2
 from dialogpt_zh.checkpoint import load_model, read_card
-from dialogpt_zh.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_rows
+from dialogpt_zh.engine.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_rows
 from dialogpt_zh.sequence import build_sequence
-from dialogpt_zh.fp16 import weights_fp16
+from dialogpt_zh.engine.fp16 import weights_fp16
 from dialogpt_zh.settings import (QUANTIZATIONS, BotArguments, GenerationSettings, MMISettings, apply_overrides,
                                   mmi_active, mmi_score, ranking_weights)
-from dialogpt_zh.threads import ThreadPolicy
+from dialogpt_zh.engine.threads import ThreadPolicy
 from dialogpt_zh.tokenizer import decode, encode, load_tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # The default bot lives in the source checkout, not in the package: an editable install finds it beside the
 # package, a regular install only when run from a checkout (./checkpoints/default); otherwise --model DIR.
 DEFAULT_BOT_DIRS = (REPO_ROOT / "checkpoints" / "default", Path("checkpoints") / "default")
@@ -100,7 +99,7 @@ class _Job:
 def normalize_utterance(text: str, max_repeat: int = 4, mask_pii: bool = True) -> str:
     """The preprocessor's per-utterance normaliser, so user input looks like the training data; the options
     are the store's (`cleaning_options`)."""
-    from dialogpt_zh.cleaning import normalize_many  # lazy: cleaning pulls in its own helpers
+    from dialogpt_zh.data.cleaning import normalize_many  # lazy: cleaning pulls in its own helpers
 
     return normalize_many([text], max_repeat=max_repeat, mask_pii=mask_pii)[0]
 
@@ -744,7 +743,7 @@ class ChatBot:
             raise UserError("blocklist file not found", path=p, field="blocklist")
         key = (str(p), p.stat().st_mtime)
         if key not in self._blocklists:
-            from dialogpt_zh.cleaning import load_blocklist  # the one blocklist format (BOM, comments, file:line)
+            from dialogpt_zh.data.cleaning import load_blocklist  # the one blocklist format (BOM, comments, file:line)
 
             words = (normalize_utterance(w, **self.cleaning).strip() for w in load_blocklist(p))
             self._blocklists[key] = [w for w in words if w]

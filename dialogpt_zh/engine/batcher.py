@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dialogpt_zh.engine import ChatBot, Reply
+from dialogpt_zh.engine.bot import ChatBot, Reply
 
 
 class ReplyBatcher:

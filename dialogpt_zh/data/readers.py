@@ -804,7 +804,7 @@ def iter_clean_sessions(paths: str | Path | Sequence[str | Path], fmt: str = "au
     `counters` (a Counter) receives every reader and cleaning count by reason. A raw session split at
     empty utterances yields several CleanSessions with the same path and line.
     """
-    from dialogpt_zh.cleaning import CleaningOptions
+    from dialogpt_zh.data.cleaning import CleaningOptions
 
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -819,7 +819,7 @@ def iter_clean_sessions(paths: str | Path | Sequence[str | Path], fmt: str = "au
 def iter_clean_file(cf: CorpusFile, options, counters: Counter, batch_sessions: int = 1000
                     ) -> Iterator[CleanSession]:
     """Clean sessions of one corpus file (cleaned in batches of `batch_sessions` raw sessions)."""
-    from dialogpt_zh.cleaning import clean_sessions
+    from dialogpt_zh.data.cleaning import clean_sessions
 
     path = cf.name
     batch: list[RawSession] = []

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dialogpt_zh.fp16 import Fp16Linear
+from dialogpt_zh.engine.fp16 import Fp16Linear
 
 
 class KVCache:

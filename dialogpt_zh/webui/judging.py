@@ -14,8 +14,8 @@ from typing import Any
 import gradio as gr
 
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.web_view import candidates_table, history_to_messages
-from dialogpt_zh.feedback import JsonlAppender, bot_model_ids, choose, make_record, utc_now
+from dialogpt_zh.webui.view import candidates_table, history_to_messages
+from dialogpt_zh.judging.feedback import JsonlAppender, bot_model_ids, choose, make_record, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def add_judging(bot, feedback: str | Path | None, *, table, chatbot, history_sta
 def arena_ui(pairs_path: str | Path, verdicts_path: str | Path):
     """The arena tab's components and handlers (call inside a Blocks); returns (load_fn, outputs) to show
     the first pair when the page loads. Pairs already in the verdicts file (from any judge) are skipped."""
-    from dialogpt_zh.arena import VERDICTS, load_pairs, read_verdicts
+    from dialogpt_zh.judging.arena import VERDICTS, load_pairs, read_verdicts
 
     pairs, run = load_pairs(pairs_path)
     by_id = {p["id"]: p for p in pairs}

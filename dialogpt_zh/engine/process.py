@@ -20,7 +20,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from dialogpt_zh.engine import GenerationSettings, MMISettings, Reply
+from dialogpt_zh.engine.bot import GenerationSettings, MMISettings, Reply
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.settings import BotArguments
 
@@ -37,8 +37,8 @@ def _serve(conn, bot_args: BotArguments, generation: GenerationSettings | None, 
     """The child: load the bot, then answer requests until the parent sends None or goes away."""
     import signal
 
-    from dialogpt_zh.batcher import ReplyBatcher
-    from dialogpt_zh.engine import load_bot
+    from dialogpt_zh.engine.batcher import ReplyBatcher
+    from dialogpt_zh.engine.bot import load_bot
 
     # Ctrl-C reaches the whole process group: the parent stops the child (close(), or the pipe's end when the
     # parent dies), so the child neither prints a traceback nor drops requests half-way on its own

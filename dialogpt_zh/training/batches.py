@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dialogpt_zh.store import StoreSplit
+from dialogpt_zh.data.store import StoreSplit
 
 IGNORE_INDEX = -100  # label value that torch's cross_entropy skips
 
