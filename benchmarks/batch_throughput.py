@@ -29,12 +29,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dialogpt_zh.engine.batcher import ReplyBatcher  # noqa: E402
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
-from dialogpt_zh.engine.bot import GenerationSettings, MMISettings, load_bot  # noqa: E402
+from dialogpt_zh.engine.batcher import ReplyBatcher  # noqa: E402
+from dialogpt_zh.engine.bot import load_bot  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
 from dialogpt_zh.judging.metrics import percentile  # noqa: E402
-from dialogpt_zh.settings import BotArguments  # noqa: E402
+from dialogpt_zh.settings import (  # noqa: E402
+    BotArguments,  # noqa: E402
+    GenerationSettings,
+    MMISettings,
+)
 
 FIXTURE = REPO / "corpus" / "fixtures" / "chitchat_train.txt"
 

@@ -49,10 +49,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
-from dialogpt_zh.engine.bot import ChatBot, GenerationSettings, MMISettings  # noqa: E402
+from dialogpt_zh.engine.bot import ChatBot  # noqa: E402
 from dialogpt_zh.engine.sampling import NEG_INF, top_k_filter, top_p_filter  # noqa: E402
-from dialogpt_zh.sequence import build_sequence  # noqa: E402
 from dialogpt_zh.engine.threads import ThreadPolicy  # noqa: E402
+from dialogpt_zh.sequence import build_sequence  # noqa: E402
+from dialogpt_zh.settings import GenerationSettings, MMISettings  # noqa: E402
 from dialogpt_zh.tokenizer import encode  # noqa: E402
 
 
@@ -108,8 +109,8 @@ def fixture_contexts(n: int) -> list[list[str]]:
 def random_bot(preset: str, vocab_size: int, seed: int, tmp: Path) -> Path:
     """A bot dir with random-weight forward/backward models of a preset shape and a ~vocab_size char vocab."""
     from dialogpt_zh.checkpoint import save_checkpoint
-    from dialogpt_zh.training.presets import build_model
     from dialogpt_zh.tokenizer import build_char_tokenizer
+    from dialogpt_zh.training.presets import build_model
 
     chars = Counter((REPO / "corpus" / "fixtures" / "chitchat_train.txt").read_text(encoding="utf-8"))
     cp = 0x4E00
@@ -357,8 +358,8 @@ def fixture_contexts_with_replies(n: int) -> list[tuple[list[str], str]]:
 
 def heldout_pairs(path: str, split: str, limit: int) -> tuple[list[tuple[list[str], str]], str]:
     """(context of up to 3 turns, next turn) pairs from held-out sessions, read and cleaned like training data."""
-    from dialogpt_zh.errors import UserError
     from dialogpt_zh.data.readers import iter_clean_sessions
+    from dialogpt_zh.errors import UserError
 
     pairs = []
     for s in iter_clean_sessions(path):

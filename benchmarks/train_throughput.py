@@ -1,7 +1,7 @@
 """Training throughput: our trainer vs. a naive GPT2-chitchat-style loop, and tokens/s per preset.
 
 1. Same model, same store, same number of steps, same windows per step: the naive loop draws random
-   batches and pads them to the longest window (as GPT2-chitchat does); our trainer (`dialogpt_zh.train.train`,
+   batches and pads them to the longest window (as GPT2-chitchat does); our trainer (`dialogpt_zh.training.loop.train`,
    the real code path) groups windows of similar length. Figure: real (non-padding) tokens per second.
 2. Our trainer's tokens/s for each preset and the estimated time of one epoch of the train split
    (base: a few steps only).
@@ -42,9 +42,9 @@ def naive_loop(store_path: str, preset: str, steps: int, batch_size: int, seed: 
     """GPT2-chitchat's way: uniformly random batches padded to their longest window; loss via labels."""
     import torch
 
+    from dialogpt_zh.data.store import TokenStore
     from dialogpt_zh.training.batches import collate
     from dialogpt_zh.training.presets import build_model
-    from dialogpt_zh.data.store import TokenStore
 
     store = TokenStore(store_path)
     split, tok = store.split("train"), store.tokenizer()
@@ -70,7 +70,8 @@ def naive_loop(store_path: str, preset: str, steps: int, batch_size: int, seed: 
 
 def ours(store_path: str, preset: str, steps: int, seed: int, batch_size: int = 0, batch_tokens: int = 4096) -> dict:
     """Our trainer, the real code path; wall time covers the training steps (not the final save)."""
-    from dialogpt_zh.train import TrainConfig, train
+    from dialogpt_zh.training.config import TrainConfig
+    from dialogpt_zh.training.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         m = train(TrainConfig(data=store_path, output=str(Path(tmp) / "out"), preset=preset, max_steps=steps,

@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     def body() -> int:
         import logging
 
-        from dialogpt_zh.engine.bot import GenerationSettings, MMISettings
+        from dialogpt_zh.settings import GenerationSettings, MMISettings
 
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
 

@@ -28,14 +28,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from latency import fixture_contexts_with_replies, heldout_pairs  # noqa: E402
+
 from dialogpt_zh.checkpoint import load_model  # noqa: E402
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
-from dialogpt_zh.engine.bot import default_bot_dir, quantize_int8  # noqa: E402
-from dialogpt_zh.errors import UserError  # noqa: E402
 from dialogpt_zh.engine.fp16 import weights_fp16  # noqa: E402
+from dialogpt_zh.engine.loading import default_bot_dir, quantize_int8  # noqa: E402
+from dialogpt_zh.errors import UserError  # noqa: E402
 from dialogpt_zh.sequence import build_sequence  # noqa: E402
 from dialogpt_zh.tokenizer import encode, load_tokenizer  # noqa: E402
-from latency import fixture_contexts_with_replies, heldout_pairs  # noqa: E402
 
 CONVERT = {"fp16": weights_fp16, "int8": quantize_int8}
 

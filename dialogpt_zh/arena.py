@@ -103,16 +103,14 @@ def parse_settings(items: Sequence[str], flag: str) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------------------------------- contexts
-
-
 # ---------------------------------------------------------------------------------------------- pairs
 
 
 def load_bots(specs: dict[str, str | None], device: str = "cpu", threads: int = 0) -> dict[str, Any]:
     """One ChatBot per distinct directory (A and B may share one; their settings are per-call overrides),
     loaded the way every face loads its bot (engine.load_bot)."""
-    from dialogpt_zh.engine.bot import default_bot_dir, load_bot
+    from dialogpt_zh.engine.bot import load_bot
+    from dialogpt_zh.engine.loading import default_bot_dir
     from dialogpt_zh.settings import BotArguments
 
     loaded: dict[str, Any] = {}
@@ -126,16 +124,10 @@ def load_bots(specs: dict[str, str | None], device: str = "cpu", threads: int = 
 
 
 def describe_system(bot, path: str | None, settings: dict[str, Any]) -> dict[str, Any]:
-    from dialogpt_zh.engine.bot import default_bot_dir
+    from dialogpt_zh.engine.loading import default_bot_dir
 
     return {"model": str(path or default_bot_dir()), "settings": settings,
             "forward": model_id(bot.forward_dir), "backward": model_id(bot.backward_dir)}
-
-
-# ------------------------------------------------------------------------------------------- verdicts
-
-
-# ------------------------------------------------------------------------------------------- judging
 
 
 # ---------------------------------------------------------------------------------------------- CLI

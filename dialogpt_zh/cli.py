@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.settings import NULL_IN_RUN_FILES
-from dialogpt_zh.settings import field_help  # noqa: F401  (re-exported: every CLI's dataclasses use it)
+from dialogpt_zh.settings import (
+    NULL_IN_RUN_FILES,
+    field_help,  # noqa: F401  (re-exported: every CLI's dataclasses use it)
+)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

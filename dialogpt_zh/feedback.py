@@ -10,12 +10,6 @@ from typing import Sequence
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main
 from dialogpt_zh.judging.feedback import export, summary_line
 
-# ------------------------------------------------------------------------------------------ appending
-
-
-# ------------------------------------------------------------------------------------------- records
-
-
 # ------------------------------------------------------------------------------------------- export
 
 @dataclass

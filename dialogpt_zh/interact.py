@@ -14,8 +14,8 @@ from typing import TextIO
 
 from dialogpt_zh.cli import make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.judging.feedback import JsonlAppender, bot_model_ids, choose, make_record
 from dialogpt_zh.fsutil import check_output_file
+from dialogpt_zh.judging.feedback import JsonlAppender, bot_model_ids, choose, make_record
 from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help
 
 COMMANDS = {

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
 from dialogpt_zh.cli import make_parser, parse, run_main
-from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import atomic_open
+from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help
 
 EXAMPLES = """
   python -m dialogpt_zh.rerank candidates.jsonl --output reranked.jsonl

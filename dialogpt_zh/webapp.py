@@ -25,9 +25,8 @@ import gradio as gr  # noqa: E402
 from dialogpt_zh.cli import make_parser, parse, run_main  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
 from dialogpt_zh.fsutil import check_output_file  # noqa: E402
+from dialogpt_zh.settings import PAGE_RANGES, BotArguments, GenerationSettings, MMISettings, apply_overrides, field_help  # noqa: E402
 from dialogpt_zh.webui.view import CANDIDATE_HEADERS, candidates_table, history_to_messages  # noqa: E402,F401
-from dialogpt_zh.settings import (PAGE_RANGES, BotArguments, GenerationSettings, MMISettings,  # noqa: E402
-                                  apply_overrides, field_help)
 
 log = logging.getLogger(__name__)
 

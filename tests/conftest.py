@@ -77,7 +77,8 @@ def fixture_store(tmp_path_factory, fixture_tokenizer, fixture_sessions) -> Path
 @pytest.fixture(scope="session")
 def trained_bot_dir(tmp_path_factory, fixture_store) -> Path:
     """checkpoints-like dir (ROOT/forward, ROOT/backward) with tiny models trained a few dozen steps on the fixtures."""
-    from dialogpt_zh.train import TrainConfig, train
+    from dialogpt_zh.training.config import TrainConfig
+    from dialogpt_zh.training.loop import train
 
     root = tmp_path_factory.mktemp("trained_bot")
     for direction in ("forward", "backward"):

@@ -6,7 +6,8 @@ import threading
 import pytest
 
 from dialogpt_zh.engine.batcher import ReplyBatcher
-from dialogpt_zh.engine.bot import ChatBot, DecodeBatch
+from dialogpt_zh.engine.bot import ChatBot
+from dialogpt_zh.engine.decoding import DecodeBatch
 from dialogpt_zh.errors import UserError
 
 REQUESTS = [(["你好"], dict(seed=1)), (["你好呀，在干嘛", "在看电影呢"], dict(seed=2, num_candidates=3)),

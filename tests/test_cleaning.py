@@ -8,9 +8,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dialogpt_zh.data.cleaning import (EMAIL_PLACEHOLDER, ID_CARD_PLACEHOLDER, PHONE_PLACEHOLDER, CleaningOptions,
-                                  clean_session, is_char_split, join_char_split, load_blocklist,
-                                  normalize_counted, normalize_text)
+from dialogpt_zh.data.cleaning import (
+    EMAIL_PLACEHOLDER,
+    ID_CARD_PLACEHOLDER,
+    PHONE_PLACEHOLDER,
+    CleaningOptions,
+    clean_session,
+    is_char_split,
+    join_char_split,
+    load_blocklist,
+    normalize_counted,
+    normalize_text,
+)
 from dialogpt_zh.errors import UserError
 
 

@@ -4,19 +4,24 @@ lean GPT-2 forward (same logits and the same seeded replies as the transformers 
 from __future__ import annotations
 
 import copy
-import copy
 import math
 
 import pytest
 import torch
 
-import dialogpt_zh.engine.bot as engine_module
-from dialogpt_zh.engine.bot import ChatBot, GenerationSettings, MMISettings
-from dialogpt_zh.errors import UserError
+import dialogpt_zh.engine.decoding as decoding_module
+from dialogpt_zh.engine.bot import ChatBot
 from dialogpt_zh.engine.lean_gpt2 import DecodingRows, LeanGPT2
-from dialogpt_zh.engine.sampling import (apply_repetition_penalty, banned_ngram_tokens, sample_tokens, top_k_filter,
-                                   top_p_filter)
+from dialogpt_zh.engine.sampling import (
+    apply_repetition_penalty,
+    banned_ngram_tokens,
+    sample_tokens,
+    top_k_filter,
+    top_p_filter,
+)
+from dialogpt_zh.errors import UserError
 from dialogpt_zh.sequence import build_sequence
+from dialogpt_zh.settings import GenerationSettings, MMISettings
 from dialogpt_zh.tokenizer import encode
 
 HISTORY = ["你好", "你好呀，在干嘛", "在看电影呢"]
@@ -135,7 +140,7 @@ def test_row_dropping_with_a_trained_bot(trained_bot_dir, forward, compact_share
     decode a dummy token to the end). The scores must still equal full recomputation."""
     bot = ChatBot.from_pretrained(trained_bot_dir)
     if forward == "transformers":
-        monkeypatch.setattr(engine_module, "COMPACT_DEAD_SHARE", compact_share)
+        monkeypatch.setattr(decoding_module, "COMPACT_DEAD_SHARE", compact_share)
         bot.use_lean_forward = False
     else:  # rows really moved: a finished row's slot taken by a later one
         moves = []
@@ -159,7 +164,7 @@ def test_requests_joining_a_running_batch_get_the_replies_they_get_alone(trained
     """Continuous batching: requests join a DecodeBatch every other step (longer and shorter contexts than
     the columns used so far, so the cache grows and re-lays its columns out) and rows leave as they finish;
     each request's candidates and forward scores are those it gets alone."""
-    from dialogpt_zh.engine.bot import DecodeBatch
+    from dialogpt_zh.engine.decoding import DecodeBatch
 
     bot = ChatBot.from_pretrained(trained_bot_dir)
     batch = DecodeBatch(bot)
@@ -363,8 +368,8 @@ def test_bad_history_and_settings_are_user_errors(bot):
 
 def test_loading_errors(random_bot_dir, tmp_path, fixture_tokenizer):
     from dialogpt_zh.checkpoint import save_checkpoint
-    from dialogpt_zh.training.presets import build_model
     from dialogpt_zh.tokenizer import build_char_tokenizer
+    from dialogpt_zh.training.presets import build_model
 
     with pytest.raises(UserError, match="not found"):
         ChatBot.from_pretrained(tmp_path / "nope")

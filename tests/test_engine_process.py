@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from dialogpt_zh.engine.bot import ChatBot, GenerationSettings, MMISettings
+from dialogpt_zh.engine.bot import ChatBot
 from dialogpt_zh.engine.process import EngineProcess
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.settings import BotArguments
+from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings
 from tests.conftest import load_benchmark
 
 REQUESTS = [(["你好"], dict(seed=1)), (["你好呀，在干嘛", "在看电影呢"], dict(seed=2, num_candidates=3)),

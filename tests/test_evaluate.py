@@ -10,6 +10,8 @@ import pytest
 
 from dialogpt_zh import evaluate as E
 from dialogpt_zh.judging import metrics as M
+from dialogpt_zh.judging import report as R
+from dialogpt_zh.settings import mmi_score
 
 HELDOUT = Path(__file__).resolve().parent.parent / "corpus" / "fixtures" / "heldout.json"
 # heldout.json "valid": 11 sessions, one of them a single turn (dropped by cleaning); turns of the other 10:
@@ -68,7 +70,7 @@ def test_sweep_hand_computed():
     nctx = np.full((2, 3), 10.0)
     grid = {"forward_weight": [0.0, 1.0], "backward_weight": [0.0, 1.0], "length_weight": {"sum": [0.0]},
             "normalize": ["sum"]}
-    rows = {(r["forward_weight"], r["backward_weight"]): r for r in E.sweep_selection(fwd, bwd, n, nctx, grid)}
+    rows = {(r["forward_weight"], r["backward_weight"]): r for r in R.sweep_selection(fwd, bwd, n, nctx, grid)}
     assert (0.0, 0.0) not in rows                 # a constant score is not a weighting
     # forward only: case 1 true -4 < -2 -> rank 2; case 2 true -6 below both -> rank 3
     assert rows[(1.0, 0.0)]["r10@1"] == 0.0 and rows[(1.0, 0.0)]["mrr"] == pytest.approx(100 * (1 / 2 + 1 / 3) / 2)
@@ -77,10 +79,10 @@ def test_sweep_hand_computed():
     # both: case 1: -14, -32, -29 -> rank 1; case 2: -46, -23, -33 -> rank 3
     assert rows[(1.0, 1.0)]["r10@1"] == 50.0
     # equals metrics.selection_metrics on the same scores
-    both = E.mmi_score(fwd, bwd, n, nctx, 1.0, 1.0, 0.0, "sum")
+    both = mmi_score(fwd, bwd, n, nctx, 1.0, 1.0, 0.0, "sum")
     assert M.selection_metrics(both)["mrr"] == pytest.approx(rows[(1.0, 1.0)]["mrr"])
     # "mean" divides fwd by reply tokens and bwd by context tokens
-    assert E.mmi_score(fwd, bwd, n, nctx, 1.0, 1.0, 0.5, "mean")[0, 0] == pytest.approx(-4 / 2 - 10 / 10 + 0.5 * 2)
+    assert mmi_score(fwd, bwd, n, nctx, 1.0, 1.0, 0.5, "mean")[0, 0] == pytest.approx(-4 / 2 - 10 / 10 + 0.5 * 2)
 
 
 def test_sweep_counts_a_nan_score_as_the_worst():
@@ -89,7 +91,7 @@ def test_sweep_counts_a_nan_score_as_the_worst():
     bwd = np.array([[np.nan, -5.0, -6.0]])
     n, nctx = np.ones((1, 3)), np.full((1, 3), 4.0)
     grid = {"forward_weight": [0.0], "backward_weight": [1.0], "length_weight": {"sum": [0.0]}, "normalize": ["sum"]}
-    (row,) = E.sweep_selection(fwd, bwd, n, nctx, grid)
+    (row,) = R.sweep_selection(fwd, bwd, n, nctx, grid)
     assert row["r10@1"] == 0.0 and row["mrr"] == pytest.approx(100 / 3)
 
 
@@ -334,7 +336,8 @@ def test_hostile_flags_are_refused_before_the_work(flags, words, tmp_path, capsy
 
 
 def test_evaluate_keeps_the_callers_bot_settings(bot_dir, tmp_path):
-    from dialogpt_zh.engine.bot import ChatBot, GenerationSettings
+    from dialogpt_zh.engine.bot import ChatBot
+    from dialogpt_zh.settings import GenerationSettings
 
     bot = ChatBot.from_pretrained(bot_dir, generation=GenerationSettings(num_candidates=3, max_length=5))
     before = (bot.generation, bot.mmi_settings)

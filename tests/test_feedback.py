@@ -12,8 +12,8 @@ import threading
 import pytest
 
 from dialogpt_zh.feedback import main as feedback_main
-from dialogpt_zh.judging.feedback import FORMAT, JsonlAppender
 from dialogpt_zh.interact import InteractArgs, chat
+from dialogpt_zh.judging.feedback import FORMAT, JsonlAppender
 
 
 def run_cli(args, stdin: str, timeout: int = 600):  # a hang guard, generous for a loaded machine
@@ -66,7 +66,8 @@ def test_piped_interact_pick_and_better_write_feedback(random_bot_dir, tmp_path)
 
 @pytest.fixture(scope="module")
 def bot(random_bot_dir):
-    from dialogpt_zh.engine.bot import ChatBot, GenerationSettings
+    from dialogpt_zh.engine.bot import ChatBot
+    from dialogpt_zh.settings import GenerationSettings
 
     return ChatBot.from_pretrained(random_bot_dir, generation=GenerationSettings(num_candidates=3, max_length=6))
 

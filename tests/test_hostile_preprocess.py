@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, REPO, build_fixture_store, load_benchmark, read_fixture_sessions
+
+from dialogpt_zh.data.store import TokenStore
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import atomic_directory, clean_stale_temp_dirs
 from dialogpt_zh.preprocess import main
-from dialogpt_zh.data.store import TokenStore
 
 CORPUS = FIXTURES / "chitchat_train.txt"
 

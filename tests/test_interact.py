@@ -51,7 +51,8 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def bot(random_bot_dir):
-    from dialogpt_zh.engine.bot import ChatBot, GenerationSettings
+    from dialogpt_zh.engine.bot import ChatBot
+    from dialogpt_zh.settings import GenerationSettings
 
     return ChatBot.from_pretrained(random_bot_dir, generation=GenerationSettings(num_candidates=3, max_length=6))
 

@@ -10,10 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dialogpt_zh.data.cleaning import normalize_text
-from dialogpt_zh.errors import UserError
-from dialogpt_zh.preprocess import PreprocessArguments, main, make_windows, run_preprocess, split_indices
-from dialogpt_zh.sequence import sequence_length
+from dialogpt_zh.data.pipeline import PreprocessArguments, run_preprocess, split_indices
 from dialogpt_zh.data.store import TokenStore
+from dialogpt_zh.data.windows import make_windows
+from dialogpt_zh.errors import UserError
+from dialogpt_zh.preprocess import main
+from dialogpt_zh.sequence import sequence_length
 
 FIXTURES = Path(__file__).resolve().parent.parent / "corpus" / "fixtures"
 INPUTS = [FIXTURES / n for n in ("lccc_pairs.tsv", "lccc_splits.json", "kdconv_dev.json", "chatterbot.yml",
@@ -149,7 +151,7 @@ def test_workers_and_batching_give_identical_stores(tmp_path, monkeypatch):
     """--workers 2 (units of work cleaned in worker processes, results taken in input order) writes the
     same bytes as one process, whatever the batch sizes; small windows force multi-window sessions and
     token truncation through the vectorised writer."""
-    import dialogpt_zh.preprocess as pp
+    import dialogpt_zh.data.pool as pp
 
     kw = dict(seed=3, valid_ratio=0.2, test_ratio=0.2, max_turns=3, max_tokens=40)
     m1 = run_preprocess(args(tmp_path / "w1", workers=1, **kw), INPUTS)

@@ -10,9 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dialogpt_zh.data.readers import (
+    CorpusFile,
+    iter_clean_sessions,
+    read_file,
+    scan_input,
+    sniff_format,
+    split_from_name,
+)
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.data.readers import (CorpusFile, iter_clean_sessions, read_file, scan_input, sniff_format,
-                                 split_from_name)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "corpus" / "fixtures"
 MINE = ["lccc_pairs.tsv", "lccc_toy_valid.txt", "lccc_splits.json", "lccc_list.json", "kdconv_dev.json",

@@ -15,10 +15,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dialogpt_zh.data.cleaning import clean_sessions
+from dialogpt_zh.data.pipeline import PreprocessArguments, run_preprocess
+from dialogpt_zh.data.readers import (
+    chat_turns,
+    corpus_licence,
+    iter_clean_sessions,
+    read_file,
+    recognise_licence,
+    scan_input,
+    sniff_format,
+)
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.preprocess import PreprocessArguments, main, run_preprocess
-from dialogpt_zh.data.readers import (chat_turns, corpus_licence, iter_clean_sessions, read_file, recognise_licence,
-                                 scan_input, sniff_format)
+from dialogpt_zh.preprocess import main
 
 FIXTURES = Path(__file__).resolve().parent.parent / "corpus" / "fixtures"
 ALL_FIXTURES = ["lccc_pairs.tsv", "lccc_toy_valid.txt", "lccc_splits.json", "lccc_list.json", "kdconv_dev.json",

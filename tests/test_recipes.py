@@ -32,7 +32,8 @@ def test_stage3_store_config_is_the_default_store_with_kdconv_upsampled():
     import json
 
     from dialogpt_zh.cli import parse
-    from dialogpt_zh.preprocess import build_parser, parse_upsample
+    from dialogpt_zh.data.pipeline import parse_upsample
+    from dialogpt_zh.preprocess import build_parser
 
     base = json.loads((RECIPES / "default_store.json").read_text(encoding="utf-8"))
     stage3 = json.loads((RECIPES / "default_store_stage3.json").read_text(encoding="utf-8"))
@@ -47,7 +48,7 @@ def test_stage3_store_config_is_the_default_store_with_kdconv_upsampled():
                                     "default_stage2_forward.json"])
 def test_stage_configs_replay_with_the_trainer(config):
     from dialogpt_zh.cli import make_parser, parse
-    from dialogpt_zh.train import TrainConfig
+    from dialogpt_zh.training.config import TrainConfig
 
     (cfg,) = parse(make_parser([TrainConfig], "train", ""),
                    ["--config", str(RECIPES / config), "--data", "s", "--output", "o", "--init", "i"])
@@ -57,7 +58,7 @@ def test_stage_configs_replay_with_the_trainer(config):
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_default_cards_replay_with_the_trainer(direction):
     from dialogpt_zh.cli import make_parser, parse
-    from dialogpt_zh.train import TrainConfig
+    from dialogpt_zh.training.config import TrainConfig
 
     card = RECIPES.parent.parent / "checkpoints" / "default" / direction / "dialogpt_zh.json"
     (config,) = parse(make_parser([TrainConfig], "train", ""),

@@ -8,8 +8,15 @@ import threading
 import pytest
 import torch
 
-from dialogpt_zh.engine.threads import (CpuMonitor, CpuSample, InFlight, ThreadPolicy, cpu_max_cores, others_busy_cores,
-                                 parse_proc_stat)
+from dialogpt_zh.engine.threads import (
+    CpuMonitor,
+    CpuSample,
+    InFlight,
+    ThreadPolicy,
+    cpu_max_cores,
+    others_busy_cores,
+    parse_proc_stat,
+)
 
 TICKS = 100  # USER_HZ
 

@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import build_fixture_store
-from dialogpt_zh.training.batches import IGNORE_INDEX, collate, plan_batches
+
 from dialogpt_zh.data.store import TokenStore
 from dialogpt_zh.tokenizer import encode
-from dialogpt_zh.train import TrainConfig, main, train
+from dialogpt_zh.train import main
+from dialogpt_zh.training.batches import IGNORE_INDEX, collate, plan_batches
+from dialogpt_zh.training.config import TrainConfig
+from dialogpt_zh.training.loop import train
 
 TINY = dict(preset="tiny", lr=3e-3, batch_tokens=256, seed=0, device="cpu", eval_windows=0)
 
@@ -180,8 +182,8 @@ def test_empty_split_and_forward_only_store_exit_2(tmp_path, capsys, fixture_tok
 
 def test_init_vocab_mismatch_exit_2(tmp_path, capsys, fixture_store):
     from dialogpt_zh.checkpoint import save_checkpoint
-    from dialogpt_zh.training.presets import build_model
     from dialogpt_zh.tokenizer import build_char_tokenizer, count_chars
+    from dialogpt_zh.training.presets import build_model
 
     other = build_char_tokenizer(count_chars(["完全不同的词表"]))
     save_checkpoint(build_model("tiny", other), other, tmp_path / "foreign_model", {})
@@ -214,7 +216,7 @@ def test_output_and_resume_guards_exit_2(tmp_path, capsys, forward_run, fixture_
 
 
 def test_out_of_memory_is_a_clear_error(tmp_path, capsys, fixture_store, monkeypatch):
-    import dialogpt_zh.train as train_module
+    import dialogpt_zh.training.loop as train_module
 
     def oom(model, batch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -240,7 +242,7 @@ def replayed_schedule(card: dict, metrics: dict):
     """The LR schedule that the card's config replays to (through `--config`, as a recipe would),
     or a reason why it cannot be derived here."""
     from dialogpt_zh.cli import make_parser, parse
-    from dialogpt_zh.train import make_schedule
+    from dialogpt_zh.training.config import make_schedule
 
     with __import__("tempfile").TemporaryDirectory() as tmp:
         path = Path(tmp) / "card.json"

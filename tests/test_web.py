@@ -15,8 +15,12 @@ pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 from dialogpt_zh import webapp  # noqa: E402
-from dialogpt_zh.engine.bot import ChatBot, GenerationSettings, MMISettings  # noqa: E402
-from dialogpt_zh.settings import PAGE_RANGES  # noqa: E402
+from dialogpt_zh.engine.bot import ChatBot  # noqa: E402
+from dialogpt_zh.settings import (  # noqa: E402
+    PAGE_RANGES,  # noqa: E402
+    GenerationSettings,
+    MMISettings,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_CHARS = 20

@@ -34,7 +34,8 @@ def browser():
 @pytest.fixture(scope="module")
 def app_url(trained_bot_dir):
     from dialogpt_zh import webapp
-    from dialogpt_zh.engine.bot import ChatBot, GenerationSettings
+    from dialogpt_zh.engine.bot import ChatBot
+    from dialogpt_zh.settings import GenerationSettings
 
     bot = ChatBot.from_pretrained(trained_bot_dir, generation=GenerationSettings(num_candidates=6, max_length=12))
     demo = webapp.build_app(bot)

@@ -13,8 +13,9 @@ from tests.test_web_browser import browser, pytestmark  # noqa: F401  (the same 
 @pytest.fixture(scope="module")
 def app(trained_bot_dir, tmp_path_factory):
     from dialogpt_zh import webapp
+    from dialogpt_zh.engine.bot import ChatBot
     from dialogpt_zh.judging import arena
-    from dialogpt_zh.engine.bot import ChatBot, GenerationSettings
+    from dialogpt_zh.settings import GenerationSettings
 
     root = tmp_path_factory.mktemp("judging")
     bot = ChatBot.from_pretrained(trained_bot_dir, generation=GenerationSettings(num_candidates=8, max_length=10))

@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from dialogpt_zh.engine.bot import ChatBot, Reply
+from dialogpt_zh.engine.bot import ChatBot
+from dialogpt_zh.engine.results import Reply
 
 
 class ReplyBatcher:

@@ -18,220 +18,56 @@ normalize="mean" fwd and bwd are per token (fwd / num_tokens, bwd / num_context_
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from dialogpt_zh.errors import UserError
-from dialogpt_zh.engine.lean_gpt2 import DecodingRows, LeanGPT2
-from dialogpt_zh.checkpoint import load_model, read_card
-from dialogpt_zh.engine.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_rows
-from dialogpt_zh.sequence import build_sequence
+from dialogpt_zh.checkpoint import load_model
+from dialogpt_zh.engine.decoding import (
+    DecodeBatch,
+    HFDecoder,
+    JobRows,
+    LeanDecoder,
+    ReplyJob,
+    backward_context,
+    n_positions,
+    pad_rows,
+    sum_per_row,
+    token_logprobs,
+)
 from dialogpt_zh.engine.fp16 import weights_fp16
-from dialogpt_zh.settings import (QUANTIZATIONS, BotArguments, GenerationSettings, MMISettings, apply_overrides,
-                                  mmi_active, mmi_score, ranking_weights)
+from dialogpt_zh.engine.lean_gpt2 import LeanGPT2
+from dialogpt_zh.engine.loading import (
+    check_device,
+    check_direction,
+    cleaning_options,
+    normalize_utterance,
+    quantize_int8,
+    resolve_bot_dirs,
+    same_tokenizer,
+)
+from dialogpt_zh.engine.results import Candidate, Reply
+from dialogpt_zh.engine.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_rows
 from dialogpt_zh.engine.threads import ThreadPolicy
+from dialogpt_zh.errors import UserError
+from dialogpt_zh.sequence import build_sequence
+from dialogpt_zh.settings import (
+    QUANTIZATIONS,
+    BotArguments,
+    GenerationSettings,
+    MMISettings,
+    apply_overrides,
+    mmi_active,
+    mmi_score,
+    ranking_weights,
+)
 from dialogpt_zh.tokenizer import decode, encode, load_tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-# The default bot lives in the source checkout, not in the package: an editable install finds it beside the
-# package, a regular install only when run from a checkout (./checkpoints/default); otherwise --model DIR.
-DEFAULT_BOT_DIRS = (REPO_ROOT / "checkpoints" / "default", Path("checkpoints") / "default")
-DEFAULT_BOT_DIR = DEFAULT_BOT_DIRS[0]
-
-
-# ---------------------------------------------------------------------------------------------- results
-
-@dataclass
-class Candidate:
-    """One candidate reply with its scores. `rank` 1 is the chosen reply."""
-
-    text: str
-    token_ids: list[int]
-    forward_logprob: float            # log P(reply tokens + final [SEP] | context), summed
-    backward_logprob: float | None    # log P(context tokens | reply), summed; None when MMI is off
-    num_tokens: int                   # reply tokens + the final [SEP]
-    num_context_tokens: int           # context tokens scored by the backward model (each turn + its [SEP])
-    score: float
-    rank: int = 0
-    count: int = 1                    # how many of the N samples produced this text (duplicates collapsed)
-
-
-@dataclass
-class Reply:
-    text: str
-    candidates: list[Candidate]
-    latency_s: float
-    timings: dict[str, float]
-    mmi: bool
-    notices: list[str]
-    seed: int | None = None           # the seed used: pass it back to reproduce this reply exactly
-    context: list[str] = dataclasses.field(default_factory=list)  # the utterances the model saw
-    threads: int = 0                  # intra-op threads this reply ran with (bot.thread_policy); 0 = not known
-    batch_size: int = 1               # requests computed in the same batch as this one (reply_many)
-
-
-@dataclass
-class _Job:
-    """One reply request, prepared by `ChatBot.prepare_reply`: settings, encoded context, its own generator."""
-
-    gen: GenerationSettings
-    mmi: MMISettings
-    use_backward: bool
-    context: list[list[int]]
-    texts: list[str]
-    notices: list[str]
-    seed: int
-    generator: torch.Generator
-    started: float                    # perf_counter at the request
-    prepared: float                   # ... and when it was ready to join a batch
-
-
 # ------------------------------------------------------------------------------------------- helpers
-
-def normalize_utterance(text: str, max_repeat: int = 4, mask_pii: bool = True) -> str:
-    """The preprocessor's per-utterance normaliser, so user input looks like the training data; the options
-    are the store's (`cleaning_options`)."""
-    from dialogpt_zh.data.cleaning import normalize_many  # lazy: cleaning pulls in its own helpers
-
-    return normalize_many([text], max_repeat=max_repeat, mask_pii=mask_pii)[0]
-
-
-def cleaning_options(model_dir: Path | None) -> dict[str, Any]:
-    """The normaliser options the model's training data was cleaned with: the card's `store_config`
-    (the token store manifest's `config`), else the preprocessor's defaults (cards older than that field)."""
-    config = (read_card(model_dir).get("store_config") if model_dir is not None else None) or {}
-    options: dict[str, Any] = {"max_repeat": 4, "mask_pii": True}
-    if isinstance(config, dict):
-        if isinstance(config.get("max_repeat"), int) and not isinstance(config["max_repeat"], bool) \
-                and config["max_repeat"] >= 1:
-            options["max_repeat"] = config["max_repeat"]
-        if isinstance(config.get("mask_pii"), bool):
-            options["mask_pii"] = config["mask_pii"]
-    return options
-
-
-def check_device(device: str) -> str:
-    """A torch device string that exists on this machine, else a UserError saying what is there."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise UserError(f"not a torch device: {device!r} ({e})", field="device") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"{device!r} asked for, but this machine has no usable CUDA GPU (torch "
-                            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use --device cpu",
-                            field="device")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"{device!r}: there are only {torch.cuda.device_count()} CUDA device(s)", field="device")
-    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError(f"{device!r} asked for, but MPS is not available here; use --device cpu", field="device")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unsupported device type {dev.type!r}; use cpu or cuda", field="device")
-    return device
-
-
-def quantize_int8(model):
-    """Dynamic int8 quantization of the matmuls, for CPU.
-
-    HF GPT-2 uses `Conv1D` (a Linear with a transposed weight) for attention and MLP, which
-    `quantize_dynamic` does not know; we turn each into an equivalent `nn.Linear` first so that they,
-    and the LM head, really are quantized (the embedding stays float).
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    def convert(module: torch.nn.Module) -> None:
-        for name, child in module.named_children():
-            if isinstance(child, Conv1D):
-                linear = torch.nn.Linear(child.nx, child.nf, bias=True)
-                with torch.no_grad():
-                    linear.weight.copy_(child.weight.t())
-                    linear.bias.copy_(child.bias)
-                setattr(module, name, linear)
-            else:
-                convert(child)
-
-    convert(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao (not installed)
-        from torch.ao.quantization import quantize_dynamic
-
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-
-
-def default_bot_dir() -> Path:
-    """checkpoints/default beside the package (source checkout, editable install) or in the current
-    directory; else a UserError that says exactly what to pass."""
-    path = next((p for p in DEFAULT_BOT_DIRS if (p / "forward").is_dir()), None)
-    if path is None:
-        raise UserError("no default model: checkpoints/default is not beside the package (a regular, "
-                        "non-editable install does not contain it) nor in the current directory; pass "
-                        "--model DIR, DIR being a bot directory with forward/ and backward/ (such as "
-                        "checkpoints/default of a source checkout) or one forward model directory",
-                        field="model")
-    return path
-
-
-def _resolve_dirs(path, forward, backward) -> tuple[Path, Path | None]:
-    if path is None and forward is None:
-        path = default_bot_dir()
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise UserError("model path not found", path=path)
-        if (path / "forward").is_dir():
-            if forward is not None:
-                raise UserError("give either a bot directory (with forward/) or forward=, not both", path=path)
-            forward = path / "forward"
-            if backward is None and (path / "backward").is_dir():
-                backward = path / "backward"
-        elif (path / "config.json").is_file():
-            if forward is not None:
-                raise UserError("give either a model directory or forward=, not both", path=path)
-            forward = path
-        else:
-            raise UserError("not a bot directory (forward/ [+ backward/]) nor a model directory (config.json)",
-                            path=path)
-    return Path(forward), (Path(backward) if backward is not None else None)
-
-
-def _check_direction(model_dir: Path, expected: str) -> None:
-    direction = read_card(model_dir).get("direction")
-    if direction is not None and direction != expected:
-        raise UserError(f"this is a {direction} model but it was given as the {expected} model", path=model_dir)
-
-
-def _same_tokenizer(a, b) -> bool:
-    return (a.get_vocab() == b.get_vocab()
-            and all(getattr(a, n) == getattr(b, n) for n in ("pad_token_id", "cls_token_id", "sep_token_id")))
-
-
-def _n_positions(model) -> int:
-    return int(getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings"))
-
-
-def _pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and their attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log P(target) from selected hidden states (M, d): the LM head runs only on positions we score."""
-    logits = model.get_output_embeddings()(hidden).float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
 def _uses_thread_policy(method):
@@ -246,242 +82,6 @@ def _uses_thread_policy(method):
                 r.threads = threads
         return result
     return wrapper
-
-
-def backward_context(context: list[list[int]], mmi: MMISettings) -> list[list[int]]:
-    """The context turns the backward model scores: the `backward_context_turns` most recent (0 = all).
-    It reads them newest first after the reply, so a cut drops the tail of its sequence: the kept turns'
-    log-probs are the same as with the whole context (causal), only cheaper."""
-    k = mmi.backward_context_turns
-    return context[-k:] if k and len(context) > k else context
-
-
-def _sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> list[float]:
-    out = torch.zeros(n_rows, dtype=torch.float64)
-    out.index_add_(0, rows.cpu(), values.double().cpu())
-    return out.tolist()
-
-
-# Models the lean forward does not cover (transformers' DynamicCache): finished candidates leave the cache (one
-# copy of it) only once this share of its rows is finished; until then they decode a dummy token. (The lean
-# forward moves single rows instead: `DecodingRows`.) Measured with the lean forward before it did: ~1.2x the
-# throughput of dropping rows at every finish at 20 requests per batch (docs/engine.md, Generation).
-COMPACT_DEAD_SHARE = 0.5
-
-
-class _HFDecoder:
-    """Incremental decoding through the transformers forward and its DynamicCache (any causal LM)."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-
-    def prompt(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
-        """Run the (1, L) context once; logits (1, V) of its last position."""
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :]
-
-    def repeat_rows(self, n: int) -> None:
-        self.cache.batch_repeat_interleave(n)
-
-    def select_rows(self, keep: torch.Tensor) -> None:
-        self.cache.batch_select_indices(keep)
-
-    def step(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """One (cache rows, 1) token per cache row; logits (len(rows), V) of the cache rows `rows` (default:
-        all)."""
-        logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits[:, -1, :]
-        return logits if rows is None else logits.index_select(0, rows)
-
-    def hidden_after_cache(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states of right-padded (rows, m) ids that continue the cached context."""
-        full_mask = torch.cat([torch.ones((ids.shape[0], self.cache.get_seq_length()), dtype=torch.long,
-                                          device=ids.device), mask], dim=1)
-        # positions continue after the context (default: cache length + arange), right padding is harmless
-        return self.model.base_model(input_ids=ids, past_key_values=self.cache, attention_mask=full_mask,
-                                     use_cache=True).last_hidden_state
-
-
-class _LeanDecoder(_HFDecoder):
-    """`prompt`, `repeat_rows` and `hidden_after_cache` through `LeanGPT2` (plain torch ops, preallocated KV
-    cache): same results, less per-call overhead. The cache holds the context plus `capacity` more positions."""
-
-    def __init__(self, model, lean: LeanGPT2) -> None:
-        self.model, self.lean = model, lean
-
-    def prompt(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
-        self.cache = self.lean.new_cache(1, ids.shape[1] + capacity)
-        return self.lean.logits(self.lean.hidden(ids, self.cache)[:, -1, :])
-
-    def repeat_rows(self, n: int) -> None:
-        self.cache.repeat_rows(n)
-
-    def hidden_after_cache(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.lean.hidden(ids, self.cache)  # causal over cache + new tokens; padding comes last
-
-
-class _HFRows:
-    """`DecodingRows`' interface over the transformers forward, for models LeanGPT2 does not cover: one
-    request at a time (its DynamicCache has one length for all rows), finished rows decode a dummy token
-    until COMPACT_DEAD_SHARE of the rows are finished."""
-
-    def __init__(self, model, device: str, dummy_id: int, compact_dead_share: float) -> None:
-        self.decoder, self.device = _HFDecoder(model), device
-        self.dummy_id, self.compact_dead_share = dummy_id, compact_dead_share
-        self.rows: int | None = None          # cache rows, finished ones included; None before `admit`
-
-    def admit(self, contexts: list[list[int]], counts: list[int], room: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rows is not None or len(contexts) != 1:
-            raise ValueError("the transformers forward decodes one request at a time")
-        logits = self.decoder.prompt(torch.tensor(contexts, device=self.device), room)
-        self.decoder.repeat_rows(counts[0])  # the context is encoded once and shared by the n rows
-        self.rows = counts[0]
-        return torch.arange(counts[0], device=self.device), logits.expand(counts[0], -1)
-
-    def leave(self, live: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
-        live = live[~finished]
-        dead = self.rows - len(live)
-        if dead >= self.compact_dead_share * self.rows:
-            self.decoder.select_rows(live)
-            self.rows = len(live)
-            return torch.arange(len(live), device=live.device)
-        return live
-
-    def step(self, ids: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-        if len(live) == self.rows:  # no finished rows in the cache: live is 0..n-1 in order
-            return self.decoder.step(ids.view(-1, 1))
-        full = torch.full((self.rows, 1), self.dummy_id, dtype=torch.long, device=ids.device)
-        full[live, 0] = ids.view(-1)
-        return self.decoder.step(full, live)
-
-
-class _JobRows:
-    """One request's candidates while they decode: tokens so far, forward log-prob sums, steps taken."""
-
-    def __init__(self, job: "_Job") -> None:
-        n = job.gen.num_candidates
-        self.job, self.live, self.step = job, n, 0
-        self.tokens: list[list[int]] = [[] for _ in range(n)]
-        self.fwd = torch.zeros(n, dtype=torch.float64)
-        self.admitted = time.perf_counter()   # when it joined its batch (`DecodeBatch.admit` sets it)
-        self.batch_size = 1               # requests decoding in its batch when it joined (itself included)
-
-    def samples(self) -> list[tuple[list[int], float]]:
-        return [(tokens, float(f)) for tokens, f in zip(self.tokens, self.fwd)]
-
-
-class DecodeBatch:
-    """The candidates of several requests decoding together, one token per row per step, each request with
-    its own filters and generator (its draws do not depend on the others). Requests may join between steps
-    (`admit`: with the lean forward, continuous batching: a request starts at the next step instead of when
-    the batch ends) and each leaves as soon as its last candidate is finished (`step` returns it).
-
-    Rows stay grouped by request in admission order, so each request owns one slice of the rows."""
-
-    def __init__(self, bot: "ChatBot") -> None:
-        self.bot = bot
-        lean = bot._lean(bot.forward_model)
-        self.rows = (DecodingRows(lean) if lean is not None
-                     else _HFRows(bot.forward_model, bot.device, bot.sep_id, COMPACT_DEAD_SHARE))
-        # whether requests can join a batch that is running (the lean forward); else one request at a time
-        self.joins_running_batches = lean is not None
-        device = bot.device
-        self.banned = torch.tensor(bot.banned_ids, dtype=torch.long, device=device)
-        self.requests: list[_JobRows] = []
-        self.slots = torch.zeros(0, dtype=torch.long, device=device)   # cache slot of each live row
-        self.candidate = torch.zeros(0, dtype=torch.long)              # its candidate index in its request
-        self.logits: torch.Tensor | None = None                        # (rows, V) for the next token
-        # (rows, steps) tokens so far for the repetition penalty; rows that joined later are left-padded
-        # with a banned token (its score is set to -inf after the penalty anyway)
-        self.history = torch.zeros(0, 0, dtype=torch.long, device=device)
-
-    def __len__(self) -> int:
-        """Requests still decoding."""
-        return len(self.requests)
-
-    @property
-    def live_rows(self) -> int:
-        return len(self.slots)
-
-    def admit(self, jobs: "Sequence[_Job]") -> None:
-        """Jobs join: each context encoded once (all in one padded pass) and repeated to its rows."""
-        if not jobs:
-            return
-        admitted = time.perf_counter()  # before the context pass: encoding the context is generation work
-        bot = self.bot
-        counts = [job.gen.num_candidates for job in jobs]
-        contexts = [build_sequence(job.context, "forward", bot.cls_id, bot.sep_id) for job in jobs]
-        room = max(job.gen.max_length for job in jobs) + 1
-        new_slots, logits = self.rows.admit(contexts, counts, room)
-        self.slots = torch.cat([self.slots, new_slots])
-        self.candidate = torch.cat([self.candidate] + [torch.arange(n) for n in counts])
-        logits = logits.float()
-        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
-        pad = self.banned[:1] if len(self.banned) else None
-        if self.history.shape[1] and pad is None:
-            raise ValueError("no banned token to pad the penalty history with: requests cannot join")
-        new_history = (pad.expand(len(new_slots), self.history.shape[1]) if self.history.shape[1]
-                       else self.history.new_zeros(len(new_slots), 0))
-        self.history = torch.cat([self.history, new_history])
-        self.requests.extend(_JobRows(job) for job in jobs)
-        for request in self.requests[-len(jobs):]:
-            request.batch_size, request.admitted = len(self.requests), admitted
-
-    def step(self) -> list[_JobRows]:
-        """One token for every live row; returns the requests whose candidates are now all finished."""
-        bot = self.bot
-        logits, device = self.logits, self.bot.device
-        logprobs = torch.log_softmax(logits, dim=-1)     # the model's own distribution: the forward score
-        # consecutive requests with equal settings are filtered together (the usual case on the web page)
-        groups: list[tuple[GenerationSettings, list[tuple[int, torch.Generator]], list[int]]] = []
-        for request in self.requests:
-            job = request.job
-            if groups and groups[-1][0] == job.gen:
-                groups[-1][1].append((request.live, job.generator))
-                groups[-1][2].append(request.step)
-            else:
-                groups.append((job.gen, [(request.live, job.generator)], [request.step]))
-        candidate = self.candidate.tolist()
-        row_requests = [r for r in self.requests for _ in range(r.live)]
-        picks, start = [], 0
-        for gen, draws, steps in groups:
-            counts = [n for n, _ in draws]
-            part = slice(start, start + sum(counts))
-            row_steps = torch.repeat_interleave(torch.tensor(steps), torch.tensor(counts)).to(device)
-            history = self.history[part]
-            picks.append(bot._next_tokens(
-                logits[part], history if history.shape[1] else None,
-                [r.tokens[c] for r, c in zip(row_requests[part], candidate[part])], row_steps, gen, draws,
-                self.banned))
-            start = part.stop
-        next_ids = picks[0] if len(picks) == 1 else torch.cat(picks)
-        chosen = logprobs.gather(-1, next_ids[:, None]).squeeze(-1).double().cpu().tolist()
-        finished = next_ids == bot.sep_id
-        done = []
-        for request, c, t, f, lp in zip(row_requests, candidate, next_ids.tolist(), finished.tolist(), chosen):
-            request.fwd[c] += lp
-            if f:
-                request.live -= 1
-            else:
-                request.tokens[c].append(t)
-        for request in self.requests:
-            request.step += 1
-            if not request.live:
-                done.append(request)
-        if done:
-            self.requests = [r for r in self.requests if r.live]
-        if bool(finished.any()):                          # finished rows leave the batch and the cache
-            keep = (~finished).nonzero().squeeze(-1)
-            self.slots = self.rows.leave(self.slots, finished)
-            next_ids, self.candidate, self.history = next_ids[keep], self.candidate[keep.cpu()], self.history[keep]
-        self.history = torch.cat([self.history, next_ids[:, None]], dim=1)
-        if self.requests:
-            self.logits = self.rows.step(next_ids, self.slots).float()
-        else:
-            self.logits, self.history = None, self.history[:, :0]
-        return done
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -517,7 +117,7 @@ class ChatBot:
         self._blocklists: dict[tuple[str, float], list[str]] = {}
         if self.mmi_settings.blocklist:
             self._blocklist(self.mmi_settings.blocklist)  # a missing file is an error now, not on every reply
-        positions = min(_n_positions(m) for m in (forward_model, backward_model) if m is not None)
+        positions = min(n_positions(m) for m in (forward_model, backward_model) if m is not None)
         if self.generation.max_length + 4 > positions:  # [CLS], [SEP]s and 2 context tokens must fit too
             raise UserError(f"must be at most {positions - 4} for these models ({positions} positions), got "
                             f"{self.generation.max_length}", field="max_length")
@@ -538,13 +138,13 @@ class ChatBot:
         "none" = the float32 weights as saved (the default here; the faces' `--quantize` defaults to "fp16"),
         "fp16", "int8" or "int8-forward" (docs/engine.md)."""
         check_device(device)
-        forward_dir, backward_dir = _resolve_dirs(path, forward, backward)
+        forward_dir, backward_dir = resolve_bot_dirs(path, forward, backward)
         quantize = None if quantize == "none" else quantize
         if quantize is not None and quantize not in QUANTIZATIONS:
             raise UserError(f"unknown quantization {quantize!r}; use one of {QUANTIZATIONS}", field="quantize")
         if quantize and quantize.startswith("int8") and not str(device).startswith("cpu"):
             raise UserError("int8 dynamic quantization runs on CPU only; use --device cpu", field="quantize")
-        _check_direction(forward_dir, "forward")
+        check_direction(forward_dir, "forward")
         tokenizer = load_tokenizer(forward_dir)
         forward_model = load_model(forward_dir, device)
         notices = []
@@ -552,8 +152,8 @@ class ChatBot:
         if backward_dir is None:
             notices.append("MMI off: no backward model, candidates are ranked by the forward score only")
         else:
-            _check_direction(backward_dir, "backward")
-            if not _same_tokenizer(tokenizer, load_tokenizer(backward_dir)):
+            check_direction(backward_dir, "backward")
+            if not same_tokenizer(tokenizer, load_tokenizer(backward_dir)):
                 raise UserError(f"the backward model's tokenizer differs from the forward model's "
                                 f"({forward_dir}); both must be trained on the same token store",
                                 path=backward_dir)
@@ -609,11 +209,11 @@ class ChatBot:
             texts = texts[-gen.max_history:]
         turns = [encode(self.tokenizer, t) for t in texts]
         models = [m for m in (self.forward_model, self.backward_model) if m is not None]
-        room = min(_n_positions(m) for m in models) - reply_room - 2  # [CLS] and the reply's [SEP]
+        room = min(n_positions(m) for m in models) - reply_room - 2  # [CLS] and the reply's [SEP]
         budget = min(gen.max_context_tokens, room)
         if budget < 2:
             raise UserError(f"max_length {reply_room} leaves no room for context in a model of "
-                            f"{min(_n_positions(m) for m in models)} positions", field="max_length")
+                            f"{min(n_positions(m) for m in models)} positions", field="max_length")
         dropped = 0
         while len(turns) > 1 and sum(len(t) + 1 for t in turns) > budget:
             turns.pop(0)
@@ -654,13 +254,13 @@ class ChatBot:
         return sample_rows(scores, gen.temperature, gen.top_k, gen.top_p, draws)
 
     @torch.inference_mode()
-    def _generate(self, jobs: "list[_Job]") -> list[_JobRows]:
+    def _generate(self, jobs: "list[ReplyJob]") -> list[JobRows]:
         """Sample each job's gen.num_candidates replies, all jobs in one `DecodeBatch` (in job order)."""
         batch = DecodeBatch(self)
         if len(jobs) > 1 and not batch.joins_running_batches:  # the HF cache has one length: one by one
             return [self._generate([job])[0] for job in jobs]
         batch.admit(jobs)
-        done: dict[int, _JobRows] = {}
+        done: dict[int, JobRows] = {}
         while len(batch):
             for request in batch.step():
                 done[id(request.job)] = request
@@ -680,14 +280,14 @@ class ChatBot:
         fwd = [float(first_logprobs[r[0]]) for r in rows]
         if any(len(r) > 1 for r in rows):
             decoder.repeat_rows(len(rows))
-            ids, mask = _pad(rows, self.pad_id, self.device)
+            ids, mask = pad_rows(rows, self.pad_id, self.device)
             # the last column predicts nothing we score, so it is not run
             hidden = decoder.hidden_after_cache(ids[:, :-1], mask[:, :-1])
             # hidden at reply position j predicts reply token j + 1
             score_mask = mask[:, 1:].bool()
             b, j = score_mask.nonzero(as_tuple=True)
-            lp = _token_logprobs(model, hidden[b, j], ids[b, j + 1])
-            rest = _sum_per_row(lp, b, len(rows))
+            lp = token_logprobs(model, hidden[b, j], ids[b, j + 1])
+            rest = sum_per_row(lp, b, len(rows))
             fwd = [f + r for f, r in zip(fwd, rest)]
         return [(f, len(r)) for f, r in zip(fwd, rows)]
 
@@ -701,7 +301,7 @@ class ChatBot:
         context tokens only, all pairs (of one request or of many) in one batch."""
         model = self.backward_model
         seqs = [build_sequence(list(context) + [r], "backward", self.cls_id, self.sep_id) for context, r in pairs]
-        ids, mask = _pad(seqs, self.pad_id, self.device)
+        ids, mask = pad_rows(seqs, self.pad_id, self.device)
         # target t is scored iff it is a context token: t >= len(reply) + 2 (after [CLS] reply [SEP]), not padding
         starts = torch.tensor([len(r) + 2 for _, r in pairs], device=self.device)
         positions = torch.arange(ids.shape[1], device=self.device)
@@ -715,16 +315,16 @@ class ChatBot:
         else:
             hidden = model.base_model(input_ids=ids[:, :-1],
                                       attention_mask=mask[:, :-1]).last_hidden_state[b, t - 1]
-        lp = _token_logprobs(model, hidden, ids[b, t])
-        sums = _sum_per_row(lp, b, len(pairs))
+        lp = token_logprobs(model, hidden, ids[b, t])
+        sums = sum_per_row(lp, b, len(pairs))
         return [(s, sum(len(u) + 1 for u in context)) for s, (context, _) in zip(sums, pairs)]
 
     def _lean(self, model) -> LeanGPT2 | None:
         return LeanGPT2.wrap(model) if self.use_lean_forward else None
 
-    def _decoder(self, model) -> _HFDecoder:
+    def _decoder(self, model) -> HFDecoder:
         lean = self._lean(model)
-        return _LeanDecoder(model, lean) if lean is not None else _HFDecoder(model)
+        return LeanDecoder(model, lean) if lean is not None else HFDecoder(model)
 
     def _rank(self, candidates: list[Candidate], mmi: MMISettings, use_backward: bool) -> list[Candidate]:
         weights = ranking_weights(mmi, use_backward)
@@ -762,7 +362,7 @@ class ChatBot:
     # ---------------------------------------------------------------------------------- public API
 
     def prepare_reply(self, history, *, seed: int | None = None, generation: GenerationSettings | None = None,
-                      mmi: MMISettings | None = None, **overrides: Any) -> "_Job":
+                      mmi: MMISettings | None = None, **overrides: Any) -> "ReplyJob":
         """Settings resolved and checked, context encoded: a reply request ready for `reply_many` (bad input
         raises here, in the caller's thread, before it joins a batch)."""
         t0 = time.perf_counter()
@@ -776,7 +376,7 @@ class ChatBot:
             seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(seed))
-        return _Job(gen=gen, mmi=mmi, use_backward=use_backward, context=context, texts=texts, notices=notices,
+        return ReplyJob(gen=gen, mmi=mmi, use_backward=use_backward, context=context, texts=texts, notices=notices,
                     seed=int(seed), generator=generator, started=t0, prepared=time.perf_counter())
 
     def reply(self, history, *, seed: int | None = None, generation: GenerationSettings | None = None,
@@ -789,7 +389,7 @@ class ChatBot:
                                                    **overrides)])[0]
 
     @_uses_thread_policy
-    def reply_many(self, jobs: "Sequence[_Job]") -> list[Reply]:
+    def reply_many(self, jobs: "Sequence[ReplyJob]") -> list[Reply]:
         """Replies to several prepared requests (`prepare_reply`) computed together: one sampling batch and
         one MMI batch. Each keeps its own history, seed and settings; with the lean forward a request's
         candidates are those it gets alone (up to float rounding in the shared matmuls)."""
@@ -804,7 +404,7 @@ class ChatBot:
         and `torch.inference_mode()`."""
         return DecodeBatch(self)
 
-    def finish_replies(self, requests: "Sequence[_JobRows]") -> list[Reply]:
+    def finish_replies(self, requests: "Sequence[JobRows]") -> list[Reply]:
         """The replies of decoded requests: candidates (duplicates collapsed, blocklist applied), all of
         them MMI-scored in one batch, ranked."""
         jobs = [r.job for r in requests]

@@ -20,9 +20,9 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from dialogpt_zh.engine.bot import GenerationSettings, MMISettings, Reply
+from dialogpt_zh.engine.results import Reply
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.settings import BotArguments
+from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings
 
 
 def _portable_error(e: BaseException) -> tuple[str, str]:

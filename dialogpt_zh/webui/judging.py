@@ -14,8 +14,8 @@ from typing import Any
 import gradio as gr
 
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.webui.view import candidates_table, history_to_messages
 from dialogpt_zh.judging.feedback import JsonlAppender, bot_model_ids, choose, make_record, utc_now
+from dialogpt_zh.webui.view import candidates_table, history_to_messages
 
 log = logging.getLogger(__name__)
 

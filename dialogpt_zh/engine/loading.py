@@ -1,0 +1,140 @@
+"""Finding and loading a bot: the default bot directory, forward/backward pairing checks, the device, int8,
+and the card's cleaning options that user input is normalised with."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dialogpt_zh.checkpoint import read_card
+from dialogpt_zh.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# The default bot lives in the source checkout, not in the package: an editable install finds it beside the
+# package, a regular install only when run from a checkout (./checkpoints/default); otherwise --model DIR.
+DEFAULT_BOT_DIRS = (REPO_ROOT / "checkpoints" / "default", Path("checkpoints") / "default")
+
+
+DEFAULT_BOT_DIR = DEFAULT_BOT_DIRS[0]
+
+
+def normalize_utterance(text: str, max_repeat: int = 4, mask_pii: bool = True) -> str:
+    """The preprocessor's per-utterance normaliser, so user input looks like the training data; the options
+    are the store's (`cleaning_options`)."""
+    from dialogpt_zh.data.cleaning import normalize_many  # lazy: cleaning pulls in its own helpers
+
+    return normalize_many([text], max_repeat=max_repeat, mask_pii=mask_pii)[0]
+
+
+def cleaning_options(model_dir: Path | None) -> dict[str, Any]:
+    """The normaliser options the model's training data was cleaned with: the card's `store_config`
+    (the token store manifest's `config`), else the preprocessor's defaults (cards older than that field)."""
+    config = (read_card(model_dir).get("store_config") if model_dir is not None else None) or {}
+    options: dict[str, Any] = {"max_repeat": 4, "mask_pii": True}
+    if isinstance(config, dict):
+        if isinstance(config.get("max_repeat"), int) and not isinstance(config["max_repeat"], bool) \
+                and config["max_repeat"] >= 1:
+            options["max_repeat"] = config["max_repeat"]
+        if isinstance(config.get("mask_pii"), bool):
+            options["mask_pii"] = config["mask_pii"]
+    return options
+
+
+def check_device(device: str) -> str:
+    """A torch device string that exists on this machine, else a UserError saying what is there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UserError(f"not a torch device: {device!r} ({e})", field="device") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{device!r} asked for, but this machine has no usable CUDA GPU (torch "
+                            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use --device cpu",
+                            field="device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"{device!r}: there are only {torch.cuda.device_count()} CUDA device(s)", field="device")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"{device!r} asked for, but MPS is not available here; use --device cpu", field="device")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unsupported device type {dev.type!r}; use cpu or cuda", field="device")
+    return device
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantization of the matmuls, for CPU.
+
+    HF GPT-2 uses `Conv1D` (a Linear with a transposed weight) for attention and MLP, which
+    `quantize_dynamic` does not know; we turn each into an equivalent `nn.Linear` first so that they,
+    and the LM head, really are quantized (the embedding stays float).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    def convert(module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.nx, child.nf, bias=True)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    linear.bias.copy_(child.bias)
+                setattr(module, name, linear)
+            else:
+                convert(child)
+
+    convert(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao (not installed)
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def default_bot_dir() -> Path:
+    """checkpoints/default beside the package (source checkout, editable install) or in the current
+    directory; else a UserError that says exactly what to pass."""
+    path = next((p for p in DEFAULT_BOT_DIRS if (p / "forward").is_dir()), None)
+    if path is None:
+        raise UserError("no default model: checkpoints/default is not beside the package (a regular, "
+                        "non-editable install does not contain it) nor in the current directory; pass "
+                        "--model DIR, DIR being a bot directory with forward/ and backward/ (such as "
+                        "checkpoints/default of a source checkout) or one forward model directory",
+                        field="model")
+    return path
+
+
+def resolve_bot_dirs(path, forward, backward) -> tuple[Path, Path | None]:
+    if path is None and forward is None:
+        path = default_bot_dir()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise UserError("model path not found", path=path)
+        if (path / "forward").is_dir():
+            if forward is not None:
+                raise UserError("give either a bot directory (with forward/) or forward=, not both", path=path)
+            forward = path / "forward"
+            if backward is None and (path / "backward").is_dir():
+                backward = path / "backward"
+        elif (path / "config.json").is_file():
+            if forward is not None:
+                raise UserError("give either a model directory or forward=, not both", path=path)
+            forward = path
+        else:
+            raise UserError("not a bot directory (forward/ [+ backward/]) nor a model directory (config.json)",
+                            path=path)
+    return Path(forward), (Path(backward) if backward is not None else None)
+
+
+def check_direction(model_dir: Path, expected: str) -> None:
+    direction = read_card(model_dir).get("direction")
+    if direction is not None and direction != expected:
+        raise UserError(f"this is a {direction} model but it was given as the {expected} model", path=model_dir)
+
+
+def same_tokenizer(a, b) -> bool:
+    return (a.get_vocab() == b.get_vocab()
+            and all(getattr(a, n) == getattr(b, n) for n in ("pad_token_id", "cls_token_id", "sep_token_id")))

@@ -1,0 +1,35 @@
+"""What a reply call returns: `Reply` and its ranked `Candidate`s."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class Candidate:
+    """One candidate reply with its scores. `rank` 1 is the chosen reply."""
+
+    text: str
+    token_ids: list[int]
+    forward_logprob: float            # log P(reply tokens + final [SEP] | context), summed
+    backward_logprob: float | None    # log P(context tokens | reply), summed; None when MMI is off
+    num_tokens: int                   # reply tokens + the final [SEP]
+    num_context_tokens: int           # context tokens scored by the backward model (each turn + its [SEP])
+    score: float
+    rank: int = 0
+    count: int = 1                    # how many of the N samples produced this text (duplicates collapsed)
+
+
+@dataclass
+class Reply:
+    text: str
+    candidates: list[Candidate]
+    latency_s: float
+    timings: dict[str, float]
+    mmi: bool
+    notices: list[str]
+    seed: int | None = None           # the seed used: pass it back to reproduce this reply exactly
+    context: list[str] = dataclasses.field(default_factory=list)  # the utterances the model saw
+    threads: int = 0                  # intra-op threads this reply ran with (bot.thread_policy); 0 = not known
+    batch_size: int = 1               # requests computed in the same batch as this one (reply_many)
