@@ -13,7 +13,7 @@ from dialogpt_zh.data.store import TokenStore
 from dialogpt_zh.tokenizer import encode
 from dialogpt_zh.train import main
 from dialogpt_zh.training.batches import IGNORE_INDEX, collate, plan_batches
-from dialogpt_zh.training.config import TrainConfig
+from dialogpt_zh.training.config import TrainConfig, for_device
 from dialogpt_zh.training.loop import train
 
 TINY = dict(preset="tiny", lr=3e-3, batch_tokens=256, seed=0, device="cpu", eval_windows=0)
@@ -90,7 +90,7 @@ def test_resume_continues_exactly(tmp_path, fixture_store):
 
     common = dict(max_steps=12, eval_every=5, grad_accum=2, dropout=0.1, batch_tokens=128)
     straight = train(_config(fixture_store, tmp_path / "straight", **common))
-    first = train(_config(fixture_store, tmp_path / "split", **common), interrupt_at_step=7)
+    first = train(_config(fixture_store, tmp_path / "split", **common), should_stop=lambda step: step == 7)
     assert first["stopped"] == "interrupted" and first["step"] == 7
     assert (tmp_path / "split" / "model.safetensors").is_file()  # the best model so far is already there
     resumed = train(_config(fixture_store, tmp_path / "split", resume=True, **common))
@@ -272,7 +272,9 @@ def test_run_config_replays_the_run_and_its_schedule(tmp_path, forward_run, card
     out, metrics = forward_run
     card = json.loads((out / "dialogpt_zh.json").read_text(encoding="utf-8"))
     (replayed,) = parse(make_parser([TrainConfig], "train", ""), ["--config", str(out / "run.json")])
-    assert replayed == _config(carded_store, out, max_steps=30, eval_every=10, dropout=0.0)
+    # run.json records the device's defaults as they were filled in (--compile auto -> off on CPU)
+    assert replayed == for_device(_config(carded_store, out, max_steps=30, eval_every=10, dropout=0.0), "cpu")
+    assert replayed.compile == "off" and replayed.batch_tokens == TINY["batch_tokens"]
     (overridden,) = parse(make_parser([TrainConfig], "train", ""),
                           ["--config", str(out / "run.json"), "--output", "elsewhere", "--lr", "0.01"])
     assert overridden.output == "elsewhere" and overridden.lr == 0.01 and overridden.max_steps == 30

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Optional
 
 from dialogpt_zh.cli import field_help
@@ -12,7 +12,12 @@ from dialogpt_zh.training.presets import PRESETS
 
 # Settings that fix the exact sequence of updates: a --resume run must use the same ones.
 MUST_MATCH_ON_RESUME = ("direction", "replies_only", "seed", "lr", "warmup_steps", "weight_decay", "grad_accum",
-                        "max_grad_norm", "batch_tokens", "batch_size", "eval_windows")
+                        "max_grad_norm", "batch_tokens", "batch_size", "eval_windows", "pack")
+# what a run saved before a setting existed did, for the settings above that came later
+RESUME_DEFAULTS = {"pack": 0}
+
+# --batch-tokens when not given: a GPU needs large batches to be busy; on a CPU larger ones only mean fewer steps
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
 
 
 MIN_LR_RATIO = 0.1  # the cosine decay ends at 10 % of --lr
@@ -23,13 +28,15 @@ class TrainConfig:
     data: str = field(metadata=field_help("token store directory made by `python -m dialogpt_zh.preprocess`"))
     output: str = field(metadata=field_help("checkpoint directory to write (a Hugging Face model directory)"))
     direction: Literal["forward", "backward"] = field(
-        default="forward", metadata=field_help("forward: P(reply | context); backward: P(context | reply), the MMI scorer"))
+        default="forward",
+        metadata=field_help("forward: P(reply | context); backward: P(context | reply), the MMI scorer"))
     preset: Literal["tiny", "small", "mid", "large", "base"] = field(
         default="small", metadata=field_help(f"model shape: {', '.join(f'{k}={v}' for k, v in PRESETS.items())}"))
     n_layer: Optional[int] = field(default=None, metadata=field_help("override the preset's layer count"))
     n_embd: Optional[int] = field(default=None, metadata=field_help("override the preset's hidden size"))
     n_head: Optional[int] = field(default=None, metadata=field_help("override the preset's attention heads"))
-    n_positions: Optional[int] = field(default=None, metadata=field_help("override the preset's maximum sequence length"))
+    n_positions: Optional[int] = field(default=None,
+                                       metadata=field_help("override the preset's maximum sequence length"))
     dropout: float = field(default=0.1, metadata=field_help("dropout (residual, embedding, attention)"))
     init: Optional[str] = field(default=None, metadata=field_help(
         "start from this Hugging Face GPT-2 directory (safetensors) instead of random weights; its vocabulary "
@@ -40,9 +47,15 @@ class TrainConfig:
     weight_decay: float = field(default=0.01, metadata=field_help("AdamW weight decay (not on biases/LayerNorm)"))
     grad_accum: int = field(default=1, metadata=field_help("micro-batches per optimizer step"))
     max_grad_norm: float = field(default=1.0, metadata=field_help("gradient clipping norm (0: off)"))
-    batch_tokens: int = field(default=4096, metadata=field_help(
-        "micro-batch size in padded tokens; windows of similar length are grouped"))
-    batch_size: int = field(default=0, metadata=field_help("fixed windows per micro-batch instead (0: use --batch-tokens)"))
+    batch_tokens: Optional[int] = field(default=None, metadata=field_help(
+        "micro-batch size in padded tokens; windows of similar length are grouped; default "
+        + ", ".join(f"{v} on {k}" for k, v in DEFAULT_BATCH_TOKENS.items())))
+    batch_size: int = field(default=0,
+                            metadata=field_help("fixed windows per micro-batch instead (0: use --batch-tokens)"))
+    pack: int = field(default=0, metadata=field_help(
+        "pack windows end to end into rows of this many tokens (each window attends only to itself; the loss is "
+        "the same as padded) so every batch has one shape; 0: length-grouped padded rows (measured faster on "
+        "CPU, docs/training.md)"))
     epochs: int = field(default=3, metadata=field_help("passes over the train split (ignored with --max-steps)"))
     max_steps: int = field(default=0, metadata=field_help("stop after this many optimizer steps (0: use --epochs)"))
     eval_every: int = field(default=500, metadata=field_help("validate and save every N steps"))
@@ -59,6 +72,11 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=field_help("auto: cuda when present"))
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=field_help(
         "auto: fp32 on CPU, bf16 on CUDA (fp16 where bf16 is unsupported)"))
+    compile: Literal["auto", "on", "off"] = field(default="auto", metadata=field_help(
+        "torch.compile the training forward/backward; auto: on with CUDA, off on CPU (slower there, "
+        "docs/training.md)"))
+    prefetch: int = field(default=2, metadata=field_help(
+        "steps' batches prepared ahead in a background thread (pinned memory on CUDA); 0: inside the step"))
 
     def __post_init__(self) -> None:
         validate_config(self)
@@ -79,7 +97,8 @@ def validate_config(config: TrainConfig) -> None:
             refuse(name, f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
 
     for name, choices in (("direction", ("forward", "backward")), ("preset", tuple(PRESETS)),
-                          ("device", ("auto", "cpu", "cuda")), ("precision", ("auto", "fp32", "bf16", "fp16"))):
+                          ("device", ("auto", "cpu", "cuda")), ("precision", ("auto", "fp32", "bf16", "fp16")),
+                          ("compile", ("auto", "on", "off"))):
         if getattr(config, name) not in choices:
             refuse(name, f"must be one of {', '.join(choices)}")
     for name in ("data", "output"):
@@ -92,12 +111,18 @@ def validate_config(config: TrainConfig) -> None:
     for name in ("n_layer", "n_embd", "n_head", "n_positions"):
         if getattr(config, name) is not None:
             number(name, 1, integer=True)
-    for name, low in (("warmup_steps", -1), ("grad_accum", 1), ("batch_tokens", 0), ("batch_size", 0), ("epochs", 0),
+    for name, low in (("warmup_steps", -1), ("grad_accum", 1), ("batch_size", 0), ("epochs", 0),
                       ("max_steps", 0), ("eval_every", 1), ("eval_windows", 0), ("patience", 0), ("seed", 0),
-                      ("threads", 0)):
+                      ("threads", 0), ("pack", 0), ("prefetch", 0)):
         number(name, low, integer=True)
+    if config.batch_tokens is not None:
+        number("batch_tokens", 0, integer=True)
     if config.batch_tokens == 0 and config.batch_size == 0:
         refuse("batch_tokens", "give a positive --batch-tokens or --batch-size")
+    if config.pack and config.batch_size:
+        refuse("pack", "packed batches are cut by tokens (--batch-tokens); leave --batch-size at 0")
+    if config.pack and config.batch_tokens is not None and config.batch_tokens < config.pack:
+        refuse("batch_tokens", f"must hold at least one packed row of --pack {config.pack} tokens")
     if config.max_steps == 0 and config.epochs == 0:
         refuse("epochs", "give a positive --epochs or --max-steps")
     if config.init is None:
@@ -131,6 +156,16 @@ def make_schedule(config: TrainConfig, batches_per_epoch: int) -> Schedule:
         total = math.ceil(config.epochs * batches_per_epoch / config.grad_accum)
     warmup = config.warmup_steps if config.warmup_steps >= 0 else max(1, total // 20)
     return Schedule(total, warmup, batches_per_epoch)
+
+
+def for_device(config: TrainConfig, device: str) -> TrainConfig:
+    """The settings with the device's defaults filled in (--batch-tokens, --compile), as the run records them:
+    replaying run.json on another device repeats the same batches."""
+    batch_tokens = config.batch_tokens
+    if batch_tokens is None:
+        batch_tokens = max(DEFAULT_BATCH_TOKENS[device], config.pack)
+    compile_ = config.compile if config.compile != "auto" else ("on" if device == "cuda" else "off")
+    return replace(config, batch_tokens=batch_tokens, compile=compile_)
 
 
 def run_config(config: TrainConfig) -> dict[str, Any]:

@@ -1,17 +1,17 @@
 """Train a forward (P(reply | context)) or backward (P(context | reply), the MMI scorer) GPT-2 on a token store.
 
-One flat loop on top of `accelerate.Accelerator` (which brings CUDA, bf16/fp16 and torchrun/DDP without
-code changes). Our own parts are small: length-grouped batches (dialogpt_zh.training.batches), a token-weighted
-loss, and a resume state that continues exactly (weights, AdamW, schedule, RNG, data position).
-The output directory is written by dialogpt_zh.checkpoint (layout there), replaced atomically at every
-save, so it always holds a complete best model.
+One flat loop on top of `accelerate.Accelerator` (which brings the device and torchrun/DDP without code
+changes). Our own parts are small: length-grouped (or packed) batches prepared ahead of the step
+(training.batches, training.prefetch), a token-weighted loss over the targets only (training.objective),
+the precision (autocast; fp16 loss scaling), and a resume state that continues exactly (weights, AdamW,
+schedule, RNG, data position). Checks and building blocks are in training.setup; the output directory is
+written by training.outputs through dialogpt_zh.checkpoint, replaced atomically at every save, so it always
+holds a complete best model.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import logging
 import math
 import os
@@ -19,279 +19,187 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from dialogpt_zh.checkpoint import (
-    RUN_CONFIG_FILE,
-    ResumeFiles,
-    RunState,
-    load_model,
-    load_resume_optimizer,
-    load_resume_rng,
-    load_resume_weights,
-    read_run_state,
-    remove_stale_temp,
-    rng_staging_dir,
-    save_checkpoint,
-    save_rng_state,
-)
+from dialogpt_zh.checkpoint import RUN_CONFIG_FILE, RunState, load_resume_weights, remove_stale_temp
 from dialogpt_zh.cli import Terminated
-from dialogpt_zh.data.store import MANIFEST, TokenStore
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.training.batches import Batch, collate, plan_batches, shard_batches
-from dialogpt_zh.training.config import (
-    MUST_MATCH_ON_RESUME,
-    Schedule,
-    TrainConfig,
-    make_schedule,
-    run_config,
-    validate_config,
+from dialogpt_zh.training.batches import Batch, collate, collate_rows, plan_batches, plan_packed_batches, shard_batches
+from dialogpt_zh.training.config import Schedule, TrainConfig, for_device, make_schedule, run_config, validate_config
+from dialogpt_zh.training.objective import NextTokenLoss, fast_activations
+from dialogpt_zh.training.outputs import run_metrics, save_run, training_card
+from dialogpt_zh.training.prefetch import Position, Prefetcher, step_batches
+from dialogpt_zh.training.setup import (
+    check_output,
+    make_model,
+    make_optimizer,
+    open_store,
+    read_resume_state,
+    resolve_device,
+    restore_training_state,
+    usable_windows,
 )
-from dialogpt_zh.training.presets import build_model
 
 log = logging.getLogger("dialogpt_zh.train")
 
-
-def check_output(config: TrainConfig) -> Path:
-    """Refuse an output we must not or cannot write, before any work is done."""
-    output = Path(config.output)
-    if output.exists() and not output.is_dir():
-        raise UserError("the output exists and is not a directory; name a directory", path=output, field="output")
-    here = output.resolve()
-    for flag, other in (("data", config.data), ("init", config.init)):
-        there = Path(other).resolve() if other else None
-        if there is not None and (here == there or here.is_relative_to(there) or there.is_relative_to(here)):
-            raise UserError(f"--output and --{flag} overlap ({other}); the output would be written over an input",
-                            path=output, field="output")
-    if config.resume:
-        read_run_state(output)  # nothing to resume / damaged: say so now
-    elif output.is_dir() and any(output.iterdir()) and not config.overwrite:
-        raise UserError("output directory exists; pass --resume to continue it or --overwrite to replace it",
-                        path=output)
-    parent = output.resolve().parent  # every save is a temp directory here, renamed into place
-    while not parent.exists():  # missing folders are created: the first existing one must be writable
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{parent} is not a directory", path=output, field="output")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write the output's directory (permission denied in {parent})", path=output,
-                        field="output")
-    return output
+__all__ = ["train", "check_output", "validation_loss"]
 
 
-def _resolve_device(config: TrainConfig) -> tuple[str, str]:
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("CUDA requested but torch sees no GPU; use --device cpu (or auto)", field="--device")
-    precision = config.precision
-    if precision == "auto":
-        precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if precision == "fp16" and device == "cpu":
-        raise UserError("fp16 needs CUDA; use --precision bf16 or fp32 on CPU", field="--precision")
-    return device, precision
+@dataclass
+class _Run:
+    """What the loop works with (set up by `_setup`)."""
+    config: TrainConfig           # with the device's defaults filled in (training.config.for_device)
+    output: Path
+    device: str
+    precision: str
+    store: Any
+    train_split: Any
+    valid_split: Any
+    tokenizer: Any
+    state: RunState
+    accelerator: Any
+    lm: Any = None                # the Hugging Face model: validated and saved
+    loss_model: Any = None        # NextTokenLoss(lm)
+    ddp_model: Any = None         # loss_model as accelerate prepared it (DDP under torchrun)
+    step_model: Any = None        # what a training step calls: ddp_model, compiled with --compile on
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None            # fp16 loss scaling (None in fp32 / bf16)
+    schedule: Optional[Schedule] = None
+    epoch_plan: Optional[Callable[[int], list]] = None  # this process's batches of an epoch, as window indices
+    valid_batches: list = field(default_factory=list)    # this process's validation batches
+    position: Optional[Position] = None                  # the data position after the last recorded step
+    extra: dict = field(default_factory=dict)            # figures for metrics.json
 
 
-def _open_store(config: TrainConfig):
-    store = TokenStore(config.data)
-    if config.direction not in store.directions:
-        raise UserError(f"the store was made for directions {store.directions}, not {config.direction!r}; "
-                        "re-run the preprocessor with both directions", path=store.path / MANIFEST,
-                        field="directions")
-    train, valid = store.split("train"), store.split("valid")
-    for split in (train, valid):
-        if len(split) == 0:
-            raise UserError(f"the {split.name} split is empty (0 windows)", path=store.path / MANIFEST,
-                            field="store_splits")
-    tokenizer = store.tokenizer()
-    if len(tokenizer) != store.manifest.get("vocab_size"):
-        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the manifest says {store.manifest.get('vocab_size')}",
-                        path=store.path / MANIFEST, field="vocab_size")
-    return store, train, valid, tokenizer
+# ------------------------------------------------------------------------------------------------- setup
 
+def _make_accelerator(device: str):
+    """accelerate for the device and the processes. Precision stays ours (`_autocast`, the fp16 scaler), so
+    accelerate's once-per-process state is the same for every in-process run on a device."""
+    from accelerate import Accelerator
 
-def _read_resume_state(output: Path, config: TrainConfig) -> RunState:
-    state = read_run_state(output)
-    changed = [k for k in MUST_MATCH_ON_RESUME if state.config.get(k) != getattr(config, k)]
-    if changed:
-        raise UserError("--resume needs the settings of the saved run; changed: " + ", ".join(
-            f"--{k.replace('_', '-')} {state.config.get(k)!r} -> {getattr(config, k)!r}" for k in changed),
-            path=output / "resume" / "state.json")
-    return state
-
-
-def _check_vocab(model, tokenizer, init_dir: Path) -> None:
-    """An --init model must use the store's vocabulary: same size and, where it has a tokenizer, same tokens."""
-    from dialogpt_zh.tokenizer import load_tokenizer
-
-    rows = model.get_input_embeddings().num_embeddings
-    if rows != len(tokenizer):
-        raise UserError(f"the model's vocabulary has {rows} tokens but the store's tokenizer has {len(tokenizer)}; "
-                        "preprocess with this model's vocab.txt (--vocab) so ids mean the same tokens",
-                        path=init_dir, field="vocab_size")
-    has_tokenizer = any((init_dir / n).is_file() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
-    if not has_tokenizer:
-        log.warning("%s has no tokenizer files: only the vocabulary size (%d) could be checked", init_dir, rows)
-        return
-    theirs, ours = load_tokenizer(init_dir).get_vocab(), tokenizer.get_vocab()
-    if theirs != ours:
-        diff = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda kv: kv[1])[:5]
-        raise UserError(f"the model's tokenizer differs from the store's (first differing token/id pairs: {diff}); "
-                        "preprocess with this model's vocabulary", path=init_dir, field="vocab")
-
-
-def _make_model(config: TrainConfig, tokenizer, saved_model_config: Optional[dict]):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    if saved_model_config:  # resume: the exact architecture of the run; weights come from resume/
-        return GPT2LMHeadModel(GPT2Config.from_dict(saved_model_config))
-    if config.init:
-        init_dir = Path(config.init)
-        model = load_model(init_dir)  # refuses damaged or NaN weights, naming the file
-        if model.config.model_type != "gpt2":
-            raise UserError(f"--init expects a GPT-2 model, got model_type={model.config.model_type!r}",
-                            path=init_dir / "config.json", field="model_type")
-        _check_vocab(model, tokenizer, init_dir)
-        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-            setattr(model.config, name, config.dropout)
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = config.dropout
-        model.config.bos_token_id = tokenizer.cls_token_id
-        model.config.eos_token_id = tokenizer.sep_token_id
-        model.config.pad_token_id = tokenizer.pad_token_id
-        return model.train()
-    return build_model(config.preset, tokenizer, dropout=config.dropout, n_layer=config.n_layer,
-                       n_embd=config.n_embd, n_head=config.n_head, n_positions=config.n_positions)
-
-
-def _usable_windows(split, max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Indices and lengths of the windows that fit the model; the rest are counted, never silently dropped."""
-    lengths = split.lengths()
-    keep = np.flatnonzero(lengths <= max_len)
-    return keep, lengths[keep], int(len(lengths) - len(keep))
-
-
-def _optimizer(model, config: TrainConfig):
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def _restore_optimizer_and_rng(output: Path, optimizer, scheduler, rank: int) -> None:
-    saved = load_resume_optimizer(output)
     try:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"the resume optimizer state does not fit this model: {e}",
-                        path=output / "resume" / "optimizer.pt") from e
-    rng = load_resume_rng(output, rank)
-    try:
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    except (TypeError, RuntimeError) as e:
-        raise UserError(f"damaged random-number state: {e}", path=output / "resume" / f"rng_{rank}.pt") from e
+        accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no")
+    except ValueError as e:
+        raise UserError(f"accelerate cannot run this process on {device}: {e}", field="--device") from e
+    if accelerator.device.type != device:  # accelerate keeps the first run's device for the whole process
+        raise UserError(f"this process already trained on {accelerator.device.type}: start a new process for "
+                        f"--device {device}", field="--device")
+    return accelerator
 
 
-def _loss_curve_png(state: RunState) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if state.train_history:
-        steps = np.array([h[0] for h in state.train_history])
-        loss = np.array([h[1] for h in state.train_history])
-        ax.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (per step)")
-        k = max(1, len(loss) // 50)
-        if k > 1:
-            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1:], smooth, color="tab:blue", label=f"train ({k}-step mean)")
-    if state.valid_history:
-        ax.plot([h[0] for h in state.valid_history], [h[1] for h in state.valid_history], "o-",
-                color="tab:orange", label="valid")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _metrics(state: RunState, config: TrainConfig, stopped: Optional[str], extra: dict) -> dict[str, Any]:
-    since = state.valid_history[-2][0] if len(state.valid_history) > 1 else 0
-    recent = [h[1] for h in state.train_history if h[0] > since] or [h[1] for h in state.train_history[-1:]]
-    valid = state.valid_history[-1][1] if state.valid_history else None
-    ppl = (lambda x: math.exp(min(x, 50.0)) if x is not None else None)
-    return {
-        "direction": config.direction, "step": state.step, "epoch": state.epoch,
-        "train_loss": float(np.mean(recent)) if recent else None,
-        "train_ppl": ppl(float(np.mean(recent))) if recent else None,
-        "valid_loss": valid, "valid_ppl": ppl(valid),
-        "best_valid_loss": state.best_valid_loss, "best_valid_ppl": ppl(state.best_valid_loss),
-        "best_step": state.best_step,
-        "tokens_seen": state.tokens_seen, "target_tokens_seen": state.targets_seen,
-        "padded_tokens_seen": state.padded_tokens_seen,
-        "padding_share": (1 - state.tokens_seen / state.padded_tokens_seen) if state.padded_tokens_seen else None,
-        "wall_time_s": round(state.wall_time_s, 2),
-        "tokens_per_s": round(state.tokens_seen / state.wall_time_s, 1) if state.wall_time_s else None,
-        "stopped": stopped, **extra,
-        "history": {"train": state.train_history, "valid": state.valid_history},
-    }
-
-
-def _card(config: TrainConfig, state: RunState, store, schedule: Schedule) -> dict[str, Any]:
-    """The training card (dialogpt_zh.json): what was trained on what, and how to replay it."""
-    card = {"direction": config.direction, "preset": "init" if config.init else config.preset,
-            "init": config.init, "model_config": state.model_config, "data": str(store.path),
-            "data_manifest_sha256": hashlib.sha256((store.path / MANIFEST).read_bytes()).hexdigest(),
-            # the cleaning options the store was made with: the engine cleans user input the same way
-            "store_config": store.manifest.get("config")}
-    if "corpora" in store.manifest:
-        card["corpora"] = store.manifest["corpora"]
-    card.update({
-        "command": shlex.join(["python", "-m", "dialogpt_zh.train", "--config",
-                               str(Path(config.output) / RUN_CONFIG_FILE)]),
-        "argv": sys.argv, "seed": config.seed, "replies_only": config.replies_only,
-        "steps": state.best_step, "trained_steps": state.step, "best_valid_loss": state.best_valid_loss,
-        "tokens_seen": state.tokens_seen, "sequence_format": "[CLS] u1 [SEP] u2 [SEP] ... (reversed for backward)",
-        "schedule": asdict(schedule), "config": state.config,
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}})
-    return card
-
-
-def _save(output: Path, accelerator, model, tokenizer, optimizer, scheduler, state: RunState, card: dict,
-          metrics: dict, improved: bool) -> None:
-    """Write the output directory in one atomic rename (main process); RNG files come from every process."""
-    rng_dir = rng_staging_dir(output)
-    save_rng_state(rng_dir, accelerator.process_index)
-    accelerator.wait_for_everyone()
+def _setup(config: TrainConfig) -> _Run:
+    """Every check first: nothing is written before every setting, input and the output place are known good."""
+    validate_config(config)
+    output = check_output(config)
+    device, precision = resolve_device(config)
+    config = for_device(config, device)
+    store, train_split, valid_split, tokenizer = open_store(config)
+    state = read_resume_state(output, config) if config.resume else RunState(config=run_config(config))
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    accelerator = _make_accelerator(device)
+    if config.resume and state.world_size != accelerator.num_processes:
+        raise UserError(f"the run was saved with {state.world_size} processes, not {accelerator.num_processes}: "
+                        "the data position would not match", path=output / "resume")
+    state.world_size = accelerator.num_processes
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        keep_best = not improved and (output / "config.json").is_file()  # the previous best model stays
-        resume = ResumeFiles(unwrapped, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                             rng_dir, state)
-        save_checkpoint(None if keep_best else unwrapped, tokenizer, output, card, run_config=state.config,
-                        metrics=metrics, curve_png=_loss_curve_png(state), resume=resume)
-        remove_stale_temp(output)  # the RNG staging directory
+        for p in remove_stale_temp(output):
+            log.info("removed %s (left by an earlier run that was killed)", p)
     accelerator.wait_for_everyone()
+    run = _Run(config, output, device, precision, store, train_split, valid_split, tokenizer, state, accelerator)
+    _setup_model_and_data(run)
+    _setup_optimizer(run)
+    return run
 
+
+def _check_pack(config: TrainConfig, max_len: int, train_len: np.ndarray, store_path: Path) -> None:
+    if config.pack > max_len:
+        raise UserError(f"must be at most the model's {max_len} positions, got {config.pack}", field="--pack")
+    longest = int(train_len.max())
+    if longest > config.pack:
+        raise UserError(f"the longest train window has {longest} tokens and a packed row holds {config.pack}: "
+                        f"use --pack {longest} or more (or 0)", path=store_path, field="--pack")
+
+
+def _setup_model_and_data(run: _Run) -> None:
+    config, state = run.config, run.state
+    torch.manual_seed(config.seed)
+    run.lm = make_model(config, run.tokenizer, state.model_config if config.resume else None)
+    state.model_config = run.lm.config.to_dict()
+    if config.resume:
+        load_resume_weights(run.lm, run.output)
+    fast_activations(run.lm)
+    max_len = run.lm.config.n_positions
+    train_idx, train_len, train_skipped = usable_windows(run.train_split, max_len)
+    valid_idx, valid_len, valid_skipped = usable_windows(run.valid_split, max_len)
+    if train_skipped or valid_skipped:
+        log.warning("skipping windows longer than the model's %d positions: %d train, %d valid "
+                    "(use --n-positions or shorter windows in the preprocessor)", max_len, train_skipped,
+                    valid_skipped)
+    if len(train_idx) == 0 or len(valid_idx) == 0:
+        raise UserError(f"no train or valid window fits in {max_len} positions", path=run.store.path)
+    if config.pack:
+        _check_pack(config, max_len, train_len, run.store.path)
+    if config.eval_windows and len(valid_idx) > config.eval_windows:
+        pick = np.sort(np.random.default_rng(config.seed).choice(len(valid_idx), config.eval_windows, replace=False))
+        valid_idx, valid_len = valid_idx[pick], valid_len[pick]
+    rank, world = run.accelerator.process_index, run.accelerator.num_processes
+    valid_plan = plan_batches(valid_len, config.batch_tokens, config.batch_size, seed=0, epoch=0, group_batches=1 << 30)
+    run.valid_batches = [valid_idx[b] for b in valid_plan[rank::world]]
+
+    def epoch_plan(epoch: int) -> list:
+        if config.pack:
+            plan = [[train_idx[r] for r in rows]
+                    for rows in plan_packed_batches(train_len, config.pack, config.batch_tokens, config.seed, epoch)]
+        else:
+            plan = [train_idx[b] for b in plan_batches(train_len, config.batch_tokens, config.batch_size,
+                                                       config.seed, epoch)]
+        plan = shard_batches(plan, rank, world)
+        if not plan:
+            raise UserError(f"the train split has too few batches for {world} processes", path=run.store.path)
+        return plan
+
+    run.epoch_plan = epoch_plan
+    run.schedule = make_schedule(config, len(epoch_plan(0)))
+    run.extra = {"train_windows": int(len(train_idx)), "valid_windows_evaluated": int(len(valid_idx)),
+                 "skipped_too_long": {"train": train_skipped, "valid": valid_skipped}}
+
+
+def _setup_optimizer(run: _Run) -> None:
+    config, accelerator = run.config, run.accelerator
+    run.loss_model = NextTokenLoss(run.lm)
+    optimizer = make_optimizer(run.lm, config, run.device)
+    run.ddp_model, run.optimizer = accelerator.prepare(run.loss_model, optimizer)
+    schedule = run.schedule
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(getattr(run.optimizer, "optimizer", run.optimizer),
+                                                      lambda step: schedule.factor(step))
+    run.scaler = torch.amp.GradScaler(run.device) if run.precision == "fp16" else None
+    if config.resume:
+        restore_training_state(run.output, run.optimizer, run.scheduler, run.scaler, accelerator.process_index)
+    else:
+        torch.manual_seed(config.seed + accelerator.process_index)  # dropout stream; per process
+    run.step_model = torch.compile(run.ddp_model) if config.compile == "on" else run.ddp_model
+    n_params = sum(p.numel() for p in run.lm.parameters())
+    run.extra.update({"parameters": n_params, "total_steps": run.schedule.total_steps, "device": run.device,
+                      "precision": run.precision, "processes": accelerator.num_processes,
+                      "batch_tokens": config.batch_tokens, "pack": config.pack, "compile": config.compile,
+                      "fused_adamw": bool(optimizer.defaults.get("fused"))})
+    if accelerator.is_main_process:
+        log.info("training %s %s (%.2fM parameters) on %d windows, %d processes, %s/%s, %d steps of %s",
+                 config.direction, "init" if config.init else config.preset, n_params / 1e6,
+                 run.extra["train_windows"], accelerator.num_processes, run.device, run.precision,
+                 run.schedule.total_steps, f"{config.batch_size} windows" if config.batch_size else
+                 f"{config.batch_tokens} tokens" + (f" (rows of {config.pack})" if config.pack else ""))
+
+
+# ------------------------------------------------------------------------------------------ steps, validation
 
 class _StopFlag:
     """Ctrl-C / SIGTERM ask to stop at the next step boundary (a second one stops at once, without saving)."""
@@ -328,38 +236,100 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
-def _oom_error(config: TrainConfig, batch: Batch) -> UserError:
-    shape = tuple(batch.input_ids.shape)
-    return UserError(f"out of memory on a micro-batch of {shape[0]} windows x {shape[1]} tokens; lower "
-                     f"--batch-tokens (now {config.batch_tokens}) or --batch-size and raise --grad-accum to keep "
-                     "the effective batch", field="batch_tokens")
+def _step_error(config: TrainConfig, batch: Batch, e: Exception) -> Optional[UserError]:
+    """The clear error for a failed forward/backward, or None to let it through as it is."""
+    if _is_oom(e):
+        shape = tuple(batch.input_ids.shape)
+        return UserError(f"out of memory on a micro-batch of {shape[0]} rows x {shape[1]} tokens; lower "
+                         f"--batch-tokens (now {config.batch_tokens}) or --batch-size and raise --grad-accum to "
+                         "keep the effective batch", field="batch_tokens")
+    if config.compile == "on" and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        return UserError(f"torch.compile failed ({type(e).__name__}: {first}); train with --compile off",
+                         field="compile")
+    return None
+
+
+def _autocast(run: _Run):
+    if run.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(run.device, dtype=torch.bfloat16 if run.precision == "bf16" else torch.float16)
 
 
 def _batch_loss(model, batch: Batch) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the target positions of a batch."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), batch.labels[:, 1:].reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    """Sum of next-token cross-entropy over the target positions of a batch (model: a NextTokenLoss)."""
+    return model(batch.input_ids, batch.target_index, batch.target_ids, batch.position_ids)
 
 
-def validation_loss(model, split, indices: np.ndarray, lengths: np.ndarray, config: TrainConfig, pad_id: int,
-             accelerator) -> float:
-    """Token-weighted mean loss (nats/token) over the given windows, sharded over processes."""
-    batches = plan_batches(lengths, config.batch_tokens, config.batch_size, seed=0, epoch=0,
-                           group_batches=1 << 30)
-    batches = batches[accelerator.process_index::accelerator.num_processes]
+def _collate_step(run: _Run, micro: list) -> list[Batch]:
+    """A step's micro-batches (plan entries) as tensors, pinned for an asynchronous copy to a GPU."""
+    config, split, pad = run.config, run.train_split, run.tokenizer.pad_token_id
+    if config.pack:
+        batches = [collate_rows(split, rows, config.direction, pad, config.replies_only, packed=True) for rows in micro]
+    else:
+        batches = [collate(split, windows, config.direction, pad, config.replies_only) for windows in micro]
+    return [b.pin_memory() for b in batches] if run.device == "cuda" else batches
+
+
+def _train_step(run: _Run, batches: list[Batch]) -> tuple[float, torch.Tensor]:
+    """Forward/backward over the micro-batches, clip, one AdamW update. Returns the lr used and, on the device
+    (not read back here, so the host can go on to the next step), [tokens, targets, padded tokens, summed
+    loss], summed over processes."""
+    accelerator, config = run.accelerator, run.config
+    targets = sum(b.num_targets for b in batches)
+    step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for k, batch in enumerate(batches):
+        batch = batch.to(accelerator.device, non_blocking=True)
+        sync = contextlib.nullcontext() if k == len(batches) - 1 else accelerator.no_sync(run.ddp_model)
+        try:
+            with sync:
+                with _autocast(run):
+                    loss_sum = _batch_loss(run.step_model, batch)
+                scaled = loss_sum / max(1, targets)
+                accelerator.backward(run.scaler.scale(scaled) if run.scaler else scaled)
+        except Exception as e:  # noqa: BLE001
+            error = _step_error(config, batch, e)
+            if error is not None:
+                raise error from e
+            raise
+        step_loss += loss_sum.detach().double()
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    if config.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(run.lm.parameters(), config.max_grad_norm)
+    lr = run.scheduler.get_last_lr()[0]
+    if run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    sizes = torch.tensor([sum(b.num_tokens for b in batches), targets, sum(b.input_ids.numel() for b in batches)],
+                         dtype=torch.float64)
+    counts = torch.cat([sizes.to(accelerator.device, non_blocking=True), step_loss.reshape(1)])
+    if accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts, "sum")
+    return lr, counts
+
+
+def validation_loss(run: _Run) -> float:
+    """Token-weighted mean loss (nats/token) over the run's validation windows, sharded over processes."""
+    model, accelerator, config = run.loss_model, run.accelerator, run.config
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     with torch.no_grad():
-        for b in batches:
-            batch = collate(split, indices[b], config.direction, pad_id, config.replies_only).to(accelerator.device)
+        for windows in run.valid_batches:
+            batch = collate(run.valid_split, windows, config.direction, run.tokenizer.pad_token_id,
+                            config.replies_only).to(accelerator.device)
             try:
-                with accelerator.autocast():
+                with _autocast(run):
                     total[0] += _batch_loss(model, batch).double()
             except Exception as e:  # noqa: BLE001
-                if _is_oom(e):
-                    raise _oom_error(config, batch) from e
+                error = _step_error(config, batch, e)
+                if error is not None:
+                    raise error from e
                 raise
             total[1] += batch.num_targets
     total = accelerator.reduce(total, reduction="sum")
@@ -379,50 +349,6 @@ def _stop_reason(config: TrainConfig, state: RunState, plan_length: int) -> Opti
     return None
 
 
-def _next_micro_batches(config: TrainConfig, state: RunState, plan: list, epoch_plan) -> tuple[list, list]:
-    """The next optimizer step's micro-batches (they may run into the next epoch); advances the data position."""
-    micro: list[np.ndarray] = []
-    while len(micro) < config.grad_accum:
-        if state.batch_index >= len(plan):
-            if config.max_steps <= 0 and state.epoch + 1 >= config.epochs:
-                break  # the last epoch ends inside this step
-            state.epoch, state.batch_index = state.epoch + 1, 0
-            plan = epoch_plan(state.epoch)
-        micro.append(plan[state.batch_index])
-        state.batch_index += 1
-    return micro, plan
-
-
-def _train_step(model, batches: list[Batch], optimizer, scheduler, accelerator, config: TrainConfig):
-    """Forward/backward over the micro-batches, clip, one AdamW update; returns (lr used, counts over processes)
-    where counts = [tokens, target tokens, padded tokens, summed loss]."""
-    targets = sum(b.num_targets for b in batches)
-    step_loss = 0.0
-    for k, batch in enumerate(batches):
-        batch = batch.to(accelerator.device)
-        sync = contextlib.nullcontext() if k == len(batches) - 1 else accelerator.no_sync(model)
-        try:
-            with sync:
-                loss_sum = _batch_loss(model, batch)
-                accelerator.backward(loss_sum / max(1, targets))
-        except Exception as e:  # noqa: BLE001
-            if _is_oom(e):
-                raise _oom_error(config, batch) from e
-            raise
-        step_loss += float(loss_sum.detach())
-    if config.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    counts = torch.tensor([sum(b.num_tokens for b in batches), targets, sum(b.input_ids.numel() for b in batches),
-                           step_loss], dtype=torch.float64, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        counts = accelerator.reduce(counts, "sum")
-    return lr, counts
-
-
 def _validate(state: RunState, loss: float) -> bool:
     """Record a validation; returns whether it is the best so far."""
     state.valid_history.append([state.step, loss])
@@ -440,131 +366,115 @@ def _any_process(flag: bool, accelerator) -> bool:
     return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
 
 
-def train(config: TrainConfig, interrupt_at_step: Optional[int] = None) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------------- the loop
+
+class _Progress:
+    """Records finished steps into the run state and shows them (tqdm on the main process)."""
+
+    def __init__(self, run: _Run) -> None:
+        from tqdm.auto import tqdm
+
+        self.run = run
+        self.bar = tqdm(total=run.schedule.total_steps, initial=run.state.step, desc=f"train {run.config.direction}",
+                        unit="step", dynamic_ncols=True,
+                        disable=not run.accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE")))
+        self.t_start, self.tokens_at_start = time.perf_counter(), run.state.tokens_seen
+        self.wall_at_start = run.state.wall_time_s
+
+    def record(self, lr: float, counts: torch.Tensor, position: Position) -> None:
+        tokens, targets, padded, loss = counts.tolist()  # waits for the step to finish
+        state = self.run.state
+        state.step += 1
+        state.epoch, state.batch_index = position.epoch, position.batch_index
+        self.run.position = position
+        state.tokens_seen += int(tokens)
+        state.targets_seen += int(targets)
+        state.padded_tokens_seen += int(padded)
+        state.train_history.append([state.step, float(loss / max(1.0, targets)), lr])
+        elapsed = time.perf_counter() - self.t_start
+        state.wall_time_s = self.wall_at_start + elapsed
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{state.train_history[-1][1]:.3f}", lr=f"{lr:.2e}", epoch=state.epoch,
+                             tok_s=f"{(state.tokens_seen - self.tokens_at_start) / max(1e-9, elapsed):.0f}")
+
+
+def _last_epoch(config: TrainConfig) -> Optional[int]:
+    return None if config.max_steps > 0 else config.epochs - 1
+
+
+def _ends_run(config: TrainConfig, step: int, position: Position) -> bool:
+    """Whether step `step`, leaving the data at `position`, ends the run by --max-steps or --epochs."""
+    if config.max_steps > 0:
+        return step >= config.max_steps
+    return position.epoch + (position.batch_index >= position.epoch_batches) >= config.epochs
+
+
+def _evaluate_and_save(run: _Run, stopped: Optional[str], progress: _Progress) -> Optional[str]:
+    """Validate, save the output directory; returns why the run stops (early stopping may start here)."""
+    config, state = run.config, run.state
+    loss = validation_loss(run)
+    improved = _validate(state, loss)
+    stopped = stopped or _stop_reason(config, state, run.position.epoch_batches)  # patience
+    training_state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()}
+    if run.scaler:
+        training_state["scaler"] = run.scaler.state_dict()
+    save_run(run.output, run.accelerator, run.lm, run.tokenizer, training_state, state,
+             training_card(config, state, run.store, run.schedule), run_metrics(state, config, stopped, run.extra),
+             improved)
+    if run.accelerator.is_main_process:
+        progress.bar.write(f"step {state.step}: valid loss {loss:.4f} (ppl {math.exp(min(50, loss)):.1f}), "
+                           f"best {state.best_valid_loss:.4f} at {state.best_step}")
+    return stopped
+
+
+def _loop(run: _Run, should_stop: Optional[Callable[[int], bool]]) -> tuple[Optional[str], Optional[str]]:
+    """One optimizer step per turn; validate and save every --eval-every steps and at the end. A step's figures
+    are read back only after the next step is under way (no wait for the device in between), except at the
+    steps where the run may stop or save. Returns (why it stopped, the signal that asked)."""
+    config, state = run.config, run.state
+    run.position = Position(state.epoch, state.batch_index, len(run.epoch_plan(state.epoch)))
+    stopped = _stop_reason(config, state, run.position.epoch_batches)  # not None: a finished run was resumed
+    progress = _Progress(run)
+    source = step_batches(run.epoch_plan, state.epoch, state.batch_index, config.grad_accum, _last_epoch(config))
+    run.loss_model.train()
+    step, pending = state.step, None
+    with _StopFlag() as stop, Prefetcher(source, lambda item: (_collate_step(run, item[0]), item[1]),
+                                         0 if stopped else config.prefetch) as steps:
+        while stopped is None:
+            micro, position = next(steps)
+            lr, counts = _train_step(run, micro)
+            step += 1
+            if pending is not None:
+                progress.record(*pending)
+            pending = (lr, counts, position)
+            asked = _any_process(stop.requested or bool(should_stop and should_stop(step)), run.accelerator)
+            if not (asked or step % config.eval_every == 0 or _ends_run(config, step, position)):
+                continue
+            progress.record(*pending)
+            pending = None
+            stopped = _stop_reason(config, state, position.epoch_batches) or ("interrupted" if asked else None)
+            if stopped or state.step % config.eval_every == 0:
+                stopped = _evaluate_and_save(run, stopped, progress)
+    progress.bar.close()
+    return stopped, stop.signal
+
+
+def train(config: TrainConfig, should_stop: Optional[Callable[[int], bool]] = None) -> dict[str, Any]:
     """Train as configured; returns the metrics dict also written to OUTPUT/metrics.json.
 
-    `interrupt_at_step` (for tests) behaves like Ctrl-C arriving during that step.
+    `should_stop(step)` is asked after every optimizer step (its argument: the steps done); when it returns
+    True the run stops as on Ctrl-C: it validates, saves the best model and the resume state, and reports
+    stopped="interrupted". For callers that run training in a thread, a notebook or a test.
     """
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    # -- checks first: nothing is written before every setting, input and the output place are known good
-    validate_config(config)
-    output = check_output(config)
-    device, precision = _resolve_device(config)
-    store, train_split, valid_split, tokenizer = _open_store(config)
-    state = _read_resume_state(output, config) if config.resume else RunState(config=run_config(config))
-
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    accelerator = Accelerator(cpu=device == "cpu",
-                              mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if config.resume and state.world_size != world:
-        raise UserError(f"the run was saved with {state.world_size} processes, not {world}: the data position "
-                        "would not match", path=output / "resume")
-    state.world_size = world
-    if accelerator.is_main_process:
-        for p in remove_stale_temp(output):
-            log.info("removed %s (left by an earlier run that was killed)", p)
-    accelerator.wait_for_everyone()
-
-    # -- model, data, optimizer, schedule
-    torch.manual_seed(config.seed)
-    model = _make_model(config, tokenizer, state.model_config if config.resume else None)
-    state.model_config = model.config.to_dict()
-    if config.resume:
-        load_resume_weights(model, output)
-    max_len = model.config.n_positions
-    train_idx, train_len, train_skipped = _usable_windows(train_split, max_len)
-    valid_idx, valid_len, valid_skipped = _usable_windows(valid_split, max_len)
-    if train_skipped or valid_skipped:
-        log.warning("skipping windows longer than the model's %d positions: %d train, %d valid "
-                    "(use --n-positions or shorter windows in the preprocessor)", max_len, train_skipped,
-                    valid_skipped)
-    if len(train_idx) == 0 or len(valid_idx) == 0:
-        raise UserError(f"no train or valid window fits in {max_len} positions", path=store.path)
-    if config.eval_windows and len(valid_idx) > config.eval_windows:
-        pick = np.sort(np.random.default_rng(config.seed).choice(len(valid_idx), config.eval_windows, replace=False))
-        valid_idx, valid_len = valid_idx[pick], valid_len[pick]
-
-    def epoch_plan(epoch: int) -> list[np.ndarray]:
-        plan = shard_batches(plan_batches(train_len, config.batch_tokens, config.batch_size, config.seed, epoch),
-                             rank, world)
-        if not plan:
-            raise UserError(f"the train split has too few batches for {world} processes", path=store.path)
-        return plan
-
-    schedule = make_schedule(config, len(epoch_plan(0)))
-    optimizer = _optimizer(model, config)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(getattr(optimizer, "optimizer", optimizer),
-                                                  lambda step: schedule.factor(step))
-    if config.resume:
-        _restore_optimizer_and_rng(output, optimizer, scheduler, rank)
-    else:
-        torch.manual_seed(config.seed + rank)  # dropout stream; per process
-
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    extra = {"parameters": n_params, "train_windows": int(len(train_idx)), "valid_windows_evaluated": int(len(valid_idx)),
-             "skipped_too_long": {"train": train_skipped, "valid": valid_skipped},
-             "total_steps": schedule.total_steps, "device": device, "precision": precision, "processes": world}
-    if accelerator.is_main_process:
-        log.info("training %s %s (%.2fM parameters) on %d windows, %d processes, %s/%s, %d steps",
-                 config.direction, "init" if config.init else config.preset, n_params / 1e6, len(train_idx), world,
-                 device, precision, schedule.total_steps)
-
-    # -- the loop: one optimizer step per turn; validate + save every --eval-every steps and at the end
-    plan = epoch_plan(state.epoch)
-    stopped = _stop_reason(config, state, len(plan))  # not None: a finished run was resumed; nothing to do
-    bar = tqdm(total=schedule.total_steps, initial=state.step, desc=f"train {config.direction}", unit="step",
-               disable=not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE")), dynamic_ncols=True)
-    t_start, tokens_at_start, wall_at_start = time.perf_counter(), state.tokens_seen, state.wall_time_s
-    model.train()
-    with _StopFlag() as stop:
-        while stopped is None:
-            micro, plan = _next_micro_batches(config, state, plan, epoch_plan)
-            batches = [collate(train_split, train_idx[b], config.direction, tokenizer.pad_token_id,
-                               config.replies_only) for b in micro]
-            lr, counts = _train_step(model, batches, optimizer, scheduler, accelerator, config)
-
-            state.step += 1
-            state.tokens_seen += int(counts[0])
-            state.targets_seen += int(counts[1])
-            state.padded_tokens_seen += int(counts[2])
-            state.train_history.append([state.step, float(counts[3] / max(1.0, float(counts[1]))), lr])
-            state.wall_time_s = wall_at_start + time.perf_counter() - t_start
-            speed = (state.tokens_seen - tokens_at_start) / max(1e-9, time.perf_counter() - t_start)
-            bar.update(1)
-            bar.set_postfix(loss=f"{state.train_history[-1][1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}",
-                            epoch=state.epoch)
-
-            if interrupt_at_step is not None and state.step == interrupt_at_step:
-                stop.requested = True
-            stopped = _stop_reason(config, state, len(plan))
-            if stopped is None and _any_process(stop.requested, accelerator):
-                stopped = "interrupted"
-            if stopped or state.step % config.eval_every == 0:
-                loss = validation_loss(accelerator.unwrap_model(model), valid_split, valid_idx, valid_len, config,
-                                tokenizer.pad_token_id, accelerator)
-                improved = _validate(state, loss)
-                stopped = stopped or _stop_reason(config, state, len(plan))  # patience
-                _save(output, accelerator, model, tokenizer, optimizer, scheduler, state,
-                      _card(config, state, store, schedule), _metrics(state, config, stopped, extra), improved)
-                if accelerator.is_main_process:
-                    bar.write(f"step {state.step}: valid loss {loss:.4f} (ppl {math.exp(min(50, loss)):.1f}), "
-                              f"best {state.best_valid_loss:.4f} at {state.best_step}")
-    bar.close()
-    accelerator.wait_for_everyone()
-    if not accelerator.use_distributed:
-        from accelerate.state import AcceleratorState, GradientState
-        AcceleratorState._reset_state(reset_partial_state=True)  # let the next in-process run pick its settings
-        GradientState._reset_state()
-
-    metrics = {**_metrics(state, config, stopped, extra), "signal": stop.signal}
-    if accelerator.is_main_process:
-        log.info(f"{stopped} at step {state.step}: best valid loss {state.best_valid_loss:.4f} "
-                 f"(ppl {math.exp(min(50, state.best_valid_loss)):.1f}) at step {state.best_step}; "
+    run = _setup(config)
+    stopped, stop_signal = _loop(run, should_stop)
+    run.accelerator.wait_for_everyone()
+    state, output = run.state, run.output
+    metrics = {**run_metrics(state, run.config, stopped, run.extra), "signal": stop_signal}
+    if run.accelerator.is_main_process:
+        best = state.best_valid_loss if state.best_valid_loss is not None else float("nan")
+        log.info(f"{stopped} at step {state.step}: best valid loss {best:.4f} "
+                 f"(ppl {math.exp(min(50, best)):.1f}) at step {state.best_step}; "
                  f"{state.tokens_seen:,} tokens in {state.wall_time_s:.0f}s "
                  f"({metrics['tokens_per_s'] or 0:.0f} tokens/s); best model in {output}")
         if stopped == "interrupted":

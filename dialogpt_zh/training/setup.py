@@ -1,0 +1,180 @@
+"""Before a training run starts: the checks (settings, output, device, store, resume state) and the pieces it
+is built from (the model, the usable windows, the optimizer and its restored state). Nothing here writes."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from dialogpt_zh.checkpoint import RunState, load_model, load_resume_optimizer, load_resume_rng, read_run_state
+from dialogpt_zh.data.store import MANIFEST, TokenStore
+from dialogpt_zh.errors import UserError
+from dialogpt_zh.training.config import MUST_MATCH_ON_RESUME, RESUME_DEFAULTS, TrainConfig
+from dialogpt_zh.training.presets import build_model
+
+log = logging.getLogger("dialogpt_zh.train")
+
+
+def check_output(config: TrainConfig) -> Path:
+    """Refuse an output we must not or cannot write, before any work is done."""
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise UserError("the output exists and is not a directory; name a directory", path=output, field="output")
+    here = output.resolve()
+    for flag, other in (("data", config.data), ("init", config.init)):
+        there = Path(other).resolve() if other else None
+        if there is not None and (here == there or here.is_relative_to(there) or there.is_relative_to(here)):
+            raise UserError(f"--output and --{flag} overlap ({other}); the output would be written over an input",
+                            path=output, field="output")
+    if config.resume:
+        read_run_state(output)  # nothing to resume / damaged: say so now
+    elif output.is_dir() and any(output.iterdir()) and not config.overwrite:
+        raise UserError("output directory exists; pass --resume to continue it or --overwrite to replace it",
+                        path=output)
+    parent = output.resolve().parent  # every save is a temp directory here, renamed into place
+    while not parent.exists():  # missing folders are created: the first existing one must be writable
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{parent} is not a directory", path=output, field="output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the output's directory (permission denied in {parent})", path=output,
+                        field="output")
+    return output
+
+
+def resolve_device(config: TrainConfig) -> tuple[str, str]:
+    """The device and precision that "auto" stands for here; refuses what this machine cannot do."""
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA requested but torch sees no GPU; use --device cpu (or auto)", field="--device")
+    precision = config.precision
+    if precision == "auto":
+        precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if precision == "fp16" and device == "cpu":
+        raise UserError("fp16 needs CUDA; use --precision bf16 or fp32 on CPU", field="--precision")
+    return device, precision
+
+
+def open_store(config: TrainConfig) -> tuple[TokenStore, Any, Any, Any]:
+    """The store, its train and valid splits and tokenizer, checked against the run's direction."""
+    store = TokenStore(config.data)
+    if config.direction not in store.directions:
+        raise UserError(f"the store was made for directions {store.directions}, not {config.direction!r}; "
+                        "re-run the preprocessor with both directions", path=store.path / MANIFEST,
+                        field="directions")
+    train, valid = store.split("train"), store.split("valid")
+    for split in (train, valid):
+        if len(split) == 0:
+            raise UserError(f"the {split.name} split is empty (0 windows)", path=store.path / MANIFEST,
+                            field="store_splits")
+    tokenizer = store.tokenizer()
+    if len(tokenizer) != store.manifest.get("vocab_size"):
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the manifest says "
+                        f"{store.manifest.get('vocab_size')}",
+                        path=store.path / MANIFEST, field="vocab_size")
+    return store, train, valid, tokenizer
+
+
+def read_resume_state(output: Path, config: TrainConfig) -> RunState:
+    """The saved run state, refused when a setting that fixes the updates changed."""
+    state = read_run_state(output)
+    saved = {k: state.config.get(k, RESUME_DEFAULTS.get(k)) for k in MUST_MATCH_ON_RESUME}
+    changed = [k for k in MUST_MATCH_ON_RESUME if saved[k] != getattr(config, k)]
+    if changed:
+        raise UserError("--resume needs the settings of the saved run; changed: " + ", ".join(
+            f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(config, k)!r}" for k in changed),
+            path=output / "resume" / "state.json")
+    return state
+
+
+def _check_vocab(model, tokenizer, init_dir: Path) -> None:
+    """An --init model must use the store's vocabulary: same size and, where it has a tokenizer, same tokens."""
+    from dialogpt_zh.tokenizer import load_tokenizer
+
+    rows = model.get_input_embeddings().num_embeddings
+    if rows != len(tokenizer):
+        raise UserError(f"the model's vocabulary has {rows} tokens but the store's tokenizer has {len(tokenizer)}; "
+                        "preprocess with this model's vocab.txt (--vocab) so ids mean the same tokens",
+                        path=init_dir, field="vocab_size")
+    has_tokenizer = any((init_dir / n).is_file() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
+    if not has_tokenizer:
+        log.warning("%s has no tokenizer files: only the vocabulary size (%d) could be checked", init_dir, rows)
+        return
+    theirs, ours = load_tokenizer(init_dir).get_vocab(), tokenizer.get_vocab()
+    if theirs != ours:
+        diff = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda kv: kv[1])[:5]
+        raise UserError(f"the model's tokenizer differs from the store's (first differing token/id pairs: {diff}); "
+                        "preprocess with this model's vocabulary", path=init_dir, field="vocab")
+
+
+def make_model(config: TrainConfig, tokenizer, saved_model_config: Optional[dict]) -> torch.nn.Module:
+    """The GPT-2 to train: the resumed run's architecture, an --init model, or a fresh preset."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if saved_model_config:  # resume: the exact architecture of the run; weights come from resume/
+        return GPT2LMHeadModel(GPT2Config.from_dict(saved_model_config))
+    if config.init:
+        init_dir = Path(config.init)
+        model = load_model(init_dir)  # refuses damaged or NaN weights, naming the file
+        if model.config.model_type != "gpt2":
+            raise UserError(f"--init expects a GPT-2 model, got model_type={model.config.model_type!r}",
+                            path=init_dir / "config.json", field="model_type")
+        _check_vocab(model, tokenizer, init_dir)
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            setattr(model.config, name, config.dropout)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = config.dropout
+        model.config.bos_token_id = tokenizer.cls_token_id
+        model.config.eos_token_id = tokenizer.sep_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model.train()
+    return build_model(config.preset, tokenizer, dropout=config.dropout, n_layer=config.n_layer,
+                       n_embd=config.n_embd, n_head=config.n_head, n_positions=config.n_positions)
+
+
+def usable_windows(split, max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Indices and lengths of the windows that fit the model; the rest are counted, never silently dropped."""
+    lengths = split.lengths()
+    keep = np.flatnonzero(lengths <= max_len)
+    return keep, lengths[keep], int(len(lengths) - len(keep))
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: str) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.95, no decay on biases and LayerNorm), fused into one kernel where torch has one for
+    the device (CPU and CUDA: same update, fewer passes over the weights)."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device in _get_fused_kernels_supported_devices()
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+
+
+def restore_training_state(output: Path, optimizer, scheduler, scaler, rank: int) -> None:
+    """AdamW, schedule, fp16 loss scale and this process's RNG from OUTPUT/resume."""
+    saved = load_resume_optimizer(output)
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"the resume optimizer state does not fit this model: {e}",
+                        path=output / "resume" / "optimizer.pt") from e
+    rng = load_resume_rng(output, rank)
+    try:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    except (TypeError, RuntimeError) as e:
+        raise UserError(f"damaged random-number state: {e}", path=output / "resume" / f"rng_{rank}.pt") from e
