@@ -6,11 +6,21 @@
 2. Our trainer's tokens/s for each preset and the estimated time of one epoch of the train split
    (base: a few steps only).
 
+3. With --baseline (a checkout of another version, or a git ref checked out for the run into a temporary
+   worktree): that version's trainer and this one, side by side in alternating runs (A B B A ...), each a
+   separate process with the same settings (--baseline-steps steps of --batch-tokens, --threads): tokens/s
+   of every run, and how close the loss curves are (the batches are the same; dropout masks too while the
+   weights agree). --variants adds runs of this version with other settings (e.g. "pack=512;compile=on").
+
 Prints its figures; nothing is asserted. CPU figures depend on the machine's load (printed too).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main
+from dialogpt_zh.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,6 +47,16 @@ class BenchArgs:
     batch_tokens: int = field(default=4096, metadata=field_help("micro-batch budget for the per-preset timing"))
     threads: int = field(default=2, metadata=field_help("torch CPU threads"))
     seed: int = field(default=0, metadata=field_help("seed"))
+    sections: str = field(default="naive,presets", metadata=field_help(
+        "what to run, comma-separated: naive (ours vs naive), presets (tokens/s per preset), baseline "
+        "(needs --baseline)"))
+    baseline: str = field(default="", metadata=field_help(
+        "another version to run side by side: a directory holding dialogpt_zh/, or a git ref of this repository"))
+    baseline_steps: int = field(default=200, metadata=field_help("optimizer steps per side-by-side run"))
+    baseline_preset: str = field(default="small", metadata=field_help("model of the side-by-side runs"))
+    repeats: int = field(default=2, metadata=field_help("side-by-side rounds (each: baseline, this, this, baseline)"))
+    variants: str = field(default="", metadata=field_help(
+        "extra side-by-side runs of this version, ';'-separated, each comma-separated setting=value"))
 
 
 def naive_loop(store_path: str, preset: str, steps: int, batch_size: int, seed: int) -> dict:
@@ -81,6 +102,125 @@ def ours(store_path: str, preset: str, steps: int, seed: int, batch_size: int = 
             "padding_share": m["padding_share"]}
 
 
+def naive_vs_ours(args: BenchArgs) -> None:
+    print(f"\n== ours vs naive: preset {args.compare_preset}, {args.steps} steps x {args.batch_size} windows ==")
+    n = naive_loop(args.data, args.compare_preset, args.steps, args.batch_size, args.seed)
+    o = ours(args.data, args.compare_preset, args.steps, args.seed, batch_size=args.batch_size)
+    for name, r in (("naive (random, pad to longest)", n), ("ours (length-grouped)", o)):
+        print(f"{name:32s} {r['tokens_per_s']:9.0f} real tokens/s  {r['seconds']:7.1f} s  "
+              f"padding {100 * r['padding_share']:4.1f}%")
+    print(f"speed-up (real tokens/s): {o['tokens_per_s'] / n['tokens_per_s']:.2f}x   "
+          f"(load average now {os.getloadavg()[0]:.1f})")
+
+
+def per_preset(args: BenchArgs, store, train_tokens: int) -> None:
+    from dialogpt_zh.training.presets import build_model
+
+    print(f"\n== our trainer per preset (--batch-tokens {args.batch_tokens}) ==")
+    print(f"{'preset':8s} {'params':>8s} {'steps':>5s} {'tokens/s':>9s} {'epoch (est.)':>13s}")
+    for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
+        steps = args.base_steps if preset == "base" else args.preset_steps
+        r = ours(args.data, preset, steps, args.seed, batch_tokens=args.batch_tokens)
+        params = sum(p.numel() for p in build_model(preset, store.tokenizer()).parameters())
+        epoch_h = train_tokens / r["tokens_per_s"] / 3600
+        print(f"{preset:8s} {params / 1e6:7.1f}M {steps:5d} {r['tokens_per_s']:9.0f} {epoch_h:11.2f} h")
+    print(f"(load average at the end {os.getloadavg()[0]:.1f}; 1 epoch = {train_tokens:,} tokens)")
+
+
+# One side-by-side run, in its own process so that each version imports its own dialogpt_zh.
+RUNNER = """
+import json, logging, sys, tempfile
+from pathlib import Path
+from dialogpt_zh.training.config import TrainConfig
+from dialogpt_zh.training.loop import train
+logging.getLogger("dialogpt_zh.train").setLevel(logging.WARNING)
+with tempfile.TemporaryDirectory() as tmp:
+    m = train(TrainConfig(output=str(Path(tmp) / "out"), **json.loads(sys.argv[1])))
+keys = ("tokens_per_s", "wall_time_s", "tokens_seen", "padding_share", "valid_loss")
+print("RESULT " + json.dumps({**{k: m[k] for k in keys}, "train": [h[1] for h in m["history"]["train"]]}))
+"""
+
+
+@contextlib.contextmanager
+def checkout(baseline: str):
+    """A directory holding the baseline's dialogpt_zh/: the given one, or a temporary git worktree of a ref."""
+    if (Path(baseline) / "dialogpt_zh").is_dir():
+        yield Path(baseline), baseline
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="train_baseline_")) / "checkout"
+    made = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tmp), baseline],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        raise UserError(f"not a checkout nor a git ref of {REPO}: {made.stderr.strip()}", field="baseline")
+    commit = subprocess.run(["git", "-C", str(tmp), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    try:
+        yield tmp, f"{baseline} ({commit})"
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp)], capture_output=True)
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def parse_variants(text: str) -> list[dict]:
+    """ "pack=512,compile=on;prefetch=0" -> [{"pack": 512, "compile": "on"}, {"prefetch": 0}]"""
+    variants = []
+    for part in [p.strip() for p in text.split(";") if p.strip()]:
+        settings = {}
+        for item in part.split(","):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise UserError(f"expected setting=value, got {item!r}", field="variants")
+            value = value.strip()
+            settings[key.strip()] = int(value) if value.lstrip("-").isdigit() else value
+        variants.append(settings)
+    return variants
+
+
+def run_once(code_dir: Path, settings: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code_dir), "TQDM_DISABLE": "1"}
+    load = os.getloadavg()[0]
+    done = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(settings)], env=env, capture_output=True,
+                          text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise UserError(f"the run in {code_dir} failed:\n{done.stderr[-3000:]}", field="baseline")
+    return {**json.loads(lines[-1][len("RESULT "):]), "load": load}
+
+
+def side_by_side(args: BenchArgs) -> None:
+    """Baseline vs this checkout (and --variants), alternating; every run is printed."""
+    common = dict(data=str(Path(args.data).resolve()), preset=args.baseline_preset, max_steps=args.baseline_steps,
+                  eval_every=10 ** 9, eval_windows=200, batch_tokens=args.batch_tokens, seed=args.seed,
+                  threads=args.threads, device="cpu")
+    variants = parse_variants(args.variants)
+    with checkout(args.baseline) as (base_dir, label):
+        arms = [("baseline", base_dir, {})] + [("this", REPO, {})] + [
+            ("this " + ",".join(f"{k}={v}" for k, v in v.items()), REPO, v) for v in variants]
+        print(f"\n== side by side: baseline {label} vs this checkout ({REPO}): {args.baseline_preset}, "
+              f"{args.baseline_steps} steps of {args.batch_tokens} tokens, {args.threads} threads ==")
+        print(f"{'run':>3} {'code':28s} {'tokens/s':>9} {'seconds':>8} {'load':>5} {'loss 1-10':>9} "
+              f"{'loss last 50':>12} {'valid':>7}")
+        results: dict[str, list[dict]] = {name: [] for name, _, _ in arms}
+        order = [a for r in range(args.repeats) for a in (arms if r % 2 == 0 else arms[::-1])]
+        for n, (name, code_dir, extra) in enumerate(order, 1):
+            r = run_once(code_dir, {**common, **extra})
+            results[name].append(r)
+            print(f"{n:3d} {name:28s} {r['tokens_per_s']:9.0f} {r['wall_time_s']:8.1f} {r['load']:5.1f} "
+                  f"{np.mean(r['train'][:10]):9.4f} {np.mean(r['train'][-50:]):12.4f} {r['valid_loss']:7.4f}",
+                  flush=True)
+    base = results["baseline"][0]["train"]
+    base_speed = float(np.median([r["tokens_per_s"] for r in results["baseline"]]))
+    print(f"\n{'code':28s} {'median tokens/s':>15} {'vs baseline':>11} {'mean |loss - baseline run 1| per step':>38}")
+    for name, runs in results.items():
+        speed = float(np.median([r["tokens_per_s"] for r in runs]))
+        gap = np.mean([np.mean(np.abs(np.array(r["train"]) - np.array(base))) for r in runs])
+        print(f"{name:28s} {speed:15.0f} {speed / base_speed:10.2f}x {gap:38.4f}")
+    spread = [np.mean(np.abs(np.array(a["train"]) - np.array(b["train"])))
+              for a, b in zip(results["baseline"], results["baseline"][1:])]
+    if spread:
+        print(f"(baseline run vs baseline run: {np.mean(spread):.4f} per step — what the same code gives twice)")
+
+
 def main(argv=None) -> int:
     def body() -> int:
         import logging
@@ -90,7 +230,15 @@ def main(argv=None) -> int:
         (args,) = parse(make_parser([BenchArgs], prog="python benchmarks/train_throughput.py",
                                     description=__doc__.split("\n\n")[0],
                                     examples="  python benchmarks/train_throughput.py\n"
-                                             "  python benchmarks/train_throughput.py --presets tiny --steps 10"), argv)
+                                             "  python benchmarks/train_throughput.py --presets tiny --steps 10\n"
+                                             "  python benchmarks/train_throughput.py --sections baseline "
+                                             "--baseline ce10fe3 --variants 'pack=512;compile=on'"), argv)
+        sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+        if sections - {"naive", "presets", "baseline"}:
+            raise UserError(f"unknown sections {sorted(sections - {'naive', 'presets', 'baseline'})}",
+                            field="sections")
+        if "baseline" in sections and not args.baseline:
+            raise UserError("the baseline section needs --baseline DIR_OR_GIT_REF", field="baseline")
         logging.getLogger("dialogpt_zh.train").setLevel(logging.WARNING)
         os.environ.setdefault("TQDM_DISABLE", "1")
         torch.set_num_threads(args.threads)
@@ -104,27 +252,12 @@ def main(argv=None) -> int:
         train_tokens = int(store.split("train").lengths().sum())
         print(f"store {args.data}: {len(store.split('train')):,} train windows, {train_tokens:,} tokens "
               f"(with [CLS]/[SEP]); torch threads {args.threads}; load average {os.getloadavg()[0]:.1f}")
-
-        print(f"\n== ours vs naive: preset {args.compare_preset}, {args.steps} steps x {args.batch_size} windows ==")
-        n = naive_loop(args.data, args.compare_preset, args.steps, args.batch_size, args.seed)
-        o = ours(args.data, args.compare_preset, args.steps, args.seed, batch_size=args.batch_size)
-        for name, r in (("naive (random, pad to longest)", n), ("ours (length-grouped)", o)):
-            print(f"{name:32s} {r['tokens_per_s']:9.0f} real tokens/s  {r['seconds']:7.1f} s  "
-                  f"padding {100 * r['padding_share']:4.1f}%")
-        print(f"speed-up (real tokens/s): {o['tokens_per_s'] / n['tokens_per_s']:.2f}x   "
-              f"(load average now {os.getloadavg()[0]:.1f})")
-
-        print(f"\n== our trainer per preset (--batch-tokens {args.batch_tokens}) ==")
-        print(f"{'preset':8s} {'params':>8s} {'steps':>5s} {'tokens/s':>9s} {'epoch (est.)':>13s}")
-        from dialogpt_zh.training.presets import build_model
-
-        for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
-            steps = args.base_steps if preset == "base" else args.preset_steps
-            r = ours(args.data, preset, steps, args.seed, batch_tokens=args.batch_tokens)
-            params = sum(p.numel() for p in build_model(preset, store.tokenizer()).parameters())
-            epoch_h = train_tokens / r["tokens_per_s"] / 3600
-            print(f"{preset:8s} {params / 1e6:7.1f}M {steps:5d} {r['tokens_per_s']:9.0f} {epoch_h:11.2f} h")
-        print(f"(load average at the end {os.getloadavg()[0]:.1f}; 1 epoch = {train_tokens:,} tokens)")
+        if "naive" in sections:
+            naive_vs_ours(args)
+        if "presets" in sections:
+            per_preset(args, store, train_tokens)
+        if "baseline" in sections:
+            side_by_side(args)
         return 0
 
     return run_main(body)
