@@ -10,6 +10,7 @@ import torch
 from conftest import build_fixture_store
 
 from dialogpt_zh.data.store import TokenStore
+from dialogpt_zh.errors import UserError
 from dialogpt_zh.tokenizer import encode
 from dialogpt_zh.train import main
 from dialogpt_zh.training.batches import IGNORE_INDEX, collate, plan_batches
@@ -85,21 +86,83 @@ def test_checkpoint_loads_with_plain_transformers(forward_run, carded_store):
     assert total / n == pytest.approx(metrics["best_valid_loss"], rel=1e-4)
 
 
-def test_resume_continues_exactly(tmp_path, fixture_store):
+RESUME_OPTIONS = [
+    pytest.param({}, id="defaults"),
+    pytest.param({"pack": 64, "prefetch": 0}, id="packed-rows-no-prefetch"),
+    pytest.param({"precision": "bf16", "prefetch": 3}, id="bf16-autocast"),
+    pytest.param({"compile": "on"}, id="compiled", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("options", RESUME_OPTIONS)
+def test_resume_continues_exactly(tmp_path, fixture_store, options):
+    """Stopped at step 7 (by should_stop, as Ctrl-C would) and resumed: the same updates as a run never stopped,
+    with every speed setting (each also runs in-process after runs of other precisions: no accelerate reset)."""
     from safetensors.torch import load_file
 
-    common = dict(max_steps=12, eval_every=5, grad_accum=2, dropout=0.1, batch_tokens=128)
+    common = dict(max_steps=12, eval_every=5, grad_accum=2, dropout=0.1, batch_tokens=128, **options)
     straight = train(_config(fixture_store, tmp_path / "straight", **common))
-    first = train(_config(fixture_store, tmp_path / "split", **common), should_stop=lambda step: step == 7)
-    assert first["stopped"] == "interrupted" and first["step"] == 7
+    asked = []
+    first = train(_config(fixture_store, tmp_path / "split", **common),
+                  should_stop=lambda step: asked.append(step) or step == 7)
+    assert first["stopped"] == "interrupted" and first["step"] == 7 and asked == list(range(1, 8))
     assert (tmp_path / "split" / "model.safetensors").is_file()  # the best model so far is already there
     resumed = train(_config(fixture_store, tmp_path / "split", resume=True, **common))
     assert resumed["step"] == 12 and resumed["stopped"] == "max_steps"
     assert resumed["history"]["train"] == straight["history"]["train"]  # same losses and lrs, step by step
     assert resumed["tokens_seen"] == straight["tokens_seen"]
+    assert resumed["precision"] == options.get("precision", "fp32")
     a = load_file(tmp_path / "straight" / "resume" / "model.safetensors")
     b = load_file(tmp_path / "split" / "resume" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if options.get("pack"):
+        assert straight["padding_share"] < 0.5 and straight["pack"] == options["pack"]
+
+
+def test_packed_and_padded_runs_learn_alike(tmp_path, fixture_store):
+    """Same windows, same schedule, no dropout: packing changes which windows share a batch, not what is learnt."""
+    common = dict(max_steps=20, eval_every=20, dropout=0.0, batch_tokens=128)
+    padded = train(_config(fixture_store, tmp_path / "padded", **common))
+    packed = train(_config(fixture_store, tmp_path / "packed", pack=64, **common))
+    assert packed["valid_loss"] == pytest.approx(padded["valid_loss"], abs=0.15)
+    assert packed["padding_share"] < padded["padding_share"] or padded["padding_share"] < 0.05
+    assert packed["history"]["train"][-1][1] < packed["history"]["train"][0][1] - 0.5
+
+
+def test_a_run_saved_before_packing_existed_resumes(tmp_path, fixture_store):
+    """resume/state.json of an older version has no "pack" in its config: it resumes as an unpacked run."""
+    common = dict(max_steps=6, eval_every=3, batch_tokens=128)
+    train(_config(fixture_store, tmp_path / "old", **common), should_stop=lambda step: step == 3)
+    path = tmp_path / "old" / "resume" / "state.json"
+    state = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("pack", "compile", "prefetch"):
+        del state["config"][key]
+    state["config"]["batch_tokens"] = 128
+    path.write_text(json.dumps(state), encoding="utf-8")
+    assert train(_config(fixture_store, tmp_path / "old", resume=True, **common))["step"] == 6
+    with pytest.raises(UserError, match="--pack 0 -> 64"):
+        train(_config(fixture_store, tmp_path / "old", resume=True, pack=64, **{**common, "max_steps": 9}))
+
+
+def test_device_defaults_fill_in_what_was_not_given():
+    base = TrainConfig(data="d", output="o")
+    assert base.batch_tokens is None and base.compile == "auto"
+    cpu, cuda = for_device(base, "cpu"), for_device(base, "cuda")
+    assert (cpu.batch_tokens, cpu.compile) == (4096, "off")
+    assert (cuda.batch_tokens, cuda.compile) == (32768, "on")
+    given = TrainConfig(data="d", output="o", batch_tokens=1000, compile="off")
+    assert for_device(given, "cuda") == given
+    assert for_device(TrainConfig(data="d", output="o", pack=8192), "cpu").batch_tokens == 8192
+
+
+def test_pack_shorter_than_a_window_is_refused(tmp_path, capsys, fixture_store):
+    code, err = _run_cli(["--data", fixture_store, "--output", tmp_path / "out", "--preset", "tiny", "--pack", "16",
+                          "--device", "cpu"], capsys)
+    assert code == 2 and "--pack" in err and "longest train window has 36 tokens" in err, err
+    code, err = _run_cli(["--data", fixture_store, "--output", tmp_path / "out", "--preset", "tiny", "--pack", "512",
+                          "--device", "cpu"], capsys)
+    assert code == 2 and "--pack" in err and "256 positions" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_backward_batches_are_reversed_windows(fixture_store, fixture_sessions, fixture_tokenizer):
@@ -334,7 +397,8 @@ BAD_SETTINGS = [
     (["--grad-accum", "0"], "--grad-accum"), (["--warmup-steps", "-2"], "--warmup-steps"),
     (["--epochs", "-1"], "--epochs"), (["--epochs", "0", "--max-steps", "0"], "--epochs"),
     (["--max-steps", "-3"], "--max-steps"), (["--patience", "-1"], "--patience"), (["--seed", "-1"], "--seed"),
-    (["--threads", "-2"], "--threads"),
+    (["--threads", "-2"], "--threads"), (["--pack", "-1"], "--pack"), (["--prefetch", "-1"], "--prefetch"),
+    (["--pack", "64", "--batch-size", "4"], "--pack"), (["--pack", "512", "--batch-tokens", "256"], "--batch-tokens"),
 ]
 
 

@@ -307,6 +307,8 @@ def _train_step(run: _Run, batches: list[Batch]) -> tuple[float, torch.Tensor]:
     run.optimizer.zero_grad(set_to_none=True)
     sizes = torch.tensor([sum(b.num_tokens for b in batches), targets, sum(b.input_ids.numel() for b in batches)],
                          dtype=torch.float64)
+    if run.device == "cuda":  # a copy from pageable memory would wait for the GPU to finish the step
+        sizes = sizes.pin_memory()
     counts = torch.cat([sizes.to(accelerator.device, non_blocking=True), step_loss.reshape(1)])
     if accelerator.num_processes > 1:
         counts = accelerator.reduce(counts, "sum")

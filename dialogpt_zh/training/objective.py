@@ -3,7 +3,8 @@
 `NextTokenLoss` wraps a `GPT2LMHeadModel` so that the step runs only what the loss needs (docs/training.md,
 "Where the time goes", has the profile that picked these):
 - the language-model head runs on the target positions only, not on padding, [CLS] or the last position;
-- no key/value cache is built (a training forward never reads it back);
+- no key/value cache is built (a training forward never reads it back; and with one, transformers would not
+  turn packed rows' restarting position ids into the block-diagonal mask);
 - no attention mask: rows are right-padded (or packed with restarting position ids), see training/batches.py;
 - the input goes in as embeddings, so transformers' "padding without attention mask" check (a device sync
   every step) does not run;

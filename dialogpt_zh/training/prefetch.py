@@ -88,7 +88,11 @@ class Prefetcher:
         if self._finished is not None:
             raise self._finished
         if self._depth == 0:
-            return self._make(next(self._source))
+            try:
+                return self._make(next(self._source))
+            except Exception as e:  # noqa: BLE001 - StopIteration included: kept for every later call
+                self._finished = e
+                raise
         if self._thread is None:  # started on first use: a run that has nothing to do starts no thread
             self._thread = threading.Thread(target=self._produce, name="batch-prefetch", daemon=True)
             self._thread.start()
