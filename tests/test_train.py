@@ -109,12 +109,21 @@ def test_resume_continues_exactly(tmp_path, fixture_store, options):
     assert (tmp_path / "split" / "model.safetensors").is_file()  # the best model so far is already there
     resumed = train(_config(fixture_store, tmp_path / "split", resume=True, **common))
     assert resumed["step"] == 12 and resumed["stopped"] == "max_steps"
-    assert resumed["history"]["train"] == straight["history"]["train"]  # same losses and lrs, step by step
     assert resumed["tokens_seen"] == straight["tokens_seen"]
     assert resumed["precision"] == options.get("precision", "fp32")
     a = load_file(tmp_path / "straight" / "resume" / "model.safetensors")
     b = load_file(tmp_path / "split" / "resume" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    if options.get("compile") == "on":
+        # compiled CPU kernels are not bit-reproducible from run to run (two identical compiled runs already
+        # differ by ~1e-8 relative from step 2): the same batches and lrs, losses and weights equal to rounding
+        assert [h[2] for h in resumed["history"]["train"]] == [h[2] for h in straight["history"]["train"]]
+        assert [h[1] for h in resumed["history"]["train"]] == pytest.approx(
+            [h[1] for h in straight["history"]["train"]], rel=1e-5)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3  # Adam magnifies rounding: lr is 3e-3
+    else:
+        assert resumed["history"]["train"] == straight["history"]["train"]  # same losses and lrs, step by step
+        assert all(torch.equal(a[k], b[k]) for k in a)
     if options.get("pack"):
         assert straight["padding_share"] < 0.5 and straight["pack"] == options["pack"]
 

@@ -47,8 +47,6 @@ from dialogpt_zh.training.setup import (
 
 log = logging.getLogger("dialogpt_zh.train")
 
-__all__ = ["train", "check_output", "validation_loss"]
-
 
 @dataclass
 class _Run:
@@ -185,7 +183,12 @@ def _setup_optimizer(run: _Run) -> None:
         restore_training_state(run.output, run.optimizer, run.scheduler, run.scaler, accelerator.process_index)
     else:
         torch.manual_seed(config.seed + accelerator.process_index)  # dropout stream; per process
-    run.step_model = torch.compile(run.ddp_model) if config.compile == "on" else run.ddp_model
+    if config.compile == "on":
+        # padded batches change shape every step: one dynamic graph from the start instead of a recompile;
+        # packed ones keep theirs (torch marks what varies dynamic after the first change)
+        run.step_model = torch.compile(run.ddp_model, dynamic=None if config.pack else True)
+    else:
+        run.step_model = run.ddp_model
     n_params = sum(p.numel() for p in run.lm.parameters())
     run.extra.update({"parameters": n_params, "total_steps": run.schedule.total_steps, "device": run.device,
                       "precision": run.precision, "processes": accelerator.num_processes,
