@@ -36,6 +36,7 @@ from dialogpt_zh.training.outputs import run_metrics, save_run, training_card
 from dialogpt_zh.training.prefetch import Position, Prefetcher, step_batches
 from dialogpt_zh.training.setup import (
     check_output,
+    keep_freed_memory,
     make_model,
     make_optimizer,
     open_store,
@@ -102,6 +103,7 @@ def _setup(config: TrainConfig) -> _Run:
     state = read_resume_state(output, config) if config.resume else RunState(config=run_config(config))
     if config.threads > 0:
         torch.set_num_threads(config.threads)
+    reused_memory = device == "cpu" and keep_freed_memory()
     accelerator = _make_accelerator(device)
     if config.resume and state.world_size != accelerator.num_processes:
         raise UserError(f"the run was saved with {state.world_size} processes, not {accelerator.num_processes}: "
@@ -114,6 +116,7 @@ def _setup(config: TrainConfig) -> _Run:
     run = _Run(config, output, device, precision, store, train_split, valid_split, tokenizer, state, accelerator)
     _setup_model_and_data(run)
     _setup_optimizer(run)
+    run.extra["malloc_keeps_freed_memory"] = reused_memory
     return run
 
 

@@ -146,6 +146,28 @@ def usable_windows(split, max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
     return keep, lengths[keep], int(len(lengths) - len(keep))
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing big blocks back to the system.
+
+    A CPU training step allocates and frees the same large tensors every step (logits, activations, their
+    gradients); by default glibc maps each big one fresh from the system, and touching new pages costs
+    about as much as a matrix product of that size (docs/training.md, "Where the time goes"). Nothing is
+    computed differently. Process-wide and kept after the run; False (nothing changed) where the C library
+    is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (and its mallopt settings)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    keep = 1 << 30  # blocks up to 1 GiB come from, and go back to, the reusable heap
+    return bool(mallopt(m_mmap_threshold, keep)) and bool(mallopt(m_trim_threshold, keep))
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: str) -> torch.optim.Optimizer:
     """AdamW (betas 0.9/0.95, no decay on biases and LayerNorm), fused into one kernel where torch has one for
     the device (CPU and CUDA: same update, fewer passes over the weights)."""
