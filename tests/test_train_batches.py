@@ -126,6 +126,17 @@ def test_fast_activations_keep_the_function_and_the_checkpoint(split, fixture_to
     assert fast_activations(lm) == 0
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_targets_are_the_next_tokens_inside_each_row(split, packed):
+    rows = [[0, 3], [7], [1, 2, 4]] if packed else [[0], [7], [11]]
+    batch = collate_rows(split, rows, "backward", 0, replies_only=True, packed=packed)
+    width = batch.input_ids.shape[1]
+    expected = [(r * width + t, int(batch.labels[r, t + 1])) for r in range(len(rows)) for t in range(width - 1)
+                if batch.labels[r, t + 1] != IGNORE_INDEX]
+    assert list(zip(batch.target_index.tolist(), batch.target_ids.tolist())) == expected
+    assert batch.num_targets == len(expected) > 0
+
+
 def test_padding_gets_no_loss_and_changes_nothing(split, tiny_lm):
     batch = collate(split, [0, 5, 9], "forward", 0)
     assert (batch.labels[batch.attention_mask == 0] == IGNORE_INDEX).all()
@@ -192,3 +203,16 @@ def test_padded_plans_still_group_by_length():
     lengths = np.random.default_rng(3).integers(5, 200, size=500)
     plan = plan_batches(lengths, 1024, 0, seed=0, epoch=0)
     assert sorted(np.concatenate(plan).tolist()) == list(range(500))
+
+
+def test_glibc_malloc_is_asked_to_keep_freed_memory():
+    import ctypes
+    import ctypes.util
+
+    from dialogpt_zh.training.setup import keep_freed_memory
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).gnu_get_libc_version  # noqa: B018
+    except (OSError, AttributeError, TypeError):
+        pytest.skip("not glibc: nothing to tune")
+    assert keep_freed_memory() is True

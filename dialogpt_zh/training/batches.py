@@ -117,7 +117,7 @@ class Batch:
     attention_mask: torch.Tensor  # [R, W] 1 for real tokens (for inspection; the model gets none, see above)
     labels: torch.Tensor          # [R, W] IGNORE_INDEX where no loss is taken (padding, [CLS], masked first turn)
     position_ids: Optional[torch.Tensor]  # [R, W] restarting at every window (packed); None: 0..W-1 per row
-    target_index: torch.Tensor    # [N] flat positions in [R, W - 1] whose next token is a target
+    target_index: torch.Tensor    # [N] flat positions in [R, W] whose next token is a target
     target_ids: torch.Tensor      # [N] those next tokens
     num_tokens: int               # real (non-padding) tokens
     num_targets: int              # tokens that are predicted (N)
@@ -201,11 +201,12 @@ def collate_rows(split: StoreSplit, rows: Rows, direction: str, pad_id: int, rep
         positions = (np.arange(width, dtype=np.int64)[None, :] - row_len[:, None]).reshape(-1)
         positions[flat] = pos
         positions = torch.from_numpy(positions.reshape(len(rows), width))
-    shifted = labels.reshape(len(rows), width)[:, 1:].reshape(-1)
-    target_index = np.flatnonzero(shifted != IGNORE_INDEX)
+    # a position predicts the next one's label: the label of flat position i + 1, never across rows (the first
+    # position of a row is [CLS] or padding, no target)
+    target_index = np.flatnonzero(labels[1:] != IGNORE_INDEX)
     return Batch(torch.from_numpy(ids.reshape(len(rows), width)), torch.from_numpy(real.reshape(len(rows), width)),
                  torch.from_numpy(labels.reshape(len(rows), width)), positions, torch.from_numpy(target_index),
-                 torch.from_numpy(shifted[target_index]), int(real.sum()), int(len(target_index)))
+                 torch.from_numpy(labels[target_index + 1]), int(real.sum()), int(len(target_index)))
 
 
 def collate(split: StoreSplit, indices, direction: str, pad_id: int, replies_only: bool = False) -> Batch:

@@ -30,10 +30,10 @@ class NextTokenLoss(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, target_index: torch.Tensor, target_ids: torch.Tensor,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Sum over the targets of -log P(target | tokens before it); `target_index` is a flat index into the
-        [rows, width - 1] positions whose next token is `target_ids` (training.batches.Batch)."""
+        [rows, width] positions whose next token is `target_ids` (training.batches.Batch)."""
         body = self.lm.transformer
         hidden = body(inputs_embeds=body.wte(input_ids), position_ids=position_ids, use_cache=False).last_hidden_state
-        hidden = hidden[:, :-1].reshape(-1, hidden.size(-1)).index_select(0, target_index)
+        hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, target_index)
         logits = self.lm.lm_head(hidden)
         return F.cross_entropy(logits.float(), target_ids, reduction="sum")
 
