@@ -137,7 +137,9 @@ logging.getLogger("dialogpt_zh.train").setLevel(logging.WARNING)
 with tempfile.TemporaryDirectory() as tmp:
     m = train(TrainConfig(output=str(Path(tmp) / "out"), **json.loads(sys.argv[1])))
 keys = ("tokens_per_s", "wall_time_s", "tokens_seen", "padding_share", "valid_loss")
-print("RESULT " + json.dumps({**{k: m[k] for k in keys}, "train": [h[1] for h in m["history"]["train"]]}))
+import dialogpt_zh
+print("RESULT " + json.dumps({**{k: m[k] for k in keys}, "train": [h[1] for h in m["history"]["train"]],
+                              "code": str(Path(dialogpt_zh.__file__).parent.parent)}))
 """
 
 
@@ -179,12 +181,16 @@ def parse_variants(text: str) -> list[dict]:
 def run_once(code_dir: Path, settings: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code_dir), "TQDM_DISABLE": "1"}
     load = os.getloadavg()[0]
-    done = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(settings)], env=env, capture_output=True,
-                          text=True)
+    # cwd too: `python -c` puts the working directory before PYTHONPATH on sys.path
+    done = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(settings)], env=env, cwd=code_dir,
+                          capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise UserError(f"the run in {code_dir} failed:\n{done.stderr[-3000:]}", field="baseline")
-    return {**json.loads(lines[-1][len("RESULT "):]), "load": load}
+    result = json.loads(lines[-1][len("RESULT "):])
+    if Path(result["code"]).resolve() != Path(code_dir).resolve():
+        raise UserError(f"the run meant for {code_dir} imported dialogpt_zh from {result['code']}", field="baseline")
+    return {**result, "load": load}
 
 
 def side_by_side(args: BenchArgs) -> None:
