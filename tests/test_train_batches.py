@@ -137,6 +137,41 @@ def test_targets_are_the_next_tokens_inside_each_row(split, packed):
     assert batch.num_targets == len(expected) > 0
 
 
+def test_fused_head_gives_the_loss_and_gradients_of_the_plain_one(split, fixture_tokenizer):
+    torch.manual_seed(2)
+    lm = build_model("tiny", fixture_tokenizer, dropout=0.0).train()
+    plain, fused = NextTokenLoss(lm), NextTokenLoss(lm, fused_head=True)
+    batches = [collate(split, np.arange(k, k + 6), "forward", 0) for k in (0, 10, 20)]
+
+    def run(loss_model, batch):
+        lm.zero_grad(set_to_none=True)
+        loss = loss_model(batch.input_ids, batch.target_index, batch.target_ids)
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+    for batch in batches:  # batches of different sizes: the buffer grows and is reused
+        (a, grads_a), (b, grads_b) = run(plain, batch), run(fused, batch)
+        assert b == pytest.approx(a, rel=1e-6)
+        for name in grads_a:  # the tied embedding / head weight included
+            gap = float((grads_a[name] - grads_b[name]).abs().max())
+            assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-5), (name, gap)
+    # two forwards before their backwards (the second took the buffer): the first one's gradients still hold
+    lm.zero_grad(set_to_none=True)
+    first = fused(batches[0].input_ids, batches[0].target_index, batches[0].target_ids)
+    fused(batches[1].input_ids, batches[1].target_index, batches[1].target_ids)
+    first.backward()
+    _, expected = run(plain, batches[0])
+    lm.zero_grad(set_to_none=True)
+    first = fused(batches[0].input_ids, batches[0].target_index, batches[0].target_ids)
+    fused(batches[1].input_ids, batches[1].target_index, batches[1].target_ids)
+    first.backward()
+    assert all(torch.allclose(expected[n], p.grad, rtol=1e-4, atol=1e-5) for n, p in lm.named_parameters())
+    reference = run(plain, batches[2])[0]
+    with torch.no_grad():  # validation takes the plain path
+        assert float(fused(batches[2].input_ids, batches[2].target_index, batches[2].target_ids)) == \
+            pytest.approx(reference, rel=1e-6)
+
+
 def test_padding_gets_no_loss_and_changes_nothing(split, tiny_lm):
     batch = collate(split, [0, 5, 9], "forward", 0)
     assert (batch.labels[batch.attention_mask == 0] == IGNORE_INDEX).all()

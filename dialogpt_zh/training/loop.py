@@ -175,7 +175,8 @@ def _setup_model_and_data(run: _Run) -> None:
 
 def _setup_optimizer(run: _Run) -> None:
     config, accelerator = run.config, run.accelerator
-    run.loss_model = NextTokenLoss(run.lm)
+    fused_head = run.device == "cpu" and run.precision == "fp32" and config.compile == "off"
+    run.loss_model = NextTokenLoss(run.lm, fused_head=fused_head)
     optimizer = make_optimizer(run.lm, config, run.device)
     run.ddp_model, run.optimizer = accelerator.prepare(run.loss_model, optimizer)
     schedule = run.schedule
@@ -196,7 +197,7 @@ def _setup_optimizer(run: _Run) -> None:
     run.extra.update({"parameters": n_params, "total_steps": run.schedule.total_steps, "device": run.device,
                       "precision": run.precision, "processes": accelerator.num_processes,
                       "batch_tokens": config.batch_tokens, "pack": config.pack, "compile": config.compile,
-                      "fused_adamw": bool(optimizer.defaults.get("fused"))})
+                      "fused_adamw": bool(optimizer.defaults.get("fused")), "fused_head": fused_head})
     if accelerator.is_main_process:
         log.info("training %s %s (%.2fM parameters) on %d windows, %d processes, %s/%s, %d steps of %s",
                  config.direction, "init" if config.init else config.preset, n_params / 1e6,
