@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 # operator name -> group, first match wins (the names are aten's)
 GROUPS = [
     ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("loss (log-softmax, cross-entropy)", ("log_softmax", "nll_loss", "cross_entropy", "logsumexp", "aten::exp",
+                                           "aten::gather")),
     ("attention", ("scaled_dot_product", "_softmax", "aten::softmax", "baddbmm")),
-    ("loss (log-softmax, cross-entropy)", ("log_softmax", "nll_loss", "cross_entropy")),
     ("dropout", ("bernoulli", "dropout", "native_dropout")),
     ("layer norm", ("layer_norm",)),
     ("GELU and other elementwise", ("aten::mul", "aten::add", "aten::pow", "aten::tanh", "aten::gelu", "aten::div",
