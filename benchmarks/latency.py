@@ -16,7 +16,9 @@ For each N (candidates per reply) it prints p50 / p95 seconds per reply of
   chitchat     GPT2-chitchat's interact_mmi algorithm: the N candidates in one batch but no KV cache (the whole
                sequence re-run every step, finished rows kept until all are done), then each candidate scored
                on its own by the backward model with the loss averaged over the whole sequence;
-  one-by-one   the same, but each candidate also generated on its own (N separate uncached decodes);
+  reference    our algorithm stated plainly (dialogpt_zh/engine/reference.py): each candidate sampled on its
+               own with the whole sequence re-run every step, then scored on its own by the backward model
+               over the context tokens only: what the cache and the batches buy;
 plus the MMI scoring share of our reply time and the int8 dynamic quantization speed-up with the perplexity
 change it causes (on --heldout sessions when given, else on the hand-written fixtures). Threads: the engine's
 thread policy (dialogpt_zh/engine/threads.py) unless --threads N; the references run with the threads ours chose.
@@ -33,6 +35,7 @@ for our row dropping). Figures taken while other jobs share the cores are pessim
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -50,11 +53,11 @@ sys.path.insert(0, str(REPO))
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
 from dialogpt_zh.engine.bot import ChatBot  # noqa: E402
+from dialogpt_zh.engine.reference import reference_reply  # noqa: E402
 from dialogpt_zh.engine.sampling import NEG_INF, top_k_filter, top_p_filter  # noqa: E402
 from dialogpt_zh.engine.threads import ThreadPolicy  # noqa: E402
 from dialogpt_zh.sequence import build_sequence  # noqa: E402
 from dialogpt_zh.settings import GenerationSettings, MMISettings  # noqa: E402
-from dialogpt_zh.tokenizer import encode  # noqa: E402
 
 
 @dataclass
@@ -67,8 +70,9 @@ class LatencyArgs:
     ns: str = field(default="1,5,10,20", metadata=field_help("candidate counts N"))
     contexts: int = field(default=5, metadata=field_help("contexts (from corpus/fixtures) timed per N"))
     base_contexts: int = field(default=2, metadata=field_help("contexts for the slow 12-layer base shape"))
-    reference: str = field(default="chitchat,one-by-one", metadata=field_help(
-        "reference algorithms to time: chitchat, one-by-one, none"))
+    reference: str = field(default="chitchat,reference", metadata=field_help(
+        "reference algorithms to time: chitchat (GPT2-chitchat's), reference (ours without cache or batches: "
+        "dialogpt_zh/engine/reference.py), none"))
     reference_max_n: int = field(default=20, metadata=field_help("skip the references above this N"))
     base_reference_ns: str = field(default="10", metadata=field_help("N values at which the base shape runs the references"))
     max_length: int = field(default=25, metadata=field_help("reply length cap (GPT2-chitchat's max_len)"))
@@ -171,20 +175,24 @@ def chitchat_mmi(mmi_model, context: list[list[int]], replies: list[list[int]], 
     return losses
 
 
-def reference_reply(bot: ChatBot, context: list[list[int]], n: int, max_length: int, one_by_one: bool,
-                    generator: torch.Generator) -> tuple[float, float]:
-    """Seconds for one reference reply: (total, MMI part)."""
+def chitchat_reply(bot: ChatBot, context: list[list[int]], n: int, max_length: int,
+                   generator: torch.Generator) -> float:
+    """Seconds for one GPT2-chitchat reply."""
     t0 = time.perf_counter()
     ctx_ids = build_sequence(context, "forward", bot.cls_id, bot.sep_id)
-    if one_by_one:
-        replies = [chitchat_generate(bot.forward_model, ctx_ids, 1, bot, max_length, generator)[0] for _ in range(n)]
-    else:
-        replies = chitchat_generate(bot.forward_model, ctx_ids, n, bot, max_length, generator)
-    t1 = time.perf_counter()
+    replies = chitchat_generate(bot.forward_model, ctx_ids, n, bot, max_length, generator)
     losses = chitchat_mmi(bot.backward_model, context, replies, bot)
     _ = replies[min(range(n), key=lambda i: losses[i])]
-    t2 = time.perf_counter()
-    return t2 - t0, t2 - t1
+    return time.perf_counter() - t0
+
+
+def our_reference_reply(bot: ChatBot, context: list[list[int]], n: int, max_length: int,
+                        generator: torch.Generator) -> float:
+    """Seconds for one reply of our algorithm without cache or batches (dialogpt_zh/engine/reference.py)."""
+    t0 = time.perf_counter()
+    gen = dataclasses.replace(bot.generation, num_candidates=n, max_length=max_length)
+    reference_reply(bot.forward_model, bot.backward_model, bot.tokenizer, context, gen, bot.mmi_settings, generator)
+    return time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -209,13 +217,15 @@ def time_ours(bot: ChatBot, contexts, n: int, max_length: int, seed: int) -> tup
     return totals, shares, threads
 
 
-def time_reference(bot: ChatBot, contexts, n: int, max_length: int, seed: int, one_by_one: bool) -> list[float]:
+def time_reference(bot: ChatBot, contexts, n: int, max_length: int, seed: int, which: str) -> list[float]:
+    """Seconds per reply of a reference algorithm: `which` is chitchat or reference."""
+    run = chitchat_reply if which == "chitchat" else our_reference_reply
     totals = []
     for i, ctx in enumerate(contexts):
-        turns = [encode(bot.tokenizer, u) for u in ctx]
+        turns = bot.prepare_context(ctx, bot.generation, max_length, [])[0]  # the turns ours would see
         g = torch.Generator().manual_seed(seed + i)
         with bot.thread_policy.use():  # the same threads as ours would get now
-            totals.append(reference_reply(bot, turns, n, max_length, one_by_one, g)[0])
+            totals.append(run(bot, turns, n, max_length, g))
     return totals
 
 
@@ -329,7 +339,7 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
             row += f" | {pct(hf, 50):13.3f} {pct(hf, 95):7.3f}"
         for ref in refs:
             if n in ref_ns:
-                t = time_reference(bot, contexts, n, args.max_length, args.seed, ref == "one-by-one")
+                t = time_reference(bot, contexts, n, args.max_length, args.seed, ref)
                 row += f" | {pct(t, 50):16.3f} {pct(t, 95):7.3f} {pct(t, 50) / pct(ours, 50):7.1f}x"
             else:
                 row += f" | {'-':>16} {'-':>7} {'-':>8}"
@@ -395,6 +405,11 @@ def main(argv=None) -> int:
         hf_logging.disable_progress_bar()
         ns = [int(x) for x in args.ns.split(",")]
         refs = [r for r in args.reference.split(",") if r and r != "none"]
+        if set(refs) - {"chitchat", "reference"}:
+            from dialogpt_zh.errors import UserError
+
+            raise UserError(f"unknown reference(s) {sorted(set(refs) - {'chitchat', 'reference'})}; use "
+                            "chitchat, reference or none", field="reference")
         print(f"# latency per reply (seconds); torch {torch.__version__}, threads: "
               f"{ThreadPolicy(args.threads).describe()}, {os.cpu_count()} CPUs, "
               f"load average {os.getloadavg()[0]:.2f}")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dialogpt_zh.engine.decoding as decoding_module
+from dialogpt_zh.engine import reference
 from dialogpt_zh.engine.bot import ChatBot
 from dialogpt_zh.engine.lean_gpt2 import DecodingRows, LeanGPT2
 from dialogpt_zh.engine.sampling import (
@@ -33,12 +34,25 @@ def bot(random_bot_dir) -> ChatBot:
     return ChatBot.from_pretrained(random_bot_dir)
 
 
-def manual_logprobs(model, ids: list[int], start: int) -> float:
-    """Sum of log P(ids[t] | ids[:t]) for t >= start, from one full (uncached, unbatched) forward pass."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    return sum(float(logprobs[t - 1, ids[t]]) for t in range(start, len(ids)))
+def context_of(bot, history, gen: GenerationSettings | None = None) -> list[list[int]]:
+    """The context turns' token ids as the engine feeds them to the models."""
+    gen = gen or bot.generation
+    return bot.prepare_context(history, gen, gen.max_length, [])[0]
+
+
+def assert_scores_equal_reference(bot, history, candidates, mmi: MMISettings, gen=None, abs_tol=1e-3) -> int:
+    """Each engine `Candidate`'s scores equal the reference's for its token ids; returns how many compared."""
+    want = reference.score_replies(bot.forward_model, bot.backward_model, bot.tokenizer, context_of(bot, history, gen),
+                                   [c.token_ids for c in candidates], mmi)
+    for c, w in zip(candidates, want):
+        assert (c.num_tokens, c.num_context_tokens) == (w["num_tokens"], w["num_context_tokens"])
+        assert c.forward_logprob == pytest.approx(w["forward_logprob"], abs=abs_tol)
+        if w["backward_logprob"] is None:
+            assert c.backward_logprob is None
+        else:
+            assert c.backward_logprob == pytest.approx(w["backward_logprob"], abs=abs_tol)
+        assert c.score == pytest.approx(w["score"], abs=abs_tol)
+    return len(want)
 
 
 def ids_of(bot, texts):
@@ -59,9 +73,9 @@ def test_backward_score_is_context_tokens_only(bot):
         assert seq[:len(reply_ids) + 2] == [bot.cls_id, *reply_ids, bot.sep_id]
         start = len(reply_ids) + 2                       # first token of u_k, after "[CLS] reply [SEP]"
         assert n == n_ctx == len(seq) - start
-        assert score == pytest.approx(manual_logprobs(bot.backward_model, seq, start), abs=1e-4)
+        assert score == pytest.approx(reference.logprob_sum(bot.backward_model, seq, start), abs=1e-4)
         # GPT2-chitchat's quantity (all tokens after [CLS], reply included) is a different number
-        whole = manual_logprobs(bot.backward_model, seq, 1)
+        whole = reference.logprob_sum(bot.backward_model, seq, 1)
         assert abs(whole - score) > 1e-2
 
 
@@ -78,7 +92,7 @@ def test_backward_score_ignores_how_well_the_reply_predicts_itself(bot):
     seq = build_sequence(ids_of(bot, HISTORY) + [reply_ids], "backward", bot.cls_id, bot.sep_id)
     start = len(reply_ids) + 2
     before = bot.backward_logprobs(HISTORY, [reply])[0][0]
-    whole_before = manual_logprobs(model, seq, 1)
+    whole_before = reference.logprob_sum(model, seq, 1)
     ha = model.get_output_embeddings().weight[reply_ids[0]].detach()
 
     def make_reply_certain(module, inputs, output):
@@ -87,7 +101,7 @@ def test_backward_score_ignores_how_well_the_reply_predicts_itself(bot):
     handle = model.base_model.register_forward_hook(make_reply_certain)
     try:
         after = bot.backward_logprobs(HISTORY, [reply])[0][0]
-        whole_after = manual_logprobs(model, seq, 1)
+        whole_after = reference.logprob_sum(model, seq, 1)
     finally:
         handle.remove()
     assert whole_after > whole_before + 5        # whole-sequence scoring is fooled by self-prediction
@@ -106,29 +120,59 @@ def test_batched_scores_equal_one_by_one(bot):
         assert bwd[i][0] == pytest.approx(b1, abs=1e-4) and bwd[i][1] == nb1
 
 
-def test_forward_logprobs_match_full_recomputation(bot):
-    context = ids_of(bot, HISTORY)
-    prefix = build_sequence(context, "forward", bot.cls_id, bot.sep_id)
-    for reply_ids, (score, n) in zip(ids_of(bot, REPLIES), bot.forward_logprobs(HISTORY, REPLIES)):
-        full = prefix + reply_ids + [bot.sep_id]
-        assert n == len(reply_ids) + 1
-        assert score == pytest.approx(manual_logprobs(bot.forward_model, full, len(prefix)), abs=1e-4)
+@pytest.mark.parametrize("mmi", [MMISettings(), MMISettings(backward_context_turns=0, forward_weight=0.7,
+                                                             length_weight=0.05, normalize="sum"),
+                                 MMISettings(use_mmi=False)])
+def test_scores_and_ranks_equal_the_reference(bot, mmi):
+    """rerank (batched forward and backward scores, the ranking score, the order) equals the reference's
+    one-at-a-time full forward passes; forward_logprobs returns the same forward numbers."""
+    ranked = bot.rerank(HISTORY, REPLIES, mmi=mmi)
+    by_text = {c.text: c for c in ranked}
+    assert assert_scores_equal_reference(bot, HISTORY, [by_text[t] for t in REPLIES], mmi, abs_tol=1e-4) == 4
+    want = reference.score_replies(bot.forward_model, bot.backward_model, bot.tokenizer, context_of(bot, HISTORY),
+                                   ids_of(bot, REPLIES), mmi)
+    assert [c.text for c in ranked] == [t for _, t in sorted(zip(want, REPLIES), key=lambda p: -p[0]["score"])]
+    assert [c.rank for c in ranked] == list(range(1, len(REPLIES) + 1))
+    fwd = bot.forward_logprobs(HISTORY, REPLIES)
+    assert [n for _, n in fwd] == [w["num_tokens"] for w in want]
+    assert [f for f, _ in fwd] == pytest.approx([w["forward_logprob"] for w in want], abs=1e-4)
 
 
 def check_cached_generation(bot, seed: int) -> set[int]:
     r = bot.reply(HISTORY, num_candidates=8, seed=seed, max_length=12, min_length=0)
-    prefix = build_sequence(ids_of(bot, HISTORY), "forward", bot.cls_id, bot.sep_id)
-    assert len(r.candidates) >= 2
-    for c in r.candidates:
-        full = prefix + c.token_ids + [bot.sep_id]
-        assert c.forward_logprob == pytest.approx(manual_logprobs(bot.forward_model, full, len(prefix)), abs=1e-3)
+    assert assert_scores_equal_reference(bot, HISTORY, r.candidates, bot.mmi_settings) >= 2
     return {c.num_tokens for c in r.candidates}
 
 
 def test_kv_cached_generation_matches_full_recomputation(bot):
-    """Candidates' forward log-probs collected during cached batched decoding equal a full uncached re-run
-    of each candidate on its own (so the shared, repeated context cache is correct)."""
+    """Candidates' scores (forward log-probs collected during cached batched decoding, MMI in one batch)
+    equal the reference's full uncached run of each candidate on its own (so the shared, repeated context
+    cache is correct)."""
     check_cached_generation(bot, seed=3)
+
+
+SAMPLING = [dict(), dict(temperature=1.3, top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=0),
+            dict(temperature=0.7, top_k=5, top_p=0.8, repetition_penalty=1.5, no_repeat_ngram_size=2, min_length=3),
+            dict(temperature=0.0, max_length=6)]
+
+
+@pytest.mark.parametrize("settings", SAMPLING)
+def test_seeded_samples_equal_the_reference(trained_bot_dir, settings):
+    """With one candidate the engine's seeded sample is the reference's: the same filters, the same draws
+    from the same generator. (With N > 1 the batched sampler draws step by step across the candidates and
+    the reference candidate by candidate, so the samples differ; their scores are compared instead, in
+    test_kv_cached_generation_matches_full_recomputation and test_row_dropping_with_a_trained_bot.)"""
+    bot = ChatBot.from_pretrained(trained_bot_dir, quantize="none")
+    gen = GenerationSettings(num_candidates=1, **settings)
+    lengths = set()
+    for seed in range(4):
+        (got,) = bot.reply(HISTORY, generation=gen, seed=seed).candidates
+        want = reference.sample_reply(bot.forward_model, bot.tokenizer, context_of(bot, HISTORY, gen), gen,
+                                      torch.Generator().manual_seed(seed))
+        assert got.token_ids == want
+        lengths.add(len(want))
+        assert assert_scores_equal_reference(bot, HISTORY, [got], bot.mmi_settings, gen) == 1
+    assert gen.temperature == 0 or len(lengths) > 1  # the draws really differ between seeds
 
 
 @pytest.mark.parametrize("forward,compact_share", [("lean", None), ("transformers", 0.0),
@@ -137,7 +181,7 @@ def test_row_dropping_with_a_trained_bot(trained_bot_dir, forward, compact_share
     """A trained model ends replies at different lengths, so rows leave the batch mid-way: with the lean
     forward the last live row moves into a finished row's slot at once; with transformers' cache rows leave
     it at once (share 0), once half the cache rows are finished (0.5, the default), or never (1.0: they
-    decode a dummy token to the end). The scores must still equal full recomputation."""
+    decode a dummy token to the end). The scores must still equal the reference's."""
     bot = ChatBot.from_pretrained(trained_bot_dir)
     if forward == "transformers":
         monkeypatch.setattr(decoding_module, "COMPACT_DEAD_SHARE", compact_share)
@@ -195,6 +239,7 @@ def test_requests_joining_a_running_batch_get_the_replies_they_get_alone(trained
 def test_rerank_matches_reply_scores(bot):
     r = bot.reply(HISTORY, num_candidates=6, seed=1)
     reranked = {c.text: c for c in bot.rerank(HISTORY, [c.text for c in r.candidates])}
+    compared = 0
     for c in r.candidates:
         if encode(bot.tokenizer, c.text) != c.token_ids:
             continue  # text does not round-trip (e.g. case); not comparable
@@ -202,6 +247,8 @@ def test_rerank_matches_reply_scores(bot):
         assert other.forward_logprob == pytest.approx(c.forward_logprob, abs=1e-3)
         assert other.backward_logprob == pytest.approx(c.backward_logprob, abs=1e-3)
         assert other.score == pytest.approx(c.score, abs=1e-4)
+        compared += 1
+    assert compared >= 3  # most of them round-trip: the comparison really happened
 
 
 def test_backward_context_turns_scores_only_the_latest_turns(bot):
@@ -226,19 +273,6 @@ def test_backward_context_turns_scores_only_the_latest_turns(bot):
 
 
 # ---------------------------------------------------------------------------------------- ranking
-
-@pytest.mark.parametrize("normalize", ["mean", "sum"])
-def test_score_formula_and_ranks(bot, normalize):
-    weights = dict(forward_weight=0.7, backward_weight=1.3, length_weight=0.05, normalize=normalize)
-    ranked = bot.rerank(HISTORY, REPLIES, **weights)
-    assert [c.rank for c in ranked] == list(range(1, len(REPLIES) + 1))
-    assert [c.score for c in ranked] == sorted((c.score for c in ranked), reverse=True)
-    for c in ranked:
-        fwd, bwd = c.forward_logprob, c.backward_logprob
-        if normalize == "mean":
-            fwd, bwd = fwd / c.num_tokens, bwd / c.num_context_tokens
-        assert c.score == pytest.approx(0.7 * fwd + 1.3 * bwd + 0.05 * c.num_tokens)
-
 
 def test_mmi_off_without_backward_model(random_bot_dir):
     bot = ChatBot.from_pretrained(random_bot_dir / "forward")
@@ -346,9 +380,14 @@ def test_overlong_message_keeps_its_last_tokens(bot):
     assert bot.rerank([text], ["嗯", "好的"])
 
 
-def test_out_of_vocab_input_does_not_crash(bot):
-    r = bot.reply(["𠀀😀ЖΩ ﷺ"], num_candidates=2, seed=0)
-    assert isinstance(r.text, str)
+def test_out_of_vocab_input_becomes_unk_context(bot):
+    """Characters outside the vocabulary reach the model as [UNK]; it still replies, never with [UNK]."""
+    r = bot.reply(["𠀀😀ЖΩ"], num_candidates=3, seed=0)
+    assert r.context == ["𠀀😀ЖΩ"]
+    context = context_of(bot, r.context)
+    assert context == [[bot.tokenizer.unk_token_id] * 4]
+    assert r.candidates and r.text == r.candidates[0].text
+    assert all(c.token_ids and bot.tokenizer.unk_token_id not in c.token_ids for c in r.candidates)
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -721,12 +760,9 @@ def test_requests_batched_together_get_the_replies_they_get_alone(trained_bot_di
         assert_same_reply(got, want)
 
 
-def test_batched_forward_logprobs_match_full_recomputation(trained_bot_dir):
-    """The forward log-prob each batched candidate carries equals an uncached run of that candidate alone."""
+def test_batched_scores_equal_the_reference(trained_bot_dir):
+    """The scores each batched candidate carries equal the reference's uncached run of that candidate alone."""
     bot = ChatBot.from_pretrained(trained_bot_dir)
     jobs = [bot.prepare_reply(h, **kw) for h, kw in BATCH_REQUESTS]
-    for job, reply in zip(jobs, bot.reply_many(jobs)):
-        ctx = build_sequence(job.context, "forward", bot.cls_id, bot.sep_id)
-        for c in reply.candidates:
-            want = manual_logprobs(bot.forward_model, ctx + c.token_ids + [bot.sep_id], len(ctx))
-            assert c.forward_logprob == pytest.approx(want, abs=1e-3)
+    for (history, _), job, reply in zip(BATCH_REQUESTS, jobs, bot.reply_many(jobs)):
+        assert assert_scores_equal_reference(bot, history, reply.candidates, job.mmi, job.gen) >= 1
