@@ -68,6 +68,19 @@ class ArenaArgs:
         "intra-op CPU threads per reply: 0 = the thread policy (auto), N = always N (as --threads of interact)"))
     progress: bool = field(default=True, metadata=field_help("show a progress bar while generating"))
 
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot go together, and bad --a_set / --b_set, when the arguments are made."""
+        modes = [m for m in ("make", "judge", "score") if getattr(self, m)]
+        if len(modes) > 1:
+            raise UserError(f"choose one of --make, --judge, --score (got {', '.join(modes)})", field=modes[1])
+        if self.score and len(self.score) != 2:
+            raise UserError("expects two files: PAIRS.json VERDICTS", field="score")
+        if not self.make and not self.score and not self.verdicts:
+            raise UserError("--verdicts FILE is needed to keep the verdicts (they are appended as you go)",
+                            field="verdicts")
+        parse_settings(self.a_set, "a_set")
+        parse_settings(self.b_set, "b_set")
+
 
 # ------------------------------------------------------------------------------------------- settings
 
@@ -153,12 +166,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
     def body() -> int:
         (args,) = parse(parser, argv)
         out = stdout or sys.stdout
-        modes = [m for m in ("make", "judge", "score") if getattr(args, m)]
-        if len(modes) > 1:
-            raise UserError(f"choose one of --make, --judge, --score (got {', '.join(modes)})", field=modes[1])
         if args.score:
-            if len(args.score) != 2:
-                raise UserError("expects two files: PAIRS.json VERDICTS", field="score")
             pairs, run = load_pairs(args.score[0])
             key = load_key(args.key or default_key_path(args.score[0]), run)
             verdicts, counts = read_verdicts(args.score[1], [p["id"] for p in pairs])
@@ -177,9 +185,6 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
             print(f"wrote {len(pairs)} blinded pairs to {args.make} and the key to {key_path} "
                   f"(keep the key from the judge)", file=out)
             return 0
-        if not args.verdicts:
-            raise UserError("--verdicts FILE is needed to keep the verdicts (they are appended as you go)",
-                            field="verdicts")
         if args.judge:
             pairs, run = load_pairs(args.judge)
             key_path = Path(args.key or default_key_path(args.judge))

@@ -83,6 +83,15 @@ class EvalArgs:
     markdown: str | None = field(default=None, metadata=field_help("report.md to write (tables for humans)"))
     progress: bool = field(default=True, metadata=field_help("show a progress bar (--no_progress to hide)"))
 
+    def __post_init__(self) -> None:
+        """Refuse a bad setting when the arguments are made (flags, --config or Python), naming it. Whether
+        the files exist and may be written is checked when the evaluation starts (`check_outputs`)."""
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        parse_decoders(self.decoders)
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
+            raise UserError(f"must be >= 0, got {self.limit}", field="limit")
+
 
 @dataclass
 class Case:
@@ -344,8 +353,6 @@ def run_evaluation(args: EvalArgs, generation: GenerationSettings | None = None,
     t_start = time.perf_counter()
     generation, mmi = evaluated_settings(generation, mmi, bot)
     decoders = parse_decoders(args.decoders)
-    if args.limit < 0:
-        raise UserError(f"must be >= 0, got {args.limit}", field="limit")
 
     counts: Counter = Counter()
     sessions = load_sessions(args, counts)

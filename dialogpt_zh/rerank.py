@@ -40,6 +40,10 @@ class RerankArgs:
         "skip (and count, with file:line reasons) lines that are not a valid record instead of stopping"))
     progress: bool = field(default=True, metadata=field_help("show a progress bar (--no_progress to hide)"))
 
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise UserError("--output FILE (or '-' for stdout) is required", field="output")
+
 
 def parse_record(line: str) -> tuple[dict[str, Any], list[str], list[str]]:
     """(record, context, candidate texts) of one input line; ValueError says what is wrong."""
@@ -153,8 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         bot_args, args, gen, mmi, extra = parse(parser, argv)
-        if not args.output:
-            raise UserError("--output FILE (or '-' for stdout) is required", field="output")
         if extra.input != "-" and not Path(extra.input).is_file():
             raise UserError("input file not found", path=extra.input)
         if args.output != "-" and extra.input != "-" and Path(args.output).resolve() == Path(extra.input).resolve():

@@ -209,6 +209,8 @@ def ranking_weights(mmi: MMISettings, use_backward: bool) -> tuple[float, float,
 # --quantize values: float32 weights, every weight at float16 precision (the faces' default; arithmetic in
 # float32), both models' matmuls in dynamic int8, or the forward model's only
 QUANTIZATIONS = ("none", "fp16", "int8", "int8-forward")
+# the one default, for the faces' --quantize and ChatBot.from_pretrained alike
+DEFAULT_QUANTIZE = "fp16"
 # what a null in a run file (--config) means for settings whose null once meant a value: run files written
 # before fp16 became the default say "quantize": null for the float32 weights
 NULL_IN_RUN_FILES = {"quantize": "none"}
@@ -224,7 +226,7 @@ class BotArguments:
     backward: str | None = field(default=None, metadata=field_help(
         "a backward model directory, when --model is a single forward model directory"))
     device: str = field(default="cpu", metadata=field_help("torch device for the models (cpu, cuda, ...)"))
-    quantize: str = field(default="fp16", metadata=field_help(
+    quantize: str = field(default=DEFAULT_QUANTIZE, metadata=field_help(
         "'fp16': every weight rounded to float16 precision, arithmetic in float32 (on CPU fbgemm's fp16-weight "
         "matmuls: faster; next-token distributions ~1e-7 nats per token from float32); 'none': the float32 weights "
         "as trained; 'int8': dynamic int8 quantization of both models' matmuls (CPU only; slightly different "

@@ -31,7 +31,14 @@ REPLIES = ["好看吗", "我也想看", "嗯", "今天天气真好，我们去�
 
 @pytest.fixture(scope="module")
 def bot(random_bot_dir) -> ChatBot:
+    """Loaded as every face loads it: fp16 weights (the one default)."""
     return ChatBot.from_pretrained(random_bot_dir)
+
+
+@pytest.fixture(scope="module")
+def float_bot(random_bot_dir) -> ChatBot:
+    """The float32 weights as saved: what the quantized bots are compared with, and copyable (deepcopy)."""
+    return ChatBot.from_pretrained(random_bot_dir, quantize="none")
 
 
 def context_of(bot, history, gen: GenerationSettings | None = None) -> list[list[int]]:
@@ -67,7 +74,7 @@ def ids_of(bot, texts):
 def test_backward_score_is_context_tokens_only(bot):
     context = ids_of(bot, HISTORY)
     n_ctx = sum(len(u) + 1 for u in context)
-    got = bot.backward_logprobs(HISTORY, REPLIES)
+    got = bot.backward_logprobs(HISTORY, REPLIES, backward_context_turns=0)  # every turn
     for reply_ids, (score, n) in zip(ids_of(bot, REPLIES), got):
         seq = build_sequence(context + [reply_ids], "backward", bot.cls_id, bot.sep_id)
         assert seq[:len(reply_ids) + 2] == [bot.cls_id, *reply_ids, bot.sep_id]
@@ -79,19 +86,19 @@ def test_backward_score_is_context_tokens_only(bot):
         assert abs(whole - score) > 1e-2
 
 
-def test_backward_score_ignores_how_well_the_reply_predicts_itself(bot):
+def test_backward_score_ignores_how_well_the_reply_predicts_itself(float_bot):
     """Make the backward model certain of the reply's own tokens (哈 after 哈...): whole-sequence scoring
     (GPT2-chitchat) rewards that, our context-only score does not move. The hook lives on the transformers
     forward, so this runs the engine's transformers path (the lean forward gives the same hidden states:
     test_lean_forward_matches_transformers)."""
-    bot = copy.copy(bot)
+    bot = copy.copy(float_bot)
     bot.use_lean_forward = False
     model = bot.backward_model
     reply = "哈哈哈哈"
     reply_ids = ids_of(bot, [reply])[0]
     seq = build_sequence(ids_of(bot, HISTORY) + [reply_ids], "backward", bot.cls_id, bot.sep_id)
     start = len(reply_ids) + 2
-    before = bot.backward_logprobs(HISTORY, [reply])[0][0]
+    before = bot.backward_logprobs(HISTORY, [reply], backward_context_turns=0)[0][0]
     whole_before = reference.logprob_sum(model, seq, 1)
     ha = model.get_output_embeddings().weight[reply_ids[0]].detach()
 
@@ -100,7 +107,7 @@ def test_backward_score_ignores_how_well_the_reply_predicts_itself(bot):
         output.last_hidden_state[:, :start - 2] = 5000 * ha
     handle = model.base_model.register_forward_hook(make_reply_certain)
     try:
-        after = bot.backward_logprobs(HISTORY, [reply])[0][0]
+        after = bot.backward_logprobs(HISTORY, [reply], backward_context_turns=0)[0][0]
         whole_after = reference.logprob_sum(model, seq, 1)
     finally:
         handle.remove()
@@ -255,7 +262,8 @@ def test_backward_context_turns_scores_only_the_latest_turns(bot):
     assert len(HISTORY) >= 3
     whole = {c.text: c for c in bot.rerank(HISTORY, REPLIES, backward_context_turns=0)}  # every turn
     for k in (1, 2):
-        alone = bot.backward_logprobs(HISTORY[-k:], REPLIES)  # the same sequence, cut after k turns
+        # the same sequence, cut after k turns
+        alone = bot.backward_logprobs(HISTORY[-k:], REPLIES, backward_context_turns=0)
         cut = {c.text: c for c in bot.rerank(HISTORY, REPLIES, backward_context_turns=k)}
         for text, (bwd, n_ctx) in zip(REPLIES, alone):
             assert cut[text].backward_logprob == pytest.approx(bwd, abs=1e-3)
@@ -326,9 +334,10 @@ def test_duplicates_are_collapsed(bot):
     assert len(texts) == len(set(texts)) and sum(c.count for c in r.candidates) == 12
 
 
-def test_never_emits_special_tokens_and_respects_lengths(bot):
+def test_never_emits_special_tokens_and_respects_lengths(float_bot):
     """Even when the model strongly prefers [UNK]/[PAD]/[CLS]/[SEP], they are not emitted (nor [SEP]
     before min_length), and no reply exceeds max_length."""
+    bot = float_bot
     tok = bot.tokenizer
     forced = copy.deepcopy(bot)
     model = forced.forward_model
@@ -432,7 +441,7 @@ def test_settings_dataclasses_have_help():
 
 # ---------------------------------------------------------------------------------------- int8
 
-def test_int8_quantization_really_quantizes(random_bot_dir, bot):
+def test_int8_quantization_really_quantizes(random_bot_dir, float_bot):
     from transformers.pytorch_utils import Conv1D
 
     q = ChatBot.from_pretrained(random_bot_dir, quantize="int8")
@@ -440,32 +449,32 @@ def test_int8_quantization_really_quantizes(random_bot_dir, bot):
     n_quant = sum(type(m).__name__ == "Linear" and "quantized.dynamic" in type(m).__module__
                   for m in q.forward_model.modules())
     assert n_quant == 4 * q.forward_model.config.n_layer + 1  # c_attn, c_proj, c_fc, mlp c_proj + lm_head
-    f_float = bot.forward_logprobs(HISTORY, REPLIES)
+    f_float = float_bot.forward_logprobs(HISTORY, REPLIES)
     f_int8 = q.forward_logprobs(HISTORY, REPLIES)
     for (a, n), (b, m) in zip(f_float, f_int8):
         assert n == m and math.isfinite(b) and abs(a - b) / n < 0.5
     assert q.reply(HISTORY, num_candidates=3, seed=0).text is not None
 
 
-def test_int8_forward_quantizes_the_sampler_and_keeps_mmi_exact(random_bot_dir, bot):
+def test_int8_forward_quantizes_the_sampler_and_keeps_mmi_exact(random_bot_dir, float_bot):
     """--quantize int8-forward: the forward model's matmuls in int8, the backward model untouched, so the
     MMI scores of any given candidates are exactly the float bot's."""
     q = ChatBot.from_pretrained(random_bot_dir, quantize="int8-forward")
     quantized = [sum("quantized.dynamic" in type(m).__module__ for m in model.modules())
                  for model in (q.forward_model, q.backward_model)]
     assert quantized == [4 * q.forward_model.config.n_layer + 1, 0]
-    assert q.backward_logprobs(HISTORY, REPLIES) == bot.backward_logprobs(HISTORY, REPLIES)
-    assert q.forward_logprobs(HISTORY, REPLIES) != bot.forward_logprobs(HISTORY, REPLIES)
+    assert q.backward_logprobs(HISTORY, REPLIES) == float_bot.backward_logprobs(HISTORY, REPLIES)
+    assert q.forward_logprobs(HISTORY, REPLIES) != float_bot.forward_logprobs(HISTORY, REPLIES)
     assert any("forward model only" in n for n in q.notices)
     r = q.reply(HISTORY, num_candidates=4, seed=0)
     assert r.mmi and all(c.backward_logprob is not None for c in r.candidates)
 
 
-def test_fp16_weights_round_every_weight_and_score_as_float_does(random_bot_dir, bot):
+def test_fp16_weights_round_every_weight_and_score_as_float_does(random_bot_dir, bot, float_bot):
     """--quantize fp16 (the faces' default): every weight rounded to float16 precision, the matmuls in
     fbgemm's fp16-weight kernels on CPU, arithmetic in float32: scores within rounding of float32's."""
     q = ChatBot.from_pretrained(random_bot_dir, quantize="fp16")
-    assert q.quantize == "fp16" and bot.quantize == "none" and not q.notices[1:]
+    assert q.quantize == "fp16" and float_bot.quantize == "none" and bot.quantize == "fp16" and not q.notices[1:]
     from transformers.pytorch_utils import Conv1D
 
     from dialogpt_zh.engine.fp16 import Fp16Linear, fbgemm_fp16_available
@@ -493,7 +502,8 @@ def test_fp16_weights_round_every_weight_and_score_as_float_does(random_bot_dir,
         torch.set_num_threads(threads)
     with pytest.raises(TypeError, match="cannot be copied"):
         copy.deepcopy(layer)
-    for ours, theirs in ((q.forward_logprobs, bot.forward_logprobs), (q.backward_logprobs, bot.backward_logprobs)):
+    for ours, theirs in ((q.forward_logprobs, float_bot.forward_logprobs),
+                         (q.backward_logprobs, float_bot.backward_logprobs)):
         for (a, n), (b, m) in zip(ours(HISTORY, REPLIES), theirs(HISTORY, REPLIES)):
             assert n == m and abs(a - b) < 1e-3 * abs(b) + 1e-4
     # the lean forward and transformers' forward run the same fp16 modules: the same replies
@@ -505,8 +515,11 @@ def test_fp16_weights_round_every_weight_and_score_as_float_does(random_bot_dir,
         assert abs(a.score - b.score) < 1e-4 * abs(b.score) + 1e-4
     with pytest.raises(UserError, match="unknown quantization"):
         ChatBot.from_pretrained(random_bot_dir, quantize="fp8")
-    assert ChatBot.from_pretrained(random_bot_dir, quantize="none").backward_logprobs(HISTORY, REPLIES) == \
-        bot.backward_logprobs(HISTORY, REPLIES)
+    assert ChatBot.from_pretrained(random_bot_dir, quantize=None).backward_logprobs(HISTORY, REPLIES) == \
+        float_bot.backward_logprobs(HISTORY, REPLIES)
+    # the default (as every face loads a bot) is these fp16 weights
+    assert [b for b, _ in bot.backward_logprobs(HISTORY, REPLIES)] == \
+        pytest.approx([b for b, _ in q.backward_logprobs(HISTORY, REPLIES)], abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- filters
@@ -662,7 +675,7 @@ def test_lean_forward_runs_int8_models(random_bot_dir):
 
 
 def test_lean_forward_falls_back_for_other_models(random_bot_dir):
-    bot = ChatBot.from_pretrained(random_bot_dir)
+    bot = ChatBot.from_pretrained(random_bot_dir, quantize="none")  # copyable
     model = copy.deepcopy(bot.forward_model)
     model.train()
     assert LeanGPT2.wrap(model) is None             # dropout on: not covered
@@ -766,3 +779,23 @@ def test_batched_scores_equal_the_reference(trained_bot_dir):
     jobs = [bot.prepare_reply(h, **kw) for h, kw in BATCH_REQUESTS]
     for (history, _), job, reply in zip(BATCH_REQUESTS, jobs, bot.reply_many(jobs)):
         assert assert_scores_equal_reference(bot, history, reply.candidates, job.mmi, job.gen) >= 1
+
+
+def test_scoring_calls_apply_or_refuse_every_override(bot):
+    """A setting given to a scoring call either changes what it computes or is refused: none is dropped."""
+    from dialogpt_zh.settings import SettingsError
+
+    every = bot.backward_logprobs(HISTORY, REPLIES, backward_context_turns=0)
+    latest = bot.backward_logprobs(HISTORY, REPLIES)  # the bot's default: the latest turn only
+    assert latest == bot.backward_logprobs(HISTORY, REPLIES, mmi=MMISettings(backward_context_turns=1))
+    assert [n for _, n in latest] == [len(encode(bot.tokenizer, HISTORY[-1])) + 1] * len(REPLIES)
+    assert all(n_all > n for (_, n_all), (_, n) in zip(every, latest))
+    assert bot.backward_logprobs(HISTORY, REPLIES, max_history=1) == latest  # only the latest turn seen
+    for call, setting in ((bot.backward_logprobs, dict(backward_weight=2.0)), (bot.backward_logprobs,
+                          dict(top_k=3)), (bot.forward_logprobs, dict(use_mmi=False)),
+                          (bot.forward_logprobs, dict(num_candidates=3)), (bot.rerank, dict(blocklist="x.txt")),
+                          (bot.rerank, dict(temperature=0.5))):
+        with pytest.raises(SettingsError, match=f"does not use {next(iter(setting))}"):
+            call(HISTORY, REPLIES, **setting)
+    with pytest.raises(SettingsError, match="unknown setting"):
+        bot.forward_logprobs(HISTORY, REPLIES, top_kk=3)

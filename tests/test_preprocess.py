@@ -404,3 +404,12 @@ def test_done_when_command_on_shared_subset(tmp_path, shared_corpus, capsys):
         assert m["unk_rate"][s] < 0.02
     tok = store.tokenizer()
     assert tok.unk_token_id not in tok.encode(normalize_text("你好,今天天气真不错"), add_special_tokens=False)
+
+
+def test_arguments_are_checked_when_made():
+    """Flags, --config and Python build the same dataclass, so a bad value fails there, naming the field."""
+    for bad, name in ((dict(max_turns=1), "max_turns"), (dict(valid_ratio=0.6, test_ratio=0.4), "valid_ratio"),
+                      (dict(format="csv"), "format"), (dict(upsample="kdconv=x"), "upsample")):
+        with pytest.raises(UserError) as e:
+            PreprocessArguments(output="out", **bad)
+        assert e.value.field == name

@@ -123,28 +123,28 @@ class PreprocessArguments:
         "4 MB or more when two CPUs are idle (load average), else 1"))
     progress: bool = field(default=True, metadata=field_help("show tqdm progress bars"))
 
-
-def validate(args: PreprocessArguments) -> None:
-    if args.format != "auto" and args.format not in FORMATS:
-        raise UserError(f"unknown format {args.format!r}; choose auto or one of {', '.join(FORMATS)}",
-                        field="format")
-    if args.max_turns < 2:
-        raise UserError("must be at least 2 (a context and a reply)", field="max_turns")
-    if args.max_tokens < 5:
-        raise UserError("must be at least 5", field="max_tokens")
-    for name in ("valid_ratio", "test_ratio"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            raise UserError("must be in [0, 1)", field=name)
-    if args.valid_ratio + args.test_ratio >= 1.0:
-        raise UserError("valid_ratio + test_ratio must be below 1", field="valid_ratio")
-    if args.min_frequency < 1:
-        raise UserError("must be at least 1", field="min_frequency")
-    if args.batch_sessions < 1:
-        raise UserError("must be at least 1", field="batch_sessions")
-    if args.workers < 0:
-        raise UserError("must be 0 (auto) or more", field="workers")
-    parse_upsample(args.upsample)
-    parse_subsample(args.subsample)
+    def __post_init__(self) -> None:
+        """Refuse a bad setting when the arguments are made (flags, --config or Python), naming it."""
+        if self.format != "auto" and self.format not in FORMATS:
+            raise UserError(f"unknown format {self.format!r}; choose auto or one of {', '.join(FORMATS)}",
+                            field="format")
+        if self.max_turns < 2:
+            raise UserError("must be at least 2 (a context and a reply)", field="max_turns")
+        if self.max_tokens < 5:
+            raise UserError("must be at least 5", field="max_tokens")
+        for name in ("valid_ratio", "test_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError("must be in [0, 1)", field=name)
+        if self.valid_ratio + self.test_ratio >= 1.0:
+            raise UserError("valid_ratio + test_ratio must be below 1", field="valid_ratio")
+        if self.min_frequency < 1:
+            raise UserError("must be at least 1", field="min_frequency")
+        if self.batch_sessions < 1:
+            raise UserError("must be at least 1", field="batch_sessions")
+        if self.workers < 0:
+            raise UserError("must be 0 (auto) or more", field="workers")
+        parse_upsample(self.upsample)
+        parse_subsample(self.subsample)
 
 
 def parse_source_values(text: str, field_name: str, sources: Sequence[str] | None = None,
@@ -500,7 +500,6 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
     """
     from dialogpt_zh.data.store import StoreWriter
 
-    validate(args)
     if not inputs:
         raise UserError("no inputs given", field="inputs")
     t0 = time.perf_counter()

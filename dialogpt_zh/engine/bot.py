@@ -56,10 +56,14 @@ from dialogpt_zh.engine.threads import ThreadPolicy
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.sequence import build_sequence
 from dialogpt_zh.settings import (
+    DEFAULT_QUANTIZE,
+    GENERATION_FIELDS,
+    MMI_FIELDS,
     QUANTIZATIONS,
     BotArguments,
     GenerationSettings,
     MMISettings,
+    SettingsError,
     apply_overrides,
     mmi_active,
     mmi_score,
@@ -82,6 +86,20 @@ def _uses_thread_policy(method):
                 r.threads = threads
         return result
     return wrapper
+
+
+# The generation settings a scoring call reads (which turns it sees). A keyword override of a setting the call
+# does not read would change nothing, so it is refused rather than dropped.
+CONTEXT_FIELDS = frozenset({"max_history", "max_context_tokens"})
+
+
+def refuse_unread(call: str, overrides: dict[str, Any], reads: frozenset[str]) -> None:
+    """SettingsError for a known setting in `overrides` that `call` does not read (unknown names are left to
+    `apply_overrides`, which says they are unknown)."""
+    unread = sorted((set(overrides) & (GENERATION_FIELDS | MMI_FIELDS)) - reads)
+    if unread:
+        raise SettingsError(f"{call} does not use {', '.join(unread)}; it reads {', '.join(sorted(reads))}",
+                            field=unread[0])
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -130,13 +148,14 @@ class ChatBot:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, forward: str | Path | None = None,
-                        backward: str | Path | None = None, device: str = "cpu", quantize: str | None = None,
+                        backward: str | Path | None = None, device: str = "cpu",
+                        quantize: str | None = DEFAULT_QUANTIZE,
                         generation: GenerationSettings | None = None, mmi: MMISettings | None = None) -> "ChatBot":
         """Load a bot: `path` = a dir with forward/ (+ backward/), or one forward model dir (MMI off), or
         None for the default `checkpoints/default`; or `forward=` / `backward=` paths. `generation` / `mmi`
-        become this bot's default settings (each call may override single fields). `quantize`: None or
-        "none" = the float32 weights as saved (the default here; the faces' `--quantize` defaults to "fp16"),
-        "fp16", "int8" or "int8-forward" (docs/engine.md)."""
+        become this bot's default settings (each call may override single fields). `quantize`: "fp16" (the
+        default, as every face's `--quantize`: weights at float16 precision, float32 arithmetic), "none" (or
+        None) = the float32 weights as saved, "int8" or "int8-forward" (docs/engine.md)."""
         check_device(device)
         forward_dir, backward_dir = resolve_bot_dirs(path, forward, backward)
         quantize = None if quantize == "none" else quantize
@@ -455,7 +474,9 @@ class ChatBot:
     @_uses_thread_policy
     def rerank(self, history, candidates: Sequence[str], *, generation: GenerationSettings | None = None,
                mmi: MMISettings | None = None, **overrides: Any) -> list[Candidate]:
-        """Score replies that came from anywhere (forward + backward), sorted by rank. Blocklist not applied."""
+        """Score replies that came from anywhere (forward + backward), sorted by rank. Blocklist not applied
+        (a `blocklist=` override is refused, as is any sampling setting)."""
+        refuse_unread("rerank", overrides, CONTEXT_FIELDS | (MMI_FIELDS - {"blocklist"}))
         gen, mmi = self.settings(generation, mmi, **overrides)
         if not candidates:
             return []
@@ -474,7 +495,9 @@ class ChatBot:
     @_uses_thread_policy
     def forward_logprobs(self, history, replies: Sequence[str], *, generation: GenerationSettings | None = None,
                          **overrides: Any) -> list[tuple[float, int]]:
-        """[(log P(reply tokens + [SEP] | context), number of those tokens)] for each reply, one batch."""
+        """[(log P(reply tokens + [SEP] | context), number of those tokens)] for each reply, one batch. Reads
+        `max_history` and `max_context_tokens` (the turns the model sees); other overrides are refused."""
+        refuse_unread("forward_logprobs", overrides, CONTEXT_FIELDS)
         gen, _ = self.settings(generation, None, **overrides)
         ids = [self._encode(r) for r in replies]
         if not ids:
@@ -484,16 +507,20 @@ class ChatBot:
 
     @_uses_thread_policy
     def backward_logprobs(self, history, replies: Sequence[str], *, generation: GenerationSettings | None = None,
-                          **overrides: Any) -> list[tuple[float, int]]:
-        """[(log P(context | reply), number of context tokens scored)] for each reply, one batch."""
+                          mmi: MMISettings | None = None, **overrides: Any) -> list[tuple[float, int]]:
+        """[(log P(context | reply), number of context tokens scored)] for each reply, one batch: the backward
+        term of the ranking score. The context is the turns the model sees (`max_history`,
+        `max_context_tokens`), of which the backward model scores the `backward_context_turns` latest (the
+        bot's default: 1; 0 = all); other overrides are refused."""
         if self.backward_model is None:
             raise UserError("no backward model loaded, so there is no backward score", field="backward")
-        gen, _ = self.settings(generation, None, **overrides)
+        refuse_unread("backward_logprobs", overrides, CONTEXT_FIELDS | {"backward_context_turns"})
+        gen, mmi = self.settings(generation, mmi, **overrides)
         ids = [self._encode(r) for r in replies]
         if not ids:
             return []
         context, _ = self.prepare_context(history, gen, max(len(r) for r in ids), [])
-        return self._backward_scores(context, ids)
+        return self._backward_scores(backward_context(context, mmi), ids)
 
 
 def load_bot(args: BotArguments, generation: GenerationSettings | None = None,
