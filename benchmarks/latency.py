@@ -65,8 +65,8 @@ class LatencyArgs:
     model: str | None = field(default=None, metadata=field_help(
         "a bot directory (forward/ + backward/) to time instead of random weights (use with --presets model)"))
     presets: str = field(default="small,base", metadata=field_help(
-        "comma list of shapes to time: tiny, small, mid, large, base (dialogpt_zh.training.presets.PRESETS, random weights), "
-        "model (--model)"))
+        "comma list of shapes to time: tiny, small, mid, large, base (dialogpt_zh.training.presets.PRESETS, "
+        "random weights), model (--model)"))
     ns: str = field(default="1,5,10,20", metadata=field_help("candidate counts N"))
     contexts: int = field(default=5, metadata=field_help("contexts (from corpus/fixtures) timed per N"))
     base_contexts: int = field(default=2, metadata=field_help("contexts for the slow 12-layer base shape"))
@@ -74,7 +74,8 @@ class LatencyArgs:
         "reference algorithms to time: chitchat (GPT2-chitchat's), reference (ours without cache or batches: "
         "dialogpt_zh/engine/reference.py), none"))
     reference_max_n: int = field(default=20, metadata=field_help("skip the references above this N"))
-    base_reference_ns: str = field(default="10", metadata=field_help("N values at which the base shape runs the references"))
+    base_reference_ns: str = field(default="10", metadata=field_help(
+        "N values at which the base shape runs the references"))
     max_length: int = field(default=25, metadata=field_help("reply length cap (GPT2-chitchat's max_len)"))
     vocab_size: int = field(default=13317, metadata=field_help(
         "vocab of the random-weight models (13317 = GPT2-chitchat's vocab_small.txt)"))
@@ -84,7 +85,8 @@ class LatencyArgs:
     time_int8: bool = field(default=True, metadata=field_help("also time --quantize int8 at N=10 against --quantize"))
     heldout: str | None = field(default=None, metadata=field_help(
         "held-out corpus file for the int8 perplexity change (any format the preprocessor reads)"))
-    heldout_split: str = field(default="valid", metadata=field_help("split of --heldout to use ('all' = every session)"))
+    heldout_split: str = field(default="valid", metadata=field_help(
+        "split of --heldout to use ('all' = every session)"))
     heldout_pairs: int = field(default=400, metadata=field_help("(context, reply) pairs of --heldout scored"))
     compare_hf: bool = field(default=True, metadata=field_help(
         "also time our engine on the transformers forward (use_lean_forward=False)"))

@@ -226,7 +226,8 @@ def chat(bot, args: InteractArgs, stdin: TextIO | None = None, stdout: TextIO | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser([BotArguments, InteractArgs, GenerationSettings, MMISettings], prog="python -m dialogpt_zh.interact",
+    parser = make_parser([BotArguments, InteractArgs, GenerationSettings, MMISettings],
+                         prog="python -m dialogpt_zh.interact",
                          description="Chat with a dialogpt_zh bot: N candidates sampled, MMI-reranked.",
                          examples=EXAMPLES)
 

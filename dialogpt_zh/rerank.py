@@ -4,7 +4,8 @@ Reads JSON Lines of `{"context": ["u1", ..., "uk"], "candidates": ["r1", "r2", .
 an object with a "text" field, so this command's own output can be fed back) and writes each record back,
 streaming, with every other field kept and each candidate as
 `{"text", "rank", "score", "forward_logprob", "backward_logprob", "num_tokens", "num_context_tokens"}` (input
-order, other fields of a candidate object kept; rank 1 = the best) plus "best" (the rank-1 text) and "mmi" (whether the backward model scored them).
+order, other fields of a candidate object kept; rank 1 = the best) plus "best" (the rank-1 text) and "mmi"
+(whether the backward model scored them).
 Every score comes from `ChatBot.rerank` (one batch per record); this file never scores anything itself.
 """
 from __future__ import annotations
@@ -80,9 +81,9 @@ def rerank_record(bot, rec: dict[str, Any], context: list[str], texts: list[str]
     for c in ranked:  # ranked is sorted by rank; equal texts fill their input positions in order
         i = slots[c.text].pop(0)
         given = rec["candidates"][i]
-        out[i] = {**(given if isinstance(given, dict) else {}), "text": c.text, "rank": c.rank, "score": c.score, "forward_logprob": c.forward_logprob,
-                  "backward_logprob": c.backward_logprob, "num_tokens": c.num_tokens,
-                  "num_context_tokens": c.num_context_tokens}
+        out[i] = {**(given if isinstance(given, dict) else {}), "text": c.text, "rank": c.rank, "score": c.score,
+                  "forward_logprob": c.forward_logprob, "backward_logprob": c.backward_logprob,
+                  "num_tokens": c.num_tokens, "num_context_tokens": c.num_context_tokens}
     return {**rec, "candidates": out, "best": ranked[0].text if ranked else None,
             "mmi": bool(ranked and ranked[0].backward_logprob is not None)}
 

@@ -285,8 +285,8 @@ def test_subsample_keeps_a_seeded_pick_of_one_source(tmp_path):
                 sum(sub["counts"]["by_source"][source][sp]["sessions"] for sp in per)
     # the kept sessions are a subset of the full run's (same tokenizer, so the same [UNK]s), the same ones
     # again with the same seed, and a share rounds to that many sessions
-    run_preprocess(args(tmp_path / "subv", subsample="chitchat_train.txt=3", vocab=str(tmp_path / "plain" / "tokenizer")),
-                   INPUTS)
+    run_preprocess(args(tmp_path / "subv", subsample="chitchat_train.txt=3",
+                        vocab=str(tmp_path / "plain" / "tokenizer")), INPUTS)
     def turns(out):
         return {u for ss in stored_sessions(out).values() for s in ss for u in s}
     assert turns(tmp_path / "subv") < turns(tmp_path / "plain")

@@ -256,7 +256,8 @@ def test_preprocess_archives_holdout_and_corpora_licences(tmp_path):
 
 @pytest.mark.parametrize("text, spdx", [
     ("MIT License\n\nCopyright (c) 2020 x\n\nPermission is hereby granted, free of charge, to any", "MIT"),
-    ("                                 Apache License\n                           Version 2.0, January 2004", "Apache-2.0"),
+    ("                                 Apache License\n"
+     "                           Version 2.0, January 2004", "Apache-2.0"),
     ("Redistribution and use in source and binary forms, with or without modification ... 3. Neither the name "
      "of the copyright holder", "BSD-3-Clause"),
     ("Redistribution and use in source and binary forms, with or without\nmodification, are permitted",

@@ -233,7 +233,8 @@ def test_concurrency_auto_lets_batched_requests_through(bot):
         finally:
             if demo.reply_batcher is not None:
                 demo.reply_batcher.close()
-    assert webapp.WebArguments().concurrency == 0 and (webapp.AUTO_CONCURRENCY_BATCHED, webapp.AUTO_CONCURRENCY_ALONE) == (32, 4)
+    assert webapp.WebArguments().concurrency == 0
+    assert (webapp.AUTO_CONCURRENCY_BATCHED, webapp.AUTO_CONCURRENCY_ALONE) == (32, 4)
 
 
 def test_launcher_runs_from_a_fresh_checkout(tmp_path):
@@ -249,14 +250,16 @@ HOSTILE_FLAGS = [
     (["--num_candidates", "100000"], "num_candidates"), (["--max_length", "100000"], "max_length"),
     (["--temperature", "inf"], "temperature"), (["--backward_weight", "nan"], "backward_weight"),
     (["--top_p", "1.5"], "top_p"), (["--device", "cuda"], "device"), (["--concurrency", "-1"], "concurrency"),
-    (["--max_queue", "0"], "max_queue"), (["--port", "70000"], "port"), (["--max_input_chars", "0"], "max_input_chars"),
-    (["--transcript", "{tmp}"], "transcript"), (["--threads", "-2"], "threads"), (["--batch_workers", "0"], "batch_workers"),
+    (["--max_queue", "0"], "max_queue"), (["--port", "70000"], "port"),
+    (["--max_input_chars", "0"], "max_input_chars"), (["--transcript", "{tmp}"], "transcript"),
+    (["--threads", "-2"], "threads"), (["--batch_workers", "0"], "batch_workers"),
 ]
 
 
 @pytest.mark.parametrize("flags,field", HOSTILE_FLAGS, ids=[" ".join(f) for f, _ in HOSTILE_FLAGS])
 def test_hostile_flags_are_refused_up_front(flags, field, tmp_path, capsys):
-    code = webapp.main(["--model", str(tmp_path / "no_model_here"), *[f.replace("{tmp}", str(tmp_path)) for f in flags]])
+    code = webapp.main(["--model", str(tmp_path / "no_model_here"),
+                        *[f.replace("{tmp}", str(tmp_path)) for f in flags]])
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and field in err and "Traceback" not in err

@@ -30,8 +30,8 @@ def sweep_selection(fwd: np.ndarray, bwd: np.ndarray, num_tokens: np.ndarray, nu
     """
     rows: list[dict[str, Any]] = []
     for normalize in grid["normalize"]:
-        combos = np.array([(f, b, l) for f in grid["forward_weight"] for b in grid["backward_weight"]
-                           for l in grid["length_weight"][normalize] if (f, b, l) != (0.0, 0.0, 0.0)],
+        combos = np.array([(f, b, n) for f in grid["forward_weight"] for b in grid["backward_weight"]
+                           for n in grid["length_weight"][normalize] if (f, b, n) != (0.0, 0.0, 0.0)],
                           dtype=np.float64)
         if len(combos) == 0 or fwd.size == 0:
             continue
@@ -39,9 +39,9 @@ def sweep_selection(fwd: np.ndarray, bwd: np.ndarray, num_tokens: np.ndarray, nu
         scores = mmi_score(fwd[None], bwd[None], num_tokens[None], num_context_tokens[None],
                             w[:, 0], w[:, 1], w[:, 2], normalize)   # [K, cases, 10]
         by_k = metrics.rank_metrics(metrics.true_reply_ranks(scores))  # [K] each: the one ranking, NaN = worst
-        for (f, b, l), a, c, m in zip(combos, by_k["r10@1"], by_k["r10@2"], by_k["mrr"]):
+        for (f, b, n), a, c, m in zip(combos, by_k["r10@1"], by_k["r10@2"], by_k["mrr"]):
             rows.append({"normalize": normalize, "forward_weight": float(f), "backward_weight": float(b),
-                         "length_weight": float(l), "r10@1": float(a), "r10@2": float(c), "mrr": float(m)})
+                         "length_weight": float(n), "r10@1": float(a), "r10@2": float(c), "mrr": float(m)})
     rows.sort(key=lambda r: (-r["r10@1"], -r["mrr"]))
     return rows
 
@@ -126,7 +126,8 @@ def markdown_report(report: dict[str, Any]) -> str:
                          f"{_fmt(m['dist2'])} | {_fmt(m['entropy4'])} | {_fmt(m['avg_len'], 1)} | "
                          f"{_fmt(m['repeat3'], 1)} | {_fmt(m['bland_top20'], 1)} |")
         lines += ["", "Word level (jieba):", "",
-                  "| decoder | BLEU-2 | BLEU-4 | Dist-1 | Dist-2 | Entropy-4 | avg words |", "|---|---|---|---|---|---|---|"]
+                  "| decoder | BLEU-2 | BLEU-4 | Dist-1 | Dist-2 | Entropy-4 | avg words |",
+                  "|---|---|---|---|---|---|---|"]
         for name, m in report["decoding"].items():
             lines.append(f"| {name} | {_fmt(m['bleu2_word'])} | {_fmt(m['bleu4_word'])} | {_fmt(m['dist1_word'])} | "
                          f"{_fmt(m['dist2_word'])} | {_fmt(m['entropy4_word'])} | {_fmt(m['avg_len_words'], 1)} |")
