@@ -13,6 +13,7 @@ written with `torch.save` are read with `weights_only=True`. Damaged files are a
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -48,11 +49,13 @@ class ResumeFiles:
 
 def save_checkpoint(model, tokenizer, out_dir: str | Path, card: dict[str, Any], *,
                     run_config: Optional[dict] = None, metrics: Optional[dict] = None,
-                    curve_png: Optional[bytes] = None, resume: Optional[ResumeFiles] = None) -> Path:
-    """Write a model directory in one atomic rename (what the trainer and the tests both use).
+                    curve_png: Optional[bytes] = None, resume: Optional[ResumeFiles] = None,
+                    fp16: bool = False) -> Path:
+    """Write a model directory in one atomic rename (what the trainer, the recipes and the tests use).
 
     `model=None` keeps the model files of the existing `out_dir` (hard links, no copy): the trainer's way
-    of updating the card, figures and resume state when validation did not improve.
+    of updating the card, figures and resume state when validation did not improve. `fp16`: store the
+    weights at float16 (half the bytes; `load_model` computes in float32 on CPU); `model` is not changed.
     """
     out_dir = Path(out_dir)
     keep_previous = model is None and (out_dir / "config.json").is_file()
@@ -67,7 +70,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, card: dict[str, Any],
                     except OSError:
                         shutil.copy2(src, tmp / src.name)
         else:
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            (copy.deepcopy(model).half() if fp16 else model).save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
         _write_json(tmp / CARD_FILE, card)
         if run_config is not None:

@@ -11,12 +11,12 @@
 #      (`default_store_stage3.json`: KdConv's train windows written 8 times; same tokenizer, same valid/test);
 #   2. stage 1, both models: `train --config corpus/recipes/default_stage1_$direction.json` (500 steps of
 #      8,192 tokens, lr 5e-4, dropout 0.1);
-#   3. stage 2 with --init STAGE1: the backward model's committed card config, the forward model's
-#      `default_stage2_forward.json` (both: 1,100 more steps of 4,096 tokens, lr 1e-3 warm restart, dropout 0);
-#      the backward model is done here;
-#   4. stage 3, forward only, with --init STAGE2 on the upsampled store: the committed forward card's config
-#      (800 steps of 4,096 tokens, lr 5e-4);
-#      in 2-4 only --data/--output/--init (and --device when DEVICE is given) are replaced;
+#   3. stage 2 with --init STAGE1: `default_stage2_$direction.json` (both: 1,100 more steps of 4,096 tokens,
+#      lr 1e-3 warm restart, dropout 0); the backward model is done here (its config is its card's);
+#   4. stage 3, forward only, with --init STAGE2 on the upsampled store: `default_stage3_forward.json` (the
+#      installed forward model's card config: 800 steps of 4,096 tokens, lr 5e-4);
+#      every stage's config is committed here; in 2-4 only --data/--output/--init (and --device when DEVICE
+#      is given) are replaced;
 #   5. the README's held-out evaluation.
 # Time on 2 CPU cores (1 thread per run, the two directions side by side): ~70 min for stage 1, ~60 min
 # for stage 2 and ~50 min for stage 3 (~1,000-1,200 tokens/s per run); not measured on a GPU (an estimate
@@ -50,8 +50,8 @@ for direction in forward backward; do
   train "$HERE/default_stage1_$direction.json" "$OUT/store" "$OUT/stage1/$direction"
 done
 train "$HERE/default_stage2_forward.json" "$OUT/store" "$OUT/stage2/forward" "$OUT/stage1/forward"
-train checkpoints/default/backward/dialogpt_zh.json "$OUT/store" "$OUT/bot/backward" "$OUT/stage1/backward"
-train checkpoints/default/forward/dialogpt_zh.json "$OUT/store_kd8" "$OUT/bot/forward" "$OUT/stage2/forward"
+train "$HERE/default_stage2_backward.json" "$OUT/store" "$OUT/bot/backward" "$OUT/stage1/backward"
+train "$HERE/default_stage3_forward.json" "$OUT/store_kd8" "$OUT/bot/forward" "$OUT/stage2/forward"
 
 # 5. held-out evaluation (the README's table)
 $PY -m dialogpt_zh.evaluate --data "$CORPUS/lccc-sample/toy_data.json" --split valid --model "$OUT/bot" \
