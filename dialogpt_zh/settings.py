@@ -3,7 +3,7 @@
 Every face (interact, web page, evaluate, benchmarks) builds its flags from these dataclasses (one name per
 setting everywhere) and hands the objects to the engine; a per-call change is `dataclasses.replace`, which
 runs the same validation. Each numeric setting has real bounds (`BOUNDS`): the largest values are what a
-small CPU bot can serve without exhausting memory (100000 candidates once grew to 22.8 GB), not taste.
+small CPU bot can serve without exhausting memory (docs/engine.md, "Figures behind the code"), not taste.
 The web page's sliders offer a sub-range of these (`PAGE_RANGES`), so no web client can ask for more.
 """
 from __future__ import annotations
@@ -94,17 +94,11 @@ class GenerationSettings:
 class MMISettings:
     """How candidates are ranked.
 
-    Defaults chosen on held-out data, by people as well as metrics (README "Choosing the MMI weights"),
-    re-chosen for the default models of this release: ranking by the backward term alone (forward_weight 0)
-    gives response selection R10@1 36.95 on lccc "valid" (forward 0.1: 29.01), the fewest bland replies
-    (5.7 %; plain sampling 10.7 %, forward 0.1 13.9 %) and the best BLEU-2 (3.12), and people preferred it
-    to plain sampling 9 to 4 in blind pairs (forward 0.1: 8 to 4). With the previous, weaker default models
-    forward 0 lost to plain sampling (11 to 14) and 0.1 was the default.
-
-    The backward model scores only the user's latest turn (backward_context_turns 1), not all three the
-    forward model sees: on KdConv test (multi-turn) R10@1 rose from 36.4 to 43.1 and people preferred the
-    replies 7 to 3 (20 ties); on lccc "valid" (mostly one-turn contexts) R10@1 fell from 36.95 to 34.85;
-    and the MMI share of a reply fell from ~30 % to ~18 % (README "Choosing the MMI weights").
+    Defaults chosen on held-out data, by people as well as metrics, for the default models of this release
+    (docs/evaluation.md, "Choosing the MMI weights", has the figures and their commands): the backward term
+    alone (forward_weight 0) selected best, gave the fewest bland replies and won the blind pairs; the
+    backward model scores only the user's latest turn (backward_context_turns 1), not every turn the
+    forward model sees, which selected better on multi-turn contexts and costs less.
     """
 
     use_mmi: bool = field(default=True, metadata=field_help(
@@ -228,10 +222,10 @@ class BotArguments:
     device: str = field(default="cpu", metadata=field_help("torch device for the models (cpu, cuda, ...)"))
     quantize: str = field(default=DEFAULT_QUANTIZE, metadata=field_help(
         "'fp16': every weight rounded to float16 precision, arithmetic in float32 (on CPU fbgemm's fp16-weight "
-        "matmuls: faster; next-token distributions ~1e-7 nats per token from float32); 'none': the float32 weights "
-        "as trained; 'int8': dynamic int8 quantization of both models' matmuls (CPU only; slightly different "
-        "scores, and here no faster than fp16); 'int8-forward': of the forward model only, the backward model "
-        "in float32, so MMI scores candidates exactly as with 'none' (docs/engine.md, fp16 and int8)"))
+        "matmuls: faster; next-token distributions within float16 rounding of float32's); 'none': the float32 "
+        "weights as trained; 'int8': dynamic int8 quantization of both models' matmuls (CPU only; slightly "
+        "different scores); 'int8-forward': of the forward model only, the backward model in float32, so MMI "
+        "scores candidates exactly as with 'none' (docs/engine.md, fp16 and int8, has the measurements)"))
     threads: int = field(default=0, metadata=field_help(
         "intra-op CPU threads per reply: 0 = the thread policy (auto: the cores other processes leave free, "
         "shared by the replies in flight); N = always N (docs/engine.md, Threads)"))

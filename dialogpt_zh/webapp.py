@@ -77,11 +77,11 @@ class WebArguments:
         "faster than batch by batch, docs/web.md)"))
     engine_process: bool = field(default=True, metadata=field_help(
         "with --max_batch > 1: compute replies in a child process with its own interpreter, so the batches "
-        "do not wait for Gradio's Python (1.11x the replies/s, median of 6 pairs); the page's process still "
+        "do not wait for Gradio's Python (more replies/s: docs/web.md); the page's process still "
         "loads the bot for its settings; --no_engine_process computes them in the page's process"))
     batch_workers: int = field(default=2, metadata=field_help(
         "with --max_batch > 1: threads taking batches from the queue, so a batch can start while another "
-        "runs (each gets its share of the free cores; 2 did 1.13-1.28x the replies/s of 1 on 2 cores)"))
+        "runs (each gets its share of the free cores; on 2 cores 2 beat 1: docs/web.md)"))
     max_queue: int = field(default=64, metadata=field_help(
         "requests allowed to wait; beyond that new requests are refused with 'queue full'"))
     max_input_chars: int = field(default=150, metadata=field_help(

@@ -24,8 +24,8 @@ PARALLEL_MIN_BYTES = 4 << 20  # --workers 0 (auto) uses one process below this m
 
 def effective_workers(requested: int, files: Sequence[tuple[int, Any]]) -> int:
     """--workers: N as given; 0 (auto) = 2 when the inputs total PARALLEL_MIN_BYTES or more and two CPUs are
-    idle (1-minute load average), else 1. Measured on the shared 2-core machine with one core busy, 2 workers
-    were slower than 1 (the extra process only adds hand-over cost), hence the load check."""
+    idle (1-minute load average), else 1. With one core busy, 2 workers were slower than 1 (the extra
+    process only adds hand-over cost; docs/preprocess.md has the run), hence the load check."""
     if requested > 0:
         return requested
     import os

@@ -74,9 +74,9 @@ def sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> list[f
 
 
 # Models the lean forward does not cover (transformers' DynamicCache): finished candidates leave the cache (one
-# copy of it) only once this share of its rows is finished; until then they decode a dummy token. (The lean
-# forward moves single rows instead: `DecodingRows`.) Measured with the lean forward before it did: ~1.2x the
-# throughput of dropping rows at every finish at 20 requests per batch (docs/engine.md, Generation).
+# copy of it) only once this share of its rows is finished; until then they decode a dummy token, because
+# copying the whole cache at every finish cost more than it saved (docs/engine.md, "Figures behind the
+# code"). The lean forward moves single rows instead: `DecodingRows`.
 COMPACT_DEAD_SHARE = 0.5
 
 
