@@ -3,9 +3,9 @@
 Why: at the few rows of a decoding step, MKL's float32 GEMM is slow on this kind of CPU (the LM head's time
 grows with the rows: it is not the reading of the weights that costs), while fbgemm's fp16-weight kernel,
 which converts the weights to float32 as it multiplies, is faster there (docs/engine.md has the timings);
-and the weights take half the memory and cache. On CPU the matmuls become `Fp16Linear`s over fbgemm's packed fp16 matrices; where
-fbgemm is missing (not x86, other devices) the rounded weights stay in their float32 modules. Either way
-every path computes with the same weight values.
+and the weights take half the memory and cache. On CPU the matmuls become `Fp16Linear`s over fbgemm's packed
+fp16 matrices; where fbgemm is missing (not x86, other devices) the rounded weights stay in their float32
+modules. Either way every path computes with the same weight values.
 
 Two fbgemm kernels, both over the same fp16 values, chosen per call (docs/engine.md, fp16, has the timings):
 `torch.fbgemm_linear_fp16_weight` has far less per-call overhead than the supported route
