@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry or version-check calls
 import gradio as gr  # noqa: E402
@@ -27,6 +27,9 @@ from dialogpt_zh.errors import UserError  # noqa: E402
 from dialogpt_zh.fsutil import check_output_file  # noqa: E402
 from dialogpt_zh.settings import PAGE_RANGES, BotArguments, GenerationSettings, MMISettings, apply_overrides, field_help  # noqa: E402
 from dialogpt_zh.webui.view import CANDIDATE_HEADERS, candidates_table, history_to_messages  # noqa: E402,F401
+
+if TYPE_CHECKING:  # the engine (torch) is imported when a bot is loaded, not with this module
+    from dialogpt_zh.engine.results import Reply
 
 log = logging.getLogger(__name__)
 
@@ -195,13 +198,166 @@ def status_markdown(reply, notices: Sequence[str]) -> str:
 
 # ------------------------------------------------------------------------------------------------ the app
 
-def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
+class Replier(Protocol):
+    """What the page asks for a reply: `ChatBot`, `ReplyBatcher` and `EngineProcess` all are one (so is a
+    test's stand-in wrapping a bot). The page also reads the bot's `generation`, `mmi_settings` and `notices`."""
+
+    def reply(self, history: list[str], *, seed: int | None = None, generation: GenerationSettings | None = None,
+              mmi: MMISettings | None = None) -> Reply: ...
+
+
+def make_replier(bot: Replier, replier: Replier | None, max_batch: int, batch_window_ms: float,
+                 batch_workers: int, continuous_batching: bool) -> Replier:
+    """What computes a reply: the caller's `replier` (e.g. an EngineProcess, closed by whoever launched the
+    page), else a `ReplyBatcher` sharing batches between users when `bot` is a `ChatBot` and `max_batch` > 1,
+    else the bot itself (a stand-in that is not a ChatBot cannot be batched)."""
+    from dialogpt_zh.engine.bot import ChatBot
+
+    if replier is not None:
+        return replier
+    if max_batch > 1 and isinstance(bot, ChatBot):
+        from dialogpt_zh.engine.batcher import ReplyBatcher
+
+        return ReplyBatcher(bot, window_s=batch_window_ms / 1000, max_requests=max_batch, workers=batch_workers,
+                            continuous=continuous_batching)
+    return bot
+
+
+@dataclass
+class ChatHandlers:
+    """The page's chat handlers over one replier: a reply, a clear, a closed tab. Each browser session keeps
+    its history in a `gr.State`; `clears` drops a reply that a clear overtook."""
+
+    replier: Replier
+    generation: GenerationSettings
+    mmi: MMISettings
+    defaults: dict[str, Any]
+    bot_notices: list[str]
+    writer: TranscriptWriter | None
+    max_input_chars: int
+    seed: int | None
+    clears: ClearCounter = field(default_factory=ClearCounter)
+
+    # Explicit parameters (not *values) so that the API page and gradio_client show the settings' names.
+    def reply(self, message: str, history: list[str] | None, request: gr.Request, num_candidates: float,
+              top_k: float, top_p: float, temperature: float, repetition_penalty: float,
+              backward_weight: float, max_history: float):
+        values = dict(num_candidates=num_candidates, top_k=top_k, top_p=top_p, temperature=temperature,
+                      repetition_penalty=repetition_penalty, backward_weight=backward_weight,
+                      max_history=max_history)
+        session = getattr(request, "session_hash", None)
+        clears_at_start = self.clears.get(session)
+        history = list(history or [])
+        message = (message or "").strip()
+        if not message:
+            gr.Info("空消息已忽略。")  # nothing else changes
+            return "", history_to_messages(history), history, gr.skip(), gr.skip(), gr.skip()
+        notices = []
+        if len(message) > self.max_input_chars:
+            message = message[:self.max_input_chars]
+            notices.append(f"输入过长，只保留了前 {self.max_input_chars} 个字。")
+            gr.Warning(notices[-1])
+        overrides = {k: _coerce(self.defaults[k], v) for k, v in values.items()}
+        try:
+            gen, mm = apply_overrides(self.generation, self.mmi, overrides)
+            # MMI weight 0 means "no MMI": skip the backward pass instead of computing a score weighted by 0.
+            mm = apply_overrides(gen, mm, {"use_mmi": mm.use_mmi and mm.backward_weight > 0})[1]
+            reply = self.replier.reply(history + [message], seed=self.seed, generation=gen, mmi=mm)
+        except Exception as e:  # any failure becomes a message on the page, never a dead page
+            # the details go to the server log; a remote user sees only what is meant for users
+            log.exception("reply failed (session %s)", session)
+            status = "⚠ " + (f"无法生成回复：{e}" if isinstance(e, UserError) else GENERIC_ERROR)
+            return message, history_to_messages(history), history, gr.skip(), status, gr.skip()
+        if self.clears.get(session) != clears_at_start:  # cleared while this reply was computed: drop it
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        if not reply.candidates:  # e.g. a blocklist removed every candidate: say so, keep the history
+            status = "⚠ 这一轮没有可用的回复：" + "；".join(reply.notices or ["没有候选"])
+            return message, history_to_messages(history), history, [], status, None
+        new_history = history + [message, reply.text]
+        notices += [n for n in (reply.notices or []) if n not in self.bot_notices]
+        if self.writer is not None:
+            self.write_transcript(session, message, reply, new_history, {**overrides, "use_mmi": mm.use_mmi},
+                                  notices)
+        # the last turn, for the person's judgement (web_judging): what the bot was given and answered
+        turn = {"given": history + [message], "reply": reply, "settings": {**asdict(gen), **asdict(mm)}}
+        return "", history_to_messages(new_history), new_history, candidates_table(reply), \
+            status_markdown(reply, notices), turn
+
+    def write_transcript(self, session: str | None, message: str, reply: Reply, new_history: list[str],
+                         settings: dict[str, Any], notices: list[str]) -> None:
+        self.writer.write({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "session": session,
+            "turn": len(new_history) // 2,
+            "user": message,
+            "reply": reply.text,
+            "seed": getattr(reply, "seed", None),
+            "settings": settings,
+            "latency_s": round(reply.latency_s, 4),
+            "notices": notices,
+            "candidates": [{"rank": c.rank, "text": c.text, "forward_logprob": c.forward_logprob,
+                            "backward_logprob": c.backward_logprob, "score": c.score}
+                           for c in reply.candidates],
+        })
+
+    def forget(self, request: gr.Request) -> None:  # the browser tab closed
+        self.clears.forget(getattr(request, "session_hash", None))
+
+    def reset(self, request: gr.Request):
+        self.clears.bump(getattr(request, "session_hash", None))
+        return "", [], [], [], "已清空对话，开始新的聊天吧。", None
+
+
+def page_intro(transcript_on: bool, feedback_on: bool) -> str:
+    """The page's heading text: what it does, and what it keeps (the transcript, the judgements)."""
+    intro = ("GPT-2 前向模型每轮采样多个候选回复，后向模型按最大互信息（MMI）给候选打分重排，"
+             "选出得分最高的一句。右侧表格列出上一轮的全部候选及其分数。")
+    privacy = ("**注意：运营者开启了对话记录，每一轮对话都会写入服务器上的记录文件。**" if transcript_on
+               else "对话只保存在本浏览器会话中，服务器不写入磁盘；刷新页面即清空。")
+    privacy += ("\n\n点表格里的一行 = 你会选这个候选；或在表格下写一句更好的回复。对话会用你的选择继续"
+                "（★ = MMI 的选择，✔ = 你的选择）。"
+                + ("**你的选择会被记录（已遮盖个人信息，不含会话标识）。**" if feedback_on else ""))
+    return f"# {TITLE}\n{intro}\n\n{privacy}"
+
+
+def chat_column() -> tuple[gr.Chatbot, gr.Textbox, gr.Button, gr.Button]:
+    """The left column's parts (inside a `gr.Column`): the chat, the message box, send and clear."""
+    chatbot = gr.Chatbot(label="对话", height=460, render_markdown=False, feedback_options=None,
+                         buttons=["copy_all"], placeholder="输入一句话，按回车发送", elem_id="chat")
+    with gr.Row():
+        textbox = gr.Textbox(show_label=False, placeholder="说点什么……（回车发送）", scale=6,
+                             lines=1, max_lines=4, autofocus=True, elem_id="message")
+        send = gr.Button("发送", variant="primary", scale=1, min_width=90, elem_id="send")
+        reset = gr.Button("清空对话", scale=1, min_width=100, elem_id="reset")
+    gr.Examples(examples=[[e] for e in EXAMPLE_OPENERS], inputs=[textbox], label="试试这些开场白")
+    return chatbot, textbox, send, reset
+
+
+def candidates_column() -> tuple[gr.Markdown, gr.Dataframe]:
+    """The right column's status line and candidates table (the judging controls and then the sliders follow:
+    `build_app`)."""
+    status = gr.Markdown("还没有对话。", elem_id="status")
+    table = gr.Dataframe(headers=CANDIDATE_HEADERS, value=[], label="上一轮的全部候选（按最终得分排序）",
+                         interactive=False, wrap=True, elem_id="candidates",
+                         datatype=["number", "str", "str", "number", "number", "number", "number", "number"],
+                         column_widths=["7%", "6%", "30%", "14%", "14%", "12%", "8%", "9%"])
+    return status, table
+
+
+def settings_sliders(defaults: dict[str, Any]) -> list[gr.Slider]:
+    """One slider per `CONTROLS` entry, starting at the page's settings (`defaults`)."""
+    with gr.Accordion("生成设置", open=True):
+        return [gr.Slider(c.range[0], c.range[1], value=defaults[c.name], step=c.range[2], label=c.label,
+                          info=c.info, elem_id=f"ctl_{c.name}") for c in CONTROLS]
+
+
+def build_app(bot: Replier, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
               transcript: str | Path | None = None, *, concurrency: int = 0, max_queue: int = 64,
               max_batch: int = 8, batch_window_ms: float = 5.0, batch_workers: int = 2,
-              continuous_batching: bool = False, replier=None,
+              continuous_batching: bool = False, replier: Replier | None = None,
               max_input_chars: int = 150, seed: int | None = None, feedback: str | Path | None = None,
               arena_pairs: str | Path | None = None, arena_verdicts: str | Path | None = None) -> gr.Blocks:
-    """The Gradio page over `bot` (a `dialogpt_zh.engine.bot.ChatBot`).
+    """The Gradio page over `bot` (a `dialogpt_zh.engine.bot.ChatBot`, or a `Replier` with its settings).
 
     Slider defaults and every other setting come from `generation` / `mmi` (the engine's settings
     dataclasses; default: the bot's own). `transcript`: a JSONL file to append each turn to (None: nothing
@@ -219,126 +375,31 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
     defaults = {c.name: getattr(generation, c.name, getattr(mmi, c.name, None)) for c in CONTROLS}
     writer = TranscriptWriter(transcript) if transcript else None
     bot_notices = list(getattr(bot, "notices", []) or [])
-    clears = ClearCounter()
-    # what computes a reply: the bot itself, a batcher sharing its batches between users, or the caller's
-    # `replier` (e.g. an EngineProcess); a replier with a close() is closed by whoever launched the page
-    replier = replier if replier is not None else bot
-    if replier is bot and max_batch > 1 and hasattr(bot, "reply_many"):
-        from dialogpt_zh.engine.batcher import ReplyBatcher
-
-        replier = ReplyBatcher(bot, window_s=batch_window_ms / 1000, max_requests=max_batch,
-                               workers=batch_workers, continuous=continuous_batching)
-
-    # Explicit parameters (not *values) so that the API page and gradio_client show the settings' names.
-    def reply_fn(message: str, history: list[str] | None, request: gr.Request, num_candidates: float,
-                 top_k: float, top_p: float, temperature: float, repetition_penalty: float,
-                 backward_weight: float, max_history: float):
-        values = dict(num_candidates=num_candidates, top_k=top_k, top_p=top_p, temperature=temperature,
-                      repetition_penalty=repetition_penalty, backward_weight=backward_weight,
-                      max_history=max_history)
-        session = getattr(request, "session_hash", None)
-        clears_at_start = clears.get(session)
-        history = list(history or [])
-        message = (message or "").strip()
-        if not message:
-            gr.Info("空消息已忽略。")  # nothing else changes
-            return "", history_to_messages(history), history, gr.skip(), gr.skip(), gr.skip()
-        notices = []
-        if len(message) > max_input_chars:
-            message = message[:max_input_chars]
-            notices.append(f"输入过长，只保留了前 {max_input_chars} 个字。")
-            gr.Warning(notices[-1])
-        overrides = {k: _coerce(defaults[k], v) for k, v in values.items()}
-        try:
-            gen, mm = apply_overrides(generation, mmi, overrides)
-            # MMI weight 0 means "no MMI": skip the backward pass instead of computing a score weighted by 0.
-            mm = apply_overrides(gen, mm, {"use_mmi": mm.use_mmi and mm.backward_weight > 0})[1]
-            reply = replier.reply(history + [message], seed=seed, generation=gen, mmi=mm)
-        except Exception as e:  # any failure becomes a message on the page, never a dead page
-            # the details go to the server log; a remote user sees only what is meant for users
-            log.exception("reply failed (session %s)", session)
-            status = "⚠ " + (f"无法生成回复：{e}" if isinstance(e, UserError) else GENERIC_ERROR)
-            return message, history_to_messages(history), history, gr.skip(), status, gr.skip()
-        if clears.get(session) != clears_at_start:  # cleared while this reply was computed: drop it
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        if not reply.candidates:  # e.g. a blocklist removed every candidate: say so, keep the history
-            status = "⚠ 这一轮没有可用的回复：" + "；".join(reply.notices or ["没有候选"])
-            return message, history_to_messages(history), history, [], status, None
-        new_history = history + [message, reply.text]
-        notices += [n for n in (reply.notices or []) if n not in bot_notices]
-        if writer is not None:
-            writer.write({
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "session": getattr(request, "session_hash", None),
-                "turn": len(new_history) // 2,
-                "user": message,
-                "reply": reply.text,
-                "seed": getattr(reply, "seed", None),
-                "settings": {**overrides, "use_mmi": mm.use_mmi},
-                "latency_s": round(reply.latency_s, 4),
-                "notices": notices,
-                "candidates": [{"rank": c.rank, "text": c.text, "forward_logprob": c.forward_logprob,
-                                "backward_logprob": c.backward_logprob, "score": c.score}
-                               for c in reply.candidates],
-            })
-        # the last turn, for the person's judgement (web_judging): what the bot was given and answered
-        turn = {"given": history + [message], "reply": reply, "settings": {**asdict(gen), **asdict(mm)}}
-        return "", history_to_messages(new_history), new_history, candidates_table(reply), \
-            status_markdown(reply, notices), turn
-
-    def forget_fn(request: gr.Request):  # the browser tab closed
-        clears.forget(getattr(request, "session_hash", None))
-
-    def reset_fn(request: gr.Request):
-        clears.bump(getattr(request, "session_hash", None))
-        return "", [], [], [], "已清空对话，开始新的聊天吧。", None
-
-    intro = ("GPT-2 前向模型每轮采样多个候选回复，后向模型按最大互信息（MMI）给候选打分重排，"
-             "选出得分最高的一句。右侧表格列出上一轮的全部候选及其分数。")
-    privacy = ("**注意：运营者开启了对话记录，每一轮对话都会写入服务器上的记录文件。**" if writer
-               else "对话只保存在本浏览器会话中，服务器不写入磁盘；刷新页面即清空。")
-    privacy += ("\n\n点表格里的一行 = 你会选这个候选；或在表格下写一句更好的回复。对话会用你的选择继续"
-                "（★ = MMI 的选择，✔ = 你的选择）。"
-                + ("**你的选择会被记录（已遮盖个人信息，不含会话标识）。**" if feedback else ""))
+    replier = make_replier(bot, replier, max_batch, batch_window_ms, batch_workers, continuous_batching)
+    handlers = ChatHandlers(replier, generation, mmi, defaults, bot_notices, writer, max_input_chars, seed)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(f"# {TITLE}\n{intro}\n\n{privacy}")
+        gr.Markdown(page_intro(writer is not None, bool(feedback)))
         for n in bot_notices:
             gr.Markdown(f"⚠ {n}")
         history_state = gr.State([])
         turn_state = gr.State(None)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320):
-                chatbot = gr.Chatbot(label="对话", height=460, render_markdown=False, feedback_options=None,
-                                     buttons=["copy_all"], placeholder="输入一句话，按回车发送",
-                                     elem_id="chat")
-                with gr.Row():
-                    textbox = gr.Textbox(show_label=False, placeholder="说点什么……（回车发送）", scale=6,
-                                         lines=1, max_lines=4, autofocus=True, elem_id="message")
-                    send = gr.Button("发送", variant="primary", scale=1, min_width=90, elem_id="send")
-                    reset = gr.Button("清空对话", scale=1, min_width=100, elem_id="reset")
-                gr.Examples(examples=[[e] for e in EXAMPLE_OPENERS], inputs=[textbox], label="试试这些开场白")
+                chatbot, textbox, send, reset = chat_column()
             with gr.Column(scale=6, min_width=360):
-                status = gr.Markdown("还没有对话。", elem_id="status")
-                table = gr.Dataframe(headers=CANDIDATE_HEADERS, value=[], label="上一轮的全部候选（按最终得分排序）",
-                                     interactive=False, wrap=True, elem_id="candidates",
-                                     datatype=["number", "str", "str", "number", "number", "number", "number",
-                                               "number"],
-                                     column_widths=["7%", "6%", "30%", "14%", "14%", "12%", "8%", "9%"])
+                status, table = candidates_column()
                 feedback_writer = web_judging.add_judging(bot, feedback, table=table, chatbot=chatbot,
                                                           history_state=history_state, turn_state=turn_state,
                                                           status=status)
-                with gr.Accordion("生成设置", open=True):
-                    sliders = [gr.Slider(c.range[0], c.range[1], value=defaults[c.name], step=c.range[2],
-                                         label=c.label, info=c.info, elem_id=f"ctl_{c.name}")
-                               for c in CONTROLS]
+                sliders = settings_sliders(defaults)
         inputs = [textbox, history_state, *sliders]
         outputs = [textbox, chatbot, history_state, table, status, turn_state]
-        gr.on([textbox.submit, send.click], reply_fn, inputs, outputs, api_name="chat",
+        gr.on([textbox.submit, send.click], handlers.reply, inputs, outputs, api_name="chat",
               concurrency_limit=concurrency, concurrency_id="reply", show_progress="minimal")
-        reset.click(reset_fn, None, outputs, api_name="reset", queue=False)
+        reset.click(handlers.reset, None, outputs, api_name="reset", queue=False)
         # The chat panel's own trash icon must forget the history too, not just the bubbles.
-        chatbot.clear(reset_fn, None, outputs, api_visibility="private", queue=False)
-        demo.unload(forget_fn)
+        chatbot.clear(handlers.reset, None, outputs, api_visibility="private", queue=False)
+        demo.unload(handlers.forget)
     if arena_pairs:
         demo = web_judging.with_arena_tab(demo, TITLE, arena_pairs, arena_verdicts)
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)

@@ -295,3 +295,18 @@ def test_concurrent_users_share_batches_and_keep_their_own_chats(bot):
         first = bot.reply([opener], seed=7)
         second = bot.reply([opener, first.text, "真的吗"], seed=7)
         assert texts(chats[i], "assistant") == [first.text, second.text]
+
+
+def test_the_page_batches_a_chatbot_and_uses_any_other_replier_as_it_is(bot):
+    from dialogpt_zh.engine.batcher import ReplyBatcher
+
+    batched = webapp.make_replier(bot, None, max_batch=8, batch_window_ms=5, batch_workers=1,
+                                  continuous_batching=False)
+    try:
+        assert isinstance(batched, ReplyBatcher)
+    finally:
+        batched.close()
+    assert webapp.make_replier(bot, None, 1, 5, 1, False) is bot              # --max_batch 1: each alone
+    stand_in = FlakyBot(bot)                                                    # a Replier, not a ChatBot
+    assert webapp.make_replier(stand_in, None, 8, 5, 1, False) is stand_in
+    assert webapp.make_replier(bot, stand_in, 8, 5, 1, False) is stand_in     # the caller's replier wins
