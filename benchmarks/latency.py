@@ -98,6 +98,19 @@ class LatencyArgs:
         "with --background-load: comma list of thread settings to compare (policy = the thread policy, N = N)"))
     seed: int = field(default=0, metadata=field_help("seed of weights and sampling"))
 
+    def __post_init__(self) -> None:
+        from dialogpt_zh.errors import UserError
+
+        for name in ("threads", "background_load"):
+            if getattr(self, name) < 0:
+                raise UserError(f"must be >= 0, got {getattr(self, name)}", field=name)
+        unknown = sorted({r for r in self.reference.split(",") if r} - {"chitchat", "reference", "none"})
+        if unknown:
+            raise UserError(f"unknown reference(s) {unknown}; use chitchat, reference or none", field="reference")
+        if self.background_load:
+            for s in self.thread_settings.split(","):
+                policy_for(s.strip())  # a bad setting is an error now, not after the idle phase
+
 
 def fixture_sessions() -> list[list[str]]:
     """The hand-written chitchat fixture's sessions (raw turns), read by the project's own reader."""
@@ -407,22 +420,9 @@ def main(argv=None) -> int:
         hf_logging.disable_progress_bar()
         ns = [int(x) for x in args.ns.split(",")]
         refs = [r for r in args.reference.split(",") if r and r != "none"]
-        if set(refs) - {"chitchat", "reference"}:
-            from dialogpt_zh.errors import UserError
-
-            raise UserError(f"unknown reference(s) {sorted(set(refs) - {'chitchat', 'reference'})}; use "
-                            "chitchat, reference or none", field="reference")
         print(f"# latency per reply (seconds); torch {torch.__version__}, threads: "
               f"{ThreadPolicy(args.threads).describe()}, {os.cpu_count()} CPUs, "
               f"load average {os.getloadavg()[0]:.2f}")
-        from dialogpt_zh.errors import UserError
-
-        for name in ("threads", "background_load"):
-            if getattr(args, name) < 0:
-                raise UserError(f"must be >= 0, got {getattr(args, name)}", field=name)
-        if args.background_load:
-            for s in args.thread_settings.split(","):
-                policy_for(s.strip())  # a bad setting is an error now, not after the idle phase
 
         def bench(name: str, bot_dir: Path, contexts, ref_ns: set[int]) -> None:
             if args.background_load:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main
+from dialogpt_zh.errors import UserError
 from dialogpt_zh.judging.feedback import export, summary_line
 
 # ------------------------------------------------------------------------------------------- export
@@ -17,6 +18,10 @@ class ExportArgs:
     output: str = field(default="", metadata=field_help(
         "directory to write (train.txt + stats.json); created atomically (required)"))
     overwrite: bool = field(default=False, metadata=field_help("replace --output if it exists"))
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise UserError("--output DIR is required", field="output")
 
 
 EXPORT_EXAMPLES = """
