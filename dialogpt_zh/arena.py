@@ -161,7 +161,8 @@ def _generate(args: ArenaArgs) -> tuple[list[dict[str, Any]], dict[str, str], di
 
 def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     parser = make_parser([ArenaArgs], prog="python -m dialogpt_zh.arena",
-                         description="The arena: a blind comparison of two bots (or one bot with two settings), judged by a person.", examples=EXAMPLES)
+                         description="The arena: a blind comparison of two bots (or one bot with two settings), "
+                                     "judged by a person.", examples=EXAMPLES)
 
     def body() -> int:
         (args,) = parse(parser, argv)
