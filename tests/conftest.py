@@ -55,15 +55,16 @@ def random_bot_dir(tmp_path_factory, fixture_tokenizer) -> Path:
 
 def build_fixture_store(path: Path, tokenizer, sessions: list[list[str]], directions=("forward", "backward"),
                         **manifest) -> Path:
-    """A token store from hand-written sessions (every 5th session -> valid); windows: each prefix of >= 2 turns.
-    `manifest`: more manifest fields (e.g. the preprocessor's `config`)."""
+    """A token store from hand-written sessions (every 5th session -> valid); windows: each prefix of >= 2 turns;
+    one source ("fixtures"). `manifest`: more manifest fields (e.g. the preprocessor's `config`)."""
     from dialogpt_zh.data.store import StoreWriter
     from dialogpt_zh.tokenizer import encode
 
-    writer = StoreWriter(path, tokenizer)
+    writer = StoreWriter(path, tokenizer, sources=["fixtures"])
     for k, session in enumerate(sessions):
         ids = [encode(tokenizer, u) for u in session]
-        writer.add_session("valid" if k % 5 == 0 else "train", ids, [(0, n) for n in range(2, len(ids) + 1)])
+        writer.add_session("valid" if k % 5 == 0 else "train", ids, [(0, n) for n in range(2, len(ids) + 1)],
+                           source=0)
     writer.close({"command": "tests/conftest.py build_fixture_store", "directions": list(directions), **manifest})
     return path
 

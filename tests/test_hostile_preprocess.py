@@ -384,6 +384,12 @@ STORE_CASES = [
     ("manifest split counts a list", lambda s: _edit_manifest(s, **{"store_splits.valid": [1, 2]}),
      "(field 'store_splits.valid.windows')"),
     ("manifest directions a string", lambda s: _edit_manifest(s, directions="forward"), "(field 'directions')"),
+    ("manifest sources not a list", lambda s: _edit_manifest(s, sources="fixtures"), "(field 'sources')"),
+    ("src.npy missing", lambda s: (s / "train.src.npy").unlink(), "train.src.npy: missing store file"),
+    ("src.npy of int64", lambda s: _save(s / "train.src.npy", np.load(s / "train.src.npy").astype(np.int64)),
+     "train.src.npy: expected uint16"),
+    ("src.npy names a source the manifest lacks", lambda s: _save(s / "valid.src.npy", np.load(s / "valid.src.npy") + 1),
+     "valid.src.npy: source index 1"),
 ]
 
 

@@ -125,6 +125,44 @@ def test_run_on_fixtures(tmp_path):
     assert not list(tmp_path.glob(".store.*"))  # no temp dir left behind
 
 
+def test_store_records_each_windows_source(tmp_path):
+    """Store version 2: every window's source (S.src.npy) and the source names; upsampled copies keep theirs."""
+    m = run_preprocess(args(tmp_path / "store", valid_ratio=0.2, test_ratio=0.2, upsample="kdconv_dev.json=2"),
+                       INPUTS)
+    store = TokenStore(tmp_path / "store")
+    assert m["version"] == 2 and store.sources == [p.name for p in INPUTS]
+    assert [c["source"] for c in m["corpora"]] == store.sources
+    for split in store.split_names():
+        src = store.split(split).window_sources()
+        assert src.dtype == np.dtype("<u2") and len(src) == len(store.split(split))
+        per_source = np.bincount(src, minlength=len(store.sources))
+        copies = {"kdconv_dev.json": 2} if split == "train" else {}
+        for i, name in enumerate(store.sources):
+            assert per_source[i] == copies.get(name, 1) * m["counts"]["by_source"][name][split]["windows"]
+
+
+def test_version_1_store_still_opens_but_has_no_sources(tmp_path):
+    out = tmp_path / "store"
+    run_preprocess(args(out, valid_ratio=0.2, test_ratio=0.2), INPUTS)
+    before = [list(map(list, TokenStore(out).split("train").turns(i))) for i in range(3)]
+    m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    m["version"] = 1
+    del m["sources"]
+    (out / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    for f in out.glob("*.src.npy"):
+        f.unlink()
+    store = TokenStore(out)
+    assert store.sources is None
+    assert [list(map(list, store.split("train").turns(i))) for i in range(3)] == before
+    with pytest.raises(UserError, match="re-run `python -m dialogpt_zh.preprocess`") as e:
+        store.split("train").window_sources()
+    assert str(out / "manifest.json") in str(e.value)
+    m["version"] = 3
+    (out / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    with pytest.raises(UserError, match="store version 3 is not supported"):
+        TokenStore(out)
+
+
 def test_deterministic_with_seed(tmp_path):
     m1 = run_preprocess(args(tmp_path / "a", seed=7, valid_ratio=0.2, test_ratio=0.2), INPUTS)
     m2 = run_preprocess(args(tmp_path / "b", seed=7, valid_ratio=0.2, test_ratio=0.2), INPUTS)

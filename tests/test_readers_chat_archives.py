@@ -246,10 +246,12 @@ def test_preprocess_archives_holdout_and_corpora_licences(tmp_path):
     files = [f["path"] for f in m["inputs"][1]["files"]]
     assert files == [f"{odd / 'chat.zip'}:sharegpt/test.json", f"{odd / 'chat.zip'}:messages.jsonl"]
     assert m["corpora"] == [
-        {"path": str(mit), "licence": "MIT", "licence_file": str(mit / "LICENSE")},
-        {"path": str(odd / "chat.zip"), "licence": "unrecognised licence file: COPYING",
+        {"source": "mit", "path": str(mit), "licence": "MIT", "licence_file": str(mit / "LICENSE")},
+        {"source": "chat.zip", "path": str(odd / "chat.zip"), "licence": "unrecognised licence file: COPYING",
          "licence_file": str(odd / "COPYING")},
-        {"path": str(bare / "data.json.gz"), "licence": "none stated", "licence_file": None}]
+        {"source": "data.json.gz", "path": str(bare / "data.json.gz"), "licence": "none stated",
+         "licence_file": None}]
+    assert m["sources"] == ["mit", "chat.zip", "data.json.gz"]
     on_disk = json.loads((tmp_path / "store" / "manifest.json").read_text(encoding="utf-8"))
     assert on_disk["corpora"] == m["corpora"]
 

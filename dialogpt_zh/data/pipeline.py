@@ -461,8 +461,8 @@ def make_manifest(args: PreprocessArguments, inputs: Sequence[str | Path], scans
         "command": command,
         "config": {**asdict(args), "inputs": [str(p) for p in inputs]},
         "inputs": corpus.inputs_info,
-        "corpora": [{"path": str(scan.path), "licence": scan.licence, "licence_file": scan.licence_file}
-                    for scan in scans],
+        "corpora": [{"source": scan.source, "path": str(scan.path), "licence": scan.licence,
+                     "licence_file": scan.licence_file} for scan in scans],
         "tokenizer": tok_info,
         "windowing": {"max_turns": args.max_turns, "max_tokens": args.max_tokens,
                       "max_utterance_tokens": ww.max_utterance_tokens,
@@ -520,7 +520,7 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
         plan = dedupe_and_split(args, corpus, subsample)
         corpus.hashes = corpus.own_split = None  # not needed after pass 2 (10 bytes a session)
         tokenizer, tok_info = make_tokenizer(args, corpus, plan, given_tokenizer)
-        writer = StoreWriter(out, tokenizer, STORE_SPLITS)
+        writer = StoreWriter(out, tokenizer, STORE_SPLITS, sources=corpus.sources)
         encoder = UtteranceEncoder(tokenizer, writer.dtype, char_level=tok_info["kind"] == "char")
         ww = write_windows(args, corpus, plan, writer, encoder, upsample)
         corpus.path.unlink()
