@@ -388,7 +388,8 @@ STORE_CASES = [
     ("src.npy missing", lambda s: (s / "train.src.npy").unlink(), "train.src.npy: missing store file"),
     ("src.npy of int64", lambda s: _save(s / "train.src.npy", np.load(s / "train.src.npy").astype(np.int64)),
      "train.src.npy: expected uint16"),
-    ("src.npy names a source the manifest lacks", lambda s: _save(s / "valid.src.npy", np.load(s / "valid.src.npy") + 1),
+    ("src.npy names a source the manifest lacks",
+     lambda s: _save(s / "valid.src.npy", np.load(s / "valid.src.npy") + 1),
      "valid.src.npy: source index 1"),
 ]
 

@@ -233,7 +233,10 @@ class StoreSplit:
             yield self.turns(i)
 
 
-def _load_table(path: Path, shape: tuple[int, ...], dtype: np.dtype = np.dtype(np.int64)) -> np.ndarray:
+INT64 = np.dtype(np.int64)
+
+
+def _load_table(path: Path, shape: tuple[int, ...], dtype: np.dtype = INT64) -> np.ndarray:
     """A .npy table of the given shape and dtype (default int64; allow_pickle=False: never unpickle anything
     from a user path)."""
     if not path.is_file():
