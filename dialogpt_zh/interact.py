@@ -59,15 +59,19 @@ class InteractArgs:
 
 
 def format_candidates(reply) -> str:
-    """The /debug table: every candidate with its three scores, best first."""
-    lines = [f"  {'rank':>4} {'score':>8} {'fwd':>8} {'bwd':>8} {'tok':>4} {'n':>2}  text"]
+    """The /debug table: every candidate with its three scores and where it came from (sampled, retrieved
+    from the index with its similarity, or both), best first."""
+    lines = [f"  {'rank':>4} {'score':>8} {'fwd':>8} {'bwd':>8} {'tok':>4} {'n':>2} {'source':>9} {'sim':>5}  text"]
     for c in reply.candidates:
         bwd = f"{c.backward_logprob:8.2f}" if c.backward_logprob is not None else f"{'-':>8}"
+        sim = f"{c.similarity:5.2f}" if c.similarity is not None else f"{'-':>5}"
+        source = {"sampled+retrieved": "both"}.get(c.source, c.source)
         lines.append(f"  {c.rank:>4} {c.score:8.3f} {c.forward_logprob:8.2f} {bwd} {c.num_tokens:>4} "
-                     f"{c.count:>2}  {c.text}")
+                     f"{c.count:>2} {source:>9} {sim}  {c.text}")
     t = reply.timings
+    retrieve = f", retrieve {t['retrieve'] * 1000:.0f}" if t.get("retrieve") else ""
     lines.append(f"  mmi={'on' if reply.mmi else 'off'} seed={reply.seed} latency={reply.latency_s * 1000:.0f} ms "
-                 f"(encode {t['encode'] * 1000:.0f}, generate {t['generate'] * 1000:.0f}, "
+                 f"(encode {t['encode'] * 1000:.0f}{retrieve}, generate {t['generate'] * 1000:.0f}, "
                  f"score {t['score'] * 1000:.0f}); context: {' | '.join(reply.context)}")
     return "\n".join(lines)
 

@@ -39,6 +39,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "max_length": (1, 1024),
     "max_history": (1, 1000),
     "max_context_tokens": (2, 8192),
+    "retrieval_candidates": (0, 256),
     "forward_weight": (-1000.0, 1000.0),
     "backward_weight": (-1000.0, 1000.0),
     "length_weight": (-1000.0, 1000.0),
@@ -79,6 +80,9 @@ class GenerationSettings:
         "most recent utterances (the user's latest included) the model sees; older ones are dropped"))
     max_context_tokens: int = field(default=200, metadata=field_help(
         "token budget of the context; oldest turns are dropped first to fit (also capped by the model size)"))
+    retrieval_candidates: int = field(default=0, metadata=field_help(
+        "human replies retrieved from the bot's index (BOT_DIR/retrieval, python -m dialogpt_zh.index) and ranked "
+        "with the sampled candidates by the same MMI score; 0 = off (0..256; docs/retrieval.md)"))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -113,7 +117,7 @@ class MMISettings:
     normalize: Literal["mean", "sum"] = field(default="mean", metadata=field_help(
         "mean: per-token log-probs (fwd / reply tokens, bwd / context tokens); sum: summed log-probs"))
     blocklist: str | None = field(default=None, metadata=field_help(
-        "file with one word per line; sampled candidates containing any of them are removed"))
+        "file with one word per line; candidates (sampled or retrieved) containing any of them are removed"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.use_mmi, (bool, np.bool_)):

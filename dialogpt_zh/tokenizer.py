@@ -117,6 +117,33 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
     return "".join(out)
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what makes two tokenizers interchangeable for stored token ids: the vocabulary (tokens in id
+    order) and the special token ids. Equal for a store's tokenizer/ and a model trained on that store, whatever
+    bytes their tokenizer.json files hold (transformers versions write them differently)."""
+    import hashlib
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    blob = json.dumps({"vocab": vocab, "special": {n: getattr(tokenizer, f"{n}_token_id")
+                                                  for n in ("pad", "unk", "cls", "sep")}},
+                      ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def fast_decoder(tokenizer):
+    """`decode` for many id sequences: a table join when every ordinary token is one character (a char
+    tokenizer: the same text as `decode`), else `decode` itself."""
+    vocab = tokenizer.get_vocab()
+    specials = set(tokenizer.all_special_ids)
+    if not all(len(t) == 1 for t, i in vocab.items() if i not in specials):
+        return lambda ids: decode(tokenizer, ids)
+    table = [""] * (max(vocab.values()) + 1)
+    for t, i in vocab.items():
+        if i not in specials:
+            table[i] = t
+    return lambda ids: "".join([table[i] for i in ids])
+
+
 class UtteranceEncoder:
     """Token ids of many utterances at once: (flat ids, offsets), utterance k = flat[off[k]:off[k+1]].
 

@@ -187,8 +187,8 @@ class TranscriptWriter:
 def status_markdown(reply, notices: Sequence[str]) -> str:
     """Latency (with its encode / generate / score split), seed, MMI on/off, then one line per notice."""
     t = reply.timings or {}
-    names = {"encode": "编码", "generate": "生成", "score": "打分"}
-    split = "，".join(f"{names[k]} {t[k]:.2f}" for k in names if k in t)
+    names = {"encode": "编码", "retrieve": "检索", "generate": "生成", "score": "打分"}
+    split = "，".join(f"{names[k]} {t[k]:.2f}" for k in names if k in t and (t[k] or k != "retrieve"))
     head = f"**本轮用时 {reply.latency_s:.2f} 秒**" + (f"（{split}）" if split else "")
     head += f" · {len(reply.candidates)} 个不同候选 · MMI {'开' if reply.mmi else '关'}"
     if getattr(reply, "seed", None) is not None:
@@ -296,7 +296,8 @@ class ChatHandlers:
             "latency_s": round(reply.latency_s, 4),
             "notices": notices,
             "candidates": [{"rank": c.rank, "text": c.text, "forward_logprob": c.forward_logprob,
-                            "backward_logprob": c.backward_logprob, "score": c.score}
+                            "backward_logprob": c.backward_logprob, "score": c.score,
+                            "source": getattr(c, "source", "sampled"), "similarity": getattr(c, "similarity", None)}
                            for c in reply.candidates],
         })
 

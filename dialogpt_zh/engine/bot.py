@@ -51,6 +51,7 @@ from dialogpt_zh.engine.loading import (
     same_tokenizer,
 )
 from dialogpt_zh.engine.results import Candidate, Reply
+from dialogpt_zh.engine.retrieval import load_index, merge_hits, pick_hits
 from dialogpt_zh.engine.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_rows
 from dialogpt_zh.engine.threads import ThreadPolicy
 from dialogpt_zh.errors import UserError
@@ -91,6 +92,8 @@ def _uses_thread_policy(method):
 # The generation settings a scoring call reads (which turns it sees). A keyword override of a setting the call
 # does not read would change nothing, so it is refused rather than dropped.
 CONTEXT_FIELDS = frozenset({"max_history", "max_context_tokens"})
+# what retrieval reads: how many replies, and the longest a reply may be (what a sampled one may have)
+RETRIEVAL_FIELDS = frozenset({"retrieval_candidates", "max_length"})
 
 
 def refuse_unread(call: str, overrides: dict[str, Any], reads: frozenset[str]) -> None:
@@ -110,7 +113,7 @@ class ChatBot:
     def __init__(self, forward_model, tokenizer, backward_model=None, *, device: str = "cpu",
                  generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
                  notices: Sequence[str] = (), forward_dir: Path | None = None,
-                 backward_dir: Path | None = None) -> None:
+                 backward_dir: Path | None = None, retrieval=None) -> None:
         self.forward_model = forward_model
         self.backward_model = backward_model
         self.tokenizer = tokenizer
@@ -121,6 +124,12 @@ class ChatBot:
             if not isinstance(value, kind):
                 raise TypeError(f"expected a {kind.__name__}, got {type(value).__name__}")
         self.notices = list(notices)
+        # the retrieval index (dialogpt_zh.data.retrieval.RetrievalIndex) or None: retrieval_candidates needs one
+        self.retrieval = retrieval
+        if self.generation.retrieval_candidates and retrieval is None:
+            raise UserError(f"{self.generation.retrieval_candidates} retrieval candidates asked for, but this bot has "
+                            f"no retrieval index (BOT_DIR/retrieval); build one with `python -m dialogpt_zh.index`",
+                            field="retrieval_candidates")
         self.forward_dir = forward_dir
         self.backward_dir = backward_dir
         # user input is normalised with the options the training data was cleaned with (the model card's)
@@ -150,12 +159,14 @@ class ChatBot:
     def from_pretrained(cls, path: str | Path | None = None, *, forward: str | Path | None = None,
                         backward: str | Path | None = None, device: str = "cpu",
                         quantize: str | None = DEFAULT_QUANTIZE,
-                        generation: GenerationSettings | None = None, mmi: MMISettings | None = None) -> "ChatBot":
-        """Load a bot: `path` = a dir with forward/ (+ backward/), or one forward model dir (MMI off), or
-        None for the default `checkpoints/default`; or `forward=` / `backward=` paths. `generation` / `mmi`
-        become this bot's default settings (each call may override single fields). `quantize`: "fp16" (the
-        default, as every face's `--quantize`: weights at float16 precision, float32 arithmetic), "none" (or
-        None) = the float32 weights as saved, "int8" or "int8-forward" (docs/engine.md)."""
+                        generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
+                        retrieval: str | Path | None = None) -> "ChatBot":
+        """Load a bot: `path` = a dir with forward/ (+ backward/, + retrieval/: the index of human replies),
+        or one forward model dir (MMI off), or None for the default `checkpoints/default`; or `forward=` /
+        `backward=` paths; `retrieval=` an index directory (default: a bot dir's retrieval/). `generation` /
+        `mmi` become this bot's default settings (each call may override single fields). `quantize`: "fp16"
+        (the default, as every face's `--quantize`: weights at float16 precision, float32 arithmetic), "none"
+        (or None) = the float32 weights as saved, "int8" or "int8-forward" (docs/engine.md)."""
         check_device(device)
         forward_dir, backward_dir = resolve_bot_dirs(path, forward, backward)
         quantize = None if quantize == "none" else quantize
@@ -191,8 +202,12 @@ class ChatBot:
         elif quantize == "int8-forward":  # the sampler in int8, the MMI judge exact
             forward_model = quantize_int8(forward_model)
             notices.append("int8 dynamic quantization on (forward model only; MMI scores in float)")
+        # a bot directory (given, or the default) brings its retrieval/; single model dirs do not
+        bot_dir = Path(path) if path is not None else forward_dir.parent if forward is None else None
+        index = load_index(bot_dir if bot_dir is not None and (bot_dir / "forward").is_dir() else None, retrieval,
+                           tokenizer)
         bot = cls(forward_model, tokenizer, backward_model, device=device, generation=generation, mmi=mmi,
-                  notices=notices, forward_dir=forward_dir, backward_dir=backward_dir)
+                  notices=notices, forward_dir=forward_dir, backward_dir=backward_dir, retrieval=index)
         bot.quantize = quantize or "none"
         return bot
 
@@ -314,15 +329,27 @@ class ChatBot:
         """log P(context | reply) for each reply after one context (see `_backward_scores_pairs`)."""
         return self._backward_scores_pairs([(context, r) for r in replies])
 
-    @torch.inference_mode()
     def _backward_scores_pairs(self, pairs: list[tuple[list[list[int]], list[int]]]) -> list[tuple[float, int]]:
         """log P(context | reply) for (context, reply) pairs: `[CLS] reply [SEP] uk [SEP] ... u1 [SEP]`,
         context tokens only, all pairs (of one request or of many) in one batch."""
-        model = self.backward_model
         seqs = [build_sequence(list(context) + [r], "backward", self.cls_id, self.sep_id) for context, r in pairs]
+        # scored: the context tokens, from len(reply) + 2 on (after [CLS] reply [SEP])
+        sums = self._sequence_scores(self.backward_model, seqs, [len(r) + 2 for _, r in pairs])
+        return [(s, sum(len(u) + 1 for u in context)) for s, (context, _) in zip(sums, pairs)]
+
+    def _forward_scores_pairs(self, pairs: list[tuple[list[list[int]], list[int]]]) -> list[tuple[float, int]]:
+        """log P(reply + [SEP] | context) for (context, reply) pairs, teacher-forced, all in one batch (the
+        retrieved replies of every request of a `reply_many`)."""
+        seqs = [build_sequence(list(context) + [r], "forward", self.cls_id, self.sep_id) for context, r in pairs]
+        sums = self._sequence_scores(self.forward_model, seqs, [len(q) - len(r) - 1 for q, (_, r) in zip(seqs, pairs)])
+        return [(s, len(r) + 1) for s, (_, r) in zip(sums, pairs)]
+
+    @torch.inference_mode()
+    def _sequence_scores(self, model, seqs: list[list[int]], starts_at: list[int]) -> list[float]:
+        """Sum of log P(token | everything before it) over the positions t >= starts_at of each sequence, all
+        sequences in one right-padded batch."""
         ids, mask = pad_rows(seqs, self.pad_id, self.device)
-        # target t is scored iff it is a context token: t >= len(reply) + 2 (after [CLS] reply [SEP]), not padding
-        starts = torch.tensor([len(r) + 2 for _, r in pairs], device=self.device)
+        starts = torch.tensor(starts_at, device=self.device)
         positions = torch.arange(ids.shape[1], device=self.device)
         target_mask = (positions[None, :] >= starts[:, None]) & mask.bool()
         b, t = target_mask.nonzero(as_tuple=True)
@@ -334,9 +361,7 @@ class ChatBot:
         else:
             hidden = model.base_model(input_ids=ids[:, :-1],
                                       attention_mask=mask[:, :-1]).last_hidden_state[b, t - 1]
-        lp = token_logprobs(model, hidden, ids[b, t])
-        sums = sum_per_row(lp, b, len(pairs))
-        return [(s, sum(len(u) + 1 for u in context)) for s, (context, _) in zip(sums, pairs)]
+        return sum_per_row(token_logprobs(model, hidden, ids[b, t]), b, len(seqs))
 
     def _lean(self, model) -> LeanGPT2 | None:
         return LeanGPT2.wrap(model) if self.use_lean_forward else None
@@ -395,8 +420,34 @@ class ChatBot:
             seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(seed))
+        t1 = time.perf_counter()
+        hits = self._retrieve(context, texts, gen, notices)
         return ReplyJob(gen=gen, mmi=mmi, use_backward=use_backward, context=context, texts=texts, notices=notices,
-                    seed=int(seed), generator=generator, started=t0, prepared=time.perf_counter())
+                        seed=int(seed), generator=generator, started=t0, prepared=time.perf_counter(),
+                        retrieved=hits, retrieve_s=time.perf_counter() - t1)
+
+    def _retrieve(self, context: list[list[int]], texts: list[str], gen: GenerationSettings,
+                  notices: list[str]) -> list:
+        """The retrieval hits of one request (`gen.retrieval_candidates` of them at most)."""
+        if not gen.retrieval_candidates:
+            return []
+        if self.retrieval is None:
+            notices.append(f"retrieval_candidates {gen.retrieval_candidates} ignored: this bot has no retrieval "
+                           f"index (BOT_DIR/retrieval)")
+            return []
+        return pick_hits(self.retrieval, context, texts[-1], gen.retrieval_candidates, gen.max_length, notices)
+
+    def retrieve(self, history, *, generation: GenerationSettings | None = None, **overrides: Any) -> list:
+        """The retrieved replies (`dialogpt_zh.data.retrieval.Hit`, best similarity first) for `history`, as a
+        reply would get them with these settings (`retrieval_candidates` of them, default 1); no model runs."""
+        refuse_unread("retrieve", overrides, CONTEXT_FIELDS | RETRIEVAL_FIELDS)
+        overrides.setdefault("retrieval_candidates", max(1, (generation or self.generation).retrieval_candidates))
+        gen, _ = self.settings(generation, None, **overrides)
+        if self.retrieval is None:
+            raise UserError("this bot has no retrieval index (BOT_DIR/retrieval; build one with "
+                            "`python -m dialogpt_zh.index`)", field="retrieval_candidates")
+        context, texts = self.prepare_context(history, gen, gen.max_length, [])
+        return self._retrieve(context, texts, gen, [])
 
     def reply(self, history, *, seed: int | None = None, generation: GenerationSettings | None = None,
               mmi: MMISettings | None = None, **overrides: Any) -> Reply:
@@ -430,6 +481,7 @@ class ChatBot:
         # this call's notices (a job may be run again, e.g. alone after a failed batch: notices not doubled)
         notices = [list(job.notices) for job in jobs]
         per_job: list[list[Candidate]] = []
+        retrieved: list[tuple[ReplyJob, Candidate]] = []  # retrieved only: their forward score is still to compute
         for request, job_notices in zip(requests, notices):
             job = request.job
             by_text: dict[str, Candidate] = {}
@@ -441,6 +493,7 @@ class ChatBot:
                     continue
                 by_text[text] = Candidate(text=text, token_ids=ids, forward_logprob=fwd, backward_logprob=None,
                                           num_tokens=len(ids) + 1, num_context_tokens=n_ctx, score=0.0)
+            retrieved += [(job, c) for c in merge_hits(by_text, job.retrieved, n_ctx)]
             candidates = list(by_text.values())
             if job.mmi.blocklist:
                 words = self._blocklist(job.mmi.blocklist)
@@ -452,6 +505,10 @@ class ChatBot:
             per_job.append(candidates)
         scoring = time.perf_counter()
 
+        if retrieved:  # teacher-forced: one forward batch for every request's retrieved replies
+            for (_, c), (fwd, _) in zip(retrieved, self._forward_scores_pairs(
+                    [(job.context, c.token_ids) for job, c in retrieved])):
+                c.forward_logprob = fwd
         scored = [(job, c) for job, cands in zip(jobs, per_job) if job.use_backward for c in cands]
         if scored:
             for (job, c), (bwd, _) in zip(scored, self._backward_scores_pairs(
@@ -465,7 +522,8 @@ class ChatBot:
             replies.append(ranked)
         end = time.perf_counter()
         return [Reply(text=ranked[0].text if ranked else "", candidates=ranked, latency_s=end - r.job.started,
-                      timings={"encode": r.job.prepared - r.job.started, "wait": r.admitted - r.job.prepared,
+                      timings={"encode": r.job.prepared - r.job.started - r.job.retrieve_s,
+                               "retrieve": r.job.retrieve_s, "wait": r.admitted - r.job.prepared,
                                "generate": scoring - r.admitted, "score": end - scoring},
                       mmi=r.job.use_backward, notices=job_notices, seed=r.job.seed, context=r.job.texts,
                       batch_size=r.batch_size)
@@ -474,22 +532,33 @@ class ChatBot:
     @_uses_thread_policy
     def rerank(self, history, candidates: Sequence[str], *, generation: GenerationSettings | None = None,
                mmi: MMISettings | None = None, **overrides: Any) -> list[Candidate]:
-        """Score replies that came from anywhere (forward + backward), sorted by rank. Blocklist not applied
-        (a `blocklist=` override is refused, as is any sampling setting)."""
-        refuse_unread("rerank", overrides, CONTEXT_FIELDS | (MMI_FIELDS - {"blocklist"}))
+        """Score replies that came from anywhere (forward + backward), sorted by rank (source "given"); with
+        `retrieval_candidates` K the index's K replies join them ("retrieved", or "given+retrieved" for a given
+        text). Blocklist not applied (a `blocklist=` override is refused, as is any sampling setting)."""
+        refuse_unread("rerank", overrides, CONTEXT_FIELDS | RETRIEVAL_FIELDS | (MMI_FIELDS - {"blocklist"}))
         gen, mmi = self.settings(generation, mmi, **overrides)
         if not candidates:
             return []
         replies = [self._encode(c) for c in candidates]
-        context, _ = self.prepare_context(history, gen, max(len(r) for r in replies), [])
+        room = max(len(r) for r in replies)  # retrieved replies may be up to max_length tokens long
+        context, texts = self.prepare_context(history, gen, max(room, gen.max_length) if gen.retrieval_candidates
+                                              else room, [])
+        n_ctx = sum(len(u) + 1 for u in backward_context(context, mmi))
+        cands = [Candidate(text=text, token_ids=ids, forward_logprob=0.0, backward_logprob=None, num_tokens=0,
+                           num_context_tokens=n_ctx, score=0.0, count=0, source="given")
+                 for text, ids in zip(candidates, replies)]
+        by_text: dict[str, Candidate] = {}
+        for c in cands:
+            by_text.setdefault(c.text, c)
+        cands += merge_hits(by_text, self._retrieve(context, texts, gen, []), n_ctx)
         use_backward = self.mmi_active(mmi)
-        fwd = self._forward_scores(context, replies)
-        scored_context = backward_context(context, mmi)
-        bwd = self._backward_scores(scored_context, replies) if use_backward else [(None, 0)] * len(replies)
-        n_ctx = sum(len(u) + 1 for u in scored_context)
-        cands = [Candidate(text=text, token_ids=ids, forward_logprob=f, backward_logprob=b, num_tokens=n,
-                           num_context_tokens=n_ctx, score=0.0)
-                 for text, ids, (f, n), (b, _) in zip(candidates, replies, fwd, bwd)]
+        ids = [c.token_ids for c in cands]
+        fwd = self._forward_scores(context, ids)
+        bwd = self._backward_scores(backward_context(context, mmi), ids) if use_backward else [(None, 0)] * len(ids)
+        for c, (f, n), (b, _) in zip(cands, fwd, bwd):
+            c.forward_logprob, c.num_tokens, c.backward_logprob = f, n, b
+            first = by_text[c.text]  # merge_hits marked the first given copy of a text the index returned
+            c.source, c.similarity = first.source, first.similarity
         return self._rank(cands, mmi, use_backward)
 
     @_uses_thread_policy

@@ -9,7 +9,7 @@ prepares the requests and scores the results.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -36,6 +36,8 @@ class ReplyJob:
     generator: torch.Generator
     started: float                    # perf_counter at the request
     prepared: float                   # ... and when it was ready to join a batch
+    retrieved: list = field(default_factory=list)  # retrieval hits (dialogpt_zh.data.retrieval.Hit) to rank too
+    retrieve_s: float = 0.0           # seconds the retrieval took (part of the preparation)
 
 
 def n_positions(model) -> int:

@@ -18,7 +18,9 @@ class Candidate:
     num_context_tokens: int           # context tokens scored by the backward model (each turn + its [SEP])
     score: float
     rank: int = 0
-    count: int = 1                    # how many of the N samples produced this text (duplicates collapsed)
+    count: int = 1                    # how many of the N samples produced this text (0: retrieved only)
+    source: str = "sampled"           # "sampled", "retrieved", "sampled+retrieved" (both), or "given" (rerank)
+    similarity: float | None = None   # the retrieval similarity (cosine, 0..1); None when not retrieved
 
 
 @dataclass

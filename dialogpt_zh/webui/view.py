@@ -8,7 +8,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 CANDIDATE_HEADERS = ["排名", "选中", "候选回复", "前向 log P(回复|上文)", "后向 log P(上文|回复)", "最终得分",
-                     "词元数", "采到次数"]
+                     "词元数", "采到次数", "来源", "检索相似度"]
+# Candidate.source as the page shows it: sampled by the model, a human reply from the index, or both
+SOURCE_LABELS = {"sampled": "生成", "retrieved": "检索", "sampled+retrieved": "生成+检索", "given": "给定",
+                 "given+retrieved": "给定+检索"}
 
 
 def history_to_messages(history: Sequence[str]) -> list[dict[str, str]]:
@@ -29,5 +32,7 @@ def candidates_table(reply) -> list[list[Any]]:
             round(float(c.score), 3),
             c.num_tokens,
             getattr(c, "count", 1),
+            SOURCE_LABELS.get(getattr(c, "source", "sampled"), getattr(c, "source", "sampled")),
+            None if getattr(c, "similarity", None) is None else round(float(c.similarity), 3),
         ])
     return rows
