@@ -34,6 +34,7 @@ EXAMPLES = """
   python -m dialogpt_zh.interact --model runs/mybot/forward      # forward model only: MMI off
   python -m dialogpt_zh.interact --num_candidates 20 --top_p 0.9 --backward_weight 2 --quantize int8
   printf '你好\\n吃了吗\\n' | python -m dialogpt_zh.interact --seed 0   # piped: one reply per line
+  python -m dialogpt_zh.interact --model /tmp/bot --retrieval_candidates 10 --debug   # + 10 human replies
   printf '你好\\n/pick 2\\n/better 我也很好\\n' | python -m dialogpt_zh.interact --feedback fb.jsonl
 """
 

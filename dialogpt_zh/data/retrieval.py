@@ -5,7 +5,7 @@ A directory (`BOT_DIR/retrieval/`, written by `python -m dialogpt_zh.index`; bui
   index.json  the card: format + version, the tokenizer's fingerprint (`tokenizer_fingerprint`), the
               featurizer's settings, counts, the filters and their drops, the sources with their licences,
               the command that built it, and the size + sha256 of index.npz;
-  index.npz   numpy arrays only (read with allow_pickle=False, never unpickled):
+  index.npz   numpy arrays only, deflated (read with allow_pickle=False, never unpickled):
       terms            int64 [T]   sorted n-gram keys: a token id t (unigram), or V + a*V + b (bigram a b),
                                    V = the tokenizer's size; n-grams with [UNK] are left out
       idf              float32 [T] smooth idf: ln((1 + pairs) / (1 + df)) + 1

@@ -8,6 +8,7 @@ exactly one reason when left out (`DROP_REASONS`, in the order they are checked)
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import zipfile
 from collections import Counter
@@ -158,10 +159,12 @@ def vectorize(lasts: list[np.ndarray], earlier: list[list[np.ndarray]], vocab_si
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """An uncompressed .npz with fixed zip timestamps, so the same index gives the same bytes."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    """A deflated .npz (about half the size; inflating stays well inside the load budget, docs/retrieval.md)
+    with fixed zip timestamps, so the same index gives the same bytes."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6, allowZip64=True) as zf:
         for name, array in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED  # a ZipInfo does not take the archive's default
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
 
@@ -204,7 +207,7 @@ def build_index(store_path: str | Path, output: str | Path, settings: IndexSetti
     """Build the index of the store's train split into the directory `output` (written whole or not at all);
     returns the card."""
     from dialogpt_zh.data.cleaning import load_blocklist, normalize_many
-    from dialogpt_zh.fsutil import atomic_directory, atomic_write_json, check_replaceable
+    from dialogpt_zh.fsutil import atomic_directory, check_replaceable
     from dialogpt_zh.tokenizer import fast_decoder, tokenizer_fingerprint
 
     t0 = time.perf_counter()
@@ -270,7 +273,8 @@ def build_index(store_path: str | Path, output: str | Path, settings: IndexSetti
     with atomic_directory(output, replace_existing=overwrite) as tmp:
         write_npz(tmp / ARRAYS, arrays)
         card["files"][ARRAYS] = {"bytes": (tmp / ARRAYS).stat().st_size, "sha256": file_sha256(tmp / ARRAYS)}
-        atomic_write_json(tmp / CARD, card)
+        # plain writes: the directory as a whole is put in place atomically
+        (tmp / CARD).write_text(json.dumps(card, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     card["_seconds"] = time.perf_counter() - t0  # not in the file: varies per run
     return card
 

@@ -66,6 +66,8 @@ class Tally:
     empty: Counter = field(default_factory=Counter)
     selection_rows: list[dict[str, np.ndarray]] = field(default_factory=list)  # per case: fwd, bwd, n, nctx, engine
     seconds: Counter = field(default_factory=Counter)
+    sources: dict[str, Counter] = field(default_factory=dict)  # per decoder: where its replies came from
+    verbatim: Counter = field(default_factory=Counter)         # per decoder: replies equal to an index reply
 
 
 def decoding_report(tally: Tally, references: list[str], plan: Plan) -> dict[str, Any]:
@@ -74,6 +76,14 @@ def decoding_report(tally: Tally, references: list[str], plan: Plan) -> dict[str
         m = metrics.generation_metrics(tally.outputs.get(name, []), references)
         m["empty_replies"] = tally.empty[name]
         m["seconds"] = tally.seconds[name]
+        n = len(tally.outputs.get(name, []))
+        sources = tally.sources.get(name, Counter())
+        m["reply_sources"] = dict(sorted(sources.items()))
+        # share of replies (in %) whose chosen candidate came from the index (also when it was sampled too)
+        m["retrieved_pct"] = 100.0 * sum(v for k, v in sources.items() if "retrieved" in k) / n if n else None
+        # share of replies (in %) that are verbatim a reply of the index (a training utterance)
+        m["verbatim_train_pct"] = (100.0 * tally.verbatim[name] / n if n and plan.train_replies is not None
+                                   else None)
         decoding[name] = m
     return decoding
 
@@ -132,6 +142,13 @@ def markdown_report(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {_fmt(m['bleu2_word'])} | {_fmt(m['bleu4_word'])} | {_fmt(m['dist1_word'])} | "
                          f"{_fmt(m['dist2_word'])} | {_fmt(m['entropy4_word'])} | {_fmt(m['avg_len_words'], 1)} |")
         lines.append("")
+        rows = [(name, m) for name, m in report["decoding"].items() if m.get("verbatim_train_pct") is not None]
+        if rows:
+            lines += ["Where the replies come from (the bot's retrieval index):", "",
+                      "| decoder | retrieved % | verbatim training reply % |", "|---|---|---|"]
+            lines += [f"| {name} | {_fmt(m['retrieved_pct'], 1)} | {_fmt(m['verbatim_train_pct'], 1)} |"
+                      for name, m in rows]
+            lines.append("")
     if report["selection"]:
         sel = report["selection"]
         lines += [f"Response selection ({sel['cases']} cases, true reply + 9 from other sessions):", "",
@@ -178,5 +195,6 @@ class Plan:
     sweep: bool
     mmi: bool
     absent: dict[str, str]
+    train_replies: set[str] | None = None  # the index's replies, when the bot has one
 
 
