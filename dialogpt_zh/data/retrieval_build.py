@@ -202,17 +202,30 @@ def _excluded(store: TokenStore, settings: IndexSettings) -> tuple[list[str], np
     return ["(not recorded: store version 1)"], None, set()
 
 
+def check_output(output: Path, overwrite: bool) -> None:
+    """The index may go to `output`: nothing there, an empty directory, or (with --overwrite) an index."""
+    if output.exists() or output.is_symlink():
+        if not output.is_dir() or output.is_symlink():
+            raise UserError("exists and is not a directory; refusing to replace it", path=output, field="output")
+        if any(output.iterdir()):
+            if not overwrite:
+                raise UserError("exists; pass --overwrite to replace it", path=output, field="output")
+            if not (output / CARD).is_file():
+                raise UserError(f"exists and is not a retrieval index (no {CARD}); refusing to replace it, even "
+                                f"with --overwrite", path=output, field="output")
+
+
 def build_index(store_path: str | Path, output: str | Path, settings: IndexSettings, command: str,
                 overwrite: bool = False) -> dict[str, Any]:
     """Build the index of the store's train split into the directory `output` (written whole or not at all);
     returns the card."""
     from dialogpt_zh.data.cleaning import load_blocklist, normalize_many
-    from dialogpt_zh.fsutil import atomic_directory, check_replaceable
+    from dialogpt_zh.fsutil import atomic_directory
     from dialogpt_zh.tokenizer import fast_decoder, tokenizer_fingerprint
 
     t0 = time.perf_counter()
     output = Path(output)
-    check_replaceable(output.absolute(), overwrite)  # before the work, not after
+    check_output(output, overwrite)  # before the work, not after
     store = TokenStore(store_path)
     if "train" not in store.split_names():
         raise UserError("the store has no train split", path=store.path)

@@ -424,7 +424,7 @@ class ChatBot:
         hits = self._retrieve(context, texts, gen, notices)
         return ReplyJob(gen=gen, mmi=mmi, use_backward=use_backward, context=context, texts=texts, notices=notices,
                         seed=int(seed), generator=generator, started=t0, prepared=time.perf_counter(),
-                        retrieved=hits, retrieve_s=time.perf_counter() - t1)
+                        retrieved=hits, retrieve_s=time.perf_counter() - t1 if gen.retrieval_candidates else 0.0)
 
     def _retrieve(self, context: list[list[int]], texts: list[str], gen: GenerationSettings,
                   notices: list[str]) -> list:
