@@ -29,7 +29,9 @@ def debug_tables(stderr: str) -> list[dict[int, str]]:
             current = {}
             tables.append(current)
             continue
-        m = re.match(r"\s+(\d+)\s+-?[\d.]+\s+-?[\d.]+\s+(?:-?[\d.]+|-)\s+\d+\s+\d+  (.*)$", line)
+        # rank score fwd bwd tok n source sim  text
+        m = re.match(r"\s+(\d+)\s+-?[\d.]+\s+-?[\d.]+\s+(?:-?[\d.]+|-)\s+\d+\s+\d+\s+\S+\s+(?:[\d.]+|-)  (.*)$",
+                     line)
         if m and current is not None:
             current[int(m.group(1))] = m.group(2)
     return tables

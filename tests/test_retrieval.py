@@ -513,3 +513,33 @@ def test_arena_key_and_score_say_which_replies_were_retrieved(hybrid_bot, tmp_pa
     assert wins == {"A": 3, "B": 0}
     text = arena.format_tally(result, None)
     assert "A's judged replies by source" in text and "retrieved" in text
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+def test_evaluate_retrieval_and_hybrid_decoders(hybrid_bot_dir, random_bot_dir, tmp_path, capsys):
+    from dialogpt_zh import evaluate as E
+
+    fast = ["--data", str(FIXTURES / "heldout.json"), "--max_length", "8", "--num_candidates", "3", "--no_progress",
+            "--no_selection", "--threads", "1", "--limit", "4"]
+    out = tmp_path / "r.json"
+    assert E.main([*fast, "--model", str(hybrid_bot_dir), "--decoders", "mmi,retrieval,hybrid",
+                   "--retrieval_candidates", "5", "--output", str(out), "--samples", str(tmp_path / "s.jsonl")]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    dec = report["decoding"]
+    assert dec["retrieval"]["retrieved_pct"] == 100.0 and dec["retrieval"]["verbatim_train_pct"] == 100.0
+    assert dec["mmi"]["retrieved_pct"] == 0.0      # mmi stays sampled only, even with --retrieval_candidates
+    assert 0.0 <= dec["hybrid"]["retrieved_pct"] <= 100.0 and dec["hybrid"]["verbatim_train_pct"] is not None
+    assert sum(dec["hybrid"]["reply_sources"].values()) == report["cases"]
+    assert report["settings"]["model"]["retrieval"]["pairs"] > 10
+    sample = json.loads((tmp_path / "s.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert {c["source"] for c in sample["candidates"]["hybrid"]} >= {"retrieved"}
+    assert "verbatim training reply %" in capsys.readouterr().out
+    # hybrid needs K; a bot without an index reports both decoders absent
+    assert E.main([*fast, "--model", str(hybrid_bot_dir), "--decoders", "hybrid", "--output", str(out)]) == 2
+    assert "--retrieval_candidates" in capsys.readouterr().err
+    assert E.main([*fast, "--model", str(random_bot_dir), "--decoders", "mmi,retrieval,hybrid",
+                   "--retrieval_candidates", "5", "--output", str(tmp_path / "n.json")]) == 0
+    report = json.loads((tmp_path / "n.json").read_text(encoding="utf-8"))
+    assert list(report["decoding"]) == ["mmi"] and "no retrieval index" in report["absent"]["decoding.hybrid"]
+    assert report["decoding"]["mmi"]["verbatim_train_pct"] is None
