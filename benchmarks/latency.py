@@ -7,6 +7,8 @@
         --heldout ../shared/corpus/lccc-sample/toy_data.json --heldout_split valid   # int8 held-out perplexity
     python benchmarks/latency.py --model checkpoints/default --presets model --ns 10 --contexts 15 \
         --background-load 1 --thread_settings policy,1,2   # idle vs one busy process, per thread setting
+    python benchmarks/latency.py --model /tmp/bot --presets model --ns 10 --ks 0,10 --contexts 15 \
+        --reference none --no_time_int8   # N = 10 alone beside N = 10 + K = 10 retrieved (BOT/retrieval)
 
 For each N (candidates per reply) it prints p50 / p95 seconds per reply of
   ours         ChatBot.reply: context encoded once, KV cache shared by N rows, finished rows dropped,
@@ -19,9 +21,11 @@ For each N (candidates per reply) it prints p50 / p95 seconds per reply of
   reference    our algorithm stated plainly (dialogpt_zh/engine/reference.py): each candidate sampled on its
                own with the whole sequence re-run every step, then scored on its own by the backward model
                over the context tokens only: what the cache and the batches buy;
-plus the MMI scoring share of our reply time and the int8 dynamic quantization speed-up with the perplexity
-change it causes (on --heldout sessions when given, else on the hand-written fixtures). Threads: the engine's
-thread policy (dialogpt_zh/engine/threads.py) unless --threads N; the references run with the threads ours chose.
+plus the MMI scoring share of our reply time (with --ks, each N also with K retrieved human replies from the
+bot's index: the retrieval time and the added scoring show in the same columns) and the int8 dynamic
+quantization speed-up with the perplexity change it causes (on --heldout sessions when given, else on the
+hand-written fixtures). Threads: the engine's thread policy (dialogpt_zh/engine/threads.py) unless
+--threads N; the references run with the threads ours chose.
 Weights: --quantize as in the faces (default fp16: every weight at float16 precision, float32 arithmetic);
 the references run on the very models ours loaded, so on the same weights and the same matmul kernels.
 
@@ -68,6 +72,9 @@ class LatencyArgs:
         "comma list of shapes to time: tiny, small, mid, large, base (dialogpt_zh.training.presets.PRESETS, "
         "random weights), model (--model)"))
     ns: str = field(default="1,5,10,20", metadata=field_help("candidate counts N"))
+    ks: str = field(default="0", metadata=field_help(
+        "retrieval candidates K (comma list): each N is timed with each K; K > 0 needs --model with an index "
+        "(BOT/retrieval, docs/retrieval.md); the references and int8 run at K = 0"))
     contexts: int = field(default=5, metadata=field_help("contexts (from corpus/fixtures) timed per N"))
     base_contexts: int = field(default=2, metadata=field_help("contexts for the slow 12-layer base shape"))
     reference: str = field(default="chitchat,reference", metadata=field_help(
@@ -110,6 +117,15 @@ class LatencyArgs:
         if self.background_load:
             for s in self.thread_settings.split(","):
                 policy_for(s.strip())  # a bad setting is an error now, not after the idle phase
+        from dialogpt_zh.settings import BOUNDS
+
+        lo, hi = BOUNDS["retrieval_candidates"]
+        try:
+            ks = [int(x) for x in self.ks.split(",")]
+        except ValueError:
+            raise UserError(f"expected a comma list of whole numbers, got {self.ks!r}", field="ks") from None
+        if not all(lo <= k <= hi for k in ks):
+            raise UserError(f"each K must be in [{lo}, {hi}], got {self.ks!r}", field="ks")
 
 
 def fixture_sessions() -> list[list[str]]:
@@ -219,13 +235,15 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def time_ours(bot: ChatBot, contexts, n: int, max_length: int, seed: int) -> tuple[list[float], list[float], list[int]]:
-    """Seconds per reply, MMI share of each, threads each used (after 2 warm-up replies)."""
+def time_ours(bot: ChatBot, contexts, n: int, max_length: int, seed: int, k: int = 0
+              ) -> tuple[list[float], list[float], list[int]]:
+    """Seconds per reply, MMI share of each, threads each used (after 2 warm-up replies); `k` retrieved
+    candidates join the N sampled ones."""
     for ctx in contexts[:2]:
-        bot.reply(ctx, num_candidates=n, seed=seed, max_length=max_length)  # warm-up
+        bot.reply(ctx, num_candidates=n, seed=seed, max_length=max_length, retrieval_candidates=k)  # warm-up
     totals, shares, threads = [], [], []
     for i, ctx in enumerate(contexts):
-        r = bot.reply(ctx, num_candidates=n, seed=seed + i, max_length=max_length)
+        r = bot.reply(ctx, num_candidates=n, seed=seed + i, max_length=max_length, retrieval_candidates=k)
         totals.append(r.latency_s)
         shares.append(r.timings["score"] / r.latency_s)
         threads.append(r.threads)
@@ -327,7 +345,7 @@ def bench_load(name: str, bot_dir: Path, contexts, ns: list[int], args: LatencyA
 
 
 def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[str], ref_ns: set[int],
-                args: LatencyArgs) -> None:
+                args: LatencyArgs, ks: tuple[int, ...] = (0,)) -> None:
     import copy
 
     bot = ChatBot.from_pretrained(bot_dir, quantize=args.quantize,
@@ -339,21 +357,26 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
     print(f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}, weights {args.quantize}; "
           f"{len(contexts)} contexts, max_length {args.max_length}; threads: {bot.thread_policy.describe()}; "
           f"load average {os.getloadavg()[0]:.2f}")
-    head = f"{'N':>3} | {'ours p50':>9} {'p95':>7} | {'MMI share':>9} | {'threads':>7}"
+    if any(ks) and bot.retrieval is None:
+        from dialogpt_zh.errors import UserError
+
+        raise UserError(f"--ks {args.ks}: {bot_dir} has no retrieval index (build BOT/retrieval with "
+                        f"python -m dialogpt_zh.index)", field="ks")
+    head = f"{'N':>3} {'K':>3} | {'ours p50':>9} {'p95':>7} | {'MMI share':>9} | {'threads':>7}"
     if args.compare_hf:
         head += f" | {'ours (HF) p50':>13} {'p95':>7}"
     for ref in refs:
         head += f" | {ref + ' p50':>16} {'p95':>7} {'speed-up':>8}"
     print(head)
-    for n in ns:
-        ours, shares, threads = time_ours(bot, contexts, n, args.max_length, args.seed)
-        row = (f"{n:>3} | {pct(ours, 50):9.3f} {pct(ours, 95):7.3f} | {statistics.median(shares) * 100:8.1f}% | "
+    for n, k in ((n, k) for n in ns for k in ks):
+        ours, shares, threads = time_ours(bot, contexts, n, args.max_length, args.seed, k)
+        row = (f"{n:>3} {k:>3} | {pct(ours, 50):9.3f} {pct(ours, 95):7.3f} | {statistics.median(shares) * 100:8.1f}% | "
                f"{threads_used(threads):>7}")
         if args.compare_hf:
-            hf, _, _ = time_ours(hf_bot, contexts, n, args.max_length, args.seed)
+            hf, _, _ = time_ours(hf_bot, contexts, n, args.max_length, args.seed, k)
             row += f" | {pct(hf, 50):13.3f} {pct(hf, 95):7.3f}"
         for ref in refs:
-            if n in ref_ns:
+            if n in ref_ns and not k:
                 t = time_reference(bot, contexts, n, args.max_length, args.seed, ref)
                 row += f" | {pct(t, 50):16.3f} {pct(t, 95):7.3f} {pct(t, 50) / pct(ours, 50):7.1f}x"
             else:
@@ -419,6 +442,7 @@ def main(argv=None) -> int:
 
         hf_logging.disable_progress_bar()
         ns = [int(x) for x in args.ns.split(",")]
+        ks = tuple(int(x) for x in args.ks.split(","))
         refs = [r for r in args.reference.split(",") if r and r != "none"]
         print(f"# latency per reply (seconds); torch {torch.__version__}, threads: "
               f"{ThreadPolicy(args.threads).describe()}, {os.cpu_count()} CPUs, "
@@ -428,7 +452,8 @@ def main(argv=None) -> int:
             if args.background_load:
                 bench_load(name, bot_dir, contexts, ns, args)
             else:
-                bench_shape(name, bot_dir, contexts, ns, refs, ref_ns, args)
+                bench_shape(name, bot_dir, contexts, ns, refs, ref_ns, args,
+                            ks if name.startswith("model") else (0,))
         with tempfile.TemporaryDirectory() as tmp:
             for preset in args.presets.split(","):
                 if preset == "model":
