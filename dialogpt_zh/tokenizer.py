@@ -6,6 +6,7 @@ construct tokenizers from a vocab file directly; we go through `from_pretrained`
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -144,6 +145,14 @@ def fast_decoder(tokenizer):
     return lambda ids: "".join([table[i] for i in ids])
 
 
+@functools.lru_cache(maxsize=1)
+def _unassigned_code_points() -> np.ndarray:
+    """Boolean mask over all code points: unassigned (category Cn) in this Python's Unicode database."""
+    import unicodedata
+
+    return np.array([unicodedata.category(chr(cp)) == "Cn" for cp in range(0x110000)], dtype=bool)
+
+
 class UtteranceEncoder:
     """Token ids of many utterances at once: (flat ids, offsets), utterance k = flat[off[k]:off[k+1]].
 
@@ -173,6 +182,13 @@ class UtteranceEncoder:
                 if chr(cp).isspace():
                     table[cp] = -1
             self.table = table
+            # Code points this Python's Unicode tables call unassigned may have case mappings in the newer
+            # tables of the Rust tokenizer, so str.lower() cannot stand in for its lowercasing there.
+            self.uncertain = _unassigned_code_points()
+
+    def _has_uncertain(self, texts: list[str]) -> bool:
+        cps = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+        return bool(self.uncertain[cps].any())
 
     def _table_encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         joined = "\n".join(texts).lower()
@@ -197,7 +213,7 @@ class UtteranceEncoder:
         return flat, offsets
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        if self.table is None:
+        if self.table is None or self._has_uncertain(texts):
             return self._generic_encode(texts)
         flat, offsets = self._table_encode(texts)
         if self.batches % self.verify_every == 0:

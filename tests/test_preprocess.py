@@ -451,3 +451,17 @@ def test_arguments_are_checked_when_made():
         with pytest.raises(UserError) as e:
             PreprocessArguments(output="out", **bad)
         assert e.value.field == name
+
+
+def test_char_table_encoder_defers_to_the_tokenizer_on_code_points_python_calls_unassigned():
+    """U+16EA0 is unassigned in Python 3.11's Unicode tables but has a lowercase mapping in the Rust
+    tokenizer's newer ones: the table would read it as itself, the tokenizer as [UNK]."""
+    from dialogpt_zh.tokenizer import UtteranceEncoder, build_char_tokenizer, count_chars, encode
+
+    texts = ["\U00016ea0你好", "你好"]
+    tok = build_char_tokenizer(count_chars(texts))
+    enc = UtteranceEncoder(tok, np.dtype("<u2"), char_level=True, verify_every=10**9)
+    enc.batches = 1  # skip the built-in check: compare ourselves
+    flat, off = enc.encode(texts)
+    assert enc.table is not None  # the table stays for later batches
+    assert [flat[off[i]:off[i + 1]].tolist() for i in range(2)] == [encode(tok, t) for t in texts]
