@@ -65,9 +65,10 @@ def format_candidates(reply) -> str:
     lines = [f"  {'rank':>4} {'score':>8} {'fwd':>8} {'bwd':>8} {'tok':>4} {'n':>2} {'source':>9} {'sim':>5}  text"]
     for c in reply.candidates:
         bwd = f"{c.backward_logprob:8.2f}" if c.backward_logprob is not None else f"{'-':>8}"
+        fwd = f"{c.forward_logprob:8.2f}" if c.forward_logprob is not None else f"{'-':>8}"
         sim = f"{c.similarity:5.2f}" if c.similarity is not None else f"{'-':>5}"
         source = {"sampled+retrieved": "both"}.get(c.source, c.source)
-        lines.append(f"  {c.rank:>4} {c.score:8.3f} {c.forward_logprob:8.2f} {bwd} {c.num_tokens:>4} "
+        lines.append(f"  {c.rank:>4} {c.score:8.3f} {fwd} {bwd} {c.num_tokens:>4} "
                      f"{c.count:>2} {source:>9} {sim}  {c.text}")
     t = reply.timings
     retrieve = f", retrieve {t['retrieve'] * 1000:.0f}" if t.get("retrieve") else ""

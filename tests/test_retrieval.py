@@ -356,11 +356,18 @@ def test_retrieved_replies_join_the_sampled_ones(hybrid_bot):
     assert [c.rank for c in hybrid.candidates] == list(range(1, len(hybrid.candidates) + 1))
     assert sorted((c.score for c in hybrid.candidates), reverse=True) == [c.score for c in hybrid.candidates]
     assert "retrieve" in hybrid.timings and not plain.timings["retrieve"]
-    # a retrieved reply is scored as `rerank` scores the same text: teacher-forced forward, backward, score
+    # a retrieved reply is scored as `rerank` scores the same text; the default ranking does not read the
+    # forward term (forward_weight 0), so a retrieved-only reply gets no forward pass ...
     c = next(c for c in retrieved if c.source == "retrieved")
+    assert all(x.forward_logprob is None for x in retrieved if x.source == "retrieved")
     (again,) = [x for x in bot.rerank(HISTORY, [c.text]) if x.text == c.text]
-    assert c.forward_logprob == pytest.approx(again.forward_logprob, abs=1e-3)
     assert c.backward_logprob == pytest.approx(again.backward_logprob, abs=1e-3)
+    assert c.score == pytest.approx(again.score, abs=1e-4)
+    # ... and with a forward weight it gets the teacher-forced forward score rerank computes
+    weighted = bot.reply(HISTORY, seed=3, retrieval_candidates=5, forward_weight=0.5)
+    c = next(x for x in weighted.candidates if x.source == "retrieved")
+    (again,) = [x for x in bot.rerank(HISTORY, [c.text], forward_weight=0.5) if x.text == c.text]
+    assert c.forward_logprob == pytest.approx(again.forward_logprob, abs=1e-3)
     assert c.score == pytest.approx(again.score, abs=1e-4)
 
 

@@ -374,7 +374,8 @@ class ChatBot:
         weights = ranking_weights(mmi, use_backward)
         for c in candidates:
             bwd = c.backward_logprob if use_backward else 0.0
-            c.score = float(mmi_score(c.forward_logprob, bwd, c.num_tokens, c.num_context_tokens, *weights,
+            fwd = c.forward_logprob if c.forward_logprob is not None else 0.0  # None only where its weight is 0
+            c.score = float(mmi_score(fwd, bwd, c.num_tokens, c.num_context_tokens, *weights,
                                       mmi.normalize))
         ranked = sorted(candidates, key=lambda c: -c.score)  # stable: ties keep sampling order
         for i, c in enumerate(ranked, 1):
@@ -505,7 +506,11 @@ class ChatBot:
             per_job.append(candidates)
         scoring = time.perf_counter()
 
-        if retrieved:  # teacher-forced: one forward batch for every request's retrieved replies
+        # Teacher-forced, one forward batch for every request's retrieved replies, but only where the ranking
+        # reads the forward term: the default ranks by the backward score alone, and the pass costs about as
+        # much as the MMI pass over those replies. Elsewhere a retrieved reply's forward_logprob stays None.
+        retrieved = [(job, c) for job, c in retrieved if ranking_weights(job.mmi, job.use_backward)[0] != 0]
+        if retrieved:
             for (_, c), (fwd, _) in zip(retrieved, self._forward_scores_pairs(
                     [(job.context, c.token_ids) for job, c in retrieved])):
                 c.forward_logprob = fwd

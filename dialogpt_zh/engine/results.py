@@ -12,7 +12,9 @@ class Candidate:
 
     text: str
     token_ids: list[int]
-    forward_logprob: float            # log P(reply tokens + final [SEP] | context), summed
+    # log P(reply tokens + final [SEP] | context), summed; None for a retrieved reply when the ranking does not
+    # read the forward term (forward_weight 0, the default)
+    forward_logprob: float | None
     backward_logprob: float | None    # log P(context tokens | reply), summed; None when MMI is off
     num_tokens: int                   # reply tokens + the final [SEP]
     num_context_tokens: int           # context tokens scored by the backward model (each turn + its [SEP])

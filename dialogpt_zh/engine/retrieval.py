@@ -60,7 +60,7 @@ def merge_hits(by_text: dict[str, Candidate], hits: Sequence[Hit], num_context_t
                 c.source = "sampled+retrieved" if c.source == "sampled" else f"{c.source}+retrieved"
                 c.similarity = hit.similarity
             continue
-        c = Candidate(text=hit.text, token_ids=list(hit.reply_ids), forward_logprob=0.0, backward_logprob=None,
+        c = Candidate(text=hit.text, token_ids=list(hit.reply_ids), forward_logprob=None, backward_logprob=None,
                       num_tokens=len(hit.reply_ids) + 1, num_context_tokens=num_context_tokens, score=0.0,
                       count=0, source="retrieved", similarity=hit.similarity)
         by_text[hit.text] = c

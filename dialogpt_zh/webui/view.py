@@ -27,7 +27,7 @@ def candidates_table(reply) -> list[list[Any]]:
             c.rank,
             "★" if c.rank == 1 else "",
             c.text,
-            round(float(c.forward_logprob), 3),
+            None if c.forward_logprob is None else round(float(c.forward_logprob), 3),
             None if c.backward_logprob is None else round(float(c.backward_logprob), 3),
             round(float(c.score), 3),
             c.num_tokens,
