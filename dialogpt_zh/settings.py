@@ -43,6 +43,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "forward_weight": (-1000.0, 1000.0),
     "backward_weight": (-1000.0, 1000.0),
     "length_weight": (-1000.0, 1000.0),
+    "retrieved_bonus": (-1000.0, 1000.0),
     "backward_context_turns": (0, 1000),
 }
 
@@ -114,6 +115,9 @@ class MMISettings:
     backward_context_turns: int = field(default=1, metadata=field_help(
         "context turns the backward model scores, most recent first (1 = only the user's latest; 0 = every "
         "turn the forward model sees): fewer turns make MMI cheaper"))
+    retrieved_bonus: float = field(default=0.0, metadata=field_help(
+        "added to the score of a reply retrieved from the bot's index (in the score's units: per-token log-prob "
+        "with normalize=mean); 0 ranks retrieved and sampled replies alike"))
     normalize: Literal["mean", "sum"] = field(default="mean", metadata=field_help(
         "mean: per-token log-probs (fwd / reply tokens, bwd / context tokens); sum: summed log-probs"))
     blocklist: str | None = field(default=None, metadata=field_help(
@@ -123,7 +127,7 @@ class MMISettings:
         if not isinstance(self.use_mmi, (bool, np.bool_)):
             raise SettingsError(f"must be true or false, got {self.use_mmi!r}", field="use_mmi")
         self.use_mmi = bool(self.use_mmi)
-        for name in ("forward_weight", "backward_weight", "length_weight"):
+        for name in ("forward_weight", "backward_weight", "length_weight", "retrieved_bonus"):
             _check_number(self, name, "float")
         _check_number(self, "backward_context_turns", "int")
         if self.normalize not in ("mean", "sum"):
@@ -182,9 +186,10 @@ def mmi_active(mmi: MMISettings, has_backward: bool) -> bool:
 
 
 def mmi_score(fwd, bwd, num_tokens, num_context_tokens, forward_weight, backward_weight, length_weight,
-              normalize: str):
-    """THE ranking score: forward_weight · fwd + backward_weight · bwd + length_weight · num_tokens, with
-    per-token terms for normalize="mean" (fwd / reply tokens, bwd / context tokens).
+              normalize: str, retrieved=0.0, retrieved_bonus: float = 0.0):
+    """THE ranking score: forward_weight · fwd + backward_weight · bwd + length_weight · num_tokens
+    (+ retrieved_bonus for a reply retrieved from the index: `retrieved` 1 or 0), with per-token terms for
+    normalize="mean" (fwd / reply tokens, bwd / context tokens).
 
     Works on floats and on numpy arrays (weights may broadcast), so the evaluator's weight sweep computes
     exactly what the chat ranks by.
@@ -192,7 +197,7 @@ def mmi_score(fwd, bwd, num_tokens, num_context_tokens, forward_weight, backward
     if normalize == "mean":
         fwd = fwd / num_tokens
         bwd = bwd / np.maximum(num_context_tokens, 1)
-    return forward_weight * fwd + backward_weight * bwd + length_weight * num_tokens
+    return forward_weight * fwd + backward_weight * bwd + length_weight * num_tokens + retrieved_bonus * retrieved
 
 
 def ranking_weights(mmi: MMISettings, use_backward: bool) -> tuple[float, float, float]:

@@ -550,3 +550,13 @@ def test_evaluate_retrieval_and_hybrid_decoders(hybrid_bot_dir, random_bot_dir, 
     report = json.loads((tmp_path / "n.json").read_text(encoding="utf-8"))
     assert list(report["decoding"]) == ["mmi"] and "no retrieval index" in report["absent"]["decoding.hybrid"]
     assert report["decoding"]["mmi"]["verbatim_train_pct"] is None
+
+
+def test_retrieved_bonus_lifts_retrieved_replies_and_only_them(hybrid_bot):
+    bot = hybrid_bot
+    base = bot.reply(HISTORY, seed=3, retrieval_candidates=5)
+    lifted = bot.reply(HISTORY, seed=3, retrieval_candidates=5, retrieved_bonus=100.0)
+    before = {c.text: c.score for c in base.candidates}
+    for c in lifted.candidates:
+        assert c.score == pytest.approx(before[c.text] + (100.0 if "retrieved" in c.source else 0.0), abs=1e-4)
+    assert "retrieved" in lifted.candidates[0].source

@@ -375,8 +375,8 @@ class ChatBot:
         for c in candidates:
             bwd = c.backward_logprob if use_backward else 0.0
             fwd = c.forward_logprob if c.forward_logprob is not None else 0.0  # None only where its weight is 0
-            c.score = float(mmi_score(fwd, bwd, c.num_tokens, c.num_context_tokens, *weights,
-                                      mmi.normalize))
+            c.score = float(mmi_score(fwd, bwd, c.num_tokens, c.num_context_tokens, *weights, mmi.normalize,
+                                      "retrieved" in c.source, mmi.retrieved_bonus))
         ranked = sorted(candidates, key=lambda c: -c.score)  # stable: ties keep sampling order
         for i, c in enumerate(ranked, 1):
             c.rank = i
