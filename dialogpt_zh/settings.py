@@ -39,7 +39,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "max_length": (1, 1024),
     "max_history": (1, 1000),
     "max_context_tokens": (2, 8192),
-    "retrieval_candidates": (0, 256),
+    "retrieval_candidates": (-1, 256),
     "forward_weight": (-1000.0, 1000.0),
     "backward_weight": (-1000.0, 1000.0),
     "length_weight": (-1000.0, 1000.0),
@@ -58,6 +58,10 @@ PAGE_RANGES: dict[str, tuple[float, float, float]] = {
     "backward_weight": (0.0, 2.0, 0.05),
     "max_history": (1, 20, 1),
 }
+
+
+# retrieval_candidates -1 (auto, the default) means this many for a bot with a retrieval index, 0 without one
+AUTO_RETRIEVAL_CANDIDATES = 10
 
 
 @dataclass
@@ -81,9 +85,10 @@ class GenerationSettings:
         "most recent utterances (the user's latest included) the model sees; older ones are dropped"))
     max_context_tokens: int = field(default=200, metadata=field_help(
         "token budget of the context; oldest turns are dropped first to fit (also capped by the model size)"))
-    retrieval_candidates: int = field(default=0, metadata=field_help(
+    retrieval_candidates: int = field(default=-1, metadata=field_help(
         "human replies retrieved from the bot's index (BOT_DIR/retrieval, python -m dialogpt_zh.index) and ranked "
-        "with the sampled candidates by the same MMI score; 0 = off (0..256; docs/retrieval.md)"))
+        "with the sampled candidates by the same MMI score; 0 = off, -1 = auto: "
+        f"{AUTO_RETRIEVAL_CANDIDATES} when the bot has an index, else 0 (-1..256; docs/retrieval.md)"))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -115,9 +120,9 @@ class MMISettings:
     backward_context_turns: int = field(default=1, metadata=field_help(
         "context turns the backward model scores, most recent first (1 = only the user's latest; 0 = every "
         "turn the forward model sees): fewer turns make MMI cheaper"))
-    retrieved_bonus: float = field(default=0.0, metadata=field_help(
+    retrieved_bonus: float = field(default=0.1, metadata=field_help(
         "added to the score of a reply retrieved from the bot's index (in the score's units: per-token log-prob "
-        "with normalize=mean); 0 ranks retrieved and sampled replies alike"))
+        "with normalize=mean); 0 ranks retrieved and sampled replies alike (docs/retrieval.md: how 0.1 was chosen)"))
     normalize: Literal["mean", "sum"] = field(default="mean", metadata=field_help(
         "mean: per-token log-probs (fwd / reply tokens, bwd / context tokens); sum: summed log-probs"))
     blocklist: str | None = field(default=None, metadata=field_help(

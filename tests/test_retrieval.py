@@ -344,8 +344,8 @@ HISTORY = ["周末有什么安排", "想去看电影"]
 def test_retrieved_replies_join_the_sampled_ones(hybrid_bot):
     bot = hybrid_bot
     assert bot.retrieval is not None and bot.retrieval.size > 10
-    plain = bot.reply(HISTORY, seed=3)
-    hybrid = bot.reply(HISTORY, seed=3, retrieval_candidates=5)
+    plain = bot.reply(HISTORY, seed=3, retrieval_candidates=0)
+    hybrid = bot.reply(HISTORY, seed=3, retrieval_candidates=5, retrieved_bonus=0.0)
     # sampling is untouched by retrieval: the same samples, with the same forward scores
     sampled = {c.text: c.forward_logprob for c in plain.candidates}
     assert {c.text: c.forward_logprob for c in hybrid.candidates if "sampled" in c.source} == sampled
@@ -364,7 +364,7 @@ def test_retrieved_replies_join_the_sampled_ones(hybrid_bot):
     assert c.backward_logprob == pytest.approx(again.backward_logprob, abs=1e-3)
     assert c.score == pytest.approx(again.score, abs=1e-4)
     # ... and with a forward weight it gets the teacher-forced forward score rerank computes
-    weighted = bot.reply(HISTORY, seed=3, retrieval_candidates=5, forward_weight=0.5)
+    weighted = bot.reply(HISTORY, seed=3, retrieval_candidates=5, forward_weight=0.5, retrieved_bonus=0.0)
     c = next(x for x in weighted.candidates if x.source == "retrieved")
     (again,) = [x for x in bot.rerank(HISTORY, [c.text], forward_weight=0.5) if x.text == c.text]
     assert c.forward_logprob == pytest.approx(again.forward_logprob, abs=1e-3)
@@ -374,7 +374,7 @@ def test_retrieved_replies_join_the_sampled_ones(hybrid_bot):
 def test_teacher_forced_forward_scores_equal_the_sampled_ones(hybrid_bot):
     """What the decoder summed while sampling = the teacher-forced pass used for retrieved replies."""
     bot = hybrid_bot
-    job = bot.prepare_reply(HISTORY, seed=5)
+    job = bot.prepare_reply(HISTORY, seed=5, retrieval_candidates=0)
     reply = bot.reply_many([job])[0]
     got = bot._forward_scores_pairs([(job.context, c.token_ids) for c in reply.candidates])
     for c, (fwd, n) in zip(reply.candidates, got):
@@ -383,9 +383,10 @@ def test_teacher_forced_forward_scores_equal_the_sampled_ones(hybrid_bot):
 
 def test_requests_with_and_without_retrieval_in_one_batch(hybrid_bot):
     bot = hybrid_bot
-    alone = [bot.reply(HISTORY, seed=1, retrieval_candidates=3), bot.reply(["你喜欢什么运动"], seed=2)]
+    alone = [bot.reply(HISTORY, seed=1, retrieval_candidates=3),
+             bot.reply(["你喜欢什么运动"], seed=2, retrieval_candidates=0)]
     together = bot.reply_many([bot.prepare_reply(HISTORY, seed=1, retrieval_candidates=3),
-                                bot.prepare_reply(["你喜欢什么运动"], seed=2)])
+                                bot.prepare_reply(["你喜欢什么运动"], seed=2, retrieval_candidates=0)])
     for a, b in zip(alone, together):
         assert [(c.text, c.source) for c in a.candidates] == [(c.text, c.source) for c in b.candidates]
         for x, y in zip(a.candidates, b.candidates):
@@ -429,7 +430,7 @@ def test_retrieval_settings_and_a_bot_without_an_index(random_bot_dir, hybrid_bo
     from dialogpt_zh.engine.bot import ChatBot
     from dialogpt_zh.settings import GenerationSettings, SettingsError
 
-    for bad in (-1, 257, 1.5):
+    for bad in (-2, 257, 1.5):
         with pytest.raises(SettingsError) as e:
             GenerationSettings(retrieval_candidates=bad)
         assert e.value.field == "retrieval_candidates"
@@ -505,7 +506,7 @@ def test_arena_key_and_score_say_which_replies_were_retrieved(hybrid_bot, tmp_pa
     contexts = [{"context": HISTORY}, {"context": ["你喜欢什么运动"]}, {"context": ["今天天气真好"]}]
     sources: dict = {}
     pairs, order = arena.make_pairs(contexts, {"A": hybrid_bot, "B": hybrid_bot},
-                                    {"A": {"retrieval_candidates": 10, "num_candidates": 1}, "B": {}}, 0, False,
+                                    {"A": {"retrieval_candidates": 10, "num_candidates": 1}, "B": {"retrieval_candidates": 0}}, 0, False,
                                     sources)
     assert set(sources) == {p["id"] for p in pairs} and all(set(s) == {"A", "B"} for s in sources.values())
     assert all(s["B"] == "sampled" for s in sources.values())
@@ -542,8 +543,10 @@ def test_evaluate_retrieval_and_hybrid_decoders(hybrid_bot_dir, random_bot_dir, 
     sample = json.loads((tmp_path / "s.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert {c["source"] for c in sample["candidates"]["hybrid"]} >= {"retrieved"}
     assert "verbatim training reply %" in capsys.readouterr().out
-    # hybrid needs K; a bot without an index reports both decoders absent
-    assert E.main([*fast, "--model", str(hybrid_bot_dir), "--decoders", "hybrid", "--output", str(out)]) == 2
+    # hybrid needs K > 0 (auto, the default, gives it one with an index); a bot without an index reports both
+    # decoders absent
+    assert E.main([*fast, "--model", str(hybrid_bot_dir), "--decoders", "hybrid", "--retrieval_candidates", "0",
+                   "--output", str(out)]) == 2
     assert "--retrieval_candidates" in capsys.readouterr().err
     assert E.main([*fast, "--model", str(random_bot_dir), "--decoders", "mmi,retrieval,hybrid",
                    "--retrieval_candidates", "5", "--output", str(tmp_path / "n.json")]) == 0
@@ -554,9 +557,26 @@ def test_evaluate_retrieval_and_hybrid_decoders(hybrid_bot_dir, random_bot_dir, 
 
 def test_retrieved_bonus_lifts_retrieved_replies_and_only_them(hybrid_bot):
     bot = hybrid_bot
-    base = bot.reply(HISTORY, seed=3, retrieval_candidates=5)
+    base = bot.reply(HISTORY, seed=3, retrieval_candidates=5, retrieved_bonus=0.0)
     lifted = bot.reply(HISTORY, seed=3, retrieval_candidates=5, retrieved_bonus=100.0)
     before = {c.text: c.score for c in base.candidates}
     for c in lifted.candidates:
         assert c.score == pytest.approx(before[c.text] + (100.0 if "retrieved" in c.source else 0.0), abs=1e-4)
     assert "retrieved" in lifted.candidates[0].source
+
+
+def test_auto_retrieval_uses_the_index_when_there_is_one(hybrid_bot, hybrid_bot_dir):
+    """retrieval_candidates -1 (the default): AUTO_RETRIEVAL_CANDIDATES for a bot with an index, 0 (and no
+    notice) for one without; rerank adds none to the candidates it is given."""
+    from dialogpt_zh.engine.bot import ChatBot
+    from dialogpt_zh.settings import AUTO_RETRIEVAL_CANDIDATES, GenerationSettings
+
+    assert GenerationSettings().retrieval_candidates == -1
+    auto = ChatBot.from_pretrained(hybrid_bot_dir).reply(HISTORY, seed=3)
+    retrieved = [c for c in auto.candidates if "retrieved" in c.source]
+    assert 0 < len(retrieved) <= AUTO_RETRIEVAL_CANDIDATES
+    without = ChatBot.from_pretrained(forward=hybrid_bot_dir / "forward", backward=hybrid_bot_dir / "backward")
+    assert without.retrieval is None
+    reply = without.reply(HISTORY, seed=3)
+    assert all(c.source == "sampled" for c in reply.candidates) and not any("retriev" in n for n in reply.notices)
+    assert {c.source for c in hybrid_bot.rerank(HISTORY, ["去看什么电影"])} == {"given"}

@@ -18,6 +18,7 @@ normalize="mean" fwd and bwd are per token (fwd / num_tokens, bwd / num_context_
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -57,6 +58,7 @@ from dialogpt_zh.engine.threads import ThreadPolicy
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.sequence import build_sequence
 from dialogpt_zh.settings import (
+    AUTO_RETRIEVAL_CANDIDATES,
     DEFAULT_QUANTIZE,
     GENERATION_FIELDS,
     MMI_FIELDS,
@@ -126,7 +128,7 @@ class ChatBot:
         self.notices = list(notices)
         # the retrieval index (dialogpt_zh.data.retrieval.RetrievalIndex) or None: retrieval_candidates needs one
         self.retrieval = retrieval
-        if self.generation.retrieval_candidates and retrieval is None:
+        if self.generation.retrieval_candidates > 0 and retrieval is None:
             raise UserError(f"{self.generation.retrieval_candidates} retrieval candidates asked for, but this bot has "
                             f"no retrieval index (BOT_DIR/retrieval); build one with `python -m dialogpt_zh.index`",
                             field="retrieval_candidates")
@@ -400,9 +402,14 @@ class ChatBot:
 
     def settings(self, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
                  **overrides: Any) -> tuple[GenerationSettings, MMISettings]:
-        """The settings of one call: `generation` / `mmi` (default: the bot's) with `overrides` applied."""
-        return apply_overrides(generation if generation is not None else self.generation,
-                               mmi if mmi is not None else self.mmi_settings, overrides)
+        """The settings of one call: `generation` / `mmi` (default: the bot's) with `overrides` applied, and
+        `retrieval_candidates` -1 (auto) resolved: AUTO_RETRIEVAL_CANDIDATES with an index, else 0."""
+        gen, mmi = apply_overrides(generation if generation is not None else self.generation,
+                                   mmi if mmi is not None else self.mmi_settings, overrides)
+        if gen.retrieval_candidates < 0:
+            k = AUTO_RETRIEVAL_CANDIDATES if self.retrieval is not None else 0
+            gen = dataclasses.replace(gen, retrieval_candidates=k)
+        return gen, mmi
 
     # ---------------------------------------------------------------------------------- public API
 
@@ -541,6 +548,8 @@ class ChatBot:
         `retrieval_candidates` K the index's K replies join them ("retrieved", or "given+retrieved" for a given
         text). Blocklist not applied (a `blocklist=` override is refused, as is any sampling setting)."""
         refuse_unread("rerank", overrides, CONTEXT_FIELDS | RETRIEVAL_FIELDS | (MMI_FIELDS - {"blocklist"}))
+        if (generation or self.generation).retrieval_candidates < 0:  # auto adds none to given candidates
+            overrides.setdefault("retrieval_candidates", 0)
         gen, mmi = self.settings(generation, mmi, **overrides)
         if not candidates:
             return []
