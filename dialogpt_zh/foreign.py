@@ -210,7 +210,8 @@ def load_pickled_model(model_dir: Path, dtype=None):
                         path=model_dir / "config.json") from e
     state = check_state_dict(state, model, path, getattr(config, "dtype", None))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)   # strict in effect: check_state_dict refused any difference
+    # strict in effect: check_state_dict refused any difference (a tied head may be absent)
+    model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", True):
         model.tie_weights()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
