@@ -144,7 +144,7 @@ def test_scores_are_those_of_the_models_own_input(bots, kind):
     (fwd, n), = bot.forward_logprobs(history, ["在看书呢"])
     assert n == len(reply) + 1
     assert fwd == pytest.approx(_reference_logprob(bot.forward_model, fwd_ids, fwd_types, fwd_first), abs=1e-4)
-    (bwd, n_ctx), = bot.backward_logprobs(history, ["在看书呢"])
+    (bwd, n_ctx), = bot.backward_logprobs(history, ["在看书呢"], backward_context_turns=0)   # every turn
     assert n_ctx == sum(len(u) + 1 for u in ctx) == len(bwd_ids) - bwd_first
     assert bwd == pytest.approx(_reference_logprob(bot.backward_model, bwd_ids, bwd_types, bwd_first), abs=1e-4)
     # the candidates' forward scores, collected while sampling, are the same quantity
