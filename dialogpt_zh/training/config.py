@@ -8,7 +8,6 @@ from typing import Any, Literal, Optional
 
 from dialogpt_zh.cli import field_help
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.sequence import LAYOUTS
 from dialogpt_zh.training.presets import PRESETS
 
 # Settings that fix the exact sequence of updates: a --resume run must use the same ones.
@@ -36,10 +35,6 @@ class TrainConfig:
         "start from this GPT-2 directory (ours, or GPT2-chitchat / CDial-GPT2 / uer/gpt2-chinese as downloaded: "
         "pytorch_model.bin or safetensors + vocab.txt; or a hub id) instead of random weights; its vocabulary "
         "must be the store's (preprocess --vocab MODEL_DIR); the preset and shape overrides are then ignored"))
-    layout: Optional[str] = field(default=None, metadata=field_help(
-        "input layout: chitchat ([CLS] u1 [SEP] u2 [SEP] ...) or cdial (speaker tokens + token types, CDial-GPT's); "
-        "default: the --init model's (its card, else its vocabulary's), else the store vocabulary's (chitchat "
-        "unless it has [speaker1]/[speaker2])"))
     lr: float = field(default=5e-4, metadata=field_help("peak learning rate of AdamW"))
     warmup_steps: int = field(default=-1, metadata=field_help(
         "linear warmup steps, then cosine decay to 10%% of --lr; -1: 5%% of the total steps"))
@@ -84,8 +79,6 @@ def validate_config(config: TrainConfig) -> None:
                 or (high_open and value == high):
             refuse(name, f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
 
-    if config.layout is not None and config.layout not in LAYOUTS:
-        refuse("layout", f"must be one of {', '.join(LAYOUTS)}")
     for name, choices in (("direction", ("forward", "backward")), ("preset", tuple(PRESETS)),
                           ("device", ("auto", "cpu", "cuda")), ("precision", ("auto", "fp32", "bf16", "fp16"))):
         if getattr(config, name) not in choices:

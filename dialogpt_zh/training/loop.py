@@ -180,10 +180,11 @@ def _make_model(config: TrainConfig, tokenizer, saved_model_config: Optional[dic
 
 
 def _input_layout(config: TrainConfig, tokenizer) -> Layout:
-    """The layout windows are built in: --layout, else the --init model's (its card, else its vocabulary's),
-    else the store vocabulary's (the card records it; the engine reads it there)."""
-    init_dir = resolve_model_dir(config.init, "init") if config.init and not config.layout else None
-    return model_layout(init_dir, tokenizer, config.layout)
+    """The layout windows are built in (dialogpt_zh.sequence): the --init model's (its card, else its
+    vocabulary's), else the store vocabulary's (cdial when it has [speaker1]/[speaker2]); the card records it,
+    the engine reads it there."""
+    init_dir = resolve_model_dir(config.init, "init") if config.init else None
+    return model_layout(init_dir, tokenizer)
 
 
 def _usable_windows(split, max_len: int, layout: Layout) -> tuple[np.ndarray, np.ndarray, int]:
