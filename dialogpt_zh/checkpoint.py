@@ -8,8 +8,9 @@ A model directory is a Hugging Face directory (`AutoModelForCausalLM.from_pretra
     resume/  model.safetensors optimizer.pt rng_<rank>.pt state.json       the latest training step, for --resume
 
 Every write replaces the whole directory in one rename (`save_checkpoint`), so a reader (or a killed run)
-always sees a complete directory. Loading never unpickles: weights are safetensors, and the resume files
-written with `torch.save` are read with `weights_only=True`. Damaged files are a `UserError` naming the file.
+always sees a complete directory. Loading never unpickles anything but tensors: weights are safetensors (or,
+for a checkpoint made elsewhere, a pytorch_model.bin), and every file written with `torch.save` is read with
+`weights_only=True`. Damaged files are a `UserError` naming the file.
 """
 from __future__ import annotations
 
@@ -151,10 +152,12 @@ def read_card(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
-    """Load a causal LM from a HF directory; only safetensors weights (never unpickle user files).
+    """Load a causal LM from a HF directory: safetensors weights, or a `pytorch_model.bin` read with
+    `torch.load(weights_only=True)` (dialogpt_zh.foreign: a pickle that asks for more than tensors is refused
+    before it runs); no other file is ever unpickled.
 
-    Damaged weights are refused here, naming the file: unreadable safetensors, tensors missing or of the
-    wrong shape (transformers would silently re-initialise them), NaN/inf values.
+    Damaged weights are refused here, naming the file: unreadable files, tensors missing or of the wrong
+    shape (transformers would silently re-initialise them), NaN/inf values.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -162,14 +165,17 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError("not a model directory (no config.json)", path=model_dir)
-    weights = sorted(model_dir.glob("*.safetensors"))
-    if not weights:
-        raise UserError("no .safetensors weights; convert pickled weights with a trusted tool first "
-                        "(we never unpickle files from user paths)", path=model_dir)
     # Weights may be stored in half precision to keep checkpoints small; compute in fp32 on CPU.
     if dtype is None and str(device).startswith("cpu"):
         dtype = torch.float32
-    kwargs: dict[str, Any] = {"use_safetensors": True, "output_loading_info": True}
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
+        return _load_pickled(model_dir, device, dtype)
+    from dialogpt_zh.foreign import read_config
+
+    # config.json read as foreign ones are (GPT-2's 50256 as bos/eos beside a Chinese vocabulary is dropped)
+    kwargs: dict[str, Any] = {"use_safetensors": True, "output_loading_info": True,
+                              "config": read_config(model_dir)}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
@@ -187,6 +193,20 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
     return model.to(device).eval()
 
 
+def _load_pickled(model_dir: Path, device: str, dtype):
+    from dialogpt_zh.foreign import PICKLED_WEIGHTS, load_pickled_model
+
+    path = model_dir / PICKLED_WEIGHTS
+    if not path.is_file():
+        sharded = sorted(model_dir.glob("pytorch_model-*.bin"))
+        raise UserError("no weights: expected model.safetensors or pytorch_model.bin" + (
+            " (sharded pickled weights are not read; save the model as safetensors)" if sharded else ""),
+            path=model_dir)
+    model = load_pickled_model(model_dir, dtype)
+    check_finite(model, path)
+    return model.to(device).eval()
+
+
 def check_finite(model, path: Path) -> None:
     """NaN/inf weights make every reply fail later; refuse them at load, naming the file and tensor."""
     import torch
@@ -194,6 +214,22 @@ def check_finite(model, path: Path) -> None:
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise UserError(f"the weights contain NaN or infinite values (tensor {name})", path=path)
+
+
+def model_layout(model_dir: str | Path | None, tokenizer, requested: Optional[str] = None):
+    """The input layout (dialogpt_zh.sequence.Layout) of a model: `requested` (--layout), else its card's
+    `layout`, else the one its vocabulary was made for (speaker tokens: cdial; else chitchat)."""
+    from dialogpt_zh.sequence import LAYOUTS, Layout, infer_layout
+
+    card = read_card(model_dir) if model_dir is not None else {}
+    name = requested or card.get("layout") or infer_layout(tokenizer.get_vocab())
+    where = Path(model_dir) / CARD_FILE if model_dir is not None and not requested else None
+    if name not in LAYOUTS:
+        raise UserError(f"unknown layout {name!r}; use one of {', '.join(LAYOUTS)}", path=where, field="layout")
+    try:
+        return Layout.for_tokenizer(name, tokenizer)
+    except ValueError as e:
+        raise UserError(str(e), path=model_dir, field="layout") from e
 
 
 # ------------------------------------------------------------------------------------------- resume state

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.sequence import LAYOUTS
 
 
 def field_help(text: str, **kw: Any) -> dict:
@@ -243,8 +244,14 @@ class BotArguments:
     threads: int = field(default=0, metadata=field_help(
         "intra-op CPU threads per reply: 0 = the thread policy (auto: the cores other processes leave free, "
         "shared by the replies in flight); N = always N (docs/engine.md, Threads)"))
+    layout: str | None = field(default=None, metadata=field_help(
+        "input layout of both models: 'chitchat' ([CLS] u1 [SEP] u2 [SEP] ...: ours, GPT2-chitchat's) or 'cdial' "
+        "(speaker tokens and token types: CDial-GPT's); default: each model's card, else its vocabulary's "
+        "(docs/foreign_checkpoints.md)"))
 
     def __post_init__(self) -> None:
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise SettingsError(f"unknown layout {self.layout!r}; use one of {LAYOUTS}", field="layout")
         if self.backward and not self.model:
             raise SettingsError("--backward needs --model (the forward model directory)", field="backward")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not 0 <= self.threads <= 1024:

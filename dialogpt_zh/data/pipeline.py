@@ -94,8 +94,10 @@ class PreprocessArguments:
     min_frequency: int = field(default=1, metadata=field_help(
         "characters seen fewer times in the train split become [UNK] (char tokenizer only)"))
     vocab: str | None = field(default=None, metadata=field_help(
-        "reuse this BERT-style vocab.txt (e.g. ../shared/corpus/vocab/gpt2-chitchat-vocab.txt) or tokenizer "
-        "directory instead of building a char vocabulary"))
+        "reuse this BERT-style vocab.txt (e.g. ../shared/corpus/vocab/gpt2-chitchat-vocab.txt), tokenizer "
+        "directory or model directory (GPT2-chitchat, CDial-GPT2, uer/gpt2-chinese: its vocab.txt; then "
+        "`train --init MODEL_DIR` continues that model) instead of building a char vocabulary; the summary "
+        "reports the [UNK] rate"))
     seed: int = field(default=42, metadata=field_help("random seed of the train/valid/test split"))
     valid_ratio: float = field(default=0.05, metadata=field_help("share of sessions for the valid split"))
     test_ratio: float = field(default=0.05, metadata=field_help("share of sessions for the test split"))
@@ -425,8 +427,10 @@ def make_tokenizer(args: PreprocessArguments, corpus: CleanedCorpus, plan: Split
 
     if given_tokenizer is not None:
         info = {"kind": "vocab", "vocab": str(args.vocab)}
-        if Path(args.vocab).is_file():
-            info["vocab_sha256"] = file_sha256(Path(args.vocab))
+        # a vocab.txt, or the one of a model directory (GPT2-chitchat, CDial-GPT2, uer: `--vocab MODEL_DIR`)
+        vocab_file = Path(args.vocab) if Path(args.vocab).is_file() else Path(args.vocab) / "vocab.txt"
+        if vocab_file.is_file():
+            info["vocab_sha256"] = file_sha256(vocab_file)
         info["vocab_size"] = len(given_tokenizer)
         return given_tokenizer, info
     char_counts: Counter = Counter()

@@ -221,12 +221,14 @@ class StoreSplit:
     def first_turn_length(self, i: int, direction: Direction) -> int:
         return first_turn_length(self.turns(i), direction)
 
-    def lengths(self) -> np.ndarray:
-        """Sequence length of every window (the same in both directions), for length-grouped batching."""
+    def lengths(self, extra_tokens: int = 1) -> np.ndarray:
+        """Sequence length of every window (the same in both directions), for length-grouped batching:
+        its turns, one [SEP] (or speaker token) per turn and `extra_tokens` more (the layout's
+        `Layout.extra_tokens`: 1 for [CLS])."""
         utt_len = np.diff(self.utt)
         csum = np.concatenate([[0], np.cumsum(utt_len)])
         start, count = self.win[:, 0], self.win[:, 1]
-        return 1 + (csum[start + count] - csum[start]) + count
+        return extra_tokens + (csum[start + count] - csum[start]) + count
 
     def __iter__(self) -> Iterator[list[np.ndarray]]:
         for i in range(len(self)):

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dialogpt_zh.checkpoint import load_model
+from dialogpt_zh.checkpoint import load_model, model_layout
 from dialogpt_zh.engine.decoding import (
     DecodeBatch,
     HFDecoder,
@@ -45,18 +45,20 @@ from dialogpt_zh.engine.lean_gpt2 import LeanGPT2
 from dialogpt_zh.engine.loading import (
     check_device,
     check_direction,
+    check_vocabulary_size,
     cleaning_options,
     normalize_utterance,
     quantize_int8,
     resolve_bot_dirs,
     same_tokenizer,
+    vocabulary_difference,
 )
 from dialogpt_zh.engine.results import Candidate, Reply
 from dialogpt_zh.engine.retrieval import load_index, merge_hits, pick_hits
 from dialogpt_zh.engine.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_rows
 from dialogpt_zh.engine.threads import ThreadPolicy
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.sequence import build_sequence
+from dialogpt_zh.sequence import Layout, infer_layout
 from dialogpt_zh.settings import (
     AUTO_RETRIEVAL_CANDIDATES,
     DEFAULT_QUANTIZE,
@@ -115,7 +117,8 @@ class ChatBot:
     def __init__(self, forward_model, tokenizer, backward_model=None, *, device: str = "cpu",
                  generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
                  notices: Sequence[str] = (), forward_dir: Path | None = None,
-                 backward_dir: Path | None = None, retrieval=None) -> None:
+                 backward_dir: Path | None = None, retrieval=None, forward_layout: Layout | None = None,
+                 backward_layout: Layout | None = None) -> None:
         self.forward_model = forward_model
         self.backward_model = backward_model
         self.tokenizer = tokenizer
@@ -139,9 +142,17 @@ class ChatBot:
         self.cls_id = tokenizer.cls_token_id
         self.sep_id = tokenizer.sep_token_id
         self.pad_id = tokenizer.pad_token_id
-        # never emitted: every special token but [SEP] (which ends a reply)
-        specials = set(tokenizer.all_special_ids) | {tokenizer.unk_token_id, self.pad_id, self.cls_id}
+        # how each model's inputs are built (dialogpt_zh.sequence); models passed in: their vocabulary's layout
+        inferred = Layout.for_tokenizer(infer_layout(tokenizer.get_vocab()), tokenizer)
+        self.forward_layout = forward_layout or inferred
+        self.backward_layout = backward_layout or inferred
+        # never emitted: every special token but [SEP] (which ends a reply), the layout's speaker tokens too
+        specials = (set(tokenizer.all_special_ids) | {tokenizer.unk_token_id, self.pad_id, self.cls_id}
+                    | set(self.forward_layout.special_ids))
         vocab = forward_model.config.vocab_size
+        # ids no token has (embedding rows beyond the tokenizer, a vocab.txt's duplicate lines) cannot be shown
+        known = set(tokenizer.get_vocab().values())
+        specials |= {i for i in range(vocab) if i not in known}
         self.banned_ids = sorted(i for i in specials if i is not None and i != self.sep_id and i < vocab)
         self._blocklists: dict[tuple[str, float], list[str]] = {}
         if self.mmi_settings.blocklist:
@@ -162,13 +173,16 @@ class ChatBot:
                         backward: str | Path | None = None, device: str = "cpu",
                         quantize: str | None = DEFAULT_QUANTIZE,
                         generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
-                        retrieval: str | Path | None = None) -> "ChatBot":
+                        retrieval: str | Path | None = None, layout: str | None = None) -> "ChatBot":
         """Load a bot: `path` = a dir with forward/ (+ backward/, + retrieval/: the index of human replies),
         or one forward model dir (MMI off), or None for the default `checkpoints/default`; or `forward=` /
-        `backward=` paths; `retrieval=` an index directory (default: a bot dir's retrieval/). `generation` /
-        `mmi` become this bot's default settings (each call may override single fields). `quantize`: "fp16"
-        (the default, as every face's `--quantize`: weights at float16 precision, float32 arithmetic), "none"
-        (or None) = the float32 weights as saved, "int8" or "int8-forward" (docs/engine.md)."""
+        `backward=` paths; `retrieval=` an index directory (default: a bot dir's retrieval/). Any model may be
+        one made elsewhere (GPT2-chitchat, CDial-GPT2, uer/gpt2-chinese: pytorch_model.bin + vocab.txt) or a hub
+        id. `layout`: "chitchat" or "cdial" for both models (default: each model's card, else its vocabulary's;
+        docs/foreign_checkpoints.md). `generation` / `mmi` become this bot's default settings (each call may
+        override single fields). `quantize`: "fp16" (the default, as every face's `--quantize`: weights at
+        float16 precision, float32 arithmetic), "none" (or None) = the float32 weights as saved, "int8" or
+        "int8-forward" (docs/engine.md)."""
         check_device(device)
         forward_dir, backward_dir = resolve_bot_dirs(path, forward, backward)
         quantize = None if quantize == "none" else quantize
@@ -185,15 +199,15 @@ class ChatBot:
             notices.append("MMI off: no backward model, candidates are ranked by the forward score only")
         else:
             check_direction(backward_dir, "backward")
-            if not same_tokenizer(tokenizer, load_tokenizer(backward_dir)):
-                raise UserError(f"the backward model's tokenizer differs from the forward model's "
-                                f"({forward_dir}); both must be trained on the same token store",
-                                path=backward_dir)
+            backward_tokenizer = load_tokenizer(backward_dir)
+            if not same_tokenizer(tokenizer, backward_tokenizer):
+                raise UserError(f"the backward model's tokenizer differs from the forward model's ({forward_dir}: "
+                                f"{vocabulary_difference(tokenizer, backward_tokenizer)}); a forward and a backward "
+                                "model pair only when their vocabularies are the same", path=backward_dir)
             backward_model = load_model(backward_dir, device)
         for model_dir, model in ((forward_dir, forward_model), (backward_dir, backward_model)):
-            if model is not None and model.config.vocab_size < len(tokenizer):
-                raise UserError(f"model vocab ({model.config.vocab_size}) is smaller than its tokenizer "
-                                f"({len(tokenizer)})", path=model_dir)
+            if model is not None:
+                check_vocabulary_size(model, tokenizer, model_dir)
         if quantize == "fp16":
             forward_model = weights_fp16(forward_model)
             backward_model = weights_fp16(backward_model) if backward_model is not None else None
@@ -209,7 +223,9 @@ class ChatBot:
         index = load_index(bot_dir if bot_dir is not None and (bot_dir / "forward").is_dir() else None, retrieval,
                            tokenizer)
         bot = cls(forward_model, tokenizer, backward_model, device=device, generation=generation, mmi=mmi,
-                  notices=notices, forward_dir=forward_dir, backward_dir=backward_dir, retrieval=index)
+                  notices=notices, forward_dir=forward_dir, backward_dir=backward_dir, retrieval=index,
+                  forward_layout=model_layout(forward_dir, tokenizer, layout),
+                  backward_layout=model_layout(backward_dir, tokenizer, layout) if backward_dir else None)
         bot.quantize = quantize or "none"
         return bot
 
@@ -245,7 +261,9 @@ class ChatBot:
             texts = texts[-gen.max_history:]
         turns = [encode(self.tokenizer, t) for t in texts]
         models = [m for m in (self.forward_model, self.backward_model) if m is not None]
-        room = min(n_positions(m) for m in models) - reply_room - 2  # [CLS] and the reply's [SEP]
+        # the layout's own tokens: [CLS] and the reply's [SEP] (cdial: + the reply's speaker token)
+        fixed = max(self._layout(m).extra_tokens for m in models) + 1
+        room = min(n_positions(m) for m in models) - reply_room - fixed
         budget = min(gen.max_context_tokens, room)
         if budget < 2:
             raise UserError(f"max_length {reply_room} leaves no room for context in a model of "
@@ -309,16 +327,18 @@ class ChatBot:
         """log P(reply + [SEP] | context) for each reply: context encoded once, replies in one padded batch."""
         model = self.forward_model
         decoder = self._decoder(model)
-        ctx = torch.tensor([build_sequence(context, "forward", self.cls_id, self.sep_id)], device=self.device)
+        prompt, prompt_types, reply_type = self.forward_layout.prompt(context)
+        ctx = torch.tensor([prompt], device=self.device)
+        ctx_types = torch.tensor([prompt_types], device=self.device) if prompt_types is not None else None
         rows = [r + [self.sep_id] for r in replies]
-        first = decoder.prompt(ctx, max(len(r) for r in rows))
+        first = decoder.prompt(ctx, max(len(r) for r in rows), ctx_types)
         first_logprobs = torch.log_softmax(first[0].float(), dim=-1)  # predicts each reply's 1st token
         fwd = [float(first_logprobs[r[0]]) for r in rows]
         if any(len(r) > 1 for r in rows):
             decoder.repeat_rows(len(rows))
             ids, mask = pad_rows(rows, self.pad_id, self.device)
             # the last column predicts nothing we score, so it is not run
-            hidden = decoder.hidden_after_cache(ids[:, :-1], mask[:, :-1])
+            hidden = decoder.hidden_after_cache(ids[:, :-1], mask[:, :-1], reply_type)
             # hidden at reply position j predicts reply token j + 1
             score_mask = mask[:, 1:].bool()
             b, j = score_mask.nonzero(as_tuple=True)
@@ -332,25 +352,31 @@ class ChatBot:
         return self._backward_scores_pairs([(context, r) for r in replies])
 
     def _backward_scores_pairs(self, pairs: list[tuple[list[list[int]], list[int]]]) -> list[tuple[float, int]]:
-        """log P(context | reply) for (context, reply) pairs: `[CLS] reply [SEP] uk [SEP] ... u1 [SEP]`,
-        context tokens only, all pairs (of one request or of many) in one batch."""
-        seqs = [build_sequence(list(context) + [r], "backward", self.cls_id, self.sep_id) for context, r in pairs]
-        # scored: the context tokens, from len(reply) + 2 on (after [CLS] reply [SEP])
-        sums = self._sequence_scores(self.backward_model, seqs, [len(r) + 2 for _, r in pairs])
+        """log P(context | reply) for (context, reply) pairs: `[CLS] reply [SEP] uk [SEP] ... u1 [SEP]` (or the
+        backward model's own layout), context tokens only, all pairs (of one request or of many) in one batch."""
+        layout = self.backward_layout
+        turns = [list(context) + [r] for context, r in pairs]
+        # scored: the context tokens, after the reply's turn ([CLS] reply [SEP] in the chitchat layout)
+        sums = self._sequence_scores(self.backward_model, [layout.sequence(t, "backward") for t in turns],
+                                     [layout.first_turn_length(t, "backward") for t in turns])
         return [(s, sum(len(u) + 1 for u in context)) for s, (context, _) in zip(sums, pairs)]
 
     def _forward_scores_pairs(self, pairs: list[tuple[list[list[int]], list[int]]]) -> list[tuple[float, int]]:
         """log P(reply + [SEP] | context) for (context, reply) pairs, teacher-forced, all in one batch (the
         retrieved replies of every request of a `reply_many`)."""
-        seqs = [build_sequence(list(context) + [r], "forward", self.cls_id, self.sep_id) for context, r in pairs]
-        sums = self._sequence_scores(self.forward_model, seqs, [len(q) - len(r) - 1 for q, (_, r) in zip(seqs, pairs)])
+        built = [self.forward_layout.sequence(list(context) + [r], "forward") for context, r in pairs]
+        # scored: the reply's tokens and its [SEP], the sequence's last len(reply) + 1 in either layout
+        sums = self._sequence_scores(self.forward_model, built,
+                                     [len(q) - len(r) - 1 for (q, _), (_, r) in zip(built, pairs)])
         return [(s, len(r) + 1) for s, (_, r) in zip(sums, pairs)]
 
     @torch.inference_mode()
-    def _sequence_scores(self, model, seqs: list[list[int]], starts_at: list[int]) -> list[float]:
-        """Sum of log P(token | everything before it) over the positions t >= starts_at of each sequence, all
-        sequences in one right-padded batch."""
-        ids, mask = pad_rows(seqs, self.pad_id, self.device)
+    def _sequence_scores(self, model, seqs: list[tuple[list[int], list[int] | None]],
+                         starts_at: list[int]) -> list[float]:
+        """Sum of log P(token | everything before it) over the positions t >= starts_at of each sequence
+        ((ids, token types or None), as `Layout.sequence` builds them), all in one right-padded batch."""
+        ids, mask = pad_rows([q for q, _ in seqs], self.pad_id, self.device)
+        types = pad_rows([ty for _, ty in seqs], self.pad_id, self.device)[0] if seqs[0][1] is not None else None
         starts = torch.tensor(starts_at, device=self.device)
         positions = torch.arange(ids.shape[1], device=self.device)
         target_mask = (positions[None, :] >= starts[:, None]) & mask.bool()
@@ -361,12 +387,19 @@ class ChatBot:
         if lean is not None:  # its last block runs past the attention only for the positions we score
             hidden = lean.hidden(ids[:, :-1], mask=mask[:, :-1], select=b * (ids.shape[1] - 1) + t - 1)
         else:
-            hidden = model.base_model(input_ids=ids[:, :-1],
-                                      attention_mask=mask[:, :-1]).last_hidden_state[b, t - 1]
+            hidden = model.base_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                                      token_type_ids=types[:, :-1] if types is not None else None
+                                      ).last_hidden_state[b, t - 1]
         return sum_per_row(token_logprobs(model, hidden, ids[b, t]), b, len(seqs))
 
+    def _layout(self, model) -> Layout:
+        return self.backward_layout if model is self.backward_model else self.forward_layout
+
     def _lean(self, model) -> LeanGPT2 | None:
-        return LeanGPT2.wrap(model) if self.use_lean_forward else None
+        # the lean forward reads no token types: models that need them (cdial) run through transformers
+        if not self.use_lean_forward or self._layout(model).token_types:
+            return None
+        return LeanGPT2.wrap(model)
 
     def _decoder(self, model) -> HFDecoder:
         lean = self._lean(model)
@@ -610,6 +643,6 @@ def load_bot(args: BotArguments, generation: GenerationSettings | None = None,
              mmi: MMISettings | None = None) -> ChatBot:
     """The one engine for a face: which bot and where (`BotArguments`), with these settings as its defaults."""
     bot = ChatBot.from_pretrained(args.model, backward=args.backward, device=args.device, quantize=args.quantize,
-                                  generation=generation, mmi=mmi)
+                                  generation=generation, mmi=mmi, layout=args.layout)
     bot.thread_policy = ThreadPolicy(args.threads)  # 0 = auto, N = N threads per call
     return bot

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Optional
+
 import numpy as np
 import torch
 
 from dialogpt_zh.data.store import StoreSplit
+from dialogpt_zh.sequence import Layout
 
 IGNORE_INDEX = -100  # label value that torch's cross_entropy skips
 
@@ -64,26 +67,41 @@ class Batch:
     labels: torch.Tensor          # [B, T] IGNORE_INDEX where no loss is taken (padding, masked first turn)
     num_tokens: int               # real (non-padding) tokens
     num_targets: int              # tokens that are predicted (labels != IGNORE_INDEX after the shift)
+    token_type_ids: Optional[torch.Tensor] = None   # [B, T] for a layout with token types (cdial), else None
 
     def to(self, device) -> "Batch":
+        types = self.token_type_ids.to(device) if self.token_type_ids is not None else None
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.num_tokens, self.num_targets)
+                     self.num_tokens, self.num_targets, types)
 
 
-def collate(split: StoreSplit, indices, direction: str, pad_id: int, replies_only: bool = False) -> Batch:
-    """Sequences of the given windows (in `direction`), right-padded, with the loss mask in `labels`."""
-    seqs = [split.sequence(int(i), direction) for i in indices]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, (i, seq) in enumerate(zip(indices, seqs)):
+def collate(split: StoreSplit, indices, direction: str, pad_id: int, replies_only: bool = False,
+            layout: Optional[Layout] = None) -> Batch:
+    """Sequences of the given windows (in `direction`, built by `layout`; default the store's chitchat
+    sequences), right-padded, with the loss mask in `labels`."""
+    if layout is None:
+        built = [(split.sequence(int(i), direction), None) for i in indices]
+    else:
+        built = [layout.sequence(split.turns(int(i)), direction) for i in indices]
+    width = max(len(s) for s, _ in built)
+    ids = torch.full((len(built), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(built), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(built), width), dtype=torch.long)
+    types = torch.full((len(built), width), pad_id, dtype=torch.long) if built[0][1] is not None else None
+    for row, (i, (seq, seq_types)) in enumerate(zip(indices, built)):
         t = torch.tensor(seq, dtype=torch.long)
         ids[row, :len(seq)] = t
         mask[row, :len(seq)] = 1
         labels[row, :len(seq)] = t
-        # Position 0 ([CLS]) is never a target; replies-only also drops the first turn and its [SEP].
-        skip = split.first_turn_length(int(i), direction) if replies_only else 1
+        if types is not None:
+            types[row, :len(seq)] = torch.tensor(seq_types, dtype=torch.long)
+        # Position 0 ([CLS]) is never a target; replies-only also drops the first turn and what ends it.
+        if not replies_only:
+            skip = 1
+        elif layout is None:
+            skip = split.first_turn_length(int(i), direction)
+        else:
+            skip = layout.first_turn_length(split.turns(int(i)), direction)
         labels[row, :skip] = IGNORE_INDEX
     num_targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return Batch(ids, mask, labels, int(mask.sum()), num_targets)
+    return Batch(ids, mask, labels, int(mask.sum()), num_targets, types)

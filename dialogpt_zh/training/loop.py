@@ -35,6 +35,7 @@ from dialogpt_zh.checkpoint import (
     load_resume_optimizer,
     load_resume_rng,
     load_resume_weights,
+    model_layout,
     read_run_state,
     remove_stale_temp,
     rng_staging_dir,
@@ -44,6 +45,8 @@ from dialogpt_zh.checkpoint import (
 from dialogpt_zh.cli import Terminated
 from dialogpt_zh.data.store import MANIFEST, TokenStore
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.foreign import resolve_model_dir
+from dialogpt_zh.sequence import Layout
 from dialogpt_zh.training.batches import Batch, collate, plan_batches, shard_batches
 from dialogpt_zh.training.config import (
     MUST_MATCH_ON_RESUME,
@@ -56,6 +59,10 @@ from dialogpt_zh.training.config import (
 from dialogpt_zh.training.presets import build_model
 
 log = logging.getLogger("dialogpt_zh.train")
+
+SEQUENCE_FORMATS = {
+    "chitchat": "[CLS] u1 [SEP] u2 [SEP] ... (reversed for backward)",
+    "cdial": "[CLS] [speaker1] u1 [speaker2] u2 ... [SEP], token types = speakers (reversed for backward)"}
 
 
 def check_output(config: TrainConfig) -> Path:
@@ -153,7 +160,7 @@ def _make_model(config: TrainConfig, tokenizer, saved_model_config: Optional[dic
     if saved_model_config:  # resume: the exact architecture of the run; weights come from resume/
         return GPT2LMHeadModel(GPT2Config.from_dict(saved_model_config))
     if config.init:
-        init_dir = Path(config.init)
+        init_dir = resolve_model_dir(config.init, "init")  # a directory in any layout, or a hub id
         model = load_model(init_dir)  # refuses damaged or NaN weights, naming the file
         if model.config.model_type != "gpt2":
             raise UserError(f"--init expects a GPT-2 model, got model_type={model.config.model_type!r}",
@@ -172,9 +179,17 @@ def _make_model(config: TrainConfig, tokenizer, saved_model_config: Optional[dic
                        n_embd=config.n_embd, n_head=config.n_head, n_positions=config.n_positions)
 
 
-def _usable_windows(split, max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _input_layout(config: TrainConfig, tokenizer) -> Layout:
+    """The layout windows are built in (dialogpt_zh.sequence): the --init model's (its card, else its
+    vocabulary's), else the store vocabulary's (cdial when it has [speaker1]/[speaker2]); the card records it,
+    the engine reads it there."""
+    init_dir = resolve_model_dir(config.init, "init") if config.init else None
+    return model_layout(init_dir, tokenizer)
+
+
+def _usable_windows(split, max_len: int, layout: Layout) -> tuple[np.ndarray, np.ndarray, int]:
     """Indices and lengths of the windows that fit the model; the rest are counted, never silently dropped."""
-    lengths = split.lengths()
+    lengths = split.lengths(layout.extra_tokens)
     keep = np.flatnonzero(lengths <= max_len)
     return keep, lengths[keep], int(len(lengths) - len(keep))
 
@@ -256,7 +271,8 @@ def _metrics(state: RunState, config: TrainConfig, stopped: Optional[str], extra
     }
 
 
-def _card(config: TrainConfig, state: RunState, store, schedule: Schedule) -> dict[str, Any]:
+def _card(config: TrainConfig, state: RunState, store, schedule: Schedule,
+          layout: str = "chitchat") -> dict[str, Any]:
     """The training card (dialogpt_zh.json): what was trained on what, and how to replay it."""
     card = {"direction": config.direction, "preset": "init" if config.init else config.preset,
             "init": config.init, "model_config": state.model_config, "data": str(store.path),
@@ -270,7 +286,7 @@ def _card(config: TrainConfig, state: RunState, store, schedule: Schedule) -> di
                                str(Path(config.output) / RUN_CONFIG_FILE)]),
         "argv": sys.argv, "seed": config.seed, "replies_only": config.replies_only,
         "steps": state.best_step, "trained_steps": state.step, "best_valid_loss": state.best_valid_loss,
-        "tokens_seen": state.tokens_seen, "sequence_format": "[CLS] u1 [SEP] u2 [SEP] ... (reversed for backward)",
+        "tokens_seen": state.tokens_seen, "layout": layout, "sequence_format": SEQUENCE_FORMATS[layout],
         "schedule": asdict(schedule), "config": state.config,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}})
     return card
@@ -337,13 +353,14 @@ def _oom_error(config: TrainConfig, batch: Batch) -> UserError:
 
 def _batch_loss(model, batch: Batch) -> torch.Tensor:
     """Sum of next-token cross-entropy over the target positions of a batch."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   token_type_ids=batch.token_type_ids).logits
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), batch.labels[:, 1:].reshape(-1),
                            ignore_index=-100, reduction="sum")
 
 
 def validation_loss(model, split, indices: np.ndarray, lengths: np.ndarray, config: TrainConfig, pad_id: int,
-             accelerator) -> float:
+             accelerator, layout: Optional[Layout] = None) -> float:
     """Token-weighted mean loss (nats/token) over the given windows, sharded over processes."""
     batches = plan_batches(lengths, config.batch_tokens, config.batch_size, seed=0, epoch=0,
                            group_batches=1 << 30)
@@ -353,7 +370,8 @@ def validation_loss(model, split, indices: np.ndarray, lengths: np.ndarray, conf
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     with torch.no_grad():
         for b in batches:
-            batch = collate(split, indices[b], config.direction, pad_id, config.replies_only).to(accelerator.device)
+            batch = collate(split, indices[b], config.direction, pad_id, config.replies_only,
+                            layout).to(accelerator.device)
             try:
                 with accelerator.autocast():
                     total[0] += _batch_loss(model, batch).double()
@@ -473,11 +491,12 @@ def train(config: TrainConfig, interrupt_at_step: Optional[int] = None) -> dict[
     torch.manual_seed(config.seed)
     model = _make_model(config, tokenizer, state.model_config if config.resume else None)
     state.model_config = model.config.to_dict()
+    layout = _input_layout(config, tokenizer)
     if config.resume:
         load_resume_weights(model, output)
     max_len = model.config.n_positions
-    train_idx, train_len, train_skipped = _usable_windows(train_split, max_len)
-    valid_idx, valid_len, valid_skipped = _usable_windows(valid_split, max_len)
+    train_idx, train_len, train_skipped = _usable_windows(train_split, max_len, layout)
+    valid_idx, valid_len, valid_skipped = _usable_windows(valid_split, max_len, layout)
     if train_skipped or valid_skipped:
         log.warning("skipping windows longer than the model's %d positions: %d train, %d valid "
                     "(use --n-positions or shorter windows in the preprocessor)", max_len, train_skipped,
@@ -525,7 +544,7 @@ def train(config: TrainConfig, interrupt_at_step: Optional[int] = None) -> dict[
         while stopped is None:
             micro, plan = _next_micro_batches(config, state, plan, epoch_plan)
             batches = [collate(train_split, train_idx[b], config.direction, tokenizer.pad_token_id,
-                               config.replies_only) for b in micro]
+                               config.replies_only, layout) for b in micro]
             lr, counts = _train_step(model, batches, optimizer, scheduler, accelerator, config)
 
             state.step += 1
@@ -546,11 +565,12 @@ def train(config: TrainConfig, interrupt_at_step: Optional[int] = None) -> dict[
                 stopped = "interrupted"
             if stopped or state.step % config.eval_every == 0:
                 loss = validation_loss(accelerator.unwrap_model(model), valid_split, valid_idx, valid_len, config,
-                                tokenizer.pad_token_id, accelerator)
+                                tokenizer.pad_token_id, accelerator, layout)
                 improved = _validate(state, loss)
                 stopped = stopped or _stop_reason(config, state, len(plan))  # patience
                 _save(output, accelerator, model, tokenizer, optimizer, scheduler, state,
-                      _card(config, state, store, schedule), _metrics(state, config, stopped, extra), improved)
+                      _card(config, state, store, schedule, layout.name), _metrics(state, config, stopped, extra),
+                      improved)
                 if accelerator.is_main_process:
                     bar.write(f"step {state.step}: valid loss {loss:.4f} (ppl {math.exp(min(50, loss)):.1f}), "
                               f"best {state.best_valid_loss:.4f} at {state.best_step}")
