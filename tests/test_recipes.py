@@ -141,7 +141,9 @@ def test_default_recipe_runs_end_to_end_on_tiny_settings(tmp_path):
     assert cards["forward"]["config"]["lr"] == _train_config(FINAL["forward"]).lr  # the committed config ran
     for name in ("heldout_lccc", "heldout_kdconv"):
         report = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
-        assert report["sessions"] == 2 and set(report["decoding"]) == {"plain", "mmi", "greedy"}
+        assert report["sessions"] == 2 and set(report["decoding"]) == {"plain", "mmi", "greedy", "retrieval", "hybrid"}
+    index = json.loads((out / "bot" / "retrieval" / "index.json").read_text(encoding="utf-8"))
+    assert index["counts"]["pairs"] > 0 and index["settings"]["exclude_sources"] == ["gpt2-chitchat-50w"]
     assert f"pick_default.py --install {out / 'bot'} checkpoints/default" in done.stdout
 
 
@@ -167,6 +169,21 @@ def test_install_replaces_the_whole_bot_or_nothing(tmp_path, random_bot_dir):
         pick.install(random_bot_dir, dest)  # never deletes what it does not own
     (dest / "README").unlink()
     assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
+
+
+def test_install_brings_the_index_and_keeps_the_model_card(tmp_path, random_bot_dir):
+    pick = _pick_default()
+    dest, new = tmp_path / "default", tmp_path / "new"
+    shutil.copytree(random_bot_dir, dest)
+    (dest / "README.md").write_text("card", encoding="utf-8")
+    (dest / "retrieval").mkdir()
+    (dest / "retrieval" / "old.npz").write_bytes(b"old")
+    shutil.copytree(random_bot_dir, new)
+    (new / "retrieval").mkdir()
+    (new / "retrieval" / "index.json").write_text("{}", encoding="utf-8")
+    pick.install(new, dest)
+    assert sorted(p.name for p in (dest / "retrieval").iterdir()) == ["index.json"]
+    assert (dest / "README.md").read_text(encoding="utf-8") == "card"
 
 
 def test_install_in_fp16_writes_through_the_checkpoint_writer(tmp_path, random_bot_dir):

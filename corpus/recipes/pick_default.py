@@ -51,16 +51,20 @@ def choose(sweep: Path) -> Path:
     return sweep / choice["name"]
 
 
+RETRIEVAL_DIR = "retrieval"
+CARD = "README.md"  # the bot's model card: corpora, licences, what the index quotes
+
+
 def install(bot: Path, dest: Path, half: bool | None = None) -> None:
-    """Copy BOT/forward and BOT/backward (without resume/) into DEST, replacing DEST in one rename. `half`:
+    """Copy BOT/forward and BOT/backward (without resume/), and BOT/retrieval when there is one, into DEST, replacing DEST in one rename. `half`:
     store the weights at float16 (rewritten by checkpoint.py); None = when the float32 pair is over budget."""
     for direction in DIRECTIONS:
         if not (bot / direction / "config.json").is_file():
             raise SystemExit(f"error: {bot / direction}: not a model directory")
     if dest.exists():
-        others = sorted(p.name for p in dest.iterdir() if p.name not in DIRECTIONS)
+        others = sorted(p.name for p in dest.iterdir() if p.name not in (*DIRECTIONS, RETRIEVAL_DIR, CARD))
         if others:
-            raise SystemExit(f"error: {dest}: holds more than forward/ and backward/ ({', '.join(others)}); "
+            raise SystemExit(f"error: {dest}: holds more than forward/, backward/ and retrieval/ ({', '.join(others)}); "
                              "move those away first")
     if half is None:
         half = 2 * 4 * n_params(bot / "forward") > 58e6  # fp32 forward + backward over budget -> store fp16
@@ -70,6 +74,10 @@ def install(bot: Path, dest: Path, half: bool | None = None) -> None:
                 copy_in_fp16(bot / direction, tmp / direction)
             else:
                 shutil.copytree(bot / direction, tmp / direction, ignore=shutil.ignore_patterns(RESUME_DIR))
+        if (bot / RETRIEVAL_DIR / "index.json").is_file():  # the bot's index of human replies comes along
+            shutil.copytree(bot / RETRIEVAL_DIR, tmp / RETRIEVAL_DIR)
+        if (dest / CARD).is_file():  # the hand-written model card stays (update it by hand)
+            shutil.copy2(dest / CARD, tmp / CARD)
     print(f"installed {bot} as {dest}" + (" (fp16 weights)" if half else ""))
 
 
