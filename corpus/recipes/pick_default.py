@@ -56,7 +56,8 @@ CARD = "README.md"  # the bot's model card: corpora, licences, what the index qu
 
 
 def install(bot: Path, dest: Path, half: bool | None = None) -> None:
-    """Copy BOT/forward and BOT/backward (without resume/), and BOT/retrieval when there is one, into DEST, replacing DEST in one rename. `half`:
+    """Copy BOT/forward and BOT/backward (without resume/), and BOT/retrieval when there is one, into DEST,
+    replacing DEST in one rename (DEST's README.md, the model card, is kept). `half`:
     store the weights at float16 (rewritten by checkpoint.py); None = when the float32 pair is over budget."""
     for direction in DIRECTIONS:
         if not (bot / direction / "config.json").is_file():
@@ -64,7 +65,8 @@ def install(bot: Path, dest: Path, half: bool | None = None) -> None:
     if dest.exists():
         others = sorted(p.name for p in dest.iterdir() if p.name not in (*DIRECTIONS, RETRIEVAL_DIR, CARD))
         if others:
-            raise SystemExit(f"error: {dest}: holds more than forward/, backward/ and retrieval/ ({', '.join(others)}); "
+            raise SystemExit(f"error: {dest}: holds more than forward/, backward/, retrieval/ and README.md "
+                             f"({', '.join(others)}); "
                              "move those away first")
     if half is None:
         half = 2 * 4 * n_params(bot / "forward") > 58e6  # fp32 forward + backward over budget -> store fp16
