@@ -191,19 +191,40 @@ def mmi_active(mmi: MMISettings, has_backward: bool) -> bool:
     return has_backward and mmi.use_mmi
 
 
+def score_terms(fwd, bwd, num_tokens, num_context_tokens, normalize: str):
+    """The forward and backward values that enter `mmi_score`: per token for normalize="mean" (fwd / reply
+    tokens, bwd / context tokens), the summed log-probs for "sum". The faces show these, so that the score
+    can be checked from the columns."""
+    if normalize == "mean":
+        return fwd / num_tokens, bwd / np.maximum(num_context_tokens, 1)
+    return fwd, bwd
+
+
 def mmi_score(fwd, bwd, num_tokens, num_context_tokens, forward_weight, backward_weight, length_weight,
               normalize: str, retrieved=0.0, retrieved_bonus: float = 0.0):
     """THE ranking score: forward_weight · fwd + backward_weight · bwd + length_weight · num_tokens
     (+ retrieved_bonus for a reply retrieved from the index: `retrieved` 1 or 0), with per-token terms for
-    normalize="mean" (fwd / reply tokens, bwd / context tokens).
+    normalize="mean" (fwd / reply tokens, bwd / context tokens): `score_terms`.
 
     Works on floats and on numpy arrays (weights may broadcast), so the evaluator's weight sweep computes
     exactly what the chat ranks by.
     """
-    if normalize == "mean":
-        fwd = fwd / num_tokens
-        bwd = bwd / np.maximum(num_context_tokens, 1)
+    fwd, bwd = score_terms(fwd, bwd, num_tokens, num_context_tokens, normalize)
     return forward_weight * fwd + backward_weight * bwd + length_weight * num_tokens + retrieved_bonus * retrieved
+
+
+def score_formula(weights: tuple[float, float, float], normalize: str, names: tuple[str, str, str] | None = None,
+                  score: str = "score", retrieved_bonus: float | None = None, retrieved: str = "retrieved") -> str:
+    """`mmi_score` with these (forward, backward, length) weights as one line of text, e.g.
+    "score = 0·fwd/tok + 1·bwd/ctx + 0·tok"; `names`: what the forward term, the backward term and the
+    reply length are called in the table beside it (default: as in the terminal's /debug table);
+    `retrieved_bonus`: add its term (`retrieved`: what the 1-or-0 of a retrieved reply is called)."""
+    if names is None:
+        names = ("fwd/tok", "bwd/ctx", "tok") if normalize == "mean" else ("fwd", "bwd", "tok")
+    terms = [f"{w:g}·{name}" for w, name in zip(weights, names)]
+    if retrieved_bonus is not None:
+        terms.append(f"{retrieved_bonus:g}·{retrieved}")
+    return f"{score} = " + " + ".join(terms)
 
 
 def ranking_weights(mmi: MMISettings, use_backward: bool) -> tuple[float, float, float]:

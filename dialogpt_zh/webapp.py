@@ -26,7 +26,13 @@ from dialogpt_zh.cli import make_parser, parse, run_main  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
 from dialogpt_zh.fsutil import check_output_file  # noqa: E402
 from dialogpt_zh.settings import PAGE_RANGES, BotArguments, GenerationSettings, MMISettings, apply_overrides, field_help  # noqa: E402
-from dialogpt_zh.webui.view import CANDIDATE_HEADERS, candidates_table, history_to_messages  # noqa: E402,F401
+from dialogpt_zh.webui.view import (  # noqa: E402,F401
+    CANDIDATE_HEADERS,
+    candidate_headers,
+    candidates_table,
+    history_to_messages,
+    score_legend,
+)
 
 if TYPE_CHECKING:  # the engine (torch) is imported when a bot is loaded, not with this module
     from dialogpt_zh.engine.results import Reply
@@ -185,7 +191,8 @@ class TranscriptWriter:
 # ------------------------------------------------------------------------------------------ pure helpers
 
 def status_markdown(reply, notices: Sequence[str]) -> str:
-    """Latency (with its encode / generate / score split), seed, MMI on/off, then one line per notice."""
+    """Latency (with its encode / generate / score split), seed, MMI on/off, how the candidates' final score is
+    computed, then one line per notice."""
     t = reply.timings or {}
     names = {"encode": "编码", "retrieve": "检索", "generate": "生成", "score": "打分"}
     split = "，".join(f"{names[k]} {t[k]:.2f}" for k in names if k in t and (t[k] or k != "retrieve"))
@@ -193,7 +200,8 @@ def status_markdown(reply, notices: Sequence[str]) -> str:
     head += f" · {len(reply.candidates)} 个不同候选 · MMI {'开' if reply.mmi else '关'}"
     if getattr(reply, "seed", None) is not None:
         head += f" · 种子 {reply.seed}"
-    return "\n\n".join([head] + [f"提示：{n}" for n in notices])
+    legend = [score_legend(reply)] if reply.candidates else []
+    return "\n\n".join([head] + legend + [f"提示：{n}" for n in notices])
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -334,11 +342,11 @@ def chat_column() -> tuple[gr.Chatbot, gr.Textbox, gr.Button, gr.Button]:
     return chatbot, textbox, send, reset
 
 
-def candidates_column() -> tuple[gr.Markdown, gr.Dataframe]:
+def candidates_column(normalize: str = "mean") -> tuple[gr.Markdown, gr.Dataframe]:
     """The right column's status line and candidates table (the judging controls and then the sliders follow:
-    `build_app`)."""
+    `build_app`); the log-prob columns' headers name the unit the score uses (`normalize`)."""
     status = gr.Markdown("还没有对话。", elem_id="status")
-    table = gr.Dataframe(headers=CANDIDATE_HEADERS, value=[], label="上一轮的全部候选（按最终得分排序）",
+    table = gr.Dataframe(headers=candidate_headers(normalize), value=[], label="上一轮的全部候选（按最终得分排序）",
                          interactive=False, wrap=True, elem_id="candidates",
                          datatype=["number", "str", "str", "number", "number", "number", "number", "number"],
                          column_widths=["7%", "6%", "30%", "14%", "14%", "12%", "8%", "9%"])
@@ -388,7 +396,7 @@ def build_app(bot: Replier, generation: GenerationSettings | None = None, mmi: M
             with gr.Column(scale=5, min_width=320):
                 chatbot, textbox, send, reset = chat_column()
             with gr.Column(scale=6, min_width=360):
-                status, table = candidates_column()
+                status, table = candidates_column(mmi.normalize)
                 feedback_writer = web_judging.add_judging(bot, feedback, table=table, chatbot=chatbot,
                                                           history_state=history_state, turn_state=turn_state,
                                                           status=status)

@@ -156,3 +156,52 @@ def test_regular_install_without_default_model_says_what_to_pass(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "error: model: no default model" in r.stderr and "pass --model DIR" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_debug_switched_on_shows_the_last_turn_at_once(bot):
+    """/pick N after /debug picks from a table the person has seen: /debug shows the last turn's candidates."""
+    out, err = run_chat(bot, "你好\n/debug\n/pick 2\n", seed=0)
+    assert len(out) == 1
+    shown = err.split("(debug on)")[1].split("(the chat continues with candidate 2")[0]
+    rows = [line.split() for line in shown.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == [str(i) for i in range(1, len(rows) + 1)] and len(rows) >= 2
+    picked = err.split("(the chat continues with candidate 2: ")[1].split(" — ")[0]
+    assert rows[1][-1] == picked                               # the row numbered 2 is what /pick 2 took
+    out, err = run_chat(bot, "/debug\n", seed=0)               # nothing to show yet: just the switch
+    assert err.strip() == "(debug on)"
+
+
+@pytest.mark.parametrize("normalize", ["mean", "sum"])
+def test_debug_table_adds_up_to_the_score(bot, normalize):
+    """Every row's score is the legend's formula applied to the row's own columns (rounding aside)."""
+    from dialogpt_zh.interact import format_candidates
+    from dialogpt_zh.settings import MMISettings
+
+    mmi = MMISettings(forward_weight=0.5, backward_weight=1.5, length_weight=0.25, normalize=normalize)
+    reply = bot.reply(["你好", "你好呀", "吃了吗"], seed=3, mmi=mmi)
+    lines = format_candidates(reply).splitlines()
+    header, rows = lines[0].split(), [line.split() for line in lines[1:] if line.strip()[:1].isdigit()]
+    legend = next(line for line in lines if line.strip().startswith("score ="))
+    f_name, b_name = ("fwd/tok", "bwd/ctx") if normalize == "mean" else ("fwd", "bwd")
+    assert header[:7] == ["rank", "score", f_name, b_name, "tok", "ctx", "n"]
+    assert f"score = 0.5·{f_name} + 1.5·{b_name} + 0.25·tok" in legend
+    assert len(rows) == len(reply.candidates)
+    for row, c in zip(rows, reply.candidates):
+        score, fwd, bwd, tok = float(row[1]), float(row[2]), float(row[3]), int(row[4])
+        assert score == pytest.approx(0.5 * fwd + 1.5 * bwd + 0.25 * tok, abs=0.005)
+        assert score == pytest.approx(c.score, abs=0.0005)
+        divisor = (c.num_tokens, c.num_context_tokens) if normalize == "mean" else (1, 1)
+        assert fwd == pytest.approx(c.forward_logprob / divisor[0], abs=0.0005)   # the unit the header names
+        assert bwd == pytest.approx(c.backward_logprob / divisor[1], abs=0.0005)
+
+
+def test_dropped_history_is_said_once_per_conversation_in_plain_words(bot):
+    lines = "一\n二\n三\n四\n五\n/reset\n六\n七\n八\n"
+    out, err = run_chat(bot, lines, seed=0)                  # max_history 3: from the third line on
+    assert len(out) == 8
+    assert "history:" not in err and "max_history)" not in err   # not the engine's per-turn wording
+    before, after = err.split("(conversation reset)")
+    assert before.count("the bot reads only the last 3 lines") == 1
+    assert after.count("the bot reads only the last 3 lines") == 1   # a new conversation is told again
+    _, err = run_chat(bot, "一\n二\n", seed=0)
+    assert "reads only" not in err                            # nothing dropped, nothing said

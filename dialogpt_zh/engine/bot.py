@@ -53,7 +53,7 @@ from dialogpt_zh.engine.loading import (
     same_tokenizer,
     vocabulary_difference,
 )
-from dialogpt_zh.engine.results import Candidate, Reply
+from dialogpt_zh.engine.results import HISTORY_NOTICE_PREFIX, Candidate, Reply
 from dialogpt_zh.engine.retrieval import load_index, merge_hits, pick_hits
 from dialogpt_zh.engine.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_rows
 from dialogpt_zh.engine.threads import ThreadPolicy
@@ -257,7 +257,8 @@ class ChatBot:
         if not texts[-1].strip():
             raise UserError("the latest utterance is empty", field="history")
         if len(texts) > gen.max_history:
-            notices.append(f"history: kept the last {gen.max_history} of {len(texts)} utterances (max_history)")
+            notices.append(f"{HISTORY_NOTICE_PREFIX}kept the last {gen.max_history} of {len(texts)} utterances "
+                           f"(max_history)")
             texts = texts[-gen.max_history:]
         turns = [encode(self.tokenizer, t) for t in texts]
         models = [m for m in (self.forward_model, self.backward_model) if m is not None]
@@ -274,7 +275,8 @@ class ChatBot:
             texts.pop(0)
             dropped += 1
         if dropped:
-            notices.append(f"history: dropped the {dropped} oldest utterance(s) to fit {budget} context tokens")
+            notices.append(f"{HISTORY_NOTICE_PREFIX}dropped the {dropped} oldest utterance(s) to fit {budget} "
+                           f"context tokens")
         if len(turns[-1]) + 1 > budget:
             notices.append(f"input truncated: your message has {len(turns[-1])} tokens, kept its last "
                            f"{budget - 1}")
@@ -571,7 +573,8 @@ class ChatBot:
                                "retrieve": r.job.retrieve_s, "wait": r.admitted - r.job.prepared,
                                "generate": scoring - r.admitted, "score": end - scoring},
                       mmi=r.job.use_backward, notices=job_notices, seed=r.job.seed, context=r.job.texts,
-                      batch_size=r.batch_size)
+                      batch_size=r.batch_size, weights=ranking_weights(r.job.mmi, r.job.use_backward),
+                      normalize=r.job.mmi.normalize, retrieved_bonus=r.job.mmi.retrieved_bonus)
                 for r, ranked, job_notices in zip(requests, replies, notices)]
 
     @_uses_thread_policy

@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+# the start of every notice saying that older utterances were left out of the context (a face may word these
+# its own way, e.g. once per conversation)
+HISTORY_NOTICE_PREFIX = "history: "
+
 
 @dataclass
 class Candidate:
@@ -37,3 +41,8 @@ class Reply:
     context: list[str] = dataclasses.field(default_factory=list)  # the utterances the model saw
     threads: int = 0                  # intra-op threads this reply ran with (bot.thread_policy); 0 = not known
     batch_size: int = 1               # requests computed in the same batch as this one (reply_many)
+    # how the candidates' scores were computed (settings.mmi_score): the (forward, backward, length) weights
+    # and the normalisation, so a face can show the formula beside the scores
+    weights: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    normalize: str = "mean"
+    retrieved_bonus: float = 0.0      # added to the score of a reply retrieved from the index
