@@ -15,9 +15,10 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry or version-check calls
 import gradio as gr  # noqa: E402
@@ -142,25 +143,67 @@ CONTROLS: list[Control] = [
 GENERIC_ERROR = "生成回复时出错（对话未改变，可稍后重试；详情已记录在服务器日志中）"
 
 
-class ClearCounter:
-    """Per-session count of "clear" clicks: a reply that started before the latest clear is dropped, so
-    clearing wins whatever the timing (the reply handler would otherwise write back its old history)."""
+class ClearGate:
+    """Per session: when "clear" was last pressed, and which reply is being delivered. A clear always wins over a
+    reply in flight, whatever the timing:
+
+    - a reply whose request reached the page before the latest clear is dropped (`delivery` says so), even if it
+      waited in Gradio's queue and started computing after the clear;
+    - a reply that passed that check holds the session's delivery lock until Gradio has stored and sent its
+      outputs (the reply handler is a generator resumed only after that), and `clear` waits for the lock, so
+      the clear's empty chat is stored and sent after it, never before."""
+
+    WAIT_S = 10.0  # longest a clear waits for a reply being delivered (Gradio stores and sends in milliseconds)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
+        self._cleared: dict[str, float] = {}  # session -> time.monotonic() of its latest clear
+        self._delivering: dict[str, threading.Lock] = {}
 
-    def get(self, session: str | None) -> int:
+    def _session_lock(self, session: str) -> threading.Lock:
         with self._lock:
-            return self._counts.get(session or "", 0)
+            return self._delivering.setdefault(session, threading.Lock())
 
-    def bump(self, session: str | None) -> None:
+    def clear(self, session: str | None) -> None:
+        """Record a clear now, then wait until a reply of this session that is being delivered is out."""
+        session = session or ""
         with self._lock:
-            self._counts[session or ""] = self._counts.get(session or "", 0) + 1
+            self._cleared[session] = time.monotonic()
+        lock = self._session_lock(session)
+        if lock.acquire(timeout=self.WAIT_S):
+            lock.release()
+        else:
+            log.warning("clear: a reply of session %s was still being delivered after %.0f s", session, self.WAIT_S)
+
+    @contextmanager
+    def delivery(self, session: str | None, submitted: float) -> Iterator[bool]:
+        """True: no clear since `submitted` (time.monotonic() when the request reached the page): deliver the
+        reply inside the block (a clear waits for the block to end). False: drop it."""
+        session = session or ""
+        lock = self._session_lock(session)
+        with lock:
+            with self._lock:
+                current = self._cleared.get(session, float("-inf")) < submitted
+            yield current
 
     def forget(self, session: str | None) -> None:
         with self._lock:
-            self._counts.pop(session or "", None)
+            self._cleared.pop(session or "", None)
+            self._delivering.pop(session or "", None)
+
+
+def submitted_at() -> float:
+    """time.monotonic() when the Gradio event now running joined the queue (so a clear pressed while the request
+    waited for a free slot counts); now, where Gradio does not say (a handler called directly; a Gradio release
+    that keeps its queue differently: tests/test_web.py's queued-request race notices)."""
+    try:
+        from gradio.context import LocalContext
+
+        blocks = LocalContext.blocks.get(None)
+        event = blocks._queue.event_ids_to_events[LocalContext.event_id.get(None)]
+        return float(event.enqueue_time)
+    except Exception:  # noqa: BLE001 - internals of another package: any change means "not known"
+        return time.monotonic()
 
 
 # ---------------------------------------------------------------------------------------------- transcript
@@ -234,7 +277,7 @@ def make_replier(bot: Replier, replier: Replier | None, max_batch: int, batch_wi
 @dataclass
 class ChatHandlers:
     """The page's chat handlers over one replier: a reply, a clear, a closed tab. Each browser session keeps
-    its history in a `gr.State`; `clears` drops a reply that a clear overtook."""
+    its history in a `gr.State`; `clears` makes a clear win over a reply in flight (`ClearGate`)."""
 
     replier: Replier
     generation: GenerationSettings
@@ -244,22 +287,35 @@ class ChatHandlers:
     writer: TranscriptWriter | None
     max_input_chars: int
     seed: int | None
-    clears: ClearCounter = field(default_factory=ClearCounter)
+    clears: ClearGate = field(default_factory=ClearGate)
 
     # Explicit parameters (not *values) so that the API page and gradio_client show the settings' names.
+    # A generator: its one output is stored and sent by Gradio before the generator resumes, and until then the
+    # session's delivery lock is held, so a clear (ClearGate) lands after it.
     def reply(self, message: str, history: list[str] | None, request: gr.Request, num_candidates: float,
               top_k: float, top_p: float, temperature: float, repetition_penalty: float,
               backward_weight: float, max_history: float):
+        submitted = submitted_at()
         values = dict(num_candidates=num_candidates, top_k=top_k, top_p=top_p, temperature=temperature,
                       repetition_penalty=repetition_penalty, backward_weight=backward_weight,
                       max_history=max_history)
         session = getattr(request, "session_hash", None)
-        clears_at_start = self.clears.get(session)
-        history = list(history or [])
+        outputs, record = self.respond(message, list(history or []), session, values)
+        with self.clears.delivery(session, submitted) as current:
+            if not current:  # cleared after this message was sent: the clear wins
+                yield (gr.skip(),) * 6
+                return
+            if record is not None and self.writer is not None:
+                self.write_transcript(*record)
+            yield outputs
+
+    def respond(self, message: str, history: list[str], session: str | None, values: dict[str, float]
+                ) -> tuple[tuple, tuple | None]:
+        """The reply handler's outputs for `message`, and the transcript record's parts (None: no turn)."""
         message = (message or "").strip()
         if not message:
             gr.Info("空消息已忽略。")  # nothing else changes
-            return "", history_to_messages(history), history, gr.skip(), gr.skip(), gr.skip()
+            return ("", history_to_messages(history), history, gr.skip(), gr.skip(), gr.skip()), None
         notices = []
         if len(message) > self.max_input_chars:
             message = message[:self.max_input_chars]
@@ -275,21 +331,17 @@ class ChatHandlers:
             # the details go to the server log; a remote user sees only what is meant for users
             log.exception("reply failed (session %s)", session)
             status = "⚠ " + (f"无法生成回复：{e}" if isinstance(e, UserError) else GENERIC_ERROR)
-            return message, history_to_messages(history), history, gr.skip(), status, gr.skip()
-        if self.clears.get(session) != clears_at_start:  # cleared while this reply was computed: drop it
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return (message, history_to_messages(history), history, gr.skip(), status, gr.skip()), None
         if not reply.candidates:  # e.g. a blocklist removed every candidate: say so, keep the history
             status = "⚠ 这一轮没有可用的回复：" + "；".join(reply.notices or ["没有候选"])
-            return message, history_to_messages(history), history, [], status, None
+            return (message, history_to_messages(history), history, [], status, None), None
         new_history = history + [message, reply.text]
         notices += [n for n in (reply.notices or []) if n not in self.bot_notices]
-        if self.writer is not None:
-            self.write_transcript(session, message, reply, new_history, {**overrides, "use_mmi": mm.use_mmi},
-                                  notices)
+        record = (session, message, reply, new_history, {**overrides, "use_mmi": mm.use_mmi}, notices)
         # the last turn, for the person's judgement (web_judging): what the bot was given and answered
         turn = {"given": history + [message], "reply": reply, "settings": {**asdict(gen), **asdict(mm)}}
-        return "", history_to_messages(new_history), new_history, candidates_table(reply), \
-            status_markdown(reply, notices), turn
+        return ("", history_to_messages(new_history), new_history, candidates_table(reply),
+                status_markdown(reply, notices), turn), record
 
     def write_transcript(self, session: str | None, message: str, reply: Reply, new_history: list[str],
                          settings: dict[str, Any], notices: list[str]) -> None:
@@ -313,7 +365,7 @@ class ChatHandlers:
         self.clears.forget(getattr(request, "session_hash", None))
 
     def reset(self, request: gr.Request):
-        self.clears.bump(getattr(request, "session_hash", None))
+        self.clears.clear(getattr(request, "session_hash", None))
         return "", [], [], [], "已清空对话，开始新的聊天吧。", None
 
 

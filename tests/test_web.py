@@ -162,6 +162,93 @@ def test_clear_wins_over_replies_in_flight(bot):
         demo.close()
 
 
+class PacedBot:
+    """A stand-in bot whose replies take `delay_s` and which says when a reply has started (no model)."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.generation, self.mmi_settings, self.notices = GenerationSettings(), MMISettings(), []
+        self.delay_s = delay_s
+        self.started = threading.Event()
+
+    def reply(self, history, **kw):
+        from dialogpt_zh.engine.results import Candidate, Reply
+
+        self.started.set()
+        time.sleep(self.delay_s)
+        c = Candidate(text=f"回{len(history)}", token_ids=[], forward_logprob=-2.0, backward_logprob=-3.0,
+                      num_tokens=2, num_context_tokens=2, score=-1.5, rank=1)
+        return Reply(text=c.text, candidates=[c], latency_s=self.delay_s, timings={}, mmi=True, notices=[],
+                     weights=(0.0, 1.0, 0.0))
+
+
+def _handler(demo, api_name: str):
+    (fn,) = [f.fn for f in demo.fns.values() if f.api_name == api_name]
+    return fn
+
+
+def test_clear_always_wins_when_racing_a_reply_being_delivered():
+    """The handlers called directly, as Gradio calls them: the reply's outputs are stored a moment after the
+    handler gives them (`store_s`, Gradio's own work), and clear is pressed at many moments from the start of
+    the reply to after its outputs are stored. Whatever the moment, the chat ends empty."""
+    bot = PacedBot(delay_s=0.05)
+    demo = webapp.build_app(bot, max_batch=1)
+    chat_fn, reset_fn = _handler(demo, "chat"), _handler(demo, "reset")
+    sliders = [getattr(bot.generation, c.name, getattr(bot.mmi_settings, c.name, None)) for c in webapp.CONTROLS]
+    store_s = 0.05
+    is_skip = lambda v: isinstance(v, dict) and v.get("__type__") == "update"  # noqa: E731
+
+    for trial in range(24):
+        request = webapp.gr.Request(session_hash=f"race{trial}")
+        page = {"history": ["旧话", "旧回复"]}
+        store = threading.Lock()  # Gradio stores one event's outputs at a time
+
+        def apply(outputs):
+            with store:
+                if not is_skip(outputs[2]):
+                    page["history"] = outputs[2]
+
+        def send():
+            result = chat_fn("在途", page["history"], request, *sliders)
+            outputs = next(result) if hasattr(result, "__next__") else result
+            time.sleep(store_s)
+            apply(outputs)
+            if hasattr(result, "__next__"):
+                assert next(result, None) is None  # one output only
+
+        bot.started.clear()
+        sender = threading.Thread(target=send)
+        sender.start()
+        assert bot.started.wait(10)
+        time.sleep(trial * (bot.delay_s + store_s + 0.02) / 23)   # from the reply's start to after its store
+        apply(reset_fn(request))
+        sender.join(10)
+        assert page["history"] == [], (trial, page["history"])
+
+
+def test_clear_wins_over_a_reply_still_waiting_in_the_queue():
+    """One reply at a time: the second request waits in Gradio's queue while the first computes, the person
+    clears, and only then does the second start. Neither may come back."""
+    bot = PacedBot(delay_s=0.6)
+    demo = webapp.build_app(bot, max_batch=1, concurrency=1)
+    url = webapp.launch_in_background(demo)
+    try:
+        c = client(url)
+        first = c.submit("第一句", api_name="/chat")
+        assert bot.started.wait(30)
+        second = c.submit("第二句", api_name="/chat")
+        deadline = time.monotonic() + 30
+        while second.status().code != gradio_client.utils.Status.IN_QUEUE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert second.status().code == gradio_client.utils.Status.IN_QUEUE   # on the server, waiting
+        c.predict(api_name="/reset")
+        first.result(timeout=60)
+        second.result(timeout=60)
+        _, chat, _, _ = c.predict("新话", api_name="/chat")
+        assert texts(chat, "user") == ["新话"]
+    finally:
+        demo.close()
+
+
 def test_api_values_outside_the_page_ranges_are_refused(app_url):
     # Gradio checks slider values sent through the API against the slider's range; keep it so (an
     # upgrade must not let a client ask for 100000 candidates).
