@@ -117,6 +117,36 @@ def test_overlong_input_is_truncated_with_notice(app_url):
     assert table["data"]
 
 
+@pytest.mark.parametrize("normalize", ["mean", "sum"])
+def test_candidate_columns_add_up_to_the_final_score(normalize):
+    """The table's log-prob columns are in the unit the score uses, and the status line's formula, applied to a
+    row's columns, gives the row's final score."""
+    from dialogpt_zh.engine.results import Candidate, Reply
+    from dialogpt_zh.settings import mmi_score
+
+    weights = (0.5, 1.5, 0.25)
+    cands = []
+    for i, (fwd, bwd, n, n_ctx) in enumerate([(-9.0, -16.68, 6, 8), (-4.0, -20.0, 3, 8), (-12.5, -7.5, 10, 5)]):
+        score = float(mmi_score(fwd, bwd, n, n_ctx, *weights, normalize))
+        cands.append(Candidate(text=f"候选{i}", token_ids=[], forward_logprob=fwd, backward_logprob=bwd, num_tokens=n,
+                               num_context_tokens=n_ctx, score=score))
+    for rank, c in enumerate(sorted(cands, key=lambda c: -c.score), 1):
+        c.rank = rank
+    reply = Reply(text=cands[0].text, candidates=cands, latency_s=0.1, timings={}, mmi=True, notices=[],
+                  weights=weights, normalize=normalize)
+    headers = webapp.candidate_headers(normalize)
+    unit = "每词元平均" if normalize == "mean" else "总和"
+    assert unit in headers[3] and unit in headers[4] and headers[5] == "最终得分"
+    legend = webapp.status_markdown(reply, [])
+    assert "最终得分 = 0.5·前向 + 1.5·后向 + 0.25·词元数" in legend and unit in legend
+    rows = webapp.candidates_table(reply)
+    for row in rows:
+        assert row[5] == pytest.approx(0.5 * row[3] + 1.5 * row[4] + 0.25 * row[6], abs=0.003)
+    if normalize == "mean":   # per token: fwd / reply tokens, bwd / context tokens
+        first = next(r for r in rows if r[2] == "候选0")
+        assert (first[3], first[4]) == (round(-9.0 / 6, 3), round(-16.68 / 8, 3))
+
+
 def test_mmi_weight_zero_ranks_by_forward_only(app_url):
     _, _, table, status = client(app_url).predict("你好", backward_weight=0, api_name="/chat")
     assert "MMI 关" in status
@@ -197,7 +227,7 @@ def test_clear_always_wins_when_racing_a_reply_being_delivered():
     store_s = 0.05
     is_skip = lambda v: isinstance(v, dict) and v.get("__type__") == "update"  # noqa: E731
 
-    for trial in range(24):
+    def race(trial: int, clear_after_s: float) -> list[str]:
         request = webapp.gr.Request(session_hash=f"race{trial}")
         page = {"history": ["旧话", "旧回复"]}
         store = threading.Lock()  # Gradio stores one event's outputs at a time
@@ -219,10 +249,14 @@ def test_clear_always_wins_when_racing_a_reply_being_delivered():
         sender = threading.Thread(target=send)
         sender.start()
         assert bot.started.wait(10)
-        time.sleep(trial * (bot.delay_s + store_s + 0.02) / 23)   # from the reply's start to after its store
+        time.sleep(clear_after_s)
         apply(reset_fn(request))
         sender.join(10)
-        assert page["history"] == [], (trial, page["history"])
+        return page["history"]
+
+    span = bot.delay_s + store_s + 0.02  # from the reply's start to after its outputs are stored
+    for trial in range(24):
+        assert race(trial, trial * span / 23) == [], trial
 
 
 def test_clear_wins_over_a_reply_still_waiting_in_the_queue():
