@@ -103,3 +103,17 @@ def load_benchmark(name: str, monkeypatch=None):
         sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Skipped browser tests get their own section just above pytest's last line, with the reason (how to run
+    them): "N passed, 4 skipped" alone reads as a pass, and -rs lists the reason among every other skip."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        if "browser" in getattr(report, "keywords", {}) and isinstance(report.longrepr, tuple):
+            reason = report.longrepr[2].removeprefix("Skipped: ")
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        terminalreporter.section("browser tests skipped", sep="=")
+        for reason, count in reasons.items():
+            terminalreporter.line(f"{count} skipped: {reason}")
