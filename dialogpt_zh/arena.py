@@ -153,9 +153,6 @@ def _generate(args: ArenaArgs) -> tuple[list[dict[str, Any]], dict[str, str], di
                                         dict[str, dict[str, str]]]:
     settings = {"A": parse_settings(args.a_set, "a_set"), "B": parse_settings(args.b_set, "b_set")}
     contexts = draw_contexts(args.data, args.pairs, args.seed, args.format, args.split)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     bots = load_bots({"A": args.a, "B": args.b}, args.device, args.threads)
     sources: dict[str, dict[str, str]] = {}
     pairs, order = make_pairs(contexts, bots, settings, args.seed, args.progress, sources)

@@ -178,6 +178,7 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
                               "config": read_config(model_dir)}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    quiet_loading()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except Exception as e:  # noqa: BLE001 - safetensors/transformers raise many types for a damaged file
@@ -205,6 +206,15 @@ def _load_pickled(model_dir: Path, device: str, dtype):
     model = load_pickled_model(model_dir, dtype)
     check_finite(model, path)
     return model.to(device).eval()
+
+
+def quiet_loading() -> None:
+    """No transformers progress bars ("Loading weights … 52/52") in this process: every face loads models
+    through here, and a chat, a web server's log or a training log is no place for them. Process-wide (the
+    switch is transformers' own global), and deliberately so: we never want those bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def check_finite(model, path: Path) -> None:

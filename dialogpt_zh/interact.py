@@ -277,11 +277,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         bot_args, args, gen, mmi = parse(parser, argv)
-        from transformers.utils import logging as hf_logging
-
         from dialogpt_zh.engine.bot import load_bot
 
-        hf_logging.disable_progress_bar()  # no "Loading weights" bars in a chat
         return chat(load_bot(bot_args, gen, mmi), args)
 
     return run_main(body)

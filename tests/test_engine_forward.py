@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dialogpt_zh.engine.bot import ChatBot
+from dialogpt_zh.engine.decoding import cache_argument
 from dialogpt_zh.engine.lean_gpt2 import LeanGPT2
 from dialogpt_zh.engine.sampling import (
     apply_repetition_penalty,
@@ -146,18 +147,23 @@ def test_repetition_penalty_and_sampling():
 
 # ---------------------------------------------------------------------------------------- lean forward
 
+def cached(model, cache) -> dict:
+    """The KV cache keyword this transformers' forward takes (`cache` on newer 5.x: no past_key_values warning)."""
+    return {cache_argument(type(model).forward): cache}
+
+
 def hf_cached_logits(model, ctx, steps):
     """Logits of the transformers forward: ctx (1, L), then the cache repeated to rows and one (rows, 1)
     token per step, keeping the rows `keep` (indices) before each step."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    out = [model(input_ids=ctx, past_key_values=cache, use_cache=True).logits]
+    out = [model(input_ids=ctx, **cached(model, cache), use_cache=True).logits]
     cache.batch_repeat_interleave(steps[0][0].shape[0])
     for ids, keep in steps:
         if keep is not None:
             cache.batch_select_indices(keep)
-        out.append(model(input_ids=ids, past_key_values=cache, use_cache=True).logits)
+        out.append(model(input_ids=ids, **cached(model, cache), use_cache=True).logits)
     return out
 
 
@@ -202,9 +208,9 @@ def test_lean_forward_matches_transformers(which, random_bot_dir, trained_bot_di
 
         cont = torch.randint(5, vocab, (3, 4), generator=gen)
         cache = DynamicCache(config=model.config)
-        model(input_ids=ctx, past_key_values=cache, use_cache=True)
+        model(input_ids=ctx, **cached(model, cache), use_cache=True)
         cache.batch_repeat_interleave(3)
-        want = model(input_ids=cont, past_key_values=cache, use_cache=True).logits
+        want = model(input_ids=cont, **cached(model, cache), use_cache=True).logits
         lcache = lean.new_cache(1, ctx.shape[1] + 4)
         lean.hidden(ctx, lcache)
         lcache.repeat_rows(3)
