@@ -27,7 +27,8 @@ class ExportArgs:
 EXPORT_EXAMPLES = """
   python -m dialogpt_zh.feedback export feedback.jsonl --output data/feedback_corpus
   python -m dialogpt_zh.feedback export web.jsonl chat.jsonl --output data/fb --overwrite
-  # then: python -m dialogpt_zh.preprocess data/fb/train.txt --vocab checkpoints/default/forward --output data/fb_store
+  # then: python -m dialogpt_zh.preprocess data/fb --vocab checkpoints/default/forward --output data/fb_store
+  #       (a directory: its stats.json is skipped by name; data/fb/train.txt alone does the same)
 """
 
 

@@ -64,6 +64,7 @@ class InputScan:
     skipped: list[str] = field(default_factory=list)
     licence: str = "none stated"  # see corpus_licence
     licence_file: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the preprocessor tells the person about this input
 
 
 def _strip_gz(name: str) -> str:

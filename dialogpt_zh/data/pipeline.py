@@ -512,6 +512,8 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
     options = CleaningOptions(max_utterance_chars=args.max_utterance_chars, max_repeat=args.max_repeat,
                               min_turns=args.min_turns, mask_pii=args.mask_pii, blocklist=blocklist)
     scans: list[InputScan] = scan_inputs(inputs, args.format)
+    for note in (n for scan in scans for n in scan.notes):
+        log.info("%s", note)
     sources = [scan.source for scan in scans]  # a wrong name in --upsample/--subsample fails before the work
     upsample, subsample = parse_upsample(args.upsample, sources), parse_subsample(args.subsample, sources)
     given_tokenizer = load_tokenizer_for(args) if args.vocab else None

@@ -182,6 +182,12 @@ def _add_zip(scan: InputScan, path: Path, fmt: str, explicit: bool) -> None:
         raise UserError(f"archive holds no corpus files{what}", path=path)
 
 
+# Files our own commands write beside a corpus, by name: a directory scan skips them (with a note), while the
+# same file given by its own path is still read. `feedback export DIR` writes DIR/train.txt + DIR/stats.json,
+# and `preprocess DIR` must read the first only.
+NOT_CORPUS_FILES = {"stats.json": "the statistics `python -m dialogpt_zh.feedback export` writes beside its train.txt"}
+
+
 def scan_input(path: str | Path, fmt: str = "auto", source: str | None = None) -> InputScan:
     """Resolve one input (file, `.gz`, `.zip` or directory) into corpus files with their formats."""
     if fmt != "auto" and fmt not in FORMATS:
@@ -203,6 +209,10 @@ def scan_input(path: str | Path, fmt: str = "auto", source: str | None = None) -
             p = Path(root) / name
             if not name.startswith(".") and name.lower().endswith(".zip"):
                 _add_zip(scan, p, fmt, explicit=False)
+            elif name in NOT_CORPUS_FILES:
+                scan.skipped.append(str(p))
+                scan.notes.append(f"skipped {p}: {NOT_CORPUS_FILES[name]}, not a corpus "
+                                  f"(give the file itself as an input to read it as one)")
             elif not _is_corpus_name(name):
                 scan.skipped.append(str(p))
             else:
