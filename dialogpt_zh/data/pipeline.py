@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dialogpt_zh.cli import field_help, raise_if_stopped
+from dialogpt_zh.cli import field_help, hold_stops, raise_if_stopped
 from dialogpt_zh.data.cleaning import CleaningOptions, load_blocklist
 from dialogpt_zh.data.pool import (
     clean_pool,
@@ -532,7 +532,8 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
         corpus.path.unlink()
         raise_if_stopped()  # a stop that arrived while a worker pool forked must not let the store commit
         full = writer.close(make_manifest(args, inputs, scans, command, corpus, plan, tok_info, ww))
-        raise_if_stopped()
+        raise_if_stopped()  # the last moment a stop cancels the run: ...
+        hold_stops()  # ... from here the complete store is put in place and the run finishes (moments)
     elapsed = time.perf_counter() - t0
     full["_timing"] = {"seconds": elapsed, "read_clean_seconds": t_read}  # not in the file: varies per run
     return full
