@@ -205,3 +205,31 @@ def test_dropped_history_is_said_once_per_conversation_in_plain_words(bot):
     assert after.count("the bot reads only the last 3 lines") == 1   # a new conversation is told again
     _, err = run_chat(bot, "一\n二\n", seed=0)
     assert "reads only" not in err                            # nothing dropped, nothing said
+
+
+def test_debug_table_shows_the_retrieval_bonus_when_a_reply_was_retrieved():
+    """A retrieved reply gets retrieved_bonus: the formula line names it, and its row adds up with it; a forward
+    log-prob not computed (its weight 0) shows as '-' and adds nothing."""
+    from dialogpt_zh.engine.results import Candidate, Reply
+    from dialogpt_zh.interact import format_candidates
+    from dialogpt_zh.settings import mmi_score
+
+    weights, bonus = (0.0, 1.0, 0.0), 0.1
+    cands = [Candidate(text="生成的", token_ids=[], forward_logprob=-6.0, backward_logprob=-9.0, num_tokens=3,
+                       num_context_tokens=4, score=0.0, source="sampled"),
+             Candidate(text="检索的", token_ids=[], forward_logprob=None, backward_logprob=-8.0, num_tokens=4,
+                       num_context_tokens=4, score=0.0, count=0, source="retrieved", similarity=0.8)]
+    for c in cands:
+        c.score = float(mmi_score(c.forward_logprob or 0.0, c.backward_logprob, c.num_tokens, c.num_context_tokens,
+                                  *weights, "mean", "retrieved" in c.source, bonus))
+    for rank, c in enumerate(sorted(cands, key=lambda c: -c.score), 1):
+        c.rank = rank
+    reply = Reply(text="", candidates=sorted(cands, key=lambda c: c.rank), latency_s=0.0,
+                  timings={"encode": 0.0, "generate": 0.0, "score": 0.0}, mmi=True, notices=[], weights=weights,
+                  retrieved_bonus=bonus)
+    lines = format_candidates(reply).splitlines()
+    assert "score = 0·fwd/tok + 1·bwd/ctx + 0·tok + 0.1·retrieved" in lines[-2]
+    for row in (line.split() for line in lines[1:3]):
+        fwd = 0.0 if row[2] == "-" else float(row[2])
+        assert float(row[1]) == pytest.approx(0 * fwd + float(row[3]) + bonus * ("retrieved" in row[7]), abs=0.002)
+    assert any(row.split()[2] == "-" for row in lines[1:3])

@@ -124,24 +124,26 @@ def test_candidate_columns_add_up_to_the_final_score(normalize):
     from dialogpt_zh.engine.results import Candidate, Reply
     from dialogpt_zh.settings import mmi_score
 
-    weights = (0.5, 1.5, 0.25)
+    weights, bonus = (0.5, 1.5, 0.25), 0.3
     cands = []
-    for i, (fwd, bwd, n, n_ctx) in enumerate([(-9.0, -16.68, 6, 8), (-4.0, -20.0, 3, 8), (-12.5, -7.5, 10, 5)]):
-        score = float(mmi_score(fwd, bwd, n, n_ctx, *weights, normalize))
+    for i, (fwd, bwd, n, n_ctx, source) in enumerate([(-9.0, -16.68, 6, 8, "sampled"), (-4.0, -20.0, 3, 8, "retrieved"),
+                                                      (-12.5, -7.5, 10, 5, "sampled+retrieved")]):
+        score = float(mmi_score(fwd, bwd, n, n_ctx, *weights, normalize, "retrieved" in source, bonus))
         cands.append(Candidate(text=f"候选{i}", token_ids=[], forward_logprob=fwd, backward_logprob=bwd, num_tokens=n,
-                               num_context_tokens=n_ctx, score=score))
+                               num_context_tokens=n_ctx, score=score, source=source))
     for rank, c in enumerate(sorted(cands, key=lambda c: -c.score), 1):
         c.rank = rank
     reply = Reply(text=cands[0].text, candidates=cands, latency_s=0.1, timings={}, mmi=True, notices=[],
-                  weights=weights, normalize=normalize)
+                  weights=weights, normalize=normalize, retrieved_bonus=bonus)
     headers = webapp.candidate_headers(normalize)
     unit = "每词元平均" if normalize == "mean" else "总和"
     assert unit in headers[3] and unit in headers[4] and headers[5] == "最终得分"
     legend = webapp.status_markdown(reply, [])
-    assert "最终得分 = 0.5·前向 + 1.5·后向 + 0.25·词元数" in legend and unit in legend
+    assert "最终得分 = 0.5·前向 + 1.5·后向 + 0.25·词元数 + 0.3·检索" in legend and unit in legend
     rows = webapp.candidates_table(reply)
     for row in rows:
-        assert row[5] == pytest.approx(0.5 * row[3] + 1.5 * row[4] + 0.25 * row[6], abs=0.003)
+        retrieved = "检索" in row[8]
+        assert row[5] == pytest.approx(0.5 * row[3] + 1.5 * row[4] + 0.25 * row[6] + 0.3 * retrieved, abs=0.003)
     if normalize == "mean":   # per token: fwd / reply tokens, bwd / context tokens
         first = next(r for r in rows if r[2] == "候选0")
         assert (first[3], first[4]) == (round(-9.0 / 6, 3), round(-16.68 / 8, 3))
