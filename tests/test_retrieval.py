@@ -506,7 +506,8 @@ def test_arena_key_and_score_say_which_replies_were_retrieved(hybrid_bot, tmp_pa
     contexts = [{"context": HISTORY}, {"context": ["你喜欢什么运动"]}, {"context": ["今天天气真好"]}]
     sources: dict = {}
     pairs, order = arena.make_pairs(contexts, {"A": hybrid_bot, "B": hybrid_bot},
-                                    {"A": {"retrieval_candidates": 10, "num_candidates": 1}, "B": {"retrieval_candidates": 0}}, 0, False,
+                                    {"A": {"retrieval_candidates": 10, "num_candidates": 1},
+                                     "B": {"retrieval_candidates": 0}}, 0, False,
                                     sources)
     assert set(sources) == {p["id"] for p in pairs} and all(set(s) == {"A", "B"} for s in sources.values())
     assert all(s["B"] == "sampled" for s in sources.values())
