@@ -9,7 +9,6 @@ exactly the source's. docs/foreign_checkpoints.md.
 """
 from __future__ import annotations
 
-import hashlib
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.fsutil import file_sha256
 
 EXAMPLES = """
   python -m dialogpt_zh.convert models/gpt2-chitchat/dialogue_model --output runs/chitchat/forward --licence MIT
@@ -55,12 +55,6 @@ def build_parser():
     return parser
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_paths(source: Path, output: Path, overwrite: bool) -> None:

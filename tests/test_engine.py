@@ -22,6 +22,7 @@ HISTORY = ["你好", "你好呀，在干嘛", "在看电影呢"]
 REPLIES = ["好看吗", "我也想看", "嗯", "今天天气真好，我们去公园吧"]
 
 
+# the engine tests' bots, shared with tests/test_engine_forward.py (which imports them from here)
 @pytest.fixture(scope="module")
 def bot(random_bot_dir) -> ChatBot:
     """Loaded as every face loads it: fp16 weights (the one default)."""

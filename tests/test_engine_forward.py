@@ -19,19 +19,9 @@ from dialogpt_zh.engine.sampling import (
     top_p_filter,
 )
 from dialogpt_zh.errors import UserError
-from tests.test_engine import HISTORY, REPLIES
+from tests.test_engine import HISTORY, REPLIES, bot, float_bot  # noqa: F401  (shared fixtures)
 
 
-@pytest.fixture(scope="module")
-def bot(random_bot_dir) -> ChatBot:
-    """Loaded as every face loads it: fp16 weights (the one default)."""
-    return ChatBot.from_pretrained(random_bot_dir)
-
-
-@pytest.fixture(scope="module")
-def float_bot(random_bot_dir) -> ChatBot:
-    """The float32 weights as saved: what the quantized bots are compared with, and copyable (deepcopy)."""
-    return ChatBot.from_pretrained(random_bot_dir, quantize="none")
 
 
 # ---------------------------------------------------------------------------------------- int8

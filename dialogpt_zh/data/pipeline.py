@@ -58,7 +58,7 @@ from dialogpt_zh.data.windows import (
     _total,
 )
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.fsutil import atomic_directory
+from dialogpt_zh.fsutil import atomic_directory, file_sha256
 from dialogpt_zh.tokenizer import UtteranceEncoder
 
 log = logging.getLogger("dialogpt_zh.preprocess")
@@ -219,12 +219,6 @@ def split_indices(n: int, valid_ratio: float, test_ratio: float, seed: int,
     return codes
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_tokenizer_for(args: PreprocessArguments):

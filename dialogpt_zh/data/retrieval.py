@@ -24,7 +24,6 @@ model saw them; the ids are what the model was trained on.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.fsutil import file_sha256
 from dialogpt_zh.settings import field_help
 
 INDEX_FORMAT = "dialogpt_zh.retrieval_index"
@@ -203,12 +203,6 @@ def read_card(directory: Path) -> dict[str, Any]:
     return card
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_arrays(directory: Path, card: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -6,7 +6,6 @@ skips to the saved position, so no sampler state has to be stored.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Optional
 
 import numpy as np
