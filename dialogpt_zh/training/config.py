@@ -23,13 +23,15 @@ class TrainConfig:
     data: str = field(metadata=field_help("token store directory made by `python -m dialogpt_zh.preprocess`"))
     output: str = field(metadata=field_help("checkpoint directory to write (a Hugging Face model directory)"))
     direction: Literal["forward", "backward"] = field(
-        default="forward", metadata=field_help("forward: P(reply | context); backward: P(context | reply), the MMI scorer"))
+        default="forward",
+        metadata=field_help("forward: P(reply | context); backward: P(context | reply), the MMI scorer"))
     preset: Literal["tiny", "small", "mid", "large", "base"] = field(
         default="small", metadata=field_help(f"model shape: {', '.join(f'{k}={v}' for k, v in PRESETS.items())}"))
     n_layer: Optional[int] = field(default=None, metadata=field_help("override the preset's layer count"))
     n_embd: Optional[int] = field(default=None, metadata=field_help("override the preset's hidden size"))
     n_head: Optional[int] = field(default=None, metadata=field_help("override the preset's attention heads"))
-    n_positions: Optional[int] = field(default=None, metadata=field_help("override the preset's maximum sequence length"))
+    n_positions: Optional[int] = field(default=None,
+                                       metadata=field_help("override the preset's maximum sequence length"))
     dropout: float = field(default=0.1, metadata=field_help("dropout (residual, embedding, attention)"))
     init: Optional[str] = field(default=None, metadata=field_help(
         "start from this GPT-2 directory (ours, or GPT2-chitchat / CDial-GPT2 / uer/gpt2-chinese as downloaded: "
@@ -43,7 +45,8 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata=field_help("gradient clipping norm (0: off)"))
     batch_tokens: int = field(default=4096, metadata=field_help(
         "micro-batch size in padded tokens; windows of similar length are grouped"))
-    batch_size: int = field(default=0, metadata=field_help("fixed windows per micro-batch instead (0: use --batch-tokens)"))
+    batch_size: int = field(default=0,
+                            metadata=field_help("fixed windows per micro-batch instead (0: use --batch-tokens)"))
     epochs: int = field(default=3, metadata=field_help("passes over the train split (ignored with --max-steps)"))
     max_steps: int = field(default=0, metadata=field_help("stop after this many optimizer steps (0: use --epochs)"))
     eval_every: int = field(default=500, metadata=field_help("validate and save every N steps"))

@@ -119,7 +119,8 @@ def _open_store(config: TrainConfig):
                             field="store_splits")
     tokenizer = store.tokenizer()
     if len(tokenizer) != store.manifest.get("vocab_size"):
-        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the manifest says {store.manifest.get('vocab_size')}",
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the manifest says "
+                        f"{store.manifest.get('vocab_size')}",
                         path=store.path / MANIFEST, field="vocab_size")
     return store, train, valid, tokenizer
 
@@ -253,7 +254,10 @@ def _metrics(state: RunState, config: TrainConfig, stopped: Optional[str], extra
     since = state.valid_history[-2][0] if len(state.valid_history) > 1 else 0
     recent = [h[1] for h in state.train_history if h[0] > since] or [h[1] for h in state.train_history[-1:]]
     valid = state.valid_history[-1][1] if state.valid_history else None
-    ppl = (lambda x: math.exp(min(x, 50.0)) if x is not None else None)
+
+    def ppl(x: Optional[float]) -> Optional[float]:
+        return math.exp(min(x, 50.0)) if x is not None else None
+
     return {
         "direction": config.direction, "step": state.step, "epoch": state.epoch,
         "train_loss": float(np.mean(recent)) if recent else None,
@@ -525,7 +529,8 @@ def train(config: TrainConfig, interrupt_at_step: Optional[int] = None) -> dict[
         torch.manual_seed(config.seed + rank)  # dropout stream; per process
 
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    extra = {"parameters": n_params, "train_windows": int(len(train_idx)), "valid_windows_evaluated": int(len(valid_idx)),
+    extra = {"parameters": n_params, "train_windows": int(len(train_idx)),
+             "valid_windows_evaluated": int(len(valid_idx)),
              "skipped_too_long": {"train": train_skipped, "valid": valid_skipped},
              "total_steps": schedule.total_steps, "device": device, "precision": precision, "processes": world}
     if accelerator.is_main_process:
