@@ -24,6 +24,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no teleme
 import gradio as gr  # noqa: E402
 
 from dialogpt_zh.cli import make_parser, parse, run_main  # noqa: E402
+from dialogpt_zh.engine.results import HISTORY_NOTICE_PREFIX  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
 from dialogpt_zh.fsutil import check_output_file  # noqa: E402
 from dialogpt_zh.settings import PAGE_RANGES, BotArguments, GenerationSettings, MMISettings, apply_overrides, field_help  # noqa: E402
@@ -233,6 +234,17 @@ class TranscriptWriter:
 
 # ------------------------------------------------------------------------------------------ pure helpers
 
+def first_drop_of_typed_lines(history: Sequence[str], context: Sequence[str] | None) -> bool:
+    """True on the turn the model first leaves out a line the person typed. `history` alternates person and
+    bot lines (the person's at even positions) before this turn's message; the model saw the last
+    len(context) lines of history + [message]. Each turn adds two lines, so the first drop of the person's
+    first line is a turn that leaves out one or two lines."""
+    if context is None:
+        return False
+    dropped = len(history) + 1 - len(context)
+    return 1 <= dropped <= 2
+
+
 def status_markdown(reply, notices: Sequence[str]) -> str:
     """Latency (with its encode / generate / score split), seed, MMI on/off, how the candidates' final score is
     computed, then one line per notice."""
@@ -336,7 +348,12 @@ class ChatHandlers:
             status = "⚠ 这一轮没有可用的回复：" + "；".join(reply.notices or ["没有候选"])
             return (message, history_to_messages(history), history, [], status, None), None
         new_history = history + [message, reply.text]
-        notices += [n for n in (reply.notices or []) if n not in self.bot_notices]
+        # the engine's history notices come every turn once lines are dropped: say it once, in plain words
+        notices += [n for n in (reply.notices or []) if n not in self.bot_notices
+                    and not n.startswith(HISTORY_NOTICE_PREFIX)]
+        if first_drop_of_typed_lines(history, getattr(reply, "context", None)):
+            notices.append(f"机器人只读最近 {len(reply.context)} 句对话，更早的句子不再计入"
+                           "（“历史长度”可调）。此提示每段对话只出现一次。")
         record = (session, message, reply, new_history, {**overrides, "use_mmi": mm.use_mmi}, notices)
         # the last turn, for the person's judgement (web_judging): what the bot was given and answered
         turn = {"given": history + [message], "reply": reply, "settings": {**asdict(gen), **asdict(mm)}}

@@ -433,3 +433,14 @@ def test_the_page_batches_a_chatbot_and_uses_any_other_replier_as_it_is(bot):
     stand_in = FlakyBot(bot)                                                    # a Replier, not a ChatBot
     assert webapp.make_replier(stand_in, None, 8, 5, 1, False) is stand_in
     assert webapp.make_replier(bot, stand_in, 8, 5, 1, False) is stand_in     # the caller's replier wins
+
+
+def test_the_history_note_comes_once_and_only_when_a_typed_line_is_dropped():
+    from dialogpt_zh.webapp import first_drop_of_typed_lines
+
+    # max_history 3: the model sees the last 3 lines of history + [message]
+    assert not first_drop_of_typed_lines([], ["你好"])
+    assert not first_drop_of_typed_lines(["你好", "你好呀"], ["你好", "你好呀", "吃了吗"])
+    assert first_drop_of_typed_lines(["你好", "你好呀", "吃了吗", "吃了"], ["吃了吗", "吃了", "你呢"])
+    assert not first_drop_of_typed_lines(["a", "b", "c", "d", "e", "f"], ["e", "f", "g"])  # said already
+    assert not first_drop_of_typed_lines(["你好"], None)  # a stand-in reply without its context
