@@ -111,6 +111,9 @@ def refuse_unread(call: str, overrides: dict[str, Any], reads: frozenset[str]) -
 
 # ----------------------------------------------------------------------------------------------- engine
 
+# Over 600 lines on purpose: this module is the ChatBot class, whose public calls (reply, reply_many, rerank,
+# the log-prob calls) share one settings path, one context encoder and one scorer; decoding, loading, results
+# and the lean forward already live in their own modules.
 class ChatBot:
     """Forward model (+ optional backward model) and the settings to chat with them. Thread-safe for replies."""
 
