@@ -53,7 +53,8 @@ class ThroughputArgs:
     think_s: float = field(default=0.0, metadata=field_help(
         "closed loop: mean pause of a user between a reply and the next message (random, exponential, "
         "seeded); 0 = none, the saturated load of benchmarks/web_load.py"))
-    max_batch: int = field(default=8, metadata=field_help("closed loop: ReplyBatcher max_requests (webapp --max_batch)"))
+    max_batch: int = field(default=8, metadata=field_help(
+        "closed loop: ReplyBatcher max_requests (webapp --max_batch)"))
     batch_window_ms: float = field(default=5.0, metadata=field_help("closed loop: ReplyBatcher window"))
     workers: str = field(default="1,2", metadata=field_help(
         "closed loop: comma list of ReplyBatcher worker counts (webapp --batch_workers), each run in turn"))

@@ -7,6 +7,8 @@
         --heldout ../shared/corpus/lccc-sample/toy_data.json --heldout_split valid   # int8 held-out perplexity
     python benchmarks/latency.py --model checkpoints/default --presets model --ns 10 --contexts 15 \
         --background-load 1 --thread_settings policy,1,2   # idle vs one busy process, per thread setting
+    python benchmarks/latency.py --model /tmp/bot --presets model --ns 10 --ks 0,10 --contexts 15 \
+        --reference none --no_time_int8   # N = 10 alone beside N = 10 + K = 10 retrieved (BOT/retrieval)
 
 For each N (candidates per reply) it prints p50 / p95 seconds per reply of
   ours         ChatBot.reply: context encoded once, KV cache shared by N rows, finished rows dropped,
@@ -16,10 +18,14 @@ For each N (candidates per reply) it prints p50 / p95 seconds per reply of
   chitchat     GPT2-chitchat's interact_mmi algorithm: the N candidates in one batch but no KV cache (the whole
                sequence re-run every step, finished rows kept until all are done), then each candidate scored
                on its own by the backward model with the loss averaged over the whole sequence;
-  one-by-one   the same, but each candidate also generated on its own (N separate uncached decodes);
-plus the MMI scoring share of our reply time and the int8 dynamic quantization speed-up with the perplexity
-change it causes (on --heldout sessions when given, else on the hand-written fixtures). Threads: the engine's
-thread policy (dialogpt_zh/engine/threads.py) unless --threads N; the references run with the threads ours chose.
+  reference    our algorithm stated plainly (dialogpt_zh/engine/reference.py): each candidate sampled on its
+               own with the whole sequence re-run every step, then scored on its own by the backward model
+               over the context tokens only: what the cache and the batches buy;
+plus the MMI scoring share of our reply time (with --ks, each N also with K retrieved human replies from the
+bot's index: the retrieval time and the added scoring show in the same columns) and the int8 dynamic
+quantization speed-up with the perplexity change it causes (on --heldout sessions when given, else on the
+hand-written fixtures). Threads: the engine's thread policy (dialogpt_zh/engine/threads.py) unless
+--threads N; the references run with the threads ours chose.
 Weights: --quantize as in the faces (default fp16: every weight at float16 precision, float32 arithmetic);
 the references run on the very models ours loaded, so on the same weights and the same matmul kernels.
 
@@ -33,6 +39,7 @@ for our row dropping). Figures taken while other jobs share the cores are pessim
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -50,11 +57,11 @@ sys.path.insert(0, str(REPO))
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main  # noqa: E402
 from dialogpt_zh.engine.bot import ChatBot  # noqa: E402
+from dialogpt_zh.engine.reference import reference_reply  # noqa: E402
 from dialogpt_zh.engine.sampling import NEG_INF, top_k_filter, top_p_filter  # noqa: E402
 from dialogpt_zh.engine.threads import ThreadPolicy  # noqa: E402
 from dialogpt_zh.sequence import build_sequence  # noqa: E402
 from dialogpt_zh.settings import GenerationSettings, MMISettings  # noqa: E402
-from dialogpt_zh.tokenizer import encode  # noqa: E402
 
 
 @dataclass
@@ -62,15 +69,20 @@ class LatencyArgs:
     model: str | None = field(default=None, metadata=field_help(
         "a bot directory (forward/ + backward/) to time instead of random weights (use with --presets model)"))
     presets: str = field(default="small,base", metadata=field_help(
-        "comma list of shapes to time: tiny, small, mid, large, base (dialogpt_zh.training.presets.PRESETS, random weights), "
-        "model (--model)"))
+        "comma list of shapes to time: tiny, small, mid, large, base (dialogpt_zh.training.presets.PRESETS, "
+        "random weights), model (--model)"))
     ns: str = field(default="1,5,10,20", metadata=field_help("candidate counts N"))
+    ks: str = field(default="0", metadata=field_help(
+        "retrieval candidates K (comma list): each N is timed with each K; K > 0 needs --model with an index "
+        "(BOT/retrieval, docs/retrieval.md); the references and int8 run at K = 0"))
     contexts: int = field(default=5, metadata=field_help("contexts (from corpus/fixtures) timed per N"))
     base_contexts: int = field(default=2, metadata=field_help("contexts for the slow 12-layer base shape"))
-    reference: str = field(default="chitchat,one-by-one", metadata=field_help(
-        "reference algorithms to time: chitchat, one-by-one, none"))
+    reference: str = field(default="chitchat,reference", metadata=field_help(
+        "reference algorithms to time: chitchat (GPT2-chitchat's), reference (ours without cache or batches: "
+        "dialogpt_zh/engine/reference.py), none"))
     reference_max_n: int = field(default=20, metadata=field_help("skip the references above this N"))
-    base_reference_ns: str = field(default="10", metadata=field_help("N values at which the base shape runs the references"))
+    base_reference_ns: str = field(default="10", metadata=field_help(
+        "N values at which the base shape runs the references"))
     max_length: int = field(default=25, metadata=field_help("reply length cap (GPT2-chitchat's max_len)"))
     vocab_size: int = field(default=13317, metadata=field_help(
         "vocab of the random-weight models (13317 = GPT2-chitchat's vocab_small.txt)"))
@@ -80,7 +92,8 @@ class LatencyArgs:
     time_int8: bool = field(default=True, metadata=field_help("also time --quantize int8 at N=10 against --quantize"))
     heldout: str | None = field(default=None, metadata=field_help(
         "held-out corpus file for the int8 perplexity change (any format the preprocessor reads)"))
-    heldout_split: str = field(default="valid", metadata=field_help("split of --heldout to use ('all' = every session)"))
+    heldout_split: str = field(default="valid", metadata=field_help(
+        "split of --heldout to use ('all' = every session)"))
     heldout_pairs: int = field(default=400, metadata=field_help("(context, reply) pairs of --heldout scored"))
     compare_hf: bool = field(default=True, metadata=field_help(
         "also time our engine on the transformers forward (use_lean_forward=False)"))
@@ -91,6 +104,28 @@ class LatencyArgs:
     thread_settings: str = field(default="policy,1,2", metadata=field_help(
         "with --background-load: comma list of thread settings to compare (policy = the thread policy, N = N)"))
     seed: int = field(default=0, metadata=field_help("seed of weights and sampling"))
+
+    def __post_init__(self) -> None:
+        from dialogpt_zh.errors import UserError
+
+        for name in ("threads", "background_load"):
+            if getattr(self, name) < 0:
+                raise UserError(f"must be >= 0, got {getattr(self, name)}", field=name)
+        unknown = sorted({r for r in self.reference.split(",") if r} - {"chitchat", "reference", "none"})
+        if unknown:
+            raise UserError(f"unknown reference(s) {unknown}; use chitchat, reference or none", field="reference")
+        if self.background_load:
+            for s in self.thread_settings.split(","):
+                policy_for(s.strip())  # a bad setting is an error now, not after the idle phase
+        from dialogpt_zh.settings import BOUNDS
+
+        lo, hi = BOUNDS["retrieval_candidates"]
+        try:
+            ks = [int(x) for x in self.ks.split(",")]
+        except ValueError:
+            raise UserError(f"expected a comma list of whole numbers, got {self.ks!r}", field="ks") from None
+        if not all(lo <= k <= hi for k in ks):
+            raise UserError(f"each K must be in [{lo}, {hi}], got {self.ks!r}", field="ks")
 
 
 def fixture_sessions() -> list[list[str]]:
@@ -171,20 +206,24 @@ def chitchat_mmi(mmi_model, context: list[list[int]], replies: list[list[int]], 
     return losses
 
 
-def reference_reply(bot: ChatBot, context: list[list[int]], n: int, max_length: int, one_by_one: bool,
-                    generator: torch.Generator) -> tuple[float, float]:
-    """Seconds for one reference reply: (total, MMI part)."""
+def chitchat_reply(bot: ChatBot, context: list[list[int]], n: int, max_length: int,
+                   generator: torch.Generator) -> float:
+    """Seconds for one GPT2-chitchat reply."""
     t0 = time.perf_counter()
     ctx_ids = build_sequence(context, "forward", bot.cls_id, bot.sep_id)
-    if one_by_one:
-        replies = [chitchat_generate(bot.forward_model, ctx_ids, 1, bot, max_length, generator)[0] for _ in range(n)]
-    else:
-        replies = chitchat_generate(bot.forward_model, ctx_ids, n, bot, max_length, generator)
-    t1 = time.perf_counter()
+    replies = chitchat_generate(bot.forward_model, ctx_ids, n, bot, max_length, generator)
     losses = chitchat_mmi(bot.backward_model, context, replies, bot)
     _ = replies[min(range(n), key=lambda i: losses[i])]
-    t2 = time.perf_counter()
-    return t2 - t0, t2 - t1
+    return time.perf_counter() - t0
+
+
+def our_reference_reply(bot: ChatBot, context: list[list[int]], n: int, max_length: int,
+                        generator: torch.Generator) -> float:
+    """Seconds for one reply of our algorithm without cache or batches (dialogpt_zh/engine/reference.py)."""
+    t0 = time.perf_counter()
+    gen = dataclasses.replace(bot.generation, num_candidates=n, max_length=max_length)
+    reference_reply(bot.forward_model, bot.backward_model, bot.tokenizer, context, gen, bot.mmi_settings, generator)
+    return time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -196,26 +235,30 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def time_ours(bot: ChatBot, contexts, n: int, max_length: int, seed: int) -> tuple[list[float], list[float], list[int]]:
-    """Seconds per reply, MMI share of each, threads each used (after 2 warm-up replies)."""
+def time_ours(bot: ChatBot, contexts, n: int, max_length: int, seed: int, k: int = 0
+              ) -> tuple[list[float], list[float], list[int]]:
+    """Seconds per reply, MMI share of each, threads each used (after 2 warm-up replies); `k` retrieved
+    candidates join the N sampled ones."""
     for ctx in contexts[:2]:
-        bot.reply(ctx, num_candidates=n, seed=seed, max_length=max_length)  # warm-up
+        bot.reply(ctx, num_candidates=n, seed=seed, max_length=max_length, retrieval_candidates=k)  # warm-up
     totals, shares, threads = [], [], []
     for i, ctx in enumerate(contexts):
-        r = bot.reply(ctx, num_candidates=n, seed=seed + i, max_length=max_length)
+        r = bot.reply(ctx, num_candidates=n, seed=seed + i, max_length=max_length, retrieval_candidates=k)
         totals.append(r.latency_s)
         shares.append(r.timings["score"] / r.latency_s)
         threads.append(r.threads)
     return totals, shares, threads
 
 
-def time_reference(bot: ChatBot, contexts, n: int, max_length: int, seed: int, one_by_one: bool) -> list[float]:
+def time_reference(bot: ChatBot, contexts, n: int, max_length: int, seed: int, which: str) -> list[float]:
+    """Seconds per reply of a reference algorithm: `which` is chitchat or reference."""
+    run = chitchat_reply if which == "chitchat" else our_reference_reply
     totals = []
     for i, ctx in enumerate(contexts):
-        turns = [encode(bot.tokenizer, u) for u in ctx]
+        turns = bot.prepare_context(ctx, bot.generation, max_length, [])[0]  # the turns ours would see
         g = torch.Generator().manual_seed(seed + i)
         with bot.thread_policy.use():  # the same threads as ours would get now
-            totals.append(reference_reply(bot, turns, n, max_length, one_by_one, g)[0])
+            totals.append(run(bot, turns, n, max_length, g))
     return totals
 
 
@@ -302,7 +345,7 @@ def bench_load(name: str, bot_dir: Path, contexts, ns: list[int], args: LatencyA
 
 
 def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[str], ref_ns: set[int],
-                args: LatencyArgs) -> None:
+                args: LatencyArgs, ks: tuple[int, ...] = (0,)) -> None:
     import copy
 
     bot = ChatBot.from_pretrained(bot_dir, quantize=args.quantize,
@@ -314,22 +357,27 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
     print(f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}, weights {args.quantize}; "
           f"{len(contexts)} contexts, max_length {args.max_length}; threads: {bot.thread_policy.describe()}; "
           f"load average {os.getloadavg()[0]:.2f}")
-    head = f"{'N':>3} | {'ours p50':>9} {'p95':>7} | {'MMI share':>9} | {'threads':>7}"
+    if any(ks) and bot.retrieval is None:
+        from dialogpt_zh.errors import UserError
+
+        raise UserError(f"--ks {args.ks}: {bot_dir} has no retrieval index (build BOT/retrieval with "
+                        f"python -m dialogpt_zh.index)", field="ks")
+    head = f"{'N':>3} {'K':>3} | {'ours p50':>9} {'p95':>7} | {'MMI share':>9} | {'threads':>7}"
     if args.compare_hf:
         head += f" | {'ours (HF) p50':>13} {'p95':>7}"
     for ref in refs:
         head += f" | {ref + ' p50':>16} {'p95':>7} {'speed-up':>8}"
     print(head)
-    for n in ns:
-        ours, shares, threads = time_ours(bot, contexts, n, args.max_length, args.seed)
-        row = (f"{n:>3} | {pct(ours, 50):9.3f} {pct(ours, 95):7.3f} | {statistics.median(shares) * 100:8.1f}% | "
+    for n, k in ((n, k) for n in ns for k in ks):
+        ours, shares, threads = time_ours(bot, contexts, n, args.max_length, args.seed, k)
+        row = (f"{n:>3} {k:>3} | {pct(ours, 50):9.3f} {pct(ours, 95):7.3f} | {statistics.median(shares) * 100:8.1f}% | "
                f"{threads_used(threads):>7}")
         if args.compare_hf:
-            hf, _, _ = time_ours(hf_bot, contexts, n, args.max_length, args.seed)
+            hf, _, _ = time_ours(hf_bot, contexts, n, args.max_length, args.seed, k)
             row += f" | {pct(hf, 50):13.3f} {pct(hf, 95):7.3f}"
         for ref in refs:
-            if n in ref_ns:
-                t = time_reference(bot, contexts, n, args.max_length, args.seed, ref == "one-by-one")
+            if n in ref_ns and not k:
+                t = time_reference(bot, contexts, n, args.max_length, args.seed, ref)
                 row += f" | {pct(t, 50):16.3f} {pct(t, 95):7.3f} {pct(t, 50) / pct(ours, 50):7.1f}x"
             else:
                 row += f" | {'-':>16} {'-':>7} {'-':>8}"
@@ -394,24 +442,18 @@ def main(argv=None) -> int:
 
         hf_logging.disable_progress_bar()
         ns = [int(x) for x in args.ns.split(",")]
+        ks = tuple(int(x) for x in args.ks.split(","))
         refs = [r for r in args.reference.split(",") if r and r != "none"]
         print(f"# latency per reply (seconds); torch {torch.__version__}, threads: "
               f"{ThreadPolicy(args.threads).describe()}, {os.cpu_count()} CPUs, "
               f"load average {os.getloadavg()[0]:.2f}")
-        from dialogpt_zh.errors import UserError
-
-        for name in ("threads", "background_load"):
-            if getattr(args, name) < 0:
-                raise UserError(f"must be >= 0, got {getattr(args, name)}", field=name)
-        if args.background_load:
-            for s in args.thread_settings.split(","):
-                policy_for(s.strip())  # a bad setting is an error now, not after the idle phase
 
         def bench(name: str, bot_dir: Path, contexts, ref_ns: set[int]) -> None:
             if args.background_load:
                 bench_load(name, bot_dir, contexts, ns, args)
             else:
-                bench_shape(name, bot_dir, contexts, ns, refs, ref_ns, args)
+                bench_shape(name, bot_dir, contexts, ns, refs, ref_ns, args,
+                            ks if name.startswith("model") else (0,))
         with tempfile.TemporaryDirectory() as tmp:
             for preset in args.presets.split(","):
                 if preset == "model":

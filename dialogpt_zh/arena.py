@@ -34,6 +34,10 @@ EXAMPLES = """
   python -m dialogpt_zh.arena --data heldout.txt --b runs/mybot --make runs/arena/pairs.json
   python -m dialogpt_zh.arena --judge runs/arena/pairs.json --verdicts runs/arena/judge1.jsonl
   python -m dialogpt_zh.arena --score runs/arena/pairs.json runs/arena/judge1.jsonl
+  # hybrid (10 sampled + 10 retrieved human replies, MMI-ranked) against sampled only; the key and the
+  # score say which replies were retrieved
+  python -m dialogpt_zh.arena --data ../shared/corpus/lccc-sample/toy_data.json --split valid --a /tmp/bot \
+      --a_set retrieval_candidates=10 --b /tmp/bot --make runs/arena/hybrid.json
 """
 
 
@@ -67,6 +71,19 @@ class ArenaArgs:
     threads: int = field(default=0, metadata=field_help(
         "intra-op CPU threads per reply: 0 = the thread policy (auto), N = always N (as --threads of interact)"))
     progress: bool = field(default=True, metadata=field_help("show a progress bar while generating"))
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot go together, and bad --a_set / --b_set, when the arguments are made."""
+        modes = [m for m in ("make", "judge", "score") if getattr(self, m)]
+        if len(modes) > 1:
+            raise UserError(f"choose one of --make, --judge, --score (got {', '.join(modes)})", field=modes[1])
+        if self.score and len(self.score) != 2:
+            raise UserError("expects two files: PAIRS.json VERDICTS", field="score")
+        if not self.make and not self.score and not self.verdicts:
+            raise UserError("--verdicts FILE is needed to keep the verdicts (they are appended as you go)",
+                            field="verdicts")
+        parse_settings(self.a_set, "a_set")
+        parse_settings(self.b_set, "b_set")
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -132,37 +149,32 @@ def describe_system(bot, path: str | None, settings: dict[str, Any]) -> dict[str
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-def _generate(args: ArenaArgs) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any], dict[str, Any]]:
+def _generate(args: ArenaArgs) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any], dict[str, Any],
+                                        dict[str, dict[str, str]]]:
     settings = {"A": parse_settings(args.a_set, "a_set"), "B": parse_settings(args.b_set, "b_set")}
     contexts = draw_contexts(args.data, args.pairs, args.seed, args.format, args.split)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     bots = load_bots({"A": args.a, "B": args.b}, args.device, args.threads)
-    pairs, order = make_pairs(contexts, bots, settings, args.seed, args.progress)
+    sources: dict[str, dict[str, str]] = {}
+    pairs, order = make_pairs(contexts, bots, settings, args.seed, args.progress, sources)
     systems = {s: describe_system(bots[s], getattr(args, s.lower()), settings[s]) for s in ("A", "B")}
     meta = {"data": list(args.data), "split": args.split, "seed": args.seed,
             "sources": [c["where"] for c in contexts]}
-    return pairs, order, systems, meta
+    return pairs, order, systems, meta, sources
 
 
 def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     parser = make_parser([ArenaArgs], prog="python -m dialogpt_zh.arena",
-                         description=__doc__.split("\n\n")[0], examples=EXAMPLES)
+                         description="The arena: a blind comparison of two bots (or one bot with two settings), "
+                                     "judged by a person.", examples=EXAMPLES)
 
     def body() -> int:
         (args,) = parse(parser, argv)
         out = stdout or sys.stdout
-        modes = [m for m in ("make", "judge", "score") if getattr(args, m)]
-        if len(modes) > 1:
-            raise UserError(f"choose one of --make, --judge, --score (got {', '.join(modes)})", field=modes[1])
         if args.score:
-            if len(args.score) != 2:
-                raise UserError("expects two files: PAIRS.json VERDICTS", field="score")
             pairs, run = load_pairs(args.score[0])
             key = load_key(args.key or default_key_path(args.score[0]), run)
             verdicts, counts = read_verdicts(args.score[1], [p["id"] for p in pairs])
-            result = tally(verdicts, key["order"], len(pairs))
+            result = tally(verdicts, key["order"], len(pairs), key.get("sources"))
             print(format_tally(result, key["systems"]), file=out)
             if counts["verdicts_replaced"]:
                 print(f"({counts['verdicts_replaced']} verdicts were given again; the last one counts)", file=out)
@@ -172,29 +184,27 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
             for p in (Path(args.make), Path(key_path)):  # fail before the slow part
                 if p.exists() and not args.overwrite:
                     raise UserError("exists; pass --overwrite to replace it", path=p)
-            pairs, order, systems, meta = _generate(args)
-            write_pairs(args.make, key_path, pairs, order, systems, meta, args.overwrite)
+            pairs, order, systems, meta, sources = _generate(args)
+            write_pairs(args.make, key_path, pairs, order, systems, meta, args.overwrite, sources)
             print(f"wrote {len(pairs)} blinded pairs to {args.make} and the key to {key_path} "
                   f"(keep the key from the judge)", file=out)
             return 0
-        if not args.verdicts:
-            raise UserError("--verdicts FILE is needed to keep the verdicts (they are appended as you go)",
-                            field="verdicts")
         if args.judge:
             pairs, run = load_pairs(args.judge)
             key_path = Path(args.key or default_key_path(args.judge))
             key = load_key(key_path, run) if key_path.is_file() else None
         else:
-            pairs, order, systems, _ = _generate(args)
+            pairs, order, systems, _, sources = _generate(args)
             run = run_id(pairs)
-            key = {"order": order, "systems": systems}
+            key = {"order": order, "systems": systems, "sources": sources}
         verdicts = judge(pairs, run, args.verdicts, stdin or sys.stdin, out)
         print("", file=out)
         if key is None:
             print(f"{len(verdicts)} of {len(pairs)} pairs judged; score them with --score {args.judge} "
                   f"{args.verdicts}", file=out)
         else:
-            print(format_tally(tally(verdicts, key["order"], len(pairs)), key["systems"]), file=out)
+            print(format_tally(tally(verdicts, key["order"], len(pairs), key.get("sources")), key["systems"]),
+                  file=out)
         return 0
 
     return run_main(body)

@@ -8,11 +8,13 @@ A model directory is a Hugging Face directory (`AutoModelForCausalLM.from_pretra
     resume/  model.safetensors optimizer.pt rng_<rank>.pt state.json       the latest training step, for --resume
 
 Every write replaces the whole directory in one rename (`save_checkpoint`), so a reader (or a killed run)
-always sees a complete directory. Loading never unpickles: weights are safetensors, and the resume files
-written with `torch.save` are read with `weights_only=True`. Damaged files are a `UserError` naming the file.
+always sees a complete directory. Loading never unpickles anything but tensors: weights are safetensors (or,
+for a checkpoint made elsewhere, a pytorch_model.bin), and every file written with `torch.save` is read with
+`weights_only=True`. Damaged files are a `UserError` naming the file.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -48,11 +50,13 @@ class ResumeFiles:
 
 def save_checkpoint(model, tokenizer, out_dir: str | Path, card: dict[str, Any], *,
                     run_config: Optional[dict] = None, metrics: Optional[dict] = None,
-                    curve_png: Optional[bytes] = None, resume: Optional[ResumeFiles] = None) -> Path:
-    """Write a model directory in one atomic rename (what the trainer and the tests both use).
+                    curve_png: Optional[bytes] = None, resume: Optional[ResumeFiles] = None,
+                    fp16: bool = False) -> Path:
+    """Write a model directory in one atomic rename (what the trainer, the recipes and the tests use).
 
     `model=None` keeps the model files of the existing `out_dir` (hard links, no copy): the trainer's way
-    of updating the card, figures and resume state when validation did not improve.
+    of updating the card, figures and resume state when validation did not improve. `fp16`: store the
+    weights at float16 (half the bytes; `load_model` computes in float32 on CPU); `model` is not changed.
     """
     out_dir = Path(out_dir)
     keep_previous = model is None and (out_dir / "config.json").is_file()
@@ -67,7 +71,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, card: dict[str, Any],
                     except OSError:
                         shutil.copy2(src, tmp / src.name)
         else:
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            (copy.deepcopy(model).half() if fp16 else model).save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
         _write_json(tmp / CARD_FILE, card)
         if run_config is not None:
@@ -148,10 +152,12 @@ def read_card(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
-    """Load a causal LM from a HF directory; only safetensors weights (never unpickle user files).
+    """Load a causal LM from a HF directory: safetensors weights, or a `pytorch_model.bin` read with
+    `torch.load(weights_only=True)` (dialogpt_zh.foreign: a pickle that asks for more than tensors is refused
+    before it runs); no other file is ever unpickled.
 
-    Damaged weights are refused here, naming the file: unreadable safetensors, tensors missing or of the
-    wrong shape (transformers would silently re-initialise them), NaN/inf values.
+    Damaged weights are refused here, naming the file: unreadable files, tensors missing or of the wrong
+    shape (transformers would silently re-initialise them), NaN/inf values.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -159,16 +165,20 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError("not a model directory (no config.json)", path=model_dir)
-    weights = sorted(model_dir.glob("*.safetensors"))
-    if not weights:
-        raise UserError("no .safetensors weights; convert pickled weights with a trusted tool first "
-                        "(we never unpickle files from user paths)", path=model_dir)
     # Weights may be stored in half precision to keep checkpoints small; compute in fp32 on CPU.
     if dtype is None and str(device).startswith("cpu"):
         dtype = torch.float32
-    kwargs: dict[str, Any] = {"use_safetensors": True, "output_loading_info": True}
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
+        return _load_pickled(model_dir, device, dtype)
+    from dialogpt_zh.foreign import read_config
+
+    # config.json read as foreign ones are (GPT-2's 50256 as bos/eos beside a Chinese vocabulary is dropped)
+    kwargs: dict[str, Any] = {"use_safetensors": True, "output_loading_info": True,
+                              "config": read_config(model_dir)}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    quiet_loading()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except Exception as e:  # noqa: BLE001 - safetensors/transformers raise many types for a damaged file
@@ -184,6 +194,29 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
     return model.to(device).eval()
 
 
+def _load_pickled(model_dir: Path, device: str, dtype):
+    from dialogpt_zh.foreign import PICKLED_WEIGHTS, load_pickled_model
+
+    path = model_dir / PICKLED_WEIGHTS
+    if not path.is_file():
+        sharded = sorted(model_dir.glob("pytorch_model-*.bin"))
+        raise UserError("no weights: expected model.safetensors or pytorch_model.bin" + (
+            " (sharded pickled weights are not read; save the model as safetensors)" if sharded else ""),
+            path=model_dir)
+    model = load_pickled_model(model_dir, dtype)
+    check_finite(model, path)
+    return model.to(device).eval()
+
+
+def quiet_loading() -> None:
+    """No transformers progress bars ("Loading weights … 52/52") in this process: every face loads models
+    through here, and a chat, a web server's log or a training log is no place for them. Process-wide (the
+    switch is transformers' own global), and deliberately so: we never want those bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def check_finite(model, path: Path) -> None:
     """NaN/inf weights make every reply fail later; refuse them at load, naming the file and tensor."""
     import torch
@@ -191,6 +224,22 @@ def check_finite(model, path: Path) -> None:
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise UserError(f"the weights contain NaN or infinite values (tensor {name})", path=path)
+
+
+def model_layout(model_dir: str | Path | None, tokenizer, requested: Optional[str] = None):
+    """The input layout (dialogpt_zh.sequence.Layout) of a model: `requested` (--layout), else its card's
+    `layout`, else the one its vocabulary was made for (speaker tokens: cdial; else chitchat)."""
+    from dialogpt_zh.sequence import LAYOUTS, Layout, infer_layout
+
+    card = read_card(model_dir) if model_dir is not None else {}
+    name = requested or card.get("layout") or infer_layout(tokenizer.get_vocab())
+    where = Path(model_dir) / CARD_FILE if model_dir is not None and not requested else None
+    if name not in LAYOUTS:
+        raise UserError(f"unknown layout {name!r}; use one of {', '.join(LAYOUTS)}", path=where, field="layout")
+    try:
+        return Layout.for_tokenizer(name, tokenizer)
+    except ValueError as e:
+        raise UserError(str(e), path=model_dir, field="layout") from e
 
 
 # ------------------------------------------------------------------------------------------- resume state
@@ -272,18 +321,23 @@ def load_resume_rng(output: Path, rank: int) -> dict:
 
 
 def _load_tensor_file(path: Path, keys: tuple[str, ...], what: str) -> dict:
-    import pickle
+    import warnings
 
     import torch
 
     if not path.is_file():
         raise UserError(f"the resume {what} is missing; start again without --resume", path=path)
     try:
-        # weights_only=True: tensors and plain containers only, never arbitrary objects
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"damaged resume {what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                        path=path) from e
+        with warnings.catch_warnings():
+            # a damaged or foreign file may start with another pickle protocol than torch.save's 2: either it
+            # loads anyway or it is refused below, so torch's warning about it would only be noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            # weights_only=True: tensors and plain containers only, never arbitrary objects
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - on damaged bytes the unpickler fails in any way (IndexError:
+        # pop from empty list, KeyError, UnicodeDecodeError, ... besides UnpicklingError): all mean "damaged"
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"damaged resume {what}: {type(e).__name__}: {first_line}", path=path) from e
     if not isinstance(data, dict) or any(k not in data for k in keys):
         raise UserError(f"damaged resume {what}: expected a dict with {', '.join(keys)}", path=path)
     return data

@@ -143,6 +143,8 @@ class Terminated(KeyboardInterrupt):
 
 
 _stop_signal: int | None = None  # the SIGINT/SIGTERM received during run_main, if any
+_running = False                 # run_main's stop handlers are installed
+_holding = False                 # hold_stops() was called: a stop is recorded, not raised
 
 
 def _stop_exception(signum: int) -> KeyboardInterrupt:
@@ -152,7 +154,17 @@ def _stop_exception(signum: int) -> KeyboardInterrupt:
 def _on_stop_signal(signum, frame) -> None:
     global _stop_signal
     _stop_signal = signum
-    raise _stop_exception(signum)
+    if not _holding:
+        raise _stop_exception(signum)
+
+
+def hold_stops() -> None:
+    """From now until run_main returns, Ctrl-C / SIGTERM are recorded instead of raised, and run_main returns
+    the body's own exit code. For the last moments of a run whose output is complete (putting it in place,
+    printing a summary): a stop then could only leave a half-done rename, or a false "outputs left as they
+    were" beside the new output, while finishing takes moments. No effect outside run_main."""
+    global _holding
+    _holding = _running
 
 
 def _quiet_swallowed_stop(unraisable) -> None:
@@ -168,7 +180,7 @@ def raise_if_stopped() -> None:
     lands inside an interpreter callback (e.g. logging's after-fork hook when a worker pool starts: Python
     only prints "Exception ignored"); long jobs call this between batches and before they commit outputs,
     so a stop request is never lost."""
-    if _stop_signal is not None:
+    if _stop_signal is not None and not _holding:
         raise _stop_exception(_stop_signal)
 
 
@@ -176,14 +188,17 @@ def run_main(main: Callable[[], int | None]) -> int:
     """Run a CLI body: UserError -> one clear line on stderr and its exit code; Ctrl-C -> exit 130;
     SIGTERM -> the same cleanup as Ctrl-C (temp files removed, previous outputs kept), exit 143."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    global _stop_signal
-    _stop_signal = None
+    global _stop_signal, _running, _holding
+    _stop_signal, _holding = None, False
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        _running = True
     previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_swallowed_stop
     try:
         code = main()
+        if _stop_signal is not None:  # held (hold_stops): it came when only finishing was left
+            print("stop received while the run was finishing; it finished", file=sys.stderr)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -196,5 +211,7 @@ def run_main(main: Callable[[], int | None]) -> int:
     finally:
         for sig, handler in (previous or {}).items():
             signal.signal(sig, handler)
+        if previous:
+            _running = _holding = False
         sys.unraisablehook = previous_hook
     return int(code or 0)

@@ -3,6 +3,8 @@
     held-out files --(readers + cleaning, as the preprocessor)--> sessions --> cases (context, reference)
       -> PPL of the references           (ChatBot.forward_logprobs)
       -> decoders plain / mmi / greedy   (ChatBot.reply, same case seed for each)
+         + retrieval / hybrid            (the bot's index: the most similar human reply; sampled + retrieved
+                                          candidates MMI-ranked, --retrieval_candidates K; docs/retrieval.md)
       -> response selection R10@k, MRR   (ChatBot.rerank of the true reply + 9 replies of other sessions)
       -> metrics (dialogpt_zh.judging.metrics) -> report.json, report.md, samples.jsonl (written when complete)
          + report.run.json: every setting of the run, flat; `--config report.run.json` replays it
@@ -13,6 +15,7 @@ the turn itself is the reference. See docs/evaluation.md for the metric definiti
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -41,7 +44,8 @@ from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, 
 
 log = logging.getLogger("dialogpt_zh.evaluate")
 
-DECODERS = ("plain", "mmi", "greedy")
+DECODERS = ("plain", "mmi", "greedy", "retrieval", "hybrid")
+RETRIEVAL_DECODERS = ("retrieval", "hybrid")  # need the bot's retrieval index
 
 EXAMPLES = """
   python -m dialogpt_zh.evaluate --data ../shared/corpus/lccc-sample/toy_data.json --output runs/eval/report.json
@@ -50,6 +54,8 @@ EXAMPLES = """
   python -m dialogpt_zh.evaluate --data heldout.json --model runs/mybot --decoders plain,mmi,greedy \\
       --num_candidates 20 --top_p 0.9 --backward_weight 1.5 --seed 1 --output report.json
   python -m dialogpt_zh.evaluate --data heldout.json --decoders none --sweep --output sweep.json  # MMI weights
+  python -m dialogpt_zh.evaluate --data ../shared/corpus/lccc-sample/toy_data.json --model /tmp/bot \
+      --decoders mmi,retrieval,hybrid --retrieval_candidates 10 --output runs/eval/hybrid.json   # needs BOT/retrieval
   python -m dialogpt_zh.evaluate --config runs/eval/report.run.json --output runs/eval2/report.json  # replay
 """
 
@@ -73,7 +79,9 @@ class EvalArgs:
     last_turn_only: bool = field(default=False, metadata=field_help(
         "one case per session (its last turn) instead of every turn after the first"))
     decoders: str = field(default="plain,mmi", metadata=field_help(
-        "comma list of decoders to run: plain (1 sample), mmi (N candidates reranked), greedy; 'none' = skip"))
+        "comma list of decoders to run: plain (1 sample), mmi (N candidates reranked), greedy, retrieval (the "
+        "most similar human reply of the bot's index), hybrid (N sampled + --retrieval_candidates K retrieved, "
+        "MMI-ranked); 'none' = skip"))
     selection: bool = field(default=True, metadata=field_help(
         "run the response-selection task (--no_selection to skip)"))
     sweep: bool = field(default=False, metadata=field_help(
@@ -82,6 +90,15 @@ class EvalArgs:
         "samples.jsonl to write: context, reference, each decoder's output and candidates"))
     markdown: str | None = field(default=None, metadata=field_help("report.md to write (tables for humans)"))
     progress: bool = field(default=True, metadata=field_help("show a progress bar (--no_progress to hide)"))
+
+    def __post_init__(self) -> None:
+        """Refuse a bad setting when the arguments are made (flags, --config or Python), naming it. Whether
+        the files exist and may be written is checked when the evaluation starts (`check_outputs`)."""
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        parse_decoders(self.decoders)
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
+            raise UserError(f"must be >= 0, got {self.limit}", field="limit")
 
 
 @dataclass
@@ -260,11 +277,14 @@ def check_outputs(args: EvalArgs, config_file: str | None = None) -> None:
         seen[resolved] = label
 
 
-# Per decoder: the settings it changes for its calls (the rest are the evaluated settings).
+# Per decoder: the settings it changes for its calls (the rest are the evaluated settings). Only hybrid
+# (and retrieval, which asks the index alone) use --retrieval_candidates; the others stay sampled only.
 DECODER_OVERRIDES = {
-    "plain": dict(num_candidates=1, use_mmi=False),
-    "mmi": dict(use_mmi=True),
-    "greedy": dict(num_candidates=1, temperature=0.0, use_mmi=False),
+    "plain": dict(num_candidates=1, use_mmi=False, retrieval_candidates=0),
+    "mmi": dict(use_mmi=True, retrieval_candidates=0),
+    "greedy": dict(num_candidates=1, temperature=0.0, use_mmi=False, retrieval_candidates=0),
+    "retrieval": dict(retrieval_candidates=1),
+    "hybrid": dict(use_mmi=True),
 }
 
 
@@ -278,14 +298,21 @@ def plan_run(args: EvalArgs, decoders: list[str], bot, mmi: MMISettings,
     else:
         why = ""
     absent: dict[str, str] = {}
+    if bot.retrieval is None:
+        for name in RETRIEVAL_DECODERS:
+            if name in decoders:
+                absent[f"decoding.{name}"] = (f"no retrieval index ({(bot_args and bot_args.model) or 'the bot'} "
+                                              f"has no retrieval/; build one with python -m dialogpt_zh.index)")
+        decoders = [d for d in decoders if d not in RETRIEVAL_DECODERS]
     if why:
-        if "mmi" in decoders:
-            absent["decoding.mmi"] = why
+        for name in ("mmi", "hybrid"):
+            if name in decoders:
+                absent[f"decoding.{name}"] = why
         if args.selection:
             absent["selection.backward"] = absent["selection.mmi"] = why
         if args.sweep:
             absent["sweep"] = why
-    return Plan(decoders=[d for d in decoders if d != "mmi" or not why], selection=args.selection,
+    return Plan(decoders=[d for d in decoders if d not in ("mmi", "hybrid") or not why], selection=args.selection,
                 sweep=args.sweep and not why, mmi=not why, absent=absent)
 
 
@@ -304,22 +331,32 @@ def evaluate_case(bot, case: Case, distractors: list[str] | None, plan: Plan, ge
 
     for name in plan.decoders:
         t = time.perf_counter()
-        reply = bot.reply(case.context, seed=seed, generation=generation, mmi=mmi, **DECODER_OVERRIDES[name])
+        if name == "retrieval":
+            hits = bot.retrieve(case.context, generation=generation, **DECODER_OVERRIDES[name])
+            text, source = (hits[0].text, "retrieved") if hits else ("", "none")
+        else:
+            reply = bot.reply(case.context, seed=seed, generation=generation, mmi=mmi, **DECODER_OVERRIDES[name])
+            text, source = reply.text, reply.candidates[0].source if reply.candidates else "none"
+            sample["model_context"] = reply.context
         tally.seconds[name] += time.perf_counter() - t
-        tally.outputs.setdefault(name, []).append(reply.text)
-        tally.empty[name] += not reply.text
-        sample["outputs"][name] = reply.text
-        sample["model_context"] = reply.context
-        if name == "mmi":
+        tally.outputs.setdefault(name, []).append(text)
+        tally.empty[name] += not text
+        tally.sources.setdefault(name, Counter())[source] += 1
+        if plan.train_replies is not None:
+            tally.verbatim[name] += text in plan.train_replies
+        sample["outputs"][name] = text
+        if name in ("mmi", "hybrid"):
             sample["candidates"][name] = [
                 {"text": c.text, "rank": c.rank, "score": c.score, "forward_logprob": c.forward_logprob,
-                 "backward_logprob": c.backward_logprob, "num_tokens": c.num_tokens, "count": c.count}
+                 "backward_logprob": c.backward_logprob, "num_tokens": c.num_tokens, "count": c.count,
+                 "source": c.source, "similarity": c.similarity}
                 for c in reply.candidates]
 
     if distractors is not None:
         t = time.perf_counter()
         texts = [case.reference] + distractors
-        ranked = bot.rerank(case.context, texts, generation=generation, mmi=mmi, use_mmi=plan.mmi)
+        ranked = bot.rerank(case.context, texts, generation=generation, mmi=mmi, use_mmi=plan.mmi,
+                            retrieval_candidates=0)
         tally.seconds["selection"] += time.perf_counter() - t
         by_text = {c.text: c for c in ranked}
         row = [by_text[x] for x in texts]          # back to the drawn order: column 0 = the true reply
@@ -344,8 +381,9 @@ def run_evaluation(args: EvalArgs, generation: GenerationSettings | None = None,
     t_start = time.perf_counter()
     generation, mmi = evaluated_settings(generation, mmi, bot)
     decoders = parse_decoders(args.decoders)
-    if args.limit < 0:
-        raise UserError(f"must be >= 0, got {args.limit}", field="limit")
+    if "hybrid" in decoders and not generation.retrieval_candidates:
+        raise UserError("the hybrid decoder ranks --retrieval_candidates K retrieved replies with the sampled ones: "
+                        "give K > 0 (e.g. --retrieval_candidates 10)", field="retrieval_candidates")
 
     counts: Counter = Counter()
     sessions = load_sessions(args, counts)
@@ -355,9 +393,13 @@ def run_evaluation(args: EvalArgs, generation: GenerationSettings | None = None,
     if bot is None:
         from dialogpt_zh.engine.bot import load_bot
 
-        bot = load_bot(bot_args or BotArguments(), generation, mmi)
+        # the bot's defaults without retrieval: only the hybrid decoder asks for it (per call), and a bot
+        # without an index then reports it absent instead of refusing to load
+        bot = load_bot(bot_args or BotArguments(), dataclasses.replace(generation, retrieval_candidates=0), mmi)
     load_s = time.perf_counter() - t_load
     plan = plan_run(args, decoders, bot, mmi, bot_args)
+    if bot.retrieval is not None and plan.decoders:  # "is this reply a verbatim training utterance"
+        plan.train_replies = bot.retrieval.reply_texts()
     distractors = draw_distractors(cases, sessions, args.seed) if plan.selection else [None] * len(cases)
 
     tally = Tally()
@@ -395,7 +437,8 @@ def run_evaluation(args: EvalArgs, generation: GenerationSettings | None = None,
             "mmi": asdict(mmi),
             "decoder_overrides": {d: DECODER_OVERRIDES[d] for d in plan.decoders},
             "model": {"forward": str(bot.forward_dir) if bot.forward_dir else None,
-                      "backward": str(bot.backward_dir) if bot.backward_dir and plan.mmi else None},
+                      "backward": str(bot.backward_dir) if bot.backward_dir and plan.mmi else None,
+                      "retrieval": retrieval_info(bot)},
             "versions": _versions(),
             "command": ["python", "-m", "dialogpt_zh.evaluate", *sys.argv[1:]],
         },
@@ -403,6 +446,15 @@ def run_evaluation(args: EvalArgs, generation: GenerationSettings | None = None,
     if sweep is not None:
         report["sweep"] = sweep
     return _round(report, 6), samples
+
+
+def retrieval_info(bot) -> dict[str, Any] | None:
+    """What the report says about the bot's index: where, how many pairs, from which sources."""
+    index = getattr(bot, "retrieval", None)
+    if index is None:
+        return None
+    return {"path": str(index.directory), "pairs": index.size, "settings": index.settings,
+            "sources": [{k: s.get(k) for k in ("name", "pairs", "licence")} for s in index.card["sources"]]}
 
 
 # ------------------------------------------------------------------------------------------ outputs

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main
+from dialogpt_zh.errors import UserError
 from dialogpt_zh.judging.feedback import export, summary_line
 
 # ------------------------------------------------------------------------------------------- export
@@ -18,11 +19,16 @@ class ExportArgs:
         "directory to write (train.txt + stats.json); created atomically (required)"))
     overwrite: bool = field(default=False, metadata=field_help("replace --output if it exists"))
 
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise UserError("--output DIR is required", field="output")
+
 
 EXPORT_EXAMPLES = """
   python -m dialogpt_zh.feedback export feedback.jsonl --output data/feedback_corpus
   python -m dialogpt_zh.feedback export web.jsonl chat.jsonl --output data/fb --overwrite
-  # then: python -m dialogpt_zh.preprocess data/fb/train.txt --vocab checkpoints/default/forward --output data/fb_store
+  # then: python -m dialogpt_zh.preprocess data/fb --vocab checkpoints/default/forward --output data/fb_store
+  #       (a directory: its stats.json is skipped by name; data/fb/train.txt alone does the same)
 """
 
 

@@ -13,14 +13,15 @@ from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
 from dialogpt_zh.cli import make_parser, parse, run_main
+from dialogpt_zh.engine.results import HISTORY_NOTICE_PREFIX
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import check_output_file
 from dialogpt_zh.judging.feedback import JsonlAppender, bot_model_ids, choose, make_record
-from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help
+from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help, score_formula, score_terms
 
 COMMANDS = {
     "/reset": "forget the conversation so far",
-    "/debug": "toggle showing every candidate with its forward, backward and final scores",
+    "/debug": "toggle showing every candidate with its scores (switched on: the last turn's at once)",
     "/pick N": "you would have chosen candidate N of the last turn (numbers as /debug shows them); "
                "the chat continues with it",
     "/better TEXT": "you would have replied TEXT to the last turn; the chat continues with it",
@@ -34,6 +35,7 @@ EXAMPLES = """
   python -m dialogpt_zh.interact --model runs/mybot/forward      # forward model only: MMI off
   python -m dialogpt_zh.interact --num_candidates 20 --top_p 0.9 --backward_weight 2 --quantize int8
   printf '你好\\n吃了吗\\n' | python -m dialogpt_zh.interact --seed 0   # piped: one reply per line
+  python -m dialogpt_zh.interact --model /tmp/bot --retrieval_candidates 10 --debug   # + 10 human replies
   printf '你好\\n/pick 2\\n/better 我也很好\\n' | python -m dialogpt_zh.interact --feedback fb.jsonl
 """
 
@@ -59,15 +61,34 @@ class InteractArgs:
 
 
 def format_candidates(reply) -> str:
-    """The /debug table: every candidate with its three scores, best first."""
-    lines = [f"  {'rank':>4} {'score':>8} {'fwd':>8} {'bwd':>8} {'tok':>4} {'n':>2}  text"]
+    """The /debug table: every candidate, best first, with the values its score is computed from (per token
+    with --normalize mean, as settings.mmi_score takes them) and where it came from (sampled, retrieved from
+    the index with its similarity, or both); below, the formula with this reply's weights."""
+    mean = reply.normalize == "mean"
+    f_name, b_name = ("fwd/tok", "bwd/ctx") if mean else ("fwd", "bwd")
+    lines = [f"  {'rank':>4} {'score':>8} {f_name:>8} {b_name:>8} {'tok':>4} {'ctx':>4} {'n':>2} {'source':>9} "
+             f"{'sim':>5}  text"]
     for c in reply.candidates:
-        bwd = f"{c.backward_logprob:8.2f}" if c.backward_logprob is not None else f"{'-':>8}"
-        lines.append(f"  {c.rank:>4} {c.score:8.3f} {c.forward_logprob:8.2f} {bwd} {c.num_tokens:>4} "
-                     f"{c.count:>2}  {c.text}")
+        has_fwd, has_bwd = c.forward_logprob is not None, c.backward_logprob is not None
+        fwd, bwd = score_terms(c.forward_logprob if has_fwd else 0.0, c.backward_logprob if has_bwd else 0.0,
+                               c.num_tokens, c.num_context_tokens, reply.normalize)
+        fwd_cell = f"{fwd:8.3f}" if has_fwd else f"{'-':>8}"
+        bwd_cell, ctx_cell = (f"{bwd:8.3f}", f"{c.num_context_tokens:>4}") if has_bwd else (f"{'-':>8}", f"{'-':>4}")
+        sim = f"{c.similarity:5.2f}" if c.similarity is not None else f"{'-':>5}"
+        source = {"sampled+retrieved": "both"}.get(c.source, c.source)
+        lines.append(f"  {c.rank:>4} {c.score:8.3f} {fwd_cell} {bwd_cell} {c.num_tokens:>4} {ctx_cell} "
+                     f"{c.count:>2} {source:>9} {sim}  {c.text}")
+    per = "per token" if mean else "summed"
+    retrieved = any("retrieved" in c.source for c in reply.candidates)  # the bonus term matters only then
+    formula = score_formula(reply.weights, reply.normalize,
+                            retrieved_bonus=reply.retrieved_bonus if retrieved else None)
+    lines.append(f"  {formula}   (fwd = ln P(reply | context), bwd = ln P(context | reply), {per} over tok reply / "
+                 f"ctx context tokens; n = times sampled; '-': not computed, its weight is 0"
+                 + ("; retrieved = 1 when the source is the index" if retrieved else "") + ")")
     t = reply.timings
+    retrieve = f", retrieve {t['retrieve'] * 1000:.0f}" if t.get("retrieve") else ""
     lines.append(f"  mmi={'on' if reply.mmi else 'off'} seed={reply.seed} latency={reply.latency_s * 1000:.0f} ms "
-                 f"(encode {t['encode'] * 1000:.0f}, generate {t['generate'] * 1000:.0f}, "
+                 f"(encode {t['encode'] * 1000:.0f}{retrieve}, generate {t['generate'] * 1000:.0f}, "
                  f"score {t['score'] * 1000:.0f}); context: {' | '.join(reply.context)}")
     return "\n".join(lines)
 
@@ -78,6 +99,8 @@ class Session:
     def __init__(self, bot, args: InteractArgs, out: TextIO, info: TextIO) -> None:
         self.bot, self.args, self.out, self.info = bot, args, out, info
         self.history: list[str] = []
+        self.typed: list[bool] = []  # per utterance of `history`: did the person type it (not the bot)
+        self.history_noted = False   # the "bot reads only the last lines" note was given in this conversation
         self.debug = args.debug
         self.turn = 0
         self.log: list[dict] = []
@@ -105,6 +128,8 @@ class Session:
         if command == "/reset":
             self.last = None
             self.history.clear()
+            self.typed.clear()
+            self.history_noted = False
             self.log.append({"event": "reset"})
             self._save()
             print("(conversation reset)", file=self.info)
@@ -112,6 +137,8 @@ class Session:
         if command == "/debug":
             self.debug = not self.debug
             print(f"(debug {'on' if self.debug else 'off'})", file=self.info)
+            if self.debug and self.last is not None:  # the turn /pick refers to: seen before picking
+                print(format_candidates(self.last[1]), file=self.info)
             return True
         if command.startswith("/"):
             print(f"(unknown command {text.split()[0]}: /help lists the commands)", file=self.info)
@@ -128,15 +155,19 @@ class Session:
             return True
         self.turn += 1
         for notice in reply.notices:
-            if notice not in self.bot.notices:  # the bot-level ones were shown once at start
+            # the bot-level ones were shown once at start; dropped history is said once, in _history_note
+            if notice not in self.bot.notices and not notice.startswith(HISTORY_NOTICE_PREFIX):
                 print(f"(notice: {notice})", file=self.info)
+        self._history_note(reply)
         if self.debug:
             print(format_candidates(reply), file=self.info)
         print(self._prefix() + reply.text, file=self.out, flush=True)
         self.last = (self.history + [text], reply)
         self.history.append(text)
+        self.typed.append(True)
         if reply.text:
             self.history.append(reply.text)
+            self.typed.append(False)
         self.log.append({"turn": self.turn, "user": text, "reply": reply.text, "seed": reply.seed,
                          "notices": reply.notices})
         self._save()
@@ -166,12 +197,25 @@ class Session:
             return
         if record is not None:
             self.feedback.append(record)
-        self.history = given + [judgement.text]  # a second judgement of the same turn replaces the first
+        # a second judgement of the same turn replaces the first; a written reply is the person's own words
+        self.typed = self.typed[:len(given)] + [judgement.kind != "pick"]
+        self.history = given + [judgement.text]
         self.log.append({"event": judgement.kind, "rank": judgement.rank, "reply": judgement.text})
         self._save()
         what = f"candidate {judgement.rank}" if judgement.kind == "pick" else "your reply"
         saved = "saved" if record is not None else "not saved: no --feedback"
         print(f"(the chat continues with {what}: {judgement.text} — {saved})", file=self.info)
+
+    def _history_note(self, reply) -> None:
+        """Once per conversation, the first time the bot leaves out a line the person typed (max_history or
+        the context's token budget): every later turn leaves lines out too, so saying it each time is noise."""
+        dropped = len(self.history) + 1 - len(reply.context)  # the model saw the last len(context) lines
+        if self.history_noted or dropped <= 0 or not any(self.typed[:dropped]):
+            return
+        self.history_noted = True
+        print(f"(note: the bot reads only the last {len(reply.context)} lines of the conversation, so your "
+              f"earlier lines no longer count; --max_history and --max_context_tokens set how much it reads. "
+              f"Said once per conversation.)", file=self.info)
 
     def _prefix(self) -> str:
         return "bot: " if self.out.isatty() else ""
@@ -226,17 +270,15 @@ def chat(bot, args: InteractArgs, stdin: TextIO | None = None, stdout: TextIO | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser([BotArguments, InteractArgs, GenerationSettings, MMISettings], prog="python -m dialogpt_zh.interact",
+    parser = make_parser([BotArguments, InteractArgs, GenerationSettings, MMISettings],
+                         prog="python -m dialogpt_zh.interact",
                          description="Chat with a dialogpt_zh bot: N candidates sampled, MMI-reranked.",
                          examples=EXAMPLES)
 
     def body() -> int:
         bot_args, args, gen, mmi = parse(parser, argv)
-        from transformers.utils import logging as hf_logging
-
         from dialogpt_zh.engine.bot import load_bot
 
-        hf_logging.disable_progress_bar()  # no "Loading weights" bars in a chat
         return chat(load_bot(bot_args, gen, mmi), args)
 
     return run_main(body)

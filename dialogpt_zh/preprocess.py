@@ -61,6 +61,8 @@ EXAMPLES = """
       --vocab ../shared/corpus/vocab/gpt2-chitchat-vocab.txt --max-tokens 300
   python -m dialogpt_zh.preprocess corpus/ --output data/x --format tsv --keep-source-splits \\
       --blocklist words.txt --seed 1
+  python -m dialogpt_zh.preprocess ../shared/corpus/gpt2-chitchat-50w --output data/uer \
+      --vocab models/gpt2-chinese-cluecorpussmall     # a model's own vocabulary, for train --init
   python -m dialogpt_zh.preprocess ../shared/corpus/smile/smile.jsonl.gz chats.zip --output data/chat
   python -m dialogpt_zh.preprocess ../shared/corpus/lccc-base ../shared/corpus/kdconv --upsample kdconv=4 \
       --holdout-source-splits valid,test --output data/kd4
@@ -90,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"stopped before the store was complete; {args.output} is as it was", file=sys.stderr)
             raise
         print(summary_table(manifest))
+        if args.vocab:  # a given vocabulary: how much of the corpus it cannot spell
+            unk = manifest["unk_rate"]
+            print(f"\nvocabulary of {args.vocab}: {manifest['tokenizer']['vocab_size']:,d} tokens; [UNK] "
+                  + ", ".join(f"{split} {100 * rate:.3f} %" for split, rate in unk.items()) + " of tokens")
         t = manifest["_timing"]
         print(f"\nwrote {args.output} in {t['seconds']:.1f}s "
               f"({manifest['chars_read'] / max(t['seconds'], 1e-9):,.0f} chars/s)")

@@ -3,8 +3,12 @@
 Reads JSON Lines of `{"context": ["u1", ..., "uk"], "candidates": ["r1", "r2", ...]}` (a candidate may also be
 an object with a "text" field, so this command's own output can be fed back) and writes each record back,
 streaming, with every other field kept and each candidate as
-`{"text", "rank", "score", "forward_logprob", "backward_logprob", "num_tokens", "num_context_tokens"}` (input
-order, other fields of a candidate object kept; rank 1 = the best) plus "best" (the rank-1 text) and "mmi" (whether the backward model scored them).
+`{"text", "rank", "score", "forward_logprob", "backward_logprob", "num_tokens", "num_context_tokens", "source",
+"similarity"}` (input order, other fields of a candidate object kept; rank 1 = the best; "source" "given", or
+"given+retrieved" when the bot's index returned that text too) plus "best" (the rank-1 text) and "mmi"
+(whether the backward model scored them). With `--retrieval_candidates K` (a bot with an index,
+docs/retrieval.md) the index's K replies for the context are ranked with them and follow the given ones
+(source "retrieved", with their "similarity").
 Every score comes from `ChatBot.rerank` (one batch per record); this file never scores anything itself.
 """
 from __future__ import annotations
@@ -27,6 +31,7 @@ EXAMPLES = """
   python -m dialogpt_zh.rerank candidates.jsonl --output reranked.jsonl
   python -m dialogpt_zh.rerank other_bot.jsonl --output - --skip_bad_lines | head
   python -m dialogpt_zh.rerank cands.jsonl --output out.jsonl --model runs/mybot --forward_weight 0.5
+  python -m dialogpt_zh.rerank cands.jsonl --output out.jsonl --model /tmp/bot --retrieval_candidates 10
   # one input line: {"context": ["你喜欢什么运动"], "candidates": ["喜欢", "我喜欢打篮球"]}
 """
 
@@ -39,6 +44,10 @@ class RerankArgs:
     skip_bad_lines: bool = field(default=False, metadata=field_help(
         "skip (and count, with file:line reasons) lines that are not a valid record instead of stopping"))
     progress: bool = field(default=True, metadata=field_help("show a progress bar (--no_progress to hide)"))
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise UserError("--output FILE (or '-' for stdout) is required", field="output")
 
 
 def parse_record(line: str) -> tuple[dict[str, Any], list[str], list[str]]:
@@ -67,19 +76,25 @@ def parse_record(line: str) -> tuple[dict[str, Any], list[str], list[str]]:
 
 
 def rerank_record(bot, rec: dict[str, Any], context: list[str], texts: list[str]) -> dict[str, Any]:
-    """`rec` with its candidates scored and ranked by `bot.rerank`, in input order."""
+    """`rec` with its candidates scored and ranked by `bot.rerank`, in input order; with the bot's
+    `retrieval_candidates` K > 0, the index's replies that are not among them follow (source "retrieved")."""
     ranked = bot.rerank(context, texts) if texts else []
     slots: dict[str, list[int]] = {}
     for i, t in enumerate(texts):
         slots.setdefault(t, []).append(i)
     out: list[dict[str, Any] | None] = [None] * len(texts)
+    added = []
     for c in ranked:  # ranked is sorted by rank; equal texts fill their input positions in order
+        scores = {"text": c.text, "rank": c.rank, "score": c.score, "forward_logprob": c.forward_logprob,
+                  "backward_logprob": c.backward_logprob, "num_tokens": c.num_tokens,
+                  "num_context_tokens": c.num_context_tokens, "source": c.source, "similarity": c.similarity}
+        if c.source == "retrieved":
+            added.append(scores)
+            continue
         i = slots[c.text].pop(0)
         given = rec["candidates"][i]
-        out[i] = {**(given if isinstance(given, dict) else {}), "text": c.text, "rank": c.rank, "score": c.score, "forward_logprob": c.forward_logprob,
-                  "backward_logprob": c.backward_logprob, "num_tokens": c.num_tokens,
-                  "num_context_tokens": c.num_context_tokens}
-    return {**rec, "candidates": out, "best": ranked[0].text if ranked else None,
+        out[i] = {**(given if isinstance(given, dict) else {}), **scores}
+    return {**rec, "candidates": out + added, "best": ranked[0].text if ranked else None,
             "mmi": bool(ranked and ranked[0].backward_logprob is not None)}
 
 
@@ -129,6 +144,7 @@ def rerank_file(bot, path: str, out: TextIO, skip_bad_lines: bool = False, progr
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
             counts["records"] += 1
             counts["candidates"] += len(texts)
+            counts["retrieved"] += len(result["candidates"]) - len(texts)
     return counts
 
 
@@ -153,8 +169,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         bot_args, args, gen, mmi, extra = parse(parser, argv)
-        if not args.output:
-            raise UserError("--output FILE (or '-' for stdout) is required", field="output")
         if extra.input != "-" and not Path(extra.input).is_file():
             raise UserError("input file not found", path=extra.input)
         if args.output != "-" and extra.input != "-" and Path(args.output).resolve() == Path(extra.input).resolve():
@@ -174,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in skipped:
             print(f"warning: skipped {line}", file=sys.stderr)
         dt = time.perf_counter() - t0
-        print(f"reranked {counts['records']} records ({counts['candidates']} candidates) in {dt:.1f} s; "
+        retrieved = f" + {counts['retrieved']} retrieved" if counts["retrieved"] else ""
+        print(f"reranked {counts['records']} records ({counts['candidates']} candidates{retrieved}) in {dt:.1f} s; "
               f"{counts['skipped_bad_lines']} bad lines skipped, {counts['blank_lines']} blank lines"
               + ("" if args.output == "-" else f" -> {args.output}"), file=sys.stderr)
         return 0

@@ -3,7 +3,7 @@
 Every face (interact, web page, evaluate, benchmarks) builds its flags from these dataclasses (one name per
 setting everywhere) and hands the objects to the engine; a per-call change is `dataclasses.replace`, which
 runs the same validation. Each numeric setting has real bounds (`BOUNDS`): the largest values are what a
-small CPU bot can serve without exhausting memory (100000 candidates once grew to 22.8 GB), not taste.
+small CPU bot can serve without exhausting memory (docs/engine.md, "Figures behind the code"), not taste.
 The web page's sliders offer a sub-range of these (`PAGE_RANGES`), so no web client can ask for more.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.sequence import LAYOUTS
 
 
 def field_help(text: str, **kw: Any) -> dict:
@@ -39,9 +40,11 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "max_length": (1, 1024),
     "max_history": (1, 1000),
     "max_context_tokens": (2, 8192),
+    "retrieval_candidates": (-1, 256),
     "forward_weight": (-1000.0, 1000.0),
     "backward_weight": (-1000.0, 1000.0),
     "length_weight": (-1000.0, 1000.0),
+    "retrieved_bonus": (-1000.0, 1000.0),
     "backward_context_turns": (0, 1000),
 }
 
@@ -56,6 +59,10 @@ PAGE_RANGES: dict[str, tuple[float, float, float]] = {
     "backward_weight": (0.0, 2.0, 0.05),
     "max_history": (1, 20, 1),
 }
+
+
+# retrieval_candidates -1 (auto, the default) means this many for a bot with a retrieval index, 0 without one
+AUTO_RETRIEVAL_CANDIDATES = 10
 
 
 @dataclass
@@ -79,6 +86,10 @@ class GenerationSettings:
         "most recent utterances (the user's latest included) the model sees; older ones are dropped"))
     max_context_tokens: int = field(default=200, metadata=field_help(
         "token budget of the context; oldest turns are dropped first to fit (also capped by the model size)"))
+    retrieval_candidates: int = field(default=-1, metadata=field_help(
+        "human replies retrieved from the bot's index (BOT_DIR/retrieval, python -m dialogpt_zh.index) and ranked "
+        "with the sampled candidates by the same MMI score; 0 = off, -1 = auto: "
+        f"{AUTO_RETRIEVAL_CANDIDATES} when the bot has an index, else 0 (-1..256; docs/retrieval.md)"))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -94,17 +105,11 @@ class GenerationSettings:
 class MMISettings:
     """How candidates are ranked.
 
-    Defaults chosen on held-out data, by people as well as metrics (README "Choosing the MMI weights"),
-    re-chosen for the default models of this release: ranking by the backward term alone (forward_weight 0)
-    gives response selection R10@1 36.95 on lccc "valid" (forward 0.1: 29.01), the fewest bland replies
-    (5.7 %; plain sampling 10.7 %, forward 0.1 13.9 %) and the best BLEU-2 (3.12), and people preferred it
-    to plain sampling 9 to 4 in blind pairs (forward 0.1: 8 to 4). With the previous, weaker default models
-    forward 0 lost to plain sampling (11 to 14) and 0.1 was the default.
-
-    The backward model scores only the user's latest turn (backward_context_turns 1), not all three the
-    forward model sees: on KdConv test (multi-turn) R10@1 rose from 36.4 to 43.1 and people preferred the
-    replies 7 to 3 (20 ties); on lccc "valid" (mostly one-turn contexts) R10@1 fell from 36.95 to 34.85;
-    and the MMI share of a reply fell from ~30 % to ~18 % (README "Choosing the MMI weights").
+    Defaults chosen on held-out data, by people as well as metrics, for the default models of this release
+    (docs/evaluation.md, "Choosing the MMI weights", has the figures and their commands): the backward term
+    alone (forward_weight 0) selected best, gave the fewest bland replies and won the blind pairs; the
+    backward model scores only the user's latest turn (backward_context_turns 1), not every turn the
+    forward model sees, which selected better on multi-turn contexts and costs less.
     """
 
     use_mmi: bool = field(default=True, metadata=field_help(
@@ -116,16 +121,19 @@ class MMISettings:
     backward_context_turns: int = field(default=1, metadata=field_help(
         "context turns the backward model scores, most recent first (1 = only the user's latest; 0 = every "
         "turn the forward model sees): fewer turns make MMI cheaper"))
+    retrieved_bonus: float = field(default=0.1, metadata=field_help(
+        "added to the score of a reply retrieved from the bot's index (in the score's units: per-token log-prob "
+        "with normalize=mean); 0 ranks retrieved and sampled replies alike (docs/retrieval.md: how 0.1 was chosen)"))
     normalize: Literal["mean", "sum"] = field(default="mean", metadata=field_help(
         "mean: per-token log-probs (fwd / reply tokens, bwd / context tokens); sum: summed log-probs"))
     blocklist: str | None = field(default=None, metadata=field_help(
-        "file with one word per line; sampled candidates containing any of them are removed"))
+        "file with one word per line; candidates (sampled or retrieved) containing any of them are removed"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.use_mmi, (bool, np.bool_)):
             raise SettingsError(f"must be true or false, got {self.use_mmi!r}", field="use_mmi")
         self.use_mmi = bool(self.use_mmi)
-        for name in ("forward_weight", "backward_weight", "length_weight"):
+        for name in ("forward_weight", "backward_weight", "length_weight", "retrieved_bonus"):
             _check_number(self, name, "float")
         _check_number(self, "backward_context_turns", "int")
         if self.normalize not in ("mean", "sum"):
@@ -183,18 +191,40 @@ def mmi_active(mmi: MMISettings, has_backward: bool) -> bool:
     return has_backward and mmi.use_mmi
 
 
+def score_terms(fwd, bwd, num_tokens, num_context_tokens, normalize: str):
+    """The forward and backward values that enter `mmi_score`: per token for normalize="mean" (fwd / reply
+    tokens, bwd / context tokens), the summed log-probs for "sum". The faces show these, so that the score
+    can be checked from the columns."""
+    if normalize == "mean":
+        return fwd / num_tokens, bwd / np.maximum(num_context_tokens, 1)
+    return fwd, bwd
+
+
 def mmi_score(fwd, bwd, num_tokens, num_context_tokens, forward_weight, backward_weight, length_weight,
-              normalize: str):
-    """THE ranking score: forward_weight · fwd + backward_weight · bwd + length_weight · num_tokens, with
-    per-token terms for normalize="mean" (fwd / reply tokens, bwd / context tokens).
+              normalize: str, retrieved=0.0, retrieved_bonus: float = 0.0):
+    """THE ranking score: forward_weight · fwd + backward_weight · bwd + length_weight · num_tokens
+    (+ retrieved_bonus for a reply retrieved from the index: `retrieved` 1 or 0), with per-token terms for
+    normalize="mean" (fwd / reply tokens, bwd / context tokens): `score_terms`.
 
     Works on floats and on numpy arrays (weights may broadcast), so the evaluator's weight sweep computes
     exactly what the chat ranks by.
     """
-    if normalize == "mean":
-        fwd = fwd / num_tokens
-        bwd = bwd / np.maximum(num_context_tokens, 1)
-    return forward_weight * fwd + backward_weight * bwd + length_weight * num_tokens
+    fwd, bwd = score_terms(fwd, bwd, num_tokens, num_context_tokens, normalize)
+    return forward_weight * fwd + backward_weight * bwd + length_weight * num_tokens + retrieved_bonus * retrieved
+
+
+def score_formula(weights: tuple[float, float, float], normalize: str, names: tuple[str, str, str] | None = None,
+                  score: str = "score", retrieved_bonus: float | None = None, retrieved: str = "retrieved") -> str:
+    """`mmi_score` with these (forward, backward, length) weights as one line of text, e.g.
+    "score = 0·fwd/tok + 1·bwd/ctx + 0·tok"; `names`: what the forward term, the backward term and the
+    reply length are called in the table beside it (default: as in the terminal's /debug table);
+    `retrieved_bonus`: add its term (`retrieved`: what the 1-or-0 of a retrieved reply is called)."""
+    if names is None:
+        names = ("fwd/tok", "bwd/ctx", "tok") if normalize == "mean" else ("fwd", "bwd", "tok")
+    terms = [f"{w:g}·{name}" for w, name in zip(weights, names)]
+    if retrieved_bonus is not None:
+        terms.append(f"{retrieved_bonus:g}·{retrieved}")
+    return f"{score} = " + " + ".join(terms)
 
 
 def ranking_weights(mmi: MMISettings, use_backward: bool) -> tuple[float, float, float]:
@@ -209,6 +239,8 @@ def ranking_weights(mmi: MMISettings, use_backward: bool) -> tuple[float, float,
 # --quantize values: float32 weights, every weight at float16 precision (the faces' default; arithmetic in
 # float32), both models' matmuls in dynamic int8, or the forward model's only
 QUANTIZATIONS = ("none", "fp16", "int8", "int8-forward")
+# the one default, for the faces' --quantize and ChatBot.from_pretrained alike
+DEFAULT_QUANTIZE = "fp16"
 # what a null in a run file (--config) means for settings whose null once meant a value: run files written
 # before fp16 became the default say "quantize": null for the float32 weights
 NULL_IN_RUN_FILES = {"quantize": "none"}
@@ -224,17 +256,23 @@ class BotArguments:
     backward: str | None = field(default=None, metadata=field_help(
         "a backward model directory, when --model is a single forward model directory"))
     device: str = field(default="cpu", metadata=field_help("torch device for the models (cpu, cuda, ...)"))
-    quantize: str = field(default="fp16", metadata=field_help(
+    quantize: str = field(default=DEFAULT_QUANTIZE, metadata=field_help(
         "'fp16': every weight rounded to float16 precision, arithmetic in float32 (on CPU fbgemm's fp16-weight "
-        "matmuls: faster; next-token distributions ~1e-7 nats per token from float32); 'none': the float32 weights "
-        "as trained; 'int8': dynamic int8 quantization of both models' matmuls (CPU only; slightly different "
-        "scores, and here no faster than fp16); 'int8-forward': of the forward model only, the backward model "
-        "in float32, so MMI scores candidates exactly as with 'none' (docs/engine.md, fp16 and int8)"))
+        "matmuls: faster; next-token distributions within float16 rounding of float32's); 'none': the float32 "
+        "weights as trained; 'int8': dynamic int8 quantization of both models' matmuls (CPU only; slightly "
+        "different scores); 'int8-forward': of the forward model only, the backward model in float32, so MMI "
+        "scores candidates exactly as with 'none' (docs/engine.md, fp16 and int8, has the measurements)"))
     threads: int = field(default=0, metadata=field_help(
         "intra-op CPU threads per reply: 0 = the thread policy (auto: the cores other processes leave free, "
         "shared by the replies in flight); N = always N (docs/engine.md, Threads)"))
+    layout: str | None = field(default=None, metadata=field_help(
+        "input layout of both models: 'chitchat' ([CLS] u1 [SEP] u2 [SEP] ...: ours, GPT2-chitchat's) or 'cdial' "
+        "(speaker tokens and token types: CDial-GPT's); default: each model's card, else its vocabulary's "
+        "(docs/foreign_checkpoints.md)"))
 
     def __post_init__(self) -> None:
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise SettingsError(f"unknown layout {self.layout!r}; use one of {LAYOUTS}", field="layout")
         if self.backward and not self.model:
             raise SettingsError("--backward needs --model (the forward model directory)", field="backward")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not 0 <= self.threads <= 1024:

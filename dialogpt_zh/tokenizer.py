@@ -6,6 +6,7 @@ construct tokenizers from a vocab file directly; we go through `from_pretrained`
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -56,41 +57,97 @@ def build_char_tokenizer(char_counts: Counter, min_frequency: int = 1):
                                    sep_token=SEP, mask_token=MASK)
 
 
-def load_vocab_tokenizer(vocab_path: str | Path):
-    """A BERT-Chinese tokenizer from a `vocab.txt` (e.g. GPT2-chitchat's), so its models stay compatible."""
+# A vocab.txt must hold these; [MASK] is optional (CDial-GPT's vocabulary has none).
+REQUIRED_SPECIAL_TOKENS = [PAD, UNK, CLS, SEP]
+# Tokens a foreign vocabulary may carry that only the sequence layout places (dialogpt_zh.sequence.SPEAKER_TOKENS):
+# marked special, so they are never produced from user text nor shown in a reply.
+LAYOUT_TOKENS = ["[speaker1]", "[speaker2]"]
+
+
+def load_vocab_tokenizer(vocab_path: str | Path, options: dict | None = None):
+    """A BERT-Chinese tokenizer from a `vocab.txt` (GPT2-chitchat's, CDial-GPT's, uer's), so their models stay
+    compatible. `options`: do_lower_case / tokenize_chinese_chars / strip_accents from the model's own
+    tokenizer_config.json (default: lowercase, Chinese characters split, as BERT-Chinese)."""
     vocab_path = Path(vocab_path)
     if not vocab_path.is_file():
         raise UserError("vocab file not found", path=vocab_path)
     data = vocab_path.read_bytes()
     try:
-        lines = data.decode("utf-8").splitlines()
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"not UTF-8 text ({e.reason} at byte {e.start}); a vocab.txt has one token per line",
                         path=vocab_path, line=data.count(b"\n", 0, e.start) + 1) from e
-    missing = [t for t in SPECIAL_TOKENS if t not in lines]
+    # lines as transformers reads them (newlines only: a BERT vocab holds characters such as U+2028 that
+    # str.splitlines would also split at); the line number is the token id
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    present = set(lines)
+    missing = [t for t in REQUIRED_SPECIAL_TOKENS if t not in present]
     if missing:
         raise UserError(f"vocab lacks the special tokens {missing}", path=vocab_path)
+    config: dict = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True}
+    for key in ("do_lower_case", "tokenize_chinese_chars", "strip_accents"):
+        if options and isinstance(options.get(key), bool):
+            config[key] = options[key]
+    if MASK not in present:   # else transformers would add a [MASK] beyond the model's embeddings
+        config["mask_token"] = None
+    speakers = [t for t in LAYOUT_TOKENS if t in present]
+    if speakers:
+        config["additional_special_tokens"] = speakers
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(vocab_path, Path(tmp) / "vocab.txt")
-        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True}))
-        return load_tokenizer(tmp)
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config))
+        tok = _from_pretrained(Path(tmp), vocab_path)
+    if len(tok) > len(lines):
+        raise UserError(f"the tokenizer has {len(tok)} tokens but the file only {len(lines)} lines: tokens were "
+                        "added beyond the model's embeddings", path=vocab_path)
+    return tok
+
+
+# files that hold a vocabulary (tokenizer_config.json alone does not)
+_VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                     "sentencepiece.bpe.model")
+
+
+def _tokenizer_options(path: Path) -> dict:
+    """The model's tokenizer_config.json as a dict ({} when absent or unreadable: BERT-Chinese defaults)."""
+    try:
+        data = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load_tokenizer(path: str | Path):
-    """Load a tokenizer directory saved by `save_pretrained` (ours or a GPT2-chitchat model's)."""
-    from transformers import AutoTokenizer
-
+    """Load a tokenizer directory: one saved by `save_pretrained` (ours, with tokenizer.json), or a model
+    directory that has only a BERT-style `vocab.txt` (GPT2-chitchat, CDial-GPT, uer/gpt2-chinese: their
+    config.json says GPT-2, so AutoTokenizer alone would look for a GPT-2 BPE vocabulary)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError("tokenizer directory not found", path=path)
+    if not (path / "tokenizer.json").is_file() and (path / "vocab.txt").is_file():
+        return load_vocab_tokenizer(path / "vocab.txt", _tokenizer_options(path))
+    if not any((path / name).is_file() for name in _VOCABULARY_FILES):
+        # else AutoTokenizer may build a tokenizer of special tokens only, and every character is [UNK]
+        raise UserError("no vocabulary here: a model directory needs tokenizer.json or a BERT-style vocab.txt beside "
+                        "config.json (GPT2-chitchat keeps its vocab.txt in vocab/: copy it next to the model)",
+                        path=path)
+    return _from_pretrained(path, path)
+
+
+def _from_pretrained(path: Path, shown: Path):
+    """AutoTokenizer over a directory (never over a vocab file: see the module docstring); errors name `shown`."""
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001 - report any loader failure as a user error
-        raise UserError(f"cannot load tokenizer: {e}", path=path) from e
+        raise UserError(f"cannot load tokenizer: {e}; a model directory needs tokenizer.json or a BERT-style "
+                        "vocab.txt beside config.json", path=shown) from e
     for name in ("pad_token_id", "cls_token_id", "sep_token_id", "unk_token_id"):
         if getattr(tok, name) is None:
-            raise UserError(f"tokenizer has no {name.replace('_id', '')}", path=path)
+            raise UserError(f"tokenizer has no {name.replace('_id', '')}", path=shown)
     return tok
 
 
@@ -108,6 +165,8 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
     tokens = tokenizer.convert_ids_to_tokens([int(i) for i in ids], skip_special_tokens=True)
     out: list[str] = []
     for tok in tokens:
+        if tok is None:  # an id without a token (a row beyond the vocabulary): nothing to show
+            continue
         if tok.startswith("##"):
             tok = tok[2:]
         elif out and tok.isascii() and tok.isalnum() and out[-1][-1:].isascii() and out[-1][-1:].isalnum() \
@@ -115,6 +174,41 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
             out.append(" ")  # whole Latin words from a BERT vocab: keep them apart
         out.append(tok)
     return "".join(out)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what makes two tokenizers interchangeable for stored token ids: the vocabulary (tokens in id
+    order) and the special token ids. Equal for a store's tokenizer/ and a model trained on that store, whatever
+    bytes their tokenizer.json files hold (transformers versions write them differently)."""
+    import hashlib
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    blob = json.dumps({"vocab": vocab, "special": {n: getattr(tokenizer, f"{n}_token_id")
+                                                  for n in ("pad", "unk", "cls", "sep")}},
+                      ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def fast_decoder(tokenizer):
+    """`decode` for many id sequences: a table join when every ordinary token is one character (a char
+    tokenizer: the same text as `decode`), else `decode` itself."""
+    vocab = tokenizer.get_vocab()
+    specials = set(tokenizer.all_special_ids)
+    if not all(len(t) == 1 for t, i in vocab.items() if i not in specials):
+        return lambda ids: decode(tokenizer, ids)
+    table = [""] * (max(vocab.values()) + 1)
+    for t, i in vocab.items():
+        if i not in specials:
+            table[i] = t
+    return lambda ids: "".join([table[i] for i in ids])
+
+
+@functools.lru_cache(maxsize=1)
+def _unassigned_code_points() -> np.ndarray:
+    """Boolean mask over all code points: unassigned (category Cn) in this Python's Unicode database."""
+    import unicodedata
+
+    return np.array([unicodedata.category(chr(cp)) == "Cn" for cp in range(0x110000)], dtype=bool)
 
 
 class UtteranceEncoder:
@@ -146,6 +240,13 @@ class UtteranceEncoder:
                 if chr(cp).isspace():
                     table[cp] = -1
             self.table = table
+            # Code points this Python's Unicode tables call unassigned may have case mappings in the newer
+            # tables of the Rust tokenizer, so str.lower() cannot stand in for its lowercasing there.
+            self.uncertain = _unassigned_code_points()
+
+    def _has_uncertain(self, texts: list[str]) -> bool:
+        cps = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+        return bool(self.uncertain[cps].any())
 
     def _table_encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         joined = "\n".join(texts).lower()
@@ -170,7 +271,7 @@ class UtteranceEncoder:
         return flat, offsets
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        if self.table is None:
+        if self.table is None or self._has_uncertain(texts):
             return self._generic_encode(texts)
         flat, offsets = self._table_encode(texts)
         if self.batches % self.verify_every == 0:

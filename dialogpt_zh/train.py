@@ -23,8 +23,8 @@ EXAMPLES = """
 def main(argv: Optional[list[str]] = None) -> int:
     def body() -> int:
         parser = make_parser([TrainConfig], prog="python -m dialogpt_zh.train",
-                             description="Train a forward (P(reply | context)) or backward (P(context | reply), the "
-                                         "MMI scorer) GPT-2 on a token store.", examples=EXAMPLES)
+                             description="Train a forward (P(reply | context)) or backward (P(context | reply), "
+                                         "the MMI scorer) GPT-2 on a token store.", examples=EXAMPLES)
         (config,) = parse(parser, argv)
         metrics = train(config)
         if metrics["stopped"] != "interrupted":

@@ -15,18 +15,29 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry or version-check calls
 import gradio as gr  # noqa: E402
 
 from dialogpt_zh.cli import make_parser, parse, run_main  # noqa: E402
+from dialogpt_zh.engine.results import HISTORY_NOTICE_PREFIX  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
 from dialogpt_zh.fsutil import check_output_file  # noqa: E402
 from dialogpt_zh.settings import PAGE_RANGES, BotArguments, GenerationSettings, MMISettings, apply_overrides, field_help  # noqa: E402
-from dialogpt_zh.webui.view import CANDIDATE_HEADERS, candidates_table, history_to_messages  # noqa: E402,F401
+from dialogpt_zh.webui.view import (  # noqa: E402,F401
+    CANDIDATE_HEADERS,
+    candidate_headers,
+    candidates_table,
+    history_to_messages,
+    score_legend,
+)
+
+if TYPE_CHECKING:  # the engine (torch) is imported when a bot is loaded, not with this module
+    from dialogpt_zh.engine.results import Reply
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +88,11 @@ class WebArguments:
         "faster than batch by batch, docs/web.md)"))
     engine_process: bool = field(default=True, metadata=field_help(
         "with --max_batch > 1: compute replies in a child process with its own interpreter, so the batches "
-        "do not wait for Gradio's Python (1.11x the replies/s, median of 6 pairs); the page's process still "
+        "do not wait for Gradio's Python (more replies/s: docs/web.md); the page's process still "
         "loads the bot for its settings; --no_engine_process computes them in the page's process"))
     batch_workers: int = field(default=2, metadata=field_help(
         "with --max_batch > 1: threads taking batches from the queue, so a batch can start while another "
-        "runs (each gets its share of the free cores; 2 did 1.13-1.28x the replies/s of 1 on 2 cores)"))
+        "runs (each gets its share of the free cores; on 2 cores 2 beat 1: docs/web.md)"))
     max_queue: int = field(default=64, metadata=field_help(
         "requests allowed to wait; beyond that new requests are refused with 'queue full'"))
     max_input_chars: int = field(default=150, metadata=field_help(
@@ -133,25 +144,67 @@ CONTROLS: list[Control] = [
 GENERIC_ERROR = "生成回复时出错（对话未改变，可稍后重试；详情已记录在服务器日志中）"
 
 
-class ClearCounter:
-    """Per-session count of "clear" clicks: a reply that started before the latest clear is dropped, so
-    clearing wins whatever the timing (the reply handler would otherwise write back its old history)."""
+class ClearGate:
+    """Per session: when "clear" was last pressed, and which reply is being delivered. A clear always wins over a
+    reply in flight, whatever the timing:
+
+    - a reply whose request reached the page before the latest clear is dropped (`delivery` says so), even if it
+      waited in Gradio's queue and started computing after the clear;
+    - a reply that passed that check holds the session's delivery lock until Gradio has stored and sent its
+      outputs (the reply handler is a generator resumed only after that), and `clear` waits for the lock, so
+      the clear's empty chat is stored and sent after it, never before."""
+
+    WAIT_S = 10.0  # longest a clear waits for a reply being delivered (Gradio stores and sends in milliseconds)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
+        self._cleared: dict[str, float] = {}  # session -> time.monotonic() of its latest clear
+        self._delivering: dict[str, threading.Lock] = {}
 
-    def get(self, session: str | None) -> int:
+    def _session_lock(self, session: str) -> threading.Lock:
         with self._lock:
-            return self._counts.get(session or "", 0)
+            return self._delivering.setdefault(session, threading.Lock())
 
-    def bump(self, session: str | None) -> None:
+    def clear(self, session: str | None) -> None:
+        """Record a clear now, then wait until a reply of this session that is being delivered is out."""
+        session = session or ""
         with self._lock:
-            self._counts[session or ""] = self._counts.get(session or "", 0) + 1
+            self._cleared[session] = time.monotonic()
+        lock = self._session_lock(session)
+        if lock.acquire(timeout=self.WAIT_S):
+            lock.release()
+        else:
+            log.warning("clear: a reply of session %s was still being delivered after %.0f s", session, self.WAIT_S)
+
+    @contextmanager
+    def delivery(self, session: str | None, submitted: float) -> Iterator[bool]:
+        """True: no clear since `submitted` (time.monotonic() when the request reached the page): deliver the
+        reply inside the block (a clear waits for the block to end). False: drop it."""
+        session = session or ""
+        lock = self._session_lock(session)
+        with lock:
+            with self._lock:
+                current = self._cleared.get(session, float("-inf")) < submitted
+            yield current
 
     def forget(self, session: str | None) -> None:
         with self._lock:
-            self._counts.pop(session or "", None)
+            self._cleared.pop(session or "", None)
+            self._delivering.pop(session or "", None)
+
+
+def submitted_at() -> float:
+    """time.monotonic() when the Gradio event now running joined the queue (so a clear pressed while the request
+    waited for a free slot counts); now, where Gradio does not say (a handler called directly; a Gradio release
+    that keeps its queue differently: tests/test_web.py's queued-request race notices)."""
+    try:
+        from gradio.context import LocalContext
+
+        blocks = LocalContext.blocks.get(None)
+        event = blocks._queue.event_ids_to_events[LocalContext.event_id.get(None)]
+        return float(event.enqueue_time)
+    except Exception:  # noqa: BLE001 - internals of another package: any change means "not known"
+        return time.monotonic()
 
 
 # ---------------------------------------------------------------------------------------------- transcript
@@ -181,27 +234,208 @@ class TranscriptWriter:
 
 # ------------------------------------------------------------------------------------------ pure helpers
 
+def first_drop_of_typed_lines(history: Sequence[str], context: Sequence[str] | None) -> bool:
+    """True on the turn the model first leaves out a line the person typed. `history` alternates person and
+    bot lines (the person's at even positions) before this turn's message; the model saw the last
+    len(context) lines of history + [message]. Each turn adds two lines, so the first drop of the person's
+    first line is a turn that leaves out one or two lines."""
+    if context is None:
+        return False
+    dropped = len(history) + 1 - len(context)
+    return 1 <= dropped <= 2
+
+
 def status_markdown(reply, notices: Sequence[str]) -> str:
-    """Latency (with its encode / generate / score split), seed, MMI on/off, then one line per notice."""
+    """Latency (with its encode / generate / score split), seed, MMI on/off, how the candidates' final score is
+    computed, then one line per notice."""
     t = reply.timings or {}
-    names = {"encode": "编码", "generate": "生成", "score": "打分"}
-    split = "，".join(f"{names[k]} {t[k]:.2f}" for k in names if k in t)
+    names = {"encode": "编码", "retrieve": "检索", "generate": "生成", "score": "打分"}
+    split = "，".join(f"{names[k]} {t[k]:.2f}" for k in names if k in t and (t[k] or k != "retrieve"))
     head = f"**本轮用时 {reply.latency_s:.2f} 秒**" + (f"（{split}）" if split else "")
     head += f" · {len(reply.candidates)} 个不同候选 · MMI {'开' if reply.mmi else '关'}"
     if getattr(reply, "seed", None) is not None:
         head += f" · 种子 {reply.seed}"
-    return "\n\n".join([head] + [f"提示：{n}" for n in notices])
+    legend = [score_legend(reply)] if reply.candidates else []
+    return "\n\n".join([head] + legend + [f"提示：{n}" for n in notices])
 
 
 # ------------------------------------------------------------------------------------------------ the app
 
-def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
+class Replier(Protocol):
+    """What the page asks for a reply: `ChatBot`, `ReplyBatcher` and `EngineProcess` all are one (so is a
+    test's stand-in wrapping a bot). The page also reads the bot's `generation`, `mmi_settings` and `notices`."""
+
+    def reply(self, history: list[str], *, seed: int | None = None, generation: GenerationSettings | None = None,
+              mmi: MMISettings | None = None) -> Reply: ...
+
+
+def make_replier(bot: Replier, replier: Replier | None, max_batch: int, batch_window_ms: float,
+                 batch_workers: int, continuous_batching: bool) -> Replier:
+    """What computes a reply: the caller's `replier` (e.g. an EngineProcess, closed by whoever launched the
+    page), else a `ReplyBatcher` sharing batches between users when `bot` is a `ChatBot` and `max_batch` > 1,
+    else the bot itself (a stand-in that is not a ChatBot cannot be batched)."""
+    from dialogpt_zh.engine.bot import ChatBot
+
+    if replier is not None:
+        return replier
+    if max_batch > 1 and isinstance(bot, ChatBot):
+        from dialogpt_zh.engine.batcher import ReplyBatcher
+
+        return ReplyBatcher(bot, window_s=batch_window_ms / 1000, max_requests=max_batch, workers=batch_workers,
+                            continuous=continuous_batching)
+    return bot
+
+
+@dataclass
+class ChatHandlers:
+    """The page's chat handlers over one replier: a reply, a clear, a closed tab. Each browser session keeps
+    its history in a `gr.State`; `clears` makes a clear win over a reply in flight (`ClearGate`)."""
+
+    replier: Replier
+    generation: GenerationSettings
+    mmi: MMISettings
+    defaults: dict[str, Any]
+    bot_notices: list[str]
+    writer: TranscriptWriter | None
+    max_input_chars: int
+    seed: int | None
+    clears: ClearGate = field(default_factory=ClearGate)
+
+    # Explicit parameters (not *values) so that the API page and gradio_client show the settings' names.
+    # A generator: its one output is stored and sent by Gradio before the generator resumes, and until then the
+    # session's delivery lock is held, so a clear (ClearGate) lands after it.
+    def reply(self, message: str, history: list[str] | None, request: gr.Request, num_candidates: float,
+              top_k: float, top_p: float, temperature: float, repetition_penalty: float,
+              backward_weight: float, max_history: float):
+        submitted = submitted_at()
+        values = dict(num_candidates=num_candidates, top_k=top_k, top_p=top_p, temperature=temperature,
+                      repetition_penalty=repetition_penalty, backward_weight=backward_weight,
+                      max_history=max_history)
+        session = getattr(request, "session_hash", None)
+        outputs, record = self.respond(message, list(history or []), session, values)
+        with self.clears.delivery(session, submitted) as current:
+            if not current:  # cleared after this message was sent: the clear wins
+                yield (gr.skip(),) * 6
+                return
+            if record is not None and self.writer is not None:
+                self.write_transcript(*record)
+            yield outputs
+
+    def respond(self, message: str, history: list[str], session: str | None, values: dict[str, float]
+                ) -> tuple[tuple, tuple | None]:
+        """The reply handler's outputs for `message`, and the transcript record's parts (None: no turn)."""
+        message = (message or "").strip()
+        if not message:
+            gr.Info("空消息已忽略。")  # nothing else changes
+            return ("", history_to_messages(history), history, gr.skip(), gr.skip(), gr.skip()), None
+        notices = []
+        if len(message) > self.max_input_chars:
+            message = message[:self.max_input_chars]
+            notices.append(f"输入过长，只保留了前 {self.max_input_chars} 个字。")
+            gr.Warning(notices[-1])
+        overrides = {k: _coerce(self.defaults[k], v) for k, v in values.items()}
+        try:
+            gen, mm = apply_overrides(self.generation, self.mmi, overrides)
+            # MMI weight 0 means "no MMI": skip the backward pass instead of computing a score weighted by 0.
+            mm = apply_overrides(gen, mm, {"use_mmi": mm.use_mmi and mm.backward_weight > 0})[1]
+            reply = self.replier.reply(history + [message], seed=self.seed, generation=gen, mmi=mm)
+        except Exception as e:  # any failure becomes a message on the page, never a dead page
+            # the details go to the server log; a remote user sees only what is meant for users
+            log.exception("reply failed (session %s)", session)
+            status = "⚠ " + (f"无法生成回复：{e}" if isinstance(e, UserError) else GENERIC_ERROR)
+            return (message, history_to_messages(history), history, gr.skip(), status, gr.skip()), None
+        if not reply.candidates:  # e.g. a blocklist removed every candidate: say so, keep the history
+            status = "⚠ 这一轮没有可用的回复：" + "；".join(reply.notices or ["没有候选"])
+            return (message, history_to_messages(history), history, [], status, None), None
+        new_history = history + [message, reply.text]
+        # the engine's history notices come every turn once lines are dropped: say it once, in plain words
+        notices += [n for n in (reply.notices or []) if n not in self.bot_notices
+                    and not n.startswith(HISTORY_NOTICE_PREFIX)]
+        if first_drop_of_typed_lines(history, getattr(reply, "context", None)):
+            notices.append(f"机器人只读最近 {len(reply.context)} 句对话，更早的句子不再计入"
+                           "（“历史长度”可调）。此提示每段对话只出现一次。")
+        record = (session, message, reply, new_history, {**overrides, "use_mmi": mm.use_mmi}, notices)
+        # the last turn, for the person's judgement (web_judging): what the bot was given and answered
+        turn = {"given": history + [message], "reply": reply, "settings": {**asdict(gen), **asdict(mm)}}
+        return ("", history_to_messages(new_history), new_history, candidates_table(reply),
+                status_markdown(reply, notices), turn), record
+
+    def write_transcript(self, session: str | None, message: str, reply: Reply, new_history: list[str],
+                         settings: dict[str, Any], notices: list[str]) -> None:
+        self.writer.write({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "session": session,
+            "turn": len(new_history) // 2,
+            "user": message,
+            "reply": reply.text,
+            "seed": getattr(reply, "seed", None),
+            "settings": settings,
+            "latency_s": round(reply.latency_s, 4),
+            "notices": notices,
+            "candidates": [{"rank": c.rank, "text": c.text, "forward_logprob": c.forward_logprob,
+                            "backward_logprob": c.backward_logprob, "score": c.score,
+                            "source": getattr(c, "source", "sampled"), "similarity": getattr(c, "similarity", None)}
+                           for c in reply.candidates],
+        })
+
+    def forget(self, request: gr.Request) -> None:  # the browser tab closed
+        self.clears.forget(getattr(request, "session_hash", None))
+
+    def reset(self, request: gr.Request):
+        self.clears.clear(getattr(request, "session_hash", None))
+        return "", [], [], [], "已清空对话，开始新的聊天吧。", None
+
+
+def page_intro(transcript_on: bool, feedback_on: bool) -> str:
+    """The page's heading text: what it does, and what it keeps (the transcript, the judgements)."""
+    intro = ("GPT-2 前向模型每轮采样多个候选回复，后向模型按最大互信息（MMI）给候选打分重排，"
+             "选出得分最高的一句。右侧表格列出上一轮的全部候选及其分数。")
+    privacy = ("**注意：运营者开启了对话记录，每一轮对话都会写入服务器上的记录文件。**" if transcript_on
+               else "对话只保存在本浏览器会话中，服务器不写入磁盘；刷新页面即清空。")
+    privacy += ("\n\n点表格里的一行 = 你会选这个候选；或在表格下写一句更好的回复。对话会用你的选择继续"
+                "（★ = MMI 的选择，✔ = 你的选择）。"
+                + ("**你的选择会被记录（已遮盖个人信息，不含会话标识）。**" if feedback_on else ""))
+    return f"# {TITLE}\n{intro}\n\n{privacy}"
+
+
+def chat_column() -> tuple[gr.Chatbot, gr.Textbox, gr.Button, gr.Button]:
+    """The left column's parts (inside a `gr.Column`): the chat, the message box, send and clear."""
+    chatbot = gr.Chatbot(label="对话", height=460, render_markdown=False, feedback_options=None,
+                         buttons=["copy_all"], placeholder="输入一句话，按回车发送", elem_id="chat")
+    with gr.Row():
+        textbox = gr.Textbox(show_label=False, placeholder="说点什么……（回车发送）", scale=6,
+                             lines=1, max_lines=4, autofocus=True, elem_id="message")
+        send = gr.Button("发送", variant="primary", scale=1, min_width=90, elem_id="send")
+        reset = gr.Button("清空对话", scale=1, min_width=100, elem_id="reset")
+    gr.Examples(examples=[[e] for e in EXAMPLE_OPENERS], inputs=[textbox], label="试试这些开场白")
+    return chatbot, textbox, send, reset
+
+
+def candidates_column(normalize: str = "mean") -> tuple[gr.Markdown, gr.Dataframe]:
+    """The right column's status line and candidates table (the judging controls and then the sliders follow:
+    `build_app`); the log-prob columns' headers name the unit the score uses (`normalize`)."""
+    status = gr.Markdown("还没有对话。", elem_id="status")
+    table = gr.Dataframe(headers=candidate_headers(normalize), value=[], label="上一轮的全部候选（按最终得分排序）",
+                         interactive=False, wrap=True, elem_id="candidates",
+                         datatype=["number", "str", "str", "number", "number", "number", "number", "number"],
+                         column_widths=["7%", "6%", "30%", "14%", "14%", "12%", "8%", "9%"])
+    return status, table
+
+
+def settings_sliders(defaults: dict[str, Any]) -> list[gr.Slider]:
+    """One slider per `CONTROLS` entry, starting at the page's settings (`defaults`)."""
+    with gr.Accordion("生成设置", open=True):
+        return [gr.Slider(c.range[0], c.range[1], value=defaults[c.name], step=c.range[2], label=c.label,
+                          info=c.info, elem_id=f"ctl_{c.name}") for c in CONTROLS]
+
+
+def build_app(bot: Replier, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
               transcript: str | Path | None = None, *, concurrency: int = 0, max_queue: int = 64,
               max_batch: int = 8, batch_window_ms: float = 5.0, batch_workers: int = 2,
-              continuous_batching: bool = False, replier=None,
+              continuous_batching: bool = False, replier: Replier | None = None,
               max_input_chars: int = 150, seed: int | None = None, feedback: str | Path | None = None,
               arena_pairs: str | Path | None = None, arena_verdicts: str | Path | None = None) -> gr.Blocks:
-    """The Gradio page over `bot` (a `dialogpt_zh.engine.bot.ChatBot`).
+    """The Gradio page over `bot` (a `dialogpt_zh.engine.bot.ChatBot`, or a `Replier` with its settings).
 
     Slider defaults and every other setting come from `generation` / `mmi` (the engine's settings
     dataclasses; default: the bot's own). `transcript`: a JSONL file to append each turn to (None: nothing
@@ -219,126 +453,31 @@ def build_app(bot, generation: GenerationSettings | None = None, mmi: MMISetting
     defaults = {c.name: getattr(generation, c.name, getattr(mmi, c.name, None)) for c in CONTROLS}
     writer = TranscriptWriter(transcript) if transcript else None
     bot_notices = list(getattr(bot, "notices", []) or [])
-    clears = ClearCounter()
-    # what computes a reply: the bot itself, a batcher sharing its batches between users, or the caller's
-    # `replier` (e.g. an EngineProcess); a replier with a close() is closed by whoever launched the page
-    replier = replier if replier is not None else bot
-    if replier is bot and max_batch > 1 and hasattr(bot, "reply_many"):
-        from dialogpt_zh.engine.batcher import ReplyBatcher
-
-        replier = ReplyBatcher(bot, window_s=batch_window_ms / 1000, max_requests=max_batch,
-                               workers=batch_workers, continuous=continuous_batching)
-
-    # Explicit parameters (not *values) so that the API page and gradio_client show the settings' names.
-    def reply_fn(message: str, history: list[str] | None, request: gr.Request, num_candidates: float,
-                 top_k: float, top_p: float, temperature: float, repetition_penalty: float,
-                 backward_weight: float, max_history: float):
-        values = dict(num_candidates=num_candidates, top_k=top_k, top_p=top_p, temperature=temperature,
-                      repetition_penalty=repetition_penalty, backward_weight=backward_weight,
-                      max_history=max_history)
-        session = getattr(request, "session_hash", None)
-        clears_at_start = clears.get(session)
-        history = list(history or [])
-        message = (message or "").strip()
-        if not message:
-            gr.Info("空消息已忽略。")  # nothing else changes
-            return "", history_to_messages(history), history, gr.skip(), gr.skip(), gr.skip()
-        notices = []
-        if len(message) > max_input_chars:
-            message = message[:max_input_chars]
-            notices.append(f"输入过长，只保留了前 {max_input_chars} 个字。")
-            gr.Warning(notices[-1])
-        overrides = {k: _coerce(defaults[k], v) for k, v in values.items()}
-        try:
-            gen, mm = apply_overrides(generation, mmi, overrides)
-            # MMI weight 0 means "no MMI": skip the backward pass instead of computing a score weighted by 0.
-            mm = apply_overrides(gen, mm, {"use_mmi": mm.use_mmi and mm.backward_weight > 0})[1]
-            reply = replier.reply(history + [message], seed=seed, generation=gen, mmi=mm)
-        except Exception as e:  # any failure becomes a message on the page, never a dead page
-            # the details go to the server log; a remote user sees only what is meant for users
-            log.exception("reply failed (session %s)", session)
-            status = "⚠ " + (f"无法生成回复：{e}" if isinstance(e, UserError) else GENERIC_ERROR)
-            return message, history_to_messages(history), history, gr.skip(), status, gr.skip()
-        if clears.get(session) != clears_at_start:  # cleared while this reply was computed: drop it
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        if not reply.candidates:  # e.g. a blocklist removed every candidate: say so, keep the history
-            status = "⚠ 这一轮没有可用的回复：" + "；".join(reply.notices or ["没有候选"])
-            return message, history_to_messages(history), history, [], status, None
-        new_history = history + [message, reply.text]
-        notices += [n for n in (reply.notices or []) if n not in bot_notices]
-        if writer is not None:
-            writer.write({
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "session": getattr(request, "session_hash", None),
-                "turn": len(new_history) // 2,
-                "user": message,
-                "reply": reply.text,
-                "seed": getattr(reply, "seed", None),
-                "settings": {**overrides, "use_mmi": mm.use_mmi},
-                "latency_s": round(reply.latency_s, 4),
-                "notices": notices,
-                "candidates": [{"rank": c.rank, "text": c.text, "forward_logprob": c.forward_logprob,
-                                "backward_logprob": c.backward_logprob, "score": c.score}
-                               for c in reply.candidates],
-            })
-        # the last turn, for the person's judgement (web_judging): what the bot was given and answered
-        turn = {"given": history + [message], "reply": reply, "settings": {**asdict(gen), **asdict(mm)}}
-        return "", history_to_messages(new_history), new_history, candidates_table(reply), \
-            status_markdown(reply, notices), turn
-
-    def forget_fn(request: gr.Request):  # the browser tab closed
-        clears.forget(getattr(request, "session_hash", None))
-
-    def reset_fn(request: gr.Request):
-        clears.bump(getattr(request, "session_hash", None))
-        return "", [], [], [], "已清空对话，开始新的聊天吧。", None
-
-    intro = ("GPT-2 前向模型每轮采样多个候选回复，后向模型按最大互信息（MMI）给候选打分重排，"
-             "选出得分最高的一句。右侧表格列出上一轮的全部候选及其分数。")
-    privacy = ("**注意：运营者开启了对话记录，每一轮对话都会写入服务器上的记录文件。**" if writer
-               else "对话只保存在本浏览器会话中，服务器不写入磁盘；刷新页面即清空。")
-    privacy += ("\n\n点表格里的一行 = 你会选这个候选；或在表格下写一句更好的回复。对话会用你的选择继续"
-                "（★ = MMI 的选择，✔ = 你的选择）。"
-                + ("**你的选择会被记录（已遮盖个人信息，不含会话标识）。**" if feedback else ""))
+    replier = make_replier(bot, replier, max_batch, batch_window_ms, batch_workers, continuous_batching)
+    handlers = ChatHandlers(replier, generation, mmi, defaults, bot_notices, writer, max_input_chars, seed)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(f"# {TITLE}\n{intro}\n\n{privacy}")
+        gr.Markdown(page_intro(writer is not None, bool(feedback)))
         for n in bot_notices:
             gr.Markdown(f"⚠ {n}")
         history_state = gr.State([])
         turn_state = gr.State(None)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320):
-                chatbot = gr.Chatbot(label="对话", height=460, render_markdown=False, feedback_options=None,
-                                     buttons=["copy_all"], placeholder="输入一句话，按回车发送",
-                                     elem_id="chat")
-                with gr.Row():
-                    textbox = gr.Textbox(show_label=False, placeholder="说点什么……（回车发送）", scale=6,
-                                         lines=1, max_lines=4, autofocus=True, elem_id="message")
-                    send = gr.Button("发送", variant="primary", scale=1, min_width=90, elem_id="send")
-                    reset = gr.Button("清空对话", scale=1, min_width=100, elem_id="reset")
-                gr.Examples(examples=[[e] for e in EXAMPLE_OPENERS], inputs=[textbox], label="试试这些开场白")
+                chatbot, textbox, send, reset = chat_column()
             with gr.Column(scale=6, min_width=360):
-                status = gr.Markdown("还没有对话。", elem_id="status")
-                table = gr.Dataframe(headers=CANDIDATE_HEADERS, value=[], label="上一轮的全部候选（按最终得分排序）",
-                                     interactive=False, wrap=True, elem_id="candidates",
-                                     datatype=["number", "str", "str", "number", "number", "number", "number",
-                                               "number"],
-                                     column_widths=["7%", "6%", "30%", "14%", "14%", "12%", "8%", "9%"])
+                status, table = candidates_column(mmi.normalize)
                 feedback_writer = web_judging.add_judging(bot, feedback, table=table, chatbot=chatbot,
                                                           history_state=history_state, turn_state=turn_state,
                                                           status=status)
-                with gr.Accordion("生成设置", open=True):
-                    sliders = [gr.Slider(c.range[0], c.range[1], value=defaults[c.name], step=c.range[2],
-                                         label=c.label, info=c.info, elem_id=f"ctl_{c.name}")
-                               for c in CONTROLS]
+                sliders = settings_sliders(defaults)
         inputs = [textbox, history_state, *sliders]
         outputs = [textbox, chatbot, history_state, table, status, turn_state]
-        gr.on([textbox.submit, send.click], reply_fn, inputs, outputs, api_name="chat",
+        gr.on([textbox.submit, send.click], handlers.reply, inputs, outputs, api_name="chat",
               concurrency_limit=concurrency, concurrency_id="reply", show_progress="minimal")
-        reset.click(reset_fn, None, outputs, api_name="reset", queue=False)
+        reset.click(handlers.reset, None, outputs, api_name="reset", queue=False)
         # The chat panel's own trash icon must forget the history too, not just the bubbles.
-        chatbot.clear(reset_fn, None, outputs, api_visibility="private", queue=False)
-        demo.unload(forget_fn)
+        chatbot.clear(handlers.reset, None, outputs, api_visibility="private", queue=False)
+        demo.unload(handlers.forget)
     if arena_pairs:
         demo = web_judging.with_arena_tab(demo, TITLE, arena_pairs, arena_verdicts)
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)

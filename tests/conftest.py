@@ -55,15 +55,16 @@ def random_bot_dir(tmp_path_factory, fixture_tokenizer) -> Path:
 
 def build_fixture_store(path: Path, tokenizer, sessions: list[list[str]], directions=("forward", "backward"),
                         **manifest) -> Path:
-    """A token store from hand-written sessions (every 5th session -> valid); windows: each prefix of >= 2 turns.
-    `manifest`: more manifest fields (e.g. the preprocessor's `config`)."""
+    """A token store from hand-written sessions (every 5th session -> valid); windows: each prefix of >= 2 turns;
+    one source ("fixtures"). `manifest`: more manifest fields (e.g. the preprocessor's `config`)."""
     from dialogpt_zh.data.store import StoreWriter
     from dialogpt_zh.tokenizer import encode
 
-    writer = StoreWriter(path, tokenizer)
+    writer = StoreWriter(path, tokenizer, sources=["fixtures"])
     for k, session in enumerate(sessions):
         ids = [encode(tokenizer, u) for u in session]
-        writer.add_session("valid" if k % 5 == 0 else "train", ids, [(0, n) for n in range(2, len(ids) + 1)])
+        writer.add_session("valid" if k % 5 == 0 else "train", ids, [(0, n) for n in range(2, len(ids) + 1)],
+                           source=0)
     writer.close({"command": "tests/conftest.py build_fixture_store", "directions": list(directions), **manifest})
     return path
 
@@ -102,3 +103,17 @@ def load_benchmark(name: str, monkeypatch=None):
         sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Skipped browser tests get their own section just above pytest's last line, with the reason (how to run
+    them): "N passed, 4 skipped" alone reads as a pass, and -rs lists the reason among every other skip."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        if "browser" in getattr(report, "keywords", {}) and isinstance(report.longrepr, tuple):
+            reason = report.longrepr[2].removeprefix("Skipped: ")
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        terminalreporter.section("browser tests skipped", sep="=")
+        for reason, count in reasons.items():
+            terminalreporter.line(f"{count} skipped: {reason}")

@@ -120,3 +120,13 @@ def test_judge_a_pairs_file_without_the_key(random_bot_dir, tmp_path):
     assert code == 0 and "2 of 2 pairs judged; score them with --score" in out
     code, out = run(["--score", str(pairs_path), str(tmp_path / "v.jsonl"), "--key", str(tmp_path / "k.json")])
     assert code == 0 and "skipped: 1" in out and "1 decided pairs" in out
+
+
+def test_arguments_are_checked_when_made():
+    from dialogpt_zh.arena import ArenaArgs
+
+    for bad, name in ((dict(make="p.json", judge="p.json"), "judge"), (dict(score=["p.json"]), "score"),
+                      (dict(), "verdicts"), (dict(make="p.json", b_set=["top_k=-1"]), "top_k")):
+        with pytest.raises(UserError) as e:
+            ArenaArgs(**bad)
+        assert e.value.field == name

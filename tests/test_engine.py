@@ -1,24 +1,18 @@
-"""The reply engine: context-only MMI mask, batching equivalence, KV-cached generation, history bounds,
-seeded determinism, duplicates, special tokens, MMI-off path, settings errors, int8 quantization, and the
-lean GPT-2 forward (same logits and the same seeded replies as the transformers forward)."""
+"""The reply engine against its reference (dialogpt_zh/engine/reference.py): context-only MMI, scores and
+ranks, seeded samples, KV-cached and batched generation, history bounds, seeded determinism, duplicates,
+special tokens, the MMI-off path, settings and their overrides, errors. Quantized weights and the lean
+forward: test_engine_forward.py."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 
 import dialogpt_zh.engine.decoding as decoding_module
+from dialogpt_zh.engine import reference
 from dialogpt_zh.engine.bot import ChatBot
-from dialogpt_zh.engine.lean_gpt2 import DecodingRows, LeanGPT2
-from dialogpt_zh.engine.sampling import (
-    apply_repetition_penalty,
-    banned_ngram_tokens,
-    sample_tokens,
-    top_k_filter,
-    top_p_filter,
-)
+from dialogpt_zh.engine.lean_gpt2 import DecodingRows
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.sequence import build_sequence
 from dialogpt_zh.settings import GenerationSettings, MMISettings
@@ -28,17 +22,38 @@ HISTORY = ["你好", "你好呀，在干嘛", "在看电影呢"]
 REPLIES = ["好看吗", "我也想看", "嗯", "今天天气真好，我们去公园吧"]
 
 
+# the engine tests' bots, shared with tests/test_engine_forward.py (which imports them from here)
 @pytest.fixture(scope="module")
 def bot(random_bot_dir) -> ChatBot:
+    """Loaded as every face loads it: fp16 weights (the one default)."""
     return ChatBot.from_pretrained(random_bot_dir)
 
 
-def manual_logprobs(model, ids: list[int], start: int) -> float:
-    """Sum of log P(ids[t] | ids[:t]) for t >= start, from one full (uncached, unbatched) forward pass."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    return sum(float(logprobs[t - 1, ids[t]]) for t in range(start, len(ids)))
+@pytest.fixture(scope="module")
+def float_bot(random_bot_dir) -> ChatBot:
+    """The float32 weights as saved: what the quantized bots are compared with, and copyable (deepcopy)."""
+    return ChatBot.from_pretrained(random_bot_dir, quantize="none")
+
+
+def context_of(bot, history, gen: GenerationSettings | None = None) -> list[list[int]]:
+    """The context turns' token ids as the engine feeds them to the models."""
+    gen = gen or bot.generation
+    return bot.prepare_context(history, gen, gen.max_length, [])[0]
+
+
+def assert_scores_equal_reference(bot, history, candidates, mmi: MMISettings, gen=None, abs_tol=1e-3) -> int:
+    """Each engine `Candidate`'s scores equal the reference's for its token ids; returns how many compared."""
+    want = reference.score_replies(bot.forward_model, bot.backward_model, bot.tokenizer, context_of(bot, history, gen),
+                                   [c.token_ids for c in candidates], mmi)
+    for c, w in zip(candidates, want):
+        assert (c.num_tokens, c.num_context_tokens) == (w["num_tokens"], w["num_context_tokens"])
+        assert c.forward_logprob == pytest.approx(w["forward_logprob"], abs=abs_tol)
+        if w["backward_logprob"] is None:
+            assert c.backward_logprob is None
+        else:
+            assert c.backward_logprob == pytest.approx(w["backward_logprob"], abs=abs_tol)
+        assert c.score == pytest.approx(w["score"], abs=abs_tol)
+    return len(want)
 
 
 def ids_of(bot, texts):
@@ -53,32 +68,32 @@ def ids_of(bot, texts):
 def test_backward_score_is_context_tokens_only(bot):
     context = ids_of(bot, HISTORY)
     n_ctx = sum(len(u) + 1 for u in context)
-    got = bot.backward_logprobs(HISTORY, REPLIES)
+    got = bot.backward_logprobs(HISTORY, REPLIES, backward_context_turns=0)  # every turn
     for reply_ids, (score, n) in zip(ids_of(bot, REPLIES), got):
         seq = build_sequence(context + [reply_ids], "backward", bot.cls_id, bot.sep_id)
         assert seq[:len(reply_ids) + 2] == [bot.cls_id, *reply_ids, bot.sep_id]
         start = len(reply_ids) + 2                       # first token of u_k, after "[CLS] reply [SEP]"
         assert n == n_ctx == len(seq) - start
-        assert score == pytest.approx(manual_logprobs(bot.backward_model, seq, start), abs=1e-4)
+        assert score == pytest.approx(reference.logprob_sum(bot.backward_model, seq, start), abs=1e-4)
         # GPT2-chitchat's quantity (all tokens after [CLS], reply included) is a different number
-        whole = manual_logprobs(bot.backward_model, seq, 1)
+        whole = reference.logprob_sum(bot.backward_model, seq, 1)
         assert abs(whole - score) > 1e-2
 
 
-def test_backward_score_ignores_how_well_the_reply_predicts_itself(bot):
+def test_backward_score_ignores_how_well_the_reply_predicts_itself(float_bot):
     """Make the backward model certain of the reply's own tokens (哈 after 哈...): whole-sequence scoring
     (GPT2-chitchat) rewards that, our context-only score does not move. The hook lives on the transformers
     forward, so this runs the engine's transformers path (the lean forward gives the same hidden states:
     test_lean_forward_matches_transformers)."""
-    bot = copy.copy(bot)
+    bot = copy.copy(float_bot)
     bot.use_lean_forward = False
     model = bot.backward_model
     reply = "哈哈哈哈"
     reply_ids = ids_of(bot, [reply])[0]
     seq = build_sequence(ids_of(bot, HISTORY) + [reply_ids], "backward", bot.cls_id, bot.sep_id)
     start = len(reply_ids) + 2
-    before = bot.backward_logprobs(HISTORY, [reply])[0][0]
-    whole_before = manual_logprobs(model, seq, 1)
+    before = bot.backward_logprobs(HISTORY, [reply], backward_context_turns=0)[0][0]
+    whole_before = reference.logprob_sum(model, seq, 1)
     ha = model.get_output_embeddings().weight[reply_ids[0]].detach()
 
     def make_reply_certain(module, inputs, output):
@@ -86,8 +101,8 @@ def test_backward_score_ignores_how_well_the_reply_predicts_itself(bot):
         output.last_hidden_state[:, :start - 2] = 5000 * ha
     handle = model.base_model.register_forward_hook(make_reply_certain)
     try:
-        after = bot.backward_logprobs(HISTORY, [reply])[0][0]
-        whole_after = manual_logprobs(model, seq, 1)
+        after = bot.backward_logprobs(HISTORY, [reply], backward_context_turns=0)[0][0]
+        whole_after = reference.logprob_sum(model, seq, 1)
     finally:
         handle.remove()
     assert whole_after > whole_before + 5        # whole-sequence scoring is fooled by self-prediction
@@ -106,29 +121,59 @@ def test_batched_scores_equal_one_by_one(bot):
         assert bwd[i][0] == pytest.approx(b1, abs=1e-4) and bwd[i][1] == nb1
 
 
-def test_forward_logprobs_match_full_recomputation(bot):
-    context = ids_of(bot, HISTORY)
-    prefix = build_sequence(context, "forward", bot.cls_id, bot.sep_id)
-    for reply_ids, (score, n) in zip(ids_of(bot, REPLIES), bot.forward_logprobs(HISTORY, REPLIES)):
-        full = prefix + reply_ids + [bot.sep_id]
-        assert n == len(reply_ids) + 1
-        assert score == pytest.approx(manual_logprobs(bot.forward_model, full, len(prefix)), abs=1e-4)
+@pytest.mark.parametrize("mmi", [MMISettings(), MMISettings(backward_context_turns=0, forward_weight=0.7,
+                                                             length_weight=0.05, normalize="sum"),
+                                 MMISettings(use_mmi=False)])
+def test_scores_and_ranks_equal_the_reference(bot, mmi):
+    """rerank (batched forward and backward scores, the ranking score, the order) equals the reference's
+    one-at-a-time full forward passes; forward_logprobs returns the same forward numbers."""
+    ranked = bot.rerank(HISTORY, REPLIES, mmi=mmi)
+    by_text = {c.text: c for c in ranked}
+    assert assert_scores_equal_reference(bot, HISTORY, [by_text[t] for t in REPLIES], mmi, abs_tol=1e-4) == 4
+    want = reference.score_replies(bot.forward_model, bot.backward_model, bot.tokenizer, context_of(bot, HISTORY),
+                                   ids_of(bot, REPLIES), mmi)
+    assert [c.text for c in ranked] == [t for _, t in sorted(zip(want, REPLIES), key=lambda p: -p[0]["score"])]
+    assert [c.rank for c in ranked] == list(range(1, len(REPLIES) + 1))
+    fwd = bot.forward_logprobs(HISTORY, REPLIES)
+    assert [n for _, n in fwd] == [w["num_tokens"] for w in want]
+    assert [f for f, _ in fwd] == pytest.approx([w["forward_logprob"] for w in want], abs=1e-4)
 
 
 def check_cached_generation(bot, seed: int) -> set[int]:
     r = bot.reply(HISTORY, num_candidates=8, seed=seed, max_length=12, min_length=0)
-    prefix = build_sequence(ids_of(bot, HISTORY), "forward", bot.cls_id, bot.sep_id)
-    assert len(r.candidates) >= 2
-    for c in r.candidates:
-        full = prefix + c.token_ids + [bot.sep_id]
-        assert c.forward_logprob == pytest.approx(manual_logprobs(bot.forward_model, full, len(prefix)), abs=1e-3)
+    assert assert_scores_equal_reference(bot, HISTORY, r.candidates, bot.mmi_settings) >= 2
     return {c.num_tokens for c in r.candidates}
 
 
 def test_kv_cached_generation_matches_full_recomputation(bot):
-    """Candidates' forward log-probs collected during cached batched decoding equal a full uncached re-run
-    of each candidate on its own (so the shared, repeated context cache is correct)."""
+    """Candidates' scores (forward log-probs collected during cached batched decoding, MMI in one batch)
+    equal the reference's full uncached run of each candidate on its own (so the shared, repeated context
+    cache is correct)."""
     check_cached_generation(bot, seed=3)
+
+
+SAMPLING = [dict(), dict(temperature=1.3, top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=0),
+            dict(temperature=0.7, top_k=5, top_p=0.8, repetition_penalty=1.5, no_repeat_ngram_size=2, min_length=3),
+            dict(temperature=0.0, max_length=6)]
+
+
+@pytest.mark.parametrize("settings", SAMPLING)
+def test_seeded_samples_equal_the_reference(trained_bot_dir, settings):
+    """With one candidate the engine's seeded sample is the reference's: the same filters, the same draws
+    from the same generator. (With N > 1 the batched sampler draws step by step across the candidates and
+    the reference candidate by candidate, so the samples differ; their scores are compared instead, in
+    test_kv_cached_generation_matches_full_recomputation and test_row_dropping_with_a_trained_bot.)"""
+    bot = ChatBot.from_pretrained(trained_bot_dir, quantize="none")
+    gen = GenerationSettings(num_candidates=1, **settings)
+    lengths = set()
+    for seed in range(4):
+        (got,) = bot.reply(HISTORY, generation=gen, seed=seed).candidates
+        want = reference.sample_reply(bot.forward_model, bot.tokenizer, context_of(bot, HISTORY, gen), gen,
+                                      torch.Generator().manual_seed(seed))
+        assert got.token_ids == want
+        lengths.add(len(want))
+        assert assert_scores_equal_reference(bot, HISTORY, [got], bot.mmi_settings, gen) == 1
+    assert gen.temperature == 0 or len(lengths) > 1  # the draws really differ between seeds
 
 
 @pytest.mark.parametrize("forward,compact_share", [("lean", None), ("transformers", 0.0),
@@ -137,7 +182,7 @@ def test_row_dropping_with_a_trained_bot(trained_bot_dir, forward, compact_share
     """A trained model ends replies at different lengths, so rows leave the batch mid-way: with the lean
     forward the last live row moves into a finished row's slot at once; with transformers' cache rows leave
     it at once (share 0), once half the cache rows are finished (0.5, the default), or never (1.0: they
-    decode a dummy token to the end). The scores must still equal full recomputation."""
+    decode a dummy token to the end). The scores must still equal the reference's."""
     bot = ChatBot.from_pretrained(trained_bot_dir)
     if forward == "transformers":
         monkeypatch.setattr(decoding_module, "COMPACT_DEAD_SHARE", compact_share)
@@ -195,6 +240,7 @@ def test_requests_joining_a_running_batch_get_the_replies_they_get_alone(trained
 def test_rerank_matches_reply_scores(bot):
     r = bot.reply(HISTORY, num_candidates=6, seed=1)
     reranked = {c.text: c for c in bot.rerank(HISTORY, [c.text for c in r.candidates])}
+    compared = 0
     for c in r.candidates:
         if encode(bot.tokenizer, c.text) != c.token_ids:
             continue  # text does not round-trip (e.g. case); not comparable
@@ -202,13 +248,16 @@ def test_rerank_matches_reply_scores(bot):
         assert other.forward_logprob == pytest.approx(c.forward_logprob, abs=1e-3)
         assert other.backward_logprob == pytest.approx(c.backward_logprob, abs=1e-3)
         assert other.score == pytest.approx(c.score, abs=1e-4)
+        compared += 1
+    assert compared >= 3  # most of them round-trip: the comparison really happened
 
 
 def test_backward_context_turns_scores_only_the_latest_turns(bot):
     assert len(HISTORY) >= 3
     whole = {c.text: c for c in bot.rerank(HISTORY, REPLIES, backward_context_turns=0)}  # every turn
     for k in (1, 2):
-        alone = bot.backward_logprobs(HISTORY[-k:], REPLIES)  # the same sequence, cut after k turns
+        # the same sequence, cut after k turns
+        alone = bot.backward_logprobs(HISTORY[-k:], REPLIES, backward_context_turns=0)
         cut = {c.text: c for c in bot.rerank(HISTORY, REPLIES, backward_context_turns=k)}
         for text, (bwd, n_ctx) in zip(REPLIES, alone):
             assert cut[text].backward_logprob == pytest.approx(bwd, abs=1e-3)
@@ -226,19 +275,6 @@ def test_backward_context_turns_scores_only_the_latest_turns(bot):
 
 
 # ---------------------------------------------------------------------------------------- ranking
-
-@pytest.mark.parametrize("normalize", ["mean", "sum"])
-def test_score_formula_and_ranks(bot, normalize):
-    weights = dict(forward_weight=0.7, backward_weight=1.3, length_weight=0.05, normalize=normalize)
-    ranked = bot.rerank(HISTORY, REPLIES, **weights)
-    assert [c.rank for c in ranked] == list(range(1, len(REPLIES) + 1))
-    assert [c.score for c in ranked] == sorted((c.score for c in ranked), reverse=True)
-    for c in ranked:
-        fwd, bwd = c.forward_logprob, c.backward_logprob
-        if normalize == "mean":
-            fwd, bwd = fwd / c.num_tokens, bwd / c.num_context_tokens
-        assert c.score == pytest.approx(0.7 * fwd + 1.3 * bwd + 0.05 * c.num_tokens)
-
 
 def test_mmi_off_without_backward_model(random_bot_dir):
     bot = ChatBot.from_pretrained(random_bot_dir / "forward")
@@ -292,9 +328,10 @@ def test_duplicates_are_collapsed(bot):
     assert len(texts) == len(set(texts)) and sum(c.count for c in r.candidates) == 12
 
 
-def test_never_emits_special_tokens_and_respects_lengths(bot):
+def test_never_emits_special_tokens_and_respects_lengths(float_bot):
     """Even when the model strongly prefers [UNK]/[PAD]/[CLS]/[SEP], they are not emitted (nor [SEP]
     before min_length), and no reply exceeds max_length."""
+    bot = float_bot
     tok = bot.tokenizer
     forced = copy.deepcopy(bot)
     model = forced.forward_model
@@ -346,9 +383,14 @@ def test_overlong_message_keeps_its_last_tokens(bot):
     assert bot.rerank([text], ["嗯", "好的"])
 
 
-def test_out_of_vocab_input_does_not_crash(bot):
-    r = bot.reply(["𠀀😀ЖΩ ﷺ"], num_candidates=2, seed=0)
-    assert isinstance(r.text, str)
+def test_out_of_vocab_input_becomes_unk_context(bot):
+    """Characters outside the vocabulary reach the model as [UNK]; it still replies, never with [UNK]."""
+    r = bot.reply(["𠀀😀ЖΩ"], num_candidates=3, seed=0)
+    assert r.context == ["𠀀😀ЖΩ"]
+    context = context_of(bot, r.context)
+    assert context == [[bot.tokenizer.unk_token_id] * 4]
+    assert r.candidates and r.text == r.candidates[0].text
+    assert all(c.token_ids and bot.tokenizer.unk_token_id not in c.token_ids for c in r.candidates)
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -389,247 +431,6 @@ def test_settings_dataclasses_have_help():
     for cls in (GenerationSettings, MMISettings):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
-
-
-# ---------------------------------------------------------------------------------------- int8
-
-def test_int8_quantization_really_quantizes(random_bot_dir, bot):
-    from transformers.pytorch_utils import Conv1D
-
-    q = ChatBot.from_pretrained(random_bot_dir, quantize="int8")
-    assert not any(isinstance(m, Conv1D) for m in q.forward_model.modules())
-    n_quant = sum(type(m).__name__ == "Linear" and "quantized.dynamic" in type(m).__module__
-                  for m in q.forward_model.modules())
-    assert n_quant == 4 * q.forward_model.config.n_layer + 1  # c_attn, c_proj, c_fc, mlp c_proj + lm_head
-    f_float = bot.forward_logprobs(HISTORY, REPLIES)
-    f_int8 = q.forward_logprobs(HISTORY, REPLIES)
-    for (a, n), (b, m) in zip(f_float, f_int8):
-        assert n == m and math.isfinite(b) and abs(a - b) / n < 0.5
-    assert q.reply(HISTORY, num_candidates=3, seed=0).text is not None
-
-
-def test_int8_forward_quantizes_the_sampler_and_keeps_mmi_exact(random_bot_dir, bot):
-    """--quantize int8-forward: the forward model's matmuls in int8, the backward model untouched, so the
-    MMI scores of any given candidates are exactly the float bot's."""
-    q = ChatBot.from_pretrained(random_bot_dir, quantize="int8-forward")
-    quantized = [sum("quantized.dynamic" in type(m).__module__ for m in model.modules())
-                 for model in (q.forward_model, q.backward_model)]
-    assert quantized == [4 * q.forward_model.config.n_layer + 1, 0]
-    assert q.backward_logprobs(HISTORY, REPLIES) == bot.backward_logprobs(HISTORY, REPLIES)
-    assert q.forward_logprobs(HISTORY, REPLIES) != bot.forward_logprobs(HISTORY, REPLIES)
-    assert any("forward model only" in n for n in q.notices)
-    r = q.reply(HISTORY, num_candidates=4, seed=0)
-    assert r.mmi and all(c.backward_logprob is not None for c in r.candidates)
-
-
-def test_fp16_weights_round_every_weight_and_score_as_float_does(random_bot_dir, bot):
-    """--quantize fp16 (the faces' default): every weight rounded to float16 precision, the matmuls in
-    fbgemm's fp16-weight kernels on CPU, arithmetic in float32: scores within rounding of float32's."""
-    q = ChatBot.from_pretrained(random_bot_dir, quantize="fp16")
-    assert q.quantize == "fp16" and bot.quantize == "none" and not q.notices[1:]
-    from transformers.pytorch_utils import Conv1D
-
-    from dialogpt_zh.engine.fp16 import Fp16Linear, fbgemm_fp16_available
-
-    assert fbgemm_fp16_available()  # x86 CPU builds of torch have fbgemm: the fast path is the one tested
-    for model in (q.forward_model, q.backward_model):
-        assert sum(isinstance(m, Fp16Linear) for m in model.modules()) == 4 * model.config.n_layer + 1
-        assert not any(isinstance(m, (Conv1D, torch.nn.Linear)) for m in model.modules())
-        for name, p in model.named_parameters():  # what stays a plain tensor (embeddings, norms) is rounded too
-            assert torch.equal(p, p.half().float()), name
-    # an Fp16Linear computes x W^T + b with W at float16 precision, through either kernel (few rows: the
-    # direct one; many rows on 2 threads: the supported op), and the two kernels agree bit for bit
-    w, b = torch.randn(7, 5), torch.randn(7)
-    layer = Fp16Linear(w, b)
-    assert layer.packed is not None
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        for rows in (3, 40):
-            x = torch.randn(rows, 5)
-            assert torch.allclose(layer(x), x @ w.half().float().t() + b, atol=1e-5)
-        x = torch.randn(40, 5)
-        assert torch.equal(layer(x), torch.fbgemm_linear_fp16_weight(x, layer.packed, layer.bias))
-    finally:
-        torch.set_num_threads(threads)
-    with pytest.raises(TypeError, match="cannot be copied"):
-        copy.deepcopy(layer)
-    for ours, theirs in ((q.forward_logprobs, bot.forward_logprobs), (q.backward_logprobs, bot.backward_logprobs)):
-        for (a, n), (b, m) in zip(ours(HISTORY, REPLIES), theirs(HISTORY, REPLIES)):
-            assert n == m and abs(a - b) < 1e-3 * abs(b) + 1e-4
-    # the lean forward and transformers' forward run the same fp16 modules: the same replies
-    lean = q.reply(HISTORY, num_candidates=4, seed=3)
-    q.use_lean_forward = False
-    hf = q.reply(HISTORY, num_candidates=4, seed=3)
-    assert [c.token_ids for c in lean.candidates] == [c.token_ids for c in hf.candidates]
-    for a, b in zip(lean.candidates, hf.candidates):
-        assert abs(a.score - b.score) < 1e-4 * abs(b.score) + 1e-4
-    with pytest.raises(UserError, match="unknown quantization"):
-        ChatBot.from_pretrained(random_bot_dir, quantize="fp8")
-    assert ChatBot.from_pretrained(random_bot_dir, quantize="none").backward_logprobs(HISTORY, REPLIES) == \
-        bot.backward_logprobs(HISTORY, REPLIES)
-
-
-# ---------------------------------------------------------------------------------------- filters
-
-def test_sampling_filters():
-    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
-    assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[True, False, False, True]]
-    p = torch.softmax(logits, -1)[0].tolist()  # ~[.09, .64, .24, .03]
-    assert torch.isinf(top_p_filter(logits, 0.5)).tolist() == [[True, False, True, True]]
-    assert torch.isinf(top_p_filter(logits, p[1] + 0.01)).tolist() == [[True, False, False, True]]
-    assert not torch.isinf(top_p_filter(logits, 1.0)).any()
-    assert sorted(banned_ngram_tokens([1, 2, 3, 1, 2], 3)) == [3]
-    assert banned_ngram_tokens([1, 2, 3], 3) == []
-    assert sorted(banned_ngram_tokens([5, 5, 6], 1)) == [5, 6]
-
-
-def test_repetition_penalty_and_sampling():
-    logits = torch.tensor([[2.0, -1.0, 0.5], [1.0, 1.0, 1.0]])
-    out = apply_repetition_penalty(logits, torch.tensor([[0, 1], [2, 2]]), 2.0)
-    assert out.tolist() == [[1.0, -2.0, 0.5], [1.0, 1.0, 0.5]]
-    assert logits.tolist()[0] == [2.0, -1.0, 0.5]  # input untouched
-    g = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample_tokens(torch.tensor([[0.0, 0.0, -50.0, 3.0]]), 1.0, 2, 1.0, g) for _ in range(400)])
-    counts = torch.bincount(draws.flatten(), minlength=4).tolist()
-    assert counts[2] == 0 and (counts[0] == 0 or counts[1] == 0)  # top-2: index 3 and one of the tied zeros
-    assert counts[3] > 300
-    draws = torch.stack([sample_tokens(torch.log(torch.tensor([[0.2, 0.8]])), 1.0, 0, 1.0, g) for _ in range(2000)])
-    assert 0.75 < draws.float().mean().item() < 0.85  # the exponential race samples the right distribution
-
-
-# ---------------------------------------------------------------------------------------- lean forward
-
-def hf_cached_logits(model, ctx, steps):
-    """Logits of the transformers forward: ctx (1, L), then the cache repeated to rows and one (rows, 1)
-    token per step, keeping the rows `keep` (indices) before each step."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    out = [model(input_ids=ctx, past_key_values=cache, use_cache=True).logits]
-    cache.batch_repeat_interleave(steps[0][0].shape[0])
-    for ids, keep in steps:
-        if keep is not None:
-            cache.batch_select_indices(keep)
-        out.append(model(input_ids=ids, past_key_values=cache, use_cache=True).logits)
-    return out
-
-
-def lean_cached_logits(lean, ctx, steps, capacity):
-    cache = lean.new_cache(1, ctx.shape[1] + capacity)
-    out = [lean.logits(lean.hidden(ctx, cache))]
-    cache.repeat_rows(steps[0][0].shape[0])
-    for ids, keep in steps:
-        if keep is not None:
-            cache.k, cache.v = cache.k.index_select(1, keep), cache.v.index_select(1, keep)
-        out.append(lean.logits(lean.hidden(ids, cache)))
-    return out
-
-
-@pytest.mark.parametrize("which", ["random", "trained"])
-@torch.inference_mode()
-def test_lean_forward_matches_transformers(which, random_bot_dir, trained_bot_dir):
-    """Same logits as the HF GPT-2 forward: the prompt, cached decode steps with rows dropped on the way,
-    a multi-token continuation of a cache (forward_logprobs) and a right-padded batch (MMI scoring)."""
-    bot = ChatBot.from_pretrained(random_bot_dir if which == "random" else trained_bot_dir)
-    gen = torch.Generator().manual_seed(0)
-    for model in (bot.forward_model, bot.backward_model):
-        lean = LeanGPT2.wrap(model)
-        assert lean is not None
-        vocab = model.config.vocab_size
-        ctx = torch.randint(5, vocab, (1, 17), generator=gen)
-        steps, rows = [], 6
-        for keep in (None, None, [0, 2, 3, 4, 5], None, [1, 3], [0]):
-            rows = len(keep) if keep is not None else rows
-            steps.append((torch.randint(5, vocab, (rows, 1), generator=gen),
-                          torch.tensor(keep) if keep is not None else None))
-        want = hf_cached_logits(model, ctx, steps)
-        got = lean_cached_logits(lean, ctx, steps, capacity=len(steps))
-        assert len(got) == len(want) == 7
-        for w, g in zip(want, got):
-            assert w.shape == g.shape
-            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-        # the logits really depend on position and context (a wrong cache or position would show)
-        assert (want[1][0] - want[0][0, -1]).abs().max() > 1e-3
-        # several new tokens after a cache (as forward_logprobs feeds the replies)
-        from transformers import DynamicCache
-
-        cont = torch.randint(5, vocab, (3, 4), generator=gen)
-        cache = DynamicCache(config=model.config)
-        model(input_ids=ctx, past_key_values=cache, use_cache=True)
-        cache.batch_repeat_interleave(3)
-        want = model(input_ids=cont, past_key_values=cache, use_cache=True).logits
-        lcache = lean.new_cache(1, ctx.shape[1] + 4)
-        lean.hidden(ctx, lcache)
-        lcache.repeat_rows(3)
-        torch.testing.assert_close(lean.logits(lean.hidden(cont, lcache)), want, atol=1e-5, rtol=1e-5)
-        # a right-padded batch without cache: the real positions equal the HF forward with its mask
-        ids = torch.randint(5, vocab, (3, 9), generator=gen)
-        mask = torch.ones_like(ids)
-        mask[1, 6:] = 0
-        mask[2, 3:] = 0
-        ids[mask == 0] = bot.pad_id
-        want = model(input_ids=ids, attention_mask=mask).logits
-        for got in (lean.logits(lean.hidden(ids)), lean.logits(lean.hidden(ids, mask=mask))):  # padded, packed
-            torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
-        # only some positions (`select`, as MMI scoring asks): the same values, in the order asked
-        flat = mask.reshape(-1).nonzero().squeeze(1)
-        pick = flat[torch.randperm(len(flat), generator=gen)[:7]]
-        for m in (None, mask):  # padded, packed
-            got = lean.logits(lean.hidden(ids, mask=m, select=pick))
-            assert got.shape == (7, vocab)
-            torch.testing.assert_close(got, want.reshape(-1, vocab)[pick], atol=1e-5, rtol=1e-5)
-
-
-def test_gelu_tanh_is_gpt2s_gelu():
-    from dialogpt_zh.engine.lean_gpt2 import gelu_tanh
-
-    x = torch.cat([torch.linspace(-12, 12, 4001), torch.randn(1000) * 3, torch.tensor([0.0, -0.0, 50.0, -50.0])])
-    torch.testing.assert_close(gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"), atol=2e-6, rtol=1e-5)
-    assert gelu_tanh(x.view(5, -1)).shape == (5, x.numel() // 5)
-
-
-def test_lean_and_transformers_paths_give_the_same_replies(trained_bot_dir):
-    """A seeded reply (rows finishing at different steps, MMI on) and rerank/forward scores are the same
-    through the lean forward and the transformers forward."""
-    lean_bot = ChatBot.from_pretrained(trained_bot_dir)
-    hf_bot = copy.copy(lean_bot)
-    hf_bot.use_lean_forward = False
-    assert isinstance(lean_bot._decoder(lean_bot.forward_model).lean, LeanGPT2)
-    assert not hasattr(hf_bot._decoder(hf_bot.forward_model), "lean")
-    for seed in range(3):
-        a = lean_bot.reply(HISTORY, num_candidates=8, seed=seed, min_length=0)
-        b = hf_bot.reply(HISTORY, num_candidates=8, seed=seed, min_length=0)
-        assert [(c.text, c.token_ids, c.count, c.rank) for c in a.candidates] == \
-            [(c.text, c.token_ids, c.count, c.rank) for c in b.candidates]
-        for x, y in zip(a.candidates, b.candidates):
-            assert x.forward_logprob == pytest.approx(y.forward_logprob, abs=1e-4)
-            assert x.backward_logprob == pytest.approx(y.backward_logprob, abs=1e-4)
-    for x, y in zip(lean_bot.rerank(HISTORY, REPLIES), hf_bot.rerank(HISTORY, REPLIES)):
-        assert (x.text, x.rank) == (y.text, y.rank)
-        assert x.forward_logprob == pytest.approx(y.forward_logprob, abs=1e-4)
-        assert x.backward_logprob == pytest.approx(y.backward_logprob, abs=1e-4)
-
-
-def test_lean_forward_runs_int8_models(random_bot_dir):
-    """int8 models (Conv1D turned into dynamic-int8 Linear) also go through the lean forward, same logits."""
-    q = ChatBot.from_pretrained(random_bot_dir, quantize="int8")
-    lean = LeanGPT2.wrap(q.forward_model)
-    assert lean is not None
-    ids = torch.randint(5, q.forward_model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        torch.testing.assert_close(lean.logits(lean.hidden(ids)), q.forward_model(input_ids=ids).logits,
-                                   atol=1e-5, rtol=1e-5)
-
-
-def test_lean_forward_falls_back_for_other_models(random_bot_dir):
-    bot = ChatBot.from_pretrained(random_bot_dir)
-    model = copy.deepcopy(bot.forward_model)
-    model.train()
-    assert LeanGPT2.wrap(model) is None             # dropout on: not covered
-    model.eval()
-    model.config.model_type = "llama"
-    assert LeanGPT2.wrap(model) is None
 
 
 def test_typed_special_token_text_stays_text(random_bot_dir):
@@ -721,12 +522,29 @@ def test_requests_batched_together_get_the_replies_they_get_alone(trained_bot_di
         assert_same_reply(got, want)
 
 
-def test_batched_forward_logprobs_match_full_recomputation(trained_bot_dir):
-    """The forward log-prob each batched candidate carries equals an uncached run of that candidate alone."""
+def test_batched_scores_equal_the_reference(trained_bot_dir):
+    """The scores each batched candidate carries equal the reference's uncached run of that candidate alone."""
     bot = ChatBot.from_pretrained(trained_bot_dir)
     jobs = [bot.prepare_reply(h, **kw) for h, kw in BATCH_REQUESTS]
-    for job, reply in zip(jobs, bot.reply_many(jobs)):
-        ctx = build_sequence(job.context, "forward", bot.cls_id, bot.sep_id)
-        for c in reply.candidates:
-            want = manual_logprobs(bot.forward_model, ctx + c.token_ids + [bot.sep_id], len(ctx))
-            assert c.forward_logprob == pytest.approx(want, abs=1e-3)
+    for (history, _), job, reply in zip(BATCH_REQUESTS, jobs, bot.reply_many(jobs)):
+        assert assert_scores_equal_reference(bot, history, reply.candidates, job.mmi, job.gen) >= 1
+
+
+def test_scoring_calls_apply_or_refuse_every_override(bot):
+    """A setting given to a scoring call either changes what it computes or is refused: none is dropped."""
+    from dialogpt_zh.settings import SettingsError
+
+    every = bot.backward_logprobs(HISTORY, REPLIES, backward_context_turns=0)
+    latest = bot.backward_logprobs(HISTORY, REPLIES)  # the bot's default: the latest turn only
+    assert latest == bot.backward_logprobs(HISTORY, REPLIES, mmi=MMISettings(backward_context_turns=1))
+    assert [n for _, n in latest] == [len(encode(bot.tokenizer, HISTORY[-1])) + 1] * len(REPLIES)
+    assert all(n_all > n for (_, n_all), (_, n) in zip(every, latest))
+    assert bot.backward_logprobs(HISTORY, REPLIES, max_history=1) == latest  # only the latest turn seen
+    for call, setting in ((bot.backward_logprobs, dict(backward_weight=2.0)), (bot.backward_logprobs,
+                          dict(top_k=3)), (bot.forward_logprobs, dict(use_mmi=False)),
+                          (bot.forward_logprobs, dict(num_candidates=3)), (bot.rerank, dict(blocklist="x.txt")),
+                          (bot.rerank, dict(temperature=0.5))):
+        with pytest.raises(SettingsError, match=f"does not use {next(iter(setting))}"):
+            call(HISTORY, REPLIES, **setting)
+    with pytest.raises(SettingsError, match="unknown setting"):
+        bot.forward_logprobs(HISTORY, REPLIES, top_kk=3)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dialogpt_zh import evaluate as E
+from dialogpt_zh.errors import UserError
 from dialogpt_zh.judging import metrics as M
 from dialogpt_zh.judging import report as R
 from dialogpt_zh.settings import mmi_score
@@ -81,8 +82,6 @@ def test_sweep_hand_computed():
     # equals metrics.selection_metrics on the same scores
     both = mmi_score(fwd, bwd, n, nctx, 1.0, 1.0, 0.0, "sum")
     assert M.selection_metrics(both)["mrr"] == pytest.approx(rows[(1.0, 1.0)]["mrr"])
-    # "mean" divides fwd by reply tokens and bwd by context tokens
-    assert mmi_score(fwd, bwd, n, nctx, 1.0, 1.0, 0.5, "mean")[0, 0] == pytest.approx(-4 / 2 - 10 / 10 + 0.5 * 2)
 
 
 def test_sweep_counts_a_nan_score_as_the_worst():
@@ -95,25 +94,8 @@ def test_sweep_counts_a_nan_score_as_the_worst():
     assert row["r10@1"] == 0.0 and row["mrr"] == pytest.approx(100 / 3)
 
 
-def test_rerank_scores_are_the_weighted_log_probs(bot_dir):
-    """The engine's rank score, recomputed by hand from its forward and backward log-probs."""
-    from dialogpt_zh.engine.bot import ChatBot
-
-    bot = ChatBot.from_pretrained(bot_dir)
-    history, texts = ["今天天气真好", "是啊"], ["你好", "我刚下班", "去公园吧，下午三点见"]
-    fwd = dict(zip(texts, bot.forward_logprobs(history, texts)))
-    # the default ranking's backward term scores the latest turn only (backward_context_turns 1)
-    bwd = dict(zip(texts, bot.backward_logprobs(history[-1:], texts)))
-    for norm, wf, wb, wl in (("mean", 0.5, 1.0, 0.1), ("sum", 1.0, 0.3, -0.5)):
-        ranked = bot.rerank(history, texts, normalize=norm, forward_weight=wf, backward_weight=wb, length_weight=wl)
-        for c in ranked:
-            (f, n), (b, nc) = fwd[c.text], bwd[c.text]
-            want = wf * f / n + wb * b / nc + wl * n if norm == "mean" else wf * f + wb * b + wl * n
-            assert c.score == pytest.approx(want, abs=1e-6)
-        assert [c.rank for c in ranked] == [1, 2, 3] and all(a.score >= b.score for a, b in zip(ranked, ranked[1:]))
-
-
 # ------------------------------------------------------------------------------------------- the CLI
+
 def test_cli_end_to_end_report_shape(tmp_path, bot_dir):
     code, out = run_cli(tmp_path, bot_dir, "--decoders", "plain,mmi,greedy", "--sweep")
     assert code == 0
@@ -398,3 +380,11 @@ def test_outputs_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
         fsutil.atomic_write_many({tmp_path / "b": b"new b", tmp_path / "a": b"new a"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     assert (tmp_path / "a").read_text() == "old a" and (tmp_path / "b").read_text() == "old b"
+
+
+def test_arguments_are_checked_when_made():
+    for bad, name in ((dict(decoders="beam"), "decoders"), (dict(limit=-1), "limit")):
+        with pytest.raises(UserError) as e:
+            E.EvalArgs(data=[str(HELDOUT)], **bad)
+        assert e.value.field == name
+    assert E.EvalArgs(data=str(HELDOUT)).data == [str(HELDOUT)]  # one path, not its characters

@@ -29,7 +29,10 @@ def debug_tables(stderr: str) -> list[dict[int, str]]:
             current = {}
             tables.append(current)
             continue
-        m = re.match(r"\s+(\d+)\s+-?[\d.]+\s+-?[\d.]+\s+(?:-?[\d.]+|-)\s+\d+\s+\d+  (.*)$", line)
+        # rank, score, fwd ('-': not computed), bwd ('-' with MMI off), tok, ctx ('-' with MMI off), n, source,
+        # sim, text
+        m = re.match(r"\s+(\d+)\s+-?[\d.]+\s+(?:-?[\d.]+|-)\s+(?:-?[\d.]+|-)\s+\d+\s+(?:\d+|-)\s+\d+\s+\S+\s+"
+                     r"(?:[\d.]+|-)  (.*)$", line)
         if m and current is not None:
             current[int(m.group(1))] = m.group(2)
     return tables
@@ -174,6 +177,33 @@ def test_export_writes_corpus_and_stats(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and (out / "train.txt").read_bytes() == before
     assert feedback_main(["export", str(b), "--output", str(out), "--overwrite"]) == 0
     assert (out / "train.txt").read_text(encoding="utf-8") == "吃了吗\n吃过了 邮箱 【邮箱】\n"
+
+
+def test_exported_directory_is_preprocessed_as_a_directory(tmp_path, capsys, caplog):
+    """`feedback export --output DIR` then `preprocess DIR`: the corpus is read, the export's stats.json beside
+    it is skipped by name (and the run says so), and the result is a token store."""
+    import logging
+
+    from dialogpt_zh import preprocess
+    from dialogpt_zh.data.store import TokenStore
+
+    fb = tmp_path / "fb.jsonl"
+    write_lines(fb, [record([f"第{i}句你好", f"候选{i}"], f"回答{i}", rank=1 + i % 3) for i in range(12)])
+    out = tmp_path / "corpus"
+    assert feedback_main(["export", str(fb), "--output", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["stats.json", "train.txt"]
+    caplog.set_level(logging.INFO)
+    store = tmp_path / "store"
+    code = preprocess.main([str(out), "--output", str(store), "--no_progress", "--valid_ratio", "0.25",
+                            "--test_ratio", "0"])
+    assert code == 0, capsys.readouterr().err
+    assert f"skipped {out / 'stats.json'}: the statistics" in caplog.text
+    opened = TokenStore(store)
+    (given,) = opened.manifest["inputs"]
+    assert [f["path"] for f in given["files"]] == [str(out / "train.txt")]
+    assert given["skipped_files"] == [str(out / "stats.json")]
+    written = json.loads((out / "stats.json").read_text(encoding="utf-8"))["sessions_written"]
+    assert written == 12 and sum(st["sessions"] for st in opened.manifest["counts"]["by_split"].values()) == written
 
 
 def test_export_errors(tmp_path, capsys):

@@ -384,6 +384,13 @@ STORE_CASES = [
     ("manifest split counts a list", lambda s: _edit_manifest(s, **{"store_splits.valid": [1, 2]}),
      "(field 'store_splits.valid.windows')"),
     ("manifest directions a string", lambda s: _edit_manifest(s, directions="forward"), "(field 'directions')"),
+    ("manifest sources not a list", lambda s: _edit_manifest(s, sources="fixtures"), "(field 'sources')"),
+    ("src.npy missing", lambda s: (s / "train.src.npy").unlink(), "train.src.npy: missing store file"),
+    ("src.npy of int64", lambda s: _save(s / "train.src.npy", np.load(s / "train.src.npy").astype(np.int64)),
+     "train.src.npy: expected uint16"),
+    ("src.npy names a source the manifest lacks",
+     lambda s: _save(s / "valid.src.npy", np.load(s / "valid.src.npy") + 1),
+     "valid.src.npy: source index 1"),
 ]
 
 
@@ -530,6 +537,99 @@ def test_killed_run_litter_is_cleaned_by_the_next_run(tmp_path, old_store):
     assert main([str(CORPUS), "--output", str(old_store), "--overwrite", "--no_progress"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tsv", "out"]
     TokenStore(old_store)
+
+
+def _write_big_corpus(path: Path, lines: int) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(lines):
+            f.write(f"第{i}句话说了什么\t回答第{i}句的话\t再说一句{i % 977}\n")
+    return path
+
+
+@pytest.mark.slow
+def test_a_stop_at_any_moment_ends_the_run_and_leaves_no_temp_dir(tmp_path, old_store):
+    """SIGTERM (and Ctrl-C) to `preprocess --workers 2` at many moments of a run, on a loaded machine (a busy
+    process beside it): every run ends (no hang: multiprocessing.Pool's terminate once waited forever
+    here), no temp directory is left, and the output is either the old store untouched (stopped, 143/130) or
+    a complete new one (the stop came while it was being put in place: the run finishes, 0; or once the
+    interpreter was exiting, past our handlers: killed by the signal itself)."""
+    big = _write_big_corpus(tmp_path / "big.tsv", 20_000)
+    out = old_store
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "dialogpt_zh.preprocess", str(big), "--output", str(out), "--overwrite",
+            "--no_progress", "--workers", "2"]
+
+    def start_and_wait_for_temp_dir() -> subprocess.Popen:
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not list(tmp_path.glob(".out.tmp-*")) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return proc
+
+    def finish(proc: subprocess.Popen) -> tuple[int, str]:
+        try:
+            _, err = proc.communicate(timeout=120)  # a hang guard, not a speed limit
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail("preprocess did not end after the stop signal")
+        return proc.returncode, err
+
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"])]
+    try:
+        proc = start_and_wait_for_temp_dir()   # one whole run: how long the part worth stopping in takes
+        t0 = time.monotonic()
+        code, err = finish(proc)
+        span = time.monotonic() - t0
+        assert code == 0, err
+        outcomes = []
+        for i in range(8):
+            sig = signal.SIGINT if i % 4 == 3 else signal.SIGTERM
+            before = tree(out)
+            proc = start_and_wait_for_temp_dir()
+            time.sleep(span * i / 7)                  # from the temp dir's creation to the end of the run
+            if proc.poll() is None:
+                proc.send_signal(sig)
+            code, err = finish(proc)
+            outcomes.append(code)
+            assert "Traceback" not in err, err
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tsv", "out"], (i, code)  # no temp dir
+            if code in (0, -sig):   # finished: the stop came while finishing (0) or as the interpreter exited
+                TokenStore(out)                       # complete
+            else:
+                assert code == (130 if sig == signal.SIGINT else 143), (i, err)
+                assert tree(out) == before, i         # untouched
+    finally:
+        for p in load:
+            p.kill()
+            p.wait()
+    assert outcomes.count(143) + outcomes.count(130) >= 4, outcomes   # most stops landed inside the run
+
+
+def test_worker_pool_keeps_order_and_a_stop_kills_its_workers():
+    """The pool gives the inline results in input order; an exception in the body (what a stop signal is)
+    leaves no worker alive, however many units are still queued or being sent."""
+    from dialogpt_zh.data.cleaning import CleaningOptions
+    from dialogpt_zh.data.pool import InlinePool, WorkerPool, clean_batches, ordered_map
+
+    sessions = [[f"第{i}句", f"回答{i}", "好的" * (i % 5)] for i in range(9_000)]
+    units = [(0, clean_batches(sessions[i:i + 1500]), [None] * len(sessions[i:i + 1500]))
+             for i in range(0, len(sessions), 1500)]
+    options = CleaningOptions()
+    inline = list(ordered_map(InlinePool(options), iter(units), 1))
+    with WorkerPool(2, options) as pool:
+        assert list(ordered_map(pool, iter(units), 2)) == inline
+        procs = list(pool._procs)
+    assert all(p.exitcode is not None for p in procs)
+
+    with pytest.raises(KeyboardInterrupt):
+        with WorkerPool(2, options) as pool:
+            procs = list(pool._procs)
+            for _, batches, _ in units * 4:           # more than the workers take: queued and being sent
+                pool.submit(batches)
+            raise KeyboardInterrupt
+    assert all(p.exitcode is not None for p in procs)
 
 
 # ------------------------------------------------------------------ the throughput benchmark's --workdir

@@ -156,3 +156,80 @@ def test_regular_install_without_default_model_says_what_to_pass(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "error: model: no default model" in r.stderr and "pass --model DIR" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_debug_switched_on_shows_the_last_turn_at_once(bot):
+    """/pick N after /debug picks from a table the person has seen: /debug shows the last turn's candidates."""
+    out, err = run_chat(bot, "你好\n/debug\n/pick 2\n", seed=0)
+    assert len(out) == 1
+    shown = err.split("(debug on)")[1].split("(the chat continues with candidate 2")[0]
+    rows = [line.split() for line in shown.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == [str(i) for i in range(1, len(rows) + 1)] and len(rows) >= 2
+    picked = err.split("(the chat continues with candidate 2: ")[1].split(" — ")[0]
+    assert rows[1][-1] == picked                               # the row numbered 2 is what /pick 2 took
+    out, err = run_chat(bot, "/debug\n", seed=0)               # nothing to show yet: just the switch
+    assert err.strip() == "(debug on)"
+
+
+@pytest.mark.parametrize("normalize", ["mean", "sum"])
+def test_debug_table_adds_up_to_the_score(bot, normalize):
+    """Every row's score is the legend's formula applied to the row's own columns (rounding aside)."""
+    from dialogpt_zh.interact import format_candidates
+    from dialogpt_zh.settings import MMISettings
+
+    mmi = MMISettings(forward_weight=0.5, backward_weight=1.5, length_weight=0.25, normalize=normalize)
+    reply = bot.reply(["你好", "你好呀", "吃了吗"], seed=3, mmi=mmi)
+    lines = format_candidates(reply).splitlines()
+    header, rows = lines[0].split(), [line.split() for line in lines[1:] if line.strip()[:1].isdigit()]
+    legend = next(line for line in lines if line.strip().startswith("score ="))
+    f_name, b_name = ("fwd/tok", "bwd/ctx") if normalize == "mean" else ("fwd", "bwd")
+    assert header[:7] == ["rank", "score", f_name, b_name, "tok", "ctx", "n"]
+    assert f"score = 0.5·{f_name} + 1.5·{b_name} + 0.25·tok" in legend
+    assert len(rows) == len(reply.candidates)
+    for row, c in zip(rows, reply.candidates):
+        score, fwd, bwd, tok = float(row[1]), float(row[2]), float(row[3]), int(row[4])
+        assert score == pytest.approx(0.5 * fwd + 1.5 * bwd + 0.25 * tok, abs=0.005)
+        assert score == pytest.approx(c.score, abs=0.0005)
+        divisor = (c.num_tokens, c.num_context_tokens) if normalize == "mean" else (1, 1)
+        assert fwd == pytest.approx(c.forward_logprob / divisor[0], abs=0.0005)   # the unit the header names
+        assert bwd == pytest.approx(c.backward_logprob / divisor[1], abs=0.0005)
+
+
+def test_dropped_history_is_said_once_per_conversation_in_plain_words(bot):
+    lines = "一\n二\n三\n四\n五\n/reset\n六\n七\n八\n"
+    out, err = run_chat(bot, lines, seed=0)                  # max_history 3: from the third line on
+    assert len(out) == 8
+    assert "history:" not in err and "max_history)" not in err   # not the engine's per-turn wording
+    before, after = err.split("(conversation reset)")
+    assert before.count("the bot reads only the last 3 lines") == 1
+    assert after.count("the bot reads only the last 3 lines") == 1   # a new conversation is told again
+    _, err = run_chat(bot, "一\n二\n", seed=0)
+    assert "reads only" not in err                            # nothing dropped, nothing said
+
+
+def test_debug_table_shows_the_retrieval_bonus_when_a_reply_was_retrieved():
+    """A retrieved reply gets retrieved_bonus: the formula line names it, and its row adds up with it; a forward
+    log-prob not computed (its weight 0) shows as '-' and adds nothing."""
+    from dialogpt_zh.engine.results import Candidate, Reply
+    from dialogpt_zh.interact import format_candidates
+    from dialogpt_zh.settings import mmi_score
+
+    weights, bonus = (0.0, 1.0, 0.0), 0.1
+    cands = [Candidate(text="生成的", token_ids=[], forward_logprob=-6.0, backward_logprob=-9.0, num_tokens=3,
+                       num_context_tokens=4, score=0.0, source="sampled"),
+             Candidate(text="检索的", token_ids=[], forward_logprob=None, backward_logprob=-8.0, num_tokens=4,
+                       num_context_tokens=4, score=0.0, count=0, source="retrieved", similarity=0.8)]
+    for c in cands:
+        c.score = float(mmi_score(c.forward_logprob or 0.0, c.backward_logprob, c.num_tokens, c.num_context_tokens,
+                                  *weights, "mean", "retrieved" in c.source, bonus))
+    for rank, c in enumerate(sorted(cands, key=lambda c: -c.score), 1):
+        c.rank = rank
+    reply = Reply(text="", candidates=sorted(cands, key=lambda c: c.rank), latency_s=0.0,
+                  timings={"encode": 0.0, "generate": 0.0, "score": 0.0}, mmi=True, notices=[], weights=weights,
+                  retrieved_bonus=bonus)
+    lines = format_candidates(reply).splitlines()
+    assert "score = 0·fwd/tok + 1·bwd/ctx + 0·tok + 0.1·retrieved" in lines[-2]
+    for row in (line.split() for line in lines[1:3]):
+        fwd = 0.0 if row[2] == "-" else float(row[2])
+        assert float(row[1]) == pytest.approx(0 * fwd + float(row[3]) + bonus * ("retrieved" in row[7]), abs=0.002)
+    assert any(row.split()[2] == "-" for row in lines[1:3])

@@ -10,8 +10,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dialogpt_zh"
 
-COMMANDS = {"preprocess", "train", "evaluate", "interact", "webapp", "arena", "feedback", "rerank", "index"}
-BASICS = {"errors", "settings", "tokenizer", "checkpoint", "fsutil", "cli", "sequence"}
+COMMANDS = {"preprocess", "train", "evaluate", "interact", "webapp", "arena", "feedback", "rerank", "index", "convert"}
+BASICS = {"errors", "settings", "tokenizer", "checkpoint", "fsutil", "cli", "sequence", "foreign"}
 # What each layer may import (besides itself and the basics); a command may import any library.
 MAY_IMPORT = {
     "basics": set(),

@@ -125,6 +125,44 @@ def test_run_on_fixtures(tmp_path):
     assert not list(tmp_path.glob(".store.*"))  # no temp dir left behind
 
 
+def test_store_records_each_windows_source(tmp_path):
+    """Store version 2: every window's source (S.src.npy) and the source names; upsampled copies keep theirs."""
+    m = run_preprocess(args(tmp_path / "store", valid_ratio=0.2, test_ratio=0.2, upsample="kdconv_dev.json=2"),
+                       INPUTS)
+    store = TokenStore(tmp_path / "store")
+    assert m["version"] == 2 and store.sources == [p.name for p in INPUTS]
+    assert [c["source"] for c in m["corpora"]] == store.sources
+    for split in store.split_names():
+        src = store.split(split).window_sources()
+        assert src.dtype == np.dtype("<u2") and len(src) == len(store.split(split))
+        per_source = np.bincount(src, minlength=len(store.sources))
+        copies = {"kdconv_dev.json": 2} if split == "train" else {}
+        for i, name in enumerate(store.sources):
+            assert per_source[i] == copies.get(name, 1) * m["counts"]["by_source"][name][split]["windows"]
+
+
+def test_version_1_store_still_opens_but_has_no_sources(tmp_path):
+    out = tmp_path / "store"
+    run_preprocess(args(out, valid_ratio=0.2, test_ratio=0.2), INPUTS)
+    before = [list(map(list, TokenStore(out).split("train").turns(i))) for i in range(3)]
+    m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    m["version"] = 1
+    del m["sources"]
+    (out / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    for f in out.glob("*.src.npy"):
+        f.unlink()
+    store = TokenStore(out)
+    assert store.sources is None
+    assert [list(map(list, store.split("train").turns(i))) for i in range(3)] == before
+    with pytest.raises(UserError, match="re-run `python -m dialogpt_zh.preprocess`") as e:
+        store.split("train").window_sources()
+    assert str(out / "manifest.json") in str(e.value)
+    m["version"] = 3
+    (out / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    with pytest.raises(UserError, match="store version 3 is not supported"):
+        TokenStore(out)
+
+
 def test_deterministic_with_seed(tmp_path):
     m1 = run_preprocess(args(tmp_path / "a", seed=7, valid_ratio=0.2, test_ratio=0.2), INPUTS)
     m2 = run_preprocess(args(tmp_path / "b", seed=7, valid_ratio=0.2, test_ratio=0.2), INPUTS)
@@ -285,8 +323,8 @@ def test_subsample_keeps_a_seeded_pick_of_one_source(tmp_path):
                 sum(sub["counts"]["by_source"][source][sp]["sessions"] for sp in per)
     # the kept sessions are a subset of the full run's (same tokenizer, so the same [UNK]s), the same ones
     # again with the same seed, and a share rounds to that many sessions
-    run_preprocess(args(tmp_path / "subv", subsample="chitchat_train.txt=3", vocab=str(tmp_path / "plain" / "tokenizer")),
-                   INPUTS)
+    run_preprocess(args(tmp_path / "subv", subsample="chitchat_train.txt=3",
+                        vocab=str(tmp_path / "plain" / "tokenizer")), INPUTS)
     def turns(out):
         return {u for ss in stored_sessions(out).values() for s in ss for u in s}
     assert turns(tmp_path / "subv") < turns(tmp_path / "plain")
@@ -404,3 +442,26 @@ def test_done_when_command_on_shared_subset(tmp_path, shared_corpus, capsys):
         assert m["unk_rate"][s] < 0.02
     tok = store.tokenizer()
     assert tok.unk_token_id not in tok.encode(normalize_text("你好,今天天气真不错"), add_special_tokens=False)
+
+
+def test_arguments_are_checked_when_made():
+    """Flags, --config and Python build the same dataclass, so a bad value fails there, naming the field."""
+    for bad, name in ((dict(max_turns=1), "max_turns"), (dict(valid_ratio=0.6, test_ratio=0.4), "valid_ratio"),
+                      (dict(format="csv"), "format"), (dict(upsample="kdconv=x"), "upsample")):
+        with pytest.raises(UserError) as e:
+            PreprocessArguments(output="out", **bad)
+        assert e.value.field == name
+
+
+def test_char_table_encoder_defers_to_the_tokenizer_on_code_points_python_calls_unassigned():
+    """U+16EA0 is unassigned in Python 3.11's Unicode tables but has a lowercase mapping in the Rust
+    tokenizer's newer ones: the table would read it as itself, the tokenizer as [UNK]."""
+    from dialogpt_zh.tokenizer import UtteranceEncoder, build_char_tokenizer, count_chars, encode
+
+    texts = ["\U00016ea0你好", "你好"]
+    tok = build_char_tokenizer(count_chars(texts))
+    enc = UtteranceEncoder(tok, np.dtype("<u2"), char_level=True, verify_every=10**9)
+    enc.batches = 1  # skip the built-in check: compare ourselves
+    flat, off = enc.encode(texts)
+    assert enc.table is not None  # the table stays for later batches
+    assert [flat[off[i]:off[i + 1]].tolist() for i in range(2)] == [encode(tok, t) for t in texts]

@@ -54,7 +54,8 @@ def test_lccc_json_splits_and_malformed_record():
     assert [(s[2], len(s[0])) for s in sessions] == [("train", 3), ("train", 2), ("valid", 2)]
     assert sessions[0][1] == 3  # line where the session starts
     c = Counter()
-    assert [s[0] for s in raw("lccc_list.json", counters=c)] == [["早 上 好", "早 ！ 吃 了 吗"], ["晚 安", "晚 安 ， 好 梦"]]
+    assert [s[0] for s in raw("lccc_list.json", counters=c)] == \
+        [["早 上 好", "早 ！ 吃 了 吗"], ["晚 安", "晚 安 ， 好 梦"]]
     assert c["record_malformed"] == 1
 
 

@@ -246,17 +246,20 @@ def test_preprocess_archives_holdout_and_corpora_licences(tmp_path):
     files = [f["path"] for f in m["inputs"][1]["files"]]
     assert files == [f"{odd / 'chat.zip'}:sharegpt/test.json", f"{odd / 'chat.zip'}:messages.jsonl"]
     assert m["corpora"] == [
-        {"path": str(mit), "licence": "MIT", "licence_file": str(mit / "LICENSE")},
-        {"path": str(odd / "chat.zip"), "licence": "unrecognised licence file: COPYING",
+        {"source": "mit", "path": str(mit), "licence": "MIT", "licence_file": str(mit / "LICENSE")},
+        {"source": "chat.zip", "path": str(odd / "chat.zip"), "licence": "unrecognised licence file: COPYING",
          "licence_file": str(odd / "COPYING")},
-        {"path": str(bare / "data.json.gz"), "licence": "none stated", "licence_file": None}]
+        {"source": "data.json.gz", "path": str(bare / "data.json.gz"), "licence": "none stated",
+         "licence_file": None}]
+    assert m["sources"] == ["mit", "chat.zip", "data.json.gz"]
     on_disk = json.loads((tmp_path / "store" / "manifest.json").read_text(encoding="utf-8"))
     assert on_disk["corpora"] == m["corpora"]
 
 
 @pytest.mark.parametrize("text, spdx", [
     ("MIT License\n\nCopyright (c) 2020 x\n\nPermission is hereby granted, free of charge, to any", "MIT"),
-    ("                                 Apache License\n                           Version 2.0, January 2004", "Apache-2.0"),
+    ("                                 Apache License\n"
+     "                           Version 2.0, January 2004", "Apache-2.0"),
     ("Redistribution and use in source and binary forms, with or without modification ... 3. Neither the name "
      "of the copyright holder", "BSD-3-Clause"),
     ("Redistribution and use in source and binary forms, with or without\nmodification, are permitted",

@@ -1,13 +1,47 @@
-"""The recipes (corpus/recipes): configs they replay parse with today's flags; installing a bot is atomic."""
+"""The recipes (corpus/recipes): the default models' recipe chains committed configs only, each stage's
+config is a complete run of today's trainer (the last stages are the installed cards' own), the recipe runs
+end to end on tiny settings, and installing a bot is atomic and writes through checkpoint.py."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-RECIPES = Path(__file__).resolve().parent.parent / "corpus" / "recipes"
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "corpus" / "recipes"
+FIXTURES = REPO / "corpus" / "fixtures"
+CARDS = REPO / "checkpoints" / "default"
+
+# stage config -> (the store it reads, the stage it starts from); the last stages are the installed models
+STAGES = {
+    "default_stage1_forward.json": ("default_store.json", None),
+    "default_stage1_backward.json": ("default_store.json", None),
+    "default_stage2_forward.json": ("default_store.json", "default_stage1_forward.json"),
+    "default_stage2_backward.json": ("default_store.json", "default_stage1_backward.json"),
+    "default_stage3_forward.json": ("default_store_stage3.json", "default_stage2_forward.json"),
+}
+FINAL = {"forward": "default_stage3_forward.json", "backward": "default_stage2_backward.json"}
+
+
+def _json(name: str) -> dict:
+    return json.loads((RECIPES / name).read_text(encoding="utf-8"))
+
+
+def _train_config(name: str):
+    """The stage config as the trainer builds it from `--config` (validated in TrainConfig.__post_init__)."""
+    from dialogpt_zh.cli import make_parser, parse
+    from dialogpt_zh.training.config import TrainConfig
+
+    (config,) = parse(make_parser([TrainConfig], "train", ""), ["--config", str(RECIPES / name)])
+    return config
 
 
 def _pick_default():
@@ -17,53 +51,100 @@ def _pick_default():
     return module
 
 
-def test_default_store_config_replays_with_the_preprocessor():
-    from dialogpt_zh.cli import parse
-    from dialogpt_zh.preprocess import build_parser
-
-    args, rest = parse(build_parser(), ["--config", str(RECIPES / "default_store.json"), "--output", "x"])
-    assert args.output == "x" and args.holdout_source_splits == "valid,test" and args.seed == 42
-    assert [Path(p).name for p in rest.inputs][:1] == ["lccc-sample"]
-    args, rest = parse(build_parser(), ["--config", str(RECIPES / "default_store.json"), "a", "b"])
-    assert rest.inputs == ["a", "b"]  # inputs on the command line win
-
-
-def test_stage3_store_config_is_the_default_store_with_kdconv_upsampled():
-    import json
-
-    from dialogpt_zh.cli import parse
-    from dialogpt_zh.data.pipeline import parse_upsample
-    from dialogpt_zh.preprocess import build_parser
-
-    base = json.loads((RECIPES / "default_store.json").read_text(encoding="utf-8"))
-    stage3 = json.loads((RECIPES / "default_store_stage3.json").read_text(encoding="utf-8"))
-    differs = {k for k in set(base) | set(stage3) if base.get(k) != stage3.get(k)}
-    assert differs <= {"output", "overwrite", "upsample"}
-    assert parse_upsample(stage3["upsample"], [Path(p).name for p in stage3["inputs"]]) == {"kdconv": 8}
-    args, _ = parse(build_parser(), ["--config", str(RECIPES / "default_store_stage3.json"), "--output", "x"])
-    assert args.upsample == "kdconv=8"
+def test_the_recipe_replays_committed_configs_only():
+    """Every store and stage of default.sh is a config committed beside it; none reads the installed models
+    (checkpoints/default moves when a new default is installed)."""
+    code = [line for line in (RECIPES / "default.sh").read_text(encoding="utf-8").splitlines()
+            if not line.lstrip().startswith(("#", "echo"))]
+    used = {name.replace("$direction", d) for line in code
+            for name in re.findall(r'"\$HERE/(default_[a-z0-9_$]+\.json)"', line) for d in ("forward", "backward")}
+    assert used == set(STAGES) | {"default_store.json", "default_store_stage3.json"}
+    assert all((RECIPES / name).is_file() for name in used)
+    assert not any("checkpoints/" in line for line in code)
 
 
-@pytest.mark.parametrize("config", ["default_stage1_forward.json", "default_stage1_backward.json",
-                                    "default_stage2_forward.json"])
-def test_stage_configs_replay_with_the_trainer(config):
-    from dialogpt_zh.cli import make_parser, parse
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_configs_chain_and_replay_with_the_trainer(name):
+    """Each stage config is a complete TrainConfig whose recorded data/init are the outputs of the store and
+    the stage before it: the chain is in the files, not in prose."""
     from dialogpt_zh.training.config import TrainConfig
 
-    (cfg,) = parse(make_parser([TrainConfig], "train", ""),
-                   ["--config", str(RECIPES / config), "--data", "s", "--output", "o", "--init", "i"])
-    assert cfg.direction in config and cfg.init == "i" and cfg.data == "s"
+    recorded = _json(name)["config"]
+    assert set(recorded) == {f.name for f in dataclasses.fields(TrainConfig)}  # nothing left to a default
+    config = _train_config(name)
+    assert config.direction in name
+    store, previous = STAGES[name]
+    assert config.data == _json(store)["output"]
+    assert config.init == (_json(previous)["config"]["output"] if previous else None)
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_default_cards_replay_with_the_trainer(direction):
-    from dialogpt_zh.cli import make_parser, parse
-    from dialogpt_zh.training.config import TrainConfig
+def test_last_stage_is_the_installed_models_run(direction):
+    """The last stage's config is the installed card's, and replays to the schedule the card recorded."""
+    from dialogpt_zh.training.config import make_schedule
 
-    card = RECIPES.parent.parent / "checkpoints" / "default" / direction / "dialogpt_zh.json"
-    (config,) = parse(make_parser([TrainConfig], "train", ""),
-                      ["--config", str(card), "--data", "s", "--output", "o", "--device", "cpu"])
-    assert config.direction == direction and config.data == "s" and config.device == "cpu"
+    card = json.loads((CARDS / direction / "dialogpt_zh.json").read_text(encoding="utf-8"))
+    config = _train_config(FINAL[direction])
+    moved = {"data", "output", "init"}  # where the run read and wrote: the recipe's own paths
+    assert {k: v for k, v in dataclasses.asdict(config).items() if k not in moved} == \
+        {k: v for k, v in card["config"].items() if k not in moved}
+    schedule = make_schedule(config, card["schedule"]["batches_per_epoch"])
+    assert dataclasses.asdict(schedule) == card["schedule"]
+    assert schedule.total_steps == card["trained_steps"]
+
+
+def test_store_configs_are_complete_and_differ_only_by_the_upsampling():
+    from dialogpt_zh.cli import parse
+    from dialogpt_zh.data.pipeline import PreprocessArguments, parse_upsample
+    from dialogpt_zh.preprocess import build_parser
+
+    base, stage3 = _json("default_store.json"), _json("default_store_stage3.json")
+    assert set(base) - {"inputs"} == {f.name for f in dataclasses.fields(PreprocessArguments)} - {"overwrite"}
+    differs = {k for k in set(base) | set(stage3) if base.get(k) != stage3.get(k)}
+    assert differs <= {"output", "overwrite", "upsample"}
+    assert parse_upsample(stage3["upsample"], [Path(p).name for p in stage3["inputs"]]) == {"kdconv": 8}
+    args, rest = parse(build_parser(), ["--config", str(RECIPES / "default_store.json")])
+    assert dataclasses.asdict(args) == {**dataclasses.asdict(PreprocessArguments(output="")),
+                                        **{k: v for k, v in base.items() if k != "inputs"}}
+    assert rest.inputs == base["inputs"]
+
+
+def tiny_corpus(root: Path) -> Path:
+    """The shared corpus's layout as default_store.json and default.sh's evaluations expect it, made of the
+    hand-written fixtures (a few dozen sessions)."""
+    files = {"lccc-sample/toy_data.json": "heldout.json", "lccc-base/train.tsv": "lccc_pairs.tsv",
+             "gpt2-chitchat-50w/train.txt": "chitchat_train.txt", "kdconv/film/train.json": "kdconv_dev.json",
+             "kdconv/film/test.json": "kdconv_dev.json", "chatterbot-zh/ai.yml": "chatterbot.yml"}
+    for dest, src in files.items():
+        (root / dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(FIXTURES / src, root / dest)
+    assert {Path(p).name for p in _json("default_store.json")["inputs"]} == {p.name for p in root.iterdir()}
+    return root
+
+
+@pytest.mark.slow
+def test_default_recipe_runs_end_to_end_on_tiny_settings(tmp_path):
+    """corpus/recipes/default.sh as written (every store, stage and evaluation) on the fixtures, with its
+    smoke-test overrides: a tiny preset, 2 steps a stage, 2 evaluation sessions."""
+    corpus, out = tiny_corpus(tmp_path / "corpus"), tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "PRESET": "tiny", "MAX_STEPS": "2", "EVAL_LIMIT": "2",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(["bash", str(RECIPES / "default.sh"), str(corpus), str(out), "cpu"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage in ("stage1/forward", "stage1/backward", "stage2/forward", "bot/forward", "bot/backward"):
+        assert (out / stage / "model.safetensors").is_file(), stage
+    cards = {d: json.loads((out / "bot" / d / "dialogpt_zh.json").read_text(encoding="utf-8"))
+             for d in ("forward", "backward")}
+    assert cards["forward"]["init"] == str(out / "stage2" / "forward")
+    assert cards["backward"]["init"] == str(out / "stage1" / "backward")
+    assert cards["forward"]["config"]["lr"] == _train_config(FINAL["forward"]).lr  # the committed config ran
+    for name in ("heldout_lccc", "heldout_kdconv"):
+        report = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+        assert report["sessions"] == 2 and set(report["decoding"]) == {"plain", "mmi", "greedy", "retrieval", "hybrid"}
+    index = json.loads((out / "bot" / "retrieval" / "index.json").read_text(encoding="utf-8"))
+    assert index["counts"]["pairs"] > 0 and index["settings"]["exclude_sources"] == ["gpt2-chitchat-50w"]
+    assert f"pick_default.py --install {out / 'bot'} checkpoints/default" in done.stdout
 
 
 def test_install_replaces_the_whole_bot_or_nothing(tmp_path, random_bot_dir):
@@ -90,9 +171,44 @@ def test_install_replaces_the_whole_bot_or_nothing(tmp_path, random_bot_dir):
     assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
 
 
-def test_pretrain_smile_recipe_is_valid_bash_and_replays_existing_configs():
-    import subprocess
+def test_install_brings_the_index_and_keeps_the_model_card(tmp_path, random_bot_dir):
+    pick = _pick_default()
+    dest, new = tmp_path / "default", tmp_path / "new"
+    shutil.copytree(random_bot_dir, dest)
+    (dest / "README.md").write_text("card", encoding="utf-8")
+    (dest / "retrieval").mkdir()
+    (dest / "retrieval" / "old.npz").write_bytes(b"old")
+    shutil.copytree(random_bot_dir, new)
+    (new / "retrieval").mkdir()
+    (new / "retrieval" / "index.json").write_text("{}", encoding="utf-8")
+    pick.install(new, dest)
+    assert sorted(p.name for p in (dest / "retrieval").iterdir()) == ["index.json"]
+    assert (dest / "README.md").read_text(encoding="utf-8") == "card"
 
+
+def test_install_in_fp16_writes_through_the_checkpoint_writer(tmp_path, random_bot_dir):
+    """Weights stored at float16 (half the bytes), the card and figures kept, and the bot loads and scores
+    as the float32 one does within float16 rounding."""
+    from safetensors import safe_open
+
+    from dialogpt_zh.engine.bot import ChatBot
+
+    pick = _pick_default()
+    pick.install(random_bot_dir, tmp_path / "bot", half=True)
+    for direction in ("forward", "backward"):
+        src, dst = random_bot_dir / direction, tmp_path / "bot" / direction
+        with safe_open(str(dst / "model.safetensors"), "pt") as f:
+            assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float16"}
+        assert (dst / "model.safetensors").stat().st_size < 0.6 * (src / "model.safetensors").stat().st_size
+        assert json.loads((dst / "dialogpt_zh.json").read_text(encoding="utf-8")) == \
+            json.loads((src / "dialogpt_zh.json").read_text(encoding="utf-8"))
+    history, replies = ["你好"], ["你好呀", "在干嘛"]
+    half = ChatBot.from_pretrained(tmp_path / "bot", quantize="none").backward_logprobs(history, replies)
+    full = ChatBot.from_pretrained(random_bot_dir, quantize="fp16").backward_logprobs(history, replies)
+    assert [h for h, _ in half] == pytest.approx([f for f, _ in full], abs=1e-3)
+
+
+def test_pretrain_smile_recipe_is_valid_bash_and_replays_existing_configs():
     script = RECIPES / "pretrain_smile.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text(encoding="utf-8")

@@ -33,9 +33,8 @@ RECORDS = [
 def test_rerank_cli_matches_the_engine(random_bot_dir, bot, tmp_path, capsys):
     src = write(tmp_path / "in.jsonl", [RECORDS[0], "", RECORDS[1], RECORDS[2]])
     out = tmp_path / "out.jsonl"
-    # float32 weights, as the `bot` fixture's: the scores must match to 1e-5
-    assert main([str(src), "--output", str(out), "--model", str(random_bot_dir), "--quantize", "none",
-                 "--no_progress"]) == 0
+    # the CLI and the API load the same weights by default (fp16): the scores must match to 1e-5
+    assert main([str(src), "--output", str(out), "--model", str(random_bot_dir), "--no_progress"]) == 0
     assert "reranked 3 records (6 candidates)" in capsys.readouterr().err
     got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [g["id"] for g in got] == [1, 2, 3]

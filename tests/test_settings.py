@@ -84,6 +84,14 @@ def test_mmi_score_and_ranking_weights_by_hand():
     assert S.mmi_score(-6.0, -20.0, 3, 10, 0.5, 1.0, 0.1, "mean") == pytest.approx(0.5 * -2 - 2 + 0.3)
     assert S.mmi_score(-6.0, -20.0, 3, 10, 0.5, 1.0, 0.1, "sum") == pytest.approx(-3 - 20 + 0.3)
     assert S.mmi_score(-6.0, -20.0, 3, 0, 0.0, 1.0, 0.0, "mean") == pytest.approx(-20.0)  # no context: no /0
+    # a retrieved reply gets the bonus, a sampled one does not
+    with_bonus = S.mmi_score(-6.0, -20.0, 3, 10, 0.5, 1.0, 0.1, "mean", True, 0.25)
+    assert with_bonus == pytest.approx(0.5 * -2 - 2 + 0.3 + 0.25)
+    assert S.mmi_score(-6.0, -20.0, 3, 10, 0.5, 1.0, 0.1, "mean", False, 0.25) == pytest.approx(0.5 * -2 - 2 + 0.3)
+    # arrays, with weights broadcast across them (the evaluator's sweep scores a grid in one call)
+    got = S.mmi_score(np.array([[-6.0, -4.0]]), np.array([[-20.0, -10.0]]), np.array([[3, 2]]), np.array([[10, 0]]),
+                      np.array([[0.5], [1.0]]), 1.0, 0.0, "mean")
+    assert np.allclose(got, [[-1 - 2, -1 - 10], [-2 - 2, -2 - 10]])
     mmi = S.MMISettings(forward_weight=0.25, backward_weight=2.0, length_weight=0.5)
     assert S.ranking_weights(mmi, True) == (0.25, 2.0, 0.5)
     assert S.ranking_weights(mmi, False) == (1.0, 0.0, 0.5)        # MMI off: the forward score alone

@@ -207,7 +207,7 @@ def test_load_bot_threads_fixed_and_auto(random_bot_dir):
 def test_every_public_call_runs_inside_the_policy(random_bot_dir):
     from dialogpt_zh.engine.bot import ChatBot
 
-    bot = ChatBot.from_pretrained(random_bot_dir)
+    bot = ChatBot.from_pretrained(random_bot_dir, quantize="none")  # float32 modules can be deep-copied
     calls = []
 
     class Recording(ThreadPolicy):
@@ -263,7 +263,8 @@ def test_latency_benchmark_background_load_smoke(monkeypatch, capsys, random_bot
     assert "loaded/idle p50" in out
     rows = [line for line in out.splitlines() if line.strip().startswith("2 ")]
     assert [r.split()[1] for r in rows] == ["policy", "1"]
-    pids = [int(p) for line in out.splitlines() if "busy process(es): pids" in line for p in line.split("pids")[1].split()]
+    pids = [int(p) for line in out.splitlines() if "busy process(es): pids" in line
+            for p in line.split("pids")[1].split()]
     assert len(pids) == 1 and not _alive(pids[0])
     assert bench.main(["--presets", "model", "--background-load", "1", "--thread_settings", "policy,x"]) == 2
     assert "thread_settings" in capsys.readouterr().err

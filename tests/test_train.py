@@ -504,7 +504,18 @@ def _damage_evil_pickle(path: Path) -> None:
         def __reduce__(self):
             return (eval, ("__import__('os').system('touch /tmp/dialogpt_zh_pwned')",))
 
-    path.write_bytes(pickle.dumps({"optimizer": Evil(), "scheduler": {}}))
+    # protocol 2, as torch.save writes: a file that looks like ours (no "unusual protocol" warning on the way)
+    path.write_bytes(pickle.dumps({"optimizer": Evil(), "scheduler": {}}, protocol=2))
+
+
+def _damage_random_seed(seed: int):
+    """4 KiB of random bytes from `seed`: different seeds break the unpickler in different ways."""
+    return lambda path: path.write_bytes(np.random.default_rng(seed).bytes(4096))
+
+
+# Random bytes that make torch's weights-only unpickler raise something other than UnpicklingError (found by
+# trying seeds: IndexError "pop from empty list", IndexError, KeyError, UnicodeDecodeError).
+UNPICKLER_CRASH_SEEDS = [17, 21, 62, 76]
 
 
 RESUME_DAMAGE = [
@@ -520,6 +531,7 @@ RESUME_DAMAGE = [
     ("model.safetensors", _damage_random, "damaged resume weights"),
     ("model.safetensors", _damage_nan, "NaN"),
     ("optimizer.pt", _damage_random, "damaged resume optimizer state"),
+    ("optimizer.pt", _damage_random_seed(UNPICKLER_CRASH_SEEDS[0]), "damaged resume optimizer state"),
     ("optimizer.pt", _damage_truncate, "damaged resume optimizer state"),
     ("optimizer.pt", _damage_evil_pickle, "damaged resume optimizer state"),
     ("optimizer.pt", lambda p: torch.save({"optimizer": {"state": {}, "param_groups": []}, "scheduler": {}}, p),
@@ -615,3 +627,18 @@ def test_sigterm_stops_like_ctrl_c_and_kill_9_leaves_the_output_intact(tmp_path,
     assert code == 0
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert read_run_state(out).step == step + 1
+
+
+@pytest.mark.parametrize("seed", UNPICKLER_CRASH_SEEDS + list(range(100, 140)))
+def test_random_bytes_in_resume_tensor_files_are_a_clear_error(tmp_path, seed):
+    """Whatever the unpickler trips on in a damaged optimizer.pt / rng_0.pt, the error names the file."""
+    from dialogpt_zh.checkpoint import RESUME_DIR, load_resume_optimizer, load_resume_rng
+    from dialogpt_zh.errors import UserError
+
+    resume = tmp_path / RESUME_DIR
+    resume.mkdir()
+    for name, load in (("optimizer.pt", load_resume_optimizer), ("rng_0.pt", lambda out: load_resume_rng(out, 0))):
+        _damage_random_seed(seed)(resume / name)
+        with pytest.raises(UserError, match="damaged resume") as e:
+            load(tmp_path)
+        assert e.value.path is not None and Path(e.value.path) == resume / name

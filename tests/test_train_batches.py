@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dialogpt_zh.data.store import TokenStore
+from dialogpt_zh.sequence import Layout
 from dialogpt_zh.training.batches import (
     IGNORE_INDEX,
     collate,
@@ -90,6 +91,49 @@ def test_packed_and_padded_batches_give_the_same_loss(split, tiny_lm, direction,
         b = float(loss(padded.input_ids, padded.target_index, padded.target_ids, padded.position_ids))
     reference = _hf_loss(tiny_lm, split, windows, direction, replies_only)
     assert a == pytest.approx(reference, rel=1e-5) and b == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cdial_layout_batches_give_the_per_window_loss_with_token_types(split, tiny_lm, fixture_tokenizer, packed):
+    """A layout with token types (cdial: speaker tokens) goes through the same rows: ids and types are what
+    `Layout.sequence` builds for each window, and the loss equals each window alone with its token types."""
+    vocab = fixture_tokenizer.get_vocab()
+    speakers = (vocab["你"], vocab["我"])  # any two ids stand in for [speaker1]/[speaker2]
+    layout = Layout("cdial", fixture_tokenizer.cls_token_id, fixture_tokenizer.sep_token_id, speakers)
+    rows = plan_packed_batches(split.lengths(layout.extra_tokens), row_tokens=96, batch_tokens=96 * 4, seed=0,
+                               epoch=0)[0]
+    windows = [int(w) for r in rows for w in r]
+    batch = (collate_rows(split, rows, "backward", 0, True, packed=True, layout=layout) if packed
+             else collate(split, windows, "backward", 0, True, layout))
+    reference, targets, col = 0.0, 0, 0
+    with torch.no_grad():
+        for k, w in enumerate(windows):
+            turns = split.turns(w)
+            ids, types = layout.sequence(turns, "backward")
+            row = rows_of(rows, k) if packed else k
+            if packed and row != rows_of(rows, k - 1):
+                col = 0
+            start = col if packed else 0
+            assert batch.input_ids[row, start:start + len(ids)].tolist() == ids
+            assert batch.token_type_ids[row, start:start + len(ids)].tolist() == types
+            col = start + len(ids)
+            logits = tiny_lm(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types])).logits[0, :-1]
+            labels = torch.tensor(ids[1:])
+            labels[:layout.first_turn_length(turns, "backward") - 1] = IGNORE_INDEX
+            reference += float(F.cross_entropy(logits, labels, reduction="sum"))
+            targets += int((labels != IGNORE_INDEX).sum())
+        loss = float(NextTokenLoss(tiny_lm)(batch.input_ids, batch.target_index, batch.target_ids,
+                                            batch.position_ids, batch.token_type_ids))
+    assert batch.num_targets == targets
+    assert loss == pytest.approx(reference, rel=1e-5)
+
+
+def rows_of(rows, k: int) -> int:
+    """The row that holds the k-th window of a packed batch (laid out row by row)."""
+    if k < 0:
+        return -1
+    ends = np.cumsum([len(r) for r in rows])
+    return int(np.searchsorted(ends, k, side="right"))
 
 
 def test_a_packed_window_sees_only_itself(split, tiny_lm):

@@ -117,6 +117,38 @@ def test_overlong_input_is_truncated_with_notice(app_url):
     assert table["data"]
 
 
+@pytest.mark.parametrize("normalize", ["mean", "sum"])
+def test_candidate_columns_add_up_to_the_final_score(normalize):
+    """The table's log-prob columns are in the unit the score uses, and the status line's formula, applied to a
+    row's columns, gives the row's final score."""
+    from dialogpt_zh.engine.results import Candidate, Reply
+    from dialogpt_zh.settings import mmi_score
+
+    weights, bonus = (0.5, 1.5, 0.25), 0.3
+    cands = []
+    for i, (fwd, bwd, n, n_ctx, source) in enumerate([(-9.0, -16.68, 6, 8, "sampled"), (-4.0, -20.0, 3, 8, "retrieved"),
+                                                      (-12.5, -7.5, 10, 5, "sampled+retrieved")]):
+        score = float(mmi_score(fwd, bwd, n, n_ctx, *weights, normalize, "retrieved" in source, bonus))
+        cands.append(Candidate(text=f"候选{i}", token_ids=[], forward_logprob=fwd, backward_logprob=bwd, num_tokens=n,
+                               num_context_tokens=n_ctx, score=score, source=source))
+    for rank, c in enumerate(sorted(cands, key=lambda c: -c.score), 1):
+        c.rank = rank
+    reply = Reply(text=cands[0].text, candidates=cands, latency_s=0.1, timings={}, mmi=True, notices=[],
+                  weights=weights, normalize=normalize, retrieved_bonus=bonus)
+    headers = webapp.candidate_headers(normalize)
+    unit = "每词元平均" if normalize == "mean" else "总和"
+    assert unit in headers[3] and unit in headers[4] and headers[5] == "最终得分"
+    legend = webapp.status_markdown(reply, [])
+    assert "最终得分 = 0.5·前向 + 1.5·后向 + 0.25·词元数 + 0.3·检索" in legend and unit in legend
+    rows = webapp.candidates_table(reply)
+    for row in rows:
+        retrieved = "检索" in row[8]
+        assert row[5] == pytest.approx(0.5 * row[3] + 1.5 * row[4] + 0.25 * row[6] + 0.3 * retrieved, abs=0.003)
+    if normalize == "mean":   # per token: fwd / reply tokens, bwd / context tokens
+        first = next(r for r in rows if r[2] == "候选0")
+        assert (first[3], first[4]) == (round(-9.0 / 6, 3), round(-16.68 / 8, 3))
+
+
 def test_mmi_weight_zero_ranks_by_forward_only(app_url):
     _, _, table, status = client(app_url).predict("你好", backward_weight=0, api_name="/chat")
     assert "MMI 关" in status
@@ -158,6 +190,97 @@ def test_clear_wins_over_replies_in_flight(bot):
             slow.started.acquire(timeout=30)
             assert texts(chat, "user") == [f"新话{trial}"], trial   # nothing from before the clear came back
             c.predict(api_name="/reset")
+    finally:
+        demo.close()
+
+
+class PacedBot:
+    """A stand-in bot whose replies take `delay_s` and which says when a reply has started (no model)."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.generation, self.mmi_settings, self.notices = GenerationSettings(), MMISettings(), []
+        self.delay_s = delay_s
+        self.started = threading.Event()
+
+    def reply(self, history, **kw):
+        from dialogpt_zh.engine.results import Candidate, Reply
+
+        self.started.set()
+        time.sleep(self.delay_s)
+        c = Candidate(text=f"回{len(history)}", token_ids=[], forward_logprob=-2.0, backward_logprob=-3.0,
+                      num_tokens=2, num_context_tokens=2, score=-1.5, rank=1)
+        return Reply(text=c.text, candidates=[c], latency_s=self.delay_s, timings={}, mmi=True, notices=[],
+                     weights=(0.0, 1.0, 0.0))
+
+
+def _handler(demo, api_name: str):
+    (fn,) = [f.fn for f in demo.fns.values() if f.api_name == api_name]
+    return fn
+
+
+def test_clear_always_wins_when_racing_a_reply_being_delivered():
+    """The handlers called directly, as Gradio calls them: the reply's outputs are stored a moment after the
+    handler gives them (`store_s`, Gradio's own work), and clear is pressed at many moments from the start of
+    the reply to after its outputs are stored. Whatever the moment, the chat ends empty."""
+    bot = PacedBot(delay_s=0.05)
+    demo = webapp.build_app(bot, max_batch=1)
+    chat_fn, reset_fn = _handler(demo, "chat"), _handler(demo, "reset")
+    sliders = [getattr(bot.generation, c.name, getattr(bot.mmi_settings, c.name, None)) for c in webapp.CONTROLS]
+    store_s = 0.05
+    is_skip = lambda v: isinstance(v, dict) and v.get("__type__") == "update"  # noqa: E731
+
+    def race(trial: int, clear_after_s: float) -> list[str]:
+        request = webapp.gr.Request(session_hash=f"race{trial}")
+        page = {"history": ["旧话", "旧回复"]}
+        store = threading.Lock()  # Gradio stores one event's outputs at a time
+
+        def apply(outputs):
+            with store:
+                if not is_skip(outputs[2]):
+                    page["history"] = outputs[2]
+
+        def send():
+            result = chat_fn("在途", page["history"], request, *sliders)
+            outputs = next(result) if hasattr(result, "__next__") else result
+            time.sleep(store_s)
+            apply(outputs)
+            if hasattr(result, "__next__"):
+                assert next(result, None) is None  # one output only
+
+        bot.started.clear()
+        sender = threading.Thread(target=send)
+        sender.start()
+        assert bot.started.wait(10)
+        time.sleep(clear_after_s)
+        apply(reset_fn(request))
+        sender.join(10)
+        return page["history"]
+
+    span = bot.delay_s + store_s + 0.02  # from the reply's start to after its outputs are stored
+    for trial in range(24):
+        assert race(trial, trial * span / 23) == [], trial
+
+
+def test_clear_wins_over_a_reply_still_waiting_in_the_queue():
+    """One reply at a time: the second request waits in Gradio's queue while the first computes, the person
+    clears, and only then does the second start. Neither may come back."""
+    bot = PacedBot(delay_s=0.6)
+    demo = webapp.build_app(bot, max_batch=1, concurrency=1)
+    url = webapp.launch_in_background(demo)
+    try:
+        c = client(url)
+        first = c.submit("第一句", api_name="/chat")
+        assert bot.started.wait(30)
+        second = c.submit("第二句", api_name="/chat")
+        deadline = time.monotonic() + 30
+        while second.status().code != gradio_client.utils.Status.IN_QUEUE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert second.status().code == gradio_client.utils.Status.IN_QUEUE   # on the server, waiting
+        c.predict(api_name="/reset")
+        first.result(timeout=60)
+        second.result(timeout=60)
+        _, chat, _, _ = c.predict("新话", api_name="/chat")
+        assert texts(chat, "user") == ["新话"]
     finally:
         demo.close()
 
@@ -233,7 +356,8 @@ def test_concurrency_auto_lets_batched_requests_through(bot):
         finally:
             if demo.reply_batcher is not None:
                 demo.reply_batcher.close()
-    assert webapp.WebArguments().concurrency == 0 and (webapp.AUTO_CONCURRENCY_BATCHED, webapp.AUTO_CONCURRENCY_ALONE) == (32, 4)
+    assert webapp.WebArguments().concurrency == 0
+    assert (webapp.AUTO_CONCURRENCY_BATCHED, webapp.AUTO_CONCURRENCY_ALONE) == (32, 4)
 
 
 def test_launcher_runs_from_a_fresh_checkout(tmp_path):
@@ -249,14 +373,16 @@ HOSTILE_FLAGS = [
     (["--num_candidates", "100000"], "num_candidates"), (["--max_length", "100000"], "max_length"),
     (["--temperature", "inf"], "temperature"), (["--backward_weight", "nan"], "backward_weight"),
     (["--top_p", "1.5"], "top_p"), (["--device", "cuda"], "device"), (["--concurrency", "-1"], "concurrency"),
-    (["--max_queue", "0"], "max_queue"), (["--port", "70000"], "port"), (["--max_input_chars", "0"], "max_input_chars"),
-    (["--transcript", "{tmp}"], "transcript"), (["--threads", "-2"], "threads"), (["--batch_workers", "0"], "batch_workers"),
+    (["--max_queue", "0"], "max_queue"), (["--port", "70000"], "port"),
+    (["--max_input_chars", "0"], "max_input_chars"), (["--transcript", "{tmp}"], "transcript"),
+    (["--threads", "-2"], "threads"), (["--batch_workers", "0"], "batch_workers"),
 ]
 
 
 @pytest.mark.parametrize("flags,field", HOSTILE_FLAGS, ids=[" ".join(f) for f, _ in HOSTILE_FLAGS])
 def test_hostile_flags_are_refused_up_front(flags, field, tmp_path, capsys):
-    code = webapp.main(["--model", str(tmp_path / "no_model_here"), *[f.replace("{tmp}", str(tmp_path)) for f in flags]])
+    code = webapp.main(["--model", str(tmp_path / "no_model_here"),
+                        *[f.replace("{tmp}", str(tmp_path)) for f in flags]])
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and field in err and "Traceback" not in err
@@ -292,3 +418,29 @@ def test_concurrent_users_share_batches_and_keep_their_own_chats(bot):
         first = bot.reply([opener], seed=7)
         second = bot.reply([opener, first.text, "真的吗"], seed=7)
         assert texts(chats[i], "assistant") == [first.text, second.text]
+
+
+def test_the_page_batches_a_chatbot_and_uses_any_other_replier_as_it_is(bot):
+    from dialogpt_zh.engine.batcher import ReplyBatcher
+
+    batched = webapp.make_replier(bot, None, max_batch=8, batch_window_ms=5, batch_workers=1,
+                                  continuous_batching=False)
+    try:
+        assert isinstance(batched, ReplyBatcher)
+    finally:
+        batched.close()
+    assert webapp.make_replier(bot, None, 1, 5, 1, False) is bot              # --max_batch 1: each alone
+    stand_in = FlakyBot(bot)                                                    # a Replier, not a ChatBot
+    assert webapp.make_replier(stand_in, None, 8, 5, 1, False) is stand_in
+    assert webapp.make_replier(bot, stand_in, 8, 5, 1, False) is stand_in     # the caller's replier wins
+
+
+def test_the_history_note_comes_once_and_only_when_a_typed_line_is_dropped():
+    from dialogpt_zh.webapp import first_drop_of_typed_lines
+
+    # max_history 3: the model sees the last 3 lines of history + [message]
+    assert not first_drop_of_typed_lines([], ["你好"])
+    assert not first_drop_of_typed_lines(["你好", "你好呀"], ["你好", "你好呀", "吃了吗"])
+    assert first_drop_of_typed_lines(["你好", "你好呀", "吃了吗", "吃了"], ["吃了吗", "吃了", "你呢"])
+    assert not first_drop_of_typed_lines(["a", "b", "c", "d", "e", "f"], ["e", "f", "g"])  # said already
+    assert not first_drop_of_typed_lines(["你好"], None)  # a stand-in reply without its context

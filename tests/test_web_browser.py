@@ -1,22 +1,25 @@
 """End to end in a real browser: Debian chromium driven by Playwright (no browser download).
 
-CI (.ci/run) apt-installs chromium; where /usr/bin/chromium is absent the test skips and says why.
+CI (.ci/run) apt-installs chromium; where /usr/bin/chromium is absent the tests skip and say how to run them,
+in the `-rs` list and in a section just above pytest's last line (tests/conftest.py).
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
+# DIALOGPT_ZH_CHROMIUM: another chromium binary (e.g. another distribution's path)
+CHROMIUM = Path(os.environ.get("DIALOGPT_ZH_CHROMIUM", "/usr/bin/chromium"))
 _found = shutil.which("chromium")
 pytestmark = [
     pytest.mark.browser,
     # a mark, not a fixture skip, so that no model is trained for a test that cannot run
-    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"Debian chromium not found at {CHROMIUM}"
-                       + (f" (but at {_found})" if _found else "")
-                       + "; install it with `apt-get install chromium` (.ci/run does)"),
+    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"browser test not run: chromium not found at {CHROMIUM}"
+                       + (f" (but at {_found}: set DIALOGPT_ZH_CHROMIUM)" if _found else "")
+                       + "; to run it: `apt-get install chromium` (as .ci/run does), then pytest again"),
 ]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]

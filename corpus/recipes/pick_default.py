@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from dialogpt_zh.checkpoint import CURVE_FILE, METRICS_FILE, RESUME_DIR, RUN_CONFIG_FILE  # noqa: E402
 from dialogpt_zh.fsutil import atomic_directory, atomic_write_json  # noqa: E402
 
 DIRECTIONS = ("forward", "backward")
@@ -50,28 +51,51 @@ def choose(sweep: Path) -> Path:
     return sweep / choice["name"]
 
 
-def install(bot: Path, dest: Path) -> None:
-    """Copy BOT/forward and BOT/backward (without resume/) into DEST, replacing DEST in one rename."""
+RETRIEVAL_DIR = "retrieval"
+CARD = "README.md"  # the bot's model card: corpora, licences, what the index quotes
+
+
+def install(bot: Path, dest: Path, half: bool | None = None) -> None:
+    """Copy BOT/forward and BOT/backward (without resume/), and BOT/retrieval when there is one, into DEST,
+    replacing DEST in one rename (DEST's README.md, the model card, is kept). `half`:
+    store the weights at float16 (rewritten by checkpoint.py); None = when the float32 pair is over budget."""
     for direction in DIRECTIONS:
         if not (bot / direction / "config.json").is_file():
             raise SystemExit(f"error: {bot / direction}: not a model directory")
     if dest.exists():
-        others = sorted(p.name for p in dest.iterdir() if p.name not in DIRECTIONS)
+        others = sorted(p.name for p in dest.iterdir() if p.name not in (*DIRECTIONS, RETRIEVAL_DIR, CARD))
         if others:
-            raise SystemExit(f"error: {dest}: holds more than forward/ and backward/ ({', '.join(others)}); "
+            raise SystemExit(f"error: {dest}: holds more than forward/, backward/, retrieval/ and README.md "
+                             f"({', '.join(others)}); "
                              "move those away first")
-    half = 2 * 4 * n_params(bot / "forward") > 58e6  # fp32 forward + backward over budget -> store fp16
+    if half is None:
+        half = 2 * 4 * n_params(bot / "forward") > 58e6  # fp32 forward + backward over budget -> store fp16
     with atomic_directory(dest, replace_existing=True) as tmp:  # DEST holds only what we replace (checked)
         for direction in DIRECTIONS:
-            src, dst = bot / direction, tmp / direction
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("resume"))
             if half:
-                import torch
-                from transformers import AutoModelForCausalLM
-
-                model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
-                model.half().save_pretrained(str(dst), safe_serialization=True)
+                copy_in_fp16(bot / direction, tmp / direction)
+            else:
+                shutil.copytree(bot / direction, tmp / direction, ignore=shutil.ignore_patterns(RESUME_DIR))
+        if (bot / RETRIEVAL_DIR / "index.json").is_file():  # the bot's index of human replies comes along
+            shutil.copytree(bot / RETRIEVAL_DIR, tmp / RETRIEVAL_DIR)
+        if (dest / CARD).is_file():  # the hand-written model card stays (update it by hand)
+            shutil.copy2(dest / CARD, tmp / CARD)
     print(f"installed {bot} as {dest}" + (" (fp16 weights)" if half else ""))
+
+
+def copy_in_fp16(src: Path, dst: Path) -> None:
+    """SRC's model with its weights stored at float16, its card, run config and figures, written by the
+    checkpoint writer (resume/ and anything else left out)."""
+    from dialogpt_zh.checkpoint import load_model, read_card, save_checkpoint
+    from dialogpt_zh.tokenizer import load_tokenizer
+
+    def read_json(name: str) -> dict | None:
+        return json.loads((src / name).read_text(encoding="utf-8")) if (src / name).is_file() else None
+
+    curve = src / CURVE_FILE
+    save_checkpoint(load_model(src), load_tokenizer(src), dst, read_card(src), run_config=read_json(RUN_CONFIG_FILE),
+                    metrics=read_json(METRICS_FILE), curve_png=curve.read_bytes() if curve.is_file() else None,
+                    fp16=True)
 
 
 def main(argv: list[str]) -> int:

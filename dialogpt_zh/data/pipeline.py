@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dialogpt_zh.cli import field_help, raise_if_stopped
+from dialogpt_zh.cli import field_help, hold_stops, raise_if_stopped
 from dialogpt_zh.data.cleaning import CleaningOptions, load_blocklist
 from dialogpt_zh.data.pool import (
     clean_pool,
@@ -58,7 +58,7 @@ from dialogpt_zh.data.windows import (
     _total,
 )
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.fsutil import atomic_directory
+from dialogpt_zh.fsutil import atomic_directory, file_sha256
 from dialogpt_zh.tokenizer import UtteranceEncoder
 
 log = logging.getLogger("dialogpt_zh.preprocess")
@@ -94,8 +94,10 @@ class PreprocessArguments:
     min_frequency: int = field(default=1, metadata=field_help(
         "characters seen fewer times in the train split become [UNK] (char tokenizer only)"))
     vocab: str | None = field(default=None, metadata=field_help(
-        "reuse this BERT-style vocab.txt (e.g. ../shared/corpus/vocab/gpt2-chitchat-vocab.txt) or tokenizer "
-        "directory instead of building a char vocabulary"))
+        "reuse this BERT-style vocab.txt (e.g. ../shared/corpus/vocab/gpt2-chitchat-vocab.txt), tokenizer "
+        "directory or model directory (GPT2-chitchat, CDial-GPT2, uer/gpt2-chinese: its vocab.txt; then "
+        "`train --init MODEL_DIR` continues that model) instead of building a char vocabulary; the summary "
+        "reports the [UNK] rate"))
     seed: int = field(default=42, metadata=field_help("random seed of the train/valid/test split"))
     valid_ratio: float = field(default=0.05, metadata=field_help("share of sessions for the valid split"))
     test_ratio: float = field(default=0.05, metadata=field_help("share of sessions for the test split"))
@@ -123,28 +125,28 @@ class PreprocessArguments:
         "4 MB or more when two CPUs are idle (load average), else 1"))
     progress: bool = field(default=True, metadata=field_help("show tqdm progress bars"))
 
-
-def validate(args: PreprocessArguments) -> None:
-    if args.format != "auto" and args.format not in FORMATS:
-        raise UserError(f"unknown format {args.format!r}; choose auto or one of {', '.join(FORMATS)}",
-                        field="format")
-    if args.max_turns < 2:
-        raise UserError("must be at least 2 (a context and a reply)", field="max_turns")
-    if args.max_tokens < 5:
-        raise UserError("must be at least 5", field="max_tokens")
-    for name in ("valid_ratio", "test_ratio"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            raise UserError("must be in [0, 1)", field=name)
-    if args.valid_ratio + args.test_ratio >= 1.0:
-        raise UserError("valid_ratio + test_ratio must be below 1", field="valid_ratio")
-    if args.min_frequency < 1:
-        raise UserError("must be at least 1", field="min_frequency")
-    if args.batch_sessions < 1:
-        raise UserError("must be at least 1", field="batch_sessions")
-    if args.workers < 0:
-        raise UserError("must be 0 (auto) or more", field="workers")
-    parse_upsample(args.upsample)
-    parse_subsample(args.subsample)
+    def __post_init__(self) -> None:
+        """Refuse a bad setting when the arguments are made (flags, --config or Python), naming it."""
+        if self.format != "auto" and self.format not in FORMATS:
+            raise UserError(f"unknown format {self.format!r}; choose auto or one of {', '.join(FORMATS)}",
+                            field="format")
+        if self.max_turns < 2:
+            raise UserError("must be at least 2 (a context and a reply)", field="max_turns")
+        if self.max_tokens < 5:
+            raise UserError("must be at least 5", field="max_tokens")
+        for name in ("valid_ratio", "test_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError("must be in [0, 1)", field=name)
+        if self.valid_ratio + self.test_ratio >= 1.0:
+            raise UserError("valid_ratio + test_ratio must be below 1", field="valid_ratio")
+        if self.min_frequency < 1:
+            raise UserError("must be at least 1", field="min_frequency")
+        if self.batch_sessions < 1:
+            raise UserError("must be at least 1", field="batch_sessions")
+        if self.workers < 0:
+            raise UserError("must be 0 (auto) or more", field="workers")
+        parse_upsample(self.upsample)
+        parse_subsample(self.subsample)
 
 
 def parse_source_values(text: str, field_name: str, sources: Sequence[str] | None = None,
@@ -217,12 +219,6 @@ def split_indices(n: int, valid_ratio: float, test_ratio: float, seed: int,
     return codes
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_tokenizer_for(args: PreprocessArguments):
@@ -425,8 +421,10 @@ def make_tokenizer(args: PreprocessArguments, corpus: CleanedCorpus, plan: Split
 
     if given_tokenizer is not None:
         info = {"kind": "vocab", "vocab": str(args.vocab)}
-        if Path(args.vocab).is_file():
-            info["vocab_sha256"] = file_sha256(Path(args.vocab))
+        # a vocab.txt, or the one of a model directory (GPT2-chitchat, CDial-GPT2, uer: `--vocab MODEL_DIR`)
+        vocab_file = Path(args.vocab) if Path(args.vocab).is_file() else Path(args.vocab) / "vocab.txt"
+        if vocab_file.is_file():
+            info["vocab_sha256"] = file_sha256(vocab_file)
         info["vocab_size"] = len(given_tokenizer)
         return given_tokenizer, info
     char_counts: Counter = Counter()
@@ -461,8 +459,8 @@ def make_manifest(args: PreprocessArguments, inputs: Sequence[str | Path], scans
         "command": command,
         "config": {**asdict(args), "inputs": [str(p) for p in inputs]},
         "inputs": corpus.inputs_info,
-        "corpora": [{"path": str(scan.path), "licence": scan.licence, "licence_file": scan.licence_file}
-                    for scan in scans],
+        "corpora": [{"source": scan.source, "path": str(scan.path), "licence": scan.licence,
+                     "licence_file": scan.licence_file} for scan in scans],
         "tokenizer": tok_info,
         "windowing": {"max_turns": args.max_turns, "max_tokens": args.max_tokens,
                       "max_utterance_tokens": ww.max_utterance_tokens,
@@ -500,7 +498,6 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
     """
     from dialogpt_zh.data.store import StoreWriter
 
-    validate(args)
     if not inputs:
         raise UserError("no inputs given", field="inputs")
     t0 = time.perf_counter()
@@ -509,6 +506,8 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
     options = CleaningOptions(max_utterance_chars=args.max_utterance_chars, max_repeat=args.max_repeat,
                               min_turns=args.min_turns, mask_pii=args.mask_pii, blocklist=blocklist)
     scans: list[InputScan] = scan_inputs(inputs, args.format)
+    for note in (n for scan in scans for n in scan.notes):
+        log.info("%s", note)
     sources = [scan.source for scan in scans]  # a wrong name in --upsample/--subsample fails before the work
     upsample, subsample = parse_upsample(args.upsample, sources), parse_subsample(args.subsample, sources)
     given_tokenizer = load_tokenizer_for(args) if args.vocab else None
@@ -521,13 +520,14 @@ def run_preprocess(args: PreprocessArguments, inputs: Sequence[str | Path],
         plan = dedupe_and_split(args, corpus, subsample)
         corpus.hashes = corpus.own_split = None  # not needed after pass 2 (10 bytes a session)
         tokenizer, tok_info = make_tokenizer(args, corpus, plan, given_tokenizer)
-        writer = StoreWriter(out, tokenizer, STORE_SPLITS)
+        writer = StoreWriter(out, tokenizer, STORE_SPLITS, sources=corpus.sources)
         encoder = UtteranceEncoder(tokenizer, writer.dtype, char_level=tok_info["kind"] == "char")
         ww = write_windows(args, corpus, plan, writer, encoder, upsample)
         corpus.path.unlink()
         raise_if_stopped()  # a stop that arrived while a worker pool forked must not let the store commit
         full = writer.close(make_manifest(args, inputs, scans, command, corpus, plan, tok_info, ww))
-        raise_if_stopped()
+        raise_if_stopped()  # the last moment a stop cancels the run: ...
+        hold_stops()  # ... from here the complete store is put in place and the run finishes (moments)
     elapsed = time.perf_counter() - t0
     full["_timing"] = {"seconds": elapsed, "read_clean_seconds": t_read}  # not in the file: varies per run
     return full

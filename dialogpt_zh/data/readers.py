@@ -2,16 +2,15 @@
 
 Formats (`--format`; `auto` picks by extension, then by content):
 
-| name              | files            | layout                                                              |
-|-------------------|------------------|---------------------------------------------------------------------|
-| `chitchat`        | `.txt`           | GPT2-chitchat train.txt: one utterance per line, blank line between sessions (LF/CRLF) |
-| `tsv`             | `.tsv`, `.txt`   | one session per line, turns separated by TAB (LCCC toy_train.txt)   |
-| `lccc-json`       | `.json`          | a list of sessions (lists of utterances), or a dict of splits of such lists |
-| `kdconv-json`     | `.json`          | a list (or dict of splits) of `{"messages": [{"message": ...}, ...]}`; `attrs` ignored |
-| `chat-json`       | `.json`          | a list (or dict of splits) of chat records: `{"messages": [{"role", "content"}]}` (OpenAI) or `{"conversations": [{"from", "value"}]}` (ShareGPT) |
-| `chat-jsonl`      | `.jsonl`, `.ndjson` | one chat record per line (JSON Lines)                            |
-| `chatterbot-yaml` | `.yml`, `.yaml`  | `conversations: [[utterance, ...], ...]`                            |
-| `conv`            | `.conv`          | subtitle dialogues: `E` starts a session, `M text` is an utterance  |
+- `chitchat` (`.txt`): GPT2-chitchat train.txt: one utterance per line, blank line between sessions (LF/CRLF)
+- `tsv` (`.tsv`, `.txt`): one session per line, turns separated by TAB (LCCC toy_train.txt)
+- `lccc-json` (`.json`): a list of sessions (lists of utterances), or a dict of splits of such lists
+- `kdconv-json` (`.json`): a list (or dict of splits) of `{"messages": [{"message": ...}, ...]}`; `attrs` ignored
+- `chat-json` (`.json`): a list (or dict of splits) of chat records: `{"messages": [{"role", "content"}]}`
+  (OpenAI) or `{"conversations": [{"from", "value"}]}` (ShareGPT)
+- `chat-jsonl` (`.jsonl`, `.ndjson`): one chat record per line (JSON Lines)
+- `chatterbot-yaml` (`.yml`, `.yaml`): `conversations: [[utterance, ...], ...]`
+- `conv` (`.conv`): subtitle dialogues: `E` starts a session, `M text` is an utterance
 
 A `.txt` file is `tsv` when most of its first lines contain a TAB, `conv` when it starts with an `E` line,
 else `chitchat`; a `.json` file is `chat-jsonl` when its first line is a whole chat record, `chat-json` when
@@ -37,162 +36,52 @@ record without a messages list, a `.conv` line that is neither `E` nor `M ...`) 
 """
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
 import re
-import zipfile
-import zlib
 from collections import Counter
-from contextlib import ExitStack, closing, contextmanager
-from dataclasses import dataclass, field
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
+# The readers' pieces live in corpus_files (files, bytes, lines, licences) and chat_readers (JSON, JSON
+# Lines, YAML); this module is the public entry and re-exports what callers use.
+from dialogpt_zh.data.chat_readers import (  # noqa: F401
+    CHAT_SPEAKER_ROLES,
+    CHAT_SYSTEM_ROLES,
+    CHAT_TOOL_ROLES,
+    _is_chat_record,
+    _iter_json_sessions,
+    _JsonStream,
+    chat_turns,
+    read_chat_json,
+    read_chat_jsonl,
+    read_chatterbot_yaml,
+    read_kdconv_json,
+    read_lccc_json,
+)
+from dialogpt_zh.data.corpus_files import (  # noqa: F401
+    LICENCE_FILE_NAMES,
+    SPLIT_NAMES,
+    CorpusFile,
+    InputScan,
+    RawSession,
+    _iter_line_blocks,
+    _iter_lines,
+    _strip_gz,
+    _zip_members,
+    corpus_licence,
+    open_corpus_file,
+    recognise_licence,
+    split_from_name,
+    wide_encoding,
+)
 from dialogpt_zh.errors import UserError
 
 FORMATS = ("chitchat", "tsv", "lccc-json", "kdconv-json", "chat-json", "chat-jsonl", "chatterbot-yaml", "conv")
 CORPUS_EXTENSIONS = {".txt": None, ".tsv": "tsv", ".json": None, ".jsonl": "chat-jsonl", ".ndjson": "chat-jsonl",
                      ".yml": "chatterbot-yaml", ".yaml": "chatterbot-yaml", ".conv": "conv"}
-# chat messages that are not turns of the dialogue (counted, not read), and the speaker roles we know
-# (any other role is still a turn, counted `message_role_unknown`)
-CHAT_SYSTEM_ROLES = frozenset({"system", "developer"})
-CHAT_TOOL_ROLES = frozenset({"tool", "function", "ipython", "observation"})
-CHAT_SPEAKER_ROLES = frozenset({"user", "assistant", "human", "gpt", "bot", "model", "chatgpt", "client",
-                                "counselor", "counsellor", "patient", "doctor", "speaker"})
-SPLIT_NAMES = ("train", "valid", "validation", "val", "dev", "test")
-_SPLIT_TOKEN_RE = re.compile(r"[A-Za-z]+")
-
-
-@dataclass(slots=True)
-class RawSession:
-    """One session as read: turns are the raw strings (any object for malformed records)."""
-
-    turns: list
-    line: int
-    split: str | None = None
-
-
-@dataclass(slots=True)
-class CorpusFile:
-    """A file to read: its format, the source (input) it belongs to and its own split (from its name).
-
-    `path` is the file on disk; `member` names a file inside the zip archive `path`. A `.gz` path (or
-    member) is read through gzip. Everything is streamed, never unpacked to disk."""
-
-    path: Path
-    format: str
-    source: str
-    split: str | None
-    member: str | None = None
-
-    @property
-    def name(self) -> str:
-        """How messages and the manifest name it: the path, or `archive.zip:member.txt`."""
-        return f"{self.path}:{self.member}" if self.member is not None else str(self.path)
-
-    @property
-    def inner_name(self) -> str:
-        """The file name of the content: `train.txt.gz` -> `train.txt`, a zip member's own name."""
-        return _strip_gz(Path(self.member).name if self.member is not None else self.path.name)
-
-
-@dataclass
-class InputScan:
-    """What an input path resolved to: corpus files, and files skipped as not corpus files."""
-
-    path: Path
-    source: str
-    files: list[CorpusFile] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    licence: str = "none stated"  # see corpus_licence
-    licence_file: str | None = None
-
-
-def _strip_gz(name: str) -> str:
-    return name[:-3] if name.lower().endswith(".gz") else name
-
-
-def split_from_name(path: Path | str) -> str | None:
-    """A split named in a file name: `toy_valid.txt` -> "valid", `dev.json.gz` -> "dev", else None."""
-    for token in _SPLIT_TOKEN_RE.findall(Path(_strip_gz(Path(path).name)).stem.lower()):
-        if token in SPLIT_NAMES:
-            return token
-    return None
-
-
-# ---------------------------------------------------------------- compressed input
-
-class _GuardedReader(io.RawIOBase):
-    """Reads a decompressing stream; a corrupt or truncated archive becomes a UserError naming the file."""
-
-    ERRORS = (OSError, EOFError, zlib.error, zipfile.BadZipFile)
-
-    def __init__(self, f, name: str) -> None:
-        self.f, self.name, self.done = f, name, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        try:
-            data = self.f.read(min(len(b), 1 << 16))  # small reads: the error says where the damage starts
-        except self.ERRORS as e:
-            raise UserError(f"corrupt or truncated compressed data after {self.done:,} bytes of content "
-                            f"({type(e).__name__}: {e})", path=self.name) from e
-        n = len(data)
-        b[:n] = data
-        self.done += n
-        return n
-
-
-def _open_zip(path: Path) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise UserError(f"not a readable zip archive ({e})", path=path) from e
-
-
-@contextmanager
-def open_corpus_file(cf: CorpusFile) -> Iterator[BinaryIO]:
-    """The (decompressed) bytes of a corpus file as a binary stream: plain, `.gz`, or a zip member."""
-    with ExitStack() as stack:
-        if cf.member is not None:
-            zf = stack.enter_context(_open_zip(cf.path))
-            try:
-                f = stack.enter_context(zf.open(cf.member))
-            except (KeyError, zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError) as e:
-                raise UserError(f"cannot read this archive member ({e})", path=cf.name) from e
-            inner = cf.member
-        else:
-            f = stack.enter_context(open(cf.path, "rb"))
-            inner = cf.path.name
-        if inner.lower().endswith(".gz"):
-            f = stack.enter_context(gzip.GzipFile(fileobj=f, mode="rb"))
-        if cf.member is not None or inner.lower().endswith(".gz"):
-            f = io.BufferedReader(_GuardedReader(f, cf.name), 1 << 16)
-        yield f
-
-
-def _zip_members(path: Path) -> list[str]:
-    """Names of the files in a zip archive, in archive order (directories and macOS metadata left out)."""
-    with _open_zip(path) as zf:
-        return [i.filename for i in zf.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX/")]
-
-
-def wide_encoding(data: bytes) -> str | None:
-    """"UTF-16" / "UTF-32" when the first bytes of a file say so (a BOM, or NULs at every other byte, as
-    ASCII has in UTF-16), else None."""
-    if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
-        return "UTF-32"
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "UTF-16"
-    sample = data[:4096]
-    even, odd = sample[0::2].count(0), sample[1::2].count(0)
-    if min(even, odd) == 0 and max(even, odd) >= 4 and max(even, odd) * 4 >= len(sample) // 2:
-        return "UTF-16"
-    return None
 
 
 def _head(cf: CorpusFile, size: int = 65536) -> str:
@@ -204,18 +93,6 @@ def _head(cf: CorpusFile, size: int = 65536) -> str:
     if b"\x00" in data:
         return "\x00"
     return data.decode("utf-8", errors="replace").lstrip("\ufeff")
-
-
-def _is_chat_record(obj: object) -> bool:
-    """A chat-messages record: {"messages": [{"role", "content"}...]} or {"conversations": [{"from", "value"}...]}."""
-    if not isinstance(obj, dict):
-        return False
-    if isinstance(obj.get("conversations"), list):
-        return True
-    messages = obj.get("messages")
-    first = messages[0] if isinstance(messages, list) and messages else None
-    return isinstance(first, dict) and "message" not in first and any(
-        k in first for k in ("role", "content", "from", "value"))
 
 
 def _first_json_record(cf: CorpusFile) -> object:
@@ -305,6 +182,12 @@ def _add_zip(scan: InputScan, path: Path, fmt: str, explicit: bool) -> None:
         raise UserError(f"archive holds no corpus files{what}", path=path)
 
 
+# Files our own commands write beside a corpus, by name: a directory scan skips them (with a note), while the
+# same file given by its own path is still read. `feedback export DIR` writes DIR/train.txt + DIR/stats.json,
+# and `preprocess DIR` must read the first only.
+NOT_CORPUS_FILES = {"stats.json": "the statistics `python -m dialogpt_zh.feedback export` writes beside its train.txt"}
+
+
 def scan_input(path: str | Path, fmt: str = "auto", source: str | None = None) -> InputScan:
     """Resolve one input (file, `.gz`, `.zip` or directory) into corpus files with their formats."""
     if fmt != "auto" and fmt not in FORMATS:
@@ -326,6 +209,10 @@ def scan_input(path: str | Path, fmt: str = "auto", source: str | None = None) -
             p = Path(root) / name
             if not name.startswith(".") and name.lower().endswith(".zip"):
                 _add_zip(scan, p, fmt, explicit=False)
+            elif name in NOT_CORPUS_FILES:
+                scan.skipped.append(str(p))
+                scan.notes.append(f"skipped {p}: {NOT_CORPUS_FILES[name]}, not a corpus "
+                                  f"(give the file itself as an input to read it as one)")
             elif not _is_corpus_name(name):
                 scan.skipped.append(str(p))
             else:
@@ -335,117 +222,6 @@ def scan_input(path: str | Path, fmt: str = "auto", source: str | None = None) -
         raise UserError("directory holds no corpus files (.txt .tsv .json .jsonl .yml .yaml .conv, also as .gz, "
                         f"or in .zip){what}", path=path)
     return scan
-
-
-# ---------------------------------------------------------------- licence of an input
-
-LICENCE_FILE_NAMES = ("LICENSE", "LICENSE.MD", "LICENSE.TXT", "LICENCE", "LICENCE.MD", "LICENCE.TXT",
-                      "COPYING", "COPYING.MD", "COPYING.TXT")
-# (SPDX id, phrases that must all occur in the lower-cased, whitespace-collapsed text); first match wins,
-# so the more specific licences come before those whose text they contain
-_LICENCE_RULES = (
-    ("AGPL-3.0", ("gnu affero general public license", "version 3")),
-    ("LGPL-3.0", ("gnu lesser general public license", "version 3")),
-    ("LGPL-2.1", ("gnu lesser general public license", "version 2.1")),
-    ("GPL-3.0", ("gnu general public license", "version 3")),
-    ("GPL-2.0", ("gnu general public license", "version 2")),
-    ("Apache-2.0", ("apache license", "version 2.0")),
-    ("MPL-2.0", ("mozilla public license", "2.0")),
-    ("CC0-1.0", ("cc0 1.0",)),
-    ("CC-BY-NC-SA-4.0", ("attribution-noncommercial-sharealike 4.0",)),
-    ("CC-BY-NC-4.0", ("attribution-noncommercial 4.0",)),
-    ("CC-BY-SA-4.0", ("attribution-sharealike 4.0",)),
-    ("CC-BY-4.0", ("attribution 4.0 international",)),
-    ("Unlicense", ("free and unencumbered software released into the public domain",)),
-    ("BSD-3-Clause", ("redistribution and use in source and binary forms", "neither the name")),
-    ("BSD-2-Clause", ("redistribution and use in source and binary forms",)),
-    ("ISC", ("permission to use, copy, modify, and/or distribute this software for any purpose",)),
-    ("MIT", ("permission is hereby granted, free of charge",)),
-)
-_SPDX_LINE_RE = re.compile(r"SPDX-License-Identifier:\s*([A-Za-z0-9.+-]+)")
-
-
-def recognise_licence(text: str) -> str | None:
-    """An SPDX-style id for a licence text (simple phrase matching), or None."""
-    m = _SPDX_LINE_RE.search(text)
-    if m:
-        return m.group(1)
-    flat = " ".join(text.lower().split())
-    for spdx, phrases in _LICENCE_RULES:
-        if all(p in flat for p in phrases):
-            return spdx
-    return None
-
-
-def corpus_licence(path: Path) -> tuple[str, str | None]:
-    """(licence, licence file) of an input: from a LICENSE/LICENCE/COPYING file (any case, optionally .md
-    or .txt) in the input directory, or in a file input's own directory. The licence is an SPDX-style id,
-    "unrecognised licence file: NAME", or "none stated"."""
-    directory = path if path.is_dir() else path.parent
-    try:
-        candidates = sorted((p for p in directory.iterdir() if p.name.upper() in LICENCE_FILE_NAMES and p.is_file()),
-                            key=lambda p: (LICENCE_FILE_NAMES.index(p.name.upper()), p.name))
-    except OSError:
-        candidates = []
-    if not candidates:
-        return "none stated", None
-    found = candidates[0]
-    with open(found, "rb") as f:
-        text = f.read(1 << 18).decode("utf-8", errors="replace")
-    return recognise_licence(text) or f"unrecognised licence file: {found.name}", str(found)
-
-
-def _decode_error(path: Path, e: UnicodeDecodeError, line: int) -> UserError:
-    wide = wide_encoding(e.object) if line == 1 and isinstance(e.object, bytes) else None
-    if wide:
-        return UserError(f"{wide} text, not UTF-8; convert it first, e.g. `iconv -f {wide} -t UTF-8`", path=path)
-    return UserError(f"not UTF-8 text ({e.reason} at byte {e.start}); convert it first, e.g. "
-                     f"`iconv -f gbk -t utf-8`", path=path, line=line)
-
-
-def _iter_line_blocks(cf: CorpusFile, block_size: int = 1 << 20) -> Iterator[tuple[int, list[str]]]:
-    """(number of the first line, lines without line ends) per block of a UTF-8 file; LF, CRLF and
-    mixtures; BOM dropped. Decoding whole blocks is much faster than line by line."""
-    lineno = 1
-    rest = b""
-    with open_corpus_file(cf) as f:
-        while True:
-            block = f.read(block_size)
-            eof = not block
-            data = rest + block
-            if not data:
-                return
-            if eof:
-                rest = b""
-            else:
-                cut = data.rfind(b"\n")
-                if cut < 0:
-                    rest = data
-                    continue
-                data, rest = data[:cut + 1], data[cut + 1:]
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _decode_error(cf.name, e, lineno + data.count(b"\n", 0, e.start)) from e
-            if lineno == 1 and text.startswith("\ufeff"):
-                text = text[1:]
-            if "\r" in text:
-                text = text.replace("\r\n", "\n")
-                lines = [ln.rstrip("\r") for ln in text.split("\n")]
-            else:
-                lines = text.split("\n")
-            if text.endswith("\n"):
-                lines.pop()
-            yield lineno, lines
-            lineno += len(lines)
-            if eof:
-                return
-
-
-def _iter_lines(cf: CorpusFile) -> Iterator[tuple[int, str]]:
-    """(line number, text without line end) of a UTF-8 file."""
-    for first, lines in _iter_line_blocks(cf):
-        yield from enumerate(lines, first)
 
 
 def read_chitchat(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
@@ -487,273 +263,6 @@ def read_conv(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
                 counters["line_malformed"] += 1
     if turns:
         yield RawSession(turns, start)
-
-
-class _JsonStream:
-    """Reads the top level of a big JSON file one element at a time (memory: one element + a chunk)."""
-
-    CHUNK = 1 << 20
-    MAX_VALUE = 64 << 20
-
-    def __init__(self, cf: CorpusFile, f) -> None:
-        self.cf, self.path, self.f = cf, cf.name, f
-        self.buf, self.pos, self.eof = "", 0, False
-        self.line_base = 1  # line number at buf[0]
-        self.decoder = json.JSONDecoder()
-
-    def _read(self, size: int = CHUNK) -> bool:
-        if self.eof:
-            return False
-        try:
-            chunk = self.f.read(size)
-        except UnicodeDecodeError as e:
-            raise self._decode_failure(e) from e
-        if not chunk:
-            self.eof = True
-            return False
-        if self.pos > self.CHUNK:
-            self.line_base += self.buf.count("\n", 0, self.pos)
-            self.buf, self.pos = self.buf[self.pos:], 0
-        if self.line_base == 1 and self.pos == 0 and not self.buf:
-            chunk = chunk.lstrip("\ufeff")
-        self.buf += chunk
-        return True
-
-    def _decode_failure(self, e: UnicodeDecodeError) -> UserError:
-        line = _first_bad_line(self.cf)
-        return _decode_error(self.path, e, line)
-
-    def line(self, pos: int | None = None) -> int:
-        return self.line_base + self.buf.count("\n", 0, self.pos if pos is None else pos)
-
-    def error(self, message: str, pos: int | None = None) -> UserError:
-        return UserError(f"malformed JSON: {message}", path=self.path, line=self.line(pos))
-
-    def peek(self) -> str:
-        """Next non-whitespace character ('' at the end of the file)."""
-        while True:
-            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
-                self.pos += 1
-            if self.pos < len(self.buf):
-                return self.buf[self.pos]
-            if not self._read():
-                return ""
-
-    def expect(self, chars: str) -> str:
-        c = self.peek()
-        if c == "" or c not in chars:
-            found = "end of file" if c == "" else repr(c)
-            raise self.error(f"expected {' or '.join(repr(x) for x in chars)}, found {found}")
-        self.pos += 1
-        return c
-
-    def value(self):
-        """Decode the next value; returns (value, line where it starts)."""
-        self.peek()
-        while True:
-            try:
-                obj, end = self.decoder.raw_decode(self.buf, self.pos)
-            except json.JSONDecodeError as e:
-                # maybe the value continues past the chunk (one session may hold up to MAX_VALUE chars):
-                # read as much again as is pending, so a big value is re-parsed a few times, not once a chunk
-                pending = len(self.buf) - self.pos
-                if pending < self.MAX_VALUE and self._read(max(self.CHUNK, pending)):
-                    continue
-                raise self.error(e.msg, e.pos) from e
-            except RecursionError as e:
-                raise self.error("nested too deeply") from e
-            if end >= len(self.buf) and not self.eof and self._read():
-                continue  # a number could continue in the next chunk
-            line = self.line()
-            self.pos = end
-            return obj, line
-
-    def items(self) -> Iterator[tuple[object, int]]:
-        """Elements of the array starting here."""
-        self.expect("[")
-        if self.peek() == "]":
-            self.pos += 1
-            return
-        while True:
-            yield self.value()
-            if self.expect(",]") == "]":
-                return
-
-
-def _first_bad_line(cf: CorpusFile) -> int:
-    with open_corpus_file(cf) as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return lineno
-    return 1
-
-
-def _iter_json_sessions(cf: CorpusFile) -> Iterator[tuple[object, int, str | None]]:
-    """(element, line, split key) of a top-level list, or of each list in a top-level dict of splits."""
-    path = cf.name
-    with open_corpus_file(cf) as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
-        stream = _JsonStream(cf, f)
-        first = stream.peek()
-        if first == "[":
-            for obj, line in stream.items():
-                yield obj, line, None
-        elif first == "{":
-            stream.pos += 1
-            if stream.peek() == "}":
-                stream.pos += 1
-            else:
-                while True:
-                    key, _ = stream.value()
-                    if not isinstance(key, str):
-                        raise stream.error("expected a split name (a string key)")
-                    stream.expect(":")
-                    if stream.peek() != "[":
-                        raise UserError("expected a list of sessions", path=path, line=stream.line(), field=key)
-                    for obj, line in stream.items():
-                        yield obj, line, key
-                    if stream.expect(",}") == "}":
-                        break
-        else:
-            raise stream.error("expected a list of sessions or a dict of splits"
-                               if first else "empty file")
-        if stream.peek() != "":
-            raise stream.error("extra data after the top-level value")
-
-
-def read_lccc_json(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
-    for obj, line, split in _iter_json_sessions(cf):
-        if isinstance(obj, list) and all(isinstance(t, str) for t in obj):
-            yield RawSession(obj, line, split)
-        else:
-            counters["record_malformed"] += 1
-
-
-def read_kdconv_json(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
-    for obj, line, split in _iter_json_sessions(cf):
-        messages = obj.get("messages") if isinstance(obj, dict) else None
-        if not isinstance(messages, list):
-            counters["record_malformed"] += 1
-            continue
-        turns = []
-        for m in messages:
-            text = m.get("message") if isinstance(m, dict) else None
-            turns.append(text if isinstance(text, str) else None)  # None: counted by cleaning
-        yield RawSession(turns, line, split)
-
-
-def _content_text(content: object) -> str | None:
-    """A message's text: a string, or the text parts of an OpenAI content list joined by a space; None for
-    anything else (null, a number, an image-only list), which cleaning counts as `utterance_not_text`."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
-        return " ".join(texts) if texts else None
-    return None
-
-
-def chat_turns(record: object, counters: Counter) -> list | None:
-    """The turns of a chat-messages record, or None when it is not one (the caller counts record_malformed).
-
-    `{"messages": [{"role", "content"}, ...]}` (OpenAI) or `{"conversations": [{"from", "value"}, ...]}`
-    (ShareGPT); either key pair works in either list. Messages become turns in order, whoever speaks
-    (consecutive messages of one speaker stay separate turns). Not turns, counted: system/developer
-    messages (`message_system_skipped`), tool/function results (`message_tool_skipped`). Kept, counted:
-    a role outside CHAT_SPEAKER_ROLES (`message_role_unknown`), no string role (`message_role_missing`).
-    A message that is not an object or has no text content gives a None turn (cleaning counts
-    `utterance_not_text` and splits the session there); empty text likewise splits it."""
-    if not isinstance(record, dict):
-        return None
-    messages = record.get("messages")
-    if messages is None:
-        messages = record.get("conversations")
-    if not isinstance(messages, list):
-        return None
-    turns: list = []
-    for m in messages:
-        if not isinstance(m, dict):
-            turns.append(None)
-            continue
-        role = m.get("role", m.get("from"))
-        if isinstance(role, str):
-            role = role.strip().lower()
-            if role in CHAT_SYSTEM_ROLES:
-                counters["message_system_skipped"] += 1
-                continue
-            if role in CHAT_TOOL_ROLES:
-                counters["message_tool_skipped"] += 1
-                continue
-            if role not in CHAT_SPEAKER_ROLES:
-                counters["message_role_unknown"] += 1
-        else:
-            counters["message_role_missing"] += 1
-        turns.append(_content_text(m["content"] if "content" in m else m.get("value")))
-    if not turns:
-        counters["record_no_turns"] += 1
-    return turns
-
-
-def read_chat_json(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
-    for obj, line, split in _iter_json_sessions(cf):
-        turns = chat_turns(obj, counters)
-        if turns is None:
-            counters["record_malformed"] += 1
-        elif turns:
-            yield RawSession(turns, line, split)
-
-
-def read_chat_jsonl(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
-    """One chat record per line; blank lines are not records; a line that is not JSON is fatal (file:line),
-    like malformed JSON in any other format (usually a truncated or concatenated file)."""
-    decode = json.JSONDecoder().decode
-    for first, lines in _iter_line_blocks(cf):
-        for i, text in enumerate(lines):
-            if not text or text.isspace():
-                continue
-            try:
-                obj = decode(text)
-            except json.JSONDecodeError as e:
-                raise UserError(f"malformed JSON Lines record: {e.msg} (column {e.colno})",
-                                path=cf.name, line=first + i) from e
-            except RecursionError as e:
-                raise UserError("malformed JSON Lines record: nested too deeply", path=cf.name, line=first + i) from e
-            turns = chat_turns(obj, counters)
-            if turns is None:
-                counters["record_malformed"] += 1
-            elif turns:
-                yield RawSession(turns, first + i)
-
-
-def read_chatterbot_yaml(cf: CorpusFile, counters: Counter) -> Iterator[RawSession]:
-    import yaml
-
-    path = cf.name
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    try:
-        with open_corpus_file(cf) as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
-            root = yaml.compose(f, Loader=loader)
-    except UnicodeDecodeError as e:
-        raise _decode_error(path, e, _first_bad_line(cf)) from e
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"malformed YAML: {problem}", path=path,
-                        line=mark.line + 1 if mark is not None else None) from e
-    if not isinstance(root, yaml.MappingNode):
-        raise UserError("expected a mapping with a `conversations:` list", path=path,
-                        line=root.start_mark.line + 1 if root is not None else 1)
-    convs = next((v for k, v in root.value if isinstance(k, yaml.ScalarNode) and k.value == "conversations"), None)
-    if not isinstance(convs, yaml.SequenceNode):
-        raise UserError("no `conversations:` list", path=path, line=root.start_mark.line + 1,
-                        field="conversations")
-    for conv in convs.value:
-        if not isinstance(conv, yaml.SequenceNode):
-            counters["record_malformed"] += 1
-            continue
-        turns = [t.value if isinstance(t, yaml.ScalarNode) else None for t in conv.value]
-        yield RawSession(turns, conv.start_mark.line + 1)
 
 
 READERS = {"chitchat": read_chitchat, "tsv": read_tsv, "lccc-json": read_lccc_json,

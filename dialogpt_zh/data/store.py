@@ -22,7 +22,9 @@ from dialogpt_zh.errors import UserError
 from dialogpt_zh.sequence import DIRECTIONS, Direction, build_sequence, first_turn_length
 
 STORE_FORMAT = "dialogpt_zh.token_store"
-STORE_VERSION = 1
+STORE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before the per-window sources
+MAX_SOURCES = 65535  # S.src.npy is uint16
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 
@@ -34,16 +36,32 @@ def ids_dtype(vocab_size: int) -> np.dtype:
 class SplitWriter:
     """Appends sessions of one split to S.ids.bin while keeping the (small) offset tables in memory."""
 
-    def __init__(self, directory: Path, split: str, dtype: np.dtype) -> None:
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, with_sources: bool = False) -> None:
         self.split = split
         self.dtype = dtype
         self._ids = open(directory / f"{split}.ids.bin", "wb")
         self._utt = array("q", [0])
         self._win = array("q")
+        self._src = array("H") if with_sources else None
         self.num_tokens = 0
 
-    def add_session(self, utterances: Sequence[Sequence[int]], windows: Sequence[tuple[int, int]]) -> None:
-        """Append a session's utterances (token ids) and its windows as (start, count) within the session."""
+    def _add_sources(self, sources, n: int) -> None:
+        if self._src is None:
+            if sources is not None:
+                raise ValueError("this store was opened without source names: pass sources= to StoreWriter")
+            return
+        if sources is None:
+            raise ValueError("this store records each window's source: give the windows' source")
+        src = np.broadcast_to(np.asarray(sources, dtype=np.int64), (n,))
+        if n and (src.min() < 0 or src.max() > MAX_SOURCES):
+            raise ValueError(f"source index outside 0..{MAX_SOURCES}")
+        self._src.frombytes(src.astype("<u2").tobytes())
+
+    def add_session(self, utterances: Sequence[Sequence[int]], windows: Sequence[tuple[int, int]],
+                    source: int | None = None) -> None:
+        """Append a session's utterances (token ids) and its windows as (start, count) within the session;
+        `source`: the session's source index (required when the writer records sources)."""
+        self._add_sources(source, len(windows))
         base = len(self._utt) - 1
         for utt in utterances:
             arr = np.asarray(utt, dtype=self.dtype)
@@ -55,15 +73,20 @@ class SplitWriter:
                 raise ValueError(f"window ({start}, {count}) outside a session of {len(utterances)} turns")
             self._win.extend((base + start, count))
 
-    def add_sessions(self, ids: np.ndarray, utterance_lengths: np.ndarray, windows: np.ndarray) -> None:
+    def add_sessions(self, ids: np.ndarray, utterance_lengths: np.ndarray, windows: np.ndarray,
+                     sources: np.ndarray | None = None) -> None:
         """Bulk `add_session`: utterances as concatenated ids + their lengths, windows as rows (first
-        utterance, count) counted from the first utterance given here. Same bytes as one call per session."""
+        utterance, count) counted from the first utterance given here, `sources` one per window. Same bytes
+        as one call per session."""
         base = len(self._utt) - 1
         n = len(utterance_lengths)
         windows = np.asarray(windows, dtype=np.int64).reshape(-1, 2)
         if len(windows) and ((windows[:, 1] < 1).any() or (windows[:, 0] < 0).any()
                              or (windows.sum(axis=1) > n).any()):
             raise ValueError(f"a window lies outside the {n} utterances given")
+        if sources is not None and len(np.asarray(sources)) != len(windows):
+            raise ValueError(f"{len(np.asarray(sources))} sources for {len(windows)} windows")
+        self._add_sources(sources, len(windows))
         self._ids.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
         ends = self.num_tokens + np.cumsum(utterance_lengths, dtype=np.int64)
         self._utt.frombytes(ends.tobytes())
@@ -83,24 +106,34 @@ class SplitWriter:
         np.save(directory / f"{self.split}.utt.npy", np.frombuffer(self._utt, dtype=np.int64))
         np.save(directory / f"{self.split}.win.npy",
                 np.frombuffer(self._win, dtype=np.int64).reshape(-1, 2) if self._win else np.zeros((0, 2), np.int64))
+        if self._src is not None:
+            np.save(directory / f"{self.split}.src.npy",
+                    np.frombuffer(self._src, dtype="<u2") if self._src else np.zeros(0, "<u2"))
 
 
 class StoreWriter:
     """Writes a store into `directory` (use a temp dir from `fsutil.atomic_directory`, then it is renamed)."""
 
-    def __init__(self, directory: str | Path, tokenizer, splits: Sequence[str] = ("train", "valid", "test")) -> None:
+    def __init__(self, directory: str | Path, tokenizer, splits: Sequence[str] = ("train", "valid", "test"),
+                 sources: Sequence[str] | None = None) -> None:
+        """`sources`: the source (input) names; given, every window is written with its source index
+        (S.src.npy) and the manifest lists the names."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer = tokenizer
         self.dtype = ids_dtype(len(tokenizer))
-        self.splits = {s: SplitWriter(self.directory, s, self.dtype) for s in splits}
+        if sources is not None and len(sources) > MAX_SOURCES + 1:
+            raise ValueError(f"at most {MAX_SOURCES + 1} sources")
+        self.sources = list(sources) if sources is not None else None
+        self.splits = {s: SplitWriter(self.directory, s, self.dtype, sources is not None) for s in splits}
 
     def add_session(self, split: str, utterances: Sequence[Sequence[int]],
-                    windows: Sequence[tuple[int, int]]) -> None:
-        self.splits[split].add_session(utterances, windows)
+                    windows: Sequence[tuple[int, int]], source: int | None = None) -> None:
+        self.splits[split].add_session(utterances, windows, source)
 
-    def add_sessions(self, split: str, ids: np.ndarray, utterance_lengths: np.ndarray, windows: np.ndarray) -> None:
-        self.splits[split].add_sessions(ids, utterance_lengths, windows)
+    def add_sessions(self, split: str, ids: np.ndarray, utterance_lengths: np.ndarray, windows: np.ndarray,
+                     sources: np.ndarray | None = None) -> None:
+        self.splits[split].add_sessions(ids, utterance_lengths, windows, sources)
 
     def close(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Finish the files, save the tokenizer and write manifest.json (extra keys come from `manifest`)."""
@@ -113,7 +146,8 @@ class StoreWriter:
                 "vocab_size": len(self.tokenizer), "directions": list(DIRECTIONS),
                 "special_ids": {"pad": self.tokenizer.pad_token_id, "cls": self.tokenizer.cls_token_id,
                                 "sep": self.tokenizer.sep_token_id, "unk": self.tokenizer.unk_token_id},
-                "store_splits": counts, **manifest}
+                "store_splits": counts, **({"sources": self.sources} if self.sources is not None else {}),
+                **manifest}
         (self.directory / MANIFEST).write_text(json.dumps(full, ensure_ascii=False, indent=2) + "\n",
                                                encoding="utf-8")
         return full
@@ -155,6 +189,23 @@ class StoreSplit:
                               or (self.win.sum(axis=1) > counts["utterances"]).any()):
             raise UserError(f"a window lies outside the {counts['utterances']} utterances",
                             path=d / f"{split}.win.npy")
+        self.src: np.ndarray | None = None
+        self._manifest_path = d / MANIFEST
+        if store.sources is not None:
+            src_path = d / f"{split}.src.npy"
+            self.src = _load_table(src_path, (counts["windows"],), np.dtype("<u2"))
+            if len(self.src) and int(self.src.max()) >= len(store.sources):
+                raise UserError(f"source index {int(self.src.max())} but the manifest names {len(store.sources)} "
+                                f"sources", path=src_path)
+
+    def window_sources(self) -> np.ndarray:
+        """The source index (into `TokenStore.sources`) of every window; stores made before version 2 do
+        not record it: a UserError says to re-run the preprocessor."""
+        if self.src is None:
+            raise UserError("this token store does not record which source each window comes from (it was "
+                            "made before store version 2); re-run `python -m dialogpt_zh.preprocess` to "
+                            "rebuild it", path=self._manifest_path, field="sources")
+        return self.src
 
     def __len__(self) -> int:
         return len(self.win)
@@ -170,28 +221,34 @@ class StoreSplit:
     def first_turn_length(self, i: int, direction: Direction) -> int:
         return first_turn_length(self.turns(i), direction)
 
-    def lengths(self) -> np.ndarray:
-        """Sequence length of every window (the same in both directions), for length-grouped batching."""
+    def lengths(self, extra_tokens: int = 1) -> np.ndarray:
+        """Sequence length of every window (the same in both directions), for length-grouped batching:
+        its turns, one [SEP] (or speaker token) per turn and `extra_tokens` more (the layout's
+        `Layout.extra_tokens`: 1 for [CLS])."""
         utt_len = np.diff(self.utt)
         csum = np.concatenate([[0], np.cumsum(utt_len)])
         start, count = self.win[:, 0], self.win[:, 1]
-        return 1 + (csum[start + count] - csum[start]) + count
+        return extra_tokens + (csum[start + count] - csum[start]) + count
 
     def __iter__(self) -> Iterator[list[np.ndarray]]:
         for i in range(len(self)):
             yield self.turns(i)
 
 
-def _load_table(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """An int64 .npy table of the given shape (allow_pickle=False: never unpickle anything from a user path)."""
+INT64 = np.dtype(np.int64)
+
+
+def _load_table(path: Path, shape: tuple[int, ...], dtype: np.dtype = INT64) -> np.ndarray:
+    """A .npy table of the given shape and dtype (default int64; allow_pickle=False: never unpickle anything
+    from a user path)."""
     if not path.is_file():
         raise UserError("missing store file", path=path)
     try:
         table = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise UserError(f"unreadable .npy file ({e}); re-run the preprocessor", path=path) from e
-    if table.dtype != np.int64 or table.shape != shape:
-        raise UserError(f"expected int64 {list(shape)}, found {table.dtype} {list(table.shape)} (truncated or "
+    if table.dtype != dtype or table.shape != shape:
+        raise UserError(f"expected {dtype.name} {list(shape)}, found {table.dtype} {list(table.shape)} (truncated or "
                         f"from another store); re-run the preprocessor", path=path)
     return table
 
@@ -218,6 +275,10 @@ def _check_manifest(m: Any, path: Path) -> None:
     if not isinstance(directions, list) or not directions or not all(d in DIRECTIONS for d in directions):
         raise UserError(f"expected a list of {list(DIRECTIONS)}, found {directions!r}", path=path,
                         field="directions")
+    sources = m.get("sources")
+    if sources is not None and (not isinstance(sources, list) or not all(isinstance(x, str) for x in sources)
+                                or len(sources) > MAX_SOURCES + 1):
+        raise UserError(f"expected a list of source names, found {sources!r}", path=path, field="sources")
     for split, counts in m["store_splits"].items():
         for key in ("windows", "utterances", "tokens"):
             v = counts.get(key) if isinstance(counts, dict) else None
@@ -248,14 +309,20 @@ class TokenStore:
         if self.manifest.get("format") != STORE_FORMAT:
             raise UserError(f"not a dialogpt_zh token store (format={self.manifest.get('format')!r})", path=mpath,
                             field="format")
-        if self.manifest.get("version") != STORE_VERSION:
-            raise UserError(f"store version {self.manifest.get('version')} is not supported "
-                            f"(expected {STORE_VERSION}); re-run the preprocessor", path=mpath, field="version")
+        if self.manifest.get("version") not in READABLE_VERSIONS:
+            raise UserError(f"store version {self.manifest.get('version')!r} is not supported (this code reads "
+                            f"versions {', '.join(map(str, READABLE_VERSIONS))}); re-run the preprocessor",
+                            path=mpath, field="version")
         _check_manifest(self.manifest, mpath)
         special = self.manifest["special_ids"]
         self.cls_id, self.sep_id, self.pad_id = special["cls"], special["sep"], special["pad"]
         # open (and so check) every split now: a damaged store fails here, not in the middle of a run
         self._splits: dict[str, StoreSplit] = {name: StoreSplit(self, name) for name in self.split_names()}
+
+    @property
+    def sources(self) -> list[str] | None:
+        """Source (input) names, indexed by `StoreSplit.window_sources`; None for a version 1 store."""
+        return self.manifest.get("sources")
 
     @property
     def directions(self) -> list[str]:

@@ -81,12 +81,12 @@ class WindowWriter:
             in_split = split_of == code
             if not in_split.any():
                 continue
-            self._write(split, in_split, nturns, lengths, flat, rows, sess)
+            self._write(split, in_split, nturns, lengths, flat, rows, sess, src_of)
             if split == "train":
                 for extra in range(1, int(self.copies.max())):  # upsampled sources, copy by copy
                     again = in_split & (self.copies[src_of] > extra)
                     if again.any():
-                        self._write(split, again, nturns, lengths, flat, rows, sess)
+                        self._write(split, again, nturns, lengths, flat, rows, sess, src_of)
             for si in np.unique(src_of[in_split]).tolist():
                 m = in_split & (src_of == si)
                 st = self.stats[(self.sources[si], split)]
@@ -113,14 +113,16 @@ class WindowWriter:
         return out
 
     def _write(self, split: str, chosen: np.ndarray, nturns: np.ndarray, lengths: np.ndarray, flat: np.ndarray,
-               rows: np.ndarray, sess: np.ndarray) -> None:
-        """Append the `chosen` sessions of the batch (a mask) with their windows to `split`."""
+               rows: np.ndarray, sess: np.ndarray, src_of: np.ndarray) -> None:
+        """Append the `chosen` sessions of the batch (a mask) with their windows (and each window's source,
+        `src_of` per session) to `split`."""
         utt_mask = np.repeat(chosen, nturns)
         tok_mask = np.repeat(utt_mask, lengths)
         base = np.cumsum(np.where(chosen, nturns, 0)) - nturns  # first utterance in this split's part
         w = chosen[sess]
         self.writer.add_sessions(split, flat[tok_mask], lengths[utt_mask],
-                                 rows[w] + np.stack([base[sess[w]], np.zeros(int(w.sum()), np.int64)], 1))
+                                 rows[w] + np.stack([base[sess[w]], np.zeros(int(w.sum()), np.int64)], 1),
+                                 src_of[sess[w]] if getattr(self.writer, "sources", None) is not None else None)
 
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(flat token ids, utterance lengths), long utterances cut to max_utterance_tokens (so that two

@@ -18,6 +18,7 @@ normalize="mean" fwd and bwd are per token (fwd / num_tokens, bwd / num_context_
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -26,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dialogpt_zh.checkpoint import load_model
+from dialogpt_zh.checkpoint import load_model, model_layout
 from dialogpt_zh.engine.decoding import (
     DecodeBatch,
     HFDecoder,
@@ -44,22 +45,30 @@ from dialogpt_zh.engine.lean_gpt2 import LeanGPT2
 from dialogpt_zh.engine.loading import (
     check_device,
     check_direction,
+    check_vocabulary_size,
     cleaning_options,
     normalize_utterance,
     quantize_int8,
     resolve_bot_dirs,
     same_tokenizer,
+    vocabulary_difference,
 )
-from dialogpt_zh.engine.results import Candidate, Reply
+from dialogpt_zh.engine.results import HISTORY_NOTICE_PREFIX, Candidate, Reply
+from dialogpt_zh.engine.retrieval import load_index, merge_hits, pick_hits
 from dialogpt_zh.engine.sampling import NEG_INF, apply_repetition_penalty, ban_repeated_ngrams, sample_rows
 from dialogpt_zh.engine.threads import ThreadPolicy
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.sequence import build_sequence
+from dialogpt_zh.sequence import Layout, infer_layout
 from dialogpt_zh.settings import (
+    AUTO_RETRIEVAL_CANDIDATES,
+    DEFAULT_QUANTIZE,
+    GENERATION_FIELDS,
+    MMI_FIELDS,
     QUANTIZATIONS,
     BotArguments,
     GenerationSettings,
     MMISettings,
+    SettingsError,
     apply_overrides,
     mmi_active,
     mmi_score,
@@ -84,15 +93,35 @@ def _uses_thread_policy(method):
     return wrapper
 
 
+# The generation settings a scoring call reads (which turns it sees). A keyword override of a setting the call
+# does not read would change nothing, so it is refused rather than dropped.
+CONTEXT_FIELDS = frozenset({"max_history", "max_context_tokens"})
+# what retrieval reads: how many replies, and the longest a reply may be (what a sampled one may have)
+RETRIEVAL_FIELDS = frozenset({"retrieval_candidates", "max_length"})
+
+
+def refuse_unread(call: str, overrides: dict[str, Any], reads: frozenset[str]) -> None:
+    """SettingsError for a known setting in `overrides` that `call` does not read (unknown names are left to
+    `apply_overrides`, which says they are unknown)."""
+    unread = sorted((set(overrides) & (GENERATION_FIELDS | MMI_FIELDS)) - reads)
+    if unread:
+        raise SettingsError(f"{call} does not use {', '.join(unread)}; it reads {', '.join(sorted(reads))}",
+                            field=unread[0])
+
+
 # ----------------------------------------------------------------------------------------------- engine
 
+# Over 600 lines on purpose: this module is the ChatBot class, whose public calls (reply, reply_many, rerank,
+# the log-prob calls) share one settings path, one context encoder and one scorer; decoding, loading, results
+# and the lean forward already live in their own modules.
 class ChatBot:
     """Forward model (+ optional backward model) and the settings to chat with them. Thread-safe for replies."""
 
     def __init__(self, forward_model, tokenizer, backward_model=None, *, device: str = "cpu",
                  generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
                  notices: Sequence[str] = (), forward_dir: Path | None = None,
-                 backward_dir: Path | None = None) -> None:
+                 backward_dir: Path | None = None, retrieval=None, forward_layout: Layout | None = None,
+                 backward_layout: Layout | None = None) -> None:
         self.forward_model = forward_model
         self.backward_model = backward_model
         self.tokenizer = tokenizer
@@ -103,6 +132,12 @@ class ChatBot:
             if not isinstance(value, kind):
                 raise TypeError(f"expected a {kind.__name__}, got {type(value).__name__}")
         self.notices = list(notices)
+        # the retrieval index (dialogpt_zh.data.retrieval.RetrievalIndex) or None: retrieval_candidates needs one
+        self.retrieval = retrieval
+        if self.generation.retrieval_candidates > 0 and retrieval is None:
+            raise UserError(f"{self.generation.retrieval_candidates} retrieval candidates asked for, but this bot has "
+                            f"no retrieval index (BOT_DIR/retrieval); build one with `python -m dialogpt_zh.index`",
+                            field="retrieval_candidates")
         self.forward_dir = forward_dir
         self.backward_dir = backward_dir
         # user input is normalised with the options the training data was cleaned with (the model card's)
@@ -110,9 +145,17 @@ class ChatBot:
         self.cls_id = tokenizer.cls_token_id
         self.sep_id = tokenizer.sep_token_id
         self.pad_id = tokenizer.pad_token_id
-        # never emitted: every special token but [SEP] (which ends a reply)
-        specials = set(tokenizer.all_special_ids) | {tokenizer.unk_token_id, self.pad_id, self.cls_id}
+        # how each model's inputs are built (dialogpt_zh.sequence); models passed in: their vocabulary's layout
+        inferred = Layout.for_tokenizer(infer_layout(tokenizer.get_vocab()), tokenizer)
+        self.forward_layout = forward_layout or inferred
+        self.backward_layout = backward_layout or inferred
+        # never emitted: every special token but [SEP] (which ends a reply), the layout's speaker tokens too
+        specials = (set(tokenizer.all_special_ids) | {tokenizer.unk_token_id, self.pad_id, self.cls_id}
+                    | set(self.forward_layout.special_ids))
         vocab = forward_model.config.vocab_size
+        # ids no token has (embedding rows beyond the tokenizer, a vocab.txt's duplicate lines) cannot be shown
+        known = set(tokenizer.get_vocab().values())
+        specials |= {i for i in range(vocab) if i not in known}
         self.banned_ids = sorted(i for i in specials if i is not None and i != self.sep_id and i < vocab)
         self._blocklists: dict[tuple[str, float], list[str]] = {}
         if self.mmi_settings.blocklist:
@@ -130,13 +173,19 @@ class ChatBot:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, forward: str | Path | None = None,
-                        backward: str | Path | None = None, device: str = "cpu", quantize: str | None = None,
-                        generation: GenerationSettings | None = None, mmi: MMISettings | None = None) -> "ChatBot":
-        """Load a bot: `path` = a dir with forward/ (+ backward/), or one forward model dir (MMI off), or
-        None for the default `checkpoints/default`; or `forward=` / `backward=` paths. `generation` / `mmi`
-        become this bot's default settings (each call may override single fields). `quantize`: None or
-        "none" = the float32 weights as saved (the default here; the faces' `--quantize` defaults to "fp16"),
-        "fp16", "int8" or "int8-forward" (docs/engine.md)."""
+                        backward: str | Path | None = None, device: str = "cpu",
+                        quantize: str | None = DEFAULT_QUANTIZE,
+                        generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
+                        retrieval: str | Path | None = None, layout: str | None = None) -> "ChatBot":
+        """Load a bot: `path` = a dir with forward/ (+ backward/, + retrieval/: the index of human replies),
+        or one forward model dir (MMI off), or None for the default `checkpoints/default`; or `forward=` /
+        `backward=` paths; `retrieval=` an index directory (default: a bot dir's retrieval/). Any model may be
+        one made elsewhere (GPT2-chitchat, CDial-GPT2, uer/gpt2-chinese: pytorch_model.bin + vocab.txt) or a hub
+        id. `layout`: "chitchat" or "cdial" for both models (default: each model's card, else its vocabulary's;
+        docs/foreign_checkpoints.md). `generation` / `mmi` become this bot's default settings (each call may
+        override single fields). `quantize`: "fp16" (the default, as every face's `--quantize`: weights at
+        float16 precision, float32 arithmetic), "none" (or None) = the float32 weights as saved, "int8" or
+        "int8-forward" (docs/engine.md)."""
         check_device(device)
         forward_dir, backward_dir = resolve_bot_dirs(path, forward, backward)
         quantize = None if quantize == "none" else quantize
@@ -153,15 +202,15 @@ class ChatBot:
             notices.append("MMI off: no backward model, candidates are ranked by the forward score only")
         else:
             check_direction(backward_dir, "backward")
-            if not same_tokenizer(tokenizer, load_tokenizer(backward_dir)):
-                raise UserError(f"the backward model's tokenizer differs from the forward model's "
-                                f"({forward_dir}); both must be trained on the same token store",
-                                path=backward_dir)
+            backward_tokenizer = load_tokenizer(backward_dir)
+            if not same_tokenizer(tokenizer, backward_tokenizer):
+                raise UserError(f"the backward model's tokenizer differs from the forward model's ({forward_dir}: "
+                                f"{vocabulary_difference(tokenizer, backward_tokenizer)}); a forward and a backward "
+                                "model pair only when their vocabularies are the same", path=backward_dir)
             backward_model = load_model(backward_dir, device)
         for model_dir, model in ((forward_dir, forward_model), (backward_dir, backward_model)):
-            if model is not None and model.config.vocab_size < len(tokenizer):
-                raise UserError(f"model vocab ({model.config.vocab_size}) is smaller than its tokenizer "
-                                f"({len(tokenizer)})", path=model_dir)
+            if model is not None:
+                check_vocabulary_size(model, tokenizer, model_dir)
         if quantize == "fp16":
             forward_model = weights_fp16(forward_model)
             backward_model = weights_fp16(backward_model) if backward_model is not None else None
@@ -172,8 +221,14 @@ class ChatBot:
         elif quantize == "int8-forward":  # the sampler in int8, the MMI judge exact
             forward_model = quantize_int8(forward_model)
             notices.append("int8 dynamic quantization on (forward model only; MMI scores in float)")
+        # a bot directory (given, or the default) brings its retrieval/; single model dirs do not
+        bot_dir = Path(path) if path is not None else forward_dir.parent if forward is None else None
+        index = load_index(bot_dir if bot_dir is not None and (bot_dir / "forward").is_dir() else None, retrieval,
+                           tokenizer)
         bot = cls(forward_model, tokenizer, backward_model, device=device, generation=generation, mmi=mmi,
-                  notices=notices, forward_dir=forward_dir, backward_dir=backward_dir)
+                  notices=notices, forward_dir=forward_dir, backward_dir=backward_dir, retrieval=index,
+                  forward_layout=model_layout(forward_dir, tokenizer, layout),
+                  backward_layout=model_layout(backward_dir, tokenizer, layout) if backward_dir else None)
         bot.quantize = quantize or "none"
         return bot
 
@@ -205,11 +260,14 @@ class ChatBot:
         if not texts[-1].strip():
             raise UserError("the latest utterance is empty", field="history")
         if len(texts) > gen.max_history:
-            notices.append(f"history: kept the last {gen.max_history} of {len(texts)} utterances (max_history)")
+            notices.append(f"{HISTORY_NOTICE_PREFIX}kept the last {gen.max_history} of {len(texts)} utterances "
+                           f"(max_history)")
             texts = texts[-gen.max_history:]
         turns = [encode(self.tokenizer, t) for t in texts]
         models = [m for m in (self.forward_model, self.backward_model) if m is not None]
-        room = min(n_positions(m) for m in models) - reply_room - 2  # [CLS] and the reply's [SEP]
+        # the layout's own tokens: [CLS] and the reply's [SEP] (cdial: + the reply's speaker token)
+        fixed = max(self._layout(m).extra_tokens for m in models) + 1
+        room = min(n_positions(m) for m in models) - reply_room - fixed
         budget = min(gen.max_context_tokens, room)
         if budget < 2:
             raise UserError(f"max_length {reply_room} leaves no room for context in a model of "
@@ -220,7 +278,8 @@ class ChatBot:
             texts.pop(0)
             dropped += 1
         if dropped:
-            notices.append(f"history: dropped the {dropped} oldest utterance(s) to fit {budget} context tokens")
+            notices.append(f"{HISTORY_NOTICE_PREFIX}dropped the {dropped} oldest utterance(s) to fit {budget} "
+                           f"context tokens")
         if len(turns[-1]) + 1 > budget:
             notices.append(f"input truncated: your message has {len(turns[-1])} tokens, kept its last "
                            f"{budget - 1}")
@@ -273,16 +332,18 @@ class ChatBot:
         """log P(reply + [SEP] | context) for each reply: context encoded once, replies in one padded batch."""
         model = self.forward_model
         decoder = self._decoder(model)
-        ctx = torch.tensor([build_sequence(context, "forward", self.cls_id, self.sep_id)], device=self.device)
+        prompt, prompt_types, reply_type = self.forward_layout.prompt(context)
+        ctx = torch.tensor([prompt], device=self.device)
+        ctx_types = torch.tensor([prompt_types], device=self.device) if prompt_types is not None else None
         rows = [r + [self.sep_id] for r in replies]
-        first = decoder.prompt(ctx, max(len(r) for r in rows))
+        first = decoder.prompt(ctx, max(len(r) for r in rows), ctx_types)
         first_logprobs = torch.log_softmax(first[0].float(), dim=-1)  # predicts each reply's 1st token
         fwd = [float(first_logprobs[r[0]]) for r in rows]
         if any(len(r) > 1 for r in rows):
             decoder.repeat_rows(len(rows))
             ids, mask = pad_rows(rows, self.pad_id, self.device)
             # the last column predicts nothing we score, so it is not run
-            hidden = decoder.hidden_after_cache(ids[:, :-1], mask[:, :-1])
+            hidden = decoder.hidden_after_cache(ids[:, :-1], mask[:, :-1], reply_type)
             # hidden at reply position j predicts reply token j + 1
             score_mask = mask[:, 1:].bool()
             b, j = score_mask.nonzero(as_tuple=True)
@@ -295,15 +356,33 @@ class ChatBot:
         """log P(context | reply) for each reply after one context (see `_backward_scores_pairs`)."""
         return self._backward_scores_pairs([(context, r) for r in replies])
 
-    @torch.inference_mode()
     def _backward_scores_pairs(self, pairs: list[tuple[list[list[int]], list[int]]]) -> list[tuple[float, int]]:
-        """log P(context | reply) for (context, reply) pairs: `[CLS] reply [SEP] uk [SEP] ... u1 [SEP]`,
-        context tokens only, all pairs (of one request or of many) in one batch."""
-        model = self.backward_model
-        seqs = [build_sequence(list(context) + [r], "backward", self.cls_id, self.sep_id) for context, r in pairs]
-        ids, mask = pad_rows(seqs, self.pad_id, self.device)
-        # target t is scored iff it is a context token: t >= len(reply) + 2 (after [CLS] reply [SEP]), not padding
-        starts = torch.tensor([len(r) + 2 for _, r in pairs], device=self.device)
+        """log P(context | reply) for (context, reply) pairs: `[CLS] reply [SEP] uk [SEP] ... u1 [SEP]` (or the
+        backward model's own layout), context tokens only, all pairs (of one request or of many) in one batch."""
+        layout = self.backward_layout
+        turns = [list(context) + [r] for context, r in pairs]
+        # scored: the context tokens, after the reply's turn ([CLS] reply [SEP] in the chitchat layout)
+        sums = self._sequence_scores(self.backward_model, [layout.sequence(t, "backward") for t in turns],
+                                     [layout.first_turn_length(t, "backward") for t in turns])
+        return [(s, sum(len(u) + 1 for u in context)) for s, (context, _) in zip(sums, pairs)]
+
+    def _forward_scores_pairs(self, pairs: list[tuple[list[list[int]], list[int]]]) -> list[tuple[float, int]]:
+        """log P(reply + [SEP] | context) for (context, reply) pairs, teacher-forced, all in one batch (the
+        retrieved replies of every request of a `reply_many`)."""
+        built = [self.forward_layout.sequence(list(context) + [r], "forward") for context, r in pairs]
+        # scored: the reply's tokens and its [SEP], the sequence's last len(reply) + 1 in either layout
+        sums = self._sequence_scores(self.forward_model, built,
+                                     [len(q) - len(r) - 1 for (q, _), (_, r) in zip(built, pairs)])
+        return [(s, len(r) + 1) for s, (_, r) in zip(sums, pairs)]
+
+    @torch.inference_mode()
+    def _sequence_scores(self, model, seqs: list[tuple[list[int], list[int] | None]],
+                         starts_at: list[int]) -> list[float]:
+        """Sum of log P(token | everything before it) over the positions t >= starts_at of each sequence
+        ((ids, token types or None), as `Layout.sequence` builds them), all in one right-padded batch."""
+        ids, mask = pad_rows([q for q, _ in seqs], self.pad_id, self.device)
+        types = pad_rows([ty for _, ty in seqs], self.pad_id, self.device)[0] if seqs[0][1] is not None else None
+        starts = torch.tensor(starts_at, device=self.device)
         positions = torch.arange(ids.shape[1], device=self.device)
         target_mask = (positions[None, :] >= starts[:, None]) & mask.bool()
         b, t = target_mask.nonzero(as_tuple=True)
@@ -313,14 +392,19 @@ class ChatBot:
         if lean is not None:  # its last block runs past the attention only for the positions we score
             hidden = lean.hidden(ids[:, :-1], mask=mask[:, :-1], select=b * (ids.shape[1] - 1) + t - 1)
         else:
-            hidden = model.base_model(input_ids=ids[:, :-1],
-                                      attention_mask=mask[:, :-1]).last_hidden_state[b, t - 1]
-        lp = token_logprobs(model, hidden, ids[b, t])
-        sums = sum_per_row(lp, b, len(pairs))
-        return [(s, sum(len(u) + 1 for u in context)) for s, (context, _) in zip(sums, pairs)]
+            hidden = model.base_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                                      token_type_ids=types[:, :-1] if types is not None else None
+                                      ).last_hidden_state[b, t - 1]
+        return sum_per_row(token_logprobs(model, hidden, ids[b, t]), b, len(seqs))
+
+    def _layout(self, model) -> Layout:
+        return self.backward_layout if model is self.backward_model else self.forward_layout
 
     def _lean(self, model) -> LeanGPT2 | None:
-        return LeanGPT2.wrap(model) if self.use_lean_forward else None
+        # the lean forward reads no token types: models that need them (cdial) run through transformers
+        if not self.use_lean_forward or self._layout(model).token_types:
+            return None
+        return LeanGPT2.wrap(model)
 
     def _decoder(self, model) -> HFDecoder:
         lean = self._lean(model)
@@ -330,8 +414,9 @@ class ChatBot:
         weights = ranking_weights(mmi, use_backward)
         for c in candidates:
             bwd = c.backward_logprob if use_backward else 0.0
-            c.score = float(mmi_score(c.forward_logprob, bwd, c.num_tokens, c.num_context_tokens, *weights,
-                                      mmi.normalize))
+            fwd = c.forward_logprob if c.forward_logprob is not None else 0.0  # None only where its weight is 0
+            c.score = float(mmi_score(fwd, bwd, c.num_tokens, c.num_context_tokens, *weights, mmi.normalize,
+                                      "retrieved" in c.source, mmi.retrieved_bonus))
         ranked = sorted(candidates, key=lambda c: -c.score)  # stable: ties keep sampling order
         for i, c in enumerate(ranked, 1):
             c.rank = i
@@ -355,9 +440,14 @@ class ChatBot:
 
     def settings(self, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
                  **overrides: Any) -> tuple[GenerationSettings, MMISettings]:
-        """The settings of one call: `generation` / `mmi` (default: the bot's) with `overrides` applied."""
-        return apply_overrides(generation if generation is not None else self.generation,
-                               mmi if mmi is not None else self.mmi_settings, overrides)
+        """The settings of one call: `generation` / `mmi` (default: the bot's) with `overrides` applied, and
+        `retrieval_candidates` -1 (auto) resolved: AUTO_RETRIEVAL_CANDIDATES with an index, else 0."""
+        gen, mmi = apply_overrides(generation if generation is not None else self.generation,
+                                   mmi if mmi is not None else self.mmi_settings, overrides)
+        if gen.retrieval_candidates < 0:
+            k = AUTO_RETRIEVAL_CANDIDATES if self.retrieval is not None else 0
+            gen = dataclasses.replace(gen, retrieval_candidates=k)
+        return gen, mmi
 
     # ---------------------------------------------------------------------------------- public API
 
@@ -376,8 +466,34 @@ class ChatBot:
             seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(seed))
+        t1 = time.perf_counter()
+        hits = self._retrieve(context, texts, gen, notices)
         return ReplyJob(gen=gen, mmi=mmi, use_backward=use_backward, context=context, texts=texts, notices=notices,
-                    seed=int(seed), generator=generator, started=t0, prepared=time.perf_counter())
+                        seed=int(seed), generator=generator, started=t0, prepared=time.perf_counter(),
+                        retrieved=hits, retrieve_s=time.perf_counter() - t1 if gen.retrieval_candidates else 0.0)
+
+    def _retrieve(self, context: list[list[int]], texts: list[str], gen: GenerationSettings,
+                  notices: list[str]) -> list:
+        """The retrieval hits of one request (`gen.retrieval_candidates` of them at most)."""
+        if not gen.retrieval_candidates:
+            return []
+        if self.retrieval is None:
+            notices.append(f"retrieval_candidates {gen.retrieval_candidates} ignored: this bot has no retrieval "
+                           f"index (BOT_DIR/retrieval)")
+            return []
+        return pick_hits(self.retrieval, context, texts[-1], gen.retrieval_candidates, gen.max_length, notices)
+
+    def retrieve(self, history, *, generation: GenerationSettings | None = None, **overrides: Any) -> list:
+        """The retrieved replies (`dialogpt_zh.data.retrieval.Hit`, best similarity first) for `history`, as a
+        reply would get them with these settings (`retrieval_candidates` of them, default 1); no model runs."""
+        refuse_unread("retrieve", overrides, CONTEXT_FIELDS | RETRIEVAL_FIELDS)
+        overrides.setdefault("retrieval_candidates", max(1, (generation or self.generation).retrieval_candidates))
+        gen, _ = self.settings(generation, None, **overrides)
+        if self.retrieval is None:
+            raise UserError("this bot has no retrieval index (BOT_DIR/retrieval; build one with "
+                            "`python -m dialogpt_zh.index`)", field="retrieval_candidates")
+        context, texts = self.prepare_context(history, gen, gen.max_length, [])
+        return self._retrieve(context, texts, gen, [])
 
     def reply(self, history, *, seed: int | None = None, generation: GenerationSettings | None = None,
               mmi: MMISettings | None = None, **overrides: Any) -> Reply:
@@ -411,6 +527,7 @@ class ChatBot:
         # this call's notices (a job may be run again, e.g. alone after a failed batch: notices not doubled)
         notices = [list(job.notices) for job in jobs]
         per_job: list[list[Candidate]] = []
+        retrieved: list[tuple[ReplyJob, Candidate]] = []  # retrieved only: their forward score is still to compute
         for request, job_notices in zip(requests, notices):
             job = request.job
             by_text: dict[str, Candidate] = {}
@@ -422,6 +539,7 @@ class ChatBot:
                     continue
                 by_text[text] = Candidate(text=text, token_ids=ids, forward_logprob=fwd, backward_logprob=None,
                                           num_tokens=len(ids) + 1, num_context_tokens=n_ctx, score=0.0)
+            retrieved += [(job, c) for c in merge_hits(by_text, job.retrieved, n_ctx)]
             candidates = list(by_text.values())
             if job.mmi.blocklist:
                 words = self._blocklist(job.mmi.blocklist)
@@ -433,6 +551,14 @@ class ChatBot:
             per_job.append(candidates)
         scoring = time.perf_counter()
 
+        # Teacher-forced, one forward batch for every request's retrieved replies, but only where the ranking
+        # reads the forward term: the default ranks by the backward score alone, and the pass costs about as
+        # much as the MMI pass over those replies. Elsewhere a retrieved reply's forward_logprob stays None.
+        retrieved = [(job, c) for job, c in retrieved if ranking_weights(job.mmi, job.use_backward)[0] != 0]
+        if retrieved:
+            for (_, c), (fwd, _) in zip(retrieved, self._forward_scores_pairs(
+                    [(job.context, c.token_ids) for job, c in retrieved])):
+                c.forward_logprob = fwd
         scored = [(job, c) for job, cands in zip(jobs, per_job) if job.use_backward for c in cands]
         if scored:
             for (job, c), (bwd, _) in zip(scored, self._backward_scores_pairs(
@@ -446,35 +572,54 @@ class ChatBot:
             replies.append(ranked)
         end = time.perf_counter()
         return [Reply(text=ranked[0].text if ranked else "", candidates=ranked, latency_s=end - r.job.started,
-                      timings={"encode": r.job.prepared - r.job.started, "wait": r.admitted - r.job.prepared,
+                      timings={"encode": r.job.prepared - r.job.started - r.job.retrieve_s,
+                               "retrieve": r.job.retrieve_s, "wait": r.admitted - r.job.prepared,
                                "generate": scoring - r.admitted, "score": end - scoring},
                       mmi=r.job.use_backward, notices=job_notices, seed=r.job.seed, context=r.job.texts,
-                      batch_size=r.batch_size)
+                      batch_size=r.batch_size, weights=ranking_weights(r.job.mmi, r.job.use_backward),
+                      normalize=r.job.mmi.normalize, retrieved_bonus=r.job.mmi.retrieved_bonus)
                 for r, ranked, job_notices in zip(requests, replies, notices)]
 
     @_uses_thread_policy
     def rerank(self, history, candidates: Sequence[str], *, generation: GenerationSettings | None = None,
                mmi: MMISettings | None = None, **overrides: Any) -> list[Candidate]:
-        """Score replies that came from anywhere (forward + backward), sorted by rank. Blocklist not applied."""
+        """Score replies that came from anywhere (forward + backward), sorted by rank (source "given"); with
+        `retrieval_candidates` K the index's K replies join them ("retrieved", or "given+retrieved" for a given
+        text). Blocklist not applied (a `blocklist=` override is refused, as is any sampling setting)."""
+        refuse_unread("rerank", overrides, CONTEXT_FIELDS | RETRIEVAL_FIELDS | (MMI_FIELDS - {"blocklist"}))
+        if (generation or self.generation).retrieval_candidates < 0:  # auto adds none to given candidates
+            overrides.setdefault("retrieval_candidates", 0)
         gen, mmi = self.settings(generation, mmi, **overrides)
         if not candidates:
             return []
         replies = [self._encode(c) for c in candidates]
-        context, _ = self.prepare_context(history, gen, max(len(r) for r in replies), [])
+        room = max(len(r) for r in replies)  # retrieved replies may be up to max_length tokens long
+        context, texts = self.prepare_context(history, gen, max(room, gen.max_length) if gen.retrieval_candidates
+                                              else room, [])
+        n_ctx = sum(len(u) + 1 for u in backward_context(context, mmi))
+        cands = [Candidate(text=text, token_ids=ids, forward_logprob=0.0, backward_logprob=None, num_tokens=0,
+                           num_context_tokens=n_ctx, score=0.0, count=0, source="given")
+                 for text, ids in zip(candidates, replies)]
+        by_text: dict[str, Candidate] = {}
+        for c in cands:
+            by_text.setdefault(c.text, c)
+        cands += merge_hits(by_text, self._retrieve(context, texts, gen, []), n_ctx)
         use_backward = self.mmi_active(mmi)
-        fwd = self._forward_scores(context, replies)
-        scored_context = backward_context(context, mmi)
-        bwd = self._backward_scores(scored_context, replies) if use_backward else [(None, 0)] * len(replies)
-        n_ctx = sum(len(u) + 1 for u in scored_context)
-        cands = [Candidate(text=text, token_ids=ids, forward_logprob=f, backward_logprob=b, num_tokens=n,
-                           num_context_tokens=n_ctx, score=0.0)
-                 for text, ids, (f, n), (b, _) in zip(candidates, replies, fwd, bwd)]
+        ids = [c.token_ids for c in cands]
+        fwd = self._forward_scores(context, ids)
+        bwd = self._backward_scores(backward_context(context, mmi), ids) if use_backward else [(None, 0)] * len(ids)
+        for c, (f, n), (b, _) in zip(cands, fwd, bwd):
+            c.forward_logprob, c.num_tokens, c.backward_logprob = f, n, b
+            first = by_text[c.text]  # merge_hits marked the first given copy of a text the index returned
+            c.source, c.similarity = first.source, first.similarity
         return self._rank(cands, mmi, use_backward)
 
     @_uses_thread_policy
     def forward_logprobs(self, history, replies: Sequence[str], *, generation: GenerationSettings | None = None,
                          **overrides: Any) -> list[tuple[float, int]]:
-        """[(log P(reply tokens + [SEP] | context), number of those tokens)] for each reply, one batch."""
+        """[(log P(reply tokens + [SEP] | context), number of those tokens)] for each reply, one batch. Reads
+        `max_history` and `max_context_tokens` (the turns the model sees); other overrides are refused."""
+        refuse_unread("forward_logprobs", overrides, CONTEXT_FIELDS)
         gen, _ = self.settings(generation, None, **overrides)
         ids = [self._encode(r) for r in replies]
         if not ids:
@@ -484,22 +629,26 @@ class ChatBot:
 
     @_uses_thread_policy
     def backward_logprobs(self, history, replies: Sequence[str], *, generation: GenerationSettings | None = None,
-                          **overrides: Any) -> list[tuple[float, int]]:
-        """[(log P(context | reply), number of context tokens scored)] for each reply, one batch."""
+                          mmi: MMISettings | None = None, **overrides: Any) -> list[tuple[float, int]]:
+        """[(log P(context | reply), number of context tokens scored)] for each reply, one batch: the backward
+        term of the ranking score. The context is the turns the model sees (`max_history`,
+        `max_context_tokens`), of which the backward model scores the `backward_context_turns` latest (the
+        bot's default: 1; 0 = all); other overrides are refused."""
         if self.backward_model is None:
             raise UserError("no backward model loaded, so there is no backward score", field="backward")
-        gen, _ = self.settings(generation, None, **overrides)
+        refuse_unread("backward_logprobs", overrides, CONTEXT_FIELDS | {"backward_context_turns"})
+        gen, mmi = self.settings(generation, mmi, **overrides)
         ids = [self._encode(r) for r in replies]
         if not ids:
             return []
         context, _ = self.prepare_context(history, gen, max(len(r) for r in ids), [])
-        return self._backward_scores(context, ids)
+        return self._backward_scores(backward_context(context, mmi), ids)
 
 
 def load_bot(args: BotArguments, generation: GenerationSettings | None = None,
              mmi: MMISettings | None = None) -> ChatBot:
     """The one engine for a face: which bot and where (`BotArguments`), with these settings as its defaults."""
     bot = ChatBot.from_pretrained(args.model, backward=args.backward, device=args.device, quantize=args.quantize,
-                                  generation=generation, mmi=mmi)
+                                  generation=generation, mmi=mmi, layout=args.layout)
     bot.thread_policy = ThreadPolicy(args.threads)  # 0 = auto, N = N threads per call
     return bot

@@ -8,14 +8,15 @@ prepares the requests and scores the results.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from dialogpt_zh.engine.lean_gpt2 import DecodingRows, LeanGPT2
-from dialogpt_zh.sequence import build_sequence
 from dialogpt_zh.settings import (
     GenerationSettings,
     MMISettings,
@@ -36,6 +37,8 @@ class ReplyJob:
     generator: torch.Generator
     started: float                    # perf_counter at the request
     prepared: float                   # ... and when it was ready to join a batch
+    retrieved: list = field(default_factory=list)  # retrieval hits (dialogpt_zh.data.retrieval.Hit) to rank too
+    retrieve_s: float = 0.0           # seconds the retrieval took (part of the preparation)
 
 
 def n_positions(model) -> int:
@@ -74,10 +77,21 @@ def sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> list[f
 
 
 # Models the lean forward does not cover (transformers' DynamicCache): finished candidates leave the cache (one
-# copy of it) only once this share of its rows is finished; until then they decode a dummy token. (The lean
-# forward moves single rows instead: `DecodingRows`.) Measured with the lean forward before it did: ~1.2x the
-# throughput of dropping rows at every finish at 20 requests per batch (docs/engine.md, Generation).
+# copy of it) only once this share of its rows is finished; until then they decode a dummy token, because
+# copying the whole cache at every finish cost more than it saved (docs/engine.md, "Figures behind the
+# code"). The lean forward moves single rows instead: `DecodingRows`.
 COMPACT_DEAD_SHARE = 0.5
+
+
+@functools.lru_cache(maxsize=None)
+def cache_argument(forward) -> str:
+    """The name a transformers forward takes its KV cache by: `cache` (newer 5.x; `past_key_values` warns there
+    and is to be removed) or `past_key_values` (older 5.x)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _with_cache(module, cache) -> dict:
+    return {cache_argument(type(module).forward): cache}
 
 
 class HFDecoder:
@@ -86,12 +100,14 @@ class HFDecoder:
     def __init__(self, model) -> None:
         self.model = model
 
-    def prompt(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
-        """Run the (1, L) context once; logits (1, V) of its last position."""
+    def prompt(self, ids: torch.Tensor, capacity: int, token_types: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the (1, L) context (with its token types, for a layout that has them) once; logits (1, V) of
+        its last position."""
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, token_type_ids=token_types, use_cache=True, logits_to_keep=1,
+                         **_with_cache(self.model, self.cache))
         return out.logits[:, -1, :]
 
     def repeat_rows(self, n: int) -> None:
@@ -100,19 +116,24 @@ class HFDecoder:
     def select_rows(self, keep: torch.Tensor) -> None:
         self.cache.batch_select_indices(keep)
 
-    def step(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, rows: torch.Tensor | None = None, token_type: int | None = None) -> torch.Tensor:
         """One (cache rows, 1) token per cache row; logits (len(rows), V) of the cache rows `rows` (default:
-        all)."""
-        logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits[:, -1, :]
+        all). `token_type`: the reply tokens' type id, for a layout that has token types."""
+        types = torch.full_like(ids, token_type) if token_type is not None else None
+        logits = self.model(input_ids=ids, token_type_ids=types, use_cache=True,
+                            **_with_cache(self.model, self.cache)).logits[:, -1, :]
         return logits if rows is None else logits.index_select(0, rows)
 
-    def hidden_after_cache(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states of right-padded (rows, m) ids that continue the cached context."""
+    def hidden_after_cache(self, ids: torch.Tensor, mask: torch.Tensor, token_type: int | None = None) -> torch.Tensor:
+        """Final hidden states of right-padded (rows, m) ids that continue the cached context (all of token type
+        `token_type` when the layout has token types)."""
         full_mask = torch.cat([torch.ones((ids.shape[0], self.cache.get_seq_length()), dtype=torch.long,
                                           device=ids.device), mask], dim=1)
+        types = torch.full_like(ids, token_type) if token_type is not None else None
         # positions continue after the context (default: cache length + arange), right padding is harmless
-        return self.model.base_model(input_ids=ids, past_key_values=self.cache, attention_mask=full_mask,
-                                     use_cache=True).last_hidden_state
+        base = self.model.base_model
+        return base(input_ids=ids, token_type_ids=types, attention_mask=full_mask, use_cache=True,
+                    **_with_cache(base, self.cache)).last_hidden_state
 
 
 class LeanDecoder(HFDecoder):
@@ -122,14 +143,18 @@ class LeanDecoder(HFDecoder):
     def __init__(self, model, lean: LeanGPT2) -> None:
         self.model, self.lean = model, lean
 
-    def prompt(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
+    def prompt(self, ids: torch.Tensor, capacity: int, token_types: torch.Tensor | None = None) -> torch.Tensor:
+        if token_types is not None:
+            raise ValueError("the lean forward reads no token types; use the transformers forward")
         self.cache = self.lean.new_cache(1, ids.shape[1] + capacity)
         return self.lean.logits(self.lean.hidden(ids, self.cache)[:, -1, :])
 
     def repeat_rows(self, n: int) -> None:
         self.cache.repeat_rows(n)
 
-    def hidden_after_cache(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def hidden_after_cache(self, ids: torch.Tensor, mask: torch.Tensor, token_type: int | None = None) -> torch.Tensor:
+        if token_type is not None:
+            raise ValueError("the lean forward reads no token types; use the transformers forward")
         return self.lean.hidden(ids, self.cache)  # causal over cache + new tokens; padding comes last
 
 
@@ -142,11 +167,16 @@ class HFRows:
         self.decoder, self.device = HFDecoder(model), device
         self.dummy_id, self.compact_dead_share = dummy_id, compact_dead_share
         self.rows: int | None = None          # cache rows, finished ones included; None before `admit`
+        self.reply_type: int | None = None    # the reply tokens' type id (layouts with token types)
 
-    def admit(self, contexts: list[list[int]], counts: list[int], room: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def admit(self, contexts: list[list[int]], counts: list[int], room: int,
+              token_types: list[list[int]] | None = None, reply_type: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rows is not None or len(contexts) != 1:
             raise ValueError("the transformers forward decodes one request at a time")
-        logits = self.decoder.prompt(torch.tensor(contexts, device=self.device), room)
+        types = torch.tensor(token_types, device=self.device) if token_types is not None else None
+        self.reply_type = reply_type
+        logits = self.decoder.prompt(torch.tensor(contexts, device=self.device), room, types)
         self.decoder.repeat_rows(counts[0])  # the context is encoded once and shared by the n rows
         self.rows = counts[0]
         return torch.arange(counts[0], device=self.device), logits.expand(counts[0], -1)
@@ -162,10 +192,10 @@ class HFRows:
 
     def step(self, ids: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         if len(live) == self.rows:  # no finished rows in the cache: live is 0..n-1 in order
-            return self.decoder.step(ids.view(-1, 1))
+            return self.decoder.step(ids.view(-1, 1), token_type=self.reply_type)
         full = torch.full((self.rows, 1), self.dummy_id, dtype=torch.long, device=ids.device)
         full[live, 0] = ids.view(-1)
-        return self.decoder.step(full, live)
+        return self.decoder.step(full, live, self.reply_type)
 
 
 class JobRows:
@@ -223,9 +253,14 @@ class DecodeBatch:
         admitted = time.perf_counter()  # before the context pass: encoding the context is generation work
         bot = self.bot
         counts = [job.gen.num_candidates for job in jobs]
-        contexts = [build_sequence(job.context, "forward", bot.cls_id, bot.sep_id) for job in jobs]
+        prompts = [bot.forward_layout.prompt(job.context) for job in jobs]
+        contexts = [ids for ids, _, _ in prompts]
         room = max(job.gen.max_length for job in jobs) + 1
-        new_slots, logits = self.rows.admit(contexts, counts, room)
+        if bot.forward_layout.token_types:  # the transformers rows: one request, its types and the reply's type
+            new_slots, logits = self.rows.admit(contexts, counts, room, [types for _, types, _ in prompts],
+                                                prompts[0][2])
+        else:
+            new_slots, logits = self.rows.admit(contexts, counts, room)
         self.slots = torch.cat([self.slots, new_slots])
         self.candidate = torch.cat([self.candidate] + [torch.arange(n) for n in counts])
         logits = logits.float()

@@ -2,17 +2,17 @@
 
 Why: at the few rows of a decoding step, MKL's float32 GEMM is slow on this kind of CPU (the LM head's time
 grows with the rows: it is not the reading of the weights that costs), while fbgemm's fp16-weight kernel,
-which converts the weights to float32 as it multiplies, is up to 2x faster there; and the weights take half
-the memory and cache. On CPU the matmuls become `Fp16Linear`s over fbgemm's packed fp16 matrices; where
-fbgemm is missing (not x86, other devices) the rounded weights stay in their float32 modules. Either way
-every path computes with the same weight values.
+which converts the weights to float32 as it multiplies, is faster there (docs/engine.md has the timings);
+and the weights take half the memory and cache. On CPU the matmuls become `Fp16Linear`s over fbgemm's packed
+fp16 matrices; where fbgemm is missing (not x86, other devices) the rounded weights stay in their float32
+modules. Either way every path computes with the same weight values.
 
-Two fbgemm kernels, both over the same fp16 values, chosen per call (measured here, docs/engine.md, fp16):
-`torch.fbgemm_linear_fp16_weight` costs ~5 us per call against 30-45 us for the supported route
-(`torch.ops.quantized.linear_dynamic_fp16`, what `torch.ao` dynamic fp16 `Linear`s call), ~0.6 ms of a
-~3.5 ms decoding step with 17 matmuls; but it runs on one thread, so from `SMALL_ROWS` rows on, with more
-than one thread, the supported op is faster (1.2-1.8x at 40-320 rows on 2 threads). The direct kernel is
-marked deprecated: where it is missing, the supported op does every call.
+Two fbgemm kernels, both over the same fp16 values, chosen per call (docs/engine.md, fp16, has the timings):
+`torch.fbgemm_linear_fp16_weight` has far less per-call overhead than the supported route
+(`torch.ops.quantized.linear_dynamic_fp16`, what `torch.ao` dynamic fp16 `Linear`s call), which matters at
+the few rows of a decoding step; but it runs on one thread, so from `SMALL_ROWS` rows on, with more than one
+thread, the supported op is faster. The direct kernel is marked deprecated: where it is missing, the
+supported op does every call.
 """
 from __future__ import annotations
 

@@ -56,8 +56,8 @@ _GELU_2C = math.sqrt(8 / math.pi)   # 2 * sqrt(2 / pi)
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's tanh GELU, 0.5 x (1 + tanh(c (x + 0.044715 x^3))), as the equal x * sigmoid(2c x (1 + 0.044715
-    x^2)): torch's CPU tanh is slow (F.gelu(approximate="tanh") 0.67 ms on 160 x 1024 values on one thread
-    here, this 0.35 ms; 1.5x at 1200 rows); the values agree to float rounding (~5e-7)."""
+    x^2)): torch's CPU tanh is slow (docs/engine.md, "Lean GPT-2 forward", has the timings); the values agree
+    to float rounding (tested)."""
     u = torch.addcmul(x.new_tensor(_GELU_2C), x, x, value=_GELU_2C * 0.044715)   # 2c (1 + 0.044715 x^2)
     return u.mul_(x).sigmoid_().mul_(x)
 
@@ -65,8 +65,8 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                          scale: float) -> torch.Tensor:
     """Attention of one new token per row (a decoding step) as two batched matmuls: on CPU torch's fused
-    kernel (`scaled_dot_product_attention`) took 1.5-2.5x as long at 80 rows over ~33 cached columns
-    (batches of several requests), the same at 10-40 rows; same values up to float rounding."""
+    kernel (`scaled_dot_product_attention`) was slower at this shape with many rows (docs/engine.md, "Lean
+    GPT-2 forward"); same values up to float rounding."""
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)     # (B, H, 1, L)
     if mask is not None:
         scores.masked_fill_(~mask, float("-inf"))
@@ -149,7 +149,7 @@ class LeanGPT2:
         `select` (flat indices into the B * T positions, row-major): return only those positions' hidden
         states, (len(select), d). The last block then runs its attention output, MLP and ln_f on them alone
         (every position still writes its keys/values): exactly the same values, less work when few
-        positions are needed (MMI scores only the context's, ~40 % of a backward sequence).
+        positions are needed (MMI scores only the context's positions, not the reply's).
 
         Without a cache, or with an empty one, the batch is causal from position 0; right padding is then
         harmless for the real tokens (they never see later positions), and with `mask` (B, T, 1 = real token,
@@ -280,7 +280,8 @@ class DecodingRows:
             movers = movers.sort().values
             cpu_holes, cpu_movers = holes.cpu(), movers.cpu()
             for hole, mover in zip(cpu_holes.tolist(), cpu_movers.tolist()):
-                # a plain copy per row: measured 6.6x faster than advanced indexing, 60x than index_copy_ here
+                # a plain copy per row: faster than advanced indexing or index_copy_ (docs/engine.md, "Figures
+                # behind the code")
                 self.k[:, hole, :, :self.length].copy_(self.k[:, mover, :, :self.length])
                 self.v[:, hole, :, :self.length].copy_(self.v[:, mover, :, :self.length])
             self.ctx_len[cpu_holes] = self.ctx_len[cpu_movers]

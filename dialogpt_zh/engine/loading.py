@@ -11,6 +11,7 @@ import torch
 
 from dialogpt_zh.checkpoint import read_card
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.foreign import resolve_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,12 +108,14 @@ def default_bot_dir() -> Path:
 
 
 def resolve_bot_dirs(path, forward, backward) -> tuple[Path, Path | None]:
+    """(forward dir, backward dir or None) of a bot directory, a model directory or a hub id (downloaded
+    where the network allows), or of forward= / backward= given apart."""
     if path is None and forward is None:
         path = default_bot_dir()
+    forward = resolve_model_dir(forward, "forward") if forward is not None else None
+    backward = resolve_model_dir(backward, "backward") if backward is not None else None
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise UserError("model path not found", path=path)
+        path = resolve_model_dir(path, "model")
         if (path / "forward").is_dir():
             if forward is not None:
                 raise UserError("give either a bot directory (with forward/) or forward=, not both", path=path)
@@ -138,3 +141,29 @@ def check_direction(model_dir: Path, expected: str) -> None:
 def same_tokenizer(a, b) -> bool:
     return (a.get_vocab() == b.get_vocab()
             and all(getattr(a, n) == getattr(b, n) for n in ("pad_token_id", "cls_token_id", "sep_token_id")))
+
+
+def check_vocabulary_size(model, tokenizer, model_dir: Path) -> None:
+    """The model's embeddings are its vocabulary's: as many rows as the vocabulary's ids (0 .. highest). Fewer:
+    ids without an embedding; more: most likely another vocab.txt than the model's own (every id then means
+    another character, and the replies are garbage without any other sign)."""
+    ids = max(tokenizer.get_vocab().values()) + 1
+    rows = model.config.vocab_size
+    if rows < ids:
+        raise UserError(f"model vocab ({rows}) is smaller than its tokenizer ({ids} ids)", path=model_dir)
+    if rows > ids:
+        raise UserError(f"config.json's vocab_size is {rows} but the vocabulary has {ids} ids: is this the model's "
+                        "own vocab.txt (or tokenizer)?", path=model_dir)
+
+
+def vocabulary_difference(a, b) -> str:
+    """Why two tokenizers do not give the same ids: sizes, the first id that differs, or the special tokens."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    ia, ib = {i: t for t, i in va.items()}, {i: t for t, i in vb.items()}
+    first = next((i for i in range(max(len(ia), len(ib))) if ia.get(i) != ib.get(i)), None)
+    if first is not None:
+        return (f"{len(va)} vs {len(vb)} tokens; first difference at id {first}: {ia.get(first)!r} vs "
+                f"{ib.get(first)!r}")
+    return "same tokens, but " + ", ".join(f"{n} {getattr(a, n)} vs {getattr(b, n)}"
+                                           for n in ("pad_token_id", "cls_token_id", "sep_token_id")
+                                           if getattr(a, n) != getattr(b, n))

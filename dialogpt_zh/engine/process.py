@@ -2,8 +2,8 @@
 `ReplyBatcher.reply`'s signature and result.
 
 Why: Gradio's event loop and handler threads run Python in the app's process. Beside them, the batcher's
-threads wait for the interpreter lock between the many small torch calls of a batch (measured: a thread
-holding the lock 20 % of the time cost the batcher 12-17 % of its replies/s). In a child process the engine
+threads wait for the interpreter lock between the many small torch calls of a batch (docs/web.md, "The app
+in its own process", measured what that costs). In a child process the engine
 has an interpreter of its own; only the request (history, seed, settings) and the finished Reply cross the
 pipe, pickled between our own two processes (nothing from a user's file is unpickled).
 

@@ -2,8 +2,9 @@
 replies in flight in this process (docs/engine.md, Threads).
 
 Why: on a 2-core machine 2 threads per reply are the fastest while it is idle, but when another process keeps
-one core busy OpenMP's threads wait for each other at every small op and a reply gets ~4x slower, while
-1 thread does not notice. Several replies at once (the web page) do the same to each other.
+one core busy OpenMP's threads wait for each other at every small op and a reply gets several times slower,
+while 1 thread does not notice (docs/engine.md, "Under load", has the figures). Several replies at once (the
+web page) do the same to each other.
 
     policy = ThreadPolicy()            # auto; ThreadPolicy(1): always 1 thread
     with policy.use() as n:            # one reply: counted in flight, torch.set_num_threads(n) in THIS thread

@@ -10,8 +10,10 @@ pairs A won with a 95 % Wilson interval.
 Files:
 - PAIRS.json (`--make`): the blinded pairs, `{"run", "pairs": [{"id", "context", "a", "b"}]}`; nothing
   in it says which bot wrote which reply.
-- the key (`--key`, default PAIRS.key.json): `{"run", "systems": {"A": ..., "B": ...}, "order": {id: "AB"|"BA"}}`
-  ("AB": reply a is A's). Keep it away from the judge.
+- the key (`--key`, default PAIRS.key.json): `{"run", "systems": {"A": ..., "B": ...}, "order": {id: "AB"|"BA"},
+  "sources": {id: {"A": source, "B": source}}}` ("AB": reply a is A's; a source is where each reply came from:
+  "sampled", "retrieved" (a human reply from the bot's index) or "sampled+retrieved"). Keep it away from the
+  judge: only the key, never the pairs, says which reply was retrieved.
 - verdicts: JSON Lines `{"pair": id, "verdict": "a"|"b"|"="|"s", "run": ...}` as written here, or plain text
   lines `ID VERDICT` (a judge's own file); `#` comments and blank lines are ignored, a later verdict for the
   same pair replaces an earlier one.
@@ -79,9 +81,11 @@ def pair_seed(seed: int, index: int) -> int:
 
 
 def make_pairs(contexts: Sequence[dict[str, Any]], bots: dict[str, Any], settings: dict[str, dict[str, Any]],
-               seed: int, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, str]]:
+               seed: int, progress: bool = True, sources: dict[str, dict[str, str]] | None = None
+               ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Blinded pairs and their order key. Pair i: A and B reply with the same seed; a fair coin (seeded by
-    (seed, i)) decides which is shown first."""
+    (seed, i)) decides which is shown first. `sources`, when given, gets each pair's {"A": source, "B":
+    source} (the key's, never the pairs')."""
     from tqdm import tqdm
 
     pairs, order = [], {}
@@ -89,13 +93,21 @@ def make_pairs(contexts: Sequence[dict[str, Any]], bots: dict[str, Any], setting
     for i, ctx in enumerate(tqdm(contexts, desc="arena replies", unit="pair", disable=not progress,
                                  file=sys.stderr)):
         s = pair_seed(seed, i)
-        replies = {name: bots[name].reply(ctx["context"], seed=s, **settings[name]).text for name in ("A", "B")}
+        made = {name: bots[name].reply(ctx["context"], seed=s, **settings[name]) for name in ("A", "B")}
+        replies = {name: r.text for name, r in made.items()}
         first = "A" if random.Random(s).random() < 0.5 else "B"
         second = "B" if first == "A" else "A"
         pid = f"p{i + 1:0{width}d}"
         pairs.append({"id": pid, "context": list(ctx["context"]), "a": replies[first], "b": replies[second]})
         order[pid] = first + second
+        if sources is not None:
+            sources[pid] = {name: reply_source(r) for name, r in made.items()}
     return pairs, order
+
+
+def reply_source(reply) -> str:
+    """Where a reply's chosen candidate came from ("none": no candidate was left)."""
+    return getattr(reply.candidates[0], "source", "sampled") if reply.candidates else "none"
 
 
 def run_id(pairs: Sequence[dict[str, Any]]) -> str:
@@ -143,14 +155,16 @@ def load_key(path: str | Path, run: str) -> dict[str, Any]:
 
 
 def write_pairs(path: str | Path, key_path: str | Path, pairs: list[dict[str, Any]], order: dict[str, str],
-                systems: dict[str, Any], meta: dict[str, Any], overwrite: bool = False) -> str:
+                systems: dict[str, Any], meta: dict[str, Any], overwrite: bool = False,
+                sources: dict[str, dict[str, str]] | None = None) -> str:
     from dialogpt_zh.fsutil import atomic_write_json
 
     for p in (Path(path), Path(key_path)):
         if p.exists() and not overwrite:
             raise UserError("exists; pass --overwrite to replace it", path=p)
     run = run_id(pairs)
-    atomic_write_json(key_path, {"format": KEY_FORMAT, "run": run, "systems": systems, "order": order})
+    atomic_write_json(key_path, {"format": KEY_FORMAT, "run": run, "systems": systems, "order": order,
+                                 **({"sources": sources} if sources is not None else {})})
     atomic_write_json(path, {"format": PAIRS_FORMAT, "version": 1, "run": run, "created": utc_now(),
                              **meta, "pairs": pairs})
     return run
@@ -212,20 +226,31 @@ def wilson_interval(wins: int, n: int, z: float = Z95) -> tuple[float, float] | 
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def tally(verdicts: dict[str, str], order: dict[str, str], total: int) -> dict[str, Any]:
-    """Verdicts (display positions) -> wins per system via the key, with the 95 % interval for A."""
+def tally(verdicts: dict[str, str], order: dict[str, str], total: int,
+          sources: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """Verdicts (display positions) -> wins per system via the key, with the 95 % interval for A; with the
+    key's `sources`, per system and reply source: replies, decided pairs and wins."""
     t = Counter()
+    by_source = {s: {} for s in ("A", "B")} if sources else None
     for pid, v in verdicts.items():
-        if v in ("a", "b"):
-            t["A_wins" if order[pid][0 if v == "a" else 1] == "A" else "B_wins"] += 1
+        winner = order[pid][0 if v == "a" else 1] if v in ("a", "b") else None
+        if winner:
+            t[f"{winner}_wins"] += 1
         else:
             t["ties" if v == "=" else "skipped"] += 1
+        for system in by_source or ():
+            row = by_source[system].setdefault(sources.get(pid, {}).get(system, "unknown"),
+                                               {"judged": 0, "decided": 0, "wins": 0})
+            row["judged"] += 1
+            row["decided"] += winner is not None
+            row["wins"] += winner == system
     decided = t["A_wins"] + t["B_wins"]
     ci = wilson_interval(t["A_wins"], decided)
     return {"pairs": total, "judged": len(verdicts), "not_judged": total - len(verdicts),
             "A_wins": t["A_wins"], "B_wins": t["B_wins"], "ties": t["ties"], "skipped": t["skipped"],
             "decided": decided, "A_preference": round(t["A_wins"] / decided, 4) if decided else None,
-            "A_preference_ci95": [round(ci[0], 4), round(ci[1], 4)] if ci else None}
+            "A_preference_ci95": [round(ci[0], 4), round(ci[1], 4)] if ci else None,
+            **({"by_source": by_source} if by_source is not None else {})}
 
 
 def format_tally(result: dict[str, Any], systems: dict[str, Any] | None = None) -> str:
@@ -246,6 +271,10 @@ def format_tally(result: dict[str, Any], systems: dict[str, Any] | None = None) 
                      f"(95 % Wilson interval {100 * lo:.1f}–{100 * hi:.1f} %)")
     else:
         lines.append("no decided pairs yet: no preference to report")
+    for system, rows in (result.get("by_source") or {}).items():
+        if any(src != "sampled" for src in rows):  # only worth a line when some reply was not sampled
+            lines.append(f"{system}'s judged replies by source: " + ", ".join(
+                f"{src} {r['judged']} (won {r['wins']} of {r['decided']} decided)" for src, r in sorted(rows.items())))
     return "\n".join(lines)
 
 

@@ -148,7 +148,8 @@ def make_record(history: Sequence[str], reply, judgement: Judgement, settings: d
     context, rest = texts[:len(history)], texts[len(history):]
     candidates = [{"rank": c.rank, "text": text, "forward_logprob": c.forward_logprob,
                    "backward_logprob": c.backward_logprob, "score": c.score, "num_tokens": c.num_tokens,
-                   "num_context_tokens": c.num_context_tokens, "count": c.count}
+                   "num_context_tokens": c.num_context_tokens, "count": c.count,
+                   "source": getattr(c, "source", "sampled"), "similarity": getattr(c, "similarity", None)}
                   for c, text in zip(reply.candidates, rest)]
     chosen = rest[-1]
     if not chosen:

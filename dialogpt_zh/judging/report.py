@@ -30,8 +30,8 @@ def sweep_selection(fwd: np.ndarray, bwd: np.ndarray, num_tokens: np.ndarray, nu
     """
     rows: list[dict[str, Any]] = []
     for normalize in grid["normalize"]:
-        combos = np.array([(f, b, l) for f in grid["forward_weight"] for b in grid["backward_weight"]
-                           for l in grid["length_weight"][normalize] if (f, b, l) != (0.0, 0.0, 0.0)],
+        combos = np.array([(f, b, n) for f in grid["forward_weight"] for b in grid["backward_weight"]
+                           for n in grid["length_weight"][normalize] if (f, b, n) != (0.0, 0.0, 0.0)],
                           dtype=np.float64)
         if len(combos) == 0 or fwd.size == 0:
             continue
@@ -39,9 +39,9 @@ def sweep_selection(fwd: np.ndarray, bwd: np.ndarray, num_tokens: np.ndarray, nu
         scores = mmi_score(fwd[None], bwd[None], num_tokens[None], num_context_tokens[None],
                             w[:, 0], w[:, 1], w[:, 2], normalize)   # [K, cases, 10]
         by_k = metrics.rank_metrics(metrics.true_reply_ranks(scores))  # [K] each: the one ranking, NaN = worst
-        for (f, b, l), a, c, m in zip(combos, by_k["r10@1"], by_k["r10@2"], by_k["mrr"]):
+        for (f, b, n), a, c, m in zip(combos, by_k["r10@1"], by_k["r10@2"], by_k["mrr"]):
             rows.append({"normalize": normalize, "forward_weight": float(f), "backward_weight": float(b),
-                         "length_weight": float(l), "r10@1": float(a), "r10@2": float(c), "mrr": float(m)})
+                         "length_weight": float(n), "r10@1": float(a), "r10@2": float(c), "mrr": float(m)})
     rows.sort(key=lambda r: (-r["r10@1"], -r["mrr"]))
     return rows
 
@@ -66,6 +66,8 @@ class Tally:
     empty: Counter = field(default_factory=Counter)
     selection_rows: list[dict[str, np.ndarray]] = field(default_factory=list)  # per case: fwd, bwd, n, nctx, engine
     seconds: Counter = field(default_factory=Counter)
+    sources: dict[str, Counter] = field(default_factory=dict)  # per decoder: where its replies came from
+    verbatim: Counter = field(default_factory=Counter)         # per decoder: replies equal to an index reply
 
 
 def decoding_report(tally: Tally, references: list[str], plan: Plan) -> dict[str, Any]:
@@ -74,6 +76,14 @@ def decoding_report(tally: Tally, references: list[str], plan: Plan) -> dict[str
         m = metrics.generation_metrics(tally.outputs.get(name, []), references)
         m["empty_replies"] = tally.empty[name]
         m["seconds"] = tally.seconds[name]
+        n = len(tally.outputs.get(name, []))
+        sources = tally.sources.get(name, Counter())
+        m["reply_sources"] = dict(sorted(sources.items()))
+        # share of replies (in %) whose chosen candidate came from the index (also when it was sampled too)
+        m["retrieved_pct"] = 100.0 * sum(v for k, v in sources.items() if "retrieved" in k) / n if n else None
+        # share of replies (in %) that are verbatim a reply of the index (a training utterance)
+        m["verbatim_train_pct"] = (100.0 * tally.verbatim[name] / n if n and plan.train_replies is not None
+                                   else None)
         decoding[name] = m
     return decoding
 
@@ -126,11 +136,19 @@ def markdown_report(report: dict[str, Any]) -> str:
                          f"{_fmt(m['dist2'])} | {_fmt(m['entropy4'])} | {_fmt(m['avg_len'], 1)} | "
                          f"{_fmt(m['repeat3'], 1)} | {_fmt(m['bland_top20'], 1)} |")
         lines += ["", "Word level (jieba):", "",
-                  "| decoder | BLEU-2 | BLEU-4 | Dist-1 | Dist-2 | Entropy-4 | avg words |", "|---|---|---|---|---|---|---|"]
+                  "| decoder | BLEU-2 | BLEU-4 | Dist-1 | Dist-2 | Entropy-4 | avg words |",
+                  "|---|---|---|---|---|---|---|"]
         for name, m in report["decoding"].items():
             lines.append(f"| {name} | {_fmt(m['bleu2_word'])} | {_fmt(m['bleu4_word'])} | {_fmt(m['dist1_word'])} | "
                          f"{_fmt(m['dist2_word'])} | {_fmt(m['entropy4_word'])} | {_fmt(m['avg_len_words'], 1)} |")
         lines.append("")
+        rows = [(name, m) for name, m in report["decoding"].items() if m.get("verbatim_train_pct") is not None]
+        if rows:
+            lines += ["Where the replies come from (the bot's retrieval index):", "",
+                      "| decoder | retrieved % | verbatim training reply % |", "|---|---|---|"]
+            lines += [f"| {name} | {_fmt(m['retrieved_pct'], 1)} | {_fmt(m['verbatim_train_pct'], 1)} |"
+                      for name, m in rows]
+            lines.append("")
     if report["selection"]:
         sel = report["selection"]
         lines += [f"Response selection ({sel['cases']} cases, true reply + 9 from other sessions):", "",
@@ -177,5 +195,6 @@ class Plan:
     sweep: bool
     mmi: bool
     absent: dict[str, str]
+    train_replies: set[str] | None = None  # the index's replies, when the bot has one
 
 

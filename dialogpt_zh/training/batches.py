@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from dialogpt_zh.data.store import StoreSplit
+from dialogpt_zh.sequence import Layout
 
 IGNORE_INDEX = -100  # label value that torch's cross_entropy skips
 
@@ -121,13 +122,15 @@ class Batch:
     target_ids: torch.Tensor      # [N] those next tokens
     num_tokens: int               # real (non-padding) tokens
     num_targets: int              # tokens that are predicted (N)
+    token_type_ids: Optional[torch.Tensor] = None  # [R, W] for a layout with token types (cdial), else None
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
         return Batch(move(self.input_ids), self.attention_mask, self.labels, move(self.position_ids),
-                     move(self.target_index), move(self.target_ids), self.num_tokens, self.num_targets)
+                     move(self.target_index), move(self.target_ids), self.num_tokens, self.num_targets,
+                     move(self.token_type_ids))
 
     def pin_memory(self) -> "Batch":
         """A copy in page-locked memory, so that `to(cuda, non_blocking=True)` overlaps with compute."""
@@ -135,7 +138,8 @@ class Batch:
             return None if t is None else t.pin_memory()
 
         return Batch(pin(self.input_ids), self.attention_mask, self.labels, pin(self.position_ids),
-                     pin(self.target_index), pin(self.target_ids), self.num_tokens, self.num_targets)
+                     pin(self.target_index), pin(self.target_ids), self.num_tokens, self.num_targets,
+                     pin(self.token_type_ids))
 
 
 def _flat_ranges(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,17 +174,33 @@ def window_sequences(split: StoreSplit, windows: np.ndarray, direction: str) -> 
     return out, seq_len, utt_len[first] + 2
 
 
+def layout_sequences(split: StoreSplit, windows: np.ndarray, direction: str, layout: Optional[Layout]
+                     ) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray, np.ndarray]:
+    """(ids end to end, their token types or None, lengths, first-turn lengths) of the given windows as
+    `layout` builds them (dialogpt_zh.sequence; None or chitchat: the store's own format, vectorised)."""
+    if layout is None or not layout.token_types:
+        ids, seq_len, first_len = window_sequences(split, windows, direction)
+        return ids, None, seq_len, first_len
+    built = [(layout.sequence(turns, direction), layout.first_turn_length(turns, direction))
+             for turns in (split.turns(int(w)) for w in windows)]
+    ids = np.fromiter((t for (seq, _), _ in built for t in seq), dtype=np.int64)
+    types = np.fromiter((t for (_, seq_types), _ in built for t in seq_types), dtype=np.int64)
+    seq_len = np.array([len(seq) for (seq, _), _ in built], dtype=np.int64)
+    return ids, types, seq_len, np.array([first for _, first in built], dtype=np.int64)
+
+
 def collate_rows(split: StoreSplit, rows: Rows, direction: str, pad_id: int, replies_only: bool = False,
-                 packed: bool = False) -> Batch:
+                 packed: bool = False, layout: Optional[Layout] = None) -> Batch:
     """Rows of windows (in `direction`) laid end to end and right-padded to the longest row, with the loss mask
     in `labels`: position 0 of every window ([CLS]) is never a target, so no window predicts the next one's
     tokens; --replies-only also drops each window's first turn and its [SEP]. `packed`: position ids restart
-    at every window (and at the padding); otherwise each row must hold one window."""
+    at every window (and at the padding); otherwise each row must hold one window. `layout`: how windows
+    become ids (and token types, padded with `pad_id`); None: the store's chitchat sequences."""
     windows = np.fromiter((w for row in rows for w in row), dtype=np.int64)
     per_row = np.array([len(row) for row in rows], dtype=np.int64)
     if not packed and (per_row != 1).any():
         raise ValueError("an unpacked batch holds one window per row")
-    tokens, seq_len, first_len = window_sequences(split, windows, direction)
+    tokens, token_types, seq_len, first_len = layout_sequences(split, windows, direction, layout)
     row_of_window = np.repeat(np.arange(len(rows)), per_row)
     row_len = np.bincount(row_of_window, weights=seq_len, minlength=len(rows)).astype(np.int64)
     width = int(row_len.max())
@@ -195,6 +215,11 @@ def collate_rows(split: StoreSplit, rows: Rows, direction: str, pad_id: int, rep
     labels[flat[target]] = tokens[target]
     real = np.zeros(len(rows) * width, dtype=np.int64)
     real[flat] = 1
+    types = None
+    if token_types is not None:
+        types = np.full(len(rows) * width, pad_id, dtype=np.int64)
+        types[flat] = token_types
+        types = torch.from_numpy(types.reshape(len(rows), width))
     positions = None
     if packed:
         # the padding at a row's end counts from 0 too, so it is a block of its own
@@ -206,10 +231,11 @@ def collate_rows(split: StoreSplit, rows: Rows, direction: str, pad_id: int, rep
     target_index = np.flatnonzero(labels[1:] != IGNORE_INDEX)
     return Batch(torch.from_numpy(ids.reshape(len(rows), width)), torch.from_numpy(real.reshape(len(rows), width)),
                  torch.from_numpy(labels.reshape(len(rows), width)), positions, torch.from_numpy(target_index),
-                 torch.from_numpy(labels[target_index + 1]), int(real.sum()), int(len(target_index)))
+                 torch.from_numpy(labels[target_index + 1]), int(real.sum()), int(len(target_index)), types)
 
 
-def collate(split: StoreSplit, indices, direction: str, pad_id: int, replies_only: bool = False) -> Batch:
-    """Sequences of the given windows (in `direction`), one per row, right-padded, with the loss mask in
-    `labels`."""
-    return collate_rows(split, [[int(i)] for i in indices], direction, pad_id, replies_only)
+def collate(split: StoreSplit, indices, direction: str, pad_id: int, replies_only: bool = False,
+            layout: Optional[Layout] = None) -> Batch:
+    """Sequences of the given windows (in `direction`, built by `layout`), one per row, right-padded, with the
+    loss mask in `labels`."""
+    return collate_rows(split, [[int(i)] for i in indices], direction, pad_id, replies_only, layout=layout)

@@ -39,8 +39,9 @@ class TrainConfig:
                                        metadata=field_help("override the preset's maximum sequence length"))
     dropout: float = field(default=0.1, metadata=field_help("dropout (residual, embedding, attention)"))
     init: Optional[str] = field(default=None, metadata=field_help(
-        "start from this Hugging Face GPT-2 directory (safetensors) instead of random weights; its vocabulary "
-        "must be the store's; the preset and shape overrides are then ignored"))
+        "start from this GPT-2 directory (ours, or GPT2-chitchat / CDial-GPT2 / uer/gpt2-chinese as downloaded: "
+        "pytorch_model.bin or safetensors + vocab.txt; or a hub id) instead of random weights; its vocabulary "
+        "must be the store's (preprocess --vocab MODEL_DIR); the preset and shape overrides are then ignored"))
     lr: float = field(default=5e-4, metadata=field_help("peak learning rate of AdamW"))
     warmup_steps: int = field(default=-1, metadata=field_help(
         "linear warmup steps, then cosine decay to 10%% of --lr; -1: 5%% of the total steps"))

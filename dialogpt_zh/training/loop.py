@@ -41,6 +41,7 @@ from dialogpt_zh.training.setup import (
     make_optimizer,
     open_store,
     read_resume_state,
+    input_layout,
     resolve_device,
     restore_training_state,
     usable_windows,
@@ -62,6 +63,7 @@ class _Run:
     tokenizer: Any
     state: RunState
     accelerator: Any
+    layout: Any = None            # how windows become inputs (dialogpt_zh.sequence.Layout)
     lm: Any = None                # the Hugging Face model: validated and saved
     loss_model: Any = None        # NextTokenLoss(lm)
     ddp_model: Any = None         # loss_model as accelerate prepared it (DDP under torchrun)
@@ -137,9 +139,10 @@ def _setup_model_and_data(run: _Run) -> None:
     if config.resume:
         load_resume_weights(run.lm, run.output)
     fast_activations(run.lm)
+    run.layout = input_layout(config, run.tokenizer)
     max_len = run.lm.config.n_positions
-    train_idx, train_len, train_skipped = usable_windows(run.train_split, max_len)
-    valid_idx, valid_len, valid_skipped = usable_windows(run.valid_split, max_len)
+    train_idx, train_len, train_skipped = usable_windows(run.train_split, max_len, run.layout)
+    valid_idx, valid_len, valid_skipped = usable_windows(run.valid_split, max_len, run.layout)
     if train_skipped or valid_skipped:
         log.warning("skipping windows longer than the model's %d positions: %d train, %d valid "
                     "(use --n-positions or shorter windows in the preprocessor)", max_len, train_skipped,
@@ -265,16 +268,18 @@ def _autocast(run: _Run):
 
 def _batch_loss(model, batch: Batch) -> torch.Tensor:
     """Sum of next-token cross-entropy over the target positions of a batch (model: a NextTokenLoss)."""
-    return model(batch.input_ids, batch.target_index, batch.target_ids, batch.position_ids)
+    return model(batch.input_ids, batch.target_index, batch.target_ids, batch.position_ids, batch.token_type_ids)
 
 
 def _collate_step(run: _Run, micro: list) -> list[Batch]:
     """A step's micro-batches (plan entries) as tensors, pinned for an asynchronous copy to a GPU."""
     config, split, pad = run.config, run.train_split, run.tokenizer.pad_token_id
     if config.pack:
-        batches = [collate_rows(split, rows, config.direction, pad, config.replies_only, packed=True) for rows in micro]
+        batches = [collate_rows(split, rows, config.direction, pad, config.replies_only, packed=True,
+                                layout=run.layout) for rows in micro]
     else:
-        batches = [collate(split, windows, config.direction, pad, config.replies_only) for windows in micro]
+        batches = [collate(split, windows, config.direction, pad, config.replies_only, run.layout)
+                   for windows in micro]
     return [b.pin_memory() for b in batches] if run.device == "cuda" else batches
 
 
@@ -331,7 +336,7 @@ def validation_loss(run: _Run) -> float:
     with torch.no_grad():
         for windows in run.valid_batches:
             batch = collate(run.valid_split, windows, config.direction, run.tokenizer.pad_token_id,
-                            config.replies_only).to(accelerator.device)
+                            config.replies_only, run.layout).to(accelerator.device)
             try:
                 with _autocast(run):
                     total[0] += _batch_loss(model, batch).double()
@@ -428,8 +433,8 @@ def _evaluate_and_save(run: _Run, stopped: Optional[str], progress: _Progress) -
     if run.scaler:
         training_state["scaler"] = run.scaler.state_dict()
     save_run(run.output, run.accelerator, run.lm, run.tokenizer, training_state, state,
-             training_card(config, state, run.store, run.schedule), run_metrics(state, config, stopped, run.extra),
-             improved)
+             training_card(config, state, run.store, run.schedule, run.layout.name),
+             run_metrics(state, config, stopped, run.extra), improved)
     if run.accelerator.is_main_process:
         progress.bar.write(f"step {state.step}: valid loss {loss:.4f} (ppl {math.exp(min(50, loss)):.1f}), "
                            f"best {state.best_valid_loss:.4f} at {state.best_step}")

@@ -84,11 +84,14 @@ class NextTokenLoss(torch.nn.Module):
         self._workspace = _Workspace()
 
     def forward(self, input_ids: torch.Tensor, target_index: torch.Tensor, target_ids: torch.Tensor,
-                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                position_ids: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Sum over the targets of -log P(target | tokens before it); `target_index` is a flat index into the
-        [rows, width] positions whose next token is `target_ids` (training.batches.Batch)."""
+        [rows, width] positions whose next token is `target_ids` (training.batches.Batch); `token_type_ids`
+        for a layout that has them (cdial)."""
         body = self.lm.transformer
-        hidden = body(inputs_embeds=body.wte(input_ids), position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = body(inputs_embeds=body.wte(input_ids), position_ids=position_ids, token_type_ids=token_type_ids,
+                      use_cache=False).last_hidden_state
         hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, target_index)
         if self.fused_head and torch.is_grad_enabled() and hidden.dtype == torch.float32:
             return _HeadCrossEntropy.apply(hidden, self.lm.lm_head.weight, target_ids, self._workspace)

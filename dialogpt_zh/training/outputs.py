@@ -26,6 +26,10 @@ from dialogpt_zh.checkpoint import (
 from dialogpt_zh.data.store import MANIFEST
 from dialogpt_zh.training.config import Schedule, TrainConfig
 
+SEQUENCE_FORMATS = {
+    "chitchat": "[CLS] u1 [SEP] u2 [SEP] ... (reversed for backward)",
+    "cdial": "[CLS] [speaker1] u1 [speaker2] u2 ... [SEP], token types = speakers (reversed for backward)"}
+
 
 def loss_curve_png(state: RunState) -> bytes:
     import matplotlib
@@ -81,7 +85,8 @@ def run_metrics(state: RunState, config: TrainConfig, stopped: Optional[str], ex
     }
 
 
-def training_card(config: TrainConfig, state: RunState, store, schedule: Schedule) -> dict[str, Any]:
+def training_card(config: TrainConfig, state: RunState, store, schedule: Schedule,
+                  layout: str = "chitchat") -> dict[str, Any]:
     """The training card (dialogpt_zh.json): what was trained on what, and how to replay it."""
     card = {"direction": config.direction, "preset": "init" if config.init else config.preset,
             "init": config.init, "model_config": state.model_config, "data": str(store.path),
@@ -95,7 +100,7 @@ def training_card(config: TrainConfig, state: RunState, store, schedule: Schedul
                                str(Path(config.output) / RUN_CONFIG_FILE)]),
         "argv": sys.argv, "seed": config.seed, "replies_only": config.replies_only,
         "steps": state.best_step, "trained_steps": state.step, "best_valid_loss": state.best_valid_loss,
-        "tokens_seen": state.tokens_seen, "sequence_format": "[CLS] u1 [SEP] u2 [SEP] ... (reversed for backward)",
+        "tokens_seen": state.tokens_seen, "layout": layout, "sequence_format": SEQUENCE_FORMATS[layout],
         "schedule": asdict(schedule), "config": state.config,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}})
     return card

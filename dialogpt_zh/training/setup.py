@@ -10,9 +10,18 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from dialogpt_zh.checkpoint import RunState, load_model, load_resume_optimizer, load_resume_rng, read_run_state
+from dialogpt_zh.checkpoint import (
+    RunState,
+    load_model,
+    load_resume_optimizer,
+    load_resume_rng,
+    model_layout,
+    read_run_state,
+)
 from dialogpt_zh.data.store import MANIFEST, TokenStore
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.foreign import resolve_model_dir
+from dialogpt_zh.sequence import Layout
 from dialogpt_zh.training.config import MUST_MATCH_ON_RESUME, RESUME_DEFAULTS, TrainConfig
 from dialogpt_zh.training.presets import build_model
 
@@ -120,7 +129,7 @@ def make_model(config: TrainConfig, tokenizer, saved_model_config: Optional[dict
     if saved_model_config:  # resume: the exact architecture of the run; weights come from resume/
         return GPT2LMHeadModel(GPT2Config.from_dict(saved_model_config))
     if config.init:
-        init_dir = Path(config.init)
+        init_dir = resolve_model_dir(config.init, "init")  # a directory in any layout, or a hub id
         model = load_model(init_dir)  # refuses damaged or NaN weights, naming the file
         if model.config.model_type != "gpt2":
             raise UserError(f"--init expects a GPT-2 model, got model_type={model.config.model_type!r}",
@@ -139,9 +148,17 @@ def make_model(config: TrainConfig, tokenizer, saved_model_config: Optional[dict
                        n_embd=config.n_embd, n_head=config.n_head, n_positions=config.n_positions)
 
 
-def usable_windows(split, max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+def input_layout(config: TrainConfig, tokenizer) -> Layout:
+    """The layout windows are built in (dialogpt_zh.sequence): the --init model's (its card, else its
+    vocabulary's), else the store vocabulary's (cdial when it has [speaker1]/[speaker2]); the card records it,
+    the engine reads it there."""
+    init_dir = resolve_model_dir(config.init, "init") if config.init else None
+    return model_layout(init_dir, tokenizer)
+
+
+def usable_windows(split, max_len: int, layout: Layout) -> tuple[np.ndarray, np.ndarray, int]:
     """Indices and lengths of the windows that fit the model; the rest are counted, never silently dropped."""
-    lengths = split.lengths()
+    lengths = split.lengths(layout.extra_tokens)
     keep = np.flatnonzero(lengths <= max_len)
     return keep, lengths[keep], int(len(lengths) - len(keep))
 
