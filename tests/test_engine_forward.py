@@ -168,6 +168,41 @@ def lean_cached_logits(lean, ctx, steps, capacity):
     return out
 
 
+def test_length_groups():
+    from dialogpt_zh.engine.lean_gpt2 import length_groups
+
+    assert length_groups([5, 5, 4]) == [[0, 1, 2]]                                  # one width: one group
+    assert length_groups([30, 8, 29, 7, 28, 9, 27, 6, 30, 8]) == [[0, 8, 2, 4, 6], [5, 1, 9, 3, 7]]
+    assert length_groups([30, 30, 30, 30, 8, 8, 8]) == [[0, 1, 2, 3, 4, 5, 6]]      # too few short rows to split
+    assert length_groups([]) == []
+
+
+@torch.inference_mode()
+def test_packed_pass_in_length_groups_equals_each_row_alone(trained_bot_dir):
+    """A right-padded batch of very different lengths (as the hybrid's MMI batch): attention runs per length
+    group; every real position's hidden state, and `select`ed ones, equal the row run alone, unpadded."""
+    from dialogpt_zh.engine.lean_gpt2 import length_groups
+
+    bot = ChatBot.from_pretrained(trained_bot_dir)
+    lean = LeanGPT2.wrap(bot.backward_model)
+    gen = torch.Generator().manual_seed(1)
+    lengths = [23, 6, 21, 5, 22, 7, 20, 4, 19, 3]
+    assert len(length_groups(lengths)) == 2
+    ids = torch.full((len(lengths), max(lengths)), bot.pad_id)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = torch.randint(5, bot.backward_model.config.vocab_size, (n,), generator=gen)
+        mask[r, :n] = 1
+    alone = [lean.hidden(ids[r:r + 1, :n])[0] for r, n in enumerate(lengths)]
+    got = lean.hidden(ids, mask=mask)
+    for r, n in enumerate(lengths):
+        torch.testing.assert_close(got[r, :n], alone[r], atol=1e-5, rtol=1e-5)
+        assert not got[r, n:].any()                                   # padding: zeros
+    pick = torch.tensor([1 * ids.shape[1] + 5, 0, 9 * ids.shape[1] + 2, 4 * ids.shape[1] + 21])
+    torch.testing.assert_close(lean.hidden(ids, mask=mask, select=pick), got.reshape(-1, got.shape[-1])[pick],
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("which", ["random", "trained"])
 @torch.inference_mode()
 def test_lean_forward_matches_transformers(which, random_bot_dir, trained_bot_dir):

@@ -175,6 +175,40 @@ def test_search_finds_the_pair_whose_context_matches(fixtures_store, tmp_path):
     assert index.search(query, 0) == []
 
 
+def test_ranked_is_the_bincount_search_and_pick_hits_builds_only_kept_hits(fixtures_store, tmp_path, monkeypatch):
+    """`ranked` (what pick_hits reads) gives the pairs and similarities of the plain cosine over every posting
+    (float16 weights widened to float64, bit for bit), best first, ties by pair order; pick_hits builds a
+    `Hit` (texts decoded) only for the replies it keeps."""
+    import numpy as np
+
+    from dialogpt_zh.engine.retrieval import pick_hits
+
+    build_index(fixtures_store, tmp_path / "idx", IndexSettings(), "test")
+    index = RetrievalIndex.load(tmp_path / "idx")
+    tok = TokenStore(fixtures_store).tokenizer()
+    dense = np.zeros((index.size, len(index.terms)))
+    for t in range(len(index.terms)):
+        lo, hi = index.indptr[t], index.indptr[t + 1]
+        dense[index.postings[lo:hi], t] = np.asarray(index.weights[lo:hi], dtype=np.float16).astype(np.float64)
+    checked = 0
+    for i in range(0, index.size, 7):
+        query = [tok.encode(index.context(j), add_special_tokens=False) for j in (i, (i + 1) % index.size)]
+        cols, weights = index.query_vector(query)
+        want = dense[:, cols] @ weights
+        found = np.flatnonzero(want > 0)
+        order = sorted(found.tolist(), key=lambda j: (-want[j], j))[:12]
+        got = index.ranked(query, 12)
+        assert [p for p, _ in got] == order
+        np.testing.assert_allclose([s for _, s in got], want[order], rtol=1e-12)
+        assert [(h.pair, h.similarity) for h in index.search(query, 12)] == got
+        checked += 1
+    assert checked > 3
+    built = []
+    monkeypatch.setattr(index, "hit", lambda i, s, hit=index.hit: built.append(i) or hit(i, s))
+    hits = pick_hits(index, query, "", 2, 100, [])
+    assert len(hits) == 2 and built == [h.pair for h in hits]   # 2 kept of the 11 asked for: 2 built
+
+
 # ------------------------------------------------------------------------------------------------ the CLI
 
 def test_index_cli(fixtures_store, tmp_path, capsys):

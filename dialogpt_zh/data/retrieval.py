@@ -288,7 +288,9 @@ class RetrievalIndex:
         self.source_names = [s.get("name", "?") if isinstance(s, dict) else str(s) for s in card["sources"]]
         a = arrays
         self.terms, self.idf = a["terms"], a["idf"].astype(np.float64)
-        self.indptr, self.postings, self.weights = a["postings_indptr"], a["postings_pair"], a["postings_weight"]
+        self.indptr, self.postings = a["postings_indptr"], a["postings_pair"]
+        # float16 on disk; widened once here (exactly), not per query: the products are float64 either way
+        self.weights = a["postings_weight"].astype(np.float64)
         self.reply_ids, self.reply_offsets = a["reply_ids"], a["reply_offsets"]
         self.reply_text, self.reply_text_offsets = a["reply_text"].tobytes(), a["reply_text_offsets"]
         self.context_text, self.context_text_offsets = a["context_text"].tobytes(), a["context_text_offsets"]
@@ -333,6 +335,11 @@ class RetrievalIndex:
 
     def search(self, turns: Sequence[Sequence[int]], k: int) -> list[Hit]:
         """The `k` pairs most similar to the query (similarity > 0), best first; ties by pair order."""
+        return [self.hit(i, similarity) for i, similarity in self.ranked(turns, k)]
+
+    def ranked(self, turns: Sequence[Sequence[int]], k: int) -> list[tuple[int, float]]:
+        """(pair, similarity) of the `k` pairs most similar to the query, as `search` orders them, without
+        reading their texts (a caller that skips some builds only the hits it keeps)."""
         cols, weights = self.query_vector(turns)
         if k <= 0 or not len(cols) or not self.size:
             return []
@@ -344,12 +351,16 @@ class RetrievalIndex:
         # positions of every posting of the query's terms, term by term
         pos = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(total)
         scores = np.bincount(self.postings[pos], minlength=self.size,
-                             weights=self.weights[pos].astype(np.float64) * np.repeat(weights, lengths))
+                             weights=self.weights[pos] * np.repeat(weights, lengths))
         found = np.flatnonzero(scores > 0)
         if len(found) > k:
             found = found[np.argpartition(-scores[found], k - 1)[:k]]
         found = found[np.lexsort((found, -scores[found]))]
-        return [self.hit(int(i), float(scores[i])) for i in found]
+        return list(zip(found.tolist(), scores[found].tolist()))
+
+    def reply_length(self, i: int) -> int:
+        """Tokens of pair i's reply."""
+        return int(self.reply_offsets[i + 1] - self.reply_offsets[i])
 
     def hit(self, i: int, similarity: float) -> Hit:
         ids = self.reply_ids[self.reply_offsets[i]:self.reply_offsets[i + 1]]

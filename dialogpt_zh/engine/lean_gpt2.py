@@ -73,6 +73,27 @@ def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     return torch.matmul(scores.softmax(-1), v)
 
 
+# Length groups of a packed pass (below): a new group starts where the rows get this much shorter than the
+# group's widest, if at least MIN_GROUP_ROWS rows are left for it (each group costs a few small ops a layer).
+GROUP_WIDTH_RATIO = 0.75
+MIN_GROUP_ROWS = 4
+
+
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Rows of a right-padded batch (their real lengths) in groups of similar length, longest first, for
+    attention over each group's own width instead of the batch's: the padding's attention work is quadratic
+    in the width, and the MMI batch's lengths spread (sampled and retrieved replies, several requests)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for n, i in enumerate(order):
+        left = len(order) - n
+        if (not groups or (lengths[i] <= GROUP_WIDTH_RATIO * lengths[groups[-1][0]] and left >= MIN_GROUP_ROWS
+                           and len(groups[-1]) >= MIN_GROUP_ROWS)):
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
 def _projection(module):
     """A function of a 2-D input: HF Conv1D as addmm over its own (in, out) weight, an `Fp16Linear`'s kernel
     called directly (no module-call overhead: 17 matmuls a step), anything else called."""
@@ -182,10 +203,25 @@ class LeanGPT2:
         if (cache is None or start == 0) and mask is not None and not bool(mask.all()):
             packed = mask.reshape(-1).nonzero().squeeze(1)
             x = x.reshape(b * t, d).index_select(0, packed)
+        # without a cache, rows of very different lengths attend in length groups, each at its own width
+        groups = self._attention_groups(mask, b, t, packed) if cache is None and packed is not None else None
         x = x.reshape(-1, d)                            # (tokens, d): the rows every matmul runs on
         last = len(self.layers) - 1
         for i, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, scale) in enumerate(self.layers):
             qkv = c_attn(F.layer_norm(x, (d,), ln_1[0], ln_1[1], self.eps))
+            if groups is not None:                      # attention per length group, straight back to packed
+                a = qkv.new_empty(len(packed), d)
+                for rows, width, where in groups:
+                    g = qkv.new_zeros(rows * width, 3 * d).index_copy_(0, where[0], qkv.index_select(0, where[1]))
+                    g = g.view(rows, width, 3, h, hd).permute(2, 0, 3, 1, 4)
+                    ga = F.scaled_dot_product_attention(g[0], g[1], g[2], is_causal=True, scale=scale)
+                    a.index_copy_(0, where[1], ga.transpose(1, 2).reshape(rows * width, d).index_select(0, where[0]))
+                if i == last and select is not None:
+                    keep = torch.searchsorted(packed, select)
+                    a, x = a.index_select(0, keep), x.index_select(0, keep)
+                x = x + c_proj(a)
+                x = x + mlp_proj(self.act(c_fc(F.layer_norm(x, (d,), ln_2[0], ln_2[1], self.eps))))
+                continue
             if packed is not None:                      # back to (b, t) rows for attention; padding = zeros
                 qkv = qkv.new_zeros(b * t, 3 * d).index_copy_(0, packed, qkv)
             qkv = qkv.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)     # (3, B, H, T, hd)
@@ -216,6 +252,29 @@ class LeanGPT2:
         if packed is not None:
             x = x.new_zeros(b * t, d).index_copy_(0, packed, x)
         return x.view(b, t, d)
+
+    @staticmethod
+    def _attention_groups(mask: torch.Tensor, b: int, t: int, packed: torch.Tensor
+                          ) -> list[tuple[int, int, tuple[torch.Tensor, torch.Tensor]]] | None:
+        """For a packed pass without a cache: (rows, width, (flat positions in the group's (rows, width) grid,
+        the same tokens' indices among the packed ones)) per length group, or None when one group (the
+        batch's own padding) would do."""
+        lengths = mask.sum(dim=1).tolist()
+        groups = [[r for r in g if lengths[r]] for g in length_groups(lengths)]   # empty rows: no tokens
+        groups = [g for g in groups if g]
+        if len(groups) < 2:
+            return None
+        packed_at = torch.cumsum(torch.tensor([0] + lengths[:-1]), 0)   # each row's first packed index
+        out = []
+        for rows in groups:
+            width = lengths[rows[0]]
+            lens = torch.tensor([lengths[r] for r in rows])
+            grid = (torch.arange(width)[None, :] < lens[:, None]).reshape(-1).nonzero().squeeze(1)
+            row_of = torch.repeat_interleave(torch.arange(len(rows)), lens)
+            col = grid - row_of * width
+            src = packed_at[torch.tensor(rows)][row_of] + col
+            out.append((len(rows), width, (grid.to(packed.device), src.to(packed.device))))
+        return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head over (any shape of) final hidden states."""

@@ -29,18 +29,17 @@ def pick_hits(index: RetrievalIndex, context: Sequence[Sequence[int]], last_text
     """The `k` most similar pairs' replies for a context (token ids, oldest first), skipping replies longer
     than `max_length` tokens (what a sampled reply may have) and replies the user's latest message already
     contains (echoes). Fewer than `k` found: a notice says how many and why."""
-    hits = index.search(context, k * SEARCH_MARGIN + 5)
     chosen: list[Hit] = []
     too_long = echoes = 0
-    for hit in hits:
+    for pair, similarity in index.ranked(context, k * SEARCH_MARGIN + 5):
         if len(chosen) == k:
             break
-        if len(hit.reply_ids) > max_length:
+        if index.reply_length(pair) > max_length:
             too_long += 1
-        elif hit.text in last_text:
+        elif index.reply(pair) in last_text:
             echoes += 1
         else:
-            chosen.append(hit)
+            chosen.append(index.hit(pair, similarity))   # only the kept hits are built
     if len(chosen) < k:
         why = [f"{n} {what}" for n, what in ((too_long, "over max_length"), (echoes, "echoing your message")) if n]
         notices.append(f"retrieval: {len(chosen)} of {k} human replies found"
