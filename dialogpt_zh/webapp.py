@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry or version-check calls
 import gradio as gr  # noqa: E402
 
-from dialogpt_zh.cli import make_parser, parse, run_main  # noqa: E402
+from dialogpt_zh.cli import make_parser, parse, raise_if_stopped, run_main  # noqa: E402
 from dialogpt_zh.engine.results import HISTORY_NOTICE_PREFIX  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
 from dialogpt_zh.fsutil import check_output_file  # noqa: E402
@@ -558,6 +558,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.info("transcript: appending every turn to %s", args.transcript)
             demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
                         ssr_mode=False)
+            # gradio's launch catches the Ctrl-C / SIGTERM that stopped it and returns: exit 130 / 143 as every
+            # command does, not 0
+            raise_if_stopped()
         finally:
             if replier is not None:
                 replier.close()

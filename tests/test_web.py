@@ -1,8 +1,11 @@
 """The Gradio page, driven over HTTP with gradio_client against an app on a free port (tiny trained bot)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -444,3 +447,27 @@ def test_the_history_note_comes_once_and_only_when_a_typed_line_is_dropped():
     assert first_drop_of_typed_lines(["你好", "你好呀", "吃了吗", "吃了"], ["吃了吗", "吃了", "你呢"])
     assert not first_drop_of_typed_lines(["a", "b", "c", "d", "e", "f"], ["e", "f", "g"])  # said already
     assert not first_drop_of_typed_lines(["你好"], None)  # a stand-in reply without its context
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_the_web_command_exits_like_every_command_when_stopped(random_bot_dir, tmp_path, signum, code):
+    """gradio's launch swallows the signal that stops it; the command still exits 143 (SIGTERM) / 130 (Ctrl-C),
+    not 0, so a supervisor sees how it ended."""
+    port = webapp.free_port("127.0.0.1")
+    proc = subprocess.Popen([sys.executable, "-m", "dialogpt_zh.webapp", "--model", str(random_bot_dir),
+                             "--port", str(port), "--threads", "1"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[0]
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, out
+    assert "Traceback" not in out
