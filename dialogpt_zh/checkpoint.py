@@ -71,6 +71,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, card: dict[str, Any],
                     except OSError:
                         shutil.copy2(src, tmp / src.name)
         else:
+            quiet_progress_bars()
             (copy.deepcopy(model).half() if fp16 else model).save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
         _write_json(tmp / CARD_FILE, card)
@@ -178,7 +179,7 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
                               "config": read_config(model_dir)}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    quiet_loading()
+    quiet_progress_bars()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except Exception as e:  # noqa: BLE001 - safetensors/transformers raise many types for a damaged file
@@ -208,9 +209,10 @@ def _load_pickled(model_dir: Path, device: str, dtype):
     return model.to(device).eval()
 
 
-def quiet_loading() -> None:
-    """No transformers progress bars ("Loading weights … 52/52") in this process: every face loads models
-    through here, and a chat, a web server's log or a training log is no place for them. Process-wide (the
+def quiet_progress_bars() -> None:
+    """No transformers progress bars ("Loading weights … 52/52", "Writing model shards") in this process: every
+    face loads and saves models through here, and a chat, a web server's log or a training log (which has its
+    own bar) is no place for them. Process-wide (the
     switch is transformers' own global), and deliberately so: we never want those bars."""
     from transformers.utils import logging as hf_logging
 

@@ -105,3 +105,13 @@ def test_stale_temp_is_removed_only_for_that_output(tmp_path):
         p.mkdir()
     assert sorted(remove_stale_temp(tmp_path / "out")) == sorted(litter)
     assert sorted(tmp_path.iterdir()) == sorted(keep + [tmp_path / "out"])
+
+
+def test_saving_and_loading_print_no_progress_bars(tmp_path, fixture_tokenizer, capfd):
+    """transformers' "Writing model shards" / "Loading weights" bars never reach a face's output."""
+    from dialogpt_zh.training.presets import build_model
+
+    save_checkpoint(build_model("tiny", fixture_tokenizer), fixture_tokenizer, tmp_path / "m", {"direction": "forward"})
+    load_model(tmp_path / "m")
+    out, err = capfd.readouterr()
+    assert "Writing model shards" not in out + err and "Loading weights" not in out + err
