@@ -396,7 +396,8 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
             what = f"{len(pairs)} fixture replies"
         ppl = [perplexity(b, pairs) for b in (bot, q)]
         print(f"int8 at N=10: p50 {pct(i8, 50):.3f} s vs {args.quantize} {pct(f32, 50):.3f} s = "
-              f"{pct(f32, 50) / pct(i8, 50):.2f}x faster; perplexity of {what}: {args.quantize} {ppl[0]:.3f} -> int8 "
+              f"speed {pct(f32, 50) / pct(i8, 50):.2f}x the {args.quantize} model's (above 1: int8 faster); "
+              f"perplexity of {what}: {args.quantize} {ppl[0]:.3f} -> int8 "
               f"{ppl[1]:.3f} ({(ppl[1] / ppl[0] - 1) * 100:+.3f}%)")
 
 
