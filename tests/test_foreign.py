@@ -354,6 +354,29 @@ def test_fine_tune_from_a_lookalike(bots, kind, directions, tmp_path, capsys):
     assert bot.reply(HISTORY, seed=0, num_candidates=3, max_length=6).candidates
 
 
+def test_train_layout_overrides_the_store_vocabulary(bots, tmp_path, capsys):
+    """A store with speaker tokens trains in cdial unless --layout chitchat says otherwise; the card records
+    what was used and the engine reads it; --layout cdial on a vocabulary without speakers is refused first."""
+    from dialogpt_zh.train import main as train_main
+
+    _need(bots, "cdial")
+    _preprocess(bots["cdial"] / "forward", tmp_path / "store", capsys)
+    common = ["--data", str(tmp_path / "store"), "--preset", "tiny", "--max_steps", "2", "--eval_every", "2",
+              "--device", "cpu"]
+    for layout in (None, "chitchat"):
+        out = tmp_path / f"bot_{layout}" / "forward"
+        flags = common + ["--output", str(out)] + (["--layout", layout] if layout else [])
+        assert train_main(flags) == 0, capsys.readouterr().err
+        card = json.loads((out / "dialogpt_zh.json").read_text(encoding="utf-8"))
+        assert card["layout"] == (layout or "cdial")
+        assert _bot(out.parent).forward_layout.name == (layout or "cdial")
+    _preprocess(bots["chitchat"] / "forward", tmp_path / "plain", capsys)
+    code = train_main(["--data", str(tmp_path / "plain"), "--output", str(tmp_path / "refused"), "--preset", "tiny",
+                       "--max_steps", "1", "--device", "cpu", "--layout", "cdial"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--layout" in err and "[speaker1]" in err and not (tmp_path / "refused").exists()
+
+
 def test_cdial_batches_carry_token_types(bots, tmp_path, capsys):
     from dialogpt_zh.data.store import TokenStore
     from dialogpt_zh.sequence import Layout

@@ -87,11 +87,13 @@ def test_last_stage_is_the_installed_models_run(direction):
     config = _train_config(FINAL[direction])
     moved = {"data", "output", "init"}  # where the run read and wrote: the recipe's own paths
     # settings that came after the card was written: the recipe must state what the run did without them
-    # (no packing; compile and prefetch change no update)
+    # (no packing, the layout of the store's vocabulary; compile and prefetch change no update)
     later = set(dataclasses.asdict(config)) - set(card["config"])
-    assert later <= {"pack", "compile", "prefetch"}
+    assert later <= {"pack", "compile", "prefetch", "layout"}
     if "pack" in later:
         assert config.pack == 0
+    if "layout" in later:
+        assert config.layout is None
     assert {k: v for k, v in dataclasses.asdict(config).items() if k not in moved | later} == \
         {k: v for k, v in card["config"].items() if k not in moved}
     schedule = make_schedule(config, card["schedule"]["batches_per_epoch"])

@@ -12,9 +12,9 @@ from dialogpt_zh.training.presets import PRESETS
 
 # Settings that fix the exact sequence of updates: a --resume run must use the same ones.
 MUST_MATCH_ON_RESUME = ("direction", "replies_only", "seed", "lr", "warmup_steps", "weight_decay", "grad_accum",
-                        "max_grad_norm", "batch_tokens", "batch_size", "eval_windows", "pack")
+                        "max_grad_norm", "batch_tokens", "batch_size", "eval_windows", "pack", "layout")
 # what a run saved before a setting existed did, for the settings above that came later
-RESUME_DEFAULTS = {"pack": 0}
+RESUME_DEFAULTS = {"pack": 0, "layout": None}
 
 # --batch-tokens when not given: a GPU needs large batches to be busy; on a CPU larger ones only mean fewer steps
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
@@ -42,6 +42,9 @@ class TrainConfig:
         "start from this GPT-2 directory (ours, or GPT2-chitchat / CDial-GPT2 / uer/gpt2-chinese as downloaded: "
         "pytorch_model.bin or safetensors + vocab.txt; or a hub id) instead of random weights; its vocabulary "
         "must be the store's (preprocess --vocab MODEL_DIR); the preset and shape overrides are then ignored"))
+    layout: Optional[Literal["chitchat", "cdial"]] = field(default=None, metadata=field_help(
+        "input layout: chitchat ([CLS] u1 [SEP] u2 [SEP] ...) or cdial (speaker tokens + token types; the store's "
+        "vocabulary must hold [speaker1]/[speaker2]); default: the --init model's, else the store vocabulary's"))
     lr: float = field(default=5e-4, metadata=field_help("peak learning rate of AdamW"))
     warmup_steps: int = field(default=-1, metadata=field_help(
         "linear warmup steps, then cosine decay to 10%% of --lr; -1: 5%% of the total steps"))
