@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -202,7 +203,8 @@ def chitchat_mmi(mmi_model, context: list[list[int]], replies: list[list[int]], 
     losses = []
     for reply in replies:
         ids = torch.tensor([build_sequence(list(context) + [reply], "backward", bot.cls_id, bot.sep_id)])
-        losses.append(float(mmi_model(input_ids=ids, labels=ids).loss))
+        logits = mmi_model(input_ids=ids).logits  # the mean next-token loss, as `labels=ids` computes it
+        losses.append(float(F.cross_entropy(logits[0, :-1], ids[0, 1:])))
     return losses
 
 

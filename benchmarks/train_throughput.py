@@ -60,8 +60,9 @@ class BenchArgs:
 
 
 def naive_loop(store_path: str, preset: str, steps: int, batch_size: int, seed: int) -> dict:
-    """GPT2-chitchat's way: uniformly random batches padded to their longest window; loss via labels."""
+    """GPT2-chitchat's way: uniformly random batches padded to their longest window."""
     import torch
+    import torch.nn.functional as F
 
     from dialogpt_zh.data.store import TokenStore
     from dialogpt_zh.training.batches import collate
@@ -78,7 +79,9 @@ def naive_loop(store_path: str, preset: str, steps: int, batch_size: int, seed: 
     t0 = time.perf_counter()
     for _ in range(steps):
         batch = collate(split, rng.choice(keep, batch_size, replace=False), "forward", tok.pad_token_id)
-        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        # the mean next-token loss over the labelled positions (what `labels=` computes, without its warning)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
