@@ -465,3 +465,27 @@ def test_char_table_encoder_defers_to_the_tokenizer_on_code_points_python_calls_
     flat, off = enc.encode(texts)
     assert enc.table is not None  # the table stays for later batches
     assert [flat[off[i]:off[i + 1]].tolist() for i in range(2)] == [encode(tok, t) for t in texts]
+
+
+def test_a_feeder_whose_pipe_is_closed_mid_send_leaves_quietly():
+    """kill() can close a worker's pipe while its feeder thread is between the two writes of a large unit;
+    multiprocessing then fails with a TypeError (a None handle). That is the teardown, not an error to print;
+    the same TypeError on an open pipe is a real bug and is raised."""
+    import queue
+
+    from dialogpt_zh.data.pool import _feed
+
+    class Pipe:
+        def __init__(self, close_first: bool) -> None:
+            self.closed, self.close_first = False, close_first
+
+        def send(self, unit) -> None:
+            self.closed = self.close_first
+            raise TypeError("'NoneType' object cannot be interpreted as an integer")
+
+    units: queue.Queue = queue.Queue()
+    units.put(["unit"])
+    _feed(units, Pipe(close_first=True))  # returns
+    units.put(["unit"])
+    with pytest.raises(TypeError):
+        _feed(units, Pipe(close_first=False))

@@ -234,6 +234,12 @@ def _feed(units, conn) -> None:
             conn.send(unit)
         except (OSError, ValueError):  # the worker is gone, or the pipe was closed by kill()
             return
+        except TypeError:
+            # kill() closed the pipe while this thread was inside send (multiprocessing then writes to a None
+            # handle): the pool is being torn down and the main thread reports the stop
+            if conn.closed:
+                return
+            raise
         if unit is None:
             return
 
