@@ -3,6 +3,7 @@ load as they are, chat, rerank, convert with exact logits, fine-tune, and meet t
 files are refused naming them; nothing is downloaded."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -151,6 +152,83 @@ def test_scores_are_those_of_the_models_own_input(bots, kind):
     cand = bot.reply(history, seed=3, num_candidates=4, max_length=6).candidates[0]
     (again, _), = bot.forward_logprobs(history, [cand.text])
     assert cand.forward_logprob == pytest.approx(again, abs=1e-3)
+
+
+# contexts of 1 to 4 turns: the cdial reply speaker alternates ([speaker2] after one turn, [speaker1] after two)
+PARITIES = [["你好"], ["你好", "你好呀在干嘛"], ["晚上吃什么", "面条", "好的"], ["在吗", "在", "干嘛", "没事"]]
+
+
+def _lean_and_transformers(path, **kw):
+    """The same bot twice: through the lean forward, and through transformers' (`use_lean_forward = False`)."""
+    from dialogpt_zh.engine.lean_gpt2 import LeanGPT2
+
+    lean = _bot(path, **kw)
+    hf = copy.copy(lean)
+    hf.use_lean_forward = False
+    for model in (lean.forward_model, lean.backward_model):
+        assert isinstance(lean._lean(model), LeanGPT2) and hf._lean(model) is None
+    return lean, hf
+
+
+def _same_candidates(a, b) -> None:
+    """The same texts in the same ranks, the same scores up to float rounding."""
+    assert [(c.text, c.token_ids, c.count, c.rank) for c in a] == [(c.text, c.token_ids, c.count, c.rank) for c in b]
+    for x, y in zip(a, b):
+        for f in ("forward_logprob", "backward_logprob", "score"):
+            want = getattr(y, f)
+            assert (getattr(x, f) is None) == (want is None)
+            if want is not None:
+                assert getattr(x, f) == pytest.approx(want, rel=1e-4, abs=1e-4), f
+
+
+@pytest.mark.parametrize("quantize", ["none", "fp16"])
+def test_cdial_runs_the_lean_forward_with_the_transformers_results(bots, quantize):
+    """cdial models (token types) go through the lean forward and its batching: with a fixed seed, single
+    replies and a reply_many batch mixing contexts of odd and even turn counts (different reply speakers in
+    one batch), MMI on and off, rerank and the teacher-forced forward scores give the candidates, ranks and
+    scores of transformers' forward."""
+    lean, hf = _lean_and_transformers(bots["cdial"], quantize=quantize)
+    assert lean.decode_batch().joins_running_batches
+    kw = dict(num_candidates=6, max_length=8, min_length=0)
+    for use_mmi in (True, False):
+        many = [bot.reply_many([bot.prepare_reply(h, seed=i, use_mmi=use_mmi, **kw) for i, h in enumerate(PARITIES)])
+                for bot in (lean, hf)]
+        assert many[0][0].batch_size == len(PARITIES) and many[1][0].batch_size == 1   # lean: one batch
+        for i, h in enumerate(PARITIES):
+            single = [bot.reply(h, seed=i, use_mmi=use_mmi, **kw) for bot in (lean, hf)]
+            assert single[0].mmi == use_mmi
+            _same_candidates(single[0].candidates, single[1].candidates)
+            _same_candidates(many[0][i].candidates, single[1].candidates)
+            _same_candidates(many[1][i].candidates, single[1].candidates)
+    for h in PARITIES[:2]:
+        _same_candidates(lean.rerank(h, ["在看书呢", "好的", "我刚下班准备做饭"]),
+                         hf.rerank(h, ["在看书呢", "好的", "我刚下班准备做饭"]))
+    # the teacher-forced pass of retrieved replies, pairs of both parities in one batch
+    pairs = [([lean._encode(u) for u in h], lean._encode(r)) for h in PARITIES for r in ("好的", "在看书呢")]
+    for got, want in zip(lean._forward_scores_pairs(pairs), hf._forward_scores_pairs(pairs)):
+        assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-4, abs=1e-4)
+
+
+@torch.inference_mode()
+def test_cdial_requests_joining_a_running_batch_get_the_transformers_replies(bots):
+    """Continuous batching over a cdial model: requests of odd and even turn counts join a running
+    DecodeBatch; each one's candidates and forward scores are those the transformers forward gives it alone."""
+    lean, hf = _lean_and_transformers(bots["cdial"])
+    batch = lean.decode_batch()
+    settings = [dict(seed=i, num_candidates=2 + i % 3, max_length=5 + 2 * (i % 3), min_length=0) for i in range(8)]
+    jobs = [lean.prepare_reply(PARITIES[i % len(PARITIES)], **kw) for i, kw in enumerate(settings)]
+    done, joined, step = {}, 0, 0
+    while joined < len(jobs) or len(batch):
+        if joined < len(jobs) and step % 2 == 0:
+            batch.admit(jobs[joined:joined + 2])
+            joined += 2
+        for request in batch.step():
+            done[id(request.job)] = request.samples()
+        step += 1
+    for i, (job, kw) in enumerate(zip(jobs, settings)):
+        alone = hf._generate([hf.prepare_reply(PARITIES[i % len(PARITIES)], **kw)])[0].samples()
+        assert [tokens for tokens, _ in done[id(job)]] == [tokens for tokens, _ in alone]
+        assert [f for _, f in done[id(job)]] == pytest.approx([f for _, f in alone], rel=1e-4, abs=1e-4)
 
 
 def test_any_forward_pairs_with_any_backward_of_the_same_vocabulary(bots, tmp_path):

@@ -390,7 +390,8 @@ class ChatBot:
         # the last column predicts nothing, so it is not run; causal from position 0, the real tokens never
         # see the right padding (and the lean forward skips it in the matmuls). Position t - 1 predicts t.
         if lean is not None:  # its last block runs past the attention only for the positions we score
-            hidden = lean.hidden(ids[:, :-1], mask=mask[:, :-1], select=b * (ids.shape[1] - 1) + t - 1)
+            hidden = lean.hidden(ids[:, :-1], mask=mask[:, :-1], select=b * (ids.shape[1] - 1) + t - 1,
+                                 types=types[:, :-1] if types is not None else None)
         else:
             hidden = model.base_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
                                       token_type_ids=types[:, :-1] if types is not None else None
@@ -401,8 +402,8 @@ class ChatBot:
         return self.backward_layout if model is self.backward_model else self.forward_layout
 
     def _lean(self, model) -> LeanGPT2 | None:
-        # the lean forward reads no token types: models that need them (cdial) run through transformers
-        if not self.use_lean_forward or self._layout(model).token_types:
+        # token types (cdial) too: LeanGPT2 adds their embeddings as transformers' GPT-2 does
+        if not self.use_lean_forward:
             return None
         return LeanGPT2.wrap(model)
 

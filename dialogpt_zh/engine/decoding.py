@@ -144,18 +144,15 @@ class LeanDecoder(HFDecoder):
         self.model, self.lean = model, lean
 
     def prompt(self, ids: torch.Tensor, capacity: int, token_types: torch.Tensor | None = None) -> torch.Tensor:
-        if token_types is not None:
-            raise ValueError("the lean forward reads no token types; use the transformers forward")
         self.cache = self.lean.new_cache(1, ids.shape[1] + capacity)
-        return self.lean.logits(self.lean.hidden(ids, self.cache)[:, -1, :])
+        return self.lean.logits(self.lean.hidden(ids, self.cache, types=token_types)[:, -1, :])
 
     def repeat_rows(self, n: int) -> None:
         self.cache.repeat_rows(n)
 
     def hidden_after_cache(self, ids: torch.Tensor, mask: torch.Tensor, token_type: int | None = None) -> torch.Tensor:
-        if token_type is not None:
-            raise ValueError("the lean forward reads no token types; use the transformers forward")
-        return self.lean.hidden(ids, self.cache)  # causal over cache + new tokens; padding comes last
+        types = torch.full_like(ids, token_type) if token_type is not None else None
+        return self.lean.hidden(ids, self.cache, types=types)  # causal over cache + new tokens; padding comes last
 
 
 class HFRows:
@@ -170,12 +167,12 @@ class HFRows:
         self.reply_type: int | None = None    # the reply tokens' type id (layouts with token types)
 
     def admit(self, contexts: list[list[int]], counts: list[int], room: int,
-              token_types: list[list[int]] | None = None, reply_type: int | None = None
+              token_types: list[list[int]] | None = None, reply_types: list[int] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rows is not None or len(contexts) != 1:
             raise ValueError("the transformers forward decodes one request at a time")
         types = torch.tensor(token_types, device=self.device) if token_types is not None else None
-        self.reply_type = reply_type
+        self.reply_type = reply_types[0] if reply_types is not None else None
         logits = self.decoder.prompt(torch.tensor(contexts, device=self.device), room, types)
         self.decoder.repeat_rows(counts[0])  # the context is encoded once and shared by the n rows
         self.rows = counts[0]
@@ -256,9 +253,9 @@ class DecodeBatch:
         prompts = [bot.forward_layout.prompt(job.context) for job in jobs]
         contexts = [ids for ids, _, _ in prompts]
         room = max(job.gen.max_length for job in jobs) + 1
-        if bot.forward_layout.token_types:  # the transformers rows: one request, its types and the reply's type
+        if bot.forward_layout.token_types:  # each context's token types and its reply's (cdial: its speaker)
             new_slots, logits = self.rows.admit(contexts, counts, room, [types for _, types, _ in prompts],
-                                                prompts[0][2])
+                                                [reply for _, _, reply in prompts])
         else:
             new_slots, logits = self.rows.admit(contexts, counts, room)
         self.slots = torch.cat([self.slots, new_slots])

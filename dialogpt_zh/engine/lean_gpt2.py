@@ -144,9 +144,11 @@ class LeanGPT2:
         shape = (self.n_layer, rows, self.n_head, capacity, self.head_dim)
         return KVCache(self.wte.new_empty(shape), self.wte.new_empty(shape))
 
-    def encode_contexts(self, contexts: list[list[int]]) -> tuple[KVCache, torch.Tensor]:
+    def encode_contexts(self, contexts: list[list[int]], token_types: list[list[int]] | None = None
+                        ) -> tuple[KVCache, torch.Tensor]:
         """The keys/values of each context in a one-row-per-context cache (columns 0..len-1 of row i, the
         right padding as zeros, no spare column) and the logits (n, V) of each context's last position.
+        `token_types`: each context's token type ids (a layout with token types, cdial), else None.
 
         The contexts are encoded together in one right-padded pass: one batch of matmuls over their real
         tokens, not one small pass per context."""
@@ -156,16 +158,26 @@ class LeanGPT2:
         ids = torch.zeros(n_ctx, width, dtype=torch.long)
         for i, c in enumerate(contexts):
             ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        types = None
+        if token_types is not None:
+            types = torch.zeros(n_ctx, width, dtype=torch.long)
+            for i, ty in enumerate(token_types):
+                types[i, :len(ty)] = torch.tensor(ty, dtype=torch.long)
+            types = types.to(device)
         mask = torch.arange(width)[None, :] < lengths[:, None]
         # new_empty is safe: this pass writes every column (the padding's keys/values as zeros: masked
         # columns still enter the attention matmuls, where garbage NaN/inf bit patterns would give NaN)
         cache = self.new_cache(n_ctx, width)
-        hidden = self.hidden(ids.to(device), cache, mask=mask.to(device))
+        hidden = self.hidden(ids.to(device), cache, mask=mask.to(device), types=types)
         return cache, self.logits(hidden[torch.arange(n_ctx, device=device), (lengths - 1).to(device)])
 
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None,
-               mask: torch.Tensor | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
+               mask: torch.Tensor | None = None, select: torch.Tensor | None = None,
+               types: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, d) for `ids` (B, T) at positions cache.length .. + T - 1.
+
+        `types` (B, T): token type ids, for a layout that has them (cdial): as in transformers' GPT-2, their
+        embeddings (rows of the same `wte`) are added to the token + position embeddings.
 
         `select` (flat indices into the B * T positions, row-major): return only those positions' hidden
         states, (len(select), d). The last block then runs its attention output, MLP and ln_f on them alone
@@ -192,11 +204,15 @@ class LeanGPT2:
             if int(positions.max()) >= self.wpe.shape[0]:
                 raise ValueError(f"sequence longer than the model's {self.wpe.shape[0]} positions")
             x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
+            if types is not None:
+                x = x + F.embedding(types, self.wte)
             attn_mask = cache.valid[:, None, None, :start + 1]
         else:
             if start + t > self.wpe.shape[0]:
                 raise ValueError(f"sequence longer than the model's {self.wpe.shape[0]} positions")
             x = F.embedding(ids, self.wte) + self.wpe[start:start + t]
+            if types is not None:
+                x = x + F.embedding(types, self.wte)
             if cache is not None and start > 0 and t > 1:   # new tokens see the whole cache + themselves causally
                 attn_mask = torch.ones(t, start + t, dtype=torch.bool, device=ids.device).tril(diagonal=start)
         packed = None                                   # flat indices of the real tokens among the b * t
@@ -301,12 +317,22 @@ class DecodingRows:
         self.n = self.length = 0
         self.room = 1                       # columns a joining row may need: the largest reply room seen
         self.ctx_len = self.join = torch.zeros(0, dtype=torch.long)   # per slot: context length, join column
+        # per slot: the token type id of the row's reply tokens (a layout with token types: cdial's reply
+        # speaker, which depends on its own context's turn count), None for a layout without token types
+        self.reply_type: torch.Tensor | None = None
 
-    def admit(self, contexts: list[list[int]], counts: list[int], room: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def admit(self, contexts: list[list[int]], counts: list[int], room: int,
+              token_types: list[list[int]] | None = None, reply_types: list[int] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Context i joins as counts[i] new rows that will decode up to `room` tokens: (the new rows' slots,
-        their logits (rows, V) for their first token). The live rows keep their slots."""
+        their logits (rows, V) for their first token). The live rows keep their slots. For a layout with
+        token types: `token_types` of each context and `reply_types`[i], the type of context i's reply
+        tokens (every request of a batch uses token types, or none does)."""
+        if (token_types is None) != (reply_types is None) or (
+                self.n and (reply_types is None) != (self.reply_type is None)):
+            raise ValueError("token types: all the rows of a batch have them, or none")
         self.room = max(self.room, room)
-        encoded, last = self.lean.encode_contexts(contexts)
+        encoded, last = self.lean.encode_contexts(contexts, token_types)
         width, n_new, device = encoded.capacity, sum(counts), encoded.k.device
         if (self.k is None or self.n + n_new > self.k.shape[1] or self.length < width
                 or self.length + room > self.k.shape[3]):
@@ -324,6 +350,12 @@ class DecodingRows:
         self.v[:, new, :, width:self.length] = 0.0
         self.ctx_len[new] = torch.tensor([len(c) for c in contexts]).index_select(0, owner.cpu())
         self.join[new] = self.length
+        if reply_types is not None:
+            if self.reply_type is None:
+                self.reply_type = torch.zeros(len(self.ctx_len), dtype=torch.long)
+            self.reply_type[new] = torch.tensor(reply_types).index_select(0, owner.cpu())
+        else:
+            self.reply_type = None
         self.n += n_new
         return slots, last.index_select(0, owner)
 
@@ -345,6 +377,8 @@ class DecodingRows:
                 self.v[:, hole, :, :self.length].copy_(self.v[:, mover, :, :self.length])
             self.ctx_len[cpu_holes] = self.ctx_len[cpu_movers]
             self.join[cpu_holes] = self.join[cpu_movers]
+            if self.reply_type is not None:
+                self.reply_type[cpu_holes] = self.reply_type[cpu_movers]
             slot_map = torch.arange(self.k.shape[1], device=live.device)
             slot_map[movers] = holes
             keep = slot_map[keep]
@@ -362,7 +396,8 @@ class DecodingRows:
         columns = torch.arange(self.length + 1, device=device)[None, :]
         cache = KVCache(self.k[:, :n], self.v[:, :n], length=self.length, gap=join - ctx_len,
                         valid=(columns < ctx_len[:, None]) | (columns >= join[:, None]))
-        hidden = self.lean.hidden(by_slot.view(-1, 1), cache)[:, -1, :]
+        types = self.reply_type[:n].to(device).view(-1, 1) if self.reply_type is not None else None
+        hidden = self.lean.hidden(by_slot.view(-1, 1), cache, types=types)[:, -1, :]
         self.length += 1
         return self.lean.logits(hidden.index_select(0, live))
 
@@ -394,4 +429,6 @@ class DecodingRows:
         if grow > 0:
             self.ctx_len = torch.cat([self.ctx_len, torch.zeros(grow, dtype=torch.long)])
             self.join = torch.cat([self.join, torch.zeros(grow, dtype=torch.long)])
+            if self.reply_type is not None:
+                self.reply_type = torch.cat([self.reply_type, torch.zeros(grow, dtype=torch.long)])
         self.k, self.v, self.length = k, v, width
