@@ -258,6 +258,56 @@ def test_lean_forward_matches_transformers(which, random_bot_dir, trained_bot_di
             torch.testing.assert_close(got, want.reshape(-1, vocab)[pick], atol=1e-5, rtol=1e-5)
 
 
+@torch.inference_mode()
+def test_lean_forward_reads_token_types_as_transformers_does(random_bot_dir):
+    """Token type ids (cdial's speakers) are embedded with wte and added, as in transformers' GPT-2: a right-padded
+    packed pass with `select` (MMI), contexts encoded together, and `DecodingRows` steps where rows of two
+    contexts decode with different reply types (and rows leave, moving slots) give the logits of a plain
+    transformers forward over each full sequence."""
+    from dialogpt_zh.engine.lean_gpt2 import DecodingRows
+
+    model = ChatBot.from_pretrained(random_bot_dir, quantize="none").forward_model
+    lean, vocab = LeanGPT2.wrap(model), model.config.vocab_size
+    gen = torch.Generator().manual_seed(3)
+
+    def hf(ids, types):
+        return model(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types])).logits[0]
+
+    ids = torch.randint(5, vocab, (3, 9), generator=gen)
+    types = torch.randint(5, vocab, (3, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    want = model(input_ids=ids, token_type_ids=types, attention_mask=mask).logits
+    assert (want - model(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-2   # types matter
+    pick = mask.reshape(-1).nonzero().squeeze(1)[torch.tensor([0, 4, 10, 16])]
+    for m in (None, mask):  # padded, packed
+        torch.testing.assert_close(lean.logits(lean.hidden(ids, mask=m, types=types))[mask.bool()],
+                                   want[mask.bool()], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lean.logits(lean.hidden(ids, mask=m, select=pick, types=types)),
+                                   want.reshape(-1, vocab)[pick], atol=1e-5, rtol=1e-5)
+    # two contexts (lengths 7 and 4), 3 and 2 rows, reply types 11 and 12; one step, a row leaves, three steps
+    ctx = [torch.randint(5, vocab, (n,), generator=gen).tolist() for n in (7, 4)]
+    ctx_types = [torch.randint(5, vocab, (n,), generator=gen).tolist() for n in (7, 4)]
+    reply_types, owner = [11, 12], [0, 0, 0, 1, 1]
+    rows = DecodingRows(lean)
+    live, logits = rows.admit(ctx, [3, 2], room=4, token_types=ctx_types, reply_types=reply_types)
+    seqs = [list(ctx[o]) for o in owner]
+    seq_types = [list(ctx_types[o]) for o in owner]
+    alive = list(range(5))
+    for step in range(4):
+        for j, r in enumerate(alive):
+            torch.testing.assert_close(logits[j], hf(seqs[r], seq_types[r])[-1], atol=1e-5, rtol=1e-5)
+        if step == 1:   # the first row leaves: the last row moves into its slot
+            finished = torch.tensor([j == 0 for j in range(len(alive))])
+            live, alive = rows.leave(live, finished), alive[1:]
+        new = torch.randint(5, vocab, (len(alive),), generator=gen)
+        for j, r in enumerate(alive):
+            seqs[r].append(int(new[j]))
+            seq_types[r].append(reply_types[owner[r]])
+        logits = rows.step(new, live)
+
+
 def test_gelu_tanh_is_gpt2s_gelu():
     from dialogpt_zh.engine.lean_gpt2 import gelu_tanh
 
