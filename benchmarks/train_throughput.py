@@ -49,7 +49,7 @@ class BenchArgs:
     seed: int = field(default=0, metadata=field_help("seed"))
     sections: str = field(default="naive,presets", metadata=field_help(
         "what to run, comma-separated: naive (ours vs naive), presets (tokens/s per preset), baseline "
-        "(needs --baseline)"))
+        "(needs --baseline), plain (ours vs a plain loop of the same model: issue 28's GPU reference)"))
     baseline: str = field(default="", metadata=field_help(
         "another version to run side by side: a directory holding dialogpt_zh/, or a git ref of this repository"))
     baseline_steps: int = field(default=200, metadata=field_help("optimizer steps per side-by-side run"))
@@ -57,6 +57,15 @@ class BenchArgs:
     repeats: int = field(default=2, metadata=field_help("side-by-side rounds (each: baseline, this, this, baseline)"))
     variants: str = field(default="", metadata=field_help(
         "extra side-by-side runs of this version, ';'-separated, each comma-separated setting=value"))
+    device: str = field(default="auto", metadata=field_help("plain section: cuda, cpu or auto (cuda when present)"))
+    plain_preset: str = field(default="base", metadata=field_help("plain section: the model of both loops"))
+    plain_steps: int = field(default=50, metadata=field_help("plain section: timed steps of each loop"))
+    plain_warmup: int = field(default=10, metadata=field_help(
+        "plain section: steps before the timing starts (torch.compile compiles in them)"))
+    plain_rows: int = field(default=64, metadata=field_help("plain section: rows of the plain loop's batch"))
+    plain_width: int = field(default=256, metadata=field_help("plain section: tokens per row of the plain loop"))
+    plain_compile: bool = field(default=True, metadata=field_help(
+        "plain section: also time the plain loop under torch.compile (the issue's reference)"))
 
 
 def naive_loop(store_path: str, preset: str, steps: int, batch_size: int, seed: int) -> dict:
@@ -128,6 +137,74 @@ def per_preset(args: BenchArgs, store, train_tokens: int) -> None:
         epoch_h = train_tokens / r["tokens_per_s"] / 3600
         print(f"{preset:8s} {params / 1e6:7.1f}M {steps:5d} {r['tokens_per_s']:9.0f} {epoch_h:11.2f} h")
     print(f"(load average at the end {os.getloadavg()[0]:.1f}; 1 epoch = {train_tokens:,} tokens)")
+
+
+def plain_loop(args: BenchArgs, device: str, compiled: bool) -> float:
+    """The reference of issue 28's GPU target: a twenty-line loop of the same Hugging Face GPT-2 over the store's
+    train tokens cut into plain_rows x plain_width (no windows, no masks), bf16 autocast on CUDA, fused AdamW.
+    Returns tokens/s over the steps after the warm-up."""
+    import torch
+    import torch.nn.functional as F
+
+    from dialogpt_zh.data.store import TokenStore
+    from dialogpt_zh.training.presets import build_model
+
+    store = TokenStore(args.data)
+    stream, tok = store.split("train").ids, store.tokenizer()
+    torch.manual_seed(args.seed)
+    model = build_model(args.plain_preset, tok).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=True)
+    forward = torch.compile(model) if compiled else model
+    span = args.plain_rows * (args.plain_width + 1)
+    if len(stream) < span + 1:
+        raise UserError(f"the train split has {len(stream)} tokens, fewer than one batch ({span})", field="data")
+    t0 = 0.0
+    for i in range(args.plain_warmup + args.plain_steps):
+        if i == args.plain_warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        start = (i * span) % (len(stream) - span)
+        chunk = torch.from_numpy(np.asarray(stream[start:start + span], dtype=np.int64))
+        chunk = chunk.view(args.plain_rows, -1).to(device, non_blocking=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = forward(input_ids=chunk[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return args.plain_rows * args.plain_width * args.plain_steps / (time.perf_counter() - t0)
+
+
+def against_plain_loop(args: BenchArgs) -> None:
+    """Our trainer (this checkout, the device's defaults: batch tokens, precision, compile) against the plain
+    loop on the same model and device. Ours is timed by two runs of warm-up and warm-up + steps steps (each
+    in its own process): the difference of their tokens and training wall time leaves out start-up and
+    compilation, as the plain loop's warm-up does."""
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"\n== our trainer vs a plain loop: preset {args.plain_preset} on {device}, {args.plain_steps} timed steps "
+          f"after {args.plain_warmup} ==")
+    eager = plain_loop(args, device, compiled=False)
+    print(f"plain loop, eager ({args.plain_rows} x {args.plain_width}, fused AdamW"
+          f"{', bf16' if device == 'cuda' else ''}): {eager:,.0f} tokens/s", flush=True)
+    reference = eager
+    if args.plain_compile:
+        reference = plain_loop(args, device, compiled=True)
+        print(f"plain loop, torch.compile: {reference:,.0f} tokens/s", flush=True)
+    common = dict(data=str(Path(args.data).resolve()), preset=args.plain_preset, eval_every=10 ** 9,
+                  eval_windows=50, seed=args.seed, device=device, threads=args.threads)
+    short = run_once(REPO, {**common, "max_steps": args.plain_warmup})
+    full = run_once(REPO, {**common, "max_steps": args.plain_warmup + args.plain_steps})
+    ours_speed = (full["tokens_seen"] - short["tokens_seen"]) / max(1e-9, full["wall_time_s"] - short["wall_time_s"])
+    print(f"our trainer (device defaults): {ours_speed:,.0f} real tokens/s (whole runs: {short['tokens_per_s']:,.0f} "
+          f"and {full['tokens_per_s']:,.0f})")
+    print(f"ours / plain {'compiled' if args.plain_compile else 'eager'}: {ours_speed / reference:.2f}x "
+          f"(load average {os.getloadavg()[0]:.1f})")
 
 
 # One side-by-side run, in its own process so that each version imports its own dialogpt_zh.
@@ -243,8 +320,8 @@ def main(argv=None) -> int:
                                              "  python benchmarks/train_throughput.py --sections baseline "
                                              "--baseline ce10fe3 --variants 'pack=512;compile=on'"), argv)
         sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-        if sections - {"naive", "presets", "baseline"}:
-            raise UserError(f"unknown sections {sorted(sections - {'naive', 'presets', 'baseline'})}",
+        if sections - {"naive", "presets", "baseline", "plain"}:
+            raise UserError(f"unknown sections {sorted(sections - {'naive', 'presets', 'baseline', 'plain'})}",
                             field="sections")
         if "baseline" in sections and not args.baseline:
             raise UserError("the baseline section needs --baseline DIR_OR_GIT_REF", field="baseline")
@@ -267,6 +344,8 @@ def main(argv=None) -> int:
             per_preset(args, store, train_tokens)
         if "baseline" in sections:
             side_by_side(args)
+        if "plain" in sections:
+            against_plain_loop(args)
         return 0
 
     return run_main(body)
