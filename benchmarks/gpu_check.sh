@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 28's GPU measurement as one prepared run for a machine with a GPU (a few minutes): the chit-chat store,
+# The trainer's GPU measurement as one prepared run for a machine with a GPU (a few minutes): the chit-chat store,
 # then our trainer against a plain bf16 loop of the same model, eager and compiled
 # (benchmarks/train_throughput.py --sections plain; target: ours >= 0.8x the compiled plain loop).
 #

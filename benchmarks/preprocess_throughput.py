@@ -10,7 +10,7 @@ every shared file, each copy's lines tagged with its copy number so that session
 dedupe would drop all copies); it is written in a new directory under --workdir (default bench_out/,
 git-ignored), and only that directory (and --workdir, when this run created it and it is left empty) is
 deleted afterwards: whatever else is in --workdir stays.
-Targets (issue 2): >= 1 M chars/s on 2 cores; peak RSS < 1 GB and not growing with corpus size.
+Targets: >= 1 M chars/s on 2 cores; peak RSS < 1 GB and not growing with corpus size.
 """
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ class BenchArgs:
     seed: int = field(default=0, metadata=field_help("seed"))
     sections: str = field(default="naive,presets", metadata=field_help(
         "what to run, comma-separated: naive (ours vs naive), presets (tokens/s per preset), baseline "
-        "(needs --baseline), plain (ours vs a plain loop of the same model: issue 28's GPU reference)"))
+        "(needs --baseline), plain (ours vs a plain loop of the same model: the GPU reference)"))
     baseline: str = field(default="", metadata=field_help(
         "another version to run side by side: a directory holding dialogpt_zh/, or a git ref of this repository"))
     baseline_steps: int = field(default=200, metadata=field_help("optimizer steps per side-by-side run"))
@@ -65,7 +65,7 @@ class BenchArgs:
     plain_rows: int = field(default=64, metadata=field_help("plain section: rows of the plain loop's batch"))
     plain_width: int = field(default=256, metadata=field_help("plain section: tokens per row of the plain loop"))
     plain_compile: bool = field(default=True, metadata=field_help(
-        "plain section: also time the plain loop under torch.compile (the issue's reference)"))
+        "plain section: also time the plain loop under torch.compile (the reference to compare with)"))
 
 
 def naive_loop(store_path: str, preset: str, steps: int, batch_size: int, seed: int) -> dict:
@@ -140,7 +140,7 @@ def per_preset(args: BenchArgs, store, train_tokens: int) -> None:
 
 
 def plain_loop(args: BenchArgs, device: str, compiled: bool) -> float:
-    """The reference of issue 28's GPU target: a twenty-line loop of the same Hugging Face GPT-2 over the store's
+    """The GPU reference for the trainer: a twenty-line loop of the same Hugging Face GPT-2 over the store's
     train tokens cut into plain_rows x plain_width (no windows, no masks), bf16 autocast on CUDA, fused AdamW.
     Returns tokens/s over the steps after the warm-up."""
     import torch

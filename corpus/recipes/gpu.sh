@@ -7,7 +7,7 @@
 #
 #   bash corpus/recipes/gpu.sh [CORPUS_DIR] [OUT_DIR] [DEVICE]      (run from the repository root)
 #
-# NOT RUN ON A GPU: this recipe was written in a session without one and only smoke-tested on CPU (the
+# NOT YET RUN ON A GPU: this recipe was written without one and only smoke-tested on CPU (the
 # tiny overrides below). Its step counts come from no measurement on this code; the minute limits are what
 # keeps it within 15 minutes: when a stage reaches its limit, `timeout` sends SIGTERM, the trainer stops at
 # the next step boundary as on Ctrl-C (validates, saves the best model and the resume state) and the recipe
