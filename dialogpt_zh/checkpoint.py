@@ -241,6 +241,9 @@ def model_layout(model_dir: str | Path | None, tokenizer, requested: Optional[st
     try:
         return Layout.for_tokenizer(name, tokenizer)
     except ValueError as e:
+        if requested:
+            raise UserError(f"{e}: this vocabulary cannot carry --layout {requested} (use a vocabulary with them, "
+                            "e.g. preprocess --vocab of a CDial-GPT model)", path=model_dir, field="--layout") from e
         raise UserError(str(e), path=model_dir, field="layout") from e
 
 

@@ -203,8 +203,6 @@ def read_card(directory: Path) -> dict[str, Any]:
     return card
 
 
-
-
 def read_arrays(directory: Path, card: dict[str, Any]) -> dict[str, np.ndarray]:
     """index.npz, checked against the card: size and sha256 (truncation, corruption), then every array's dtype
     and shape; never unpickles."""

@@ -204,17 +204,15 @@ class LeanGPT2:
             if int(positions.max()) >= self.wpe.shape[0]:
                 raise ValueError(f"sequence longer than the model's {self.wpe.shape[0]} positions")
             x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
-            if types is not None:
-                x = x + F.embedding(types, self.wte)
             attn_mask = cache.valid[:, None, None, :start + 1]
         else:
             if start + t > self.wpe.shape[0]:
                 raise ValueError(f"sequence longer than the model's {self.wpe.shape[0]} positions")
             x = F.embedding(ids, self.wte) + self.wpe[start:start + t]
-            if types is not None:
-                x = x + F.embedding(types, self.wte)
             if cache is not None and start > 0 and t > 1:   # new tokens see the whole cache + themselves causally
                 attn_mask = torch.ones(t, start + t, dtype=torch.bool, device=ids.device).tril(diagonal=start)
+        if types is not None:
+            x = x + F.embedding(types, self.wte)
         packed = None                                   # flat indices of the real tokens among the b * t
         if (cache is None or start == 0) and mask is not None and not bool(mask.all()):
             packed = mask.reshape(-1).nonzero().squeeze(1)
@@ -235,29 +233,27 @@ class LeanGPT2:
                 if i == last and select is not None:
                     keep = torch.searchsorted(packed, select)
                     a, x = a.index_select(0, keep), x.index_select(0, keep)
-                x = x + c_proj(a)
-                x = x + mlp_proj(self.act(c_fc(F.layer_norm(x, (d,), ln_2[0], ln_2[1], self.eps))))
-                continue
-            if packed is not None:                      # back to (b, t) rows for attention; padding = zeros
-                qkv = qkv.new_zeros(b * t, 3 * d).index_copy_(0, packed, qkv)
-            qkv = qkv.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)     # (3, B, H, T, hd)
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            if cache is not None:
-                cache.k[i, :, :, start:start + t] = k
-                cache.v[i, :, :, start:start + t] = v
-                k, v = cache.k[i, :, :, :start + t], cache.v[i, :, :, :start + t]
-            if t == 1:
-                a = _one_query_attention(q, k, v, attn_mask, scale)
-            elif attn_mask is not None:
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
             else:
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-            a = a.transpose(1, 2).reshape(b * t, d)
-            if i == last and select is not None:        # from here on, row by row: only the selected rows
-                a = a.index_select(0, select)
-                x = x.index_select(0, select if packed is None else torch.searchsorted(packed, select))
-            elif packed is not None:
-                a = a.index_select(0, packed)
+                if packed is not None:                  # back to (b, t) rows for attention; padding = zeros
+                    qkv = qkv.new_zeros(b * t, 3 * d).index_copy_(0, packed, qkv)
+                qkv = qkv.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)     # (3, B, H, T, hd)
+                q, k, v = qkv[0], qkv[1], qkv[2]
+                if cache is not None:
+                    cache.k[i, :, :, start:start + t] = k
+                    cache.v[i, :, :, start:start + t] = v
+                    k, v = cache.k[i, :, :, :start + t], cache.v[i, :, :, :start + t]
+                if t == 1:
+                    a = _one_query_attention(q, k, v, attn_mask, scale)
+                elif attn_mask is not None:
+                    a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+                else:
+                    a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+                a = a.transpose(1, 2).reshape(b * t, d)
+                if i == last and select is not None:    # from here on, row by row: only the selected rows
+                    a = a.index_select(0, select)
+                    x = x.index_select(0, select if packed is None else torch.searchsorted(packed, select))
+                elif packed is not None:
+                    a = a.index_select(0, packed)
             x = x + c_proj(a)
             x = x + mlp_proj(self.act(c_fc(F.layer_norm(x, (d,), ln_2[0], ln_2[1], self.eps))))
         if cache is not None:

@@ -153,13 +153,6 @@ def input_layout(config: TrainConfig, tokenizer) -> Layout:
     its vocabulary's), else the store vocabulary's (cdial when it has [speaker1]/[speaker2]); the card records
     it, the engine reads it there."""
     init_dir = resolve_model_dir(config.init, "init") if config.init else None
-    if config.layout is not None and init_dir is None:
-        try:
-            return Layout.for_tokenizer(config.layout, tokenizer)
-        except ValueError as e:
-            raise UserError(f"{e}: the store's vocabulary cannot carry it (preprocess with a vocabulary that has "
-                            "them, e.g. --vocab of a CDial-GPT model)", path=Path(config.data),
-                            field="--layout") from e
     return model_layout(init_dir, tokenizer, config.layout)
 
 
