@@ -27,8 +27,11 @@ STAGES = {
     "default_stage2_forward.json": ("default_store.json", "default_stage1_forward.json"),
     "default_stage2_backward.json": ("default_store.json", "default_stage1_backward.json"),
     "default_stage3_forward.json": ("default_store_stage3.json", "default_stage2_forward.json"),
+    "default_stage3_backward.json": ("default_store_stage3.json", "default_stage2_backward.json"),
 }
-FINAL = {"forward": "default_stage3_forward.json", "backward": "default_stage2_backward.json"}
+# the runs whose configs the installed cards record; the installed backward model averages stages 2 and 3
+FINAL = {"forward": "default_stage3_forward.json", "backward": "default_stage3_backward.json"}
+AVERAGED_FIRST = "default_stage2_backward.json"
 
 
 def _json(name: str) -> dict:
@@ -78,13 +81,31 @@ def test_stage_configs_chain_and_replay_with_the_trainer(name):
     assert config.init == (_json(previous)["config"]["output"] if previous else None)
 
 
+def _installed_card(direction: str) -> dict:
+    return json.loads((CARDS / direction / "dialogpt_zh.json").read_text(encoding="utf-8"))
+
+
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_last_stage_is_the_installed_models_run(direction):
     """The last stage's config is the installed card's, and replays to the schedule the card recorded."""
+    assert_card_replays(_installed_card(direction), FINAL[direction])
+
+
+def test_installed_backward_model_is_the_recipes_average():
+    """The installed backward model is default.sh's average: its card holds stage 2's card (which replays
+    stage 2's config) and the weight default.sh passes."""
+    averaged = _installed_card("backward")["averaged"]
+    assert_card_replays(averaged["first"]["card"], AVERAGED_FIRST)
+    weight = re.search(r"^BACKWARD_STAGE3_WEIGHT=([0-9.]+)$", (RECIPES / "default.sh").read_text(encoding="utf-8"),
+                       re.M)
+    assert weight and float(weight.group(1)) == averaged["weight"]
+    assert "averaged" not in _installed_card("forward")
+
+
+def assert_card_replays(card: dict, stage: str) -> None:
     from dialogpt_zh.training.config import make_schedule
 
-    card = json.loads((CARDS / direction / "dialogpt_zh.json").read_text(encoding="utf-8"))
-    config = _train_config(FINAL[direction])
+    config = _train_config(stage)
     moved = {"data", "output", "init"}  # where the run read and wrote: the recipe's own paths
     # settings that came after the card was written: the recipe must state what the run did without them
     # (no packing, the layout of the store's vocabulary; compile and prefetch change no update)
@@ -140,12 +161,15 @@ def test_default_recipe_runs_end_to_end_on_tiny_settings(tmp_path):
     done = subprocess.run(["bash", str(RECIPES / "default.sh"), str(corpus), str(out), "cpu"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    for stage in ("stage1/forward", "stage1/backward", "stage2/forward", "bot/forward", "bot/backward"):
+    for stage in ("stage1/forward", "stage1/backward", "stage2/forward", "stage2/backward", "stage3/backward",
+                  "bot/forward", "bot/backward"):
         assert (out / stage / "model.safetensors").is_file(), stage
     cards = {d: json.loads((out / "bot" / d / "dialogpt_zh.json").read_text(encoding="utf-8"))
              for d in ("forward", "backward")}
     assert cards["forward"]["init"] == str(out / "stage2" / "forward")
-    assert cards["backward"]["init"] == str(out / "stage1" / "backward")
+    assert cards["backward"]["init"] == str(out / "stage2" / "backward")  # stage 3's card, averaged with stage 2
+    assert cards["backward"]["averaged"]["first"]["path"] == str(out / "stage2" / "backward")
+    assert cards["backward"]["averaged"]["first"]["card"]["init"] == str(out / "stage1" / "backward")
     assert cards["forward"]["config"]["lr"] == _train_config(FINAL["forward"]).lr  # the committed config ran
     for name in ("heldout_lccc", "heldout_kdconv"):
         report = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
@@ -224,3 +248,78 @@ def test_pretrain_smile_recipe_is_valid_bash_and_replays_existing_configs():
     for direction in ("forward", "backward"):
         assert (RECIPES / f"default_stage1_{direction}.json").is_file()
     assert "--subsample \"smile=$SHARE\"" in text and "--vocab \"$STORE/tokenizer\"" in text
+
+
+def _average_module():
+    spec = importlib.util.spec_from_file_location("average_models", RECIPES / "average_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _finetuned_copy(src: Path, dest: Path, seed: int) -> Path:
+    """SRC's model with every weight moved a little (a stand-in for a fine-tuning of it), card copied."""
+    import torch
+
+    from dialogpt_zh.checkpoint import load_model, read_card, save_checkpoint
+    from dialogpt_zh.tokenizer import load_tokenizer
+
+    model = load_model(src, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return save_checkpoint(model, load_tokenizer(src), dest, {**read_card(src), "tuned": seed})
+
+
+def test_average_models_writes_the_weighted_mean_once_per_tied_weight(tmp_path, random_bot_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dialogpt_zh.checkpoint import load_model, read_card
+
+    first = random_bot_dir / "backward"
+    second = _finetuned_copy(first, tmp_path / "second", seed=3)
+    out = _average_module().average_models(first, second, 0.25, tmp_path / "avg")
+    a, b, m = (load_model(p, dtype=torch.float32) for p in (first, second, out))
+    sa, sb = a.state_dict(), b.state_dict()
+    for name, value in m.state_dict().items():  # lm_head.weight is tied to wte: averaged once, not twice
+        torch.testing.assert_close(value, 0.75 * sa[name] + 0.25 * sb[name], rtol=0, atol=1e-6)
+    assert m.lm_head.weight.data_ptr() == m.transformer.wte.weight.data_ptr()
+    card = read_card(out)
+    assert card["tuned"] == 3 and card["direction"] == "backward"  # SECOND's card, with the record
+    assert card["averaged"]["weight"] == 0.25 and card["averaged"]["first"]["card"] == read_card(first)
+    hf = AutoModelForCausalLM.from_pretrained(out)  # a plain HF checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.unk_token_id not in tokenizer("你好", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[1, 5, 6, 7]])
+    torch.testing.assert_close(hf(ids).logits, m(ids).logits)
+
+
+def test_average_models_refuses_what_is_not_two_checkpoints_of_one_model(tmp_path, random_bot_dir):
+    from dialogpt_zh.errors import UserError
+
+    avg = _average_module()
+    first = random_bot_dir / "backward"
+    second = _finetuned_copy(first, tmp_path / "second", seed=4)
+    with pytest.raises(UserError, match="forward model cannot be averaged with a backward"):
+        avg.average_models(first, random_bot_dir / "forward", 0.5, tmp_path / "o1")
+    for weight in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(UserError, match="strictly between 0 and 1"):
+            avg.average_models(first, second, weight, tmp_path / "o2")
+    with pytest.raises(UserError, match="would overwrite an input"):
+        avg.average_models(first, second, 0.5, second, overwrite=True)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UserError, match="--overwrite"):
+        avg.average_models(first, second, 0.5, tmp_path / "taken")
+    other = tmp_path / "other_shape"
+    from dialogpt_zh.checkpoint import read_card, save_checkpoint
+    from dialogpt_zh.tokenizer import load_tokenizer
+    from dialogpt_zh.training.presets import build_model
+
+    tokenizer = load_tokenizer(first)
+    save_checkpoint(build_model("tiny", tokenizer, dropout=0.0, n_layer=1), tokenizer, other, read_card(first))
+    with pytest.raises(UserError, match="config differs .* n_layer"):
+        avg.average_models(first, other, 0.5, tmp_path / "o3")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+    assert avg.main([str(first), str(second), "--weight", "2", "--output", str(tmp_path / "o4")]) == 2
