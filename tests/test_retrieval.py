@@ -615,3 +615,32 @@ def test_auto_retrieval_uses_the_index_when_there_is_one(hybrid_bot, hybrid_bot_
     reply = without.reply(HISTORY, seed=3)
     assert all(c.source == "sampled" for c in reply.candidates) and not any("retriev" in n for n in reply.notices)
     assert {c.source for c in hybrid_bot.rerank(HISTORY, ["去看什么电影"])} == {"given"}
+
+
+def test_only_echoes_is_a_reply_that_says_nothing_but_the_message():
+    from dialogpt_zh.data.retrieval import only_echoes
+
+    assert only_echoes("你好", "你好啊")            # contained
+    assert only_echoes("你好你好你好", "你好")       # the message repeated
+    assert only_echoes("你好!你好。", "你好")        # punctuation aside
+    assert only_echoes("在 吗", "在吗?")
+    assert not only_echoes("你好吗?", "你好")       # says more
+    assert not only_echoes("您好您好", "你好")
+    assert not only_echoes("!!", "你好") and not only_echoes("你好", "!!")  # nothing to echo / no words
+
+
+def test_retrieval_skips_replies_that_only_echo_the_message(hybrid_bot):
+    """The skip reads the message as `only_echoes` does (spaces and punctuation aside, repeats count), not
+    as plain substring containment."""
+    from dialogpt_zh.engine.retrieval import pick_hits
+
+    index = hybrid_bot.retrieval
+    i = next(i for i in range(index.size) if len(index.reply(i)) >= 2)
+    context = [hybrid_bot.tokenizer.encode(index.context(i), add_special_tokens=False)]
+    reply = pick_hits(index, context, "", 50, 100, [])[0].text
+    spaced = " ".join(reply)                      # LCCC-style spacing: not a substring match any more
+    assert reply not in spaced
+    notices: list[str] = []
+    assert reply not in [h.text for h in pick_hits(index, context, spaced, 50, 100, notices)]
+    part = " ".join(reply[:2])                    # the reply says more than this message: no echo
+    assert reply in [h.text for h in pick_hits(index, context, part, 50, 100, [])]

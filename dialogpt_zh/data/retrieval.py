@@ -25,6 +25,7 @@ model saw them; the ids are what the model was trained on.
 from __future__ import annotations
 
 import json
+import unicodedata
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,18 @@ ARRAY_SPECS = {
     "context_text": ("|u1", ("context_text_bytes",)), "context_text_offsets": ("<i8", ("pairs+1",)),
     "source": ("<u2", ("pairs",)),
 }
+
+
+def only_echoes(reply: str, message: str) -> bool:
+    """True when `reply` says nothing but (part of) `message`: contained in it (你好 for 你好啊) or the message
+    repeated (你好你好你好 for 你好), punctuation and spaces aside. Such a reply is never kept: the backward
+    model rates an echo highly (the context is easy to predict from it), yet it answers nothing."""
+    r, m = _letters(reply), _letters(message)
+    return bool(r) and bool(m) and (r in m or not r.replace(m, ""))
+
+
+def _letters(text: str) -> str:
+    return "".join(ch for ch in text if not ch.isspace() and not unicodedata.category(ch).startswith("P"))
 
 
 def _card_error(path: Path, message: str, field: str | None = None) -> UserError:

@@ -27,6 +27,7 @@ from dialogpt_zh.data.retrieval import (
     file_sha256,
     key_vectors,
     ngram_keys,
+    only_echoes,
 )
 from dialogpt_zh.data.store import MANIFEST, StoreSplit, TokenStore
 from dialogpt_zh.errors import UserError
@@ -108,7 +109,7 @@ class PairFilter:
         if any(w in text for w in self.blocklist):
             return "reply_blocklisted", None
         last_text = self.decode(last)
-        if text in last_text:
+        if only_echoes(text, last_text):
             return "reply_echoes_context", None
         key = (last.astype("<u4").tobytes(), reply.astype("<u4").tobytes())
         if key in self.held_out:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from dialogpt_zh.data.retrieval import RETRIEVAL_DIR, Hit, RetrievalIndex
+from dialogpt_zh.data.retrieval import RETRIEVAL_DIR, Hit, RetrievalIndex, only_echoes
 from dialogpt_zh.engine.results import Candidate
 
 # hits asked of the index per wanted reply: some are skipped (too long, echoing the user)
@@ -27,8 +27,8 @@ def load_index(bot_dir: Path | None, explicit: str | Path | None, tokenizer) -> 
 def pick_hits(index: RetrievalIndex, context: Sequence[Sequence[int]], last_text: str, k: int,
               max_length: int, notices: list[str]) -> list[Hit]:
     """The `k` most similar pairs' replies for a context (token ids, oldest first), skipping replies longer
-    than `max_length` tokens (what a sampled reply may have) and replies the user's latest message already
-    contains (echoes). Fewer than `k` found: a notice says how many and why."""
+    than `max_length` tokens (what a sampled reply may have) and replies that only echo the user's latest
+    message (`only_echoes`). Fewer than `k` found: a notice says how many and why."""
     chosen: list[Hit] = []
     too_long = echoes = 0
     for pair, similarity in index.ranked(context, k * SEARCH_MARGIN + 5):
@@ -36,7 +36,7 @@ def pick_hits(index: RetrievalIndex, context: Sequence[Sequence[int]], last_text
             break
         if index.reply_length(pair) > max_length:
             too_long += 1
-        elif index.reply(pair) in last_text:
+        elif only_echoes(index.reply(pair), last_text):
             echoes += 1
         else:
             chosen.append(index.hit(pair, similarity))   # only the kept hits are built
