@@ -627,6 +627,7 @@ def test_only_echoes_is_a_reply_that_says_nothing_but_the_message():
     assert not only_echoes("你好吗?", "你好")       # says more
     assert not only_echoes("您好您好", "你好")
     assert not only_echoes("!!", "你好") and not only_echoes("你好", "!!")  # nothing to echo / no words
+    assert only_echoes("。。。", "好。。。") and not only_echoes("", "你好")  # punctuation only: containment
 
 
 def test_retrieval_skips_replies_that_only_echo_the_message(hybrid_bot):

@@ -161,7 +161,9 @@ def only_echoes(reply: str, message: str) -> bool:
     repeated (你好你好你好 for 你好), punctuation and spaces aside. Such a reply is never kept: the backward
     model rates an echo highly (the context is easy to predict from it), yet it answers nothing."""
     r, m = _letters(reply), _letters(message)
-    return bool(r) and bool(m) and (r in m or not r.replace(m, ""))
+    if not r or not m:  # no words on one side: plain containment (。。。 in 好。。。 is an echo)
+        return bool(reply.strip()) and reply.strip() in message
+    return r in m or not r.replace(m, "")
 
 
 def _letters(text: str) -> str:
