@@ -321,5 +321,12 @@ def test_average_models_refuses_what_is_not_two_checkpoints_of_one_model(tmp_pat
     save_checkpoint(build_model("tiny", tokenizer, dropout=0.0, n_layer=1), tokenizer, other, read_card(first))
     with pytest.raises(UserError, match="config differs .* n_layer"):
         avg.average_models(first, other, 0.5, tmp_path / "o3")
+    from dialogpt_zh.tokenizer import build_char_tokenizer
+
+    other_vocab = tmp_path / "other_vocab"
+    small = build_char_tokenizer({"你": 3, "好": 2})
+    save_checkpoint(build_model("tiny", small, dropout=0.0), small, other_vocab, read_card(first))
+    with pytest.raises(UserError, match="tokenizer differs .* first difference at id"):
+        avg.average_models(first, other_vocab, 0.5, tmp_path / "o3")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
     assert avg.main([str(first), str(second), "--weight", "2", "--output", str(tmp_path / "o4")]) == 2

@@ -43,6 +43,7 @@ def average_models(first: str | Path, second: str | Path, weight: float, output:
     import torch
 
     from dialogpt_zh.checkpoint import load_model, read_card, save_checkpoint
+    from dialogpt_zh.engine.loading import same_tokenizer, vocabulary_difference
     from dialogpt_zh.tokenizer import load_tokenizer
 
     first, second, output = Path(first), Path(second), Path(output)
@@ -58,8 +59,9 @@ def average_models(first: str | Path, second: str | Path, weight: float, output:
         raise UserError(f"a {directions[1]} model cannot be averaged with a {directions[0]} one ({first})",
                         path=second)
     tokenizers = [load_tokenizer(first), load_tokenizer(second)]
-    if tokenizers[0].get_vocab() != tokenizers[1].get_vocab():
-        raise UserError(f"its vocabulary differs from {first}'s: not two checkpoints of one model", path=second)
+    if not same_tokenizer(*tokenizers):  # the engine's own check for a forward/backward pair
+        raise UserError(f"its tokenizer differs from {first}'s ({vocabulary_difference(*tokenizers)}): not two "
+                        "checkpoints of one model", path=second)
     models = [load_model(first, dtype=torch.float32), load_model(second, dtype=torch.float32)]
     configs = [{k: v for k, v in m.config.to_dict().items() if k not in IGNORED_CONFIG_KEYS} for m in models]
     if configs[0] != configs[1]:
