@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         hf_logging.disable_progress_bar()
         bot = load_bot(bot_args, generation, mmi)
         print(f"# batched replies/s; model {bot_args.model or 'checkpoints/default'}, N = "
-              f"{bot.generation.num_candidates}, threads: {bot.thread_policy.describe()}, {os.cpu_count()} CPUs, "
+              f"{bot.settings()[0].num_candidates}, threads: {bot.thread_policy.describe()}, {os.cpu_count()} CPUs, "
               f"load average {os.getloadavg()[0]:.2f}")
         ctxs = contexts(args.requests)
         time_batches(bot, ctxs[:max(sizes)], max(sizes), args.seed)  # warm-up

@@ -349,7 +349,7 @@ def main(argv=None) -> int:
             print(f"\n## {mode}: serving {bot.forward_dir} (+ {bot.backward_dir}) at {url}; concurrency "
                   f"{concurrency}, max_batch {args.max_batch if batched else 1}"
                   + (f", window {args.batch_window_ms:g} ms, {args.batch_workers} worker(s)" if batched else "")
-                  + f"; num_candidates {bot.generation.num_candidates}, max_length {bot.generation.max_length}; "
+                  + f"; num_candidates {bot.settings()[0].num_candidates}, max_length {bot.generation.max_length}; "
                   f"threads: {bot.thread_policy.describe()}, "
                   f"cpus {os.cpu_count()}", flush=True)
             try:

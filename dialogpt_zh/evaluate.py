@@ -257,6 +257,16 @@ def evaluated_settings(generation: GenerationSettings | None, mmi: MMISettings |
     return generation, mmi
 
 
+def decoder_counts(bot, generation: GenerationSettings, mmi: MMISettings, decoders: list[str]) -> dict[str, int]:
+    """The candidate counts the mmi decoder (sampled) and the hybrid (sampled + retrieved) ran with, "auto" resolved
+    for this bot."""
+    counts = {"num_candidates_mmi": bot.settings(generation, mmi, **DECODER_OVERRIDES["mmi"])[0].num_candidates}
+    if "hybrid" in decoders:
+        gen = bot.settings(generation, mmi, **DECODER_OVERRIDES["hybrid"])[0]
+        counts.update(num_candidates_hybrid=gen.num_candidates, retrieval_candidates_hybrid=gen.retrieval_candidates)
+    return counts
+
+
 def check_outputs(args: EvalArgs, config_file: str | None = None) -> None:
     """Every output (the run config beside the report included) is writable, distinct, and not one of the
     inputs (--data, the --config file): found before the evaluation runs."""
@@ -431,7 +441,8 @@ def run_evaluation(args: EvalArgs, generation: GenerationSettings | None = None,
                    **{f"{k}_s": v for k, v in tally.seconds.items() if k != "ppl"}},
         "settings": {
             "bot": asdict(bot_args) if bot_args else None,
-            "eval": {**asdict(args), "num_candidates_mmi": generation.num_candidates, "decoders_run": plan.decoders,
+            "eval": {**asdict(args), **decoder_counts(bot, generation, mmi, plan.decoders),
+                     "decoders_run": plan.decoders,
                      "selection_candidates": SELECTION_CANDIDATES},
             "generation": asdict(generation),
             "mmi": asdict(mmi),

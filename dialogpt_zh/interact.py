@@ -190,7 +190,7 @@ class Session:
                 judgement = choose(reply, better=arg)
             record = None
             if self.feedback is not None:
-                settings = {**asdict(self.bot.generation), **asdict(self.bot.mmi_settings)}
+                settings = {**asdict(self.bot.settings()[0]), **asdict(self.bot.mmi_settings)}  # auto resolved
                 record = make_record(given, reply, judgement, settings, bot_model_ids(self.bot), "interact")
         except UserError as e:
             print(f"({e})", file=self.info)

@@ -30,7 +30,7 @@ class SettingsError(UserError, ValueError):
 
 # (minimum, maximum), both inclusive. Lengths are tokens; a model's own position limit cuts further.
 BOUNDS: dict[str, tuple[float, float]] = {
-    "num_candidates": (1, 256),
+    "num_candidates": (-1, 256),     # -1 = auto; 0 is refused
     "top_k": (0, 100_000),
     "top_p": (0.0, 1.0),             # 0 itself is refused: (0, 1]
     "temperature": (0.0, 100.0),     # 0 = greedy
@@ -63,14 +63,20 @@ PAGE_RANGES: dict[str, tuple[float, float, float]] = {
 
 # retrieval_candidates -1 (auto, the default) means this many for a bot with a retrieval index, 0 without one
 AUTO_RETRIEVAL_CANDIDATES = 10
+# num_candidates -1 (auto, the default): sampled candidates per turn alone, and beside retrieved ones. With an
+# index most chosen replies are retrieved ones, so fewer samples keep the reply's cost near generation-only
+# at the same judged quality (docs/retrieval.md, "How many sampled candidates beside the retrieved ones").
+AUTO_NUM_CANDIDATES = 10
+AUTO_NUM_CANDIDATES_WITH_RETRIEVAL = 5
 
 
 @dataclass
 class GenerationSettings:
     """How candidates are sampled and how much history the model sees."""
 
-    num_candidates: int = field(default=10, metadata=field_help(
-        "candidate replies sampled per turn (one batch); the MMI reranker picks one (1..256)"))
+    num_candidates: int = field(default=-1, metadata=field_help(
+        "candidate replies sampled per turn (one batch); the MMI reranker picks one (1..256); -1 = auto: "
+        f"{AUTO_NUM_CANDIDATES}, or {AUTO_NUM_CANDIDATES_WITH_RETRIEVAL} when retrieved replies join them"))
     top_k: int = field(default=8, metadata=field_help("sample among the k most likely tokens (0 = off)"))
     top_p: float = field(default=1.0, metadata=field_help("nucleus sampling threshold in (0, 1] (1.0 = off)"))
     temperature: float = field(default=1.0, metadata=field_help(
@@ -94,6 +100,8 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_number(self, f.name, f.type)
+        if self.num_candidates == 0:
+            raise SettingsError("must be -1 (auto) or in [1, 256], got 0", field="num_candidates")
         if self.top_p <= 0.0:
             raise SettingsError(f"must be in (0, 1], got {self.top_p!r}", field="top_p")
         if self.max_length < self.min_length:
@@ -177,6 +185,18 @@ def apply_overrides(generation: GenerationSettings, mmi: MMISettings,
     mm = {k: v for k, v in overrides.items() if k in MMI_FIELDS}
     return (dataclasses.replace(generation, **gen) if gen else generation,
             dataclasses.replace(mmi, **mm) if mm else mmi)
+
+
+def resolve_auto(gen: GenerationSettings, has_index: bool) -> GenerationSettings:
+    """`gen` with its automatic counts made concrete: `retrieval_candidates` -1 -> AUTO_RETRIEVAL_CANDIDATES with
+    an index, else 0; then `num_candidates` -1 -> AUTO_NUM_CANDIDATES_WITH_RETRIEVAL when retrieved replies
+    join the samples, else AUTO_NUM_CANDIDATES."""
+    if gen.retrieval_candidates < 0:
+        gen = dataclasses.replace(gen, retrieval_candidates=AUTO_RETRIEVAL_CANDIDATES if has_index else 0)
+    if gen.num_candidates < 0:
+        gen = dataclasses.replace(gen, num_candidates=AUTO_NUM_CANDIDATES_WITH_RETRIEVAL
+                                  if gen.retrieval_candidates > 0 else AUTO_NUM_CANDIDATES)
+    return gen
 
 
 def split_overrides(settings: dict[str, Any]) -> tuple[GenerationSettings, MMISettings]:

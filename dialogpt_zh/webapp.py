@@ -27,7 +27,15 @@ from dialogpt_zh.cli import make_parser, parse, raise_if_stopped, run_main  # no
 from dialogpt_zh.engine.results import HISTORY_NOTICE_PREFIX  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
 from dialogpt_zh.fsutil import check_output_file  # noqa: E402
-from dialogpt_zh.settings import PAGE_RANGES, BotArguments, GenerationSettings, MMISettings, apply_overrides, field_help  # noqa: E402
+from dialogpt_zh.settings import (  # noqa: E402
+    PAGE_RANGES,
+    BotArguments,
+    GenerationSettings,
+    MMISettings,
+    apply_overrides,
+    field_help,
+    resolve_auto,
+)
 from dialogpt_zh.webui.view import (  # noqa: E402,F401
     CANDIDATE_HEADERS,
     candidate_headers,
@@ -450,6 +458,8 @@ def build_app(bot: Replier, generation: GenerationSettings | None = None, mmi: M
     concurrency = resolve_concurrency(concurrency, max_batch)
     generation = generation if generation is not None else bot.generation
     mmi = mmi if mmi is not None else bot.mmi_settings
+    # the sliders show this bot's numbers, not "auto" (-1): the candidate count with or without its index
+    generation = resolve_auto(generation, getattr(bot, "retrieval", None) is not None)
     defaults = {c.name: getattr(generation, c.name, getattr(mmi, c.name, None)) for c in CONTROLS}
     writer = TranscriptWriter(transcript) if transcript else None
     bot_notices = list(getattr(bot, "notices", []) or [])

@@ -575,6 +575,9 @@ def test_evaluate_retrieval_and_hybrid_decoders(hybrid_bot_dir, random_bot_dir, 
     assert 0.0 <= dec["hybrid"]["retrieved_pct"] <= 100.0 and dec["hybrid"]["verbatim_train_pct"] is not None
     assert sum(dec["hybrid"]["reply_sources"].values()) == report["cases"]
     assert report["settings"]["model"]["retrieval"]["pairs"] > 10
+    counts = {k: report["settings"]["eval"][k] for k in ("num_candidates_mmi", "num_candidates_hybrid",
+                                                          "retrieval_candidates_hybrid")}
+    assert counts == {"num_candidates_mmi": 3, "num_candidates_hybrid": 3, "retrieval_candidates_hybrid": 5}
     sample = json.loads((tmp_path / "s.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert {c["source"] for c in sample["candidates"]["hybrid"]} >= {"retrieved"}
     assert "verbatim training reply %" in capsys.readouterr().out
@@ -602,18 +605,33 @@ def test_retrieved_bonus_lifts_retrieved_replies_and_only_them(hybrid_bot):
 
 def test_auto_retrieval_uses_the_index_when_there_is_one(hybrid_bot, hybrid_bot_dir):
     """retrieval_candidates -1 (the default): AUTO_RETRIEVAL_CANDIDATES for a bot with an index, 0 (and no
-    notice) for one without; rerank adds none to the candidates it is given."""
+    notice) for one without; num_candidates -1 (the default) then samples fewer beside retrieved replies; rerank
+    adds none to the candidates it is given."""
     from dialogpt_zh.engine.bot import ChatBot
-    from dialogpt_zh.settings import AUTO_RETRIEVAL_CANDIDATES, GenerationSettings
+    from dialogpt_zh.settings import (
+        AUTO_NUM_CANDIDATES,
+        AUTO_NUM_CANDIDATES_WITH_RETRIEVAL,
+        AUTO_RETRIEVAL_CANDIDATES,
+        GenerationSettings,
+    )
 
-    assert GenerationSettings().retrieval_candidates == -1
-    auto = ChatBot.from_pretrained(hybrid_bot_dir).reply(HISTORY, seed=3)
+    def samples(reply) -> int:  # draws, duplicates merged into one candidate included
+        return sum(c.count for c in reply.candidates)
+
+    assert (GenerationSettings().retrieval_candidates, GenerationSettings().num_candidates) == (-1, -1)
+    bot = ChatBot.from_pretrained(hybrid_bot_dir)
+    auto = bot.reply(HISTORY, seed=3)
     retrieved = [c for c in auto.candidates if "retrieved" in c.source]
     assert 0 < len(retrieved) <= AUTO_RETRIEVAL_CANDIDATES
+    assert samples(auto) == AUTO_NUM_CANDIDATES_WITH_RETRIEVAL < AUTO_NUM_CANDIDATES
+    assert samples(bot.reply(HISTORY, seed=3, retrieval_candidates=0)) == AUTO_NUM_CANDIDATES
+    assert samples(bot.reply(HISTORY, seed=3, num_candidates=7)) == 7      # a number given is kept
+    assert bot.settings()[0].num_candidates == AUTO_NUM_CANDIDATES_WITH_RETRIEVAL
     without = ChatBot.from_pretrained(forward=hybrid_bot_dir / "forward", backward=hybrid_bot_dir / "backward")
     assert without.retrieval is None
     reply = without.reply(HISTORY, seed=3)
     assert all(c.source == "sampled" for c in reply.candidates) and not any("retriev" in n for n in reply.notices)
+    assert samples(reply) == AUTO_NUM_CANDIDATES
     assert {c.source for c in hybrid_bot.rerank(HISTORY, ["去看什么电影"])} == {"given"}
 
 

@@ -16,7 +16,8 @@ PACKAGE = Path(S.__file__).resolve().parent
 
 # (field, hostile value, words the message must contain): every numeric setting, both ends and non-finite.
 HOSTILE_SETTINGS = [
-    ("num_candidates", 100_000, "[1, 256]"), ("num_candidates", 0, "[1, 256]"), ("num_candidates", -3, "[1"),
+    ("num_candidates", 100_000, "[-1, 256]"), ("num_candidates", 0, "-1 (auto) or in [1, 256]"),
+    ("num_candidates", -3, "[-1"),
     ("num_candidates", 2.5, "whole number"), ("num_candidates", "10", "number"), ("num_candidates", True, "number"),
     ("max_length", 100_000, "[1, 1024]"), ("max_length", 0, "[1, 1024]"),
     ("min_length", -1, "[0, 1024]"), ("max_history", 0, "[1, 1000]"), ("max_history", 10**9, "[1, 1000]"),
@@ -104,3 +105,18 @@ def test_settings_module_is_pure():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not imported & {"torch", "transformers", "gradio"}, imported
+
+
+def test_auto_counts_resolve_by_the_index():
+    """-1 (the default) for both counts: K by whether the bot has an index, then N by whether K > 0."""
+    auto = S.GenerationSettings()
+    assert (auto.num_candidates, auto.retrieval_candidates) == (-1, -1)
+    resolved = S.resolve_auto(auto, has_index=True)
+    assert (resolved.num_candidates, resolved.retrieval_candidates) == (
+        S.AUTO_NUM_CANDIDATES_WITH_RETRIEVAL, S.AUTO_RETRIEVAL_CANDIDATES)
+    resolved = S.resolve_auto(auto, has_index=False)
+    assert (resolved.num_candidates, resolved.retrieval_candidates) == (S.AUTO_NUM_CANDIDATES, 0)
+    off = S.resolve_auto(S.GenerationSettings(retrieval_candidates=0), has_index=True)
+    assert (off.num_candidates, off.retrieval_candidates) == (S.AUTO_NUM_CANDIDATES, 0)
+    given = S.resolve_auto(S.GenerationSettings(num_candidates=7, retrieval_candidates=3), has_index=False)
+    assert (given.num_candidates, given.retrieval_candidates) == (7, 3)

@@ -18,7 +18,6 @@ normalize="mean" fwd and bwd are per token (fwd / num_tokens, bwd / num_context_
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import time
@@ -60,7 +59,6 @@ from dialogpt_zh.engine.threads import ThreadPolicy
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.sequence import Layout, infer_layout
 from dialogpt_zh.settings import (
-    AUTO_RETRIEVAL_CANDIDATES,
     DEFAULT_QUANTIZE,
     GENERATION_FIELDS,
     MMI_FIELDS,
@@ -73,6 +71,7 @@ from dialogpt_zh.settings import (
     mmi_active,
     mmi_score,
     ranking_weights,
+    resolve_auto,
 )
 from dialogpt_zh.tokenizer import decode, encode, load_tokenizer
 
@@ -442,13 +441,10 @@ class ChatBot:
     def settings(self, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
                  **overrides: Any) -> tuple[GenerationSettings, MMISettings]:
         """The settings of one call: `generation` / `mmi` (default: the bot's) with `overrides` applied, and
-        `retrieval_candidates` -1 (auto) resolved: AUTO_RETRIEVAL_CANDIDATES with an index, else 0."""
+        the automatic counts resolved for this bot (`resolve_auto`: K -1 by whether it has an index, N -1 by K)."""
         gen, mmi = apply_overrides(generation if generation is not None else self.generation,
                                    mmi if mmi is not None else self.mmi_settings, overrides)
-        if gen.retrieval_candidates < 0:
-            k = AUTO_RETRIEVAL_CANDIDATES if self.retrieval is not None else 0
-            gen = dataclasses.replace(gen, retrieval_candidates=k)
-        return gen, mmi
+        return resolve_auto(gen, self.retrieval is not None), mmi
 
     # ---------------------------------------------------------------------------------- public API
 

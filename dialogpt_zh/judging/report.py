@@ -126,7 +126,9 @@ def markdown_report(report: dict[str, Any]) -> str:
              f"model `{s['model']['forward']}`" + (f" + backward `{s['model']['backward']}`"
                                                     if s["model"]["backward"] else " (no backward model)")
              + f"; {report['sessions']} sessions, {report['cases']} cases, seed {s['eval']['seed']}, "
-             f"N = {s['eval']['num_candidates_mmi']} candidates for mmi. "
+             f"N = {s['eval']['num_candidates_mmi']} candidates for mmi"
+             + (f", N = {s['eval']['num_candidates_hybrid']} sampled + K = {s['eval']['retrieval_candidates_hybrid']}"
+                " retrieved for hybrid" if "num_candidates_hybrid" in s["eval"] else "") + ". "
              f"PPL of the references: **{_fmt(report['ppl'])}**.", ""]
     if report["decoding"]:
         lines += ["| decoder | BLEU-2 | BLEU-4 | Dist-1 | Dist-2 | Entropy-4 | avg len | repeat-3 % | bland % |",
