@@ -242,7 +242,8 @@ class LeanGPT2:
         Without a cache, or with an empty one, the batch is causal from position 0; right padding is then
         harmless for the real tokens (they never see later positions), and with `mask` (B, T, 1 = real token,
         right padding only) the matmuls run on the real tokens only (the padding's hidden states are returned
-        as zeros, its cached keys/values are zeros).
+        as zeros, its cached keys/values are zeros). Without a cache they run once per distinct prefix
+        (`_hidden_shared`).
         With a cache, the new keys/values are written into it at positions cache.length.. and attention runs
         over everything cached so far; cache.length advances.
         """
@@ -250,7 +251,7 @@ class LeanGPT2:
             return self._hidden_shared(ids, mask, select, types)
         b, t = ids.shape
         start = cache.length
-        if cache is not None and start + t > cache.capacity:
+        if start + t > cache.capacity:
             raise ValueError(f"KV cache full: {start} + {t} > {cache.capacity}")
         d, h, hd = self.d, self.n_head, self.head_dim
         attn_mask = None
@@ -314,7 +315,9 @@ class LeanGPT2:
         Two rows that begin alike (every row's [CLS], candidates that start with the same characters) have the
         same hidden states, keys and values there (causal: a position sees only its own prefix), so the matmuls
         run once per distinct prefix; the attention runs row by row, in length groups (`length_groups`), over
-        the keys and values gathered back from those tokens."""
+        the keys and values gathered back from those tokens. With dynamic int8 weights too the results are bit
+        for bit those of running every row: the activation scale comes from the input's range, which repeated
+        rows leave as it was (any other change of the rows, even one exact in float, moves that scale)."""
         b, t = ids.shape
         d, h, hd = self.d, self.n_head, self.head_dim
         if t > self.wpe.shape[0]:
