@@ -203,6 +203,54 @@ def test_packed_pass_in_length_groups_equals_each_row_alone(trained_bot_dir):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+@torch.inference_mode()
+def test_shared_prefixes_run_once_and_equal_each_row_alone(trained_bot_dir, quantize):
+    """A pass without a cache runs each distinct prefix once (rows that begin alike: every backward sequence's
+    [CLS], candidates starting with the same characters, a row that is another's prefix, a repeated row), and
+    every real position still gets the hidden state of its row run alone, unpadded; `select` too. Token types
+    are part of a prefix. With int8 weights a repeated row changes nothing at all, bit for bit: the dynamic
+    quantization's scale comes from the input's range, which a repeated prefix leaves as it was."""
+    from dialogpt_zh.engine.lean_gpt2 import SharedPrefixes
+
+    bot = ChatBot.from_pretrained(trained_bot_dir, quantize=quantize)
+    model = bot.backward_model
+    lean = LeanGPT2.wrap(model)
+    rows = [[101, 8, 9, 10, 11, 12, 13], [101, 8, 9, 20, 21], [101, 8, 9, 10, 11, 12, 13], [101, 8, 9],
+            [101, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41], [101, 8, 9, 10, 50]]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), bot.pad_id)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = torch.tensor(row)
+        mask[r, :len(row)] = 1
+    distinct = {tuple(row[:c + 1]) for row in rows for c in range(len(row))}
+    assert len(SharedPrefixes(ids, mask, None).tokens) == len(distinct) == 22
+    got = lean.hidden(ids, mask=mask)
+    pick = torch.tensor([5 * width + 4, 0, 1 * width + 3, 2 * width + 6, 4 * width + 12])
+    if quantize == "int8":          # without the repeated row 2: bit for bit the same states for the others
+        keep = [0, 1, 3, 4, 5]
+        assert torch.equal(lean.hidden(ids[keep], mask=mask[keep]), got[keep])
+        pick_kept = torch.tensor([4 * width + 4, 0, 1 * width + 3, 0 * width + 6, 3 * width + 12])
+        assert torch.equal(lean.hidden(ids[keep], mask=mask[keep], select=pick_kept),
+                           lean.hidden(ids, mask=mask, select=pick))
+        return
+    torch.testing.assert_close(lean.hidden(ids, mask=mask, select=pick), got.reshape(-1, got.shape[-1])[pick],
+                               atol=1e-5, rtol=1e-5)
+    for r, row in enumerate(rows):
+        want = model.base_model(input_ids=torch.tensor([row])).last_hidden_state[0]
+        torch.testing.assert_close(got[r, :len(row)], want, atol=1e-5, rtol=1e-5)
+        assert not got[r, len(row):].any()                                   # padding: zeros
+    types = torch.zeros_like(ids)
+    types[2, 3:] = 7                                    # row 2 = row 0 but for its types from position 3 on
+    assert len(SharedPrefixes(ids, mask, types).tokens) == 22 + 4
+    got = lean.hidden(ids, mask=mask, types=types)
+    for r in (0, 2):
+        n = len(rows[r])
+        want = model.base_model(input_ids=ids[r:r + 1, :n], token_type_ids=types[r:r + 1, :n]).last_hidden_state[0]
+        torch.testing.assert_close(got[r, :n], want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("which", ["random", "trained"])
 @torch.inference_mode()
 def test_lean_forward_matches_transformers(which, random_bot_dir, trained_bot_dir):

@@ -105,6 +105,61 @@ def _projection(module):
     return module
 
 
+class SharedPrefixes:
+    """The real tokens of a right-padded batch (ids (B, T), mask 1 = real token, None = all real; token types or
+    None) as the nodes of their prefix tree: one node per distinct prefix (ids and types up to and including
+    the position), so rows that begin alike share their first nodes.
+
+    tokens, positions, types: per node (types None without token types); node_of (B * T,): each position's
+    node, len(tokens) for padding; groups: per length group of rows (`length_groups`), (rows, width, grid,
+    cells, nodes): `grid` (rows * width,) the node of each position of the group's right-padded grid (padding:
+    the row's first node, any finite values do: a real position never attends to a later one), and each node
+    the group computes (the row where it first occurs) at grid position `cells`."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor | None, types: torch.Tensor | None) -> None:
+        b, t = ids.shape
+        lengths = mask.sum(dim=1).tolist() if mask is not None else [t] * b
+        id_rows = ids.tolist()
+        type_rows = types.tolist() if types is not None else None
+        index: dict[tuple[int, int, int], int] = {}
+        tokens, positions, node_types, owner = [], [], [], []
+        node_of = [[] for _ in range(b)]
+        for r, n in enumerate(lengths):
+            parent = -1
+            for c in range(n):
+                key = (parent, id_rows[r][c], type_rows[r][c] if type_rows is not None else 0)
+                node = index.get(key)
+                if node is None:
+                    node = index[key] = len(tokens)
+                    tokens.append(key[1])
+                    positions.append(c)
+                    node_types.append(key[2])
+                    owner.append(r)
+                node_of[r].append(node)
+                parent = node
+        n_nodes = len(tokens)
+        self.tokens = torch.tensor(tokens, dtype=torch.long)
+        self.positions = torch.tensor(positions, dtype=torch.long)
+        self.types = torch.tensor(node_types, dtype=torch.long) if types is not None else None
+        self.node_of = torch.tensor([row[c] if c < len(row) else n_nodes for row in node_of for c in range(t)],
+                                    dtype=torch.long)
+        self.groups = []
+        for rows in length_groups(lengths):
+            rows = [r for r in rows if lengths[r]]      # empty rows: no tokens
+            if not rows:
+                continue
+            width = lengths[rows[0]]
+            grid, cells, nodes = [], [], []
+            for j, r in enumerate(rows):
+                row = node_of[r]
+                grid += row + [row[0]] * (width - len(row))
+                for c, node in enumerate(row):
+                    if owner[node] == r:
+                        cells.append(j * width + c)
+                        nodes.append(node)
+            self.groups.append((len(rows), width, torch.tensor(grid), torch.tensor(cells), torch.tensor(nodes)))
+
+
 class LeanGPT2:
     """Final hidden states (after ln_f) and logits of a GPT2LMHeadModel, with an optional `KVCache`."""
 
@@ -187,13 +242,16 @@ class LeanGPT2:
         Without a cache, or with an empty one, the batch is causal from position 0; right padding is then
         harmless for the real tokens (they never see later positions), and with `mask` (B, T, 1 = real token,
         right padding only) the matmuls run on the real tokens only (the padding's hidden states are returned
-        as zeros, its cached keys/values are zeros).
+        as zeros, its cached keys/values are zeros). Without a cache they run once per distinct prefix
+        (`_hidden_shared`).
         With a cache, the new keys/values are written into it at positions cache.length.. and attention runs
         over everything cached so far; cache.length advances.
         """
+        if cache is None:
+            return self._hidden_shared(ids, mask, select, types)
         b, t = ids.shape
-        start = cache.length if cache is not None else 0
-        if cache is not None and start + t > cache.capacity:
+        start = cache.length
+        if start + t > cache.capacity:
             raise ValueError(f"KV cache full: {start} + {t} > {cache.capacity}")
         d, h, hd = self.d, self.n_head, self.head_dim
         attn_mask = None
@@ -214,50 +272,35 @@ class LeanGPT2:
         if types is not None:
             x = x + F.embedding(types, self.wte)
         packed = None                                   # flat indices of the real tokens among the b * t
-        if (cache is None or start == 0) and mask is not None and not bool(mask.all()):
+        if start == 0 and mask is not None and not bool(mask.all()):
             packed = mask.reshape(-1).nonzero().squeeze(1)
             x = x.reshape(b * t, d).index_select(0, packed)
-        # without a cache, rows of very different lengths attend in length groups, each at its own width
-        groups = self._attention_groups(mask, b, t, packed) if cache is None and packed is not None else None
         x = x.reshape(-1, d)                            # (tokens, d): the rows every matmul runs on
         last = len(self.layers) - 1
         for i, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, scale) in enumerate(self.layers):
             qkv = c_attn(F.layer_norm(x, (d,), ln_1[0], ln_1[1], self.eps))
-            if groups is not None:                      # attention per length group, straight back to packed
-                a = qkv.new_empty(len(packed), d)
-                for rows, width, where in groups:
-                    g = qkv.new_zeros(rows * width, 3 * d).index_copy_(0, where[0], qkv.index_select(0, where[1]))
-                    g = g.view(rows, width, 3, h, hd).permute(2, 0, 3, 1, 4)
-                    ga = F.scaled_dot_product_attention(g[0], g[1], g[2], is_causal=True, scale=scale)
-                    a.index_copy_(0, where[1], ga.transpose(1, 2).reshape(rows * width, d).index_select(0, where[0]))
-                if i == last and select is not None:
-                    keep = torch.searchsorted(packed, select)
-                    a, x = a.index_select(0, keep), x.index_select(0, keep)
+            if packed is not None:                      # back to (b, t) rows for attention; padding = zeros
+                qkv = qkv.new_zeros(b * t, 3 * d).index_copy_(0, packed, qkv)
+            qkv = qkv.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)     # (3, B, H, T, hd)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            cache.k[i, :, :, start:start + t] = k
+            cache.v[i, :, :, start:start + t] = v
+            k, v = cache.k[i, :, :, :start + t], cache.v[i, :, :, :start + t]
+            if t == 1:
+                a = _one_query_attention(q, k, v, attn_mask, scale)
+            elif attn_mask is not None:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
             else:
-                if packed is not None:                  # back to (b, t) rows for attention; padding = zeros
-                    qkv = qkv.new_zeros(b * t, 3 * d).index_copy_(0, packed, qkv)
-                qkv = qkv.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)     # (3, B, H, T, hd)
-                q, k, v = qkv[0], qkv[1], qkv[2]
-                if cache is not None:
-                    cache.k[i, :, :, start:start + t] = k
-                    cache.v[i, :, :, start:start + t] = v
-                    k, v = cache.k[i, :, :, :start + t], cache.v[i, :, :, :start + t]
-                if t == 1:
-                    a = _one_query_attention(q, k, v, attn_mask, scale)
-                elif attn_mask is not None:
-                    a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-                else:
-                    a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-                a = a.transpose(1, 2).reshape(b * t, d)
-                if i == last and select is not None:    # from here on, row by row: only the selected rows
-                    a = a.index_select(0, select)
-                    x = x.index_select(0, select if packed is None else torch.searchsorted(packed, select))
-                elif packed is not None:
-                    a = a.index_select(0, packed)
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            a = a.transpose(1, 2).reshape(b * t, d)
+            if i == last and select is not None:        # from here on, row by row: only the selected rows
+                a = a.index_select(0, select)
+                x = x.index_select(0, select if packed is None else torch.searchsorted(packed, select))
+            elif packed is not None:
+                a = a.index_select(0, packed)
             x = x + c_proj(a)
             x = x + mlp_proj(self.act(c_fc(F.layer_norm(x, (d,), ln_2[0], ln_2[1], self.eps))))
-        if cache is not None:
-            cache.length = start + t
+        cache.length = start + t
         x = F.layer_norm(x, (d,), self.ln_f[0], self.ln_f[1], self.eps)
         if select is not None:
             return x
@@ -265,28 +308,45 @@ class LeanGPT2:
             x = x.new_zeros(b * t, d).index_copy_(0, packed, x)
         return x.view(b, t, d)
 
-    @staticmethod
-    def _attention_groups(mask: torch.Tensor, b: int, t: int, packed: torch.Tensor
-                          ) -> list[tuple[int, int, tuple[torch.Tensor, torch.Tensor]]] | None:
-        """For a packed pass without a cache: (rows, width, (flat positions in the group's (rows, width) grid,
-        the same tokens' indices among the packed ones)) per length group, or None when one group (the
-        batch's own padding) would do."""
-        lengths = mask.sum(dim=1).tolist()
-        groups = [[r for r in g if lengths[r]] for g in length_groups(lengths)]   # empty rows: no tokens
-        groups = [g for g in groups if g]
-        if len(groups) < 2:
-            return None
-        packed_at = torch.cumsum(torch.tensor([0] + lengths[:-1]), 0)   # each row's first packed index
-        out = []
-        for rows in groups:
-            width = lengths[rows[0]]
-            lens = torch.tensor([lengths[r] for r in rows])
-            grid = (torch.arange(width)[None, :] < lens[:, None]).reshape(-1).nonzero().squeeze(1)
-            row_of = torch.repeat_interleave(torch.arange(len(rows)), lens)
-            col = grid - row_of * width
-            src = packed_at[torch.tensor(rows)][row_of] + col
-            out.append((len(rows), width, (grid.to(packed.device), src.to(packed.device))))
-        return out
+    def _hidden_shared(self, ids: torch.Tensor, mask: torch.Tensor | None, select: torch.Tensor | None,
+                       types: torch.Tensor | None) -> torch.Tensor:
+        """`hidden` without a cache: causal from position 0, each distinct prefix run once (`SharedPrefixes`).
+
+        Two rows that begin alike (every row's [CLS], candidates that start with the same characters) have the
+        same hidden states, keys and values there (causal: a position sees only its own prefix), so the matmuls
+        run once per distinct prefix; the attention runs row by row, in length groups (`length_groups`), over
+        the keys and values gathered back from those tokens. With dynamic int8 weights too the results are bit
+        for bit those of running every row: the activation scale comes from the input's range, which repeated
+        rows leave as it was (any other change of the rows, even one exact in float, moves that scale)."""
+        b, t = ids.shape
+        d, h, hd = self.d, self.n_head, self.head_dim
+        if t > self.wpe.shape[0]:
+            raise ValueError(f"sequence longer than the model's {self.wpe.shape[0]} positions")
+        tree = SharedPrefixes(ids, mask, types)
+        device = ids.device
+        x = F.embedding(tree.tokens.to(device), self.wte) + F.embedding(tree.positions.to(device), self.wpe)
+        if tree.types is not None:
+            x = x + F.embedding(tree.types.to(device), self.wte)
+        groups = [tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in g) for g in tree.groups]
+        keep = tree.node_of.to(device).index_select(0, select) if select is not None else None
+        last = len(self.layers) - 1
+        for i, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, scale) in enumerate(self.layers):
+            qkv = c_attn(F.layer_norm(x, (d,), ln_1[0], ln_1[1], self.eps))
+            a = qkv.new_empty(len(x), d)
+            for rows, width, grid, cells, nodes in groups:
+                g = qkv.index_select(0, grid).view(rows, width, 3, h, hd).permute(2, 0, 3, 1, 4)
+                ga = F.scaled_dot_product_attention(g[0], g[1], g[2], is_causal=True, scale=scale)
+                a.index_copy_(0, nodes, ga.transpose(1, 2).reshape(rows * width, d).index_select(0, cells))
+            if i == last and keep is not None:          # from here on, row by row: only the selected positions
+                a, x = a.index_select(0, keep), x.index_select(0, keep)
+            x = x + c_proj(a)
+            x = x + mlp_proj(self.act(c_fc(F.layer_norm(x, (d,), ln_2[0], ln_2[1], self.eps))))
+        x = F.layer_norm(x, (d,), self.ln_f[0], self.ln_f[1], self.eps)
+        if keep is not None:
+            return x
+        # every position its prefix's state, the padding zeros (its node index is one past the last)
+        x = torch.cat([x, x.new_zeros(1, d)])
+        return x.index_select(0, tree.node_of.to(device)).view(b, t, d)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head over (any shape of) final hidden states."""
