@@ -236,8 +236,9 @@ class LeanGPT2:
 
         `select` (flat indices into the B * T positions, row-major): return only those positions' hidden
         states, (len(select), d). The last block then runs its attention output, MLP and ln_f on them alone
-        (every position still writes its keys/values): exactly the same values, less work when few
-        positions are needed (MMI scores only the context's positions, not the reply's).
+        (every position still writes its keys/values): the same values up to float rounding (with dynamic
+        int8 weights the last block's activation scale then comes from fewer rows, so scores move slightly),
+        less work when few positions are needed (MMI scores only the context's positions, not the reply's).
 
         Without a cache, or with an empty one, the batch is causal from position 0; right padding is then
         harmless for the real tokens (they never see later positions), and with `mask` (B, T, 1 = real token,
