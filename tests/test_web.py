@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import signal
@@ -20,6 +21,8 @@ gradio_client = pytest.importorskip("gradio_client")
 from dialogpt_zh import webapp  # noqa: E402
 from dialogpt_zh.engine.bot import ChatBot  # noqa: E402
 from dialogpt_zh.settings import (  # noqa: E402
+    AUTO_NUM_CANDIDATES,
+    AUTO_NUM_CANDIDATES_WITH_RETRIEVAL,
     PAGE_RANGES,  # noqa: E402
     GenerationSettings,
     MMISettings,
@@ -340,6 +343,17 @@ def test_controls_default_to_engine_settings(bot):
     parser = webapp.make_web_parser()
     bot_args, args, gen, mmi = parser.parse_args_into_dataclasses(
         ["--port", "8000", "--top_p", "0.8", "--transcript", "t", "--model", "m"])
+    # num_candidates -1 (auto, the flag's default): the slider shows this bot's count, never -1
+    assert gen.num_candidates == -1
+
+    def candidate_slider(bot_with_or_without_index) -> float:
+        demo = webapp.build_app(bot_with_or_without_index, gen, mmi)
+        return next(b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) == "ctl_num_candidates")
+
+    assert bot.retrieval is None and candidate_slider(bot) == AUTO_NUM_CANDIDATES
+    with_index = copy.copy(bot)
+    with_index.retrieval = object()      # only whether there is an index matters here
+    assert candidate_slider(with_index) == AUTO_NUM_CANDIDATES_WITH_RETRIEVAL
     assert (args.port, args.host, args.transcript, gen.top_p, bot_args.model) == (8000, "127.0.0.1", "t", 0.8, "m")
 
 
