@@ -143,7 +143,10 @@ def load_bots(specs: dict[str, str | None], device: str = "cpu", threads: int = 
 def describe_system(bot, path: str | None, settings: dict[str, Any]) -> dict[str, Any]:
     from dialogpt_zh.engine.loading import default_bot_dir
 
+    # the counts the replies were made with ("auto" resolved for this bot), which the settings given may not say
+    gen = bot.settings(**settings)[0]
     return {"model": str(path or default_bot_dir()), "settings": settings,
+            "candidates": {"sampled": gen.num_candidates, "retrieved": gen.retrieval_candidates},
             "forward": model_id(bot.forward_dir), "backward": model_id(bot.backward_dir)}
 
 

@@ -556,6 +556,12 @@ def test_arena_key_and_score_say_which_replies_were_retrieved(hybrid_bot, tmp_pa
     assert wins == {"A": 3, "B": 0}
     text = arena.format_tally(result, None)
     assert "A's judged replies by source" in text and "retrieved" in text
+    # the key's systems say the counts each side ran with, "auto" resolved (the CLI writes describe_system)
+    from dialogpt_zh.arena import describe_system
+
+    assert describe_system(hybrid_bot, "bot", {})["candidates"] == {"sampled": 4, "retrieved": 10}
+    assert describe_system(hybrid_bot, "bot", {"retrieval_candidates": 0, "num_candidates": -1}
+                           )["candidates"] == {"sampled": 10, "retrieved": 0}
 
 
 # ------------------------------------------------------------------------------------------ evaluation
