@@ -256,7 +256,7 @@ class LeanGPT2:
             raise ValueError(f"KV cache full: {start} + {t} > {cache.capacity}")
         d, h, hd = self.d, self.n_head, self.head_dim
         attn_mask = None
-        if cache is not None and cache.gap is not None:  # rows of different contexts: own positions, own keys
+        if cache.gap is not None:                        # rows of different contexts: own positions, own keys
             if t != 1:
                 raise ValueError("a cache of rows with different contexts decodes one token at a time")
             positions = start - cache.gap[:, None]          # (b, 1)
@@ -268,7 +268,7 @@ class LeanGPT2:
             if start + t > self.wpe.shape[0]:
                 raise ValueError(f"sequence longer than the model's {self.wpe.shape[0]} positions")
             x = F.embedding(ids, self.wte) + self.wpe[start:start + t]
-            if cache is not None and start > 0 and t > 1:   # new tokens see the whole cache + themselves causally
+            if start > 0 and t > 1:                     # new tokens see the whole cache + themselves causally
                 attn_mask = torch.ones(t, start + t, dtype=torch.bool, device=ids.device).tril(diagonal=start)
         if types is not None:
             x = x + F.embedding(types, self.wte)
