@@ -326,19 +326,12 @@ def load_resume_rng(output: Path, rank: int) -> dict:
 
 
 def _load_tensor_file(path: Path, keys: tuple[str, ...], what: str) -> dict:
-    import warnings
-
-    import torch
+    from dialogpt_zh.foreign import torch_load_tensors
 
     if not path.is_file():
         raise UserError(f"the resume {what} is missing; start again without --resume", path=path)
     try:
-        with warnings.catch_warnings():
-            # a damaged or foreign file may start with another pickle protocol than torch.save's 2: either it
-            # loads anyway or it is refused below, so torch's warning about it would only be noise
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            # weights_only=True: tensors and plain containers only, never arbitrary objects
-            data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch_load_tensors(path)
     except Exception as e:  # noqa: BLE001 - on damaged bytes the unpickler fails in any way (IndexError:
         # pop from empty list, KeyError, UnicodeDecodeError, ... besides UnpicklingError): all mean "damaged"
         first_line = (str(e).splitlines() or [""])[0][:200]

@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +78,25 @@ def resolve_model_dir(spec: str | Path, field: str = "model") -> Path:
 
 # ------------------------------------------------------------------------------------------ pickled weights
 
+def torch_load_tensors(path: Path) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU: tensors and plain containers only, never arbitrary
+    objects. Exceptions are the caller's to word."""
+    import torch
+
+    with warnings.catch_warnings():
+        # a foreign or damaged file may use another pickle protocol than torch.save's 2: either it loads anyway
+        # or it is refused, so torch's warning about the protocol would only be noise before that message
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_pickled_weights(path: Path) -> dict[str, Any]:
     """The state dict in a `pytorch_model.bin`, read with `torch.load(weights_only=True)`: tensors and plain
     containers only; anything else in the pickle (a class, a function to call) is refused before it runs."""
     import torch
 
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch_load_tensors(path)
     except pickle.UnpicklingError as e:
         why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
         raise UserError("refused: this pickle asks for more than tensors (it could run code when loaded), so it "

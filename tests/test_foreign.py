@@ -289,6 +289,24 @@ def test_a_pickle_that_runs_code_is_refused_before_it_runs(tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_a_plain_pickle_is_refused_with_our_message_alone(tmp_path):
+    """pickle.dump writes protocol 4 (torch.save writes 2): torch warns about that before refusing; the refusal
+    is the user's message, so the warning is not shown beside it."""
+    import pickle
+    import warnings
+
+    model_dir = make_lookalike(tmp_path / "evil", "chitchat")
+    marker = tmp_path / "payload_ran"
+    with open(model_dir / "pytorch_model.bin", "wb") as f:
+        pickle.dump(_Payload(marker), f, protocol=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match="refused: this pickle asks for more than tensors"):
+            _bot(model_dir)
+    assert not [w for w in caught if "pickle protocol" in str(w.message)]
+    assert not marker.exists()
+
+
 def _mismatched_vocab(d: Path) -> None:
     cfg = json.loads((d / "config.json").read_text())
     cfg["vocab_size"] += 7
