@@ -100,6 +100,8 @@ def test_lookalike_chats_and_reranks(bots, kind):
     assert all(c.backward_logprob is not None and c.num_tokens >= 2 for c in reply.candidates)
     specials = {"[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]", "[speaker1]", "[speaker2]"}
     assert not any(s in c.text for c in reply.candidates for s in specials)   # only the layout places them
+    unused = {i for t, i in bot.tokenizer.get_vocab().items() if t.startswith("[unused")}
+    assert unused <= set(bot.banned_ids) and (kind == "cdial" or unused)   # BERT placeholders are no text
     assert bot.reply(HISTORY, seed=0, num_candidates=6, max_length=8).text == reply.text   # seeded
     together = bot.reply_many([bot.prepare_reply(HISTORY, seed=0, num_candidates=6, max_length=8),
                                bot.prepare_reply(["晚上吃什么"], seed=1, num_candidates=3, max_length=8)])

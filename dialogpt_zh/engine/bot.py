@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -92,6 +93,8 @@ def _uses_thread_policy(method):
     return wrapper
 
 
+# a BERT vocabulary's placeholder tokens, never sampled
+UNUSED_TOKEN = re.compile(r"\[unused\d+\]")
 # The generation settings a scoring call reads (which turns it sees). A keyword override of a setting the call
 # does not read would change nothing, so it is refused rather than dropped.
 CONTEXT_FIELDS = frozenset({"max_history", "max_context_tokens"})
@@ -155,6 +158,9 @@ class ChatBot:
         # ids no token has (embedding rows beyond the tokenizer, a vocab.txt's duplicate lines) cannot be shown
         known = set(tokenizer.get_vocab().values())
         specials |= {i for i in range(vocab) if i not in known}
+        # BERT vocabularies' placeholders ([unused1] ...) are no text: a model that never saw them can still
+        # give them probability (random or barely trained rows)
+        specials |= {i for t, i in tokenizer.get_vocab().items() if UNUSED_TOKEN.fullmatch(t)}
         self.banned_ids = sorted(i for i in specials if i is not None and i != self.sep_id and i < vocab)
         self._blocklists: dict[tuple[str, float], list[str]] = {}
         if self.mmi_settings.blocklist:
