@@ -34,6 +34,9 @@ EXAMPLES = """
   python -m dialogpt_zh.arena --data heldout.txt --b runs/mybot --make runs/arena/pairs.json
   python -m dialogpt_zh.arena --judge runs/arena/pairs.json --verdicts runs/arena/judge1.jsonl
   python -m dialogpt_zh.arena --score runs/arena/pairs.json runs/arena/judge1.jsonl
+  # GPT2-chitchat's dialogue model reranked by its own MMI model, against the default bot
+  python -m dialogpt_zh.arena --data heldout.txt --a models/gpt2-chitchat/dialogue_model \\
+      --a_backward models/gpt2-chitchat/mmi_model --make runs/arena/chitchat.json
   # hybrid (10 sampled + 10 retrieved human replies, MMI-ranked) against sampled only; the key and the
   # score say which replies were retrieved
   python -m dialogpt_zh.arena --data ../shared/corpus/lccc-sample/toy_data.json --split valid --a /tmp/bot \
@@ -46,6 +49,10 @@ class ArenaArgs:
     a: str | None = field(default=None, metadata=field_help(
         "bot A: a bot directory (forward/ + backward/) or a forward model directory; default checkpoints/default"))
     b: str | None = field(default=None, metadata=field_help("bot B (as --a); default checkpoints/default"))
+    a_backward: str | None = field(default=None, metadata=field_help(
+        "backward (MMI) model of A when --a is one forward model directory, e.g. GPT2-chitchat's mmi_model beside "
+        "its dialogue_model; any backward model of the same vocabulary"))
+    b_backward: str | None = field(default=None, metadata=field_help("backward model of B (as --a_backward)"))
     a_set: list[str] = field(default_factory=list, metadata=field_help(
         "settings of A as NAME=VALUE (any generation or MMI setting), e.g. num_candidates=20 top_p=0.9"))
     b_set: list[str] = field(default_factory=list, metadata=field_help(
@@ -82,6 +89,10 @@ class ArenaArgs:
         if not self.make and not self.score and not self.verdicts:
             raise UserError("--verdicts FILE is needed to keep the verdicts (they are appended as you go)",
                             field="verdicts")
+        for side in ("a", "b"):
+            if getattr(self, f"{side}_backward") and not getattr(self, side):
+                raise UserError(f"--{side}_backward needs --{side} (the forward model directory)",
+                                field=f"{side}_backward")
         parse_settings(self.a_set, "a_set")
         parse_settings(self.b_set, "b_set")
 
@@ -123,19 +134,20 @@ def parse_settings(items: Sequence[str], flag: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- pairs
 
 
-def load_bots(specs: dict[str, str | None], device: str = "cpu", threads: int = 0) -> dict[str, Any]:
-    """One ChatBot per distinct directory (A and B may share one; their settings are per-call overrides),
-    loaded the way every face loads its bot (engine.load_bot)."""
+def load_bots(specs: dict[str, tuple[str | None, str | None]], device: str = "cpu", threads: int = 0
+              ) -> dict[str, Any]:
+    """One ChatBot per distinct (model, backward) pair (A and B may share one; their settings are per-call
+    overrides), loaded the way every face loads its bot (engine.load_bot). `specs`: name -> (--a, --a_backward)."""
     from dialogpt_zh.engine.bot import load_bot
     from dialogpt_zh.engine.loading import default_bot_dir
     from dialogpt_zh.settings import BotArguments
 
-    loaded: dict[str, Any] = {}
+    loaded: dict[tuple[str, str | None], Any] = {}
     bots = {}
-    for name, path in specs.items():
-        key = str(Path(path or default_bot_dir()).resolve())
+    for name, (path, backward) in specs.items():
+        key = (str(Path(path or default_bot_dir()).resolve()), str(Path(backward).resolve()) if backward else None)
         if key not in loaded:
-            loaded[key] = load_bot(BotArguments(model=path, device=device, threads=threads))
+            loaded[key] = load_bot(BotArguments(model=path, backward=backward, device=device, threads=threads))
         bots[name] = loaded[key]
     return bots
 
@@ -156,7 +168,7 @@ def _generate(args: ArenaArgs) -> tuple[list[dict[str, Any]], dict[str, str], di
                                         dict[str, dict[str, str]]]:
     settings = {"A": parse_settings(args.a_set, "a_set"), "B": parse_settings(args.b_set, "b_set")}
     contexts = draw_contexts(args.data, args.pairs, args.seed, args.format, args.split)
-    bots = load_bots({"A": args.a, "B": args.b}, args.device, args.threads)
+    bots = load_bots({"A": (args.a, args.a_backward), "B": (args.b, args.b_backward)}, args.device, args.threads)
     sources: dict[str, dict[str, str]] = {}
     pairs, order = make_pairs(contexts, bots, settings, args.seed, args.progress, sources)
     systems = {s: describe_system(bots[s], getattr(args, s.lower()), settings[s]) for s in ("A", "B")}

@@ -508,6 +508,26 @@ def test_the_arena_pairs_two_lookalikes(bots, tmp_path, capsys):
     assert key["systems"]["A"]["model"] == str(bots["chitchat"]) and key["systems"]["B"]["model"] == str(bots["cdial"])
 
 
+def test_the_arena_pairs_a_forward_model_with_a_backward_model_given_apart(bots, tmp_path, capsys):
+    """GPT2-chitchat ships dialogue_model/ and mmi_model/ side by side, not forward/ + backward/: --a_backward
+    pairs them (with MMI); without it A has no backward model; the key names both."""
+    from dialogpt_zh.arena import main as arena_main
+
+    forward, backward = bots["chitchat"] / "forward", bots["chitchat"] / "backward"
+    pairs = tmp_path / "pairs.json"
+    code = arena_main(["--a", str(forward), "--a_backward", str(backward), "--b", str(forward), "--data",
+                       str(REPO / "corpus" / "fixtures" / "heldout.json"), "--split", "valid", "--pairs", "2",
+                       "--a_set", "max_length=6", "num_candidates=3", "--b_set", "max_length=6", "num_candidates=3",
+                       "--make", str(pairs), "--no_progress"])
+    assert code == 0, capsys.readouterr().err
+    systems = json.loads((tmp_path / "pairs.key.json").read_text(encoding="utf-8"))["systems"]
+    assert systems["A"]["backward"] is not None and systems["A"]["backward"]["path"] == str(backward)
+    assert systems["B"]["backward"] is None and systems["A"]["forward"] == systems["B"]["forward"]
+    code = arena_main(["--b_backward", str(backward), "--data", str(REPO / "corpus" / "fixtures" / "heldout.json"),
+                       "--make", str(tmp_path / "no.json")])
+    assert code == 2 and "--b_backward needs --b" in capsys.readouterr().err and not (tmp_path / "no.json").exists()
+
+
 def test_a_store_of_another_vocabulary_refuses_init(bots, tmp_path, capsys):
     from dialogpt_zh.train import main as train_main
 
