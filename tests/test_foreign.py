@@ -528,6 +528,25 @@ def test_the_arena_pairs_a_forward_model_with_a_backward_model_given_apart(bots,
     assert code == 2 and "--b_backward needs --b" in capsys.readouterr().err and not (tmp_path / "no.json").exists()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_evaluate_measures_a_lookalike_pair(bots, kind, tmp_path, capsys):
+    """evaluate on a look-alike bot (forward + backward, its own layout): perplexity, MMI decoding and response
+    selection all run; that the engine's scores are the model's own input's is test_scores_are_those_...'s."""
+    import math
+
+    from dialogpt_zh.evaluate import main as evaluate_main
+
+    out = tmp_path / "report.json"
+    code = evaluate_main(["--data", str(REPO / "corpus" / "fixtures" / "heldout.json"), "--model", str(bots[kind]),
+                          "--decoders", "mmi", "--num_candidates", "3", "--max_length", "6", "--limit", "4",
+                          "--seed", "0", "--output", str(out), "--no_progress"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["cases"] > 0 and set(report["decoding"]) == {"mmi"}
+    assert {"forward", "backward", "mmi"} <= set(report["selection"])
+    assert math.isfinite(report["ppl"]) and report["ppl"] > 1 and report["reference_tokens"] > 0
+
+
 def test_a_store_of_another_vocabulary_refuses_init(bots, tmp_path, capsys):
     from dialogpt_zh.train import main as train_main
 
