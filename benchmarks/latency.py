@@ -22,7 +22,9 @@ For each N (candidates per reply) it prints p50 / p95 seconds per reply of
                own with the whole sequence re-run every step, then scored on its own by the backward model
                over the context tokens only: what the cache and the batches buy;
 plus the MMI scoring share of our reply time (with --ks, each N also with K retrieved human replies from the
-bot's index: the retrieval time and the added scoring show in the same columns) and the int8 dynamic
+bot's index: the retrieval time and the added scoring show in the same columns), the mean length of the
+sampled candidates in tokens (`cand tok`, with the final [SEP]: short candidates are cheap to sample while MMI
+still reads every context token, so the share is larger with them) and the int8 dynamic
 quantization speed-up with the perplexity change it causes (on --heldout sessions when given, else on the
 hand-written fixtures). Threads: the engine's thread policy (dialogpt_zh/engine/threads.py) unless
 --threads N; the references run with the threads ours chose.
@@ -49,6 +51,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -237,19 +240,27 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def time_ours(bot: ChatBot, contexts, n: int, max_length: int, seed: int, k: int = 0
-              ) -> tuple[list[float], list[float], list[int]]:
-    """Seconds per reply, MMI share of each, threads each used (after 2 warm-up replies); `k` retrieved
-    candidates join the N sampled ones."""
+class Timed(NamedTuple):
+    totals: list[float]     # seconds per reply
+    shares: list[float]     # MMI's share of each reply
+    threads: list[int]      # threads each reply ran with
+    lengths: list[float]    # mean tokens of each reply's sampled candidates (+ [SEP]): MMI's share depends on it
+
+
+def time_ours(bot: ChatBot, contexts, n: int, max_length: int, seed: int, k: int = 0) -> Timed:
+    """Each reply's seconds, MMI share, threads and sampled-candidate length (after 2 warm-up replies); `k`
+    retrieved candidates join the N sampled ones."""
     for ctx in contexts[:2]:
         bot.reply(ctx, num_candidates=n, seed=seed, max_length=max_length, retrieval_candidates=k)  # warm-up
-    totals, shares, threads = [], [], []
+    timed = Timed([], [], [], [])
     for i, ctx in enumerate(contexts):
         r = bot.reply(ctx, num_candidates=n, seed=seed + i, max_length=max_length, retrieval_candidates=k)
-        totals.append(r.latency_s)
-        shares.append(r.timings["score"] / r.latency_s)
-        threads.append(r.threads)
-    return totals, shares, threads
+        timed.totals.append(r.latency_s)
+        timed.shares.append(r.timings["score"] / r.latency_s)
+        timed.threads.append(r.threads)
+        sampled = [c.num_tokens for c in r.candidates if c.count]
+        timed.lengths.append(sum(sampled) / len(sampled) if sampled else 0.0)
+    return timed
 
 
 def time_reference(bot: ChatBot, contexts, n: int, max_length: int, seed: int, which: str) -> list[float]:
@@ -317,7 +328,7 @@ def bench_load(name: str, bot_dir: Path, contexts, ns: list[int], args: LatencyA
     print(f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}, weights {args.quantize}; "
           f"{len(contexts)} contexts, max_length {args.max_length}; idle vs {args.background_load} busy "
           f"process(es)")
-    results: dict[tuple[str, int, str], tuple[list[float], list[float], list[int]]] = {}
+    results: dict[tuple[str, int, str], Timed] = {}
 
     def measure(phase: str) -> None:
         monitor = policies.get("policy", ThreadPolicy()).monitor
@@ -338,7 +349,7 @@ def bench_load(name: str, bot_dir: Path, contexts, ns: list[int], args: LatencyA
         for setting in settings:
             row = f"{n:>3} {setting:>8}"
             for phase in ("idle", "loaded"):
-                totals, shares, threads = results[setting, n, phase]
+                totals, shares, threads, _ = results[setting, n, phase]
                 width = 8 if phase == "idle" else 10
                 row += (f" | {pct(totals, 50):{width}.3f} {pct(totals, 95):7.3f} "
                         f"{statistics.median(shares) * 100:5.1f}% {threads_used(threads):>7}")
@@ -364,18 +375,18 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
 
         raise UserError(f"--ks {args.ks}: {bot_dir} has no retrieval index (build BOT/retrieval with "
                         f"python -m dialogpt_zh.index)", field="ks")
-    head = f"{'N':>3} {'K':>3} | {'ours p50':>9} {'p95':>7} | {'MMI share':>9} | {'threads':>7}"
+    head = f"{'N':>3} {'K':>3} | {'ours p50':>9} {'p95':>7} | {'MMI share':>9} | {'threads':>7} | {'cand tok':>8}"
     if args.compare_hf:
         head += f" | {'ours (HF) p50':>13} {'p95':>7}"
     for ref in refs:
         head += f" | {ref + ' p50':>16} {'p95':>7} {'speed-up':>8}"
     print(head)
     for n, k in ((n, k) for n in ns for k in ks):
-        ours, shares, threads = time_ours(bot, contexts, n, args.max_length, args.seed, k)
+        ours, shares, threads, lengths = time_ours(bot, contexts, n, args.max_length, args.seed, k)
         row = (f"{n:>3} {k:>3} | {pct(ours, 50):9.3f} {pct(ours, 95):7.3f} | {statistics.median(shares) * 100:8.1f}% | "
-               f"{threads_used(threads):>7}")
+               f"{threads_used(threads):>7} | {statistics.mean(lengths):8.1f}")
         if args.compare_hf:
-            hf, _, _ = time_ours(hf_bot, contexts, n, args.max_length, args.seed, k)
+            hf = time_ours(hf_bot, contexts, n, args.max_length, args.seed, k).totals
             row += f" | {pct(hf, 50):13.3f} {pct(hf, 95):7.3f}"
         for ref in refs:
             if n in ref_ns and not k:
@@ -388,8 +399,8 @@ def bench_shape(name: str, bot_dir: Path, contexts, ns: list[int], refs: list[st
         q = ChatBot.from_pretrained(bot_dir, quantize="int8", generation=GenerationSettings(max_length=args.max_length),
                                     mmi=args.mmi)
         q.thread_policy = bot.thread_policy
-        f32, _, _ = time_ours(bot, contexts, 10, args.max_length, args.seed)
-        i8, _, _ = time_ours(q, contexts, 10, args.max_length, args.seed)
+        f32 = time_ours(bot, contexts, 10, args.max_length, args.seed).totals
+        i8 = time_ours(q, contexts, 10, args.max_length, args.seed).totals
         # perplexity of the real next turns under the forward model, float vs int8
         if args.heldout:
             pairs, what = heldout_pairs(args.heldout, args.heldout_split, args.heldout_pairs)

@@ -268,3 +268,16 @@ def test_latency_benchmark_background_load_smoke(monkeypatch, capsys, random_bot
     assert len(pids) == 1 and not _alive(pids[0])
     assert bench.main(["--presets", "model", "--background-load", "1", "--thread_settings", "policy,x"]) == 2
     assert "thread_settings" in capsys.readouterr().err
+
+
+def test_latency_benchmark_prints_the_candidates_length(monkeypatch, capsys, random_bot_dir):
+    """The table's `cand tok`: the mean tokens of the sampled candidates, which MMI's share depends on; random
+    weights run every candidate to max_length."""
+    bench = load_latency_benchmark(monkeypatch)
+    code = bench.main(["--model", str(random_bot_dir), "--presets", "model", "--ns", "2", "--contexts", "2",
+                       "--max_length", "4", "--reference", "none", "--no_compare_hf", "--no_time_int8"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    head = next(line for line in out.splitlines() if "ours p50" in line)
+    row = next(line for line in out.splitlines() if line.split()[:2] == ["2", "0"])
+    assert head.split("|")[-1].strip() == "cand tok" and 1.0 <= float(row.split("|")[-1]) <= 5.0
