@@ -288,7 +288,43 @@ DAMAGE = [
      "a posting points past the pairs"),
     ("offsets out of order", lambda d: _rewrite_npz(d, lambda a: a["reply_offsets"].__setitem__(1, -1)),
      "'reply_offsets' must rise"),
+    ("retrieval/ a file", lambda d: (shutil.rmtree(d), d.write_text("x")), "retrieval index is not a directory"),
+    ("card number too long to parse", lambda d: (d / CARD).write_text('{"version": 1' + "0" * 5000 + "}"),
+     "index.json: unreadable card (ValueError"),
+    ("card nested too deep", lambda d: (d / CARD).write_text("[" * 100_000 + "]" * 100_000),
+     "index.json: unreadable card (RecursionError"),
+    ("npz a lone .npy", lambda d: _rewrite_card_sha(d, _npy_bytes(np.arange(5))), "index.npz: unreadable .npz"),
+    ("header claims a huge array", lambda d: _rewrite_card_sha(d, _npz_claiming_shape(d, "terms", 10 ** 13)),
+     "array 'terms': expected <i8"),
 ]
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array)
+    return buf.getvalue()
+
+
+def _npz_claiming_shape(directory: Path, name: str, n: int) -> bytes:
+    """index.npz whose array `name` has a header claiming `n` elements (its data left as it was)."""
+    import io
+    import zipfile
+
+    with np.load(directory / ARRAYS) as z:
+        arrays = {k: z[k] for k in z.files}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for k, a in arrays.items():
+            data = _npy_bytes(a)
+            if k == name:
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(header, {**np.lib.format.header_data_from_array_1_0(a),
+                                                              "shape": (n,)})
+                data = header.getvalue() + a.tobytes()
+            zf.writestr(f"{k}.npy", data)
+    return buf.getvalue()
 
 
 def _rewrite_card_sha(directory: Path, data: bytes) -> None:
@@ -323,6 +359,27 @@ def test_an_index_of_another_tokenizer_is_refused(built_index, fixtures_store, f
     with pytest.raises(UserError, match="built with another tokenizer") as e:
         RetrievalIndex.load(built_index, fixture_tokenizer)
     assert str(built_index / CARD) in str(e.value)
+
+
+@pytest.mark.parametrize("name", [CARD, ARRAYS])
+def test_an_unreadable_index_file_is_an_error_naming_it(built_index, tmp_path, monkeypatch, name):
+    """No read permission (as root, chmod 000 does not stop a read: the refusal is simulated)."""
+    import builtins
+
+    d = tmp_path / "retrieval"
+    shutil.copytree(built_index, d)
+    real_open = builtins.open
+
+    def no_permission(file, *args, **kw):
+        if str(file) == str(d / name):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kw)
+
+    monkeypatch.setattr(builtins, "open", no_permission)
+    monkeypatch.setattr("io.open", no_permission)
+    with pytest.raises(UserError, match="Permission denied") as e:
+        RetrievalIndex.load(d)
+    assert str(d / name) in str(e.value)
 
 
 def test_similarity_is_scikit_learns_tfidf_cosine(fixtures_store, tmp_path):

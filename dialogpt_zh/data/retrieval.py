@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import unicodedata
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -177,7 +178,8 @@ def _card_error(path: Path, message: str, field: str | None = None) -> UserError
 def read_card(directory: Path) -> dict[str, Any]:
     """The checked card of an index directory (UserError naming the file for anything wrong)."""
     if not directory.is_dir():
-        raise UserError("retrieval index not found (a directory written by `python -m dialogpt_zh.index`)",
+        what = "is not a directory" if directory.exists() else "not found"
+        raise UserError(f"retrieval index {what} (a directory written by `python -m dialogpt_zh.index`)",
                         path=directory)
     path = directory / CARD
     if not path.is_file():
@@ -185,10 +187,14 @@ def read_card(directory: Path) -> dict[str, Any]:
                         path=directory)
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:  # e.g. no read permission
+        raise UserError(f"cannot read the card: {e.strerror or e}", path=path) from e
     except UnicodeDecodeError as e:
         raise _card_error(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise UserError(f"unreadable card: {e.msg} (truncated?); rebuild the index", path=path, line=e.lineno) from e
+    except (ValueError, RecursionError) as e:  # valid JSON the parser still refuses: a huge number, deep nesting
+        raise _card_error(path, f"unreadable card ({type(e).__name__}: {str(e)[:80]})") from e
     if not isinstance(card, dict) or card.get("format") != INDEX_FORMAT:
         found = card.get("format") if isinstance(card, dict) else type(card).__name__
         raise UserError(f"not a dialogpt_zh retrieval index card (format {found!r}, expected {INDEX_FORMAT!r})",
@@ -220,34 +226,57 @@ def read_card(directory: Path) -> dict[str, Any]:
 
 def read_arrays(directory: Path, card: dict[str, Any]) -> dict[str, np.ndarray]:
     """index.npz, checked against the card: size and sha256 (truncation, corruption), then every array's dtype
-    and shape; never unpickles."""
+    and shape (from its header, before its data is read); never unpickles."""
     path = directory / ARRAYS
     if not path.is_file():
         raise UserError(f"missing index file (the card {CARD} is there); rebuild the index", path=path)
     expected = card["files"][ARRAYS]
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+        sha256 = file_sha256(path) if size == expected["bytes"] else None
+    except OSError as e:  # e.g. no read permission
+        raise UserError(f"cannot read: {e.strerror or e}", path=path) from e
     if size != expected["bytes"]:
         raise UserError(f"{size:,d} bytes where the card says {expected['bytes']:,d} (truncated, or from another "
                         f"build); rebuild the index", path=path)
-    if file_sha256(path) != expected["sha256"]:
+    if sha256 != expected["sha256"]:
         raise UserError("sha256 differs from the card's (damaged, or from another build); rebuild the index",
                         path=path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in ARRAY_SPECS if name in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise UserError(f"unreadable .npz ({e}); rebuild the index", path=path) from e
     counts = card["counts"]
-    for name, (dtype, shape) in ARRAY_SPECS.items():
-        if name not in arrays:
-            raise UserError(f"array {name!r} missing; rebuild the index", path=path)
-        a = arrays[name]
-        want = tuple(counts[s[:-2]] + 1 if s.endswith("+1") else counts[s] for s in shape)
-        ok_dtype = a.dtype.kind == "u" if dtype is None else a.dtype == np.dtype(dtype)
-        if not ok_dtype or a.shape != want:
-            raise UserError(f"array {name!r}: expected {dtype or 'unsigned'} {list(want)}, found {a.dtype} "
-                            f"{list(a.shape)}; rebuild the index", path=path)
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = set(zf.namelist())
+            for name, (dtype, shape) in ARRAY_SPECS.items():
+                if f"{name}.npy" not in members:
+                    raise UserError(f"array {name!r} missing; rebuild the index", path=path)
+                want = tuple(counts[s[:-2]] + 1 if s.endswith("+1") else counts[s] for s in shape)
+                # the header first: a damaged one may claim an array far too large to allocate
+                with zf.open(f"{name}.npy") as f:
+                    found_shape, found_dtype = _npy_header(f)
+                ok_dtype = found_dtype.kind == "u" if dtype is None else found_dtype == np.dtype(dtype)
+                if not ok_dtype or found_shape != want:
+                    raise UserError(f"array {name!r}: expected {dtype or 'unsigned'} {list(want)}, found "
+                                    f"{found_dtype} {list(found_shape)}; rebuild the index", path=path)
+                with zf.open(f"{name}.npy") as f:
+                    arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as e:
+        raise UserError(f"unreadable .npz ({e}); rebuild the index", path=path) from e
+    except MemoryError as e:
+        raise UserError("too large to load (the card's counts are damaged?); rebuild the index", path=path) from e
     return arrays
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of an .npy stream, read from its header alone."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    else:  # 3.0 only differs for structured dtypes, which no array of an index has
+        raise ValueError(f".npy format version {version} is not supported")
+    return shape, dtype
 
 
 def check_arrays(arrays: dict[str, np.ndarray], card: dict[str, Any], path: Path) -> None:
