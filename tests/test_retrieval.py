@@ -296,6 +296,14 @@ DAMAGE = [
     ("npz a lone .npy", lambda d: _rewrite_card_sha(d, _npy_bytes(np.arange(5))), "index.npz: unreadable .npz"),
     ("header claims a huge array", lambda d: _rewrite_card_sha(d, _npz_claiming_shape(d, "terms", 10 ** 13)),
      "array 'terms': expected <i8"),
+    ("reply text not UTF-8", lambda d: _rewrite_npz(d, lambda a: a["reply_text"].__setitem__(0, 0xFF)),
+     "'reply_text' is not UTF-8"),
+    ("text offset inside a character", lambda d: _rewrite_npz(d, lambda a: a["context_text_offsets"].__setitem__(
+        1, a["context_text_offsets"][1] + 1)), "'context_text' is not UTF-8 text cut at character boundaries"),
+    ("weight above 1", lambda d: _rewrite_npz(d, lambda a: a["postings_weight"].__setitem__(0, 600)),
+     "a posting weight is outside [0, 1]"),
+    ("idf negative", lambda d: _rewrite_npz(d, lambda a: a["idf"].__setitem__(slice(None), -1)),
+     "an idf is not positive"),
 ]
 
 

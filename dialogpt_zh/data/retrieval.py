@@ -281,7 +281,7 @@ def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
 
 def check_arrays(arrays: dict[str, np.ndarray], card: dict[str, Any], path: Path) -> None:
     """Values a query relies on: offsets rising within their arrays, postings pointing at pairs, ids in the
-    vocabulary, sources named by the card."""
+    vocabulary, sources named by the card, weights in range, texts that decode."""
     counts = card["counts"]
     for offsets, data in (("postings_indptr", "postings_pair"), ("reply_offsets", "reply_ids"),
                           ("reply_text_offsets", "reply_text"), ("context_text_offsets", "context_text")):
@@ -299,10 +299,27 @@ def check_arrays(arrays: dict[str, np.ndarray], card: dict[str, Any], path: Path
         ((np.diff(arrays["terms"]) <= 0).any(), "terms are not sorted and distinct"),
         (not np.isfinite(arrays["postings_weight"]).all() or not np.isfinite(arrays["idf"]).all(),
          "weights are not finite"),
+        # components of unit vectors of positive tf-idf; smooth idf is >= 1 (else similarities mean nothing)
+        (not ((arrays["postings_weight"] >= 0) & (arrays["postings_weight"] <= 1)).all(),
+         "a posting weight is outside [0, 1]"),
+        (not (arrays["idf"] > 0).all(), "an idf is not positive"),
     ]
     for bad, message in checks:
         if bad:
             raise UserError(f"{message}; rebuild the index", path=path)
+    for text, offsets in (("reply_text", "reply_text_offsets"), ("context_text", "context_text_offsets")):
+        if not _utf8_at(arrays[text], arrays[offsets]):
+            raise UserError(f"{text!r} is not UTF-8 text cut at character boundaries; rebuild the index", path=path)
+
+
+def _utf8_at(blob: np.ndarray, offsets: np.ndarray) -> bool:
+    """The bytes decode as UTF-8 and every offset starts a character (a query decodes texts one by one)."""
+    try:
+        blob.tobytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    starts = offsets[:-1][offsets[:-1] < len(blob)]
+    return not ((blob[starts] & 0xC0) == 0x80).any()  # 10xxxxxx: a continuation byte
 
 
 @dataclass
