@@ -369,6 +369,17 @@ def test_an_index_of_another_tokenizer_is_refused(built_index, fixtures_store, f
     assert str(built_index / CARD) in str(e.value)
 
 
+def test_a_card_whose_vocab_size_was_edited_is_refused(built_index, fixtures_store, tmp_path):
+    """Same fingerprint, a larger vocab_size: the id checks would let ids past the model's vocabulary through."""
+    d = tmp_path / "retrieval"
+    shutil.copytree(built_index, d)
+    card = json.loads((d / CARD).read_text(encoding="utf-8"))
+    _edit_card(d, counts={**card["counts"], "vocab_size": 10 ** 9})
+    with pytest.raises(UserError, match="10000000000? tokens where the bot's tokenizer") as e:
+        RetrievalIndex.load(d, TokenStore(fixtures_store).tokenizer())
+    assert e.value.field == "counts.vocab_size" and str(d / CARD) in str(e.value)
+
+
 @pytest.mark.parametrize("name", [CARD, ARRAYS])
 def test_an_unreadable_index_file_is_an_error_naming_it(built_index, tmp_path, monkeypatch, name):
     """No read permission (as root, chmod 000 does not stop a read: the refusal is simulated)."""

@@ -436,3 +436,7 @@ def check_tokenizer(card: dict[str, Any], tokenizer, where: Path) -> None:
                         f"tokens, fingerprint {card['tokenizer']['fingerprint'][:12]}…) than the bot's "
                         f"({len(tokenizer)} tokens, {tokenizer_fingerprint(tokenizer)[:12]}…): rebuild it from a "
                         f"token store made with `--vocab BOT_DIR/forward`", path=where, field="tokenizer")
+    if card["counts"]["vocab_size"] != len(tokenizer):  # same tokenizer, yet the card's count was edited
+        raise UserError(f"{card['counts']['vocab_size']} tokens where the bot's tokenizer (the same fingerprint) has "
+                        f"{len(tokenizer)}: a reply token id could be past the model's vocabulary; rebuild the index",
+                        path=where, field="counts.vocab_size")
