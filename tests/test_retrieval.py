@@ -234,6 +234,12 @@ def test_index_cli(fixtures_store, tmp_path, capsys):
     assert main(["--data", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
     assert "data directory not found" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["--data", str(fixtures_store), "--output", str(tmp_path / "x"), "--context_weight", "2"]) == 2
+    # the index never goes into (or over) its input
+    before = sorted(p.relative_to(fixtures_store) for p in fixtures_store.rglob("*"))
+    for output in (fixtures_store / "retrieval", fixtures_store, fixtures_store.parent):
+        assert main(["--data", str(fixtures_store), "--output", str(output), "--overwrite"]) == 2
+        assert "the token store" in capsys.readouterr().err
+    assert sorted(p.relative_to(fixtures_store) for p in fixtures_store.rglob("*")) == before
     with pytest.raises(SystemExit):
         main(["--help"])
     help_text = capsys.readouterr().out
