@@ -646,6 +646,20 @@ def test_arena_key_and_score_say_which_replies_were_retrieved(hybrid_bot, tmp_pa
                            )["candidates"] == {"sampled": 10, "retrieved": 0}
 
 
+def test_arena_refuses_retrieval_settings_for_a_bot_without_an_index(hybrid_bot_dir, random_bot_dir, tmp_path,
+                                                                      capsys):
+    """--a_set/--b_set are per-call settings: without a refusal the replies quietly had no retrieved ones and the
+    key still said they had."""
+    from dialogpt_zh.arena import main
+
+    base = ["--data", str(FIXTURES / "heldout.json"), "--pairs", "2", "--a", str(hybrid_bot_dir), "--b",
+            str(random_bot_dir), "--make", str(tmp_path / "pairs.json")]
+    assert main([*base, "--b_set", "retrieval_candidates=3"]) == 2
+    err = capsys.readouterr().err
+    assert "b_set" in err and "no retrieval index" in err and not (tmp_path / "pairs.json").exists()
+    assert main([*base, "--a_set", "retrieval_candidates=3"]) == 0   # A has one
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 
 def test_evaluate_retrieval_and_hybrid_decoders(hybrid_bot_dir, random_bot_dir, tmp_path, capsys):
