@@ -407,6 +407,23 @@ def test_an_unreadable_index_file_is_an_error_naming_it(built_index, tmp_path, m
     assert str(d / name) in str(e.value)
 
 
+def test_an_index_directory_without_search_permission_is_an_error_naming_it(built_index, tmp_path, monkeypatch):
+    """chmod 000 on the directory: is_file() of its card raises (simulated: root passes any permission)."""
+    d = tmp_path / "retrieval"
+    shutil.copytree(built_index, d)
+    real_is_file = Path.is_file
+
+    def no_search(self):
+        if self.parent == d:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", no_search)
+    with pytest.raises(UserError, match="Permission denied") as e:
+        RetrievalIndex.load(d)
+    assert str(d) in str(e.value)
+
+
 def test_similarity_is_scikit_learns_tfidf_cosine(fixtures_store, tmp_path):
     """With the last turn only (context_turns 0), similarities are those of scikit-learn's TfidfVectorizer
     (sublinear tf, smooth idf, l2 rows) over the same token-id unigrams and bigrams, up to float16 storage."""

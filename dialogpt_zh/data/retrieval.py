@@ -182,7 +182,11 @@ def read_card(directory: Path) -> dict[str, Any]:
         raise UserError(f"retrieval index {what} (a directory written by `python -m dialogpt_zh.index`)",
                         path=directory)
     path = directory / CARD
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:  # a directory without search (x) permission
+        raise UserError(f"cannot read the directory: {e.strerror or e}", path=directory) from e
+    if not found:
         raise UserError(f"not a retrieval index: no {CARD} (build one with `python -m dialogpt_zh.index`)",
                         path=directory)
     try:
