@@ -234,6 +234,12 @@ def test_index_cli(fixtures_store, tmp_path, capsys):
     assert main(["--data", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
     assert "data directory not found" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["--data", str(fixtures_store), "--output", str(tmp_path / "x"), "--context_weight", "2"]) == 2
+    # the index never goes into (or over) its input
+    before = sorted(p.relative_to(fixtures_store) for p in fixtures_store.rglob("*"))
+    for output in (fixtures_store / "retrieval", fixtures_store, fixtures_store.parent):
+        assert main(["--data", str(fixtures_store), "--output", str(output), "--overwrite"]) == 2
+        assert "the token store" in capsys.readouterr().err
+    assert sorted(p.relative_to(fixtures_store) for p in fixtures_store.rglob("*")) == before
     with pytest.raises(SystemExit):
         main(["--help"])
     help_text = capsys.readouterr().out
@@ -288,7 +294,51 @@ DAMAGE = [
      "a posting points past the pairs"),
     ("offsets out of order", lambda d: _rewrite_npz(d, lambda a: a["reply_offsets"].__setitem__(1, -1)),
      "'reply_offsets' must rise"),
+    ("retrieval/ a file", lambda d: (shutil.rmtree(d), d.write_text("x")), "retrieval index is not a directory"),
+    ("card number too long to parse", lambda d: (d / CARD).write_text('{"version": 1' + "0" * 5000 + "}"),
+     "index.json: unreadable card (ValueError"),
+    ("card nested too deep", lambda d: (d / CARD).write_text("[" * 100_000 + "]" * 100_000),
+     "index.json: unreadable card (RecursionError"),
+    ("npz a lone .npy", lambda d: _rewrite_card_sha(d, _npy_bytes(np.arange(5))), "index.npz: unreadable .npz"),
+    ("header claims a huge array", lambda d: _rewrite_card_sha(d, _npz_claiming_shape(d, "terms", 10 ** 13)),
+     "array 'terms': expected <i8"),
+    ("reply text not UTF-8", lambda d: _rewrite_npz(d, lambda a: a["reply_text"].__setitem__(0, 0xFF)),
+     "'reply_text' is not UTF-8"),
+    ("text offset inside a character", lambda d: _rewrite_npz(d, lambda a: a["context_text_offsets"].__setitem__(
+        1, a["context_text_offsets"][1] + 1)), "'context_text' is not UTF-8 text cut at character boundaries"),
+    ("weight above 1", lambda d: _rewrite_npz(d, lambda a: a["postings_weight"].__setitem__(0, 600)),
+     "a posting weight is outside [0, 1]"),
+    ("idf negative", lambda d: _rewrite_npz(d, lambda a: a["idf"].__setitem__(slice(None), -1)),
+     "an idf is not positive"),
 ]
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array)
+    return buf.getvalue()
+
+
+def _npz_claiming_shape(directory: Path, name: str, n: int) -> bytes:
+    """index.npz whose array `name` has a header claiming `n` elements (its data left as it was)."""
+    import io
+    import zipfile
+
+    with np.load(directory / ARRAYS) as z:
+        arrays = {k: z[k] for k in z.files}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for k, a in arrays.items():
+            data = _npy_bytes(a)
+            if k == name:
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(header, {**np.lib.format.header_data_from_array_1_0(a),
+                                                              "shape": (n,)})
+                data = header.getvalue() + a.tobytes()
+            zf.writestr(f"{k}.npy", data)
+    return buf.getvalue()
 
 
 def _rewrite_card_sha(directory: Path, data: bytes) -> None:
@@ -323,6 +373,55 @@ def test_an_index_of_another_tokenizer_is_refused(built_index, fixtures_store, f
     with pytest.raises(UserError, match="built with another tokenizer") as e:
         RetrievalIndex.load(built_index, fixture_tokenizer)
     assert str(built_index / CARD) in str(e.value)
+
+
+def test_a_card_whose_vocab_size_was_edited_is_refused(built_index, fixtures_store, tmp_path):
+    """Same fingerprint, a larger vocab_size: the id checks would let ids past the model's vocabulary through."""
+    d = tmp_path / "retrieval"
+    shutil.copytree(built_index, d)
+    card = json.loads((d / CARD).read_text(encoding="utf-8"))
+    _edit_card(d, counts={**card["counts"], "vocab_size": 10 ** 9})
+    with pytest.raises(UserError, match="10000000000? tokens where the bot's tokenizer") as e:
+        RetrievalIndex.load(d, TokenStore(fixtures_store).tokenizer())
+    assert e.value.field == "counts.vocab_size" and str(d / CARD) in str(e.value)
+
+
+@pytest.mark.parametrize("name", [CARD, ARRAYS])
+def test_an_unreadable_index_file_is_an_error_naming_it(built_index, tmp_path, monkeypatch, name):
+    """No read permission (as root, chmod 000 does not stop a read: the refusal is simulated)."""
+    import builtins
+
+    d = tmp_path / "retrieval"
+    shutil.copytree(built_index, d)
+    real_open = builtins.open
+
+    def no_permission(file, *args, **kw):
+        if str(file) == str(d / name):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kw)
+
+    monkeypatch.setattr(builtins, "open", no_permission)
+    monkeypatch.setattr("io.open", no_permission)
+    with pytest.raises(UserError, match="Permission denied") as e:
+        RetrievalIndex.load(d)
+    assert str(d / name) in str(e.value)
+
+
+def test_an_index_directory_without_search_permission_is_an_error_naming_it(built_index, tmp_path, monkeypatch):
+    """chmod 000 on the directory: is_file() of its card raises (simulated: root passes any permission)."""
+    d = tmp_path / "retrieval"
+    shutil.copytree(built_index, d)
+    real_is_file = Path.is_file
+
+    def no_search(self):
+        if self.parent == d:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", no_search)
+    with pytest.raises(UserError, match="Permission denied") as e:
+        RetrievalIndex.load(d)
+    assert str(d) in str(e.value)
 
 
 def test_similarity_is_scikit_learns_tfidf_cosine(fixtures_store, tmp_path):
@@ -562,6 +661,20 @@ def test_arena_key_and_score_say_which_replies_were_retrieved(hybrid_bot, tmp_pa
     assert describe_system(hybrid_bot, "bot", {})["candidates"] == {"sampled": 4, "retrieved": 10}
     assert describe_system(hybrid_bot, "bot", {"retrieval_candidates": 0, "num_candidates": -1}
                            )["candidates"] == {"sampled": 10, "retrieved": 0}
+
+
+def test_arena_refuses_retrieval_settings_for_a_bot_without_an_index(hybrid_bot_dir, random_bot_dir, tmp_path,
+                                                                      capsys):
+    """--a_set/--b_set are per-call settings: without a refusal the replies quietly had no retrieved ones and the
+    key still said they had."""
+    from dialogpt_zh.arena import main
+
+    base = ["--data", str(FIXTURES / "heldout.json"), "--pairs", "2", "--a", str(hybrid_bot_dir), "--b",
+            str(random_bot_dir), "--make", str(tmp_path / "pairs.json")]
+    assert main([*base, "--b_set", "retrieval_candidates=3"]) == 2
+    err = capsys.readouterr().err
+    assert "b_set" in err and "no retrieval index" in err and not (tmp_path / "pairs.json").exists()
+    assert main([*base, "--a_set", "retrieval_candidates=3"]) == 0   # A has one
 
 
 # ------------------------------------------------------------------------------------------ evaluation

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import unicodedata
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -177,18 +178,27 @@ def _card_error(path: Path, message: str, field: str | None = None) -> UserError
 def read_card(directory: Path) -> dict[str, Any]:
     """The checked card of an index directory (UserError naming the file for anything wrong)."""
     if not directory.is_dir():
-        raise UserError("retrieval index not found (a directory written by `python -m dialogpt_zh.index`)",
+        what = "is not a directory" if directory.exists() else "not found"
+        raise UserError(f"retrieval index {what} (a directory written by `python -m dialogpt_zh.index`)",
                         path=directory)
     path = directory / CARD
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:  # a directory without search (x) permission
+        raise UserError(f"cannot read the directory: {e.strerror or e}", path=directory) from e
+    if not found:
         raise UserError(f"not a retrieval index: no {CARD} (build one with `python -m dialogpt_zh.index`)",
                         path=directory)
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:  # e.g. no read permission
+        raise UserError(f"cannot read the card: {e.strerror or e}", path=path) from e
     except UnicodeDecodeError as e:
         raise _card_error(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise UserError(f"unreadable card: {e.msg} (truncated?); rebuild the index", path=path, line=e.lineno) from e
+    except (ValueError, RecursionError) as e:  # valid JSON the parser still refuses: a huge number, deep nesting
+        raise _card_error(path, f"unreadable card ({type(e).__name__}: {str(e)[:80]})") from e
     if not isinstance(card, dict) or card.get("format") != INDEX_FORMAT:
         found = card.get("format") if isinstance(card, dict) else type(card).__name__
         raise UserError(f"not a dialogpt_zh retrieval index card (format {found!r}, expected {INDEX_FORMAT!r})",
@@ -220,39 +230,62 @@ def read_card(directory: Path) -> dict[str, Any]:
 
 def read_arrays(directory: Path, card: dict[str, Any]) -> dict[str, np.ndarray]:
     """index.npz, checked against the card: size and sha256 (truncation, corruption), then every array's dtype
-    and shape; never unpickles."""
+    and shape (from its header, before its data is read); never unpickles."""
     path = directory / ARRAYS
     if not path.is_file():
         raise UserError(f"missing index file (the card {CARD} is there); rebuild the index", path=path)
     expected = card["files"][ARRAYS]
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+        sha256 = file_sha256(path) if size == expected["bytes"] else None
+    except OSError as e:  # e.g. no read permission
+        raise UserError(f"cannot read: {e.strerror or e}", path=path) from e
     if size != expected["bytes"]:
         raise UserError(f"{size:,d} bytes where the card says {expected['bytes']:,d} (truncated, or from another "
                         f"build); rebuild the index", path=path)
-    if file_sha256(path) != expected["sha256"]:
+    if sha256 != expected["sha256"]:
         raise UserError("sha256 differs from the card's (damaged, or from another build); rebuild the index",
                         path=path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in ARRAY_SPECS if name in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise UserError(f"unreadable .npz ({e}); rebuild the index", path=path) from e
     counts = card["counts"]
-    for name, (dtype, shape) in ARRAY_SPECS.items():
-        if name not in arrays:
-            raise UserError(f"array {name!r} missing; rebuild the index", path=path)
-        a = arrays[name]
-        want = tuple(counts[s[:-2]] + 1 if s.endswith("+1") else counts[s] for s in shape)
-        ok_dtype = a.dtype.kind == "u" if dtype is None else a.dtype == np.dtype(dtype)
-        if not ok_dtype or a.shape != want:
-            raise UserError(f"array {name!r}: expected {dtype or 'unsigned'} {list(want)}, found {a.dtype} "
-                            f"{list(a.shape)}; rebuild the index", path=path)
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = set(zf.namelist())
+            for name, (dtype, shape) in ARRAY_SPECS.items():
+                if f"{name}.npy" not in members:
+                    raise UserError(f"array {name!r} missing; rebuild the index", path=path)
+                want = tuple(counts[s[:-2]] + 1 if s.endswith("+1") else counts[s] for s in shape)
+                # the header first: a damaged one may claim an array far too large to allocate
+                with zf.open(f"{name}.npy") as f:
+                    found_shape, found_dtype = _npy_header(f)
+                ok_dtype = found_dtype.kind == "u" if dtype is None else found_dtype == np.dtype(dtype)
+                if not ok_dtype or found_shape != want:
+                    raise UserError(f"array {name!r}: expected {dtype or 'unsigned'} {list(want)}, found "
+                                    f"{found_dtype} {list(found_shape)}; rebuild the index", path=path)
+                with zf.open(f"{name}.npy") as f:
+                    arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as e:
+        raise UserError(f"unreadable .npz ({e}); rebuild the index", path=path) from e
+    except MemoryError as e:
+        raise UserError("too large to load (the card's counts are damaged?); rebuild the index", path=path) from e
     return arrays
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of an .npy stream, read from its header alone."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    else:  # 3.0 only differs for structured dtypes, which no array of an index has
+        raise ValueError(f".npy format version {version} is not supported")
+    return shape, dtype
 
 
 def check_arrays(arrays: dict[str, np.ndarray], card: dict[str, Any], path: Path) -> None:
     """Values a query relies on: offsets rising within their arrays, postings pointing at pairs, ids in the
-    vocabulary, sources named by the card."""
+    vocabulary, sources named by the card, weights in range, texts that decode."""
     counts = card["counts"]
     for offsets, data in (("postings_indptr", "postings_pair"), ("reply_offsets", "reply_ids"),
                           ("reply_text_offsets", "reply_text"), ("context_text_offsets", "context_text")):
@@ -270,10 +303,27 @@ def check_arrays(arrays: dict[str, np.ndarray], card: dict[str, Any], path: Path
         ((np.diff(arrays["terms"]) <= 0).any(), "terms are not sorted and distinct"),
         (not np.isfinite(arrays["postings_weight"]).all() or not np.isfinite(arrays["idf"]).all(),
          "weights are not finite"),
+        # components of unit vectors of positive tf-idf; smooth idf is >= 1 (else similarities mean nothing)
+        (not ((arrays["postings_weight"] >= 0) & (arrays["postings_weight"] <= 1)).all(),
+         "a posting weight is outside [0, 1]"),
+        (not (arrays["idf"] > 0).all(), "an idf is not positive"),
     ]
     for bad, message in checks:
         if bad:
             raise UserError(f"{message}; rebuild the index", path=path)
+    for text, offsets in (("reply_text", "reply_text_offsets"), ("context_text", "context_text_offsets")):
+        if not _utf8_at(arrays[text], arrays[offsets]):
+            raise UserError(f"{text!r} is not UTF-8 text cut at character boundaries; rebuild the index", path=path)
+
+
+def _utf8_at(blob: np.ndarray, offsets: np.ndarray) -> bool:
+    """The bytes decode as UTF-8 and every offset starts a character (a query decodes texts one by one)."""
+    try:
+        blob.tobytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    starts = offsets[:-1][offsets[:-1] < len(blob)]
+    return not ((blob[starts] & 0xC0) == 0x80).any()  # 10xxxxxx: a continuation byte
 
 
 @dataclass
@@ -390,3 +440,7 @@ def check_tokenizer(card: dict[str, Any], tokenizer, where: Path) -> None:
                         f"tokens, fingerprint {card['tokenizer']['fingerprint'][:12]}…) than the bot's "
                         f"({len(tokenizer)} tokens, {tokenizer_fingerprint(tokenizer)[:12]}…): rebuild it from a "
                         f"token store made with `--vocab BOT_DIR/forward`", path=where, field="tokenizer")
+    if card["counts"]["vocab_size"] != len(tokenizer):  # same tokenizer, yet the card's count was edited
+        raise UserError(f"{card['counts']['vocab_size']} tokens where the bot's tokenizer (the same fingerprint) has "
+                        f"{len(tokenizer)}: a reply token id could be past the model's vocabulary; rebuild the index",
+                        path=where, field="counts.vocab_size")

@@ -216,6 +216,17 @@ def check_output(output: Path, overwrite: bool) -> None:
                                 f"with --overwrite", path=output, field="output")
 
 
+def check_apart(store: Path, output: Path) -> None:
+    """The index never goes into its input: --output is neither the store, nor inside it, nor above it."""
+    s, o = store.resolve(), output.resolve()
+    if o == s or s in o.parents:
+        raise UserError(f"is {'' if o == s else 'inside '}the token store {store} (--data), an input; write the index "
+                        f"elsewhere, e.g. BOT_DIR/retrieval", path=output, field="output")
+    if o in s.parents:
+        raise UserError(f"holds the token store {store} (--data), an input; write the index elsewhere",
+                        path=output, field="output")
+
+
 def build_index(store_path: str | Path, output: str | Path, settings: IndexSettings, command: str,
                 overwrite: bool = False) -> dict[str, Any]:
     """Build the index of the store's train split into the directory `output` (written whole or not at all);
@@ -226,6 +237,7 @@ def build_index(store_path: str | Path, output: str | Path, settings: IndexSetti
 
     t0 = time.perf_counter()
     output = Path(output)
+    check_apart(Path(store_path), output)
     check_output(output, overwrite)  # before the work, not after
     store = TokenStore(store_path)
     if "train" not in store.split_names():
