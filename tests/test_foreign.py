@@ -315,6 +315,35 @@ def _mismatched_vocab(d: Path) -> None:
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+def _edit_config(**changes):
+    def edit(d: Path) -> None:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(changes)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def _edit_weights(change):
+    def edit(d: Path) -> None:
+        state = torch.load(d / "pytorch_model.bin", weights_only=True)
+        change(state)
+        torch.save(state, d / "pytorch_model.bin")
+    return edit
+
+
+def _as_safetensors(change=lambda state: None):
+    """The look-alike's weights as one model.safetensors (as save_pretrained writes it), `change`d first."""
+    def edit(d: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in torch.load(d / "pytorch_model.bin", weights_only=True).items()
+                 if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+        change(state)
+        save_file(state, str(d / "model.safetensors"))
+        (d / "pytorch_model.bin").unlink()
+    return edit
+
+
 DAMAGE = [
     ("vocab_size", _mismatched_vocab, r"transformer.wte.weight is \[\d+, 32\] in the file but config.json"),
     ("truncated", lambda d: (d / "pytorch_model.bin").write_bytes((d / "pytorch_model.bin").read_bytes()[:500]),
@@ -333,6 +362,17 @@ DAMAGE = [
     ("no vocab", lambda d: (d / "vocab.txt").unlink(), "needs tokenizer.json or a BERT-style vocab.txt"),
     ("another vocab", lambda d: (d / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n你\n", encoding="utf-8"),
      "vocab_size is 25[0-9] but the vocabulary has 5 ids: is this the model's own vocab.txt"),
+    # config.json values transformers takes and fails on later (or reports without the field)
+    ("negative n_embd", _edit_config(n_embd=-32),
+     r"config.json \(field 'n_embd'\): must be a positive integer, got -32"),
+    ("vocab_size 0", _edit_config(vocab_size=0), r"config.json \(field 'vocab_size'\): must be a positive integer"),
+    ("n_layer a string", _edit_config(n_layer="2"), r"\(field 'n_layer'\): must be a positive integer, got '2'"),
+    ("unknown model_type", _edit_config(model_type="gpt-2"),   # not transformers' list of every model type
+     r"\(field 'model_type'\): unknown model_type 'gpt-2' \(a GPT-2 checkpoint says \"gpt2\"\)$"),
+    ("bad torch_dtype", _edit_config(torch_dtype="fp16"), r"\(field 'torch_dtype'\): 'fp16' is not a torch dtype"),
+    ("sparse tensor", _edit_weights(lambda s: s.update({"transformer.ln_f.bias": s[
+        "transformer.ln_f.bias"].to_sparse()})),
+     "tensor transformer.ln_f.bias is a sparse_coo tensor; expected a dense one"),
 ]
 
 
@@ -340,6 +380,9 @@ DAMAGE = [
 def test_damaged_foreign_files_are_clear_errors(tmp_path, name, damage, expected):
     model_dir = make_lookalike(tmp_path / "m", "chitchat")
     damage(model_dir)
+    if expected is None:   # the undamaged control of its neighbours
+        assert _bot(model_dir).reply(HISTORY, seed=0, num_candidates=2, max_length=4).candidates
+        return
     with pytest.raises(UserError, match=expected) as e:
         _bot(model_dir)
     assert str(model_dir) in str(e.value)
