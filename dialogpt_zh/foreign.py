@@ -158,6 +158,18 @@ def check_state_dict(state: dict[str, Any], model, path: Path, declared_dtype: A
     return state
 
 
+def safetensors_dtypes(files: list[Path]) -> dict[str, str]:
+    """Each tensor's dtype as the safetensors headers name it ("F32", "BF16", "I64" ...), read without the data."""
+    from safetensors import safe_open
+
+    dtypes: dict[str, str] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                dtypes[name] = st.get_slice(name).get_dtype()
+    return dtypes
+
+
 def weights_dtype(model_dir: Path):
     """The floating dtype most of a model directory's weights are stored in (safetensors or pickled)."""
     from collections import Counter
@@ -167,12 +179,7 @@ def weights_dtype(model_dir: Path):
     counts: Counter = Counter()
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
-        from safetensors import safe_open
-
-        for f in files:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
-                    counts[st.get_slice(name).get_dtype()] += 1
+        counts.update(safetensors_dtypes(files).values())
         names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
         counts = Counter({names[k]: n for k, n in counts.items() if k in names})
     elif (model_dir / PICKLED_WEIGHTS).is_file():

@@ -373,6 +373,15 @@ DAMAGE = [
     ("sparse tensor", _edit_weights(lambda s: s.update({"transformer.ln_f.bias": s[
         "transformer.ln_f.bias"].to_sparse()})),
      "tensor transformer.ln_f.bias is a sparse_coo tensor; expected a dense one"),
+    # model.safetensors is held to what pytorch_model.bin is
+    ("safetensors", _as_safetensors(), None),
+    ("safetensors integer weights", _as_safetensors(lambda s: s.update({"transformer.ln_f.weight": s[
+        "transformer.ln_f.weight"].long()})), "tensor transformer.ln_f.weight is I64, not floating point"),
+    ("safetensors extra tensor", _as_safetensors(lambda s: s.update({"transformer.extra": torch.zeros(3)})),
+     r"1 tensors are not in a gpt2 model of this config.json \(first: transformer.extra\)"),
+    ("safetensors misshapen tensor", _as_safetensors(lambda s: s.update({"transformer.h.0.mlp.c_fc.weight": torch.zeros(
+        32, 64)})), r"tensor transformer.h.0.mlp.c_fc.weight is \[32, 64\] in the file but config.json makes it "
+                    r"\[32, 128\]"),
 ]
 
 
