@@ -56,6 +56,9 @@ def resolve_model_dir(spec: str | Path, field: str = "model") -> Path:
     """
     path = Path(spec)
     if path.exists():
+        if not path.is_dir():   # e.g. its config.json or pytorch_model.bin: the directory is what is loaded
+            raise UserError(f"a file, not a model directory; give the directory that holds it ({path.parent})",
+                            path=path, field=field)
         return path
     text = str(spec)
     if not looks_like_hub_id(text):

@@ -409,6 +409,20 @@ def test_a_hub_id_offline_says_how_to_download(monkeypatch, capsys, tmp_path):
         _bot(tmp_path / "missing")                 # a path that is not a hub id: no download attempted
 
 
+def test_a_file_given_for_a_model_directory_names_the_directory(bots, tmp_path, capsys):
+    """--model, --backward, convert's SRC or train --init pointing at a file of the model: one message, naming the
+    file and the directory to give instead (before: "not a model directory (no config.json)" of config.json,
+    or "tokenizer directory not found" of a vocab.txt that is there)."""
+    from dialogpt_zh.convert import main as convert_main
+
+    forward, backward = bots["chitchat"] / "forward", bots["chitchat"] / "backward"
+    for kw in ({"path": forward / "config.json"}, {"forward": forward, "backward": backward / "vocab.txt"}):
+        with pytest.raises(UserError, match=r"a file, not a model directory; give the directory that holds it"):
+            _bot(**kw)
+    assert convert_main([str(forward / "pytorch_model.bin"), "--output", str(tmp_path / "out")]) == 2
+    assert f"({forward})" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------ convert
 
 @pytest.mark.parametrize("kind", ALL)
