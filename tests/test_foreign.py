@@ -397,6 +397,29 @@ def test_damaged_foreign_files_are_clear_errors(tmp_path, name, damage, expected
     assert str(model_dir) in str(e.value)
 
 
+def test_vocab_txt_with_a_bom_loads_and_repeated_lines_are_reported(tmp_path, caplog):
+    """A vocab.txt saved by a Windows editor (UTF-8 BOM, CRLF) means the same ids (before: "vocab lacks the special
+    tokens ['[PAD]']", the BOM being read as part of line 1); a token on two lines leaves an id without a token,
+    which is said (before: nothing)."""
+    import logging
+
+    from dialogpt_zh.tokenizer import load_tokenizer
+
+    plain = load_tokenizer(make_lookalike(tmp_path / "plain", "chitchat")).get_vocab()
+    windows = make_lookalike(tmp_path / "windows", "chitchat")
+    text = (windows / "vocab.txt").read_text(encoding="utf-8").replace("\n", "\r\n")
+    (windows / "vocab.txt").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert load_tokenizer(windows).get_vocab() == plain and _bot(windows).reply(HISTORY, seed=0).candidates
+    repeated = make_lookalike(tmp_path / "repeated", "chitchat")
+    lines = (repeated / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    lines[20] = lines[21]
+    (repeated / "vocab.txt").write_text("\n".join(lines), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="dialogpt_zh.tokenizer"):
+        load_tokenizer(repeated)
+    assert f"{repeated / 'vocab.txt'}:22: 1 lines repeat an earlier token (first: {lines[21]!r}, already on line " \
+        "21)" in caplog.text
+
+
 def test_a_hub_id_offline_says_how_to_download(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"offline .*hf download uer/gpt2-chinese-cluecorpussmall --local-dir"):
