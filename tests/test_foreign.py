@@ -636,6 +636,21 @@ def test_evaluate_measures_a_lookalike_pair(bots, kind, tmp_path, capsys):
     assert math.isfinite(report["ppl"]) and report["ppl"] > 1 and report["reference_tokens"] > 0
 
 
+def test_init_with_fewer_positions_than_the_windows_names_its_config(tmp_path, capsys):
+    """The positions are the --init model's (before: "no train or valid window fits in 8 positions" of the store,
+    the warning's advice being --n-positions, which does not size an --init model)."""
+    from dialogpt_zh.train import main as train_main
+
+    model = make_lookalike(tmp_path / "short", "chitchat", n_positions=8)
+    _preprocess(model, tmp_path / "store", capsys)
+    code = train_main(["--data", str(tmp_path / "store"), "--output", str(tmp_path / "out"), "--init", str(model),
+                       "--max_steps", "1", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert f"the --init model's 8 positions (n_positions in {model / 'config.json'}); preprocess with a smaller " \
+           "--max-tokens" in err, err
+
+
 def test_a_store_of_another_vocabulary_refuses_init(bots, tmp_path, capsys):
     from dialogpt_zh.train import main as train_main
 
