@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
@@ -25,6 +26,7 @@ from typing import Any, Optional
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import atomic_directory, clean_stale_temp_dirs
 
+log = logging.getLogger(__name__)
 CARD_FILE = "dialogpt_zh.json"
 RUN_CONFIG_FILE = "run.json"
 METRICS_FILE = "metrics.json"
@@ -172,8 +174,11 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
         return _load_pickled(model_dir, device, dtype)
-    from dialogpt_zh.foreign import _OLD_BUFFERS, read_config, safetensors_dtypes
+    from dialogpt_zh.foreign import _OLD_BUFFERS, PICKLED_WEIGHTS, read_config, safetensors_dtypes
 
+    if (model_dir / PICKLED_WEIGHTS).is_file():   # hub downloads often hold both: say which one is read
+        log.info("%s: reading %s; the %s beside it is not read", model_dir, ", ".join(w.name for w in weights),
+                 PICKLED_WEIGHTS)
     # config.json read as foreign ones are (GPT-2's 50256 as bos/eos beside a Chinese vocabulary is dropped);
     # misshapen tensors come back in the loading info (else transformers raises without naming them)
     kwargs: dict[str, Any] = {"use_safetensors": True, "output_loading_info": True,

@@ -420,6 +420,19 @@ def test_vocab_txt_with_a_bom_loads_and_repeated_lines_are_reported(tmp_path, ca
         "21)" in caplog.text
 
 
+def test_both_weight_files_say_which_one_is_read(tmp_path, caplog):
+    """model.safetensors wins over pytorch_model.bin (as in transformers); the other one is not dropped silently."""
+    import logging
+
+    model_dir = make_lookalike(tmp_path / "m", "chitchat")
+    state = torch.load(model_dir / "pytorch_model.bin", weights_only=True)
+    _as_safetensors()(model_dir)
+    torch.save(state, model_dir / "pytorch_model.bin")
+    with caplog.at_level(logging.INFO, logger="dialogpt_zh.checkpoint"):
+        _bot(model_dir)
+    assert f"{model_dir}: reading model.safetensors; the pytorch_model.bin beside it is not read" in caplog.text
+
+
 def test_a_hub_id_offline_says_how_to_download(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"offline .*hf download uer/gpt2-chinese-cluecorpussmall --local-dir"):
