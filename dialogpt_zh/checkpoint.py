@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
@@ -25,6 +26,7 @@ from typing import Any, Optional
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import atomic_directory, clean_stale_temp_dirs
 
+log = logging.getLogger(__name__)
 CARD_FILE = "dialogpt_zh.json"
 RUN_CONFIG_FILE = "run.json"
 METRICS_FILE = "metrics.json"
@@ -172,11 +174,15 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
         return _load_pickled(model_dir, device, dtype)
-    from dialogpt_zh.foreign import read_config
+    from dialogpt_zh.foreign import _OLD_BUFFERS, PICKLED_WEIGHTS, read_config, safetensors_dtypes
 
-    # config.json read as foreign ones are (GPT-2's 50256 as bos/eos beside a Chinese vocabulary is dropped)
+    if (model_dir / PICKLED_WEIGHTS).is_file():   # hub downloads often hold both: say which one is read
+        log.info("%s: reading %s; the %s beside it is not read", model_dir, ", ".join(w.name for w in weights),
+                 PICKLED_WEIGHTS)
+    # config.json read as foreign ones are (GPT-2's 50256 as bos/eos beside a Chinese vocabulary is dropped);
+    # misshapen tensors come back in the loading info (else transformers raises without naming them)
     kwargs: dict[str, Any] = {"use_safetensors": True, "output_loading_info": True,
-                              "config": read_config(model_dir)}
+                              "config": read_config(model_dir), "ignore_mismatched_sizes": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     quiet_progress_bars()
@@ -186,12 +192,30 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
         where = model_dir / "config.json" if "config" in str(e).lower() and "json" in str(e).lower() else (
             weights[0] if len(weights) == 1 else model_dir)
         raise UserError(f"cannot load the model: {type(e).__name__}: {e}", path=where) from e
+    where = weights[0] if len(weights) == 1 else model_dir
     bad = sorted(info.get("missing_keys", ())) + sorted(k if isinstance(k, str) else k[0]
                                                          for k in info.get("mismatched_keys", ()))
+    mismatched = sorted((k for k in info.get("mismatched_keys", ()) if not isinstance(k, str)), key=str)
+    if mismatched and len(mismatched[0]) == 3:
+        name, theirs, ours = mismatched[0]
+        raise UserError(f"the weights do not match config.json: tensor {name} is {list(theirs)} in the file but "
+                        f"config.json makes it {list(ours)} ({len(bad)} tensors missing or of another shape)",
+                        path=where)
     if bad:
         raise UserError(f"the weights do not match config.json: {len(bad)} tensors missing or of another shape "
-                        f"(first: {bad[0]})", path=weights[0] if len(weights) == 1 else model_dir)
-    check_finite(model, weights[0] if len(weights) == 1 else model_dir)
+                        f"(first: {bad[0]})", path=where)
+    # as for pytorch_model.bin: a tensor the model has no place for, or an integer tensor for a float weight,
+    # is a damaged or foreign file (transformers would drop the one and cast the other without a word)
+    extra = sorted(k for k in info.get("unexpected_keys", ()) if not k.endswith(_OLD_BUFFERS))
+    if extra:
+        raise UserError(f"the weights do not match config.json: {len(extra)} tensors are not in a "
+                        f"{model.config.model_type} model of this config.json (first: {extra[0]})", path=where)
+    floating = {n for n, p in model.named_parameters() if p.is_floating_point()}
+    stored = safetensors_dtypes(weights)
+    integral = sorted(n for n, dt in stored.items() if n in floating and not dt.startswith(("F", "BF")))
+    if integral:
+        raise UserError(f"tensor {integral[0]} is {stored[integral[0]]}, not floating point", path=where)
+    check_finite(model, where)
     return model.to(device).eval()
 
 

@@ -56,6 +56,9 @@ def resolve_model_dir(spec: str | Path, field: str = "model") -> Path:
     """
     path = Path(spec)
     if path.exists():
+        if not path.is_dir():   # e.g. its config.json or pytorch_model.bin: the directory is what is loaded
+            raise UserError(f"a file, not a model directory; give the directory that holds it ({path.parent})",
+                            path=path, field=field)
         return path
     text = str(spec)
     if not looks_like_hub_id(text):
@@ -134,6 +137,9 @@ def check_state_dict(state: dict[str, Any], model, path: Path, declared_dtype: A
         raise UserError(f"the weights do not match config.json: {what}", path=path)
     for name, tensor in state.items():
         want = expected[name]
+        if tensor.layout != torch.strided:   # sparse: torch's loading would fail deep inside, unworded
+            raise UserError(f"tensor {name} is a {str(tensor.layout).replace('torch.', '')} tensor; expected a dense "
+                            "one (save tensor.to_dense())", path=path)
         if tuple(tensor.shape) != tuple(want.shape):
             raise UserError(f"tensor {name} is {list(tensor.shape)} in the file but config.json makes it "
                             f"{list(want.shape)} (vocab_size {model.config.vocab_size}, n_embd "
@@ -155,6 +161,18 @@ def check_state_dict(state: dict[str, Any], model, path: Path, declared_dtype: A
     return state
 
 
+def safetensors_dtypes(files: list[Path]) -> dict[str, str]:
+    """Each tensor's dtype as the safetensors headers name it ("F32", "BF16", "I64" ...), read without the data."""
+    from safetensors import safe_open
+
+    dtypes: dict[str, str] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                dtypes[name] = st.get_slice(name).get_dtype()
+    return dtypes
+
+
 def weights_dtype(model_dir: Path):
     """The floating dtype most of a model directory's weights are stored in (safetensors or pickled)."""
     from collections import Counter
@@ -164,12 +182,7 @@ def weights_dtype(model_dir: Path):
     counts: Counter = Counter()
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
-        from safetensors import safe_open
-
-        for f in files:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
-                    counts[st.get_slice(name).get_dtype()] += 1
+        counts.update(safetensors_dtypes(files).values())
         names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
         counts = Counter({names[k]: n for k, n in counts.items() if k in names})
     elif (model_dir / PICKLED_WEIGHTS).is_file():
@@ -190,6 +203,7 @@ def read_config(model_dir: Path):
         raw = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
             raise ValueError("expected a JSON object with a model_type")
+        _check_config_fields(raw, path)
         if "torch_dtype" in raw:   # the name transformers < 4.56 wrote; the new one is "dtype"
             raw.setdefault("dtype", raw.pop("torch_dtype"))
         vocab = raw.get("vocab_size")
@@ -199,8 +213,35 @@ def read_config(model_dir: Path):
             elif key not in raw:  # else GPT2Config's default, GPT-2's 50256 again
                 raw[key] = None
         return AutoConfig.for_model(raw.pop("model_type"), **raw)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - bad JSON, unknown model_type, bad values
         raise UserError(f"cannot read config.json: {type(e).__name__}: {e}", path=path) from e
+
+
+# GPT-2's sizes: transformers takes 0 or a negative size and fails later, in a tensor shape or an index
+_GPT2_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+
+
+def _check_config_fields(raw: dict, path: Path) -> None:
+    """The config.json fields whose bad values transformers reports without their name (or not at all)."""
+    import torch
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = raw["model_type"]
+    if model_type not in CONFIG_MAPPING:   # transformers' own message lists every model type it knows
+        raise UserError(f"unknown model_type {model_type!r} (a GPT-2 checkpoint says \"gpt2\")", path=path,
+                        field="model_type")
+    for key in ("torch_dtype", "dtype"):
+        value = raw.get(key)
+        if value is not None and value != "auto" and not (
+                isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
+            raise UserError(f"{value!r} is not a torch dtype (float32, float16, bfloat16 ...)", path=path, field=key)
+    if model_type == "gpt2":
+        for key in _GPT2_SIZES:
+            value = raw.get(key)
+            if key in raw and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UserError(f"must be a positive integer, got {value!r}", path=path, field=key)
 
 
 def load_pickled_model(model_dir: Path, dtype=None):

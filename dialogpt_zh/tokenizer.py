@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import shutil
 import tempfile
 import unicodedata
 from collections import Counter
@@ -72,6 +71,8 @@ def load_vocab_tokenizer(vocab_path: str | Path, options: dict | None = None):
     if not vocab_path.is_file():
         raise UserError("vocab file not found", path=vocab_path)
     data = vocab_path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):   # a UTF-8 BOM (Windows editors write one): no part of the first token
+        data = data[3:]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -83,6 +84,12 @@ def load_vocab_tokenizer(vocab_path: str | Path, options: dict | None = None):
     if lines and lines[-1] == "":
         lines.pop()
     present = set(lines)
+    if len(present) < len(lines):   # transformers keeps a token's last line: the earlier ids get no token
+        first: dict[str, int] = {}
+        repeats = [i for i, t in enumerate(lines) if first.setdefault(t, i) != i]
+        line = repeats[0]
+        log.warning("%s:%d: %d lines repeat an earlier token (first: %r, already on line %d); the earlier lines' ids "
+                    "have no token", vocab_path, line + 1, len(repeats), lines[line], first[lines[line]] + 1)
     missing = [t for t in REQUIRED_SPECIAL_TOKENS if t not in present]
     if missing:
         raise UserError(f"vocab lacks the special tokens {missing}", path=vocab_path)
@@ -96,7 +103,7 @@ def load_vocab_tokenizer(vocab_path: str | Path, options: dict | None = None):
     if speakers:
         config["additional_special_tokens"] = speakers
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(vocab_path, Path(tmp) / "vocab.txt")
+        (Path(tmp) / "vocab.txt").write_bytes(data)
         (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config))
         tok = _from_pretrained(Path(tmp), vocab_path)
     if len(tok) > len(lines):

@@ -46,7 +46,7 @@ DAMAGE = [
      "NaN or infinite"),
     ("model.safetensors", _edit_tensors(lambda t: t.pop(sorted(t)[-1])), "missing or of another shape"),
     ("model.safetensors", _edit_tensors(lambda t: t.__setitem__(_first(t), t[_first(t)][:1].clone())),
-     "cannot load the model"),
+     "is [1] in the file but config.json makes it"),
     ("config.json", lambda p: p.write_text('{"model_type": "gpt2", ', encoding="utf-8"), "config.json"),
 ]
 

@@ -315,6 +315,35 @@ def _mismatched_vocab(d: Path) -> None:
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+def _edit_config(**changes):
+    def edit(d: Path) -> None:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(changes)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def _edit_weights(change):
+    def edit(d: Path) -> None:
+        state = torch.load(d / "pytorch_model.bin", weights_only=True)
+        change(state)
+        torch.save(state, d / "pytorch_model.bin")
+    return edit
+
+
+def _as_safetensors(change=lambda state: None):
+    """The look-alike's weights as one model.safetensors (as save_pretrained writes it), `change`d first."""
+    def edit(d: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in torch.load(d / "pytorch_model.bin", weights_only=True).items()
+                 if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+        change(state)
+        save_file(state, str(d / "model.safetensors"))
+        (d / "pytorch_model.bin").unlink()
+    return edit
+
+
 DAMAGE = [
     ("vocab_size", _mismatched_vocab, r"transformer.wte.weight is \[\d+, 32\] in the file but config.json"),
     ("truncated", lambda d: (d / "pytorch_model.bin").write_bytes((d / "pytorch_model.bin").read_bytes()[:500]),
@@ -333,6 +362,26 @@ DAMAGE = [
     ("no vocab", lambda d: (d / "vocab.txt").unlink(), "needs tokenizer.json or a BERT-style vocab.txt"),
     ("another vocab", lambda d: (d / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n你\n", encoding="utf-8"),
      "vocab_size is 25[0-9] but the vocabulary has 5 ids: is this the model's own vocab.txt"),
+    # config.json values transformers takes and fails on later (or reports without the field)
+    ("negative n_embd", _edit_config(n_embd=-32),
+     r"config.json \(field 'n_embd'\): must be a positive integer, got -32"),
+    ("vocab_size 0", _edit_config(vocab_size=0), r"config.json \(field 'vocab_size'\): must be a positive integer"),
+    ("n_layer a string", _edit_config(n_layer="2"), r"\(field 'n_layer'\): must be a positive integer, got '2'"),
+    ("unknown model_type", _edit_config(model_type="gpt-2"),   # not transformers' list of every model type
+     r"\(field 'model_type'\): unknown model_type 'gpt-2' \(a GPT-2 checkpoint says \"gpt2\"\)$"),
+    ("bad torch_dtype", _edit_config(torch_dtype="fp16"), r"\(field 'torch_dtype'\): 'fp16' is not a torch dtype"),
+    ("sparse tensor", _edit_weights(lambda s: s.update({"transformer.ln_f.bias": s[
+        "transformer.ln_f.bias"].to_sparse()})),
+     "tensor transformer.ln_f.bias is a sparse_coo tensor; expected a dense one"),
+    # model.safetensors is held to what pytorch_model.bin is
+    ("safetensors", _as_safetensors(), None),
+    ("safetensors integer weights", _as_safetensors(lambda s: s.update({"transformer.ln_f.weight": s[
+        "transformer.ln_f.weight"].long()})), "tensor transformer.ln_f.weight is I64, not floating point"),
+    ("safetensors extra tensor", _as_safetensors(lambda s: s.update({"transformer.extra": torch.zeros(3)})),
+     r"1 tensors are not in a gpt2 model of this config.json \(first: transformer.extra\)"),
+    ("safetensors misshapen tensor", _as_safetensors(lambda s: s.update({"transformer.h.0.mlp.c_fc.weight": torch.zeros(
+        32, 64)})), r"tensor transformer.h.0.mlp.c_fc.weight is \[32, 64\] in the file but config.json makes it "
+                    r"\[32, 128\]"),
 ]
 
 
@@ -340,9 +389,48 @@ DAMAGE = [
 def test_damaged_foreign_files_are_clear_errors(tmp_path, name, damage, expected):
     model_dir = make_lookalike(tmp_path / "m", "chitchat")
     damage(model_dir)
+    if expected is None:   # the undamaged control of its neighbours
+        assert _bot(model_dir).reply(HISTORY, seed=0, num_candidates=2, max_length=4).candidates
+        return
     with pytest.raises(UserError, match=expected) as e:
         _bot(model_dir)
     assert str(model_dir) in str(e.value)
+
+
+def test_vocab_txt_with_a_bom_loads_and_repeated_lines_are_reported(tmp_path, caplog):
+    """A vocab.txt saved by a Windows editor (UTF-8 BOM, CRLF) means the same ids (before: "vocab lacks the special
+    tokens ['[PAD]']", the BOM being read as part of line 1); a token on two lines leaves an id without a token,
+    which is said (before: nothing)."""
+    import logging
+
+    from dialogpt_zh.tokenizer import load_tokenizer
+
+    plain = load_tokenizer(make_lookalike(tmp_path / "plain", "chitchat")).get_vocab()
+    windows = make_lookalike(tmp_path / "windows", "chitchat")
+    text = (windows / "vocab.txt").read_text(encoding="utf-8").replace("\n", "\r\n")
+    (windows / "vocab.txt").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert load_tokenizer(windows).get_vocab() == plain and _bot(windows).reply(HISTORY, seed=0).candidates
+    repeated = make_lookalike(tmp_path / "repeated", "chitchat")
+    lines = (repeated / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    lines[20] = lines[21]
+    (repeated / "vocab.txt").write_text("\n".join(lines), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="dialogpt_zh.tokenizer"):
+        load_tokenizer(repeated)
+    assert f"{repeated / 'vocab.txt'}:22: 1 lines repeat an earlier token (first: {lines[21]!r}, already on line " \
+        "21)" in caplog.text
+
+
+def test_both_weight_files_say_which_one_is_read(tmp_path, caplog):
+    """model.safetensors wins over pytorch_model.bin (as in transformers); the other one is not dropped silently."""
+    import logging
+
+    model_dir = make_lookalike(tmp_path / "m", "chitchat")
+    state = torch.load(model_dir / "pytorch_model.bin", weights_only=True)
+    _as_safetensors()(model_dir)
+    torch.save(state, model_dir / "pytorch_model.bin")
+    with caplog.at_level(logging.INFO, logger="dialogpt_zh.checkpoint"):
+        _bot(model_dir)
+    assert f"{model_dir}: reading model.safetensors; the pytorch_model.bin beside it is not read" in caplog.text
 
 
 def test_a_hub_id_offline_says_how_to_download(monkeypatch, capsys, tmp_path):
@@ -355,6 +443,20 @@ def test_a_hub_id_offline_says_how_to_download(monkeypatch, capsys, tmp_path):
     assert "git clone https://huggingface.co/thu-coai/CDial-GPT2_LCCC-base" in capsys.readouterr().err
     with pytest.raises(UserError, match="model path not found"):
         _bot(tmp_path / "missing")                 # a path that is not a hub id: no download attempted
+
+
+def test_a_file_given_for_a_model_directory_names_the_directory(bots, tmp_path, capsys):
+    """--model, --backward, convert's SRC or train --init pointing at a file of the model: one message, naming the
+    file and the directory to give instead (before: "not a model directory (no config.json)" of config.json,
+    or "tokenizer directory not found" of a vocab.txt that is there)."""
+    from dialogpt_zh.convert import main as convert_main
+
+    forward, backward = bots["chitchat"] / "forward", bots["chitchat"] / "backward"
+    for kw in ({"path": forward / "config.json"}, {"forward": forward, "backward": backward / "vocab.txt"}):
+        with pytest.raises(UserError, match=r"a file, not a model directory; give the directory that holds it"):
+            _bot(**kw)
+    assert convert_main([str(forward / "pytorch_model.bin"), "--output", str(tmp_path / "out")]) == 2
+    assert f"({forward})" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------ convert
@@ -545,6 +647,21 @@ def test_evaluate_measures_a_lookalike_pair(bots, kind, tmp_path, capsys):
     assert report["cases"] > 0 and set(report["decoding"]) == {"mmi"}
     assert {"forward", "backward", "mmi"} <= set(report["selection"])
     assert math.isfinite(report["ppl"]) and report["ppl"] > 1 and report["reference_tokens"] > 0
+
+
+def test_init_with_fewer_positions_than_the_windows_names_its_config(tmp_path, capsys):
+    """The positions are the --init model's (before: "no train or valid window fits in 8 positions" of the store,
+    the warning's advice being --n-positions, which does not size an --init model)."""
+    from dialogpt_zh.train import main as train_main
+
+    model = make_lookalike(tmp_path / "short", "chitchat", n_positions=8)
+    _preprocess(model, tmp_path / "store", capsys)
+    code = train_main(["--data", str(tmp_path / "store"), "--output", str(tmp_path / "out"), "--init", str(model),
+                       "--max_steps", "1", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert f"the --init model's 8 positions (n_positions in {model / 'config.json'}); preprocess with a smaller " \
+           "--max-tokens" in err, err
 
 
 def test_a_store_of_another_vocabulary_refuses_init(bots, tmp_path, capsys):

@@ -143,12 +143,16 @@ def _setup_model_and_data(run: _Run) -> None:
     max_len = run.lm.config.n_positions
     train_idx, train_len, train_skipped = usable_windows(run.train_split, max_len, run.layout)
     valid_idx, valid_len, valid_skipped = usable_windows(run.valid_split, max_len, run.layout)
+    # an --init model's positions are its config.json's (--n-positions sizes only a new model)
+    where = (f"the --init model's {max_len} positions (n_positions in {Path(config.init) / 'config.json'})"
+             if config.init and not config.resume else f"the model's {max_len} positions")
+    fix = "preprocess with a smaller --max-tokens" if config.init and not config.resume else \
+        "use --n-positions or shorter windows in the preprocessor"
     if train_skipped or valid_skipped:
-        log.warning("skipping windows longer than the model's %d positions: %d train, %d valid "
-                    "(use --n-positions or shorter windows in the preprocessor)", max_len, train_skipped,
-                    valid_skipped)
+        log.warning("skipping windows longer than %s: %d train, %d valid (%s)", where, train_skipped, valid_skipped,
+                    fix)
     if len(train_idx) == 0 or len(valid_idx) == 0:
-        raise UserError(f"no train or valid window fits in {max_len} positions", path=run.store.path)
+        raise UserError(f"no train or valid window fits in {where}; {fix}", path=run.store.path)
     if config.pack:
         _check_pack(config, max_len, train_len, run.store.path)
     if config.eval_windows and len(valid_idx) > config.eval_windows:
