@@ -174,7 +174,7 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
         return _load_pickled(model_dir, device, dtype)
-    from dialogpt_zh.foreign import _OLD_BUFFERS, PICKLED_WEIGHTS, read_config, safetensors_dtypes
+    from dialogpt_zh.foreign import OLD_BUFFERS, PICKLED_WEIGHTS, read_config, safetensors_dtypes
 
     if (model_dir / PICKLED_WEIGHTS).is_file():   # hub downloads often hold both: say which one is read
         log.info("%s: reading %s; the %s beside it is not read", model_dir, ", ".join(w.name for w in weights),
@@ -206,7 +206,7 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
                         f"(first: {bad[0]})", path=where)
     # as for pytorch_model.bin: a tensor the model has no place for, or an integer tensor for a float weight,
     # is a damaged or foreign file (transformers would drop the one and cast the other without a word)
-    extra = sorted(k for k in info.get("unexpected_keys", ()) if not k.endswith(_OLD_BUFFERS))
+    extra = sorted(k for k in info.get("unexpected_keys", ()) if not k.endswith(OLD_BUFFERS))
     if extra:
         raise UserError(f"the weights do not match config.json: {len(extra)} tensors are not in a "
                         f"{model.config.model_type} model of this config.json (first: {extra[0]})", path=where)

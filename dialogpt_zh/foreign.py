@@ -32,7 +32,7 @@ HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.sa
              "dialogpt_zh.json", "LICENSE*", "README.md"]
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 # buffers older transformers saved with GPT-2 weights (the causal mask); today's model rebuilds them
-_OLD_BUFFERS = (".attn.bias", ".attn.masked_bias")
+OLD_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
 def looks_like_hub_id(spec: str) -> bool:
@@ -125,7 +125,7 @@ def check_state_dict(state: dict[str, Any], model, path: Path, declared_dtype: A
     import torch
 
     expected = model.state_dict()
-    state = {k: v for k, v in state.items() if not (k.endswith(_OLD_BUFFERS) and k not in expected)}
+    state = {k: v for k, v in state.items() if not (k.endswith(OLD_BUFFERS) and k not in expected)}
     tied = getattr(model.config, "tie_word_embeddings", True)
     head = "lm_head.weight"
     missing = sorted(k for k in expected if k not in state and not (tied and k == head))
