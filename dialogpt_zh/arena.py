@@ -200,6 +200,12 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
             if counts["verdicts_replaced"]:
                 print(f"({counts['verdicts_replaced']} verdicts were given again; the last one counts)", file=out)
             return 0
+        if args.make or not (args.score or args.judge):   # files written next to bots being read
+            from dialogpt_zh.engine.loading import bot_input_dirs, check_outputs_apart
+
+            check_outputs_apart({"make": args.make, "key": args.key, "verdicts": args.verdicts},
+                                [*bot_input_dirs(args.a, args.a_backward), *bot_input_dirs(args.b, args.b_backward),
+                                 *map(Path, args.data)])
         if args.make:
             key_path = args.key or default_key_path(args.make)
             for p in (Path(args.make), Path(key_path)):  # fail before the slow part

@@ -219,7 +219,7 @@ def evaluate(args: EvalArgs, generation: GenerationSettings | None = None, mmi: 
     `bot`'s own, else the defaults); `bot`: a loaded ChatBot to reuse, never modified; `config_file`: the
     --config file the settings came from (an input: never written over)."""
     if write:
-        check_outputs(args, config_file)
+        check_outputs(args, config_file, bot, bot_args)
     generation, mmi = evaluated_settings(generation, mmi, bot)
     report, samples = run_evaluation(args, generation, mmi, bot, bot_args)
     if write:
@@ -267,14 +267,21 @@ def decoder_counts(bot, generation: GenerationSettings, mmi: MMISettings, decode
     return counts
 
 
-def check_outputs(args: EvalArgs, config_file: str | None = None) -> None:
+def check_outputs(args: EvalArgs, config_file: str | None = None, bot=None,
+                  bot_args: BotArguments | None = None) -> None:
     """Every output (the run config beside the report included) is writable, distinct, and not one of the
-    inputs (--data, the --config file): found before the evaluation runs."""
+    inputs (--data, the --config file, the bot's directories): found before the evaluation runs."""
+    from dialogpt_zh.engine.loading import bot_input_dirs
     from dialogpt_zh.fsutil import check_output_file
 
     if not args.output:
         raise UserError("give the report path (--output report.json)", field="output")
-    inputs = [*args.data, *([config_file] if config_file else [])]
+    if bot is not None:   # a loaded bot: its model directories and its index
+        bot_dirs = [d for d in (bot.forward_dir, bot.backward_dir,
+                                getattr(bot.retrieval, "directory", None)) if d is not None]
+    else:
+        bot_dirs = bot_input_dirs(*((bot_args.model, bot_args.backward) if bot_args else (None, None)))
+    inputs = [*args.data, *([config_file] if config_file else []), *bot_dirs]
     seen: dict[Path, str] = {}
     outputs = [(f"--{name}", name, getattr(args, name)) for name in ("output", "samples", "markdown")]
     outputs.append(("the run config of --output", "output", run_config_path(args.output)))

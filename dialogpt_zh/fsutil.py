@@ -225,18 +225,24 @@ def _put_in_place(tmp: Path, final: Path, replace_existing: bool) -> None:
     _remove_tree(old, "the previous output (now at)")
 
 
+def refuse_inputs(path: str | Path, field: str, inputs: Sequence[str | Path]) -> None:
+    """UserError when `path` is one of `inputs` (files or directories) or inside one: never write into an
+    input, even where the user passed --overwrite."""
+    resolved = Path(path).resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if resolved == src or src in resolved.parents:
+            raise UserError(f"would write over or inside the input {src}", path=path, field=field)
+
+
 def check_output_file(path: str | Path, field: str, inputs: Sequence[str | Path] = ()) -> Path:
     """Refuse, before any work, an output file that could not be written: a directory, a parent that is a
     file or not writable, or one of the run's `inputs` (never write into an input). Creates nothing."""
     path = Path(path)
     if path.is_dir():
         raise UserError("is a directory; give a file path to write", path=path, field=field)
-    resolved = path.resolve()
-    for src in inputs:
-        src = Path(src).resolve()
-        if resolved == src or src in resolved.parents:
-            raise UserError(f"would write over or inside the input {src}", path=path, field=field)
-    parent = resolved.parent
+    refuse_inputs(path, field, inputs)
+    parent = path.resolve().parent
     while not parent.exists():  # the missing folders would be created: the first existing one must be writable
         parent = parent.parent
     if not parent.is_dir():

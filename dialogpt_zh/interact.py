@@ -278,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         bot_args, args, gen, mmi = parse(parser, argv)
         from dialogpt_zh.engine.bot import load_bot
+        from dialogpt_zh.engine.loading import bot_input_dirs, check_outputs_apart
 
+        check_outputs_apart({"transcript": args.transcript, "feedback": args.feedback},
+                            bot_input_dirs(bot_args.model, bot_args.backward))
         return chat(load_bot(bot_args, gen, mmi), args)
 
     return run_main(body)

@@ -171,11 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         bot_args, args, gen, mmi, extra = parse(parser, argv)
         if extra.input != "-" and not Path(extra.input).is_file():
             raise UserError("input file not found", path=extra.input)
-        if args.output != "-" and extra.input != "-" and Path(args.output).resolve() == Path(extra.input).resolve():
-            raise UserError("--output is the input file; write somewhere else", path=args.output)
         from transformers.utils import logging as hf_logging
 
         from dialogpt_zh.engine.bot import load_bot
+        from dialogpt_zh.engine.loading import bot_input_dirs, check_outputs_apart
+
+        check_outputs_apart({"output": args.output}, [*([Path(extra.input)] if extra.input != "-" else []),
+                                                      *bot_input_dirs(bot_args.model, bot_args.backward)])
 
         hf_logging.disable_progress_bar()
         bot = load_bot(bot_args, gen, mmi)

@@ -544,6 +544,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks, one line each
         bot_args, args, generation, mmi = parse(make_web_parser(), argv)
         from dialogpt_zh.engine.bot import load_bot
+        from dialogpt_zh.engine.loading import bot_input_dirs, check_outputs_apart
+
+        check_outputs_apart({"transcript": args.transcript, "feedback": args.feedback},
+                            bot_input_dirs(bot_args.model, bot_args.backward))
 
         bot = load_bot(bot_args, generation, mmi)
         for n in getattr(bot, "notices", []) or []:

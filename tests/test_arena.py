@@ -130,3 +130,20 @@ def test_arguments_are_checked_when_made():
         with pytest.raises(UserError) as e:
             ArenaArgs(**bad)
         assert e.value.field == name
+
+
+def test_outputs_inside_a_bot_or_the_data_are_refused_before_any_work(random_bot_dir, tmp_path, capsys):
+    """--make / --key / --verdicts never go into a bot directory being read, nor over --data (even with
+    --overwrite); nothing is written."""
+    data = FIXTURES / "heldout.json"
+    before = sorted(p.name for p in (random_bot_dir / "forward").iterdir())
+    for flag, path in (("--make", random_bot_dir / "forward" / "pairs.json"), ("--key", random_bot_dir / "k.json"),
+                       ("--verdicts", data)):
+        argv = ["--a", str(random_bot_dir), "--b", str(random_bot_dir), "--data", str(data), "--pairs", "1",
+                "--overwrite", flag, str(path)]
+        if flag != "--make":
+            argv += ["--make", str(tmp_path / "pairs.json")] if flag == "--key" else []
+        assert arena.main(argv) == 2, flag
+        assert "would write over or inside the input" in capsys.readouterr().err
+    assert sorted(p.name for p in (random_bot_dir / "forward").iterdir()) == before
+    assert not (random_bot_dir / "k.json").exists() and not (tmp_path / "pairs.json").exists()

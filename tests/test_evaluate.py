@@ -388,3 +388,12 @@ def test_arguments_are_checked_when_made():
             E.EvalArgs(data=[str(HELDOUT)], **bad)
         assert e.value.field == name
     assert E.EvalArgs(data=str(HELDOUT)).data == [str(HELDOUT)]  # one path, not its characters
+
+
+def test_outputs_inside_the_bot_are_refused(random_bot_dir, capsys):
+    """The report (and samples, markdown) never go into the bot directory the evaluation reads."""
+    report = random_bot_dir / "forward" / "report.json"
+    code = E.main(["--data", str(Path(__file__).parent.parent / "corpus" / "fixtures" / "heldout.json"),
+                   "--model", str(random_bot_dir), "--output", str(report), "--no_progress"])
+    assert code == 2 and "would write over or inside the input" in capsys.readouterr().err
+    assert not report.exists()

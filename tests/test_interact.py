@@ -233,3 +233,14 @@ def test_debug_table_shows_the_retrieval_bonus_when_a_reply_was_retrieved():
         fwd = 0.0 if row[2] == "-" else float(row[2])
         assert float(row[1]) == pytest.approx(0 * fwd + float(row[3]) + bonus * ("retrieved" in row[7]), abs=0.002)
     assert any(row.split()[2] == "-" for row in lines[1:3])
+
+
+def test_transcript_or_feedback_inside_the_bot_is_refused(random_bot_dir, tmp_path, capsys):
+    """The files interact appends to are outputs: never inside the bot directory it reads."""
+    from dialogpt_zh.interact import main
+
+    for flag in ("--transcript", "--feedback"):
+        target = random_bot_dir / "backward" / "notes.jsonl"
+        assert main(["--model", str(random_bot_dir), flag, str(target)]) == 2
+        assert f"would write over or inside the input {random_bot_dir.resolve()}" in capsys.readouterr().err
+        assert not target.exists()

@@ -79,7 +79,14 @@ def test_bad_lines_stop_with_file_line_or_are_counted(random_bot_dir, tmp_path, 
     assert "3 bad lines skipped" in err
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2
     assert main([str(src), "--output", str(src), "--model", str(random_bot_dir), "--overwrite"]) == 2
-    assert "is the input file" in capsys.readouterr().err
+    assert "would write over or inside the input" in capsys.readouterr().err
+    # nor into the model it reads, even with --overwrite
+    config = random_bot_dir / "forward" / "config.json"
+    before = config.read_bytes()
+    assert main([str(src), "--output", str(config), "--model", str(random_bot_dir), "--overwrite",
+                 "--skip_bad_lines"]) == 2
+    assert f"would write over or inside the input {random_bot_dir.resolve()}" in capsys.readouterr().err
+    assert config.read_bytes() == before
 
 
 def test_rerank_streams_stdin_to_stdout(random_bot_dir):

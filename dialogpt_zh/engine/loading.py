@@ -12,6 +12,7 @@ import torch
 from dialogpt_zh.checkpoint import read_card
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.foreign import resolve_model_dir
+from dialogpt_zh.fsutil import refuse_inputs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,6 +106,27 @@ def default_bot_dir() -> Path:
                         "checkpoints/default of a source checkout) or one forward model directory",
                         field="model")
     return path
+
+
+def bot_input_dirs(model: str | Path | None, backward: str | Path | None = None) -> list[Path]:
+    """The local directories a bot is read from (--model, else the default bot; --backward): a run's inputs,
+    which its outputs must not overwrite. Hub ids and paths that do not exist are left out (loading reports
+    those)."""
+    dirs = []
+    if model is None:
+        dirs += [p for p in DEFAULT_BOT_DIRS if (p / "forward").is_dir()][:1]
+    for spec in (model, backward):
+        if spec is not None and Path(spec).exists():
+            dirs.append(Path(spec))
+    return dirs
+
+
+def check_outputs_apart(outputs: dict[str, str | Path | None], inputs: list[Path]) -> None:
+    """Refuse, before any work, an output (field -> path; None or '-' = none) that is one of the `inputs`
+    (bot directories from `bot_input_dirs`, input files) or inside one."""
+    for field, path in outputs.items():
+        if path is not None and str(path) != "-":
+            refuse_inputs(path, field, inputs)
 
 
 def resolve_bot_dirs(path, forward, backward) -> tuple[Path, Path | None]:
