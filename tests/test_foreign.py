@@ -346,6 +346,8 @@ def _as_safetensors(change=lambda state: None):
 
 DAMAGE = [
     ("vocab_size", _mismatched_vocab, r"transformer.wte.weight is \[\d+, 32\] in the file but config.json"),
+    ("card direction", lambda d: (d / "dialogpt_zh.json").write_text('{"direction": "sideways"}', encoding="utf-8"),
+     r"dialogpt_zh.json.*direction.*must be 'forward' or 'backward', got 'sideways'"),
     ("truncated", lambda d: (d / "pytorch_model.bin").write_bytes((d / "pytorch_model.bin").read_bytes()[:500]),
      "unreadable weights"),
     ("not a state dict", lambda d: torch.save([torch.zeros(2)], d / "pytorch_model.bin"), "expected a state dict"),

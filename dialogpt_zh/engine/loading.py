@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dialogpt_zh.checkpoint import read_card
+from dialogpt_zh.checkpoint import CARD_FILE, read_card
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.foreign import resolve_model_dir
 from dialogpt_zh.fsutil import refuse_inputs
@@ -156,6 +156,9 @@ def resolve_bot_dirs(path, forward, backward) -> tuple[Path, Path | None]:
 
 def check_direction(model_dir: Path, expected: str) -> None:
     direction = read_card(model_dir).get("direction")
+    if direction is not None and direction not in ("forward", "backward"):
+        raise UserError(f"must be 'forward' or 'backward', got {direction!r}", path=Path(model_dir) / CARD_FILE,
+                        field="direction")
     if direction is not None and direction != expected:
         raise UserError(f"this is a {direction} model but it was given as the {expected} model", path=model_dir)
 
