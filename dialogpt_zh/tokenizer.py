@@ -118,12 +118,21 @@ _VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.mod
 
 
 def _tokenizer_options(path: Path) -> dict:
-    """The model's tokenizer_config.json as a dict ({} when absent or unreadable: BERT-Chinese defaults)."""
-    try:
-        data = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """The model's tokenizer_config.json as a dict ({} when absent; when unreadable too, with a warning naming
+    it: BERT-Chinese defaults, which is what these models were trained with when they ship none)."""
+    file = path / "tokenizer_config.json"
+    if not file.exists():
         return {}
-    return data if isinstance(data, dict) else {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable (%s); using BERT-Chinese defaults (lowercase, Chinese characters split)",
+                    file, str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
+        return {}
+    if not isinstance(data, dict):
+        log.warning("%s: a JSON %s, not an object; using BERT-Chinese defaults", file, type(data).__name__)
+        return {}
+    return data
 
 
 def load_tokenizer(path: str | Path):

@@ -674,3 +674,16 @@ def test_a_store_of_another_vocabulary_refuses_init(bots, tmp_path, capsys):
                        str(bots["cdial"] / "forward"), "--max_steps", "1", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "vocabulary" in err and "--vocab" in err and not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_tokenizer_config_is_reported_and_the_defaults_used(tmp_path, caplog):
+    """uer ships tokenizer_config.json: a damaged one is not silently skipped (the BERT defaults are still
+    what such a model was trained with, so it loads)."""
+    import logging
+
+    model_dir = make_lookalike(tmp_path / "uer", "uer")
+    (model_dir / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        bot = _bot(model_dir)
+    assert f"{model_dir / 'tokenizer_config.json'}: unreadable" in caplog.text
+    assert bot.reply(HISTORY, seed=0, num_candidates=2, max_length=4).candidates
