@@ -134,7 +134,10 @@ def check_state_dict(state: dict[str, Any], model, path: Path, declared_dtype: A
         what = (f"{len(missing)} tensors config.json needs are missing (first: {missing[0]})" if missing
                 else f"{len(extra)} tensors are not in a {model.config.model_type} model of this config.json "
                      f"(first: {extra[0]})")
-        raise UserError(f"the weights do not match config.json: {what}", path=path)
+        wrapped = extra and all(k.startswith("module.") for k in extra)   # torch.nn.DataParallel's names
+        raise UserError(f"the weights do not match config.json: {what}"
+                        + ("; the names start with 'module.' (saved from a DataParallel wrapper): save "
+                           "model.module.state_dict() instead" if wrapped else ""), path=path)
     for name, tensor in state.items():
         want = expected[name]
         if tensor.layout != torch.strided:   # sparse: torch's loading would fail deep inside, unworded

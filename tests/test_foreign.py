@@ -309,6 +309,12 @@ def test_a_plain_pickle_is_refused_with_our_message_alone(tmp_path):
     assert not marker.exists()
 
 
+def _rename_tensors(d: Path, prefix: str) -> None:
+    """The weights saved under prefixed names, as torch.nn.DataParallel's state_dict() has them."""
+    state = torch.load(d / "pytorch_model.bin", weights_only=True)
+    torch.save({prefix + k: v for k, v in state.items()}, d / "pytorch_model.bin")
+
+
 def _mismatched_vocab(d: Path) -> None:
     cfg = json.loads((d / "config.json").read_text())
     cfg["vocab_size"] += 7
@@ -346,6 +352,7 @@ def _as_safetensors(change=lambda state: None):
 
 DAMAGE = [
     ("vocab_size", _mismatched_vocab, r"transformer.wte.weight is \[\d+, 32\] in the file but config.json"),
+    ("dataparallel names", lambda d: _rename_tensors(d, "module."), r"start with 'module.'.*model.module"),
     ("card direction", lambda d: (d / "dialogpt_zh.json").write_text('{"direction": "sideways"}', encoding="utf-8"),
      r"dialogpt_zh.json.*direction.*must be 'forward' or 'backward', got 'sideways'"),
     ("truncated", lambda d: (d / "pytorch_model.bin").write_bytes((d / "pytorch_model.bin").read_bytes()[:500]),
