@@ -17,6 +17,7 @@ from dialogpt_zh.judging.arena import (
     judge,
     load_key,
     load_pairs,
+    majority_verdicts,
     make_pairs,
     read_verdicts,
     run_id,
@@ -34,6 +35,7 @@ EXAMPLES = """
   python -m dialogpt_zh.arena --data heldout.txt --b runs/mybot --make runs/arena/pairs.json
   python -m dialogpt_zh.arena --judge runs/arena/pairs.json --verdicts runs/arena/judge1.jsonl
   python -m dialogpt_zh.arena --score runs/arena/pairs.json runs/arena/judge1.jsonl
+  python -m dialogpt_zh.arena --score runs/arena/pairs.json judge1.jsonl judge2.txt judge3.txt   # a panel
   # GPT2-chitchat's dialogue model reranked by its own MMI model, against the default bot
   python -m dialogpt_zh.arena --data heldout.txt --a models/gpt2-chitchat/dialogue_model \\
       --a_backward models/gpt2-chitchat/mmi_model --make runs/arena/chitchat.json
@@ -71,7 +73,8 @@ class ArenaArgs:
         "write the blinded pairs to this PAIRS.json (and the key to --key) instead of judging"))
     judge: str | None = field(default=None, metadata=field_help("judge the pairs of this PAIRS.json"))
     score: list[str] = field(default_factory=list, metadata=field_help(
-        "PAIRS.json VERDICTS: score a judge's verdicts with the key"))
+        "PAIRS.json VERDICTS [VERDICTS ...]: score a judge's verdicts with the key; with several judges' files "
+        "(the same pairs), each judge's tally and the majority's"))
     key: str | None = field(default=None, metadata=field_help("key file (default: PAIRS.key.json beside PAIRS)"))
     overwrite: bool = field(default=False, metadata=field_help("--make: replace existing pairs/key files"))
     device: str = field(default="cpu", metadata=field_help("torch device for the models"))
@@ -84,8 +87,8 @@ class ArenaArgs:
         modes = [m for m in ("make", "judge", "score") if getattr(self, m)]
         if len(modes) > 1:
             raise UserError(f"choose one of --make, --judge, --score (got {', '.join(modes)})", field=modes[1])
-        if self.score and len(self.score) != 2:
-            raise UserError("expects two files: PAIRS.json VERDICTS", field="score")
+        if self.score and len(self.score) < 2:
+            raise UserError("expects PAIRS.json and one or more VERDICTS files", field="score")
         if not self.make and not self.score and not self.verdicts:
             raise UserError("--verdicts FILE is needed to keep the verdicts (they are appended as you go)",
                             field="verdicts")
@@ -194,11 +197,24 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
         if args.score:
             pairs, run = load_pairs(args.score[0])
             key = load_key(args.key or default_key_path(args.score[0]), run)
-            verdicts, counts = read_verdicts(args.score[1], [p["id"] for p in pairs])
+            judges = []
+            for path in args.score[1:]:
+                verdicts, counts = read_verdicts(path, [p["id"] for p in pairs])
+                judges.append(verdicts)
+                if len(args.score) > 2:   # a panel: each judge's own tally first
+                    r = tally(verdicts, key["order"], len(pairs))
+                    share = f"{100 * r['A_preference']:.1f} %" if r["decided"] else "-"
+                    print(f"{path}: A {r['A_wins']}, B {r['B_wins']}, ties {r['ties']}, not judged "
+                          f"{r['not_judged'] + r['skipped']}; A preferred in {share} of decided pairs", file=out)
+                if counts["verdicts_replaced"]:
+                    print(f"({path}: {counts['verdicts_replaced']} verdicts were given again; the last one counts)",
+                          file=out)
+            if len(judges) > 1:
+                print(f"the majority of the {len(judges)} judges (a side more than half of them chose, else a tie):",
+                      file=out)
+            verdicts = majority_verdicts(judges) if len(judges) > 1 else judges[0]
             result = tally(verdicts, key["order"], len(pairs), key.get("sources"))
             print(format_tally(result, key["systems"]), file=out)
-            if counts["verdicts_replaced"]:
-                print(f"({counts['verdicts_replaced']} verdicts were given again; the last one counts)", file=out)
             return 0
         if args.make or not (args.score or args.judge):   # files written next to bots being read
             from dialogpt_zh.engine.loading import bot_input_dirs, check_outputs_apart

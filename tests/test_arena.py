@@ -78,6 +78,20 @@ def test_make_is_blind_and_score_uses_the_key(random_bot_dir, tmp_path, capsys):
     assert "ties: 1   skipped: 1   not judged: 1" in out and "3 decided pairs" in out
     assert "1 verdicts were given again" in out
 
+    # a panel: each judge's tally, then the majority's (a side more than half of the judges chose, else a tie)
+    second, third = tmp_path / "judge2.txt", tmp_path / "judge3.txt"
+    second.write_text(f"{ids[0]} a\n{ids[1]} a\n{ids[2]} b\n{ids[3]} b\n", encoding="utf-8")
+    third.write_text(f"{ids[0]} b\n{ids[1]} a\n{ids[2]} b\n{ids[3]} a\n{ids[5]} =\n", encoding="utf-8")
+    code, out = run(["--score", str(pairs_path), str(verdicts), str(second), str(third)])
+    assert code == 0 and f"{second}: " in out and f"{third}: " in out and "the majority of the 3 judges" in out
+    # p0: a a b -> a; p1: b a a -> a; p2: = b b -> b; p3: (s) b a -> tie; p4: a -> a; p5: = -> tie
+    majority = {ids[0]: "a", ids[1]: "a", ids[2]: "b", ids[4]: "a"}
+    wins = [sys_of[pid][v] for pid, v in majority.items()]
+    assert f"A ({random_bot_dir} max_length=6): {wins.count('A')} wins" in out
+    assert "ties: 2   skipped: 0   not judged: 0" in out
+    assert arena_lib.majority_verdicts([{"p1": "a"}, {"p1": "b"}]) == {"p1": "="}
+    assert arena_lib.majority_verdicts([{"p1": "s"}, {}]) == {"p1": "s"}
+
     verdicts.write_text(f"{ids[0]} maybe\n", encoding="utf-8")
     assert run(["--score", str(pairs_path), str(verdicts)])[0] == 2
     assert f"{verdicts}:1: verdict must be a, b, = or s" in capsys.readouterr().err

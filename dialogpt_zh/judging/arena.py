@@ -215,6 +215,20 @@ def read_verdicts(path: str | Path, pair_ids: Iterable[str], run: str | None = N
     return verdicts, counts
 
 
+def majority_verdicts(judges: Sequence[dict[str, str]]) -> dict[str, str]:
+    """One verdict per pair from several judges of the same pairs file (so the same a/b positions): the side
+    more than half of the judges who judged the pair chose, else a tie. Skips ("s") count as not judged."""
+    out: dict[str, str] = {}
+    for pid in sorted({pid for j in judges for pid in j}):
+        votes = Counter(j[pid] for j in judges if j.get(pid) in ("a", "b", "="))
+        if not votes:
+            out[pid] = "s"
+            continue
+        side, n = max(((v, votes[v]) for v in ("a", "b")), key=lambda x: x[1])
+        out[pid] = side if n > sum(votes.values()) / 2 else "="
+    return out
+
+
 def wilson_interval(wins: int, n: int, z: float = Z95) -> tuple[float, float] | None:
     """Wilson score interval of a binomial proportion (None for n = 0)."""
     if n == 0:
