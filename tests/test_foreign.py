@@ -634,6 +634,11 @@ def test_the_arena_pairs_a_forward_model_with_a_backward_model_given_apart(bots,
     systems = json.loads((tmp_path / "pairs.key.json").read_text(encoding="utf-8"))["systems"]
     assert systems["A"]["backward"] is not None and systems["A"]["backward"]["path"] == str(backward)
     assert systems["B"]["backward"] is None and systems["A"]["forward"] == systems["B"]["forward"]
+    verdicts = tmp_path / "v.txt"
+    verdicts.write_text("p001 a\np002 b\n", encoding="utf-8")
+    capsys.readouterr()
+    assert arena_main(["--score", str(pairs), str(verdicts)]) == 0
+    assert f"A ({forward} + {backward} " in capsys.readouterr().out   # the tally names the pairing
     code = arena_main(["--b_backward", str(backward), "--data", str(REPO / "corpus" / "fixtures" / "heldout.json"),
                        "--make", str(tmp_path / "no.json")])
     assert code == 2 and "--b_backward needs --b" in capsys.readouterr().err and not (tmp_path / "no.json").exists()

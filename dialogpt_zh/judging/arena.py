@@ -273,7 +273,10 @@ def format_tally(result: dict[str, Any], systems: dict[str, Any] | None = None) 
             return s
         d = systems[s]
         extra = " ".join(f"{k}={v}" for k, v in d["settings"].items())
-        return f"{s} ({d['model']}{' ' + extra if extra else ''})"
+        backward = (d.get("backward") or {}).get("path")
+        # a backward model given apart (--a_backward), not the bot directory's own backward/
+        apart = f" + {backward}" if backward and Path(d["model"]) not in Path(backward).parents else ""
+        return f"{s} ({d['model']}{apart}{' ' + extra if extra else ''})"
 
     lines = [f"{name('A')}: {result['A_wins']} wins",
              f"{name('B')}: {result['B_wins']} wins",
