@@ -102,6 +102,19 @@ CONTEXT_FIELDS = frozenset({"max_history", "max_context_tokens"})
 RETRIEVAL_FIELDS = frozenset({"retrieval_candidates", "max_length"})
 
 
+def check_text(value: Any, what: str, field: str) -> str:
+    """`value` if it is text the tokenizer can read, else a UserError naming `what` (e.g. "utterance 2"): a str
+    with an unpaired surrogate (JSON "\\ud800", undecodable bytes) is no Unicode text and would fail deep in it."""
+    if not isinstance(value, str):
+        raise UserError(f"{what} is {type(value).__name__}, not str", field=field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} is not valid Unicode text (an unpaired surrogate U+{ord(value[e.start]):04X} at "
+                        f"character {e.start})", field=field) from None
+    return value
+
+
 def refuse_unread(call: str, overrides: dict[str, Any], reads: frozenset[str]) -> None:
     """SettingsError for a known setting in `overrides` that `call` does not read (unknown names are left to
     `apply_overrides`, which says they are unknown)."""
@@ -247,10 +260,23 @@ class ChatBot:
             history = [history]
         if not isinstance(history, (list, tuple)) or not history:
             raise UserError("history must be a non-empty list of utterances (oldest first)", field="history")
-        for i, u in enumerate(history):
-            if not isinstance(u, str):
-                raise UserError(f"utterance {i} is {type(u).__name__}, not str", field="history")
-        return list(history)
+        return [check_text(u, f"utterance {i}", "history") for i, u in enumerate(history)]
+
+    def _encode_replies(self, replies: Sequence[str]) -> list[list[int]]:
+        """Token ids of replies to score; a lone str is refused (iterating it would score its characters)."""
+        if isinstance(replies, str) or not isinstance(replies, Sequence):
+            raise UserError(f"candidates must be a list of strings, got {type(replies).__name__}",
+                            field="candidates")
+        ids = [self._encode(check_text(r, f"candidate {i}", "candidates")) for i, r in enumerate(replies)]
+        # as prepare_context counts: the layout's own tokens and at least 2 context tokens must fit beside a reply
+        models = [m for m in (self.forward_model, self.backward_model) if m is not None]
+        positions = min(n_positions(m) for m in models)
+        limit = positions - max(self._layout(m).extra_tokens for m in models) - 1 - 2
+        for i, r in enumerate(ids):
+            if len(r) > limit:
+                raise UserError(f"candidate {i} has {len(r)} tokens; at most {limit} fit beside a context in these "
+                                f"models ({positions} positions)", field="candidates")
+        return ids
 
     def prepare_context(self, history, gen: GenerationSettings, reply_room: int,
                         notices: list[str]) -> tuple[list[list[int]], list[str]]:
@@ -593,9 +619,9 @@ class ChatBot:
         if (generation or self.generation).retrieval_candidates < 0:  # auto adds none to given candidates
             overrides.setdefault("retrieval_candidates", 0)
         gen, mmi = self.settings(generation, mmi, **overrides)
-        if not candidates:
+        replies = self._encode_replies(candidates)
+        if not replies:
             return []
-        replies = [self._encode(c) for c in candidates]
         room = max(len(r) for r in replies)  # retrieved replies may be up to max_length tokens long
         context, texts = self.prepare_context(history, gen, max(room, gen.max_length) if gen.retrieval_candidates
                                               else room, [])
@@ -624,7 +650,7 @@ class ChatBot:
         `max_history` and `max_context_tokens` (the turns the model sees); other overrides are refused."""
         refuse_unread("forward_logprobs", overrides, CONTEXT_FIELDS)
         gen, _ = self.settings(generation, None, **overrides)
-        ids = [self._encode(r) for r in replies]
+        ids = self._encode_replies(replies)
         if not ids:
             return []
         context, _ = self.prepare_context(history, gen, max(len(r) for r in ids), [])
@@ -641,7 +667,7 @@ class ChatBot:
             raise UserError("no backward model loaded, so there is no backward score", field="backward")
         refuse_unread("backward_logprobs", overrides, CONTEXT_FIELDS | {"backward_context_turns"})
         gen, mmi = self.settings(generation, mmi, **overrides)
-        ids = [self._encode(r) for r in replies]
+        ids = self._encode_replies(replies)
         if not ids:
             return []
         context, _ = self.prepare_context(history, gen, max(len(r) for r in ids), [])

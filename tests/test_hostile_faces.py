@@ -1,0 +1,59 @@
+"""Hostile input to the chat faces (engine API, rerank, interact, the web handlers, arena and feedback files):
+each case ends in a clear message naming the field or file:line, never a traceback or a dead page."""
+from __future__ import annotations
+
+import pytest
+
+from dialogpt_zh.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def bot(random_bot_dir):
+    from dialogpt_zh.engine.bot import ChatBot
+    from dialogpt_zh.settings import GenerationSettings
+
+    return ChatBot.from_pretrained(random_bot_dir, generation=GenerationSettings(num_candidates=2, max_length=5))
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+@pytest.mark.parametrize("call", ["reply", "rerank"])
+def test_an_unpaired_surrogate_is_refused_naming_the_utterance(bot, call):
+    # JSON "\ud800" (rerank input, the web API) is a str that the tokenizer cannot read: it failed deep inside
+    # it with a TypeError
+    with pytest.raises(UserError, match=r"utterance 1 is not valid Unicode text.*U\+D800"):
+        bot.reply(["你好", "\ud800好"]) if call == "reply" else bot.rerank(["你好", "\ud800好"], ["好"])
+
+
+@pytest.mark.parametrize("candidates,message", [
+    (["好", "\udc80"], r"candidate 1 is not valid Unicode text.*U\+DC80"),
+    (["好", None], "candidate 1 is NoneType, not str"),
+    ("好不好", "candidates must be a list of strings, got str"),  # was scored as three one-character candidates
+    (None, "candidates must be a list of strings, got NoneType"),  # was an empty ranking
+])
+def test_bad_candidates_are_refused_naming_the_candidate(bot, candidates, message):
+    with pytest.raises(UserError, match=message):
+        bot.rerank(["你好"], candidates)
+    with pytest.raises(UserError, match=message):
+        bot.forward_logprobs(["你好"], candidates)
+
+
+def test_a_candidate_too_long_for_the_models_is_named_not_blamed_on_max_length(bot):
+    from dialogpt_zh.engine.decoding import n_positions
+    from dialogpt_zh.tokenizer import decode
+
+    positions = n_positions(bot.forward_model)
+    chars = sorted(t for t in bot.tokenizer.get_vocab() if len(t) == 1 and "\u4e00" <= t <= "\u9fff")
+    fits = "".join(chars[i % len(chars)] for i in range(positions))
+    ids = bot._encode(fits)
+    limit = positions - bot.forward_layout.extra_tokens - 1 - 2
+    assert len(ids) > limit
+    with pytest.raises(UserError, match=f"candidate 1 has {len(ids)} tokens; at most {limit} fit") as e:
+        bot.rerank(["你好"], ["好", fits])
+    assert e.value.field == "candidates"
+    # the longest that fits is scored
+    longest = decode(bot.tokenizer, ids[:limit])
+    assert len(bot._encode(longest)) == limit
+    assert len(bot.rerank(["你好"], [longest])) == 1
+
+
