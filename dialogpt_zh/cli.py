@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.fsutil import loads_json
 from dialogpt_zh.settings import (
     NULL_IN_RUN_FILES,
     field_help,  # noqa: F401  (re-exported: every CLI's dataclasses use it)
@@ -78,7 +79,7 @@ def config_path(argv: Sequence[str]) -> str | None:
 def read_config_file(path: Path) -> dict[str, Any]:
     """The settings in a --config file: a JSON object, or the object under its "config" key."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise UserError("config file not found", path=path) from e
     except (OSError, UnicodeDecodeError) as e:

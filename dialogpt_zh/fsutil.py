@@ -44,6 +44,15 @@ def atomic_open(path: str | Path, mode: str = "wb", **kw: Any) -> Iterator[IO]:
         raise
 
 
+def loads_json(text: str | bytes) -> Any:
+    """json.loads, where JSON nested too deeply for Python's parser is a JSONDecodeError like any other bad JSON
+    (not a RecursionError from inside the parser), so each reader's "not JSON" message covers it."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes, read in 4 MiB chunks."""
     h = hashlib.sha256()

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence, TextIO
 
 from dialogpt_zh.cli import make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.fsutil import atomic_open
+from dialogpt_zh.fsutil import atomic_open, loads_json
 from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help
 
 EXAMPLES = """
@@ -53,7 +53,7 @@ class RerankArgs:
 def parse_record(line: str) -> tuple[dict[str, Any], list[str], list[str]]:
     """(record, context, candidate texts) of one input line; ValueError says what is wrong."""
     try:
-        rec = json.loads(line)
+        rec = loads_json(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"not JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(rec, dict):

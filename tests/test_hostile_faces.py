@@ -2,9 +2,14 @@
 each case ends in a clear message naming the field or file:line, never a traceback or a dead page."""
 from __future__ import annotations
 
+import json
+from collections import Counter
+
 import pytest
 
 from dialogpt_zh.errors import UserError
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000  # deeper than Python's JSON parser recurses
 
 
 @pytest.fixture(scope="module")
@@ -55,5 +60,53 @@ def test_a_candidate_too_long_for_the_models_is_named_not_blamed_on_max_length(b
     longest = decode(bot.tokenizer, ids[:limit])
     assert len(bot._encode(longest)) == limit
     assert len(bot.rerank(["你好"], [longest])) == 1
+
+
+# ------------------------------------------------------------------------------------------------ rerank
+
+def test_rerank_deeply_nested_json_is_a_bad_line_not_a_traceback(random_bot_dir, tmp_path, capsys):
+    from dialogpt_zh.rerank import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"context": ["你好"], "candidates": ["好"]}) + "\n" + DEEP_JSON + "\n"
+                   + json.dumps({"context": ["你好"], "candidates": ["\ud800"]}) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    code = main([str(src), "--output", str(out), "--model", str(random_bot_dir), "--no_progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {src}:2: not JSON (nested too deeply" in err and "Traceback" not in err
+    assert not out.exists()  # whole or not at all
+    code = main([str(src), "--output", str(out), "--model", str(random_bot_dir), "--no_progress",
+                 "--skip_bad_lines"])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err
+    assert f"{src}:2: not JSON (nested too deeply" in err and f"{src}:3: " in err and "U+D800" in err
+    assert "2 bad lines skipped" in err
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 1
+
+
+def test_other_json_readers_say_nested_too_deeply(tmp_path):
+    from dialogpt_zh.cli import read_config_file
+    from dialogpt_zh.judging.arena import read_verdicts
+    from dialogpt_zh.judging.feedback import read_feedback
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("{\"pair\": " + DEEP_JSON + "}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="nested too deeply"):
+        read_config_file(deep)
+    with pytest.raises(UserError, match=f"{deep}:1: not JSON \\(nested too deeply"):
+        read_verdicts(deep, ["p1"])
+    counts, skipped = Counter(), []
+    assert read_feedback([deep], counts, skipped) == []
+    assert counts["skipped_bad_lines"] == 1 and "nested too deeply" in skipped[0]
+
+
+@pytest.mark.parametrize("pair", [[1], {"a": 1}, 7])
+def test_a_verdict_naming_no_pair_id_is_refused_with_its_line(tmp_path, pair):
+    from dialogpt_zh.judging.arena import read_verdicts
+
+    path = tmp_path / "v.jsonl"
+    path.write_text("p1 a\n" + json.dumps({"pair": pair, "verdict": "a"}) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=f"{path}:2: unknown pair id"):  # a list or dict was a TypeError
+        read_verdicts(path, ["p1"])
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.fsutil import loads_json
 from dialogpt_zh.judging.feedback import JsonlAppender, utc_now
 
 Z95 = 1.959963984540054
@@ -125,7 +126,7 @@ def _read_json(path: Path, what: str, hint: str = "") -> Any:
     if not path.is_file():
         raise UserError(f"{what} not found{hint}", path=path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_json(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"not a JSON {what} ({e})", path=path) from e
 
@@ -192,7 +193,7 @@ def read_verdicts(path: str | Path, pair_ids: Iterable[str], run: str | None = N
                 continue
             if line.startswith("{"):
                 try:
-                    rec = json.loads(line)
+                    rec = loads_json(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"not JSON ({e.msg} at column {e.colno})", path=path, line=lineno) from e
                 if run is not None and rec.get("run") not in (None, run):
@@ -204,7 +205,7 @@ def read_verdicts(path: str | Path, pair_ids: Iterable[str], run: str | None = N
                 if len(parts) != 2:
                     raise UserError("expected 'PAIR_ID VERDICT' (e.g. 'p01 a')", path=path, line=lineno)
                 pid, answer = parts
-            if pid not in ids:
+            if not isinstance(pid, str) or pid not in ids:  # a JSON line may give a list (unhashable) or a number
                 raise UserError(f"unknown pair id {pid!r}", path=path, line=lineno)
             verdict = VERDICTS.get(str(answer).lower()) if isinstance(answer, str) else None
             if verdict is None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.fsutil import loads_json
 
 FORMAT = "dialogpt_zh.feedback"
 
@@ -204,7 +205,7 @@ def read_feedback(paths: Sequence[str | Path], counts: Counter, skipped: list[st
                     continue
                 counts["lines"] += 1
                 try:
-                    rec = json.loads(raw.decode("utf-8"))
+                    rec = loads_json(raw.decode("utf-8"))
                     why = _check_record(rec)
                 except UnicodeDecodeError as e:
                     why = f"not UTF-8 ({e.reason} at byte {e.start})"
