@@ -141,6 +141,10 @@ class Session:
                 print(format_candidates(self.last[1]), file=self.info)
             return True
         if command.startswith("/"):
+            word = command.split()[0]
+            if word in COMMANDS or word == "/exit":  # "/debug on": a known command given an argument it has not
+                print(f"({word} takes no argument: type {word} alone)", file=self.info)
+                return True
             print(f"(unknown command {text.split()[0]}: /help lists the commands)", file=self.info)
             return True
         if len(text) > self.args.max_input_chars:
@@ -183,7 +187,7 @@ class Session:
         given, reply = self.last
         try:
             if command == "/pick":
-                if not arg.isdigit():
+                if not arg.isdecimal():  # isdigit() also passes "²", which int() refuses
                     raise UserError(f"usage: /pick N (N = 1..{len(reply.candidates)}, as /debug shows them)")
                 judgement = choose(reply, pick=int(arg))
             else:

@@ -2,12 +2,14 @@
 each case ends in a clear message naming the field or file:line, never a traceback or a dead page."""
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 
 import pytest
 
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.interact import InteractArgs, Session
 
 DEEP_JSON = "[" * 100_000 + "]" * 100_000  # deeper than Python's JSON parser recurses
 
@@ -108,5 +110,36 @@ def test_a_verdict_naming_no_pair_id_is_refused_with_its_line(tmp_path, pair):
     path.write_text("p1 a\n" + json.dumps({"pair": pair, "verdict": "a"}) + "\n", encoding="utf-8")
     with pytest.raises(UserError, match=f"{path}:2: unknown pair id"):  # a list or dict was a TypeError
         read_verdicts(path, ["p1"])
+
+
+# ----------------------------------------------------------------------------------------------- interact
+
+def session(bot) -> tuple[Session, io.StringIO]:
+    info = io.StringIO()
+    return Session(bot, InteractArgs(seed=0), io.StringIO(), info), info
+
+
+@pytest.mark.parametrize("arg", ["²", "①", "٣x"])
+def test_pick_with_a_digit_int_cannot_read_is_a_usage_message(bot, arg):
+    s, info = session(bot)
+    assert s.handle("你好\n")
+    assert s.handle(f"/pick {arg}\n")  # "²".isdigit() is True, int("²") a ValueError: the REPL died
+    assert "usage: /pick N" in info.getvalue()
+
+
+def test_pick_accepts_full_width_digits(bot):
+    s, info = session(bot)
+    s.handle("你好\n")
+    s.handle("/pick １\n")
+    assert "the chat continues with candidate 1" in info.getvalue()
+
+
+@pytest.mark.parametrize("line", ["/debug on", "/reset now", "/help me", "/quit please"])
+def test_a_known_command_with_an_argument_is_not_called_unknown(bot, line):
+    s, info = session(bot)
+    assert s.handle(line + "\n")
+    word = line.split()[0]
+    assert f"({word} takes no argument: type {word} alone)" in info.getvalue()
+    assert "unknown command" not in info.getvalue()
 
 
