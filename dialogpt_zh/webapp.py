@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -32,6 +33,7 @@ from dialogpt_zh.settings import (  # noqa: E402
     BotArguments,
     GenerationSettings,
     MMISettings,
+    SettingsError,
     apply_overrides,
     field_help,
     resolve_auto,
@@ -149,6 +151,26 @@ CONTROLS: list[Control] = [
     Control("backward_weight", "MMI 权重", "后向模型 log P(上文|回复) 的权重（0 = 不用 MMI，按前向分数）"),
     Control("max_history", "历史轮数", "生成时最多看最近几句话"),
 ]
+
+
+def checked_slider(name: str, *args: Any, **kwargs: Any) -> gr.Slider:
+    """A gr.Slider for setting `name` whose value from an API client must be a finite number: gr.Slider compares
+    whatever it gets with its range, so a string or null fails inside Gradio as an unnamed error, and NaN passes
+    the range check. (The check wraps the instance's preprocess: a gr.Slider subclass would make Gradio write a
+    .pyi stub beside this file.)"""
+    slider = gr.Slider(*args, **kwargs)
+    plain = slider.preprocess
+
+    def preprocess(payload: Any) -> float:
+        if isinstance(payload, bool) or not isinstance(payload, (int, float)) or not math.isfinite(payload):
+            shown = repr(payload) if isinstance(payload, (int, float)) else type(payload).__name__
+            raise gr.Error(f"{name}: must be a finite number, got {shown}")
+        return plain(payload)
+
+    slider.preprocess = preprocess
+    return slider
+
+
 GENERIC_ERROR = "生成回复时出错（对话未改变，可稍后重试；详情已记录在服务器日志中）"
 
 
@@ -341,15 +363,18 @@ class ChatHandlers:
             message = message[:self.max_input_chars]
             notices.append(f"输入过长，只保留了前 {self.max_input_chars} 个字。")
             gr.Warning(notices[-1])
-        overrides = {k: _coerce(self.defaults[k], v) for k, v in values.items()}
         try:
+            overrides = {k: _coerce(self.defaults[k], v, k) for k, v in values.items()}
             gen, mm = apply_overrides(self.generation, self.mmi, overrides)
             # MMI weight 0 means "no MMI": skip the backward pass instead of computing a score weighted by 0.
             mm = apply_overrides(gen, mm, {"use_mmi": mm.use_mmi and mm.backward_weight > 0})[1]
             reply = self.replier.reply(history + [message], seed=self.seed, generation=gen, mmi=mm)
         except Exception as e:  # any failure becomes a message on the page, never a dead page
             # the details go to the server log; a remote user sees only what is meant for users
-            log.exception("reply failed (session %s)", session)
+            if isinstance(e, UserError):  # the person's input, said on the page: one log line, no traceback
+                log.warning("reply refused (session %s): %s", session, e)
+            else:
+                log.exception("reply failed (session %s)", session)
             status = "⚠ " + (f"无法生成回复：{e}" if isinstance(e, UserError) else GENERIC_ERROR)
             return (message, history_to_messages(history), history, gr.skip(), status, gr.skip()), None
         if not reply.candidates:  # e.g. a blocklist removed every candidate: say so, keep the history
@@ -433,8 +458,8 @@ def candidates_column(normalize: str = "mean") -> tuple[gr.Markdown, gr.Datafram
 def settings_sliders(defaults: dict[str, Any]) -> list[gr.Slider]:
     """One slider per `CONTROLS` entry, starting at the page's settings (`defaults`)."""
     with gr.Accordion("生成设置", open=True):
-        return [gr.Slider(c.range[0], c.range[1], value=defaults[c.name], step=c.range[2], label=c.label,
-                          info=c.info, elem_id=f"ctl_{c.name}") for c in CONTROLS]
+        return [checked_slider(c.name, c.range[0], c.range[1], value=defaults[c.name], step=c.range[2],
+                               label=c.label, info=c.info, elem_id=f"ctl_{c.name}") for c in CONTROLS]
 
 
 def build_app(bot: Replier, generation: GenerationSettings | None = None, mmi: MMISettings | None = None,
@@ -497,10 +522,13 @@ def build_app(bot: Replier, generation: GenerationSettings | None = None, mmi: M
     return demo
 
 
-def _coerce(default: Any, value: Any) -> Any:
-    """Sliders send floats; integer settings stay integers."""
+def _coerce(default: Any, value: Any, name: str) -> Any:
+    """Sliders send floats; integer settings stay integers. A value that is no finite number (NaN from an API
+    client) is a SettingsError naming the setting, as the settings' own checks are."""
     if value is None:
         return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SettingsError(f"must be a finite number, got {value!r}", field=name)
     if isinstance(default, bool):
         return bool(value)
     if isinstance(default, int):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -143,3 +144,53 @@ def test_a_known_command_with_an_argument_is_not_called_unknown(bot, line):
     assert "unknown command" not in info.getvalue()
 
 
+# ------------------------------------------------------------------------------------------------- web
+
+@pytest.fixture(scope="module")
+def handlers(bot):
+    pytest.importorskip("gradio")
+    from dialogpt_zh import webapp
+
+    app = webapp.build_app(bot, max_batch=1)
+    return app, webapp.ChatHandlers(bot, bot.generation, bot.mmi_settings,
+                                    {"num_candidates": 2, "top_k": 8, "top_p": 1.0, "temperature": 1.0,
+                                     "repetition_penalty": 1.2, "backward_weight": 1.0, "max_history": 3},
+                                    [], None, 150, 0)
+
+
+VALUES = {"num_candidates": 2, "top_k": 8, "top_p": 1.0, "temperature": 1.0, "repetition_penalty": 1.2,
+          "backward_weight": 1.0, "max_history": 3}
+
+
+@pytest.mark.parametrize("name", ["num_candidates", "max_history", "top_p"])
+def test_web_a_nan_setting_is_a_message_naming_it(handlers, name):
+    # NaN passes Gradio's range check (JSON NaN through the API); int(round(nan)) raised outside the handler's
+    # error path, so the person got Gradio's bare "error"
+    _, h = handlers
+    outputs, record = h.respond("你好", ["早", "早啊"], "s1", {**VALUES, name: math.nan})
+    assert record is None and outputs[2] == ["早", "早啊"]
+    assert name in outputs[4] and "finite number" in outputs[4]
+
+
+@pytest.mark.parametrize("value,shown", [("abc", "str"), (None, "NoneType"), ([1], "list"), (True, "True"),
+                                         (math.nan, "nan")])
+def test_web_sliders_refuse_values_that_are_no_number_naming_the_setting(handlers, value, shown):
+    import gradio as gr
+
+    app, _ = handlers
+    sliders = {b.elem_id: b for b in app.blocks.values() if isinstance(b, gr.Slider)}
+    slider = sliders["ctl_top_k"]
+    with pytest.raises(gr.Error, match=f"top_k: must be a finite number, got {shown}"):
+        slider.preprocess(value)  # gr.Slider's own: a TypeError inside Gradio, an unnamed error on the page
+    assert slider.preprocess(5) == 5
+    with pytest.raises(gr.Error, match="greater than maximum"):  # Gradio's range check still applies
+        slider.preprocess(10 ** 9)
+
+
+def test_web_an_input_error_is_logged_without_a_traceback(handlers, caplog):
+    _, h = handlers
+    with caplog.at_level("WARNING"):
+        outputs, _ = h.respond("\x00", [], "s2", VALUES)
+    assert "the latest utterance is empty" in outputs[4]
+    assert "reply refused (session s2)" in caplog.text
+    assert not any(r.exc_info for r in caplog.records)
