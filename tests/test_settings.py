@@ -156,3 +156,38 @@ def test_check_seed_bounds():
         assert words in str(e.value)
     with pytest.raises(S.SettingsError, match=r"\[0, 4294967295\]"):
         S.check_seed(2**32, "seed", maximum=2**32 - 1)
+
+
+def _settings_parser():
+    from dialogpt_zh import cli
+
+    return cli, cli.make_parser([S.GenerationSettings, S.MMISettings], prog="settings", description="d")
+
+
+@pytest.mark.parametrize("value,expected", [("-1e3", -1000.0), ("-2.5E-1", -0.25), ("-.5", -0.5), ("-7", -7.0)])
+def test_negative_numbers_in_exponent_form_are_values_not_flags(value, expected):
+    """argparse took `-1e3` for a flag: a valid weight was refused as "expected one argument"."""
+    cli, parser = _settings_parser()
+    _, mmi = cli.parse(parser, ["--length_weight", value])
+    assert mmi.length_weight == expected
+
+
+@pytest.mark.parametrize("value", ["-inf", "-1e309", "-nan", "-Infinity"])
+def test_negative_non_finite_numbers_reach_the_settings_check(value, capsys):
+    cli, parser = _settings_parser()
+    with pytest.raises(S.SettingsError, match="^top_p: must be a finite number"):
+        cli.parse(parser, ["--top_p", value])
+
+
+def test_config_file_values_a_command_line_cannot_hold(tmp_path):
+    """A number for a bool was an AttributeError traceback; a NUL in a path a ValueError in the os calls."""
+    cli, parser = _settings_parser()
+    config = tmp_path / "run.json"
+    config.write_text('{"use_mmi": 0, "top_p": 0.5}', encoding="utf-8")
+    assert cli.parse(parser, ["--config", str(config)])[1].use_mmi is False  # as `--use_mmi 0`
+    config.write_text('{"use_mmi": 2}', encoding="utf-8")
+    with pytest.raises(UserError, match="field 'use_mmi'.*not a valid value"):
+        cli.parse(parser, ["--config", str(config)])
+    config.write_text('{"blocklist": "words\\u0000.txt"}', encoding="utf-8")
+    with pytest.raises(UserError, match="field 'blocklist'.*NUL"):
+        cli.parse(parser, ["--config", str(config)])
