@@ -58,7 +58,7 @@ from dialogpt_zh.data.windows import (
     _total,
 )
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.fsutil import atomic_directory, file_sha256
+from dialogpt_zh.fsutil import atomic_directory, check_output_name, file_sha256
 from dialogpt_zh.settings import check_seed
 from dialogpt_zh.tokenizer import UtteranceEncoder
 
@@ -273,6 +273,7 @@ def check_output(args: PreprocessArguments, inputs: Sequence[str | Path]) -> Pat
     """The output directory, resolved, after refusing what it may not replace (before any work is done):
     an input (or a directory holding one, or one inside an input), the current directory, a file, and an
     existing directory unless `--overwrite` is given and it is a token store."""
+    check_output_name(args.output, "output")
     out = Path(args.output).resolve()
     named = [("input", p) for p in inputs] + [(f"--{k}", getattr(args, k)) for k in ("vocab", "blocklist")
                                                if getattr(args, k)]
