@@ -25,6 +25,7 @@ from dialogpt_zh.judging.arena import (
     write_pairs,
 )
 from dialogpt_zh.judging.feedback import model_id
+from dialogpt_zh.settings import check_seed
 
 EXAMPLES = """
   # judge in the terminal: the default bot (MMI) against the same bot with one plain sample
@@ -98,6 +99,7 @@ class ArenaArgs:
                                 field=f"{side}_backward")
         parse_settings(self.a_set, "a_set")
         parse_settings(self.b_set, "b_set")
+        check_seed(self.seed, "seed")
 
 
 # ------------------------------------------------------------------------------------------- settings

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -28,6 +29,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 CONFIG_FLAG = "--config"
+# what argparse reads as a negative number (a value), not a flag: -1, -1.5, -.5, -1e3, -1E-3, -inf, -nan
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 
 def make_parser(dataclass_types: Sequence[type], prog: str, description: str, examples: str = ""):
@@ -40,6 +43,9 @@ def make_parser(dataclass_types: Sequence[type], prog: str, description: str, ex
     epilog = "examples:\n" + examples.strip("\n") if examples else None
     parser = HfArgumentParser(list(dataclass_types), prog=prog, description=description, epilog=epilog,
                               formatter_class=_HelpFormatter)
+    # argparse takes only -1 and -.5 as negative numbers: `--length_weight -1e3` (a valid value) was refused
+    # as a missing argument, `--top_p -inf` as well instead of by the setting's own check
+    parser._negative_number_matcher = _NEGATIVE_NUMBER
     # default=SUPPRESS: no `config` attribute unless given (parse() removes it), so callers of
     # parse_args_into_dataclasses still get exactly their dataclasses back
     parser.add_argument(CONFIG_FLAG, metavar="RUN.json", default=argparse.SUPPRESS, help=(
@@ -130,8 +136,10 @@ def _config_scalar(action, value: Any, path: Path, key: str) -> Any:
     is_bool = getattr(convert, "__name__", "") == "string_to_bool"
     if isinstance(value, (dict, list)) or (isinstance(value, bool) and not is_bool):
         raise UserError(f"{value!r} is not a valid value", path=path, field=key)
-    try:
-        converted = convert(value if is_bool else str(value))
+    if isinstance(value, str) and "\0" in value:  # a command line cannot hold one; the os calls would raise
+        raise UserError("a NUL character is not allowed in a setting", path=path, field=key)
+    try:  # a bool as JSON true/false, else read like the command line's (1, "yes", ...)
+        converted = convert(value if isinstance(value, bool) else str(value))
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
         raise UserError(f"{value!r} is not a valid value ({e})", path=path, field=key) from e
     if action.choices is not None and converted not in action.choices:

@@ -40,7 +40,7 @@ from dialogpt_zh.judging.report import (
     markdown_report,
     selection_report,
 )
-from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help
+from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, check_seed, field_help
 
 log = logging.getLogger("dialogpt_zh.evaluate")
 
@@ -99,6 +99,7 @@ class EvalArgs:
         parse_decoders(self.decoders)
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
             raise UserError(f"must be >= 0, got {self.limit}", field="limit")
+        check_seed(self.seed, "seed")
 
 
 @dataclass

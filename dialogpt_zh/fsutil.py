@@ -244,9 +244,22 @@ def refuse_inputs(path: str | Path, field: str, inputs: Sequence[str | Path]) ->
             raise UserError(f"would write over or inside the input {src}", path=path, field=field)
 
 
+def check_output_name(path: str | Path, field: str) -> None:
+    """Refuse an output path that is no file name one means: empty, "-" (stdout is not an output file here:
+    it became a file named "-" in the current directory), or holding a control character (a newline made a
+    file whose name the printed summary splits over two lines; a NUL makes the os calls raise)."""
+    text = str(path)
+    if not text or text == "-":
+        raise UserError(f"give a file or directory path to write, got {text!r}", field=field)
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise UserError(f"control character {bad!r} in the path {text!r}; give a plain path", field=field)
+
+
 def check_output_file(path: str | Path, field: str, inputs: Sequence[str | Path] = ()) -> Path:
     """Refuse, before any work, an output file that could not be written: a directory, a parent that is a
     file or not writable, or one of the run's `inputs` (never write into an input). Creates nothing."""
+    check_output_name(path, field)
     path = Path(path)
     if path.is_dir():
         raise UserError("is a directory; give a file path to write", path=path, field=field)

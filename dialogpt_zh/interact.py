@@ -17,7 +17,15 @@ from dialogpt_zh.engine.results import HISTORY_NOTICE_PREFIX
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import check_output_file
 from dialogpt_zh.judging.feedback import JsonlAppender, bot_model_ids, choose, make_record
-from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help, score_formula, score_terms
+from dialogpt_zh.settings import (
+    BotArguments,
+    GenerationSettings,
+    MMISettings,
+    check_seed,
+    field_help,
+    score_formula,
+    score_terms,
+)
 
 COMMANDS = {
     "/reset": "forget the conversation so far",
@@ -54,6 +62,7 @@ class InteractArgs:
         "see `python -m dialogpt_zh.feedback export`); without it judgements are not saved"))
 
     def __post_init__(self) -> None:
+        check_seed(self.seed, "seed")
         if not 1 <= self.max_input_chars <= 100_000:
             raise UserError(f"must be in [1, 100000], got {self.max_input_chars}", field="max_input_chars")
         if self.transcript:  # checked at start, not after the first reply

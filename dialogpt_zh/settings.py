@@ -174,6 +174,22 @@ def _check_number(obj: Any, name: str, type_name: Any) -> None:
     setattr(obj, name, value)
 
 
+# --seed of every face: a whole number in [0, SEED_MAX]. The engine draws its own seeds in this range, and torch's
+# generators take no more than 2**64 - 1 (interact seeds turn i with seed + i, which must fit too); numpy's
+# seed sequences refuse negatives. Commands whose seed goes where less fits pass their own `maximum`.
+SEED_MAX = (1 << 63) - 1
+
+
+def check_seed(value: Any, field: str, maximum: int = SEED_MAX) -> None:
+    """SettingsError naming `field` unless `value` is a whole number in [0, maximum] (None: no seed, allowed)."""
+    if value is None:
+        return
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise SettingsError(f"must be a whole number, got {value!r}", field=field)
+    if not 0 <= value <= maximum:
+        raise SettingsError(f"must be in [0, {maximum}], got {value}", field=field)
+
+
 def apply_overrides(generation: GenerationSettings, mmi: MMISettings,
                     overrides: dict[str, Any]) -> tuple[GenerationSettings, MMISettings]:
     """New settings with keyword `overrides` applied (validated again); an unknown name is a SettingsError."""

@@ -35,6 +35,7 @@ from dialogpt_zh.settings import (  # noqa: E402
     MMISettings,
     SettingsError,
     apply_overrides,
+    check_seed,
     field_help,
     resolve_auto,
 )
@@ -124,6 +125,7 @@ class WebArguments:
                              ("batch_workers", 1, 16)):
             if not lo <= getattr(self, name) <= hi:
                 raise UserError(f"must be in [{lo}, {hi}], got {getattr(self, name)}", field=name)
+        check_seed(self.seed, "seed")
         if self.transcript:  # found at start, not at the first turn
             check_output_file(self.transcript, field="transcript")
 

@@ -689,3 +689,20 @@ def test_a_swallowed_stop_signal_is_not_lost(sig, code):
 
     assert cli.run_main(body) == code
     assert not reached
+
+
+@pytest.mark.parametrize("output,words", [("-", "got '-'"), ("", "got ''"), ("store\nx", "control character '\\n'"),
+                                          ("store\tx", "control character '\\t'")])
+def test_output_names_that_are_no_file_name_are_refused(tmp_path, capsys, monkeypatch, output, words):
+    """"-" became a store directory named "-" in the current directory, a newline a directory whose name the
+    summary split over two lines; the shared check (fsutil.check_output_name) refuses both, naming the flag."""
+    from dialogpt_zh.fsutil import check_output_file
+
+    monkeypatch.chdir(tmp_path)
+    assert main([str(FIXTURES / "lccc_pairs.tsv"), "--output", output, "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: output: ") and words in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UserError, match="^report: ") as e:  # the faces' output files: the same check
+        check_output_file(output, field="report")
+    assert words in str(e.value)

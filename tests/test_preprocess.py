@@ -211,6 +211,10 @@ def test_workers_and_batching_give_identical_stores(tmp_path, monkeypatch):
 def test_workers_flag_validated(tmp_path, capsys):
     assert main([str(FIXTURES / "lccc_pairs.tsv"), "--output", str(tmp_path / "o"), "--workers", "-1"]) == 2
     assert "workers" in capsys.readouterr().err
+    # a process per worker: a huge count hung the machine starting them instead of being refused
+    assert main([str(FIXTURES / "lccc_pairs.tsv"), "--output", str(tmp_path / "o"), "--workers", "100000"]) == 2
+    assert "error: workers: must be 0 (auto) or in [1, 256], got 100000" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_keep_source_splits(tmp_path):

@@ -120,3 +120,74 @@ def test_auto_counts_resolve_by_the_index():
     assert (off.num_candidates, off.retrieval_candidates) == (S.AUTO_NUM_CANDIDATES, 0)
     given = S.resolve_auto(S.GenerationSettings(num_candidates=7, retrieval_candidates=3), has_index=False)
     assert (given.num_candidates, given.retrieval_candidates) == (7, 3)
+
+
+# (command's arguments, field name, keyword arguments that make it otherwise valid): every face's --seed
+SEEDED_ARGUMENTS = [
+    ("dialogpt_zh.interact:InteractArgs", "seed", {}),
+    ("dialogpt_zh.evaluate:EvalArgs", "seed", {}),
+    ("dialogpt_zh.arena:ArenaArgs", "seed", {"make": "pairs.json"}),
+    ("dialogpt_zh.data.pipeline:PreprocessArguments", "seed", {"output": "store"}),
+    ("dialogpt_zh.training.config:TrainConfig", "seed", {"data": "store", "output": "run"}),
+]
+
+
+@pytest.mark.parametrize("target,name,kw", SEEDED_ARGUMENTS)
+@pytest.mark.parametrize("value", [-1, 2**64, 10**30])
+def test_every_face_refuses_a_seed_its_generators_cannot_take(target, name, kw, value):
+    """A negative seed or one beyond what torch / numpy / scikit-learn take was a traceback mid-run (or after
+    the first reply); it is refused when the arguments are made, naming the flag."""
+    import importlib
+
+    module, cls = target.split(":")
+    args_type = getattr(importlib.import_module(module), cls)
+    with pytest.raises(UserError, match="seed: must be in \\[0, "):
+        args_type(**kw, **{name: value})
+    args_type(**kw, **{name: 7})  # a plain seed still passes
+
+
+def test_check_seed_bounds():
+    S.check_seed(None, "seed")
+    S.check_seed(0, "seed"), S.check_seed(S.SEED_MAX, "seed"), S.check_seed(np.int64(3), "seed")
+    for bad, words in ((-1, "[0, "), (S.SEED_MAX + 1, "[0, "), (1.5, "whole number"), (True, "whole number"),
+                       ("3", "whole number")):
+        with pytest.raises(S.SettingsError, match="^my_seed: ") as e:
+            S.check_seed(bad, "my_seed")
+        assert words in str(e.value)
+    with pytest.raises(S.SettingsError, match=r"\[0, 4294967295\]"):
+        S.check_seed(2**32, "seed", maximum=2**32 - 1)
+
+
+def _settings_parser():
+    from dialogpt_zh import cli
+
+    return cli, cli.make_parser([S.GenerationSettings, S.MMISettings], prog="settings", description="d")
+
+
+@pytest.mark.parametrize("value,expected", [("-1e3", -1000.0), ("-2.5E-1", -0.25), ("-.5", -0.5), ("-7", -7.0)])
+def test_negative_numbers_in_exponent_form_are_values_not_flags(value, expected):
+    """argparse took `-1e3` for a flag: a valid weight was refused as "expected one argument"."""
+    cli, parser = _settings_parser()
+    _, mmi = cli.parse(parser, ["--length_weight", value])
+    assert mmi.length_weight == expected
+
+
+@pytest.mark.parametrize("value", ["-inf", "-1e309", "-nan", "-Infinity"])
+def test_negative_non_finite_numbers_reach_the_settings_check(value, capsys):
+    cli, parser = _settings_parser()
+    with pytest.raises(S.SettingsError, match="^top_p: must be a finite number"):
+        cli.parse(parser, ["--top_p", value])
+
+
+def test_config_file_values_a_command_line_cannot_hold(tmp_path):
+    """A number for a bool was an AttributeError traceback; a NUL in a path a ValueError in the os calls."""
+    cli, parser = _settings_parser()
+    config = tmp_path / "run.json"
+    config.write_text('{"use_mmi": 0, "top_p": 0.5}', encoding="utf-8")
+    assert cli.parse(parser, ["--config", str(config)])[1].use_mmi is False  # as `--use_mmi 0`
+    config.write_text('{"use_mmi": 2}', encoding="utf-8")
+    with pytest.raises(UserError, match="field 'use_mmi'.*not a valid value"):
+        cli.parse(parser, ["--config", str(config)])
+    config.write_text('{"blocklist": "words\\u0000.txt"}', encoding="utf-8")
+    with pytest.raises(UserError, match="field 'blocklist'.*NUL"):
+        cli.parse(parser, ["--config", str(config)])

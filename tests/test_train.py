@@ -412,6 +412,7 @@ BAD_SETTINGS = [
     (["--grad-accum", "0"], "--grad-accum"), (["--warmup-steps", "-2"], "--warmup-steps"),
     (["--epochs", "-1"], "--epochs"), (["--epochs", "0", "--max-steps", "0"], "--epochs"),
     (["--max-steps", "-3"], "--max-steps"), (["--patience", "-1"], "--patience"), (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**64)], "--seed"), (["--threads", "100000"], "--threads"),
     (["--threads", "-2"], "--threads"), (["--pack", "-1"], "--pack"), (["--prefetch", "-1"], "--prefetch"),
     (["--pack", "64", "--batch-size", "4"], "--pack"), (["--pack", "512", "--batch-tokens", "256"], "--batch-tokens"),
 ]

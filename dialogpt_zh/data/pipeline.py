@@ -58,12 +58,17 @@ from dialogpt_zh.data.windows import (
     _total,
 )
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.fsutil import atomic_directory, file_sha256
+from dialogpt_zh.fsutil import atomic_directory, check_output_name, file_sha256
+from dialogpt_zh.settings import check_seed
 from dialogpt_zh.tokenizer import UtteranceEncoder
 
 log = logging.getLogger("dialogpt_zh.preprocess")
 
 SOURCE_SPLIT_CODES = {"train": 0, "valid": 1, "validation": 1, "val": 1, "dev": 1, "test": 2}
+# --seed goes to scikit-learn's train_test_split, whose random_state takes no more
+SPLIT_SEED_MAX = 2**32 - 1
+# --workers: each is a process of its own; far more than the cores only hangs the machine
+MAX_WORKERS = 256
 
 
 # counters that mean something was dropped (the others count changes)
@@ -143,8 +148,9 @@ class PreprocessArguments:
             raise UserError("must be at least 1", field="min_frequency")
         if self.batch_sessions < 1:
             raise UserError("must be at least 1", field="batch_sessions")
-        if self.workers < 0:
-            raise UserError("must be 0 (auto) or more", field="workers")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise UserError(f"must be 0 (auto) or in [1, {MAX_WORKERS}], got {self.workers}", field="workers")
+        check_seed(self.seed, "seed", maximum=SPLIT_SEED_MAX)
         parse_upsample(self.upsample)
         parse_subsample(self.subsample)
 
@@ -267,6 +273,7 @@ def check_output(args: PreprocessArguments, inputs: Sequence[str | Path]) -> Pat
     """The output directory, resolved, after refusing what it may not replace (before any work is done):
     an input (or a directory holding one, or one inside an input), the current directory, a file, and an
     existing directory unless `--overwrite` is given and it is a token store."""
+    check_output_name(args.output, "output")
     out = Path(args.output).resolve()
     named = [("input", p) for p in inputs] + [(f"--{k}", getattr(args, k)) for k in ("vocab", "blocklist")
                                                if getattr(args, k)]

@@ -31,6 +31,7 @@ from dialogpt_zh.data.retrieval import (
 )
 from dialogpt_zh.data.store import MANIFEST, StoreSplit, TokenStore
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.fsutil import check_output_name
 
 DROP_REASONS = ("excluded_source", "reply_has_unk", "reply_too_short", "reply_too_long", "reply_blocklisted",
                 "reply_echoes_context", "same_as_held_out", "duplicate")
@@ -205,6 +206,7 @@ def _excluded(store: TokenStore, settings: IndexSettings) -> tuple[list[str], np
 
 def check_output(output: Path, overwrite: bool) -> None:
     """The index may go to `output`: nothing there, an empty directory, or (with --overwrite) an index."""
+    check_output_name(output, "output")
     if output.exists() or output.is_symlink():
         if not output.is_dir() or output.is_symlink():
             raise UserError("exists and is not a directory; refusing to replace it", path=output, field="output")

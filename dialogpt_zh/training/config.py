@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional
 
 from dialogpt_zh.cli import field_help
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.settings import SEED_MAX
 from dialogpt_zh.training.presets import PRESETS
 
 # Settings that fix the exact sequence of updates: a --resume run must use the same ones.
@@ -98,7 +99,8 @@ def validate_config(config: TrainConfig) -> None:
             refuse(name, "must be " + ("an integer" if integer else "a number"))
         if not math.isfinite(value) or value < low or (low_open and value == low) or value > high \
                 or (high_open and value == high):
-            refuse(name, f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+            bounds = ", ".join(f"{b:g}" if isinstance(b, float) else str(b) for b in (low, high))  # ints in full
+            refuse(name, f"must be in {'(' if low_open else '['}{bounds}{')' if high_open else ']'}")
 
     for name, choices in (("direction", ("forward", "backward")), ("preset", tuple(PRESETS)),
                           ("device", ("auto", "cpu", "cuda")), ("precision", ("auto", "fp32", "bf16", "fp16")),
@@ -116,9 +118,11 @@ def validate_config(config: TrainConfig) -> None:
         if getattr(config, name) is not None:
             number(name, 1, integer=True)
     for name, low in (("warmup_steps", -1), ("grad_accum", 1), ("batch_size", 0), ("epochs", 0),
-                      ("max_steps", 0), ("eval_every", 1), ("eval_windows", 0), ("patience", 0), ("seed", 0),
-                      ("threads", 0), ("pack", 0), ("prefetch", 0)):
+                      ("max_steps", 0), ("eval_every", 1), ("eval_windows", 0), ("patience", 0), ("pack", 0),
+                      ("prefetch", 0)):
         number(name, low, integer=True)
+    number("seed", 0, SEED_MAX, integer=True)  # torch.manual_seed takes no more
+    number("threads", 0, 1024, integer=True)   # as the chat faces' --threads: more only piles up idle threads
     if config.batch_tokens is not None:
         number("batch_tokens", 0, integer=True)
     if config.batch_tokens == 0 and config.batch_size == 0:

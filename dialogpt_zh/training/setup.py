@@ -20,6 +20,7 @@ from dialogpt_zh.checkpoint import (
 )
 from dialogpt_zh.data.store import MANIFEST, TokenStore
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.fsutil import check_output_name
 from dialogpt_zh.foreign import resolve_model_dir
 from dialogpt_zh.sequence import Layout
 from dialogpt_zh.training.config import MUST_MATCH_ON_RESUME, RESUME_DEFAULTS, TrainConfig
@@ -30,6 +31,7 @@ log = logging.getLogger("dialogpt_zh.train")
 
 def check_output(config: TrainConfig) -> Path:
     """Refuse an output we must not or cannot write, before any work is done."""
+    check_output_name(config.output, "output")
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise UserError("the output exists and is not a directory; name a directory", path=output, field="output")
