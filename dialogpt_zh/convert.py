@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.fsutil import file_sha256
+from dialogpt_zh.fsutil import check_output_name, file_sha256
 
 EXAMPLES = """
   python -m dialogpt_zh.convert models/gpt2-chitchat/dialogue_model --output runs/chitchat/forward --licence MIT
@@ -58,6 +58,7 @@ def build_parser():
 
 
 def _check_paths(source: Path, output: Path, overwrite: bool) -> None:
+    check_output_name(output, "output")
     here, there = output.resolve(), source.resolve()
     if here == there or here.is_relative_to(there) or there.is_relative_to(here):
         raise UserError(f"--output and the source ({source}) overlap; the output would be written over its input",

@@ -519,6 +519,9 @@ def test_convert_records_the_licence_and_refuses_bad_requests(bots, tmp_path, ca
     assert "card says it is a forward model" in capsys.readouterr().err
     assert convert_main([str(bots["cdial"] / "forward"), "--output", str(bots["cdial"] / "forward" / "x")]) == 2
     assert "overlap" in capsys.readouterr().err
+    for name in ("-", str(tmp_path / "a\nb")):   # no file name one means: nothing is written
+        assert convert_main([str(bots["cdial"] / "forward"), "--output", name]) == 2
+        assert "output" in capsys.readouterr().err and not Path(name).exists()
 
 
 # -------------------------------------------------------------------------------------- fine-tune + arena
