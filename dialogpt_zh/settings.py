@@ -28,6 +28,8 @@ class SettingsError(UserError, ValueError):
     """An out-of-range or wrongly typed setting; names the field (exit 2 in a CLI, ValueError in Python)."""
 
 
+# fields whose minimum itself is refused too (a later check says so): their range is printed as (min, max]
+OPEN_BELOW = frozenset({"top_p"})
 # (minimum, maximum), both inclusive. Lengths are tokens; a model's own position limit cuts further.
 BOUNDS: dict[str, tuple[float, float]] = {
     "num_candidates": (-1, 256),     # -1 = auto; 0 is refused
@@ -170,7 +172,8 @@ def _check_number(obj: Any, name: str, type_name: Any) -> None:
             raise SettingsError(f"must be a finite number, got {value!r}", field=name)
     lo, hi = BOUNDS[name]
     if not lo <= value <= hi:
-        raise SettingsError(f"must be in [{lo:g}, {hi:g}], got {value!r}", field=name)
+        opening = "(" if name in OPEN_BELOW else "["   # say the range the checks below really allow
+        raise SettingsError(f"must be in {opening}{lo:g}, {hi:g}], got {value!r}", field=name)
     setattr(obj, name, value)
 
 

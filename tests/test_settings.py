@@ -23,7 +23,7 @@ HOSTILE_SETTINGS = [
     ("min_length", -1, "[0, 1024]"), ("max_history", 0, "[1, 1000]"), ("max_history", 10**9, "[1, 1000]"),
     ("max_context_tokens", 10**7, "[2, 8192]"), ("max_context_tokens", 1, "[2"),
     ("no_repeat_ngram_size", -1, "[0"), ("top_k", -1, "[0"), ("top_k", 10**9, "100000"),
-    ("top_p", 0.0, "(0, 1]"), ("top_p", 1.5, "[0, 1]"), ("top_p", math.nan, "finite"),
+    ("top_p", 0.0, "(0, 1]"), ("top_p", 1.5, "(0, 1]"), ("top_p", math.nan, "finite"),
     ("temperature", math.inf, "finite"), ("temperature", -1.0, "[0, 100]"), ("temperature", math.nan, "finite"),
     ("temperature", 1e9, "[0, 100]"),
     ("repetition_penalty", 0.0, "[0.01"), ("repetition_penalty", math.inf, "finite"),
