@@ -322,6 +322,12 @@ def test_missing_blocklist_fails_when_the_bot_is_made(random_bot_dir, tmp_path, 
     assert interact_main(["--model", str(random_bot_dir), "--blocklist", str(tmp_path / "nope.txt")]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("blocklist file not found") == 1
+    with pytest.raises(UserError, match="blocklist is a directory, not a file of words"):   # both readers say so
+        ChatBot.from_pretrained(random_bot_dir, mmi=MMISettings(blocklist=str(tmp_path)))
+    from dialogpt_zh.data.cleaning import load_blocklist
+
+    with pytest.raises(UserError, match="blocklist is a directory"):
+        load_blocklist(tmp_path)
     bad = tmp_path / "block.txt"
     bad.write_bytes("\ufeff# words\n坏词\n".encode() + "脏".encode("gbk") + b"\n")
     with pytest.raises(UserError, match="block.txt:3: not UTF-8"):  # the one loader: file:line

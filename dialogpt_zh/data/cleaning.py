@@ -96,6 +96,11 @@ def _repeat_re(max_repeat: int) -> re.Pattern:
     return _REPEAT_RES[max_repeat]
 
 
+def blocklist_missing_reason(path: Path) -> str:
+    """Why a blocklist path is not a readable file, in a few words."""
+    return "is a directory, not a file of words" if path.is_dir() else "file not found"
+
+
 def load_blocklist(path: str | Path) -> list[str]:
     """Words of a blocklist file: one per line (UTF-8, BOM allowed), blank lines and `#` comments ignored.
 
@@ -103,7 +108,7 @@ def load_blocklist(path: str | Path) -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError("blocklist file not found", path=path)
+        raise UserError(f"blocklist {blocklist_missing_reason(path)}", path=path)
     words = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):

@@ -457,7 +457,9 @@ class ChatBot:
     def _blocklist(self, path: str) -> list[str]:
         p = Path(path)
         if not p.is_file():
-            raise UserError("blocklist file not found", path=p, field="blocklist")
+            from dialogpt_zh.data.cleaning import blocklist_missing_reason
+
+            raise UserError(f"blocklist {blocklist_missing_reason(p)}", path=p, field="blocklist")
         key = (str(p), p.stat().st_mtime)
         if key not in self._blocklists:
             from dialogpt_zh.data.cleaning import load_blocklist  # the one blocklist format (BOM, comments, file:line)
