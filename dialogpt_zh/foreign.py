@@ -54,6 +54,8 @@ def resolve_model_dir(spec: str | Path, field: str = "model") -> Path:
 
     No network, or HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set: a UserError naming the id and how to download it.
     """
+    if not str(spec).strip():   # Path("") is ".", the current directory: never what an empty value meant
+        raise UserError("empty; give a model directory (or a hub id)", field=field)
     path = Path(spec)
     if path.exists():
         if not path.is_dir():   # e.g. its config.json or pytorch_model.bin: the directory is what is loaded

@@ -454,6 +454,14 @@ def test_a_hub_id_offline_says_how_to_download(monkeypatch, capsys, tmp_path):
         _bot(tmp_path / "missing")                 # a path that is not a hub id: no download attempted
 
 
+def test_an_empty_model_path_is_refused_naming_the_flag(capsys):
+    """--model "" is not the current directory."""
+    from dialogpt_zh.interact import main as interact_main
+
+    assert interact_main(["--model", ""]) == 2
+    assert "model: empty; give a model directory" in capsys.readouterr().err
+
+
 def test_a_file_given_for_a_model_directory_names_the_directory(bots, tmp_path, capsys):
     """--model, --backward, convert's SRC or train --init pointing at a file of the model: one message, naming the
     file and the directory to give instead (before: "not a model directory (no config.json)" of config.json,
