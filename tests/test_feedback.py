@@ -253,3 +253,17 @@ def test_round_trip_feedback_to_fine_tuned_bot(random_bot_dir, tmp_path, monkeyp
     before = load_file(random_bot_dir / "forward" / "model.safetensors")
     after = load_file(tmp_path / "ft" / "forward" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)           # the weights really moved
+
+
+def test_a_written_reply_longer_than_a_chat_reply_is_refused_not_cut():
+    """/better (interact and the web page both judge through `choose`): a 100,000-character text is refused
+    with its length, never saved cut; the longest allowed is kept whole."""
+    from types import SimpleNamespace
+
+    from dialogpt_zh.errors import UserError
+    from dialogpt_zh.judging.feedback import MAX_BETTER_CHARS, choose
+
+    reply = SimpleNamespace(candidates=[])
+    with pytest.raises(UserError, match="100,000 characters; a chat reply has at most"):
+        choose(reply, better="好" * 100_000)
+    assert choose(reply, better="好" * MAX_BETTER_CHARS).text == "好" * MAX_BETTER_CHARS

@@ -38,6 +38,8 @@ VERSION = 1
 
 
 KINDS = ("pick", "better")
+# the longest written reply a judgement takes (training cuts utterances far shorter; more is no chat reply)
+MAX_BETTER_CHARS = 500
 
 
 class JsonlAppender:
@@ -136,6 +138,9 @@ def choose(reply, pick: int | None = None, better: str | None = None) -> Judgeme
     text = " ".join(better.split())
     if not text:
         raise UserError("the better reply is empty", field="better")
+    if len(text) > MAX_BETTER_CHARS:   # refused, not cut: a judgement is kept as the person wrote it
+        raise UserError(f"the better reply has {len(text):,d} characters; a chat reply has at most "
+                        f"{MAX_BETTER_CHARS}", field="better")
     return Judgement("better", text, None)
 
 
