@@ -175,11 +175,7 @@ def _generate(args: ArenaArgs) -> tuple[list[dict[str, Any]], dict[str, str], di
     contexts = draw_contexts(args.data, args.pairs, args.seed, args.format, args.split)
     bots = load_bots({"A": (args.a, args.a_backward), "B": (args.b, args.b_backward)}, args.device, args.threads)
     for s in ("A", "B"):  # per-call settings: the engine would only add a notice to each reply, and the key would lie
-        k = settings[s].get("retrieval_candidates", 0)
-        if k > 0 and bots[s].retrieval is None:
-            raise UserError(f"retrieval_candidates={k} asked for, but {getattr(args, s.lower()) or 'the default bot'} "
-                            f"has no retrieval index (BOT_DIR/retrieval); build one with `python -m dialogpt_zh.index`",
-                            field=f"{s.lower()}_set")
+        bots[s].require_index(settings[s].get("retrieval_candidates", 0), field=f"{s.lower()}_set")
     sources: dict[str, dict[str, str]] = {}
     pairs, order = make_pairs(contexts, bots, settings, args.seed, args.progress, sources)
     systems = {s: describe_system(bots[s], getattr(args, s.lower()), settings[s]) for s in ("A", "B")}

@@ -155,6 +155,11 @@ CONTROLS: list[Control] = [
 ]
 
 
+def is_finite_number(value: Any) -> bool:
+    """What a slider may send: an int or float that is finite (JSON true/false, strings, null and NaN are not)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def checked_slider(name: str, *args: Any, **kwargs: Any) -> gr.Slider:
     """A gr.Slider for setting `name` whose value from an API client must be a finite number: gr.Slider compares
     whatever it gets with its range, so a string or null fails inside Gradio as an unnamed error, and NaN passes
@@ -164,7 +169,7 @@ def checked_slider(name: str, *args: Any, **kwargs: Any) -> gr.Slider:
     plain = slider.preprocess
 
     def preprocess(payload: Any) -> float:
-        if isinstance(payload, bool) or not isinstance(payload, (int, float)) or not math.isfinite(payload):
+        if not is_finite_number(payload):
             shown = repr(payload) if isinstance(payload, (int, float)) else type(payload).__name__
             raise gr.Error(f"{name}: must be a finite number, got {shown}")
         return plain(payload)
@@ -529,7 +534,7 @@ def _coerce(default: Any, value: Any, name: str) -> Any:
     client) is a SettingsError naming the setting, as the settings' own checks are."""
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise SettingsError(f"must be a finite number, got {value!r}", field=name)
     if isinstance(default, bool):
         return bool(value)

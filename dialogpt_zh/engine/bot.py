@@ -93,6 +93,8 @@ def _uses_thread_policy(method):
     return wrapper
 
 
+# the fewest context tokens a sequence must have room for (a turn and its [SEP])
+MIN_CONTEXT_TOKENS = 2
 # a BERT vocabulary's placeholder tokens, never sampled
 UNUSED_TOKEN = re.compile(r"\[unused\d+\]")
 # The generation settings a scoring call reads (which turns it sees). A keyword override of a setting the call
@@ -149,10 +151,7 @@ class ChatBot:
         self.notices = list(notices)
         # the retrieval index (dialogpt_zh.data.retrieval.RetrievalIndex) or None: retrieval_candidates needs one
         self.retrieval = retrieval
-        if self.generation.retrieval_candidates > 0 and retrieval is None:
-            raise UserError(f"{self.generation.retrieval_candidates} retrieval candidates asked for, but this bot has "
-                            f"no retrieval index (BOT_DIR/retrieval); build one with `python -m dialogpt_zh.index`",
-                            field="retrieval_candidates")
+        self.require_index(self.generation.retrieval_candidates)
         self.forward_dir = forward_dir
         self.backward_dir = backward_dir
         # user input is normalised with the options the training data was cleaned with (the model card's)
@@ -178,10 +177,10 @@ class ChatBot:
         self._blocklists: dict[tuple[str, float], list[str]] = {}
         if self.mmi_settings.blocklist:
             self._blocklist(self.mmi_settings.blocklist)  # a missing file is an error now, not on every reply
-        positions = min(n_positions(m) for m in (forward_model, backward_model) if m is not None)
-        if self.generation.max_length + 4 > positions:  # [CLS], [SEP]s and 2 context tokens must fit too
-            raise UserError(f"must be at most {positions - 4} for these models ({positions} positions), got "
-                            f"{self.generation.max_length}", field="max_length")
+        positions, fixed = self._positions()   # the layout's own tokens and the shortest context must fit too
+        if self.generation.max_length + fixed + MIN_CONTEXT_TOKENS > positions:
+            raise UserError(f"must be at most {positions - fixed - MIN_CONTEXT_TOKENS} for these models ({positions} "
+                            f"positions), got {self.generation.max_length}", field="max_length")
         # GPT-2 models run through LeanGPT2 (same results, less per-call overhead); False: always transformers
         self.use_lean_forward = True
         # intra-op threads per call: auto (the cores other processes leave free, shared by the calls in flight)
@@ -268,15 +267,19 @@ class ChatBot:
             raise UserError(f"candidates must be a list of strings, got {type(replies).__name__}",
                             field="candidates")
         ids = [self._encode(check_text(r, f"candidate {i}", "candidates")) for i, r in enumerate(replies)]
-        # as prepare_context counts: the layout's own tokens and at least 2 context tokens must fit beside a reply
-        models = [m for m in (self.forward_model, self.backward_model) if m is not None]
-        positions = min(n_positions(m) for m in models)
-        limit = positions - max(self._layout(m).extra_tokens for m in models) - 1 - 2
+        positions, fixed = self._positions()
+        limit = positions - fixed - MIN_CONTEXT_TOKENS   # what prepare_context would refuse
         for i, r in enumerate(ids):
             if len(r) > limit:
                 raise UserError(f"candidate {i} has {len(r)} tokens; at most {limit} fit beside a context in these "
                                 f"models ({positions} positions)", field="candidates")
         return ids
+
+    def _positions(self) -> tuple[int, int]:
+        """(the positions every loaded model has, the layout's own tokens in a sequence: [CLS] and the reply's
+        [SEP], cdial's + the reply's speaker token)."""
+        models = [m for m in (self.forward_model, self.backward_model) if m is not None]
+        return min(n_positions(m) for m in models), max(self._layout(m).extra_tokens for m in models) + 1
 
     def prepare_context(self, history, gen: GenerationSettings, reply_room: int,
                         notices: list[str]) -> tuple[list[list[int]], list[str]]:
@@ -295,14 +298,11 @@ class ChatBot:
                            f"(max_history)")
             texts = texts[-gen.max_history:]
         turns = [encode(self.tokenizer, t) for t in texts]
-        models = [m for m in (self.forward_model, self.backward_model) if m is not None]
-        # the layout's own tokens: [CLS] and the reply's [SEP] (cdial: + the reply's speaker token)
-        fixed = max(self._layout(m).extra_tokens for m in models) + 1
-        room = min(n_positions(m) for m in models) - reply_room - fixed
-        budget = min(gen.max_context_tokens, room)
-        if budget < 2:
-            raise UserError(f"max_length {reply_room} leaves no room for context in a model of "
-                            f"{min(n_positions(m) for m in models)} positions", field="max_length")
+        positions, fixed = self._positions()
+        budget = min(gen.max_context_tokens, positions - reply_room - fixed)
+        if budget < MIN_CONTEXT_TOKENS:
+            raise UserError(f"max_length {reply_room} leaves no room for context in a model of {positions} positions",
+                            field="max_length")
         dropped = 0
         while len(turns) > 1 and sum(len(t) + 1 for t in turns) > budget:
             turns.pop(0)
@@ -502,6 +502,13 @@ class ChatBot:
         return ReplyJob(gen=gen, mmi=mmi, use_backward=use_backward, context=context, texts=texts, notices=notices,
                         seed=int(seed), generator=generator, started=t0, prepared=time.perf_counter(),
                         retrieved=hits, retrieve_s=time.perf_counter() - t1 if gen.retrieval_candidates else 0.0)
+
+    def require_index(self, retrieval_candidates: int, field: str = "retrieval_candidates") -> None:
+        """UserError when `retrieval_candidates` > 0 are asked for and this bot has no index (a face's settings,
+        refused up front; a per-call override without one only adds a notice to the reply)."""
+        if retrieval_candidates > 0 and self.retrieval is None:
+            raise UserError(f"{retrieval_candidates} retrieval candidates asked for, but this bot has no retrieval "
+                            f"index (BOT_DIR/retrieval); build one with `python -m dialogpt_zh.index`", field=field)
 
     def _retrieve(self, context: list[list[int]], texts: list[str], gen: GenerationSettings,
                   notices: list[str]) -> list:

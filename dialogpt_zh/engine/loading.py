@@ -95,10 +95,14 @@ def quantize_int8(model):
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def _found_default_bot_dir() -> Path | None:
+    return next((p for p in DEFAULT_BOT_DIRS if (p / "forward").is_dir()), None)
+
+
 def default_bot_dir() -> Path:
     """checkpoints/default beside the package (source checkout, editable install) or in the current
     directory; else a UserError that says exactly what to pass."""
-    path = next((p for p in DEFAULT_BOT_DIRS if (p / "forward").is_dir()), None)
+    path = _found_default_bot_dir()
     if path is None:
         raise UserError("no default model: checkpoints/default is not beside the package (a regular, "
                         "non-editable install does not contain it) nor in the current directory; pass "
@@ -112,9 +116,8 @@ def bot_input_dirs(model: str | Path | None, backward: str | Path | None = None)
     """The local directories a bot is read from (--model, else the default bot; --backward): a run's inputs,
     which its outputs must not overwrite. Hub ids and paths that do not exist are left out (loading reports
     those)."""
-    dirs = []
-    if model is None:
-        dirs += [p for p in DEFAULT_BOT_DIRS if (p / "forward").is_dir()][:1]
+    default = _found_default_bot_dir() if model is None else None
+    dirs = [default] if default is not None else []
     for spec in (model, backward):
         if spec is not None and Path(spec).exists():
             dirs.append(Path(spec))
