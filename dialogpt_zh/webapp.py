@@ -126,6 +126,9 @@ class WebArguments:
             if not lo <= getattr(self, name) <= hi:
                 raise UserError(f"must be in [{lo}, {hi}], got {getattr(self, name)}", field=name)
         check_seed(self.seed, "seed")
+        if not self.host.strip():  # an empty address makes the server listen on every interface, not none
+            raise UserError("must name an address, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every "
+                            "interface); an empty one would listen on every interface", field="host")
         if self.transcript:  # found at start, not at the first turn
             check_output_file(self.transcript, field="transcript")
 

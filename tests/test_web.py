@@ -392,7 +392,8 @@ HOSTILE_FLAGS = [
     (["--top_p", "1.5"], "top_p"), (["--device", "cuda"], "device"), (["--concurrency", "-1"], "concurrency"),
     (["--max_queue", "0"], "max_queue"), (["--port", "70000"], "port"),
     (["--max_input_chars", "0"], "max_input_chars"), (["--transcript", "{tmp}"], "transcript"),
-    (["--threads", "-2"], "threads"), (["--batch_workers", "0"], "batch_workers"),
+    (["--threads", "-2"], "threads"), (["--batch_workers", "0"], "batch_workers"), (["--host", ""], "host"),
+    (["--host", " "], "host"),
 ]
 
 
@@ -485,3 +486,19 @@ def test_the_web_command_exits_like_every_command_when_stopped(random_bot_dir, t
             proc.kill()
     assert proc.returncode == code, out
     assert "Traceback" not in out
+
+
+def test_transcript_or_feedback_inside_the_bot_is_refused(random_bot_dir, monkeypatch, capsys):
+    """The page's transcript and feedback files are outputs: refused inside the bot directory it reads, before
+    the bot loads (load_bot fails the test here, so a missing check cannot start a server)."""
+    import dialogpt_zh.engine.bot as engine_bot
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the bot was loaded: the output check did not run first")
+
+    monkeypatch.setattr(engine_bot, "load_bot", no_load)
+    for flag in ("--transcript", "--feedback"):
+        target = random_bot_dir / "forward" / "notes.jsonl"
+        assert webapp.main(["--model", str(random_bot_dir), flag, str(target)]) == 2
+        assert f"would write over or inside the input {random_bot_dir.resolve()}" in capsys.readouterr().err
+        assert not target.exists()
