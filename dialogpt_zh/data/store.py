@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.fsutil import loads_json
 from dialogpt_zh.sequence import DIRECTIONS, Direction, build_sequence, first_turn_length
 
 STORE_FORMAT = "dialogpt_zh.token_store"
@@ -299,7 +300,8 @@ class TokenStore:
             raise UserError("not a token store (no manifest.json); make one with `python -m dialogpt_zh.preprocess`",
                             path=self.path)
         try:
-            self.manifest: dict[str, Any] = json.loads(mpath.read_text(encoding="utf-8"))
+            # loads_json: JSON nested too deeply is bad JSON here too, not a RecursionError
+            self.manifest: dict[str, Any] = loads_json(mpath.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise UserError(f"unreadable manifest: {e.msg}", path=mpath, line=e.lineno) from e
         except UnicodeDecodeError as e:
@@ -309,7 +311,9 @@ class TokenStore:
         if self.manifest.get("format") != STORE_FORMAT:
             raise UserError(f"not a dialogpt_zh token store (format={self.manifest.get('format')!r})", path=mpath,
                             field="format")
-        if self.manifest.get("version") not in READABLE_VERSIONS:
+        version = self.manifest.get("version")
+        # type(): `true` and 1.0 compare equal to 1 but are no version this code wrote
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise UserError(f"store version {self.manifest.get('version')!r} is not supported (this code reads "
                             f"versions {', '.join(map(str, READABLE_VERSIONS))}); re-run the preprocessor",
                             path=mpath, field="version")
