@@ -357,6 +357,14 @@ def _save(path: Path, array) -> None:
         np.save(f, array, allow_pickle=True)
 
 
+def _npy_header(path: Path, shape: tuple[int, ...]) -> None:
+    """Rewrite a .npy file's header to claim `shape`, keeping its data."""
+    data = np.load(path)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": data.dtype.str, "fortran_order": False, "shape": shape})
+        f.write(data.tobytes())
+
+
 STORE_CASES = [
     ("truncated train.ids.bin", lambda s: _truncate(s / "train.ids.bin"), "train.ids.bin: "),
     ("train.ids.bin too long", lambda s: (s / "train.ids.bin").open("ab").write(b"\0\0"), "train.ids.bin: "),
@@ -374,7 +382,13 @@ STORE_CASES = [
     ("win.npy with a zero-turn window", lambda s: _save(s / "train.win.npy", np.load(s / "train.win.npy") * [[1, 0]]),
      "train.win.npy: a window lies outside"),
     ("win.npy a pickled object array", lambda s: _save(s / "test.win.npy", np.array([{"x": 1}], dtype=object)),
-     "test.win.npy: unreadable .npy"),
+     "test.win.npy: expected int64 [0, 2], found object [1]"),
+    ("utt.npy header claims a huge array", lambda s: _npy_header(s / "train.utt.npy", (10**11,)),
+     "train.utt.npy: expected int64 [48], found int64 [100000000000]"),
+    ("utt.npy header and manifest claim a huge array", lambda s: (
+        _npy_header(s / "train.utt.npy", (10**11,)),
+        _edit_manifest(s, **{"store_splits.train.utterances": 10**11 - 1})),
+     "bytes of data where [100000000000] int64 take 800,000,000,000"),
     ("win.npy missing", lambda s: (s / "valid.win.npy").unlink(), "valid.win.npy: missing store file"),
     ("manifest not UTF-8", lambda s: (s / "manifest.json").write_bytes(b'{"format": "\xff"}'),
      "manifest.json: manifest is not UTF-8"),

@@ -12,6 +12,7 @@ A window serves both directions: `dialogpt_zh.sequence.build_sequence` adds [CLS
 from __future__ import annotations
 
 import json
+import math
 from array import array
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -241,17 +242,30 @@ INT64 = np.dtype(np.int64)
 
 def _load_table(path: Path, shape: tuple[int, ...], dtype: np.dtype = INT64) -> np.ndarray:
     """A .npy table of the given shape and dtype (default int64; allow_pickle=False: never unpickle anything
-    from a user path)."""
+    from a user path). The header and the file's size are checked before the data is read: a header claiming
+    a huge array must not make numpy allocate it."""
     if not path.is_file():
         raise UserError("missing store file", path=path)
     try:
-        table = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
+            if read_header is None:
+                raise ValueError("unsupported .npy format version")
+            found_shape, _, found_dtype = read_header(f)
+            if found_dtype != dtype or found_shape != shape:
+                raise UserError(f"expected {dtype.name} {list(shape)}, found {found_dtype} {list(found_shape)} "
+                                f"(truncated or from another store); re-run the preprocessor", path=path)
+            data, need = path.stat().st_size - f.tell(), math.prod(shape) * dtype.itemsize
+            if data != need:
+                raise ValueError(f"{data:,d} bytes of data where {list(shape)} {dtype.name} take {need:,d}")
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise UserError(f"unreadable .npy file ({e}); re-run the preprocessor", path=path) from e
-    if table.dtype != dtype or table.shape != shape:
-        raise UserError(f"expected {dtype.name} {list(shape)}, found {table.dtype} {list(table.shape)} (truncated or "
-                        f"from another store); re-run the preprocessor", path=path)
-    return table
+
+
+# the .npy versions np.save writes (3.0 only for non-Latin-1 field names: never a store table)
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 # manifest fields the reader relies on, with their types
