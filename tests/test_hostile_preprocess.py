@@ -379,6 +379,8 @@ STORE_CASES = [
      "train.utt.npy: utterance offsets"),
     ("win.npy window past the end", lambda s: _save(s / "train.win.npy", np.load(s / "train.win.npy") + [[1000, 0]]),
      "train.win.npy: a window lies outside"),
+    ("win.npy window whose end wraps past int64", lambda s: _save(s / "train.win.npy", np.concatenate(
+        [[[2**63 - 1, 1]], np.load(s / "train.win.npy")[1:]])), "train.win.npy: a window lies outside"),
     ("win.npy with a zero-turn window", lambda s: _save(s / "train.win.npy", np.load(s / "train.win.npy") * [[1, 0]]),
      "train.win.npy: a window lies outside"),
     ("win.npy a pickled object array", lambda s: _save(s / "test.win.npy", np.array([{"x": 1}], dtype=object)),

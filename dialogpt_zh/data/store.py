@@ -187,8 +187,10 @@ class StoreSplit:
             raise UserError(f"utterance offsets must rise from 0 to the {counts['tokens']} tokens",
                             path=d / f"{split}.utt.npy")
         self.win = _load_table(d / f"{split}.win.npy", (counts["windows"], 2))
+        # start > utterances - count, not start + count > utterances: the sum of two huge int64s wraps
+        # negative and would pass
         if len(self.win) and ((self.win[:, 1] < 1).any() or (self.win[:, 0] < 0).any()
-                              or (self.win.sum(axis=1) > counts["utterances"]).any()):
+                              or (self.win[:, 0] > counts["utterances"] - self.win[:, 1]).any()):
             raise UserError(f"a window lies outside the {counts['utterances']} utterances",
                             path=d / f"{split}.win.npy")
         self.src: np.ndarray | None = None
