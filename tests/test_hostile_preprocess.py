@@ -430,6 +430,43 @@ def test_damaged_store_is_an_error_naming_the_file(tmp_path, fixture_tokenizer, 
     assert message in str(e.value) and str(store) in str(e.value)
 
 
+def _foreign_tokenizer(store: Path) -> None:
+    from dialogpt_zh.tokenizer import build_char_tokenizer, count_chars
+
+    shutil.rmtree(store / "tokenizer")
+    build_char_tokenizer(count_chars(["完全不同的词表"])).save_pretrained(str(store / "tokenizer"))
+
+
+def _swap_cls_sep(store: Path) -> None:
+    special = json.loads((store / "manifest.json").read_text(encoding="utf-8"))["special_ids"]
+    _edit_manifest(store, **{"special_ids.cls": special["sep"], "special_ids.sep": special["cls"]})
+
+
+TOKENIZER_CASES = [
+    ("vocab_size one more", lambda s: _edit_manifest(
+        s, vocab_size=json.loads((s / "manifest.json").read_text())["vocab_size"] + 1), "(field 'vocab_size')"),
+    ("a foreign tokenizer", _foreign_tokenizer, "(field 'vocab_size'): the tokenizer in"),
+    ("cls and sep swapped", _swap_cls_sep, "(field 'special_ids.cls'): the manifest says"),
+]
+
+
+@pytest.mark.parametrize("damage, message", [c[1:] for c in TOKENIZER_CASES], ids=[c[0] for c in TOKENIZER_CASES])
+def test_a_tokenizer_that_disagrees_with_the_manifest_exits_2_in_every_face(tmp_path, capsys, fixture_tokenizer,
+                                                                          fixture_sessions, damage, message):
+    """The check is the store's (TokenStore.tokenizer): the index built from such a store (or crashed), and a
+    swapped [CLS]/[SEP] trained silently."""
+    from dialogpt_zh.index import main as index_main
+    from dialogpt_zh.train import main as train_main
+
+    store = build_fixture_store(tmp_path / "store", fixture_tokenizer, fixture_sessions)
+    damage(store)
+    for face, extra in ((index_main, []), (train_main, ["--preset", "tiny", "--device", "cpu"])):
+        code = face(["--data", str(store), "--output", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and str(store / "manifest.json") in err, err
+        assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 def test_train_on_a_truncated_store_exits_2(tmp_path, capsys, fixture_tokenizer, fixture_sessions):
     from dialogpt_zh.train import main as train_main
 

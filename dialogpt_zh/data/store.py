@@ -29,6 +29,7 @@ READABLE_VERSIONS = (1, 2)  # 1: before the per-window sources
 MAX_SOURCES = 65535  # S.src.npy is uint16
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+SPECIAL_NAMES = ("pad", "cls", "sep", "unk")  # the manifest's special_ids
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -283,7 +284,7 @@ def _check_manifest(m: Any, path: Path) -> None:
     if m["dtype"] not in ("<u2", "<u4") or np.dtype(m["dtype"]) != ids_dtype(m["vocab_size"]):
         raise UserError(f"dtype {m['dtype']!r} does not fit vocab_size {m['vocab_size']} "
                         f"(expected {ids_dtype(m['vocab_size']).str!r})", path=path, field="dtype")
-    for name in ("pad", "cls", "sep", "unk"):
+    for name in SPECIAL_NAMES:
         i = m["special_ids"].get(name)
         if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < m["vocab_size"]:
             raise UserError(f"expected a token id below {m['vocab_size']}, found {i!r}", path=path,
@@ -353,9 +354,22 @@ class TokenStore:
         return self.path / TOKENIZER_DIR
 
     def tokenizer(self):
+        """The store's tokenizer, checked against the manifest: the stored ids and the manifest's special ids
+        only mean its tokens when the sizes and special ids agree (a swapped tokenizer/ is refused here, for
+        every reader, not trained on or indexed)."""
         from dialogpt_zh.tokenizer import load_tokenizer
 
-        return load_tokenizer(self.tokenizer_path)
+        tok = load_tokenizer(self.tokenizer_path)
+        mpath = self.path / MANIFEST
+        if len(tok) != self.manifest["vocab_size"]:
+            raise UserError(f"the tokenizer in {self.tokenizer_path} has {len(tok)} tokens but the manifest says "
+                            f"{self.manifest['vocab_size']}", path=mpath, field="vocab_size")
+        for name in SPECIAL_NAMES:
+            ours, theirs = self.manifest["special_ids"][name], getattr(tok, f"{name}_token_id")
+            if ours != theirs:
+                raise UserError(f"the manifest says {ours} but the tokenizer in {self.tokenizer_path} has {theirs}",
+                                path=mpath, field=f"special_ids.{name}")
+        return tok
 
     def split_names(self) -> list[str]:
         return list(self.manifest.get("store_splits", {}))

