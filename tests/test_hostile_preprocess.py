@@ -357,6 +357,17 @@ def _save(path: Path, array) -> None:
         np.save(f, array, allow_pickle=True)
 
 
+def _add_split(store: Path, name: str) -> None:
+    """A manifest entry for an empty split `name`, with its (empty) files where that name puts them."""
+    m = json.loads((store / "manifest.json").read_text(encoding="utf-8"))
+    m["store_splits"][name] = {"windows": 0, "utterances": 0, "tokens": 0}
+    (store / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    (store / f"{name}.ids.bin").write_bytes(b"")
+    _save(store / f"{name}.utt.npy", np.zeros(1, np.int64))
+    _save(store / f"{name}.win.npy", np.zeros((0, 2), np.int64))
+    _save(store / f"{name}.src.npy", np.zeros(0, "<u2"))
+
+
 def _npy_header(path: Path, shape: tuple[int, ...]) -> None:
     """Rewrite a .npy file's header to claim `shape`, keeping its data."""
     data = np.load(path)
@@ -409,6 +420,8 @@ STORE_CASES = [
      "(field 'store_splits.train.tokens')"),
     ("manifest split counts a list", lambda s: _edit_manifest(s, **{"store_splits.valid": [1, 2]}),
      "(field 'store_splits.valid.windows')"),
+    ("manifest split named with a path", lambda s: _add_split(s, "../outside"),
+     "(field 'store_splits'): split name '../outside'"),
     ("manifest directions a string", lambda s: _edit_manifest(s, directions="forward"), "(field 'directions')"),
     ("manifest sources not a list", lambda s: _edit_manifest(s, sources="fixtures"), "(field 'sources')"),
     ("src.npy missing", lambda s: (s / "train.src.npy").unlink(), "train.src.npy: missing store file"),

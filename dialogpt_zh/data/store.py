@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from array import array
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -298,6 +299,10 @@ def _check_manifest(m: Any, path: Path) -> None:
                                 or len(sources) > MAX_SOURCES + 1):
         raise UserError(f"expected a list of source names, found {sources!r}", path=path, field="sources")
     for split, counts in m["store_splits"].items():
+        # a split name becomes a file name (S.ids.bin): "../x" would read files outside the store
+        if not re.fullmatch(r"[\w-]+", split):
+            raise UserError(f"split name {split!r} is not a plain name (letters, digits, _ and -)", path=path,
+                            field="store_splits")
         for key in ("windows", "utterances", "tokens"):
             v = counts.get(key) if isinstance(counts, dict) else None
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
