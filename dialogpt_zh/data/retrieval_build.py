@@ -173,8 +173,8 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def _sources(store: TokenStore, names: list[str], filt: PairFilter) -> list[dict[str, Any]]:
     """The card's sources: name, pairs kept, licence, as the store's manifest records them."""
-    corpora = store.manifest.get("corpora") or []
-    by_name = {c.get("source"): c for c in corpora if isinstance(c, dict) and c.get("source")}
+    corpora = store.manifest.get("corpora", [])  # a list of objects: checked by TokenStore
+    by_name = {c.get("source"): c for c in corpora if c.get("source")}
     if not by_name and len(corpora) == len(names):  # manifests before corpora named their source: same order
         by_name = dict(zip(names, corpora))
     out = []
@@ -246,7 +246,7 @@ def build_index(store_path: str | Path, output: str | Path, settings: IndexSetti
         raise UserError("the store has no train split", path=store.path)
     tokenizer = store.tokenizer()
     names, window_source, excluded = _excluded(store, settings)
-    config = store.manifest.get("config") if isinstance(store.manifest.get("config"), dict) else {}
+    config = store.manifest.get("config", {})  # its types checked by TokenStore
     words = []
     if settings.blocklist:  # normalised as the store's text was, so a word matches what is stored
         words = [w for w in normalize_many(load_blocklist(settings.blocklist),

@@ -298,6 +298,21 @@ def _check_manifest(m: Any, path: Path) -> None:
     if sources is not None and (not isinstance(sources, list) or not all(isinstance(x, str) for x in sources)
                                 or len(sources) > MAX_SOURCES + 1):
         raise UserError(f"expected a list of source names, found {sources!r}", path=path, field="sources")
+    # optional fields that readers use: the index's card names corpora by "source" and normalises its
+    # blocklist with the store's config (a wrong type there was a traceback, or a silently different cleaning)
+    corpora = m.get("corpora", [])
+    if not isinstance(corpora, list) or not all(isinstance(c, dict) and isinstance(c.get("source", ""), str)
+                                                for c in corpora):
+        raise UserError("expected a list of objects, each 'source' a string", path=path, field="corpora")
+    config = m.get("config", {})
+    if not isinstance(config, dict):
+        raise UserError(f"expected an object, found {type(config).__name__}", path=path, field="config")
+    repeat = config.get("max_repeat", 4)
+    if type(repeat) is not int or not 1 <= repeat < 2**31:  # 2**31: below the limit of a `re` repeat count
+        raise UserError(f"expected an int from 1 to {2**31 - 1}, found {repeat!r}", path=path,
+                        field="config.max_repeat")
+    if type(config.get("mask_pii", True)) is not bool:
+        raise UserError(f"expected true or false, found {config['mask_pii']!r}", path=path, field="config.mask_pii")
     for split, counts in m["store_splits"].items():
         # a split name becomes a file name (S.ids.bin): "../x" would read files outside the store
         if not re.fullmatch(r"[\w-]+", split):
