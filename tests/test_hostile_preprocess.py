@@ -402,6 +402,12 @@ STORE_CASES = [
         _npy_header(s / "train.utt.npy", (10**11,)),
         _edit_manifest(s, **{"store_splits.train.utterances": 10**11 - 1})),
      "bytes of data where [100000000000] int64 take 800,000,000,000"),
+    ("win.npy a directory", lambda s: ((s / "train.win.npy").unlink(), (s / "train.win.npy").mkdir()),
+     "train.win.npy: expected a file, found a directory"),
+    ("ids.bin a directory", lambda s: ((s / "valid.ids.bin").unlink(), (s / "valid.ids.bin").mkdir()),
+     "valid.ids.bin: expected a file, found a directory"),
+    ("manifest a directory", lambda s: ((s / "manifest.json").unlink(), (s / "manifest.json").mkdir()),
+     "manifest.json: expected a file, found a directory"),
     ("win.npy missing", lambda s: (s / "valid.win.npy").unlink(), "valid.win.npy: missing store file"),
     ("manifest not UTF-8", lambda s: (s / "manifest.json").write_bytes(b'{"format": "\xff"}'),
      "manifest.json: manifest is not UTF-8"),
@@ -488,6 +494,11 @@ def test_a_tokenizer_that_disagrees_with_the_manifest_exits_2_in_every_face(tmp_
         err = capsys.readouterr().err
         assert code == 2 and message in err and str(store / "manifest.json") in err, err
         assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_file_given_as_the_store_says_so(tmp_path, fixture_store):
+    with pytest.raises(UserError, match="manifest.json: expected a token store directory, found a file"):
+        TokenStore(fixture_store / "manifest.json")
 
 
 def test_train_on_a_truncated_store_exits_2(tmp_path, capsys, fixture_tokenizer, fixture_sessions):

@@ -173,8 +173,7 @@ class StoreSplit:
         counts = store.manifest["store_splits"][split]
         dtype = np.dtype(store.manifest["dtype"])
         ids_path = d / f"{split}.ids.bin"
-        if not ids_path.is_file():
-            raise UserError("missing store file", path=ids_path)
+        _require_file(ids_path)
         size = ids_path.stat().st_size
         if size != counts["tokens"] * dtype.itemsize:
             raise UserError(f"{size:,d} bytes where the manifest's {counts['tokens']:,d} {dtype.name} tokens take "
@@ -244,12 +243,17 @@ class StoreSplit:
 INT64 = np.dtype(np.int64)
 
 
+def _require_file(path: Path) -> None:
+    """A store file must be a regular file: "missing" would mislead for a directory in its place."""
+    if not path.is_file():
+        raise UserError("expected a file, found a directory" if path.is_dir() else "missing store file", path=path)
+
+
 def _load_table(path: Path, shape: tuple[int, ...], dtype: np.dtype = INT64) -> np.ndarray:
     """A .npy table of the given shape and dtype (default int64; allow_pickle=False: never unpickle anything
     from a user path). The header and the file's size are checked before the data is read: a header claiming
     a huge array must not make numpy allocate it."""
-    if not path.is_file():
-        raise UserError("missing store file", path=path)
+    _require_file(path)
     try:
         with open(path, "rb") as f:
             read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
@@ -332,7 +336,10 @@ class TokenStore:
         self.path = Path(path)
         mpath = self.path / MANIFEST
         if not self.path.is_dir():
-            raise UserError("data directory not found", path=self.path)
+            raise UserError("expected a token store directory, found a file" if self.path.exists()
+                            else "data directory not found", path=self.path)
+        if mpath.is_dir():
+            raise UserError("expected a file, found a directory", path=mpath)
         if not mpath.is_file():
             raise UserError("not a token store (no manifest.json); make one with `python -m dialogpt_zh.preprocess`",
                             path=self.path)
