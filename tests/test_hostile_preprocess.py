@@ -3,6 +3,7 @@ hostile user would give it: every case ends in a clear `error: file[:line]: mess
 clean result), never a traceback, never a lost or half-written file (issue 13)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -499,6 +500,36 @@ def test_a_tokenizer_that_disagrees_with_the_manifest_exits_2_in_every_face(tmp_
 def test_a_file_given_as_the_store_says_so(tmp_path, fixture_store):
     with pytest.raises(UserError, match="manifest.json: expected a token store directory, found a file"):
         TokenStore(fixture_store / "manifest.json")
+
+
+def _unmappable_file() -> Path | None:
+    """A regular file of 4096 bytes that mmap refuses (a sysfs attribute), or None where there is none."""
+    for path in sorted(Path("/sys/kernel").glob("**/*"))[:2000]:
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink() and path.stat().st_size == 4096:
+                return path
+    return None
+
+
+def test_unreadable_store_files_exit_2(tmp_path, fixture_tokenizer, fixture_sessions):
+    """Read errors (what chmod 000 gives a user who is not root; tests often run as root, where it does not
+    bite) are a UserError naming the file: here through files that fail to read even for root."""
+    store = build_fixture_store(tmp_path / "store", fixture_tokenizer, fixture_sessions)
+    manifest = (store / "manifest.json").read_text(encoding="utf-8")
+    (store / "manifest.json").unlink()
+    (store / "manifest.json").symlink_to("/proc/self/mem")  # a regular file; read() fails with EIO
+    with pytest.raises(UserError, match=r"manifest.json: cannot read the manifest: Input/output error"):
+        TokenStore(store)
+    unmappable = _unmappable_file()
+    if unmappable is None:
+        pytest.skip("no sysfs file to stand for an unreadable S.ids.bin")
+    (store / "manifest.json").unlink()
+    (store / "manifest.json").write_text(manifest, encoding="utf-8")
+    _edit_manifest(store, **{"store_splits.train.tokens": 2048})  # 4096 bytes of uint16
+    (store / "train.ids.bin").unlink()
+    (store / "train.ids.bin").symlink_to(unmappable)
+    with pytest.raises(UserError, match=r"train.ids.bin: cannot read"):
+        TokenStore(store)
 
 
 def test_train_on_a_truncated_store_exits_2(tmp_path, capsys, fixture_tokenizer, fixture_sessions):

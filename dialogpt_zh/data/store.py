@@ -179,7 +179,10 @@ class StoreSplit:
             raise UserError(f"{size:,d} bytes where the manifest's {counts['tokens']:,d} {dtype.name} tokens take "
                             f"{counts['tokens'] * dtype.itemsize:,d} (truncated or from another store); "
                             f"re-run the preprocessor", path=ids_path)
-        self.ids = np.memmap(ids_path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
+        try:
+            self.ids = np.memmap(ids_path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
+        except OSError as e:  # no read permission, or a file that cannot be mapped
+            raise UserError(f"cannot read: {e.strerror or e}", path=ids_path) from e
         if size and int(self.ids.max()) >= store.manifest["vocab_size"]:
             raise UserError(f"token id {int(self.ids.max())} is outside the vocabulary "
                             f"({store.manifest['vocab_size']} tokens)", path=ids_path)
@@ -350,6 +353,8 @@ class TokenStore:
             raise UserError(f"unreadable manifest: {e.msg}", path=mpath, line=e.lineno) from e
         except UnicodeDecodeError as e:
             raise UserError(f"manifest is not UTF-8 text ({e.reason} at byte {e.start})", path=mpath) from e
+        except OSError as e:  # no read permission, an I/O error
+            raise UserError(f"cannot read the manifest: {e.strerror or e}", path=mpath) from e
         if not isinstance(self.manifest, dict):
             raise UserError("manifest is not a JSON object", path=mpath)
         if self.manifest.get("format") != STORE_FORMAT:
