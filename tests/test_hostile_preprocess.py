@@ -532,6 +532,16 @@ def test_unreadable_store_files_exit_2(tmp_path, fixture_tokenizer, fixture_sess
         TokenStore(store)
 
 
+def test_index_of_an_empty_train_split_exits_2(tmp_path, capsys, fixture_tokenizer, fixture_sessions):
+    from dialogpt_zh.index import main as index_main
+
+    store = build_fixture_store(tmp_path / "store", fixture_tokenizer, fixture_sessions[:1])  # a valid session only
+    assert index_main(["--data", str(store), "--output", str(tmp_path / "idx")]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json (field 'store_splits'): the train split is empty (0 windows)" in err, err
+    assert not (tmp_path / "idx").exists()
+
+
 def test_train_on_a_truncated_store_exits_2(tmp_path, capsys, fixture_tokenizer, fixture_sessions):
     from dialogpt_zh.train import main as train_main
 

@@ -242,8 +242,7 @@ def build_index(store_path: str | Path, output: str | Path, settings: IndexSetti
     check_apart(Path(store_path), output)
     check_output(output, overwrite)  # before the work, not after
     store = TokenStore(store_path)
-    if "train" not in store.split_names():
-        raise UserError("the store has no train split", path=store.path)
+    store.nonempty_split("train")  # missing or empty: said now, not as "no pair left"
     tokenizer = store.tokenizer()
     names, window_source, excluded = _excluded(store, settings)
     config = store.manifest.get("config", {})  # its types checked by TokenStore

@@ -412,3 +412,10 @@ class TokenStore:
         if name not in self._splits:
             self._splits[name] = StoreSplit(self, name)
         return self._splits[name]
+
+    def nonempty_split(self, name: str) -> StoreSplit:
+        """`split(name)`, refused when it has no window (what trains or indexes needs one)."""
+        split = self.split(name)
+        if len(split) == 0:
+            raise UserError(f"the {name} split is empty (0 windows)", path=self.path / MANIFEST, field="store_splits")
+        return split
