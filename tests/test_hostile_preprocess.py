@@ -3,6 +3,7 @@ hostile user would give it: every case ends in a clear `error: file[:line]: mess
 clean result), never a traceback, never a lost or half-written file (issue 13)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -357,6 +358,25 @@ def _save(path: Path, array) -> None:
         np.save(f, array, allow_pickle=True)
 
 
+def _add_split(store: Path, name: str) -> None:
+    """A manifest entry for an empty split `name`, with its (empty) files where that name puts them."""
+    m = json.loads((store / "manifest.json").read_text(encoding="utf-8"))
+    m["store_splits"][name] = {"windows": 0, "utterances": 0, "tokens": 0}
+    (store / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    (store / f"{name}.ids.bin").write_bytes(b"")
+    _save(store / f"{name}.utt.npy", np.zeros(1, np.int64))
+    _save(store / f"{name}.win.npy", np.zeros((0, 2), np.int64))
+    _save(store / f"{name}.src.npy", np.zeros(0, "<u2"))
+
+
+def _npy_header(path: Path, shape: tuple[int, ...]) -> None:
+    """Rewrite a .npy file's header to claim `shape`, keeping its data."""
+    data = np.load(path)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": data.dtype.str, "fortran_order": False, "shape": shape})
+        f.write(data.tobytes())
+
+
 STORE_CASES = [
     ("truncated train.ids.bin", lambda s: _truncate(s / "train.ids.bin"), "train.ids.bin: "),
     ("train.ids.bin too long", lambda s: (s / "train.ids.bin").open("ab").write(b"\0\0"), "train.ids.bin: "),
@@ -371,14 +391,32 @@ STORE_CASES = [
      "train.utt.npy: utterance offsets"),
     ("win.npy window past the end", lambda s: _save(s / "train.win.npy", np.load(s / "train.win.npy") + [[1000, 0]]),
      "train.win.npy: a window lies outside"),
+    ("win.npy window whose end wraps past int64", lambda s: _save(s / "train.win.npy", np.concatenate(
+        [[[2**63 - 1, 1]], np.load(s / "train.win.npy")[1:]])), "train.win.npy: a window lies outside"),
     ("win.npy with a zero-turn window", lambda s: _save(s / "train.win.npy", np.load(s / "train.win.npy") * [[1, 0]]),
      "train.win.npy: a window lies outside"),
     ("win.npy a pickled object array", lambda s: _save(s / "test.win.npy", np.array([{"x": 1}], dtype=object)),
-     "test.win.npy: unreadable .npy"),
+     "test.win.npy: expected int64 [0, 2], found object [1]"),
+    ("utt.npy header claims a huge array", lambda s: _npy_header(s / "train.utt.npy", (10**11,)),
+     "train.utt.npy: expected int64 [48], found int64 [100000000000]"),
+    ("utt.npy header and manifest claim a huge array", lambda s: (
+        _npy_header(s / "train.utt.npy", (10**11,)),
+        _edit_manifest(s, **{"store_splits.train.utterances": 10**11 - 1})),
+     "bytes of data where [100000000000] int64 take 800,000,000,000"),
+    ("win.npy a directory", lambda s: ((s / "train.win.npy").unlink(), (s / "train.win.npy").mkdir()),
+     "train.win.npy: expected a file, found a directory"),
+    ("ids.bin a directory", lambda s: ((s / "valid.ids.bin").unlink(), (s / "valid.ids.bin").mkdir()),
+     "valid.ids.bin: expected a file, found a directory"),
+    ("manifest a directory", lambda s: ((s / "manifest.json").unlink(), (s / "manifest.json").mkdir()),
+     "manifest.json: expected a file, found a directory"),
     ("win.npy missing", lambda s: (s / "valid.win.npy").unlink(), "valid.win.npy: missing store file"),
     ("manifest not UTF-8", lambda s: (s / "manifest.json").write_bytes(b'{"format": "\xff"}'),
      "manifest.json: manifest is not UTF-8"),
     ("manifest a list", lambda s: (s / "manifest.json").write_text("[1, 2]"), "manifest.json: manifest is not a JSON"),
+    ("manifest nested too deeply", lambda s: (s / "manifest.json").write_text("[" * 100_000 + "]" * 100_000),
+     "manifest.json:1: unreadable manifest: nested too deeply"),
+    ("manifest version true", lambda s: _edit_manifest(s, version=True), "(field 'version'): store version True"),
+    ("manifest version 1.0", lambda s: _edit_manifest(s, version=1.0), "(field 'version'): store version 1.0"),
     ("manifest vocab_size a string", lambda s: _edit_manifest(s, vocab_size="77"),
      "manifest.json (field 'vocab_size'): expected int, found str"),
     ("manifest dtype float", lambda s: _edit_manifest(s, dtype="<f8"), "(field 'dtype'): dtype '<f8'"),
@@ -389,8 +427,20 @@ STORE_CASES = [
      "(field 'store_splits.train.tokens')"),
     ("manifest split counts a list", lambda s: _edit_manifest(s, **{"store_splits.valid": [1, 2]}),
      "(field 'store_splits.valid.windows')"),
+    ("manifest split named with a path", lambda s: _add_split(s, "../outside"),
+     "(field 'store_splits'): split name '../outside'"),
     ("manifest directions a string", lambda s: _edit_manifest(s, directions="forward"), "(field 'directions')"),
     ("manifest sources not a list", lambda s: _edit_manifest(s, sources="fixtures"), "(field 'sources')"),
+    ("manifest corpora a number", lambda s: _edit_manifest(s, corpora=5), "(field 'corpora')"),
+    ("manifest corpora of strings", lambda s: _edit_manifest(s, corpora=["fixtures"]), "(field 'corpora')"),
+    ("manifest corpora source a list", lambda s: _edit_manifest(s, corpora=[{"source": ["a"]}]), "(field 'corpora')"),
+    ("manifest config a list", lambda s: _edit_manifest(s, config=[4]), "(field 'config')"),
+    ("manifest config.max_repeat a string", lambda s: _edit_manifest(s, config={"max_repeat": "4"}),
+     "(field 'config.max_repeat')"),
+    ("manifest config.max_repeat huge", lambda s: _edit_manifest(s, config={"max_repeat": 10**30}),
+     "(field 'config.max_repeat')"),
+    ("manifest config.mask_pii a string", lambda s: _edit_manifest(s, config={"mask_pii": "no"}),
+     "(field 'config.mask_pii')"),
     ("src.npy missing", lambda s: (s / "train.src.npy").unlink(), "train.src.npy: missing store file"),
     ("src.npy of int64", lambda s: _save(s / "train.src.npy", np.load(s / "train.src.npy").astype(np.int64)),
      "train.src.npy: expected uint16"),
@@ -408,6 +458,88 @@ def test_damaged_store_is_an_error_naming_the_file(tmp_path, fixture_tokenizer, 
     with pytest.raises(UserError) as e:
         TokenStore(store)
     assert message in str(e.value) and str(store) in str(e.value)
+
+
+def _foreign_tokenizer(store: Path) -> None:
+    from dialogpt_zh.tokenizer import build_char_tokenizer, count_chars
+
+    shutil.rmtree(store / "tokenizer")
+    build_char_tokenizer(count_chars(["完全不同的词表"])).save_pretrained(str(store / "tokenizer"))
+
+
+def _swap_cls_sep(store: Path) -> None:
+    special = json.loads((store / "manifest.json").read_text(encoding="utf-8"))["special_ids"]
+    _edit_manifest(store, **{"special_ids.cls": special["sep"], "special_ids.sep": special["cls"]})
+
+
+TOKENIZER_CASES = [
+    ("vocab_size one more", lambda s: _edit_manifest(
+        s, vocab_size=json.loads((s / "manifest.json").read_text())["vocab_size"] + 1), "(field 'vocab_size')"),
+    ("a foreign tokenizer", _foreign_tokenizer, "(field 'vocab_size'): the tokenizer in"),
+    ("cls and sep swapped", _swap_cls_sep, "(field 'special_ids.cls'): the manifest says"),
+]
+
+
+@pytest.mark.parametrize("damage, message", [c[1:] for c in TOKENIZER_CASES], ids=[c[0] for c in TOKENIZER_CASES])
+def test_a_tokenizer_that_disagrees_with_the_manifest_exits_2_in_every_face(tmp_path, capsys, fixture_tokenizer,
+                                                                          fixture_sessions, damage, message):
+    """The check is the store's (TokenStore.tokenizer): the index built from such a store (or crashed), and a
+    swapped [CLS]/[SEP] trained silently."""
+    from dialogpt_zh.index import main as index_main
+    from dialogpt_zh.train import main as train_main
+
+    store = build_fixture_store(tmp_path / "store", fixture_tokenizer, fixture_sessions)
+    damage(store)
+    for face, extra in ((index_main, []), (train_main, ["--preset", "tiny", "--device", "cpu"])):
+        code = face(["--data", str(store), "--output", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and str(store / "manifest.json") in err, err
+        assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_file_given_as_the_store_says_so(tmp_path, fixture_store):
+    with pytest.raises(UserError, match="manifest.json: expected a token store directory, found a file"):
+        TokenStore(fixture_store / "manifest.json")
+
+
+def _unmappable_file() -> Path | None:
+    """A regular file of 4096 bytes that mmap refuses (a sysfs attribute), or None where there is none."""
+    for path in sorted(Path("/sys/kernel").glob("**/*"))[:2000]:
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink() and path.stat().st_size == 4096:
+                return path
+    return None
+
+
+def test_unreadable_store_files_exit_2(tmp_path, fixture_tokenizer, fixture_sessions):
+    """Read errors (what chmod 000 gives a user who is not root; tests often run as root, where it does not
+    bite) are a UserError naming the file: here through files that fail to read even for root."""
+    store = build_fixture_store(tmp_path / "store", fixture_tokenizer, fixture_sessions)
+    manifest = (store / "manifest.json").read_text(encoding="utf-8")
+    (store / "manifest.json").unlink()
+    (store / "manifest.json").symlink_to("/proc/self/mem")  # a regular file; read() fails with EIO
+    with pytest.raises(UserError, match=r"manifest.json: cannot read the manifest: Input/output error"):
+        TokenStore(store)
+    unmappable = _unmappable_file()
+    if unmappable is None:
+        pytest.skip("no sysfs file to stand for an unreadable S.ids.bin")
+    (store / "manifest.json").unlink()
+    (store / "manifest.json").write_text(manifest, encoding="utf-8")
+    _edit_manifest(store, **{"store_splits.train.tokens": 2048})  # 4096 bytes of uint16
+    (store / "train.ids.bin").unlink()
+    (store / "train.ids.bin").symlink_to(unmappable)
+    with pytest.raises(UserError, match=r"train.ids.bin: cannot read"):
+        TokenStore(store)
+
+
+def test_index_of_an_empty_train_split_exits_2(tmp_path, capsys, fixture_tokenizer, fixture_sessions):
+    from dialogpt_zh.index import main as index_main
+
+    store = build_fixture_store(tmp_path / "store", fixture_tokenizer, fixture_sessions[:1])  # a valid session only
+    assert index_main(["--data", str(store), "--output", str(tmp_path / "idx")]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json (field 'store_splits'): the train split is empty (0 windows)" in err, err
+    assert not (tmp_path / "idx").exists()
 
 
 def test_train_on_a_truncated_store_exits_2(tmp_path, capsys, fixture_tokenizer, fixture_sessions):

@@ -173,8 +173,8 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def _sources(store: TokenStore, names: list[str], filt: PairFilter) -> list[dict[str, Any]]:
     """The card's sources: name, pairs kept, licence, as the store's manifest records them."""
-    corpora = store.manifest.get("corpora") or []
-    by_name = {c.get("source"): c for c in corpora if isinstance(c, dict) and c.get("source")}
+    corpora = store.manifest.get("corpora", [])  # a list of objects: checked by TokenStore
+    by_name = {c.get("source"): c for c in corpora if c.get("source")}
     if not by_name and len(corpora) == len(names):  # manifests before corpora named their source: same order
         by_name = dict(zip(names, corpora))
     out = []
@@ -242,11 +242,10 @@ def build_index(store_path: str | Path, output: str | Path, settings: IndexSetti
     check_apart(Path(store_path), output)
     check_output(output, overwrite)  # before the work, not after
     store = TokenStore(store_path)
-    if "train" not in store.split_names():
-        raise UserError("the store has no train split", path=store.path)
+    store.nonempty_split("train")  # missing or empty: said now, not as "no pair left"
     tokenizer = store.tokenizer()
     names, window_source, excluded = _excluded(store, settings)
-    config = store.manifest.get("config") if isinstance(store.manifest.get("config"), dict) else {}
+    config = store.manifest.get("config", {})  # its types checked by TokenStore
     words = []
     if settings.blocklist:  # normalised as the store's text was, so a word matches what is stored
         words = [w for w in normalize_many(load_blocklist(settings.blocklist),

@@ -12,6 +12,8 @@ A window serves both directions: `dialogpt_zh.sequence.build_sequence` adds [CLS
 from __future__ import annotations
 
 import json
+import math
+import re
 from array import array
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -19,6 +21,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.fsutil import loads_json
 from dialogpt_zh.sequence import DIRECTIONS, Direction, build_sequence, first_turn_length
 
 STORE_FORMAT = "dialogpt_zh.token_store"
@@ -27,6 +30,7 @@ READABLE_VERSIONS = (1, 2)  # 1: before the per-window sources
 MAX_SOURCES = 65535  # S.src.npy is uint16
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+SPECIAL_NAMES = ("pad", "cls", "sep", "unk")  # the manifest's special_ids
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -169,14 +173,16 @@ class StoreSplit:
         counts = store.manifest["store_splits"][split]
         dtype = np.dtype(store.manifest["dtype"])
         ids_path = d / f"{split}.ids.bin"
-        if not ids_path.is_file():
-            raise UserError("missing store file", path=ids_path)
+        _require_file(ids_path)
         size = ids_path.stat().st_size
         if size != counts["tokens"] * dtype.itemsize:
             raise UserError(f"{size:,d} bytes where the manifest's {counts['tokens']:,d} {dtype.name} tokens take "
                             f"{counts['tokens'] * dtype.itemsize:,d} (truncated or from another store); "
                             f"re-run the preprocessor", path=ids_path)
-        self.ids = np.memmap(ids_path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
+        try:
+            self.ids = np.memmap(ids_path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
+        except OSError as e:  # no read permission, or a file that cannot be mapped
+            raise UserError(f"cannot read: {e.strerror or e}", path=ids_path) from e
         if size and int(self.ids.max()) >= store.manifest["vocab_size"]:
             raise UserError(f"token id {int(self.ids.max())} is outside the vocabulary "
                             f"({store.manifest['vocab_size']} tokens)", path=ids_path)
@@ -185,8 +191,10 @@ class StoreSplit:
             raise UserError(f"utterance offsets must rise from 0 to the {counts['tokens']} tokens",
                             path=d / f"{split}.utt.npy")
         self.win = _load_table(d / f"{split}.win.npy", (counts["windows"], 2))
+        # start > utterances - count, not start + count > utterances: the sum of two huge int64s wraps
+        # negative and would pass
         if len(self.win) and ((self.win[:, 1] < 1).any() or (self.win[:, 0] < 0).any()
-                              or (self.win.sum(axis=1) > counts["utterances"]).any()):
+                              or (self.win[:, 0] > counts["utterances"] - self.win[:, 1]).any()):
             raise UserError(f"a window lies outside the {counts['utterances']} utterances",
                             path=d / f"{split}.win.npy")
         self.src: np.ndarray | None = None
@@ -238,19 +246,37 @@ class StoreSplit:
 INT64 = np.dtype(np.int64)
 
 
+def _require_file(path: Path) -> None:
+    """A store file must be a regular file: "missing" would mislead for a directory in its place."""
+    if not path.is_file():
+        raise UserError("expected a file, found a directory" if path.is_dir() else "missing store file", path=path)
+
+
 def _load_table(path: Path, shape: tuple[int, ...], dtype: np.dtype = INT64) -> np.ndarray:
     """A .npy table of the given shape and dtype (default int64; allow_pickle=False: never unpickle anything
-    from a user path)."""
-    if not path.is_file():
-        raise UserError("missing store file", path=path)
+    from a user path). The header and the file's size are checked before the data is read: a header claiming
+    a huge array must not make numpy allocate it."""
+    _require_file(path)
     try:
-        table = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
+            if read_header is None:
+                raise ValueError("unsupported .npy format version")
+            found_shape, _, found_dtype = read_header(f)
+            if found_dtype != dtype or found_shape != shape:
+                raise UserError(f"expected {dtype.name} {list(shape)}, found {found_dtype} {list(found_shape)} "
+                                f"(truncated or from another store); re-run the preprocessor", path=path)
+            data, need = path.stat().st_size - f.tell(), math.prod(shape) * dtype.itemsize
+            if data != need:
+                raise ValueError(f"{data:,d} bytes of data where {list(shape)} {dtype.name} take {need:,d}")
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise UserError(f"unreadable .npy file ({e}); re-run the preprocessor", path=path) from e
-    if table.dtype != dtype or table.shape != shape:
-        raise UserError(f"expected {dtype.name} {list(shape)}, found {table.dtype} {list(table.shape)} (truncated or "
-                        f"from another store); re-run the preprocessor", path=path)
-    return table
+
+
+# the .npy versions np.save writes (3.0 only for non-Latin-1 field names: never a store table)
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 # manifest fields the reader relies on, with their types
@@ -266,7 +292,7 @@ def _check_manifest(m: Any, path: Path) -> None:
     if m["dtype"] not in ("<u2", "<u4") or np.dtype(m["dtype"]) != ids_dtype(m["vocab_size"]):
         raise UserError(f"dtype {m['dtype']!r} does not fit vocab_size {m['vocab_size']} "
                         f"(expected {ids_dtype(m['vocab_size']).str!r})", path=path, field="dtype")
-    for name in ("pad", "cls", "sep", "unk"):
+    for name in SPECIAL_NAMES:
         i = m["special_ids"].get(name)
         if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < m["vocab_size"]:
             raise UserError(f"expected a token id below {m['vocab_size']}, found {i!r}", path=path,
@@ -279,7 +305,26 @@ def _check_manifest(m: Any, path: Path) -> None:
     if sources is not None and (not isinstance(sources, list) or not all(isinstance(x, str) for x in sources)
                                 or len(sources) > MAX_SOURCES + 1):
         raise UserError(f"expected a list of source names, found {sources!r}", path=path, field="sources")
+    # optional fields that readers use: the index's card names corpora by "source" and normalises its
+    # blocklist with the store's config (a wrong type there was a traceback, or a silently different cleaning)
+    corpora = m.get("corpora", [])
+    if not isinstance(corpora, list) or not all(isinstance(c, dict) and isinstance(c.get("source", ""), str)
+                                                for c in corpora):
+        raise UserError("expected a list of objects, each 'source' a string", path=path, field="corpora")
+    config = m.get("config", {})
+    if not isinstance(config, dict):
+        raise UserError(f"expected an object, found {type(config).__name__}", path=path, field="config")
+    repeat = config.get("max_repeat", 4)
+    if type(repeat) is not int or not 1 <= repeat < 2**31:  # 2**31: below the limit of a `re` repeat count
+        raise UserError(f"expected an int from 1 to {2**31 - 1}, found {repeat!r}", path=path,
+                        field="config.max_repeat")
+    if type(config.get("mask_pii", True)) is not bool:
+        raise UserError(f"expected true or false, found {config['mask_pii']!r}", path=path, field="config.mask_pii")
     for split, counts in m["store_splits"].items():
+        # a split name becomes a file name (S.ids.bin): "../x" would read files outside the store
+        if not re.fullmatch(r"[\w-]+", split):
+            raise UserError(f"split name {split!r} is not a plain name (letters, digits, _ and -)", path=path,
+                            field="store_splits")
         for key in ("windows", "utterances", "tokens"):
             v = counts.get(key) if isinstance(counts, dict) else None
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -294,22 +339,30 @@ class TokenStore:
         self.path = Path(path)
         mpath = self.path / MANIFEST
         if not self.path.is_dir():
-            raise UserError("data directory not found", path=self.path)
+            raise UserError("expected a token store directory, found a file" if self.path.exists()
+                            else "data directory not found", path=self.path)
+        if mpath.is_dir():
+            raise UserError("expected a file, found a directory", path=mpath)
         if not mpath.is_file():
             raise UserError("not a token store (no manifest.json); make one with `python -m dialogpt_zh.preprocess`",
                             path=self.path)
         try:
-            self.manifest: dict[str, Any] = json.loads(mpath.read_text(encoding="utf-8"))
+            # loads_json: JSON nested too deeply is bad JSON here too, not a RecursionError
+            self.manifest: dict[str, Any] = loads_json(mpath.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise UserError(f"unreadable manifest: {e.msg}", path=mpath, line=e.lineno) from e
         except UnicodeDecodeError as e:
             raise UserError(f"manifest is not UTF-8 text ({e.reason} at byte {e.start})", path=mpath) from e
+        except OSError as e:  # no read permission, an I/O error
+            raise UserError(f"cannot read the manifest: {e.strerror or e}", path=mpath) from e
         if not isinstance(self.manifest, dict):
             raise UserError("manifest is not a JSON object", path=mpath)
         if self.manifest.get("format") != STORE_FORMAT:
             raise UserError(f"not a dialogpt_zh token store (format={self.manifest.get('format')!r})", path=mpath,
                             field="format")
-        if self.manifest.get("version") not in READABLE_VERSIONS:
+        version = self.manifest.get("version")
+        # type(): `true` and 1.0 compare equal to 1 but are no version this code wrote
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise UserError(f"store version {self.manifest.get('version')!r} is not supported (this code reads "
                             f"versions {', '.join(map(str, READABLE_VERSIONS))}); re-run the preprocessor",
                             path=mpath, field="version")
@@ -333,9 +386,22 @@ class TokenStore:
         return self.path / TOKENIZER_DIR
 
     def tokenizer(self):
+        """The store's tokenizer, checked against the manifest: the stored ids and the manifest's special ids
+        only mean its tokens when the sizes and special ids agree (a swapped tokenizer/ is refused here, for
+        every reader, not trained on or indexed)."""
         from dialogpt_zh.tokenizer import load_tokenizer
 
-        return load_tokenizer(self.tokenizer_path)
+        tok = load_tokenizer(self.tokenizer_path)
+        mpath = self.path / MANIFEST
+        if len(tok) != self.manifest["vocab_size"]:
+            raise UserError(f"the tokenizer in {self.tokenizer_path} has {len(tok)} tokens but the manifest says "
+                            f"{self.manifest['vocab_size']}", path=mpath, field="vocab_size")
+        for name in SPECIAL_NAMES:
+            ours, theirs = self.manifest["special_ids"][name], getattr(tok, f"{name}_token_id")
+            if ours != theirs:
+                raise UserError(f"the manifest says {ours} but the tokenizer in {self.tokenizer_path} has {theirs}",
+                                path=mpath, field=f"special_ids.{name}")
+        return tok
 
     def split_names(self) -> list[str]:
         return list(self.manifest.get("store_splits", {}))
@@ -346,3 +412,10 @@ class TokenStore:
         if name not in self._splits:
             self._splits[name] = StoreSplit(self, name)
         return self._splits[name]
+
+    def nonempty_split(self, name: str) -> StoreSplit:
+        """`split(name)`, refused when it has no window (what trains or indexes needs one)."""
+        split = self.split(name)
+        if len(split) == 0:
+            raise UserError(f"the {name} split is empty (0 windows)", path=self.path / MANIFEST, field="store_splits")
+        return split

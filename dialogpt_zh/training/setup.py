@@ -79,16 +79,8 @@ def open_store(config: TrainConfig) -> tuple[TokenStore, Any, Any, Any]:
         raise UserError(f"the store was made for directions {store.directions}, not {config.direction!r}; "
                         "re-run the preprocessor with both directions", path=store.path / MANIFEST,
                         field="directions")
-    train, valid = store.split("train"), store.split("valid")
-    for split in (train, valid):
-        if len(split) == 0:
-            raise UserError(f"the {split.name} split is empty (0 windows)", path=store.path / MANIFEST,
-                            field="store_splits")
-    tokenizer = store.tokenizer()
-    if len(tokenizer) != store.manifest.get("vocab_size"):
-        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the manifest says "
-                        f"{store.manifest.get('vocab_size')}",
-                        path=store.path / MANIFEST, field="vocab_size")
+    train, valid = store.nonempty_split("train"), store.nonempty_split("valid")
+    tokenizer = store.tokenizer()  # checked against the manifest
     return store, train, valid, tokenizer
 
 
