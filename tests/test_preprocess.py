@@ -349,7 +349,9 @@ def test_subsample_keeps_a_seeded_pick_of_one_source(tmp_path):
     ("upsample", "kdconv_dev.json=0.5", "SOURCE=N"), ("upsample", "nosuch=2", "no input is named 'nosuch'"),
     ("upsample", "kdconv_dev.json=2,kdconv_dev.json=3", "given twice"),
     ("subsample", "chitchat_train.txt=0", "SOURCE=N"), ("subsample", "chitchat_train.txt=1.5", "SOURCE=N"),
-    ("subsample", "chitchat_train.txt=-0.5", "SOURCE=N"), ("subsample", "nosuch=0.5", "no input is named")])
+    ("subsample", "chitchat_train.txt=-0.5", "SOURCE=N"), ("subsample", "nosuch=0.5", "no input is named"),
+    # more than a regular expression can repeat: was an OverflowError traceback
+    ("max_repeat", str(10**30), "must be in [1, 2147483647]"), ("max_repeat", "0", "must be in [1, ")])
 def test_per_source_flags_bad_values_are_named(tmp_path, capsys, flag, value, message):
     out = tmp_path / "out"
     assert main([*map(str, INPUTS), "--output", str(out), f"--{flag}", value, "--no-progress"]) == 2

@@ -63,6 +63,9 @@ _URL_PLACEHOLDER = "_url_"
 _URL_HINT_RE = re.compile(r"_url_|://|www\.", re.IGNORECASE)
 
 
+MAX_REPEAT = 2**31 - 1  # a larger count is more than a `re` pattern can repeat (an OverflowError)
+
+
 @dataclass
 class CleaningOptions:
     """Session cleaning settings (the preprocessor's flags map onto these)."""
@@ -76,8 +79,8 @@ class CleaningOptions:
     def __post_init__(self) -> None:
         if self.max_utterance_chars < 1:
             raise UserError("must be at least 1", field="max_utterance_chars")
-        if self.max_repeat < 1:
-            raise UserError("must be at least 1", field="max_repeat")
+        if not 1 <= self.max_repeat <= MAX_REPEAT:
+            raise UserError(f"must be in [1, {MAX_REPEAT}], got {self.max_repeat}", field="max_repeat")
         if self.min_turns < 1:
             raise UserError("must be at least 1", field="min_turns")
         words = sorted({normalize_text(w) for w in self.blocklist} - {""}, key=len, reverse=True)

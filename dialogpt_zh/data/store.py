@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from dialogpt_zh.data.cleaning import MAX_REPEAT
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import loads_json
 from dialogpt_zh.sequence import DIRECTIONS, Direction, build_sequence, first_turn_length
@@ -315,8 +316,8 @@ def _check_manifest(m: Any, path: Path) -> None:
     if not isinstance(config, dict):
         raise UserError(f"expected an object, found {type(config).__name__}", path=path, field="config")
     repeat = config.get("max_repeat", 4)
-    if type(repeat) is not int or not 1 <= repeat < 2**31:  # 2**31: below the limit of a `re` repeat count
-        raise UserError(f"expected an int from 1 to {2**31 - 1}, found {repeat!r}", path=path,
+    if type(repeat) is not int or not 1 <= repeat <= MAX_REPEAT:
+        raise UserError(f"expected an int from 1 to {MAX_REPEAT}, found {repeat!r}", path=path,
                         field="config.max_repeat")
     if type(config.get("mask_pii", True)) is not bool:
         raise UserError(f"expected true or false, found {config['mask_pii']!r}", path=path, field="config.mask_pii")
