@@ -136,22 +136,51 @@ def load_pairs(path: str | Path) -> tuple[list[dict[str, Any]], str]:
     doc = _read_json(path, "pairs file")
     if not isinstance(doc, dict) or doc.get("format") != PAIRS_FORMAT or not isinstance(doc.get("pairs"), list):
         raise UserError(f"not an arena pairs file (expected format {PAIRS_FORMAT!r})", path=path)
+    if not doc["pairs"]:
+        raise UserError("holds no pairs", path=path, field="pairs")
+    seen: set[str] = set()
     for i, p in enumerate(doc["pairs"]):
         if not (isinstance(p, dict) and isinstance(p.get("id"), str) and isinstance(p.get("context"), list)
+                and all(isinstance(u, str) for u in p["context"])
                 and isinstance(p.get("a"), str) and isinstance(p.get("b"), str)):
-            raise UserError(f"pair {i} needs 'id', 'context', 'a' and 'b'", path=path, field="pairs")
+            raise UserError(f"pair {i} needs 'id', 'context' (a list of strings), 'a' and 'b'", path=path,
+                            field="pairs")
+        pid = p["id"]
+        # a verdict names its pair by id: a second pair with the id would take the first one's verdict, and an
+        # id a text verdicts line cannot give (blank, with spaces, a '#' comment) could never be judged
+        if pid.split() != [pid] or pid.startswith("#"):
+            raise UserError(f"pair {i}: id {pid!r} must be one word, not starting with '#'", path=path,
+                            field="pairs")
+        if pid in seen:
+            raise UserError(f"pair {i}: id {pid!r} is used by an earlier pair", path=path, field="pairs")
+        seen.add(pid)
     if run_id(doc["pairs"]) != doc.get("run"):
         raise UserError("the pairs were edited (their run id does not match); make them again", path=path)
     return doc["pairs"], doc["run"]
 
 
-def load_key(path: str | Path, run: str) -> dict[str, Any]:
+def load_key(path: str | Path, run: str, pair_ids: Iterable[str]) -> dict[str, Any]:
+    """The key of the pairs `run` (ids `pair_ids`): its order names exactly these pairs, each "AB" or "BA" (the
+    tally reads every verdict's pair through it), and its systems and sources are what the tally prints."""
     path = Path(path)
     key = _read_json(path, "key file", " (--key; written by --make beside the pairs)")
     if not isinstance(key, dict) or key.get("format") != KEY_FORMAT:
         raise UserError(f"not an arena key file (expected format {KEY_FORMAT!r})", path=path)
     if key.get("run") != run:
         raise UserError(f"this key belongs to other pairs (run {key.get('run')}, the pairs are run {run})", path=path)
+    order, ids = key.get("order"), set(pair_ids)
+    if not isinstance(order, dict) or set(order) != ids or any(v not in ("AB", "BA") for v in order.values()):
+        raise UserError("must map each pair id of the pairs file, and no other, to \"AB\" or \"BA\"", path=path,
+                        field="order")
+    systems = key.get("systems")
+    if not (isinstance(systems, dict) and all(isinstance(systems.get(s), dict)
+                                               and isinstance(systems[s].get("model"), str)
+                                               and isinstance(systems[s].get("settings"), dict) for s in "AB")):
+        raise UserError("must give A and B, each with 'model' and 'settings'", path=path, field="systems")
+    sources = key.get("sources")
+    if sources is not None and not (isinstance(sources, dict) and all(
+            isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for v in sources.values())):
+        raise UserError("must map pair ids to {\"A\": source, \"B\": source}", path=path, field="sources")
     return key
 
 
@@ -183,10 +212,14 @@ def read_verdicts(path: str | Path, pair_ids: Iterable[str], run: str | None = N
         raise UserError("verdicts file not found", path=path)
     ids = set(pair_ids)
     verdicts: dict[str, str] = {}
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # a directory, no permission
+        raise UserError(f"cannot read the verdicts file: {e.strerror}", path=path) from e
+    with f:
         for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").strip()
+            try:  # a BOM (Windows editors write one) would stick to the first pair id or hide its JSON
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
             except UnicodeDecodeError as e:
                 raise UserError(f"not UTF-8 ({e.reason})", path=path, line=lineno) from e
             if not line or line.startswith("#"):

@@ -1,0 +1,128 @@
+"""Hostile files handed to the faces (arena pairs, keys and verdicts; feedback JSON Lines; rerank input): a
+clear message naming the file and line or field, never a traceback, a verdict silently ignored or counted
+twice. (Deep nesting and surrogates: test_hostile_faces.py.)"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from dialogpt_zh import arena
+from dialogpt_zh.errors import UserError
+from dialogpt_zh.judging import arena as arena_lib
+
+BOM = b"\xef\xbb\xbf"
+
+
+# ------------------------------------------------------------------------------------------------ arena
+
+@pytest.fixture
+def pairs(tmp_path) -> Path:
+    """A pairs file of three pairs (p1: a is A's, p2 and p3: a is B's) and its key beside it; no bot."""
+    items = [{"id": f"p{i}", "context": ["你好"], "a": f"回复{i}a", "b": f"回复{i}b"} for i in (1, 2, 3)]
+    systems = {s: {"model": s.lower(), "settings": {}} for s in "AB"}
+    path = tmp_path / "pairs.json"
+    arena_lib.write_pairs(path, arena_lib.default_key_path(path), items, {"p1": "AB", "p2": "BA", "p3": "BA"},
+                          systems, {})
+    return path
+
+
+def score(*argv: str | Path) -> tuple[int, str]:
+    out = io.StringIO()
+    return arena.main(["--score", *map(str, argv)], stdin=io.StringIO(), stdout=out), out.getvalue()
+
+
+@pytest.mark.parametrize("body", [b"p1 a\r\np2 a\r\n",
+                                  b'{"pair": "p1", "verdict": "a"}\n{"pair": "p2", "verdict": "a"}\n'])
+def test_verdicts_with_a_bom_are_read(pairs, tmp_path, capsys, body):
+    # a Windows editor's BOM stuck to the first id ('\ufeffp1': "unknown pair id") or hid the JSON line
+    verdicts = tmp_path / "v.txt"
+    verdicts.write_bytes(BOM + body)
+    code, out = score(pairs, verdicts)
+    assert code == 0, capsys.readouterr().err
+    assert "A (a): 1 wins" in out and "B (b): 1 wins" in out
+
+
+def test_json_verdicts_of_another_run_are_refused_when_scoring(pairs, tmp_path, capsys):
+    # the ids p1.. are the same in every pairs file: only the run tells a verdict made for other pairs
+    verdicts = tmp_path / "v.jsonl"
+    verdicts.write_text('{"pair": "p1", "verdict": "a", "run": "0123456789abcdef"}\n', encoding="utf-8")
+    assert score(pairs, verdicts)[0] == 2
+    assert f"{verdicts}:1: this verdict belongs to another arena run" in capsys.readouterr().err
+
+
+def test_the_same_verdicts_file_twice_is_not_two_judges(pairs, tmp_path, capsys):
+    verdicts = tmp_path / "v.txt"
+    verdicts.write_text("p1 a\np2 b\n", encoding="utf-8")
+    other = tmp_path / "sub" / ".." / "v.txt"
+    (tmp_path / "sub").mkdir()
+    assert score(pairs, verdicts, other)[0] == 2
+    assert f"the verdicts file {other} is given twice (as {verdicts})" in capsys.readouterr().err
+
+
+def test_a_verdicts_path_that_is_a_directory_is_a_message(pairs, tmp_path, capsys):
+    out = io.StringIO()
+    for argv in (["--score", str(pairs), str(tmp_path)], ["--judge", str(pairs), "--verdicts", str(tmp_path)]):
+        assert arena.main(argv, stdin=io.StringIO(), stdout=out) == 2
+        assert f"error: {tmp_path}: cannot read the verdicts file: Is a directory" in capsys.readouterr().err
+
+
+def edit_pairs(path: Path, edit) -> None:
+    """Edit the pairs and give them a matching run id (as a hand-made pairs file would have)."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    edit(doc["pairs"])
+    doc["run"] = arena_lib.run_id(doc["pairs"])
+    path.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda ps: ps[1].update(id="p1"), "pair 1: id 'p1' is used by an earlier pair"),  # took p1's verdict
+    (lambda ps: ps[0].update(id="#p1"), "pair 0: id '#p1' must be one word"),  # its text verdict is a comment
+    (lambda ps: ps[0].update(id="p 1"), "pair 0: id 'p 1' must be one word"),
+    (lambda ps: ps[0].update(id=""), "pair 0: id '' must be one word"),
+    (lambda ps: ps[0].update(context=["你好", None]), r"pair 0 needs 'id', 'context' \(a list of strings\)"),
+    (lambda ps: ps.clear(), "holds no pairs"),
+])
+def test_pairs_a_verdict_cannot_name_are_refused(pairs, tmp_path, edit, message):
+    edit_pairs(pairs, edit)
+    with pytest.raises(UserError, match=message) as e:
+        arena_lib.load_pairs(pairs)
+    assert e.value.path == str(pairs) and e.value.field == "pairs"
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda k: k["order"].pop("p2"), "order"),      # KeyError in the tally
+    (lambda k: k["order"].update(p9="AB"), "order"),  # a key for other pairs
+    (lambda k: k["order"].update(p2="XY"), "order"),  # the verdict counted for no system
+    (lambda k: k.pop("order"), "order"),
+    (lambda k: k.pop("systems"), "systems"),
+    (lambda k: k["systems"]["A"].update(settings=None), "systems"),
+    (lambda k: k.update(sources="x"), "sources"),
+])
+def test_a_key_that_does_not_fit_the_pairs_is_refused(pairs, tmp_path, capsys, edit, field):
+    key_path = arena_lib.default_key_path(pairs)
+    key = json.loads(key_path.read_text(encoding="utf-8"))
+    edit(key)
+    key_path.write_text(json.dumps(key), encoding="utf-8")
+    verdicts = tmp_path / "v.txt"
+    verdicts.write_text("p1 a\np2 a\n", encoding="utf-8")
+    assert score(pairs, verdicts)[0] == 2
+    err = capsys.readouterr().err
+    assert f"error: {key_path} (field '{field}'): " in err and "Traceback" not in err
+
+
+def test_the_key_is_not_the_make_file_and_verdicts_are_not_appended_to_pairs_or_key(pairs, tmp_path, capsys):
+    out = io.StringIO()
+    target = tmp_path / "new.json"
+    # the pairs, written after the key, replaced it; refused before any bot is loaded
+    assert arena.main(["--make", str(target), "--key", str(target)], stdin=io.StringIO(), stdout=out) == 2
+    assert f"{target} (field 'key'): is the --make file" in capsys.readouterr().err and not target.exists()
+    key = arena_lib.default_key_path(pairs)
+    for verdicts in (pairs, key):
+        before = verdicts.read_bytes()
+        assert arena.main(["--judge", str(pairs), "--verdicts", str(verdicts)], stdin=io.StringIO("a\n"),
+                          stdout=out) == 2
+        assert "(field 'verdicts'): would write over or inside the input" in capsys.readouterr().err
+        assert verdicts.read_bytes() == before
