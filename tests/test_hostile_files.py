@@ -126,3 +126,19 @@ def test_the_key_is_not_the_make_file_and_verdicts_are_not_appended_to_pairs_or_
                           stdout=out) == 2
         assert "(field 'verdicts'): would write over or inside the input" in capsys.readouterr().err
         assert verdicts.read_bytes() == before
+
+
+def test_pairs_and_key_saved_with_a_bom_are_read_and_a_directory_is_named(pairs, tmp_path, capsys):
+    key = arena_lib.default_key_path(pairs)
+    for path in (pairs, key):  # opened and saved again in a Windows editor: "Unexpected UTF-8 BOM"
+        path.write_bytes(BOM + path.read_bytes())
+    verdicts = tmp_path / "v.txt"
+    verdicts.write_text("p1 a\n", encoding="utf-8")
+    code, out = score(pairs, verdicts)
+    assert code == 0 and "A (a): 1 wins" in out, capsys.readouterr().err
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert score(folder, verdicts)[0] == 2  # was "pairs file not found"
+    assert f"error: {folder}: cannot read the pairs file: Is a directory" in capsys.readouterr().err
+    assert score(pairs, verdicts, "--key", folder)[0] == 2
+    assert f"error: {folder}: cannot read the key file: Is a directory" in capsys.readouterr().err

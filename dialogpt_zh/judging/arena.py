@@ -123,10 +123,12 @@ def default_key_path(pairs_path: str | Path) -> Path:
 
 
 def _read_json(path: Path, what: str, hint: str = "") -> Any:
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{what} not found{hint}", path=path)
-    try:
-        return loads_json(path.read_text(encoding="utf-8"))
+    try:  # utf-8-sig: a file saved again by a Windows editor starts with a BOM
+        return loads_json(path.read_text(encoding="utf-8-sig"))
+    except OSError as e:  # a directory, no permission
+        raise UserError(f"cannot read the {what}: {e.strerror}", path=path) from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"not a JSON {what} ({e})", path=path) from e
 
