@@ -142,3 +142,49 @@ def test_pairs_and_key_saved_with_a_bom_are_read_and_a_directory_is_named(pairs,
     assert f"error: {folder}: cannot read the pairs file: Is a directory" in capsys.readouterr().err
     assert score(pairs, verdicts, "--key", folder)[0] == 2
     assert f"error: {folder}: cannot read the key file: Is a directory" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- feedback
+
+def feedback_line(**fields) -> str:
+    from dialogpt_zh.judging.feedback import FORMAT, VERSION
+
+    rec = {"format": FORMAT, "version": VERSION, "kind": "pick", "context": ["你好"], "reply": "候选1",
+           "picked_rank": 1, "candidates": [{"rank": 1, "text": "候选1"}, {"rank": 2, "text": "候选2"}],
+           "mmi": True, **fields}
+    return json.dumps(rec, ensure_ascii=False) + "\n"
+
+
+@pytest.mark.parametrize("fields,why", [
+    ({"version": 2}, "feedback record version 2; this version reads version 1"),  # was read as version 1
+    # both went into the rank histogram
+    ({"kind": "better", "picked_rank": True}, "field 'picked_rank' must be an integer >= 1 or null, got True"),
+    ({"kind": "better", "picked_rank": -3}, "field 'picked_rank' must be an integer >= 1 or null, got -3"),
+    ({"picked_rank": 7}, "'picked_rank' 7 is the rank of none of its 2 candidates"),  # rank mean 7 of 2
+    ({"mmi": "false"}, "field 'mmi' must be true or false, got 'false'"),  # counted as a pick with MMI on
+])
+def test_feedback_records_the_statistics_would_misread_are_skipped_with_the_reason(tmp_path, fields, why):
+    from collections import Counter
+
+    from dialogpt_zh.judging.feedback import read_feedback
+
+    path = tmp_path / "f.jsonl"
+    path.write_text(feedback_line(context=["早"]) + feedback_line(**fields), encoding="utf-8")
+    counts, skipped = Counter(), []
+    assert len(read_feedback([path], counts, skipped)) == 1
+    assert skipped == [f"{path}:2: {why}"] and counts["skipped_bad_lines"] == 1
+
+
+def test_feedback_export_reads_a_bom_and_refuses_a_file_given_twice(tmp_path, capsys):
+    from dialogpt_zh.feedback import main
+
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(BOM + feedback_line().encode("utf-8"))  # line 1 was skipped as "not JSON"
+    out = tmp_path / "out"
+    assert main(["export", str(path), "--output", str(out)]) == 0
+    stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
+    assert stats["judgements"] == 1 and stats["counts"].get("skipped_bad_lines", 0) == 0
+    # the same file twice counted every judgement twice in the statistics
+    again = tmp_path / "." / "f.jsonl"
+    assert main(["export", str(path), str(again), "--output", str(out), "--overwrite"]) == 2
+    assert f"error: {again} (field 'files'): given twice (as {path})" in capsys.readouterr().err
