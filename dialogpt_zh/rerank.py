@@ -98,16 +98,25 @@ def rerank_record(bot, rec: dict[str, Any], context: list[str], texts: list[str]
             "mmi": bool(ranked and ranked[0].backward_logprob is not None)}
 
 
-def iter_lines(path: str) -> Iterator[tuple[int, str]]:
+def iter_lines(path: str) -> Iterator[tuple[int, bytes | str]]:
+    """(line number, raw line) of `path` or stdin ('-'): bytes, decoded per line by `decode_line` (stdin's own
+    decoding turned a bad byte into a surrogate, reported as 'not valid Unicode' deep in the engine); str
+    only where a text stream stands in for stdin (tests, embedding)."""
     if path == "-":
-        yield from enumerate(sys.stdin, 1)
+        yield from enumerate(getattr(sys.stdin, "buffer", sys.stdin), 1)
         return
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=path, line=lineno) from e
+        yield from enumerate(f, 1)
+
+
+def decode_line(raw: bytes | str, lineno: int) -> str:
+    """A line's text; ValueError when it is not UTF-8 (a bad line like any other: --skip_bad_lines skips it)."""
+    if isinstance(raw, str):
+        return raw
+    try:  # a BOM (Windows editors write one) would make the first record "not JSON"
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def count_lines(path: str) -> int | None:
@@ -127,12 +136,13 @@ def rerank_file(bot, path: str, out: TextIO, skip_bad_lines: bool = False, progr
     where = "<stdin>" if path == "-" else path
     with tqdm(total=count_lines(path), unit="line", desc="rerank", disable=not progress,
               file=sys.stderr) as bar:
-        for lineno, line in iter_lines(path):
+        for lineno, raw in iter_lines(path):
             bar.update(1)
-            if not line.strip():
-                counts["blank_lines"] += 1
-                continue
             try:
+                line = decode_line(raw, lineno)
+                if not line.strip():
+                    counts["blank_lines"] += 1
+                    continue
                 rec, context, texts = parse_record(line)
                 result = rerank_record(bot, rec, context, texts)
             except (ValueError, UserError) as e:

@@ -188,3 +188,34 @@ def test_feedback_export_reads_a_bom_and_refuses_a_file_given_twice(tmp_path, ca
     again = tmp_path / "." / "f.jsonl"
     assert main(["export", str(path), str(again), "--output", str(out), "--overwrite"]) == 2
     assert f"error: {again} (field 'files'): given twice (as {path})" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- rerank
+
+def test_rerank_reads_a_bom_and_a_line_not_utf8_is_a_bad_line(random_bot_dir, tmp_path, capsys):
+    from dialogpt_zh.rerank import main
+
+    good = json.dumps({"context": ["你好"], "candidates": ["好"]}, ensure_ascii=False).encode("utf-8")
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(BOM + good + b"\n" + good.replace("好".encode(), b"\xff", 1) + b"\n" + good + b"\n")
+    out = tmp_path / "out.jsonl"
+    argv = [str(src), "--output", str(out), "--model", str(random_bot_dir), "--no_progress"]
+    assert main(argv) == 2  # line 1 was "not JSON (Unexpected UTF-8 BOM"
+    assert f"error: {src}:2: not UTF-8 text (invalid start byte at byte 17)" in capsys.readouterr().err
+    assert main([*argv, "--skip_bad_lines"]) == 0  # the bad byte stopped the run even so
+    err = capsys.readouterr().err
+    assert f"skipped {src}:2: not UTF-8 text" in err and "reranked 2 records" in err
+
+
+def test_rerank_stdin_not_utf8_is_named_as_such(random_bot_dir, monkeypatch, capsys):
+    from dialogpt_zh.rerank import main
+
+    # as Python's own stdin decodes: the byte became a surrogate, refused deep in the engine as "not valid
+    # Unicode text (an unpaired surrogate U+DCFF", which the person never typed
+    line = json.dumps({"context": ["你好"], "candidates": ["好"]}, ensure_ascii=False).encode("utf-8")
+    stdin = io.TextIOWrapper(io.BytesIO(line.replace("你".encode(), b"\xff") + b"\n"), encoding="utf-8",
+                             errors="surrogateescape")
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert main(["-", "--output", "-", "--model", str(random_bot_dir), "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: <stdin>:1: not UTF-8 text (invalid start byte at byte 14)" in err
