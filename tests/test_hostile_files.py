@@ -219,3 +219,40 @@ def test_rerank_stdin_not_utf8_is_named_as_such(random_bot_dir, monkeypatch, cap
     assert main(["-", "--output", "-", "--model", str(random_bot_dir), "--no_progress"]) == 2
     err = capsys.readouterr().err
     assert "error: <stdin>:1: not UTF-8 text (invalid start byte at byte 14)" in err
+
+
+def test_rerank_scores_thousands_of_candidates_in_bounded_batches(random_bot_dir, monkeypatch):
+    # all given candidates went through the LM head in one batch: a vocabulary-wide row per scored token
+    # (2,000 candidates of 30 characters took 3.7 GB; a few thousand more, all memory)
+    from dialogpt_zh.engine import bot as bot_module
+    from dialogpt_zh.engine.bot import ChatBot
+    from dialogpt_zh.engine.decoding import SCORE_BATCH_TOKENS
+
+    bot = ChatBot.from_pretrained(random_bot_dir)
+    scored_at_once: list[int] = []
+    real = bot_module.token_logprobs
+
+    def spy(model, hidden, targets):
+        scored_at_once.append(hidden.shape[0])
+        return real(model, hidden, targets)
+
+    monkeypatch.setattr(bot_module, "token_logprobs", spy)
+    chars = "你好我是谁今天天气很不错吃饭了吗喜欢看电影打篮球睡觉工作学习"
+    candidates = [chars[i % 7:] + chars[:i % 5] for i in range(600)]  # about 20,000 tokens in all
+    ranked = bot.rerank(["你喜欢什么运动"], candidates)
+    assert sorted(c.rank for c in ranked) == list(range(1, 601))
+    assert max(scored_at_once) <= SCORE_BATCH_TOKENS and sum(scored_at_once) > 2 * SCORE_BATCH_TOKENS
+    by_text = {c.text: c for c in ranked}
+    for text in candidates[:3]:  # a batch scores each row alone: the same scores as one candidate at a time
+        (alone,) = bot.rerank(["你喜欢什么运动"], [text])
+        assert by_text[text].forward_logprob == pytest.approx(alone.forward_logprob, abs=1e-4)
+        assert by_text[text].backward_logprob == pytest.approx(alone.backward_logprob, abs=1e-4)
+
+
+def test_score_batches_keep_the_padded_size_within_the_budget():
+    from dialogpt_zh.engine.decoding import score_batches
+
+    assert score_batches([]) == []
+    assert score_batches([3, 3, 3, 3], budget=6) == [slice(0, 2), slice(2, 4)]
+    assert score_batches([2, 2, 9, 2], budget=6) == [slice(0, 2), slice(2, 3), slice(3, 4)]  # too long: alone
+    assert score_batches([1, 5, 1], budget=10) == [slice(0, 2), slice(2, 3)]  # padded: 2 rows x 5
