@@ -256,3 +256,15 @@ def test_score_batches_keep_the_padded_size_within_the_budget():
     assert score_batches([3, 3, 3, 3], budget=6) == [slice(0, 2), slice(2, 4)]
     assert score_batches([2, 2, 9, 2], budget=6) == [slice(0, 2), slice(2, 3), slice(3, 4)]  # too long: alone
     assert score_batches([1, 5, 1], budget=10) == [slice(0, 2), slice(2, 3)]  # padded: 2 rows x 5
+
+
+@pytest.mark.parametrize("empty", ["", "   ", "\u200b"])
+def test_an_empty_candidate_is_refused_not_ranked_best(random_bot_dir, tmp_path, capsys, empty):
+    # scored as [SEP] alone, an empty reply is short enough to rank first: rerank wrote "best": ""
+    from dialogpt_zh.rerank import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"context": ["你好"], "candidates": ["你好啊", empty]}) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main([str(src), "--output", str(out), "--model", str(random_bot_dir), "--no_progress"]) == 2
+    assert f"error: {src}:1: candidates: candidate 1 is empty after cleaning" in capsys.readouterr().err

@@ -271,6 +271,8 @@ class ChatBot:
         positions, fixed = self._positions()
         limit = positions - fixed - MIN_CONTEXT_TOKENS   # what prepare_context would refuse
         for i, r in enumerate(ids):
+            if not r:  # scored as [SEP] alone it is no reply, yet short enough to rank first ("best": "")
+                raise UserError(f"candidate {i} is empty after cleaning ({replies[i]!r})", field="candidates")
             if len(r) > limit:
                 raise UserError(f"candidate {i} has {len(r)} tokens; at most {limit} fit beside a context in these "
                                 f"models ({positions} positions)", field="candidates")
