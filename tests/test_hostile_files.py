@@ -268,3 +268,23 @@ def test_an_empty_candidate_is_refused_not_ranked_best(random_bot_dir, tmp_path,
     out = tmp_path / "out.jsonl"
     assert main([str(src), "--output", str(out), "--model", str(random_bot_dir), "--no_progress"]) == 2
     assert f"error: {src}:1: candidates: candidate 1 is empty after cleaning" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ corpus files (--data)
+
+def test_a_corpus_file_reached_through_two_inputs_is_refused(tmp_path):
+    # read twice, every session counted twice: evaluate's cases (and a case's "other session" distractor could
+    # be its own copy), the arena's draw
+    from dialogpt_zh.data.readers import scan_inputs
+
+    folder = tmp_path / "held"
+    folder.mkdir()
+    data = folder / "heldout.txt"
+    data.write_text("你好\n你也好\n\n在吗\n在的\n", encoding="utf-8")
+    for inputs in ([data, data], [folder, data], [data, tmp_path / "held" / ".." / "held"]):
+        with pytest.raises(UserError, match=f"would read {folder}.*heldout.txt a second time") as e:
+            scan_inputs(inputs)
+        assert e.value.path == str(inputs[1])
+    with pytest.raises(UserError, match="a second time"):
+        arena_lib.draw_contexts([str(data), str(data)], 2, 0, split="all")
+    assert len(arena_lib.draw_contexts([str(data)], 2, 0, split="all")) == 2
