@@ -288,3 +288,16 @@ def test_a_corpus_file_reached_through_two_inputs_is_refused(tmp_path):
     with pytest.raises(UserError, match="a second time"):
         arena_lib.draw_contexts([str(data), str(data)], 2, 0, split="all")
     assert len(arena_lib.draw_contexts([str(data)], 2, 0, split="all")) == 2
+
+
+def test_the_arena_says_why_it_drew_fewer_pairs_than_asked(tmp_path, caplog):
+    # 3 of 5 sessions malformed: "wrote 2 blinded pairs" for --pairs 5, the 3 dropped without a word
+    data = tmp_path / "mixed.json"
+    data.write_text('[["你好", "你也好"], [1, 2], ["在吗", null], "x", ["吃了吗", "吃了"]]', encoding="utf-8")
+    with caplog.at_level("INFO"):
+        assert len(arena_lib.draw_contexts([str(data)], 5, 0, split="all")) == 2
+    assert f"only 2 usable multi-turn sessions in {data} with split 'all', so 2 pairs, not 5" in caplog.text
+    assert "record_malformed 3" in caplog.text
+    with pytest.raises(UserError, match=r"no usable multi-turn session .* with split 'test' \(.*"
+                                        r"record_malformed 3, session_not_in_split \(None\) 2"):
+        arena_lib.draw_contexts([str(data)], 5, 0, split="test")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 import sys
@@ -33,6 +34,8 @@ from typing import Any, Iterable, Sequence, TextIO
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import loads_json
 from dialogpt_zh.judging.feedback import JsonlAppender, utc_now
+
+log = logging.getLogger(__name__)
 
 Z95 = 1.959963984540054
 PAIRS_FORMAT = "dialogpt_zh.arena.pairs"
@@ -61,6 +64,7 @@ def draw_contexts(paths: Sequence[str], n: int, seed: int, fmt: str = "auto", sp
     seen = 0
     for s in iter_clean_sessions(list(paths), fmt=fmt, counters=counts):
         if not split_wanted(s.split, split):
+            counts[f"session_not_in_split ({s.split})"] += 1
             continue
         if len(chosen) < n:
             chosen.append((seen, s))
@@ -69,8 +73,16 @@ def draw_contexts(paths: Sequence[str], n: int, seed: int, fmt: str = "auto", sp
             if j < n:
                 chosen[j] = (seen, s)
         seen += 1
+    # what was read and what was left out, and why (malformed records, one-turn sessions, other splits)
+    why = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v) or "nothing read"
     if not chosen:
-        raise UserError(f"no usable multi-turn session in {', '.join(paths)} with split {split!r}", field="data")
+        raise UserError(f"no usable multi-turn session in {', '.join(paths)} with split {split!r} ({why})",
+                        field="data")
+    if len(chosen) < n:
+        log.warning("only %d usable multi-turn sessions in %s with split %r, so %d pairs, not %d (%s)", len(chosen),
+                    ", ".join(paths), split, len(chosen), n, why)
+    else:
+        log.info("drew %d contexts from %d usable sessions (reading/cleaning counts: %s)", n, seen, why)
     chosen.sort(key=lambda x: x[0])
     return [{"context": s.turns[:-1], "where": f"{s.path}:{s.line}"} for _, s in chosen]
 
