@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -50,10 +51,23 @@ class RerankArgs:
             raise UserError("--output FILE (or '-' for stdout) is required", field="output")
 
 
+def _no_constant(name: str) -> Any:
+    # Python reads NaN / Infinity (and 1e999 as inf), which JSON has not: kept in the record, they made an
+    # output line that other JSON readers refuse
+    raise ValueError(f"not JSON ({name} is no JSON value)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is beyond a float's range")
+    return value
+
+
 def parse_record(line: str) -> tuple[dict[str, Any], list[str], list[str]]:
     """(record, context, candidate texts) of one input line; ValueError says what is wrong."""
     try:
-        rec = loads_json(line)
+        rec = loads_json(line, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise ValueError(f"not JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(rec, dict):

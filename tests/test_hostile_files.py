@@ -301,3 +301,17 @@ def test_the_arena_says_why_it_drew_fewer_pairs_than_asked(tmp_path, caplog):
     with pytest.raises(UserError, match=r"no usable multi-turn session .* with split 'test' \(.*"
                                         r"record_malformed 3, session_not_in_split \(None\) 2"):
         arena_lib.draw_contexts([str(data)], 5, 0, split="test")
+
+
+@pytest.mark.parametrize("value,why", [("NaN", "not JSON (NaN is no JSON value)"),
+                                       ("-Infinity", "not JSON (-Infinity is no JSON value)"),
+                                       ("1e999", "the number 1e999 is beyond a float's range")])
+def test_rerank_refuses_numbers_json_has_not(random_bot_dir, tmp_path, capsys, value, why):
+    # Python's reader takes them; kept in the record, they were written out as NaN / Infinity: no JSON
+    from dialogpt_zh.rerank import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"context": ["你好"], "candidates": ["好"], "weight": %s}\n' % value, encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main([str(src), "--output", str(out), "--model", str(random_bot_dir), "--no_progress"]) == 2
+    assert f"error: {src}:1: {why}" in capsys.readouterr().err and not out.exists()
