@@ -194,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         bot_args, args, gen, mmi, extra = parse(parser, argv)
         if extra.input != "-" and not Path(extra.input).is_file():
-            raise UserError("input file not found", path=extra.input)
+            raise UserError("is a directory, not a JSON Lines file" if Path(extra.input).is_dir()
+                            else "input file not found", path=extra.input)
         from transformers.utils import logging as hf_logging
 
         from dialogpt_zh.engine.bot import load_bot

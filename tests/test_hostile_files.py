@@ -315,3 +315,10 @@ def test_rerank_refuses_numbers_json_has_not(random_bot_dir, tmp_path, capsys, v
     out = tmp_path / "out.jsonl"
     assert main([str(src), "--output", str(out), "--model", str(random_bot_dir), "--no_progress"]) == 2
     assert f"error: {src}:1: {why}" in capsys.readouterr().err and not out.exists()
+
+
+def test_rerank_a_directory_as_input_is_named_as_such(tmp_path, capsys):
+    from dialogpt_zh.rerank import main
+
+    assert main([str(tmp_path), "--output", "-"]) == 2  # was "input file not found"
+    assert f"error: {tmp_path}: is a directory, not a JSON Lines file" in capsys.readouterr().err
