@@ -190,6 +190,20 @@ def test_feedback_export_reads_a_bom_and_refuses_a_file_given_twice(tmp_path, ca
     assert f"error: {again} (field 'files'): given twice (as {path})" in capsys.readouterr().err
 
 
+def test_feedback_export_skips_a_judgement_whose_context_cleans_to_nothing(tmp_path):
+    # the reply alone was written to train.txt as a one-utterance "session" and counted as one
+    from dialogpt_zh.feedback import main
+
+    path = tmp_path / "f.jsonl"
+    path.write_text(feedback_line(context=["\u200b", "http://example.com"]) + feedback_line(), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["export", str(path), "--output", str(out)]) == 0
+    assert (out / "train.txt").read_text(encoding="utf-8") == "你好\n候选1\n"
+    stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
+    assert stats["sessions_written"] == 1 and stats["counts"]["skipped_empty_context"] == 1
+    assert stats["skipped"] == [f"{path}:1: the context is empty after cleaning"]
+
+
 # ----------------------------------------------------------------------------------------------- rerank
 
 def test_rerank_reads_a_bom_and_a_line_not_utf8_is_a_bad_line(random_bot_dir, tmp_path, capsys):

@@ -281,6 +281,10 @@ def judged_sessions(records: Sequence[dict[str, Any]], counts: Counter, skipped:
             skipped.append(f"{rec['_where']}: the reply is empty after cleaning")
             continue
         kept = [t for t in turns if t]
+        if len(kept) < 2:  # the reply alone: no session to train on (the preprocessor drops it as too short)
+            counts["skipped_empty_context"] += 1
+            skipped.append(f"{rec['_where']}: the context is empty after cleaning")
+            continue
         counts["context_utterances_empty_dropped"] += len(turns) - len(kept)
         sessions.append(tuple(kept))
     prefixes = {s[:k] for s in sessions for k in range(1, len(s))}
