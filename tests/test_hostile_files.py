@@ -336,3 +336,18 @@ def test_rerank_a_directory_as_input_is_named_as_such(tmp_path, capsys):
 
     assert main([str(tmp_path), "--output", "-"]) == 2  # was "input file not found"
     assert f"error: {tmp_path}: is a directory, not a JSON Lines file" in capsys.readouterr().err
+
+
+def test_full_width_verdicts_of_a_chinese_input_method_are_read(pairs, tmp_path, capsys):
+    # 'ａ' looks like 'a': it was refused ("verdict must be a, b, = or s, got 'ａ'"), or asked again at the prompt
+    verdicts = tmp_path / "v.txt"
+    verdicts.write_text("p1　ａ\np2 Ｂ\np3 ＝\n", encoding="utf-8")  # an ideographic space, too
+    code, out = score(pairs, verdicts)
+    assert code == 0, capsys.readouterr().err
+    assert "A (a): 2 wins" in out and "B (b): 0 wins" in out and "ties: 1" in out  # p2: b is A's
+    judged = tmp_path / "j.jsonl"
+    out_text = io.StringIO()
+    assert arena.main(["--judge", str(pairs), "--verdicts", str(judged)], stdin=io.StringIO("ｂ\n＝\nｑ\n"),
+                      stdout=out_text) == 0
+    assert "please answer" not in out_text.getvalue()
+    assert [json.loads(x)["verdict"] for x in judged.read_text(encoding="utf-8").splitlines()] == ["b", "="]

@@ -27,6 +27,7 @@ import logging
 import math
 import random
 import sys
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
@@ -45,6 +46,12 @@ KEY_FORMAT = "dialogpt_zh.arena.key"
 
 
 VERDICTS = {"a": "a", "b": "b", "=": "=", "tie": "=", "s": "s", "skip": "s"}
+
+
+def answer_word(text: str) -> str:
+    """A typed answer as VERDICTS (and q) spell it: NFKC, so the full-width ａ, ｂ, ＝ of a Chinese input method
+    (which look like a, b, =, and were refused as if they were something else) read as a, b, =."""
+    return unicodedata.normalize("NFKC", text).strip().lower()
 
 
 def draw_contexts(paths: Sequence[str], n: int, seed: int, fmt: str = "auto", split: str = "auto"
@@ -254,7 +261,7 @@ def read_verdicts(path: str | Path, pair_ids: Iterable[str], run: str | None = N
                 pid, answer = parts
             if not isinstance(pid, str) or pid not in ids:  # a JSON line may give a list (unhashable) or a number
                 raise UserError(f"unknown pair id {pid!r}", path=path, line=lineno)
-            verdict = VERDICTS.get(str(answer).lower()) if isinstance(answer, str) else None
+            verdict = VERDICTS.get(answer_word(answer)) if isinstance(answer, str) else None
             if verdict is None:
                 raise UserError(f"verdict must be a, b, = or s, got {answer!r}", path=path, line=lineno)
             if pid in verdicts:
@@ -371,14 +378,14 @@ def judge(pairs: Sequence[dict[str, Any]], run: str, verdicts_path: str | Path, 
             while True:
                 if interactive:
                     try:
-                        answer = input("verdict [a/b/=/s/q]: ").strip().lower()
+                        answer = answer_word(input("verdict [a/b/=/s/q]: "))
                     except EOFError:
                         return done
                 else:
                     line = stdin.readline()
                     if not line:
                         return done
-                    answer = line.strip().lower()
+                    answer = answer_word(line)
                 if answer in ("q", "quit"):
                     return done
                 if answer in VERDICTS:
