@@ -3,6 +3,7 @@ in `dialogpt_zh.judging.arena`; this module loads the bots and parses the comman
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any, Sequence, TextIO
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
+from dialogpt_zh.fsutil import refuse_inputs
 from dialogpt_zh.judging.arena import (
     default_key_path,
     draw_contexts,
@@ -90,6 +92,13 @@ class ArenaArgs:
             raise UserError(f"choose one of --make, --judge, --score (got {', '.join(modes)})", field=modes[1])
         if self.score and len(self.score) < 2:
             raise UserError("expects PAIRS.json and one or more VERDICTS files", field="score")
+        seen: dict[str, str] = {}
+        for path in self.score[1:]:  # one judge's file twice would be two votes of the panel
+            real = os.path.realpath(path)
+            if real in seen:
+                raise UserError(f"the verdicts file {path} is given twice (as {seen[real]}); each judge's file counts "
+                                "once", field="score")
+            seen[real] = path
         if not self.make and not self.score and not self.verdicts:
             raise UserError("--verdicts FILE is needed to keep the verdicts (they are appended as you go)",
                             field="verdicts")
@@ -194,10 +203,11 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
         out = stdout or sys.stdout
         if args.score:
             pairs, run = load_pairs(args.score[0])
-            key = load_key(args.key or default_key_path(args.score[0]), run)
+            key = load_key(args.key or default_key_path(args.score[0]), run, [p["id"] for p in pairs])
             judges = []
             for path in args.score[1:]:
-                verdicts, counts = read_verdicts(path, [p["id"] for p in pairs])
+                # a JSON verdict says its run: one made for other pairs with the same ids is refused
+                verdicts, counts = read_verdicts(path, [p["id"] for p in pairs], run)
                 judges.append(verdicts)
                 if len(args.score) > 2:   # a panel: each judge's own tally first
                     r = tally(verdicts, key["order"], len(pairs))
@@ -222,6 +232,9 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
                                  *map(Path, args.data)])
         if args.make:
             key_path = args.key or default_key_path(args.make)
+            if Path(key_path).resolve() == Path(args.make).resolve():  # the pairs, written last, would replace it
+                raise UserError(f"is the --make file {args.make}; give the key its own file", path=key_path,
+                                field="key")
             for p in (Path(args.make), Path(key_path)):  # fail before the slow part
                 if p.exists() and not args.overwrite:
                     raise UserError("exists; pass --overwrite to replace it", path=p)
@@ -233,7 +246,8 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
         if args.judge:
             pairs, run = load_pairs(args.judge)
             key_path = Path(args.key or default_key_path(args.judge))
-            key = load_key(key_path, run) if key_path.is_file() else None
+            refuse_inputs(args.verdicts, "verdicts", [args.judge, key_path])  # verdict lines appended to them
+            key = load_key(key_path, run, [p["id"] for p in pairs]) if key_path.is_file() else None
         else:
             pairs, order, systems, _, sources = _generate(args)
             run = run_id(pairs)

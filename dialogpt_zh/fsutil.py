@@ -44,11 +44,11 @@ def atomic_open(path: str | Path, mode: str = "wb", **kw: Any) -> Iterator[IO]:
         raise
 
 
-def loads_json(text: str | bytes) -> Any:
-    """json.loads, where JSON nested too deeply for Python's parser is a JSONDecodeError like any other bad JSON
-    (not a RecursionError from inside the parser), so each reader's "not JSON" message covers it."""
+def loads_json(text: str | bytes, **kwargs: Any) -> Any:
+    """json.loads (`kwargs` passed on), where JSON nested too deeply for Python's parser is a JSONDecodeError like
+    any other bad JSON (not a RecursionError from inside the parser), so each reader's "not JSON" message covers it."""
     try:
-        return json.loads(text)
+        return json.loads(text, **kwargs)
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
 

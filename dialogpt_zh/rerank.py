@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -50,10 +51,23 @@ class RerankArgs:
             raise UserError("--output FILE (or '-' for stdout) is required", field="output")
 
 
+def _no_constant(name: str) -> Any:
+    # Python reads NaN / Infinity (and 1e999 as inf), which JSON has not: kept in the record, they made an
+    # output line that other JSON readers refuse
+    raise ValueError(f"not JSON ({name} is no JSON value)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is beyond a float's range")
+    return value
+
+
 def parse_record(line: str) -> tuple[dict[str, Any], list[str], list[str]]:
     """(record, context, candidate texts) of one input line; ValueError says what is wrong."""
     try:
-        rec = loads_json(line)
+        rec = loads_json(line, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise ValueError(f"not JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(rec, dict):
@@ -98,16 +112,25 @@ def rerank_record(bot, rec: dict[str, Any], context: list[str], texts: list[str]
             "mmi": bool(ranked and ranked[0].backward_logprob is not None)}
 
 
-def iter_lines(path: str) -> Iterator[tuple[int, str]]:
+def iter_lines(path: str) -> Iterator[tuple[int, bytes | str]]:
+    """(line number, raw line) of `path` or stdin ('-'): bytes, decoded per line by `decode_line` (stdin's own
+    decoding turned a bad byte into a surrogate, reported as 'not valid Unicode' deep in the engine); str
+    only where a text stream stands in for stdin (tests, embedding)."""
     if path == "-":
-        yield from enumerate(sys.stdin, 1)
+        yield from enumerate(getattr(sys.stdin, "buffer", sys.stdin), 1)
         return
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=path, line=lineno) from e
+        yield from enumerate(f, 1)
+
+
+def decode_line(raw: bytes | str, lineno: int) -> str:
+    """A line's text; ValueError when it is not UTF-8 (a bad line like any other: --skip_bad_lines skips it)."""
+    if isinstance(raw, str):
+        return raw
+    try:  # a BOM (Windows editors write one) would make the first record "not JSON"
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def count_lines(path: str) -> int | None:
@@ -127,12 +150,13 @@ def rerank_file(bot, path: str, out: TextIO, skip_bad_lines: bool = False, progr
     where = "<stdin>" if path == "-" else path
     with tqdm(total=count_lines(path), unit="line", desc="rerank", disable=not progress,
               file=sys.stderr) as bar:
-        for lineno, line in iter_lines(path):
+        for lineno, raw in iter_lines(path):
             bar.update(1)
-            if not line.strip():
-                counts["blank_lines"] += 1
-                continue
             try:
+                line = decode_line(raw, lineno)
+                if not line.strip():
+                    counts["blank_lines"] += 1
+                    continue
                 rec, context, texts = parse_record(line)
                 result = rerank_record(bot, rec, context, texts)
             except (ValueError, UserError) as e:
@@ -170,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         bot_args, args, gen, mmi, extra = parse(parser, argv)
         if extra.input != "-" and not Path(extra.input).is_file():
-            raise UserError("input file not found", path=extra.input)
+            raise UserError("is a directory, not a JSON Lines file" if Path(extra.input).is_dir()
+                            else "input file not found", path=extra.input)
         from transformers.utils import logging as hf_logging
 
         from dialogpt_zh.engine.bot import load_bot

@@ -28,7 +28,8 @@ incremental parser over `json.JSONDecoder.raw_decode`), so memory does not grow 
 are loaded whole (ChatterBot files are a few KB). `corpus_licence` names the licence of an input (the
 preprocessor writes it to the manifest's `corpora`).
 
-Bad input raises `UserError` with file and line: a missing path, a directory without corpus files, an
+Bad input raises `UserError` with file and line: a missing path, a directory without corpus files, a file
+reached through two inputs (given twice, or a directory and a file in it: read twice, it counted twice), an
 unknown format, bytes that are not UTF-8, malformed JSON (a JSON Lines line included) or YAML, a corrupt
 archive. Malformed *records* inside a well-formed file (a session that is not a list of strings, a chat
 record without a messages list, a `.conv` line that is neither `E` nor `M ...`) are skipped and counted
@@ -284,8 +285,15 @@ def scan_inputs(paths: Iterable[str | Path], fmt: str = "auto") -> list[InputSca
     """Scan several inputs; sources with the same name get a `#2`, `#3` suffix."""
     scans: list[InputScan] = []
     seen: Counter = Counter()
+    taken: dict[tuple[str, str | None], str | Path] = {}  # (real path, zip member) -> the input that gave it
     for p in paths:
         scan = scan_input(p, fmt)
+        for f in scan.files:  # a file read twice counts every session twice (evaluate's cases, the arena's draw)
+            where = (os.path.realpath(f.path), f.member)
+            if where in taken:
+                raise UserError(f"would read {f.name} a second time (it is read through the input {taken[where]} "
+                                "already); give each file once", path=p)
+            taken[where] = p
         seen[scan.source] += 1
         if seen[scan.source] > 1:
             scan.source = f"{scan.source}#{seen[scan.source]}"

@@ -37,6 +37,7 @@ from dialogpt_zh.engine.decoding import (
     backward_context,
     n_positions,
     pad_rows,
+    score_batches,
     sum_per_row,
     token_logprobs,
 )
@@ -270,6 +271,8 @@ class ChatBot:
         positions, fixed = self._positions()
         limit = positions - fixed - MIN_CONTEXT_TOKENS   # what prepare_context would refuse
         for i, r in enumerate(ids):
+            if not r:  # scored as [SEP] alone it is no reply, yet short enough to rank first ("best": "")
+                raise UserError(f"candidate {i} is empty after cleaning ({replies[i]!r})", field="candidates")
             if len(r) > limit:
                 raise UserError(f"candidate {i} has {len(r)} tokens; at most {limit} fit beside a context in these "
                                 f"models ({positions} positions)", field="candidates")
@@ -358,8 +361,14 @@ class ChatBot:
 
     # ---------------------------------------------------------------------------------- scoring
 
-    @torch.inference_mode()
     def _forward_scores(self, context: list[list[int]], replies: list[list[int]]) -> list[tuple[float, int]]:
+        """log P(reply + [SEP] | context) for each reply, in batches of at most SCORE_BATCH_TOKENS."""
+        prompt = len(self.forward_layout.prompt(context)[0])
+        return [s for part in score_batches([prompt + len(r) + 1 for r in replies])
+                for s in self._forward_scores_batch(context, replies[part])]
+
+    @torch.inference_mode()
+    def _forward_scores_batch(self, context: list[list[int]], replies: list[list[int]]) -> list[tuple[float, int]]:
         """log P(reply + [SEP] | context) for each reply: context encoded once, replies in one padded batch."""
         model = self.forward_model
         decoder = self._decoder(model)
@@ -406,9 +415,15 @@ class ChatBot:
                                      [len(q) - len(r) - 1 for (q, _), (_, r) in zip(built, pairs)])
         return [(s, len(r) + 1) for s, (_, r) in zip(sums, pairs)]
 
-    @torch.inference_mode()
     def _sequence_scores(self, model, seqs: list[tuple[list[int], list[int] | None]],
                          starts_at: list[int]) -> list[float]:
+        """`_sequence_scores_batch` in batches of at most SCORE_BATCH_TOKENS."""
+        return [s for part in score_batches([len(q) for q, _ in seqs])
+                for s in self._sequence_scores_batch(model, seqs[part], starts_at[part])]
+
+    @torch.inference_mode()
+    def _sequence_scores_batch(self, model, seqs: list[tuple[list[int], list[int] | None]],
+                               starts_at: list[int]) -> list[float]:
         """Sum of log P(token | everything before it) over the positions t >= starts_at of each sequence
         ((ids, token types or None), as `Layout.sequence` builds them), all in one right-padded batch."""
         ids, mask = pad_rows([q for q, _ in seqs], self.pad_id, self.device)

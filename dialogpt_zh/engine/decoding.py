@@ -56,6 +56,27 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.
     return ids.to(device), mask.to(device)
 
 
+# Scoring (teacher-forced log-probs of given or retrieved replies) runs in batches of at most this many padded
+# tokens (rows x the longest row, the shared prompt counted in each row): memory grows with the batch (the LM
+# head's vocabulary-wide row per scored token, the prompt's cache per row), and `rerank` takes any number of
+# candidates (2,000 of 30 characters took 3.7 GB in one batch). Rows are scored alone, so batching changes no score.
+SCORE_BATCH_TOKENS = 8192
+
+
+def score_batches(lengths: Sequence[int], budget: int = SCORE_BATCH_TOKENS) -> list[slice]:
+    """Consecutive slices of rows (of these lengths) whose padded size stays within `budget`; a row longer
+    than that is a batch of its own."""
+    batches, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start + 1) * max(longest, n) > budget:
+            batches.append(slice(start, i))
+            start, longest = i, 0
+        longest = max(longest, n)
+    if len(lengths) > start:
+        batches.append(slice(start, len(lengths)))
+    return batches
+
+
 def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log P(target) from selected hidden states (M, d): the LM head runs only on positions we score."""
     logits = model.get_output_embeddings()(hidden).float()

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 import sys
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
@@ -33,6 +35,8 @@ from typing import Any, Iterable, Sequence, TextIO
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import loads_json
 from dialogpt_zh.judging.feedback import JsonlAppender, utc_now
+
+log = logging.getLogger(__name__)
 
 Z95 = 1.959963984540054
 PAIRS_FORMAT = "dialogpt_zh.arena.pairs"
@@ -42,6 +46,12 @@ KEY_FORMAT = "dialogpt_zh.arena.key"
 
 
 VERDICTS = {"a": "a", "b": "b", "=": "=", "tie": "=", "s": "s", "skip": "s"}
+
+
+def answer_word(text: str) -> str:
+    """A typed answer as VERDICTS (and q) spell it: NFKC, so the full-width ａ, ｂ, ＝ of a Chinese input method
+    (which look like a, b, =, and were refused as if they were something else) read as a, b, =."""
+    return unicodedata.normalize("NFKC", text).strip().lower()
 
 
 def draw_contexts(paths: Sequence[str], n: int, seed: int, fmt: str = "auto", split: str = "auto"
@@ -61,6 +71,7 @@ def draw_contexts(paths: Sequence[str], n: int, seed: int, fmt: str = "auto", sp
     seen = 0
     for s in iter_clean_sessions(list(paths), fmt=fmt, counters=counts):
         if not split_wanted(s.split, split):
+            counts[f"session_not_in_split ({s.split})"] += 1
             continue
         if len(chosen) < n:
             chosen.append((seen, s))
@@ -69,8 +80,16 @@ def draw_contexts(paths: Sequence[str], n: int, seed: int, fmt: str = "auto", sp
             if j < n:
                 chosen[j] = (seen, s)
         seen += 1
+    # what was read and what was left out, and why (malformed records, one-turn sessions, other splits)
+    why = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v) or "nothing read"
     if not chosen:
-        raise UserError(f"no usable multi-turn session in {', '.join(paths)} with split {split!r}", field="data")
+        raise UserError(f"no usable multi-turn session in {', '.join(paths)} with split {split!r} ({why})",
+                        field="data")
+    if len(chosen) < n:
+        log.warning("only %d usable multi-turn sessions in %s with split %r, so %d pairs, not %d (%s)", len(chosen),
+                    ", ".join(paths), split, len(chosen), n, why)
+    else:
+        log.info("drew %d contexts from %d usable sessions (reading/cleaning counts: %s)", n, seen, why)
     chosen.sort(key=lambda x: x[0])
     return [{"context": s.turns[:-1], "where": f"{s.path}:{s.line}"} for _, s in chosen]
 
@@ -123,10 +142,12 @@ def default_key_path(pairs_path: str | Path) -> Path:
 
 
 def _read_json(path: Path, what: str, hint: str = "") -> Any:
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{what} not found{hint}", path=path)
-    try:
-        return loads_json(path.read_text(encoding="utf-8"))
+    try:  # utf-8-sig: a file saved again by a Windows editor starts with a BOM
+        return loads_json(path.read_text(encoding="utf-8-sig"))
+    except OSError as e:  # a directory, no permission
+        raise UserError(f"cannot read the {what}: {e.strerror}", path=path) from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"not a JSON {what} ({e})", path=path) from e
 
@@ -136,22 +157,51 @@ def load_pairs(path: str | Path) -> tuple[list[dict[str, Any]], str]:
     doc = _read_json(path, "pairs file")
     if not isinstance(doc, dict) or doc.get("format") != PAIRS_FORMAT or not isinstance(doc.get("pairs"), list):
         raise UserError(f"not an arena pairs file (expected format {PAIRS_FORMAT!r})", path=path)
+    if not doc["pairs"]:
+        raise UserError("holds no pairs", path=path, field="pairs")
+    seen: set[str] = set()
     for i, p in enumerate(doc["pairs"]):
         if not (isinstance(p, dict) and isinstance(p.get("id"), str) and isinstance(p.get("context"), list)
+                and all(isinstance(u, str) for u in p["context"])
                 and isinstance(p.get("a"), str) and isinstance(p.get("b"), str)):
-            raise UserError(f"pair {i} needs 'id', 'context', 'a' and 'b'", path=path, field="pairs")
+            raise UserError(f"pair {i} needs 'id', 'context' (a list of strings), 'a' and 'b'", path=path,
+                            field="pairs")
+        pid = p["id"]
+        # a verdict names its pair by id: a second pair with the id would take the first one's verdict, and an
+        # id a text verdicts line cannot give (blank, with spaces, a '#' comment) could never be judged
+        if pid.split() != [pid] or pid.startswith("#"):
+            raise UserError(f"pair {i}: id {pid!r} must be one word, not starting with '#'", path=path,
+                            field="pairs")
+        if pid in seen:
+            raise UserError(f"pair {i}: id {pid!r} is used by an earlier pair", path=path, field="pairs")
+        seen.add(pid)
     if run_id(doc["pairs"]) != doc.get("run"):
         raise UserError("the pairs were edited (their run id does not match); make them again", path=path)
     return doc["pairs"], doc["run"]
 
 
-def load_key(path: str | Path, run: str) -> dict[str, Any]:
+def load_key(path: str | Path, run: str, pair_ids: Iterable[str]) -> dict[str, Any]:
+    """The key of the pairs `run` (ids `pair_ids`): its order names exactly these pairs, each "AB" or "BA" (the
+    tally reads every verdict's pair through it), and its systems and sources are what the tally prints."""
     path = Path(path)
     key = _read_json(path, "key file", " (--key; written by --make beside the pairs)")
     if not isinstance(key, dict) or key.get("format") != KEY_FORMAT:
         raise UserError(f"not an arena key file (expected format {KEY_FORMAT!r})", path=path)
     if key.get("run") != run:
         raise UserError(f"this key belongs to other pairs (run {key.get('run')}, the pairs are run {run})", path=path)
+    order, ids = key.get("order"), set(pair_ids)
+    if not isinstance(order, dict) or set(order) != ids or any(v not in ("AB", "BA") for v in order.values()):
+        raise UserError("must map each pair id of the pairs file, and no other, to \"AB\" or \"BA\"", path=path,
+                        field="order")
+    systems = key.get("systems")
+    if not (isinstance(systems, dict) and all(isinstance(systems.get(s), dict)
+                                               and isinstance(systems[s].get("model"), str)
+                                               and isinstance(systems[s].get("settings"), dict) for s in "AB")):
+        raise UserError("must give A and B, each with 'model' and 'settings'", path=path, field="systems")
+    sources = key.get("sources")
+    if sources is not None and not (isinstance(sources, dict) and all(
+            isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for v in sources.values())):
+        raise UserError("must map pair ids to {\"A\": source, \"B\": source}", path=path, field="sources")
     return key
 
 
@@ -183,10 +233,14 @@ def read_verdicts(path: str | Path, pair_ids: Iterable[str], run: str | None = N
         raise UserError("verdicts file not found", path=path)
     ids = set(pair_ids)
     verdicts: dict[str, str] = {}
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # a directory, no permission
+        raise UserError(f"cannot read the verdicts file: {e.strerror}", path=path) from e
+    with f:
         for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").strip()
+            try:  # a BOM (Windows editors write one) would stick to the first pair id or hide its JSON
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
             except UnicodeDecodeError as e:
                 raise UserError(f"not UTF-8 ({e.reason})", path=path, line=lineno) from e
             if not line or line.startswith("#"):
@@ -207,7 +261,7 @@ def read_verdicts(path: str | Path, pair_ids: Iterable[str], run: str | None = N
                 pid, answer = parts
             if not isinstance(pid, str) or pid not in ids:  # a JSON line may give a list (unhashable) or a number
                 raise UserError(f"unknown pair id {pid!r}", path=path, line=lineno)
-            verdict = VERDICTS.get(str(answer).lower()) if isinstance(answer, str) else None
+            verdict = VERDICTS.get(answer_word(answer)) if isinstance(answer, str) else None
             if verdict is None:
                 raise UserError(f"verdict must be a, b, = or s, got {answer!r}", path=path, line=lineno)
             if pid in verdicts:
@@ -324,14 +378,14 @@ def judge(pairs: Sequence[dict[str, Any]], run: str, verdicts_path: str | Path, 
             while True:
                 if interactive:
                     try:
-                        answer = input("verdict [a/b/=/s/q]: ").strip().lower()
+                        answer = answer_word(input("verdict [a/b/=/s/q]: "))
                     except EOFError:
                         return done
                 else:
                     line = stdin.readline()
                     if not line:
                         return done
-                    answer = line.strip().lower()
+                    answer = answer_word(line)
                 if answer in ("q", "quit"):
                     return done
                 if answer in VERDICTS:

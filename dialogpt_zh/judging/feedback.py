@@ -183,6 +183,8 @@ def _check_record(rec: Any) -> str | None:
         return f"expected a JSON object, got {type(rec).__name__}"
     if rec.get("format") != FORMAT:
         return f"not a feedback record (format {rec.get('format')!r}, expected {FORMAT!r})"
+    if rec.get("version") != VERSION:  # another version's fields may mean other things: never guess
+        return f"feedback record version {rec.get('version')!r}; this version reads version {VERSION}"
     if rec.get("kind") not in KINDS:
         return f"field 'kind' must be one of {list(KINDS)}, got {rec.get('kind')!r}"
     ctx = rec.get("context")
@@ -193,24 +195,38 @@ def _check_record(rec: Any) -> str | None:
     rank = rec.get("picked_rank")
     if rec["kind"] == "pick" and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         return f"a pick needs an integer 'picked_rank' >= 1, got {rank!r}"
-    if not isinstance(rec.get("candidates"), list):
+    # a written reply has the rank of the candidate it matches, or none
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        return f"field 'picked_rank' must be an integer >= 1 or null, got {rank!r}"
+    cands = rec.get("candidates")
+    if not isinstance(cands, list):
         return "field 'candidates' must be a list"
+    # the statistics count the rank picked among these candidates and whether MMI ranked them
+    if rank is not None and rank not in {c.get("rank") for c in cands if isinstance(c, dict)}:
+        return f"'picked_rank' {rank} is the rank of none of its {len(cands)} candidates"
+    if not isinstance(rec.get("mmi", False), bool):
+        return f"field 'mmi' must be true or false, got {rec['mmi']!r}"
     return None
 
 
 def read_feedback(paths: Sequence[str | Path], counts: Counter, skipped: list[str]) -> list[dict[str, Any]]:
     """Usable records of feedback files, in order; every bad line is counted and listed as file:line: why."""
     records = []
+    seen: dict[str, Path] = {}
     for path in map(Path, paths):
         if not path.is_file():
             raise UserError("feedback file not found" if not path.exists() else "not a file", path=path)
+        real = os.path.realpath(path)
+        if real in seen:  # its judgements would be counted twice in the statistics
+            raise UserError(f"given twice (as {seen[real]})", path=path, field="files")
+        seen[real] = path
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
                 counts["lines"] += 1
-                try:
-                    rec = loads_json(raw.decode("utf-8"))
+                try:  # a BOM (a file saved again by a Windows editor) would make its first record "not JSON"
+                    rec = loads_json(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
                     why = _check_record(rec)
                 except UnicodeDecodeError as e:
                     why = f"not UTF-8 ({e.reason} at byte {e.start})"
@@ -265,6 +281,10 @@ def judged_sessions(records: Sequence[dict[str, Any]], counts: Counter, skipped:
             skipped.append(f"{rec['_where']}: the reply is empty after cleaning")
             continue
         kept = [t for t in turns if t]
+        if len(kept) < 2:  # the reply alone: no session to train on (the preprocessor drops it as too short)
+            counts["skipped_empty_context"] += 1
+            skipped.append(f"{rec['_where']}: the context is empty after cleaning")
+            continue
         counts["context_utterances_empty_dropped"] += len(turns) - len(kept)
         sessions.append(tuple(kept))
     prefixes = {s[:k] for s in sessions for k in range(1, len(s))}
