@@ -782,3 +782,11 @@ def test_retrieval_skips_replies_that_only_echo_the_message(hybrid_bot):
     assert reply not in [h.text for h in pick_hits(index, context, spaced, 50, 100, notices)]
     part = " ".join(reply[:2])                    # the reply says more than this message: no echo
     assert reply in [h.text for h in pick_hits(index, context, part, 50, 100, [])]
+
+
+def test_rerank_of_no_given_candidates_ranks_the_indexs_replies(hybrid_bot):
+    """rerank with K and nothing given ranks the index's replies alone (it returned [] before looking)."""
+    ranked = hybrid_bot.rerank(HISTORY, [], retrieval_candidates=3)
+    assert 0 < len(ranked) <= 3 and {c.source for c in ranked} == {"retrieved"}
+    assert [c.rank for c in ranked] == list(range(1, len(ranked) + 1))
+    assert hybrid_bot.rerank(HISTORY, []) == []          # nothing given, nothing asked of the index

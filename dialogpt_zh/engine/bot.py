@@ -644,9 +644,9 @@ class ChatBot:
             overrides.setdefault("retrieval_candidates", 0)
         gen, mmi = self.settings(generation, mmi, **overrides)
         replies = self._encode_replies(candidates)
-        if not replies:
+        if not replies and not gen.retrieval_candidates:
             return []
-        room = max(len(r) for r in replies)  # retrieved replies may be up to max_length tokens long
+        room = max(map(len, replies), default=0)  # retrieved replies may be up to max_length tokens long
         context, texts = self.prepare_context(history, gen, max(room, gen.max_length) if gen.retrieval_candidates
                                               else room, [])
         n_ctx = sum(len(u) + 1 for u in backward_context(context, mmi))
@@ -657,6 +657,8 @@ class ChatBot:
         for c in cands:
             by_text.setdefault(c.text, c)
         cands += merge_hits(by_text, self._retrieve(context, texts, gen, []), n_ctx)
+        if not cands:  # the index had nothing fit to add either
+            return []
         use_backward = self.mmi_active(mmi)
         ids = [c.token_ids for c in cands]
         fwd = self._forward_scores(context, ids)
