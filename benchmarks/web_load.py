@@ -47,7 +47,7 @@ class LoadArguments:
     url: str | None = field(default=None, metadata=field_help("load an app that is already running at this URL"))
     clients: int = field(default=20, metadata=field_help("concurrent clients (sessions)"))
     turns: int = field(default=30, metadata=field_help(
-        "turns per client (30: with 10, a run lasts 4-8 s on 2 cores and its rate varies by about 30 %)"))
+        "turns per client (30: with 10, a run lasts 4-8 s on 2 cores and its rate varies by about 30%%)"))
     modes: str = field(default="batched,alone", metadata=field_help(
         "comma list: batched (replies of different users share batches: webapp --max_batch) and/or alone "
         "(each reply computed on its own: --max_batch 1)"))
