@@ -106,9 +106,15 @@ def test_interactive_judging_saves_each_verdict_and_resumes(random_bot_dir, tmp_
     verdicts = tmp_path / "v.jsonl"
     argv = ["--a", str(random_bot_dir), "--b", str(random_bot_dir), "--b_set", "num_candidates=1",
             "--data", DATA, "--split", "all", "--pairs", "3", "--no_progress", "--verdicts", str(verdicts)]
-    code, out = run(argv, stdin="a\nwhat\n=\n")                              # input ends after two verdicts
+    # piped: a line that is no verdict stops the run (asking again would shift every later verdict by one)
+    code, out = run(argv, stdin="a\nwhat\n=\n")
+    assert code == 2
+    assert "<stdin>:2: 'what' is no verdict (a, b, =, s or q); the 1 verdicts before it are saved" in \
+        capsys.readouterr().err
+    assert [json.loads(x)["verdict"] for x in verdicts.read_text(encoding="utf-8").splitlines()] == ["a"]
+    code, out = run(argv, stdin="\n=\n")                                     # input ends after the 2nd verdict
     assert code == 0, capsys.readouterr().err
-    assert out.count("(a) ") == 3 and "please answer a, b, = or s" in out   # the 3rd was shown, not answered
+    assert out.count("(a) ") == 2 and "resuming: 1 of 3" in out   # the 3rd was shown, not answered
     lines = [json.loads(x) for x in verdicts.read_text(encoding="utf-8").splitlines()]
     assert [x["verdict"] for x in lines] == ["a", "="]
     assert "not judged: 1" in out

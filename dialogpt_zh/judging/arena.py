@@ -371,6 +371,7 @@ def judge(pairs: Sequence[dict[str, Any]], run: str, verdicts_path: str | Path, 
         return done
     writer = JsonlAppender(verdicts_path)
     interactive = stdin.isatty()
+    lineno = 0
     print("answer a or b (the better reply), = (as good), s (skip), q (stop; rerun to resume)", file=out)
     try:
         for pair in todo:
@@ -382,10 +383,18 @@ def judge(pairs: Sequence[dict[str, Any]], run: str, verdicts_path: str | Path, 
                     except EOFError:
                         return done
                 else:
-                    line = stdin.readline()
+                    line, lineno = stdin.readline(), lineno + 1
                     if not line:
                         return done
+                    if not line.strip():  # a blank line answers nothing
+                        continue
                     answer = answer_word(line)
+                    if answer not in VERDICTS and answer not in ("q", "quit"):
+                        # nobody reads a prompt on piped input: asking again would give this pair the next
+                        # line's verdict and shift every later one
+                        raise UserError(f"{line.strip()!r} is no verdict (a, b, =, s or q); the {len(done)} "
+                                        f"verdicts before it are saved in {verdicts_path}: rerun to resume",
+                                        path="<stdin>", line=lineno)
                 if answer in ("q", "quit"):
                     return done
                 if answer in VERDICTS:
