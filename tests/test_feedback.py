@@ -267,3 +267,14 @@ def test_a_written_reply_longer_than_a_chat_reply_is_refused_not_cut():
     with pytest.raises(UserError, match="100,000 characters; a chat reply has at most"):
         choose(reply, better="好" * 100_000)
     assert choose(reply, better="好" * MAX_BETTER_CHARS).text == "好" * MAX_BETTER_CHARS
+
+
+def test_a_feedback_file_that_cannot_be_read_is_named(tmp_path, capsys):
+    """An I/O error reading a feedback file (or no permission, for a user who is not root) is a message
+    naming it, not a traceback; /proc/self/mem is a file whose read fails even for root."""
+    unreadable = tmp_path / "feedback.jsonl"
+    unreadable.symlink_to("/proc/self/mem")
+    out = tmp_path / "out"
+    assert feedback_main(["export", str(unreadable), "--output", str(out)]) == 2
+    assert f"{unreadable}: cannot read: Input/output error" in capsys.readouterr().err
+    assert not out.exists()

@@ -220,24 +220,34 @@ def read_feedback(paths: Sequence[str | Path], counts: Counter, skipped: list[st
         if real in seen:  # its judgements would be counted twice in the statistics
             raise UserError(f"given twice (as {seen[real]})", path=path, field="files")
         seen[real] = path
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                counts["lines"] += 1
-                try:  # a BOM (a file saved again by a Windows editor) would make its first record "not JSON"
-                    rec = loads_json(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
-                    why = _check_record(rec)
-                except UnicodeDecodeError as e:
-                    why = f"not UTF-8 ({e.reason} at byte {e.start})"
-                except json.JSONDecodeError as e:
-                    why = f"not JSON ({e.msg} at column {e.colno})"
-                if why:
-                    counts["skipped_bad_lines"] += 1
-                    skipped.append(f"{path}:{lineno}: {why}")
-                    continue
-                rec["_where"] = f"{path}:{lineno}"
-                records.append(rec)
+        try:
+            records += _read_feedback_file(path, counts, skipped)
+        except OSError as e:  # no read permission, an I/O error: a message naming the file, not a traceback
+            raise UserError(f"cannot read: {e.strerror or e}", path=path) from e
+    return records
+
+
+def _read_feedback_file(path: Path, counts: Counter, skipped: list[str]) -> list[dict[str, Any]]:
+    """One feedback file's usable records (see `read_feedback`)."""
+    records = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            counts["lines"] += 1
+            try:  # a BOM (a file saved again by a Windows editor) would make its first record "not JSON"
+                rec = loads_json(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+                why = _check_record(rec)
+            except UnicodeDecodeError as e:
+                why = f"not UTF-8 ({e.reason} at byte {e.start})"
+            except json.JSONDecodeError as e:
+                why = f"not JSON ({e.msg} at column {e.colno})"
+            if why:
+                counts["skipped_bad_lines"] += 1
+                skipped.append(f"{path}:{lineno}: {why}")
+                continue
+            rec["_where"] = f"{path}:{lineno}"
+            records.append(rec)
     return records
 
 
