@@ -92,7 +92,7 @@ def parse_record(line: str) -> tuple[dict[str, Any], list[str], list[str]]:
 def rerank_record(bot, rec: dict[str, Any], context: list[str], texts: list[str]) -> dict[str, Any]:
     """`rec` with its candidates scored and ranked by `bot.rerank`, in input order; with the bot's
     `retrieval_candidates` K > 0, the index's replies that are not among them follow (source "retrieved")."""
-    ranked = bot.rerank(context, texts) if texts else []
+    ranked = bot.rerank(context, texts)  # none given: the index's replies alone, with K > 0
     slots: dict[str, list[int]] = {}
     for i, t in enumerate(texts):
         slots.setdefault(t, []).append(i)

@@ -790,3 +790,14 @@ def test_rerank_of_no_given_candidates_ranks_the_indexs_replies(hybrid_bot):
     assert 0 < len(ranked) <= 3 and {c.source for c in ranked} == {"retrieved"}
     assert [c.rank for c in ranked] == list(range(1, len(ranked) + 1))
     assert hybrid_bot.rerank(HISTORY, []) == []          # nothing given, nothing asked of the index
+
+
+def test_rerank_cli_record_with_no_candidates_gets_the_indexs_replies(hybrid_bot_dir):
+    from dialogpt_zh.engine.bot import ChatBot
+    from dialogpt_zh.rerank import rerank_record
+    from dialogpt_zh.settings import GenerationSettings
+
+    bot = ChatBot.from_pretrained(hybrid_bot_dir, generation=GenerationSettings(retrieval_candidates=3, max_length=12))
+    out = rerank_record(bot, {"context": HISTORY, "candidates": []}, HISTORY, [])
+    assert out["candidates"] and {c["source"] for c in out["candidates"]} == {"retrieved"}
+    assert out["best"] == out["candidates"][0]["text"] and out["mmi"] is True
