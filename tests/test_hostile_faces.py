@@ -135,6 +135,25 @@ def test_pick_accepts_full_width_digits(bot):
     assert "the chat continues with candidate 1" in info.getvalue()
 
 
+def test_pick_with_thousands_of_digits_is_a_usage_message(bot):
+    s, info = session(bot)
+    s.handle("你好\n")
+    assert s.handle("/pick " + "1" * 5000 + "\n")  # int() refuses over 4300 digits: a ValueError ended the REPL
+    assert "usage: /pick N" in info.getvalue()
+
+
+@pytest.mark.parametrize("line,said", [
+    ("/pick\t2 3", "usage: /pick N"),                      # was a better reply "3" recorded in place of the pick
+    ("/pick\u30002", "the chat continues with candidate 2"),  # an IME's space: was "the better reply is empty"
+    ("/better\t我也好 你呢", "the chat continues with your reply: 我也好 你呢 —"),  # was only "你呢"
+])
+def test_a_judging_command_split_at_any_whitespace(bot, line, said):
+    s, info = session(bot)
+    s.handle("你好\n")
+    s.handle(line + "\n")
+    assert said in info.getvalue()
+
+
 @pytest.mark.parametrize("line", ["/debug on", "/reset now", "/help me", "/quit please"])
 def test_a_known_command_with_an_argument_is_not_called_unknown(bot, line):
     s, info = session(bot)
