@@ -154,6 +154,27 @@ def test_a_judging_command_split_at_any_whitespace(bot, line, said):
     assert said in info.getvalue()
 
 
+def test_better_with_escape_sequences_is_kept_without_them(bot):
+    s, info = session(bot)
+    s.handle("你好\n")
+    s.handle("/better 好\x1b[2J\x1b]0;title\x07的\x00\n")  # the echo cleared the screen and set its title
+    assert "the chat continues with your reply: 好的 —" in info.getvalue() and "\x1b" not in info.getvalue()
+    assert s.history[-1] == "好的"
+
+
+@pytest.mark.parametrize("text", ["\x00", "\u200b", "\u200f\u202e", "http://example.com"])
+def test_better_that_cleans_to_nothing_is_refused_with_or_without_feedback(bot, tmp_path, text):
+    # saved only with --feedback, the same reply was refused there and taken without: the bot then read an
+    # empty line as its own last reply
+    for feedback in (None, str(tmp_path / "fb.jsonl")):
+        info = io.StringIO()
+        s = Session(bot, InteractArgs(seed=0, feedback=feedback), io.StringIO(), info)
+        s.handle("你好\n")
+        given = list(s.history)
+        s.handle(f"/better {text}\n")
+        assert "the better reply is empty" in info.getvalue() and s.history == given
+
+
 @pytest.mark.parametrize("line", ["/debug on", "/reset now", "/help me", "/quit please"])
 def test_a_known_command_with_an_argument_is_not_called_unknown(bot, line):
     s, info = session(bot)
