@@ -154,7 +154,10 @@ class Session:
             if word in COMMANDS or word == "/exit":  # "/debug on": a known command given an argument it has not
                 print(f"({word} takes no argument: type {word} alone)", file=self.info)
                 return True
-            print(f"(unknown command {text.split()[0]}: /help lists the commands)", file=self.info)
+            name = text.split()[0]
+            if not name.isprintable():  # escape sequences typed or piped in are shown, not run by the terminal
+                name = ascii(name)
+            print(f"(unknown command {name}: /help lists the commands)", file=self.info)
             return True
         if len(text) > self.args.max_input_chars:
             print(f"(notice: input truncated from {len(text)} to {self.args.max_input_chars} characters)",

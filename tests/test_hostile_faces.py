@@ -175,6 +175,12 @@ def test_better_that_cleans_to_nothing_is_refused_with_or_without_feedback(bot, 
         assert "the better reply is empty" in info.getvalue() and s.history == given
 
 
+def test_an_unknown_command_with_escapes_is_shown_escaped(bot):
+    s, info = session(bot)
+    s.handle("/\x1b[2J\n")
+    assert "(unknown command '/\\x1b[2J': /help lists the commands)" in info.getvalue()
+
+
 @pytest.mark.parametrize("line", ["/debug on", "/reset now", "/help me", "/quit please"])
 def test_a_known_command_with_an_argument_is_not_called_unknown(bot, line):
     s, info = session(bot)
