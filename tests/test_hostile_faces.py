@@ -240,3 +240,15 @@ def test_web_an_input_error_is_logged_without_a_traceback(handlers, caplog):
     assert "the latest utterance is empty" in outputs[4]
     assert "reply refused (session s2)" in caplog.text
     assert not any(r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize("elem_id,name", [("message", "message"), ("better", "better")])
+@pytest.mark.parametrize("value,shown", [(["你好"], "list"), ({"a": 1}, "dict"), (12345, "int"), (True, "bool")])
+def test_web_text_boxes_refuse_values_that_are_no_text_naming_the_box(handlers, elem_id, name, value, shown):
+    import gradio as gr
+
+    app, _ = handlers
+    (box,) = [b for b in app.blocks.values() if isinstance(b, gr.Textbox) and b.elem_id == elem_id]
+    with pytest.raises(gr.Error, match=f"{name}: must be text, got {shown}"):
+        box.preprocess(value)  # gr.Textbox's own str(): ["你好"] was chatted with, or saved, as "['你好']"
+    assert box.preprocess("你好") == "你好" and box.preprocess(None) is None

@@ -15,7 +15,7 @@ import gradio as gr
 
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.judging.feedback import JsonlAppender, bot_model_ids, choose, make_record, utc_now
-from dialogpt_zh.webui.view import candidates_table, history_to_messages
+from dialogpt_zh.webui.view import candidates_table, checked_textbox, history_to_messages
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ def add_judging(bot, feedback: str | Path | None, *, table, chatbot, history_sta
     writer = JsonlAppender(feedback) if feedback else None
     models = bot_model_ids(bot)
     with gr.Row():
-        better_box = gr.Textbox(show_label=False, placeholder="觉得都不好？写下你会怎么回复，回车提交", scale=6,
-                                lines=1, max_lines=3, elem_id="better")
+        better_box = checked_textbox("better", show_label=False, placeholder="觉得都不好？写下你会怎么回复，回车提交",
+                                     scale=6, lines=1, max_lines=3, elem_id="better")
         better_btn = gr.Button("用我的回复", scale=1, min_width=110, elem_id="better_send")
 
     def apply(turn: dict[str, Any] | None, pick: int | None, better: str | None):
