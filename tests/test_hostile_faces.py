@@ -252,3 +252,28 @@ def test_web_text_boxes_refuse_values_that_are_no_text_naming_the_box(handlers, 
     with pytest.raises(gr.Error, match=f"{name}: must be text, got {shown}"):
         box.preprocess(value)  # gr.Textbox's own str(): ["你好"] was chatted with, or saved, as "['你好']"
     assert box.preprocess("你好") == "你好" and box.preprocess(None) is None
+
+
+def test_web_a_click_on_a_table_older_than_the_turn_is_not_recorded_for_another_candidate(bot, tmp_path):
+    # The reply handler stores the new turn before the browser draws its table: a click in that moment named
+    # rank 2 of the old table and was recorded (and continued the chat) as rank 2 of the new turn
+    import dataclasses
+
+    import gradio as gr
+
+    from dialogpt_zh import webapp
+    from dialogpt_zh.webui.view import candidates_table
+
+    feedback = tmp_path / "fb.jsonl"
+    app = webapp.build_app(bot, max_batch=1, feedback=feedback)
+    (pick,) = [f.fn for f in app.fns.values() if any(t[1] == "select" for t in f.targets)]
+    old = bot.reply(["你好"], seed=0)
+    new = dataclasses.replace(old, candidates=[dataclasses.replace(c, text=c.text + "新") for c in old.candidates])
+    turn = {"given": ["你好"], "reply": new, "settings": {}}
+    shown = candidates_table(old)[1]  # the old table's row 2, as the browser sends it
+    outputs = pick(turn, gr.SelectData(None, {"index": [1, 2], "value": shown[2], "row_value": shown}))
+    assert "重新点选" in outputs[-1] and feedback.read_text(encoding="utf-8") == ""
+    current = candidates_table(new)[1]
+    outputs = pick(turn, gr.SelectData(None, {"index": [1, 2], "value": current[2], "row_value": current}))
+    assert outputs[2] == ["你好", new.candidates[1].text]
+    assert json.loads(feedback.read_text(encoding="utf-8"))["picked_rank"] == 2

@@ -69,6 +69,12 @@ def add_judging(bot, feedback: str | Path | None, *, table, chatbot, history_sta
             rank = int(row[0]) if row else int(evt.index[0]) + 1
         except (TypeError, ValueError, IndexError):
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        # The click names a row of the table the browser shows; the session's turn may be newer (a reply stored
+        # before the browser drew its table): the same rank there is another candidate, so the texts must agree.
+        shown = row[2] if row and len(row) > 2 else None
+        texts = {c.rank: c.text for c in turn["reply"].candidates} if turn else {}
+        if shown is not None and rank in texts and texts[rank] != shown:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), "⚠ 候选表刚更新，这次点选未采用：请在新表里重新点选。"
         return apply(turn, rank, None)
 
     def better_fn(text: str, turn: dict[str, Any] | None):
