@@ -277,3 +277,45 @@ def test_web_a_click_on_a_table_older_than_the_turn_is_not_recorded_for_another_
     outputs = pick(turn, gr.SelectData(None, {"index": [1, 2], "value": current[2], "row_value": current}))
     assert outputs[2] == ["你好", new.candidates[1].text]
     assert json.loads(feedback.read_text(encoding="utf-8"))["picked_rank"] == 2
+
+
+@pytest.fixture
+def arena_page(bot, tmp_path):
+    """The page with an arena tab over three pairs: its load handler and its verdict buttons' handlers."""
+    from dialogpt_zh import webapp
+    from dialogpt_zh.judging.arena import write_pairs
+
+    pairs = [{"id": f"p{i}", "context": ["*星星* 和 _月亮_", "1. 好"], "a": f"a{i}", "b": f"b{i}"} for i in range(3)]
+    write_pairs(tmp_path / "pairs.json", tmp_path / "pairs.key.json", pairs, {p["id"]: "AB" for p in pairs},
+                {s: {"model": s, "settings": {}} for s in "AB"}, {})
+    verdicts = tmp_path / "verdicts.jsonl"
+    app = webapp.build_app(bot, max_batch=1, arena_pairs=tmp_path / "pairs.json", arena_verdicts=verdicts)
+    (load,) = [f.fn for f in app.fns.values() if f.fn.__name__ == "show_next"]
+    ids = {i: str(getattr(app.blocks.get(i), "elem_id", "")) for f in app.fns.values() for i, _ in f.targets}
+    vote = {ids[t[0]][len("arena_vote_"):]: f.fn for f in app.fns.values() for t in f.targets
+            if ids[t[0]].startswith("arena_vote_")}
+    return load, vote, verdicts
+
+
+def test_web_arena_two_judges_voting_on_one_pair_keep_the_first_verdict(arena_page):
+    load, vote, verdicts = arena_page
+    first, second = load(), load()  # two tabs shown the same open pair
+    assert first[-1] == second[-1] == "p0"
+    assert vote["a"](first[-1])[-1] == "p1"
+    shown = vote["b"](second[-1])  # was appended too: on reading, the later verdict replaced the first judge's
+    assert "刚被别的评判者评过" in shown[0] and shown[-1] == "p1"
+    assert [json.loads(line)["verdict"] for line in verdicts.read_text(encoding="utf-8").splitlines()] == ["a"]
+
+
+def test_web_arena_a_verdicts_file_broken_while_serving_is_a_message_not_an_error(arena_page, caplog):
+    load, vote, verdicts = arena_page
+    verdicts.write_text("p0 maybe\n", encoding="utf-8")  # edited by hand: read_verdicts' UserError escaped
+    for shown in (load(), vote["a"]("p1")):
+        assert "评判记录文件读取出错" in shown[0] and shown[-1] is None
+    assert "verdict must be a, b, = or s" in caplog.text
+    assert verdicts.read_text(encoding="utf-8") == "p0 maybe\n"
+
+
+def test_web_arena_context_is_shown_as_said_not_as_markdown(arena_page):
+    load, _, _ = arena_page
+    assert load()[1] == "**上文**\n\n> \\*星星\\* 和 \\_月亮\\_\n> 1\\. 好"  # was emphasis and a list
