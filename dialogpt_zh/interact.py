@@ -154,7 +154,10 @@ class Session:
             if word in COMMANDS or word == "/exit":  # "/debug on": a known command given an argument it has not
                 print(f"({word} takes no argument: type {word} alone)", file=self.info)
                 return True
-            print(f"(unknown command {text.split()[0]}: /help lists the commands)", file=self.info)
+            name = text.split()[0]
+            if not name.isprintable():  # escape sequences typed or piped in are shown, not run by the terminal
+                name = ascii(name)
+            print(f"(unknown command {name}: /help lists the commands)", file=self.info)
             return True
         if len(text) > self.args.max_input_chars:
             print(f"(notice: input truncated from {len(text)} to {self.args.max_input_chars} characters)",
@@ -188,7 +191,9 @@ class Session:
 
     def _judge(self, text: str) -> None:
         """/pick N or /better TEXT: the person's choice replaces the last reply (and is saved if asked)."""
-        command, _, arg = text.partition(" ")
+        # split as handle() does, at any whitespace: "/pick\t2 3" or "/pick\u30002" (an IME's space) split at " "
+        # gave the command "/pick\t2", taken for /better with the text "3"
+        command, arg = (text.split(maxsplit=1) + [""])[:2]
         command, arg = command.lower(), arg.strip()
         if self.last is None:
             print("(nothing to judge yet: /pick and /better refer to the last reply)", file=self.info)
@@ -196,7 +201,9 @@ class Session:
         given, reply = self.last
         try:
             if command == "/pick":
-                if not arg.isdecimal():  # isdigit() also passes "²", which int() refuses
+                # isdigit() also passes "²", which int() refuses; int() refuses more than 4300 digits, and no
+                # turn has a million candidates
+                if not arg.isdecimal() or len(arg) > 6:
                     raise UserError(f"usage: /pick N (N = 1..{len(reply.candidates)}, as /debug shows them)")
                 judgement = choose(reply, pick=int(arg))
             else:

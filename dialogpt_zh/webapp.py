@@ -43,6 +43,7 @@ from dialogpt_zh.webui.view import (  # noqa: E402,F401
     CANDIDATE_HEADERS,
     candidate_headers,
     candidates_table,
+    checked_textbox,
     history_to_messages,
     score_legend,
 )
@@ -446,7 +447,7 @@ def chat_column() -> tuple[gr.Chatbot, gr.Textbox, gr.Button, gr.Button]:
     chatbot = gr.Chatbot(label="对话", height=460, render_markdown=False, feedback_options=None,
                          buttons=["copy_all"], placeholder="输入一句话，按回车发送", elem_id="chat")
     with gr.Row():
-        textbox = gr.Textbox(show_label=False, placeholder="说点什么……（回车发送）", scale=6,
+        textbox = checked_textbox("message", show_label=False, placeholder="说点什么……（回车发送）", scale=6,
                              lines=1, max_lines=4, autofocus=True, elem_id="message")
         send = gr.Button("发送", variant="primary", scale=1, min_width=90, elem_id="send")
         reset = gr.Button("清空对话", scale=1, min_width=100, elem_id="reset")

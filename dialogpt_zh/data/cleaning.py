@@ -152,6 +152,12 @@ _EDGE_SPACES_RE = re.compile(r" ?\n ?")
 _SPACED_LINE_RE = re.compile(r"^[^\n]* [^\n]*$", re.MULTILINE)
 
 
+def strip_controls(text: str) -> str:
+    """`text` without terminal escape sequences and control or format characters (step 2 of `normalize_text`
+    alone, whitespace kept): what a person typed, safe to print to a terminal and to keep as they wrote it."""
+    return _CONTROL_RE.sub("", _ANSI_RE.sub("", text))
+
+
 def normalize_many(texts: Sequence[str], counters: Counter | None = None, max_repeat: int = 4,
                    mask_pii: bool = True) -> list[str]:
     """`normalize_text` of many utterances at once (the same steps, run over one joined string).

@@ -135,12 +135,19 @@ def choose(reply, pick: int | None = None, better: str | None = None) -> Judgeme
             raise UserError(f"no candidate {pick}: the last turn has candidates 1..{len(reply.candidates)}",
                             field="pick")
         return Judgement("pick", ranks[pick].text, pick)
-    text = " ".join(better.split())
+    from dialogpt_zh.data.cleaning import normalize_text, strip_controls
+
+    # escape sequences would reach the terminal when interact repeats the reply; the chat's next line
+    text = " ".join(strip_controls(better).split())
     if not text:
         raise UserError("the better reply is empty", field="better")
     if len(text) > MAX_BETTER_CHARS:   # refused, not cut: a judgement is kept as the person wrote it
         raise UserError(f"the better reply has {len(text):,d} characters; a chat reply has at most "
                         f"{MAX_BETTER_CHARS}", field="better")
+    # a lone link or zero-width space is no reply: the bot would be given an empty line, saved or not
+    if not normalize_text(text):
+        raise UserError("the better reply is empty after cleaning (only a link or invisible characters?)",
+                        field="better")
     return Judgement("better", text, None)
 
 

@@ -8,6 +8,8 @@ files are the same as the terminal's: one JSON line per judgement or verdict, ap
 from __future__ import annotations
 
 import logging
+import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,19 @@ import gradio as gr
 
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.judging.feedback import JsonlAppender, bot_model_ids, choose, make_record, utc_now
-from dialogpt_zh.webui.view import candidates_table, history_to_messages
+from dialogpt_zh.webui.view import candidates_table, checked_textbox, history_to_messages
 
 log = logging.getLogger(__name__)
 
 PICK_MARK = "✔"  # the person's choice in the 选中 column (★ stays MMI's)
+# ASCII punctuation that Markdown may read as markup (CommonMark lets a backslash escape any of it)
+MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def markdown_literal(text: str) -> str:
+    """`text` shown as it is in a gr.Markdown: "*好*" or "1. 对" in a context is what was said, not emphasis
+    or a list."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 
 def judged_rows(reply, picked_rank: int | None) -> list[list[Any]]:
@@ -40,8 +50,8 @@ def add_judging(bot, feedback: str | Path | None, *, table, chatbot, history_sta
     writer = JsonlAppender(feedback) if feedback else None
     models = bot_model_ids(bot)
     with gr.Row():
-        better_box = gr.Textbox(show_label=False, placeholder="觉得都不好？写下你会怎么回复，回车提交", scale=6,
-                                lines=1, max_lines=3, elem_id="better")
+        better_box = checked_textbox("better", show_label=False, placeholder="觉得都不好？写下你会怎么回复，回车提交",
+                                     scale=6, lines=1, max_lines=3, elem_id="better")
         better_btn = gr.Button("用我的回复", scale=1, min_width=110, elem_id="better_send")
 
     def apply(turn: dict[str, Any] | None, pick: int | None, better: str | None):
@@ -69,6 +79,12 @@ def add_judging(bot, feedback: str | Path | None, *, table, chatbot, history_sta
             rank = int(row[0]) if row else int(evt.index[0]) + 1
         except (TypeError, ValueError, IndexError):
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        # The click names a row of the table the browser shows; the session's turn may be newer (a reply stored
+        # before the browser drew its table): the same rank there is another candidate, so the texts must agree.
+        shown = row[2] if row and len(row) > 2 else None
+        texts = {c.rank: c.text for c in turn["reply"].candidates} if turn else {}
+        if shown is not None and rank in texts and texts[rank] != shown:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), "⚠ 候选表刚更新，这次点选未采用：请在新表里重新点选。"
         return apply(turn, rank, None)
 
     def better_fn(text: str, turn: dict[str, Any] | None):
@@ -102,21 +118,44 @@ def arena_ui(pairs_path: str | Path, verdicts_path: str | Path):
         buttons = [(gr.Button(label, elem_id=f"arena_vote_{v}"), v) for label, v in
                    (("(a) 更好", "a"), ("(b) 更好", "b"), ("差不多", "tie"), ("跳过", "skip"))]
     current = gr.State(None)
+    # Judges in several tabs are shown the same open pair: whether it is still open and its verdict's append are
+    # one step, so a second verdict for it does not silently replace the first (a later verdict wins on reading)
+    lock = threading.Lock()
 
-    def show_next():
-        done, _ = read_verdicts(verdicts_path, by_id, run, missing_ok=True)
+    def show(done: dict[str, str], note: str = ""):
         todo = [p for p in pairs if p["id"] not in done]
         if not todo:
-            return f"全部 {len(pairs)} 对已评完。计分：`python -m dialogpt_zh.arena --score PAIRS VERDICTS`", \
+            return note + f"全部 {len(pairs)} 对已评完。计分：`python -m dialogpt_zh.arena --score PAIRS VERDICTS`", \
                 "", "", "", None
         p = todo[0]
-        ctx = "\n".join(f"> {u}" for u in p["context"]) or "（无）"
-        return f"第 {len(done) + 1} / {len(pairs)} 对（{p['id']}）", f"**上文**\n\n{ctx}", p["a"], p["b"], p["id"]
+        ctx = "\n".join(f"> {markdown_literal(u)}" for u in p["context"]) or "（无）"
+        return note + f"第 {len(done) + 1} / {len(pairs)} 对（{p['id']}）", f"**上文**\n\n{ctx}", p["a"], p["b"], \
+            p["id"]
+
+    def unreadable(e: UserError):
+        # a line edited by hand, a verdict of another run: the operator's to fix; its path is not the judge's
+        log.warning("arena tab: %s", e)
+        return "⚠ 评判记录文件读取出错，暂时不能继续评判，请告知运营者（详情在服务器日志里）。", "", "", "", None
+
+    def show_next():
+        try:
+            return show(read_verdicts(verdicts_path, by_id, run, missing_ok=True)[0])
+        except UserError as e:
+            return unreadable(e)
 
     def verdict_fn(pid: str | None, verdict: str):
-        if pid is not None and pid in by_id:
-            writer.append({"pair": pid, "verdict": VERDICTS[verdict], "run": run, "time": utc_now()})
-        return show_next()
+        note = ""
+        with lock:
+            try:
+                done, _ = read_verdicts(verdicts_path, by_id, run, missing_ok=True)
+            except UserError as e:
+                return unreadable(e)
+            if pid in done:
+                note = "上一对刚被别的评判者评过，你的这次选择未记录。\n\n"
+            elif pid is not None and pid in by_id:
+                writer.append({"pair": pid, "verdict": VERDICTS[verdict], "run": run, "time": utc_now()})
+                done[pid] = VERDICTS[verdict]
+        return show(done, note)
 
     outputs = [progress, context, reply_a, reply_b, current]
     for button, v in buttons:

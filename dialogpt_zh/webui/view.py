@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import gradio as gr
+
 from dialogpt_zh.settings import score_formula, score_terms
 
 
@@ -65,3 +67,19 @@ def score_legend(reply) -> str:
                             retrieved="检索")
     return (f"{formula}（前向、后向为自然对数概率的{unit}；词元数含结尾的 [SEP]"
             + ("；来源含检索时“检索”为 1，否则为 0" if retrieved else "") + "）")
+
+
+def checked_textbox(name: str, **kwargs: Any) -> gr.Textbox:
+    """A gr.Textbox whose value from an API client must be text (or null, an empty box): gr.Textbox passes on
+    str() of anything, so a list ["你好"] was chatted with as "['你好']" and saved as a better reply. (The check
+    wraps the instance's preprocess, as webapp.checked_slider does.)"""
+    box = gr.Textbox(**kwargs)
+    plain = box.preprocess
+
+    def preprocess(payload: Any) -> str | None:
+        if payload is not None and not isinstance(payload, str):
+            raise gr.Error(f"{name}: must be text, got {type(payload).__name__}")
+        return plain(payload)
+
+    box.preprocess = preprocess
+    return box
