@@ -15,6 +15,7 @@ picked one, the picked candidate's mean rank, counts, and every skipped line wit
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import hashlib
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.fsutil import loads_json
+from dialogpt_zh.fsutil import check_jsonl_output, loads_json
 
 FORMAT = "dialogpt_zh.feedback"
 
@@ -52,8 +53,7 @@ class JsonlAppender:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if self.path.is_dir():
-            raise UserError("is a directory, not a file to append JSON lines to", path=self.path)
+        check_jsonl_output(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -69,10 +69,15 @@ class JsonlAppender:
                 size = os.fstat(self._fd).st_size
                 if size and os.pread(self._fd, 1, size - 1) != b"\n":
                     data = b"\n" + data  # a hand-edited file without a final newline: keep records apart
-                written = os.write(self._fd, data)
-                while written < len(data):  # only on a signal or a full disk; still under the lock
-                    written += os.write(self._fd, data[written:])
-                os.fsync(self._fd)
+                try:
+                    written = os.write(self._fd, data)
+                    while written < len(data):  # only on a signal or a full disk; still under the lock
+                        written += os.write(self._fd, data[written:])
+                    os.fsync(self._fd)
+                except OSError as e:  # a full disk: a message naming the file, not a traceback, and no half line
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fd, size)
+                    raise UserError(f"cannot append to it: {e.strerror or e}", path=self.path) from e
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
