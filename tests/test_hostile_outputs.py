@@ -179,3 +179,37 @@ def test_a_full_disk_while_appending_is_a_message_and_leaves_no_half_line(tmp_pa
     monkeypatch.setattr(os, "write", real_write)
     writer.close()
     assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [{"a": 1}]
+
+
+# ------------------------------------------------------------------------------------------ option files
+
+def test_a_config_file_with_a_bom_is_read(tmp_path):
+    """A BOM (Windows editors) was "not valid JSON: Unexpected UTF-8 BOM"; the project's other JSON readers
+    read past it."""
+    from dialogpt_zh.cli import read_config_file
+
+    path = tmp_path / "run.json"
+    path.write_bytes(b'\xef\xbb\xbf{"top_p": 0.9}')
+    assert read_config_file(path) == {"top_p": 0.9}
+
+
+def test_a_config_file_without_end_is_refused_not_read_into_memory(tmp_path, monkeypatch):
+    """`--config /dev/zero` read without end (memory grew until the machine gave out)."""
+    from dialogpt_zh import cli
+
+    monkeypatch.setattr(cli, "MAX_CONFIG_BYTES", 1000)
+    path = tmp_path / "big.json"
+    path.write_text("{" + " " * 2000 + "}", encoding="utf-8")
+    with pytest.raises(UserError, match="too large for a config file"):
+        cli.read_config_file(path)
+    with pytest.raises(UserError, match="too large for a config file"):
+        cli.read_config_file(Path("/dev/zero"))
+
+
+def test_feedback_export_output_dash_is_refused(tmp_path, capsys):
+    """`--output -` made a directory named "-" in the current directory."""
+    from dialogpt_zh import feedback
+
+    (tmp_path / "fb.jsonl").write_text("", encoding="utf-8")
+    assert feedback.main(["export", str(tmp_path / "fb.jsonl"), "--output", "-"]) == 2
+    assert "got '-'" in capsys.readouterr().err

@@ -317,12 +317,13 @@ def judged_sessions(records: Sequence[dict[str, Any]], counts: Counter, skipped:
 
 def export(paths: Sequence[str], output: str, overwrite: bool = False) -> dict[str, Any]:
     """Feedback files -> OUTPUT/train.txt + OUTPUT/stats.json (atomic); returns the statistics."""
-    from dialogpt_zh.fsutil import atomic_directory
+    from dialogpt_zh.fsutil import atomic_directory, check_output_name
 
     if not paths:
         raise UserError("give at least one feedback file", field="files")
     if not output:
         raise UserError("--output DIR is required", field="output")
+    check_output_name(output, "output")  # "-" made a directory named "-", a newline one named over two lines
     out = Path(output)
     if out.exists() and not overwrite:
         raise UserError("output exists; pass --overwrite to replace it", path=out)
