@@ -213,3 +213,36 @@ def test_feedback_export_output_dash_is_refused(tmp_path, capsys):
     (tmp_path / "fb.jsonl").write_text("", encoding="utf-8")
     assert feedback.main(["export", str(tmp_path / "fb.jsonl"), "--output", "-"]) == 2
     assert "got '-'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- --overwrite of a directory of another kind
+
+def test_feedback_export_overwrite_never_replaces_a_directory_of_another_kind(tmp_path, capsys):
+    """`--output ~/notes --overwrite` replaced the whole directory with train.txt + stats.json (preprocess and
+    index refuse a directory that is not theirs even with --overwrite)."""
+    from dialogpt_zh import feedback
+    from dialogpt_zh.judging.feedback import FORMAT
+
+    fb = tmp_path / "fb.jsonl"
+    fb.write_text(json.dumps({"format": FORMAT, "version": 1, "kind": "pick", "context": ["你好"], "reply": "嗯",
+                              "picked_rank": 1, "candidates": [{"rank": 1, "text": "嗯"}], "mmi": False,
+                              "settings": {}, "models": {}}, ensure_ascii=False) + "\n", encoding="utf-8")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me\n", encoding="utf-8")
+    assert feedback.main(["export", str(fb), "--output", str(notes), "--overwrite"]) == 2
+    assert "is not a feedback export" in capsys.readouterr().err
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+    assert feedback.main(["export", str(fb), "--output", str(tmp_path / "out")]) == 0
+    assert feedback.main(["export", str(fb), "--output", str(tmp_path / "out"), "--overwrite"]) == 0  # its own
+
+
+def test_convert_overwrite_never_replaces_a_directory_of_another_kind(random_bot_dir, tmp_path, capsys):
+    from dialogpt_zh.convert import main as convert_main
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me\n", encoding="utf-8")
+    assert convert_main([str(random_bot_dir / "forward"), "--output", str(notes), "--overwrite"]) == 2
+    assert "is not a model directory" in capsys.readouterr().err
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
