@@ -329,12 +329,12 @@ def export(paths: Sequence[str], output: str, overwrite: bool = False) -> dict[s
         raise UserError("output exists; pass --overwrite to replace it", path=out)
     if out.exists() and not out.is_dir():
         raise UserError("output exists and is not a directory", path=out)
-    if out.is_dir() and any(out.iterdir()) and not (out / "stats.json").is_file():  # as preprocess and index do
-        raise UserError("exists and is not a feedback export (no stats.json); refusing to replace it, even with "
-                        "--overwrite: choose another --output", path=out, field="output")
     for p in paths:  # never replace a directory that holds an input
         if out.resolve() in Path(p).resolve().parents:
             raise UserError(f"the output directory contains the input {p}; choose another --output", path=out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "stats.json").is_file():  # as preprocess and index do
+        raise UserError("exists and is not a feedback export (no stats.json); refusing to replace it, even with "
+                        "--overwrite: choose another --output", path=out, field="output")
     counts: Counter = Counter()
     skipped: list[str] = []
     records = read_feedback(paths, counts, skipped)
