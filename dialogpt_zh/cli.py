@@ -82,14 +82,24 @@ def config_path(argv: Sequence[str]) -> str | None:
     return probe.parse_known_args(list(argv))[0].config
 
 
+# a config, a card or a manifest is kilobytes; reading stops past this (`--config /dev/zero` grew without end)
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
-    """The settings in a --config file: a JSON object, or the object under its "config" key."""
+    """The settings in a --config file: a JSON object, or the object under its "config" key. A UTF-8 BOM (as
+    some Windows editors save) is read past, as the project's other JSON readers do."""
     try:
-        data = loads_json(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UserError(f"over {MAX_CONFIG_BYTES >> 20} MiB: too large for a config file (a JSON object of "
+                            "setting: value)", path=path)
+        data = loads_json(raw.decode("utf-8-sig"))
     except FileNotFoundError as e:
         raise UserError("config file not found", path=path) from e
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the config file: {e}", path=path) from e
+        raise UserError(f"cannot read the config file: {getattr(e, 'strerror', None) or e}", path=path) from e
     except json.JSONDecodeError as e:
         raise UserError(f"not valid JSON: {e.msg}", path=path, line=e.lineno) from e
     if isinstance(data, dict) and isinstance(data.get("config"), dict):

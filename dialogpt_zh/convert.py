@@ -67,6 +67,9 @@ def _check_paths(source: Path, output: Path, overwrite: bool) -> None:
         raise UserError("the output exists and is not a directory", path=output, field="output")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise UserError("the output directory exists; pass --overwrite to replace it", path=output, field="output")
+    if output.is_dir() and any(output.iterdir()) and not (output / "config.json").is_file():  # as preprocess does
+        raise UserError("exists and is not a model directory (no config.json); refusing to replace it, even with "
+                        "--overwrite: choose another --output", path=output, field="output")
 
 
 def _direction(args: ConvertArgs, source_card: dict, source: Path) -> str:

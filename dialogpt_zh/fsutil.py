@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
@@ -20,24 +21,59 @@ from dialogpt_zh.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def refuse_special_file(path: str | Path, field: str | None = None) -> None:
+    """UserError when `path` (or what its link points to) is a device, a pipe or a socket: a rename would put
+    a regular file in its place (as root, `--output /dev/null` replaced the system's /dev/null), and
+    appending to one fails midway (/dev/full: no space left; a pipe: fsync is refused)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, a dangling link, a NUL: the caller's own checks say so
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise UserError("is a device, a pipe or a socket, not a file; give a file path to write", path=path,
+                        field=field)
+
+
+# errors of the output side only (a read never gives them), so a block's failure with one is the output's
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def write_error(e: OSError, path: str | Path) -> UserError:
+    """The message for an output that could not be written (a full disk, a read-only file system)."""
+    return UserError(f"cannot write the output: {e.strerror or e}; nothing was put in its place", path=path)
+
+
 def _temp_beside(path: Path) -> tuple[int, str]:
     """A new temp file in `path`'s directory (same file system, so the final rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    refuse_special_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(e, path) from e
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb", **kw: Any) -> Iterator[IO]:
     """Open a temp file beside `path` for writing; when the block succeeds it is fsynced and renamed over
-    `path`, when it fails it is removed (so a streamed output is whole or absent)."""
+    `path`, when it fails it is removed (so a streamed output is whole or absent). A write that fails for
+    want of space (in the block or at the end) is a UserError naming `path`."""
     path = Path(path)
     fd, tmp = _temp_beside(path)
     try:
-        with os.fdopen(fd, mode, **kw) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, mode, **kw) as f:
+                yield f
+                try:
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError as e:
+                    raise write_error(e, path) from e
+            os.replace(tmp, path)
+        except OSError as e:  # the block's other errors (reading an input) stay as they are
+            if e.errno in _WRITE_ERRNOS or e.filename == tmp:
+                raise write_error(e, path) from e
+            raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -203,8 +239,10 @@ def atomic_directory(final: str | Path, replace_existing: bool = False) -> Itera
         raise UserError(f"cannot create the output: {e.strerror or e}", path=final) from e
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         _remove_tree(tmp, "temp directory")
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:  # a full disk: a message, not a traceback
+            raise write_error(exc, final) from exc
         raise
     try:
         _put_in_place(tmp, final, replace_existing)
@@ -240,8 +278,16 @@ def refuse_inputs(path: str | Path, field: str, inputs: Sequence[str | Path]) ->
     resolved = Path(path).resolve()
     for src in inputs:
         src = Path(src).resolve()
-        if resolved == src or src in resolved.parents:
+        if resolved == src or src in resolved.parents or _same_file(resolved, src):
             raise UserError(f"would write over or inside the input {src}", path=path, field=field)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Two names of one existing file (a hard link): an appended output would grow the input itself."""
+    try:
+        return a.is_file() and b.is_file() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def check_output_name(path: str | Path, field: str) -> None:
@@ -256,6 +302,33 @@ def check_output_name(path: str | Path, field: str) -> None:
         raise UserError(f"control character {bad!r} in the path {text!r}; give a plain path", field=field)
 
 
+def check_jsonl_output(path: str | Path, field: str | None = None) -> None:
+    """An output file of JSON Lines (appended to, or a transcript rewritten): not a directory, device or
+    pipe and, where it already has content, JSON Lines (its first line a JSON object). Appending records to
+    a report, a config or a binary file spoiled both, silently."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError("is a directory, not a JSON Lines file", path=path, field=field)
+    refuse_special_file(path, field)
+    try:
+        with open(path, "rb") as f:
+            head = f.readline(1 << 20)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UserError(f"cannot read it: {e.strerror or e}", path=path, field=field) from e
+    if not head.strip():
+        return  # empty (or a blank first line: a hand-edited file)
+    try:
+        record = loads_json(head.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise UserError("exists and is not JSON Lines (its first line is no JSON object); refusing to write "
+                        "records into it: give a new file or a JSON Lines file of this kind", path=path,
+                        line=1, field=field)
+
+
 def check_output_file(path: str | Path, field: str, inputs: Sequence[str | Path] = ()) -> Path:
     """Refuse, before any work, an output file that could not be written: a directory, a parent that is a
     file or not writable, or one of the run's `inputs` (never write into an input). Creates nothing."""
@@ -263,6 +336,7 @@ def check_output_file(path: str | Path, field: str, inputs: Sequence[str | Path]
     path = Path(path)
     if path.is_dir():
         raise UserError("is a directory; give a file path to write", path=path, field=field)
+    refuse_special_file(path, field)
     refuse_inputs(path, field, inputs)
     parent = path.resolve().parent
     while not parent.exists():  # the missing folders would be created: the first existing one must be writable
@@ -283,13 +357,19 @@ def atomic_write_many(files: dict[str | Path, bytes]) -> None:
             path = Path(path)
             fd, tmp = _temp_beside(path)
             temps.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise write_error(e, path) from e
         while temps:
             tmp, path = temps[0]
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise write_error(e, path) from e
             temps.pop(0)
     except BaseException:
         for tmp, _ in temps:

@@ -15,7 +15,7 @@ from typing import TextIO
 from dialogpt_zh.cli import make_parser, parse, run_main
 from dialogpt_zh.engine.results import HISTORY_NOTICE_PREFIX
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.fsutil import check_output_file
+from dialogpt_zh.fsutil import check_jsonl_output, check_output_file
 from dialogpt_zh.judging.feedback import JsonlAppender, bot_model_ids, choose, make_record
 from dialogpt_zh.settings import (
     BotArguments,
@@ -67,6 +67,7 @@ class InteractArgs:
             raise UserError(f"must be in [1, 100000], got {self.max_input_chars}", field="max_input_chars")
         if self.transcript:  # checked at start, not after the first reply
             check_output_file(self.transcript, field="transcript")
+            check_jsonl_output(self.transcript, field="transcript")  # rewritten: never a file of another kind
 
 
 def format_candidates(reply) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence, TextIO
 
 from dialogpt_zh.cli import make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.fsutil import atomic_open, loads_json
+from dialogpt_zh.fsutil import atomic_open, check_output_file, loads_json
 from dialogpt_zh.settings import BotArguments, GenerationSettings, MMISettings, field_help
 
 EXAMPLES = """
@@ -203,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         check_outputs_apart({"output": args.output}, [*([Path(extra.input)] if extra.input != "-" else []),
                                                       *bot_input_dirs(bot_args.model, bot_args.backward)])
+        if args.output != "-":  # before the bot loads: a directory gave a traceback once the work was done
+            check_output_file(args.output, "output")
+            if Path(args.output).exists() and not args.overwrite:
+                raise UserError("output exists; pass --overwrite to replace it", path=args.output)
 
         hf_logging.disable_progress_bar()
         bot = load_bot(bot_args, gen, mmi)

@@ -27,7 +27,7 @@ import gradio as gr  # noqa: E402
 from dialogpt_zh.cli import make_parser, parse, raise_if_stopped, run_main  # noqa: E402
 from dialogpt_zh.engine.results import HISTORY_NOTICE_PREFIX  # noqa: E402
 from dialogpt_zh.errors import UserError  # noqa: E402
-from dialogpt_zh.fsutil import check_output_file  # noqa: E402
+from dialogpt_zh.fsutil import check_jsonl_output, check_output_file  # noqa: E402
 from dialogpt_zh.settings import (  # noqa: E402
     PAGE_RANGES,
     BotArguments,
@@ -255,9 +255,10 @@ class TranscriptWriter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_jsonl_output(self.path, "transcript")
         self._lock = threading.Lock()
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
         except OSError as e:
             raise UserError(f"cannot open transcript for appending: {e.strerror}", path=self.path) from e
@@ -265,8 +266,11 @@ class TranscriptWriter:
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
         with self._lock:
-            self._file.write(line)
-            self._file.flush()
+            try:
+                self._file.write(line)
+                self._file.flush()
+            except OSError as e:  # a full disk: a message naming the file, not a traceback
+                raise UserError(f"cannot append to the transcript: {e.strerror or e}", path=self.path) from e
 
     def close(self) -> None:
         with self._lock:
@@ -585,8 +589,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dialogpt_zh.engine.bot import load_bot
         from dialogpt_zh.engine.loading import bot_input_dirs, check_outputs_apart
 
-        check_outputs_apart({"transcript": args.transcript, "feedback": args.feedback},
-                            bot_input_dirs(bot_args.model, bot_args.backward))
+        check_outputs_apart({"transcript": args.transcript, "feedback": args.feedback,
+                             "arena_verdicts": args.arena_verdicts},
+                            [*bot_input_dirs(bot_args.model, bot_args.backward),
+                             *([Path(args.arena_pairs)] if args.arena_pairs else [])])
 
         bot = load_bot(bot_args, generation, mmi)
         for n in getattr(bot, "notices", []) or []:

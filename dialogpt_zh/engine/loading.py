@@ -12,7 +12,7 @@ import torch
 from dialogpt_zh.checkpoint import CARD_FILE, read_card
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.foreign import resolve_model_dir
-from dialogpt_zh.fsutil import refuse_inputs
+from dialogpt_zh.fsutil import refuse_inputs, refuse_special_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,10 +126,18 @@ def bot_input_dirs(model: str | Path | None, backward: str | Path | None = None)
 
 def check_outputs_apart(outputs: dict[str, str | Path | None], inputs: list[Path]) -> None:
     """Refuse, before any work, an output (field -> path; None or '-' = none) that is one of the `inputs`
-    (bot directories from `bot_input_dirs`, input files) or inside one."""
+    (bot directories from `bot_input_dirs`, input files) or inside one, a device or pipe, or the file of
+    another output (a transcript rewritten over the feedback file lost the judgements appended to it)."""
+    seen: dict[Path, str] = {}
     for field, path in outputs.items():
         if path is not None and str(path) != "-":
+            refuse_special_file(path, field)
             refuse_inputs(path, field, inputs)
+            resolved = Path(path).resolve()
+            if resolved in seen:
+                raise UserError(f"is the --{seen[resolved]} file; give each output its own file", path=path,
+                                field=field)
+            seen[resolved] = field
 
 
 def resolve_bot_dirs(path, forward, backward) -> tuple[Path, Path | None]:

@@ -15,6 +15,7 @@ picked one, the picked candidate's mean rank, counts, and every skipped line wit
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import hashlib
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.fsutil import loads_json
+from dialogpt_zh.fsutil import check_jsonl_output, loads_json
 
 FORMAT = "dialogpt_zh.feedback"
 
@@ -52,8 +53,7 @@ class JsonlAppender:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if self.path.is_dir():
-            raise UserError("is a directory, not a file to append JSON lines to", path=self.path)
+        check_jsonl_output(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -69,10 +69,15 @@ class JsonlAppender:
                 size = os.fstat(self._fd).st_size
                 if size and os.pread(self._fd, 1, size - 1) != b"\n":
                     data = b"\n" + data  # a hand-edited file without a final newline: keep records apart
-                written = os.write(self._fd, data)
-                while written < len(data):  # only on a signal or a full disk; still under the lock
-                    written += os.write(self._fd, data[written:])
-                os.fsync(self._fd)
+                try:
+                    written = os.write(self._fd, data)
+                    while written < len(data):  # only on a signal or a full disk; still under the lock
+                        written += os.write(self._fd, data[written:])
+                    os.fsync(self._fd)
+                except OSError as e:  # a full disk: a message naming the file, not a traceback, and no half line
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fd, size)
+                    raise UserError(f"cannot append to it: {e.strerror or e}", path=self.path) from e
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
@@ -319,12 +324,13 @@ def judged_sessions(records: Sequence[dict[str, Any]], counts: Counter, skipped:
 
 def export(paths: Sequence[str], output: str, overwrite: bool = False) -> dict[str, Any]:
     """Feedback files -> OUTPUT/train.txt + OUTPUT/stats.json (atomic); returns the statistics."""
-    from dialogpt_zh.fsutil import atomic_directory
+    from dialogpt_zh.fsutil import atomic_directory, check_output_name
 
     if not paths:
         raise UserError("give at least one feedback file", field="files")
     if not output:
         raise UserError("--output DIR is required", field="output")
+    check_output_name(output, "output")  # "-" made a directory named "-", a newline one named over two lines
     out = Path(output)
     if out.exists() and not overwrite:
         raise UserError("output exists; pass --overwrite to replace it", path=out)
@@ -333,6 +339,9 @@ def export(paths: Sequence[str], output: str, overwrite: bool = False) -> dict[s
     for p in paths:  # never replace a directory that holds an input
         if out.resolve() in Path(p).resolve().parents:
             raise UserError(f"the output directory contains the input {p}; choose another --output", path=out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "stats.json").is_file():  # as preprocess and index do
+        raise UserError("exists and is not a feedback export (no stats.json); refusing to replace it, even with "
+                        "--overwrite: choose another --output", path=out, field="output")
     counts: Counter = Counter()
     skipped: list[str] = []
     records = read_feedback(paths, counts, skipped)
