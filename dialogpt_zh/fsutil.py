@@ -43,12 +43,23 @@ def write_error(e: OSError, path: str | Path) -> UserError:
     return UserError(f"cannot write the output: {e.strerror or e}; nothing was put in its place", path=path)
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
 def _temp_beside(path: Path) -> tuple[int, str]:
     """A new temp file in `path`'s directory (same file system, so the final rename is atomic)."""
     refuse_special_file(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it private (0600): the output gets what open() would give
+        return fd, tmp
     except OSError as e:
         raise write_error(e, path) from e
 

@@ -246,3 +246,14 @@ def test_convert_overwrite_never_replaces_a_directory_of_another_kind(random_bot
     assert convert_main([str(random_bot_dir / "forward"), "--output", str(notes), "--overwrite"]) == 2
     assert "is not a model directory" in capsys.readouterr().err
     assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+
+
+def test_a_file_written_whole_gets_the_umasks_permissions(tmp_path):
+    """atomic_open's temp file comes from mkstemp (0600); renamed into place, a report was owner-only where
+    open() would have given the umask's permissions."""
+    from dialogpt_zh import fsutil
+
+    with fsutil.atomic_open(tmp_path / "report.json", "w") as f:
+        f.write("{}")
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o666 & ~fsutil._UMASK
+    assert 0o666 & ~fsutil._UMASK != 0o600   # else this test could not fail: umask 066 or more is unusual
