@@ -301,6 +301,9 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+MAX_NAME_BYTES = 255 - 32  # a file name's limit, less what the temp name adds
+
+
 def check_output_name(path: str | Path, field: str) -> None:
     """Refuse an output path that is no file name one means: empty, "-" (stdout is not an output file here:
     it became a file named "-" in the current directory), or holding a control character (a newline made a
@@ -311,6 +314,12 @@ def check_output_name(path: str | Path, field: str) -> None:
     bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
     if bad is not None:
         raise UserError(f"control character {bad!r} in the path {text!r}; give a plain path", field=field)
+    # the temp name beside it (".NAME.XXXXXXXX.tmp", ".NAME.tmp-PID-XXXXXXXX") must fit the file system's limit
+    long = next((part for part in Path(text).parts if len(os.fsencode(part)) > MAX_NAME_BYTES), None)
+    if long is not None:
+        raise UserError(f"the name {long[:40]!r}... has {len(os.fsencode(long))} bytes; at most {MAX_NAME_BYTES} "
+                        "fit (file names are limited to 255 bytes, and a temp name beside it is longer)",
+                        field=field)
 
 
 def check_jsonl_output(path: str | Path, field: str | None = None) -> None:

@@ -257,3 +257,15 @@ def test_a_file_written_whole_gets_the_umasks_permissions(tmp_path):
         f.write("{}")
     assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o666 & ~fsutil._UMASK
     assert 0o666 & ~fsutil._UMASK != 0o600   # else this test could not fail: umask 066 or more is unusual
+
+
+@pytest.mark.parametrize("name", ["a" * 300, "好" * 80])
+def test_an_output_name_too_long_for_the_file_system_is_refused(tmp_path, name):
+    """A name part over the file system's 255 bytes (or too long for the temp name beside it) was an
+    ENAMETOOLONG traceback from inside the output checks."""
+    from dialogpt_zh.errors import UserError
+    from dialogpt_zh.fsutil import check_output_file
+
+    with pytest.raises(UserError, match=r"has \d+ bytes; at most 223 fit"):
+        check_output_file(tmp_path / name / "out.jsonl", "output")
+    check_output_file(tmp_path / ("a" * 200), "output")   # long, but room for its temp name
