@@ -285,6 +285,13 @@ def test_output_and_resume_guards_exit_2(tmp_path, capsys, forward_run, fixture_
                           "--eval-windows", "0"], capsys)
     assert code == 2 and "--lr" in err
     assert (out / "model.safetensors").read_bytes() == before
+    # --overwrite replaces a training run, never another directory (here a bot's forward/ + backward/)
+    bot = tmp_path / "bot"
+    (bot / "forward").mkdir(parents=True)
+    (bot / "forward" / "config.json").write_text("{}", encoding="utf-8")
+    code, err = _run_cli(["--data", fixture_store, "--output", bot, "--preset", "tiny", "--overwrite"], capsys)
+    assert code == 2 and "is not a training output" in err
+    assert (bot / "forward" / "config.json").is_file()
 
 
 def test_out_of_memory_is_a_clear_error(tmp_path, capsys, fixture_store, monkeypatch):

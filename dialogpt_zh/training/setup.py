@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from dialogpt_zh.checkpoint import (
+    RESUME_DIR,
     RunState,
     load_model,
     load_resume_optimizer,
@@ -46,6 +47,11 @@ def check_output(config: TrainConfig) -> Path:
     elif output.is_dir() and any(output.iterdir()) and not config.overwrite:
         raise UserError("output directory exists; pass --resume to continue it or --overwrite to replace it",
                         path=output)
+    elif output.is_dir() and any(output.iterdir()) and not ((output / "config.json").is_file()
+                                                            or (output / RESUME_DIR).is_dir()):
+        # --overwrite replaces a training run's directory, never another (a bot's forward/ + backward/, data)
+        raise UserError("exists and is not a training output (no config.json or resume/); refusing to replace "
+                        "it, even with --overwrite: choose another --output", path=output, field="output")
     parent = output.resolve().parent  # every save is a temp directory here, renamed into place
     while not parent.exists():  # missing folders are created: the first existing one must be writable
         parent = parent.parent
