@@ -278,3 +278,22 @@ def test_a_feedback_file_that_cannot_be_read_is_named(tmp_path, capsys):
     assert feedback_main(["export", str(unreadable), "--output", str(out)]) == 2
     assert f"{unreadable}: cannot read: Input/output error" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_appender_whose_file_was_deleted_or_replaced_appends_to_the_new_one(tmp_path):
+    """A server holds its feedback / verdicts file open for days: deleted or moved meanwhile, the records went
+    to the old descriptor, where nobody would find them."""
+    from dialogpt_zh.judging.feedback import JsonlAppender
+
+    path = tmp_path / "verdicts.jsonl"
+    writer = JsonlAppender(path)
+    writer.append({"n": 1})
+    path.rename(tmp_path / "moved.jsonl")
+    writer.append({"n": 2})
+    assert [json.loads(x)["n"] for x in path.read_text(encoding="utf-8").splitlines()] == [2]
+    path.unlink()
+    writer.append({"n": 3})
+    writer.append({"n": 4})
+    writer.close()
+    assert [json.loads(x)["n"] for x in path.read_text(encoding="utf-8").splitlines()] == [3, 4]
+    assert [json.loads(x)["n"] for x in (tmp_path / "moved.jsonl").read_text(encoding="utf-8").splitlines()] == [1]

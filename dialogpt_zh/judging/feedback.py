@@ -20,6 +20,7 @@ import datetime
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -31,6 +32,8 @@ from typing import Any, Sequence
 
 from dialogpt_zh.errors import UserError
 from dialogpt_zh.fsutil import check_jsonl_output, loads_json
+
+log = logging.getLogger(__name__)
 
 FORMAT = "dialogpt_zh.feedback"
 
@@ -54,16 +57,33 @@ class JsonlAppender:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         check_jsonl_output(self.path)
+        self._fd = self._open()
+        self._lock = threading.Lock()
+
+    def _open(self) -> int:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise UserError(f"cannot open for appending: {e.strerror}", path=self.path) from e
-        self._lock = threading.Lock()
+
+    def _reopen_if_replaced(self) -> None:
+        """A file deleted, moved or replaced while a server holds it open (a person tidying up, log
+        rotation): records appended to the old descriptor would go where nobody finds them."""
+        try:
+            now, ours = os.stat(self.path), os.fstat(self._fd)
+            if (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
+                return
+        except FileNotFoundError:
+            pass
+        old, self._fd = self._fd, self._open()
+        os.close(old)
+        log.warning("%s was deleted or replaced while open: appending to it anew", self.path)
 
     def append(self, record: dict[str, Any]) -> None:
         data = (json.dumps(_finite(record), ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
         with self._lock:
+            self._reopen_if_replaced()
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 size = os.fstat(self._fd).st_size
