@@ -3,7 +3,6 @@ in `dialogpt_zh.judging.arena`; this module loads the bots and parses the comman
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any, Sequence, TextIO
 
 from dialogpt_zh.cli import field_help, make_parser, parse, run_main
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.fsutil import refuse_inputs
+from dialogpt_zh.fsutil import refuse_inputs, repeated_file
 from dialogpt_zh.judging.arena import (
     default_key_path,
     draw_contexts,
@@ -92,13 +91,10 @@ class ArenaArgs:
             raise UserError(f"choose one of --make, --judge, --score (got {', '.join(modes)})", field=modes[1])
         if self.score and len(self.score) < 2:
             raise UserError("expects PAIRS.json and one or more VERDICTS files", field="score")
-        seen: dict[str, str] = {}
-        for path in self.score[1:]:  # one judge's file twice would be two votes of the panel
-            real = os.path.realpath(path)
-            if real in seen:
-                raise UserError(f"the verdicts file {path} is given twice (as {seen[real]}); each judge's file counts "
-                                "once", field="score")
-            seen[real] = path
+        twice = repeated_file(self.score[1:])  # one judge's file twice would be two votes of the panel
+        if twice:
+            raise UserError(f"the verdicts file {twice[0]} is given twice (as {twice[1]}); each judge's file counts "
+                            "once", field="score")
         if not self.make and not self.score and not self.verdicts:
             raise UserError("--verdicts FILE is needed to keep the verdicts (they are appended as you go)",
                             field="verdicts")

@@ -293,6 +293,18 @@ def refuse_inputs(path: str | Path, field: str, inputs: Sequence[str | Path]) ->
             raise UserError(f"would write over or inside the input {src}", path=path, field=field)
 
 
+def repeated_file(paths: Sequence[str | Path]) -> tuple[str | Path, str | Path] | None:
+    """(the later name, the earlier name) of the first file `paths` name twice (the same path, or through a
+    link or ".."), else None: a file read twice counts everything in it twice."""
+    seen: dict[str, str | Path] = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            return path, seen[real]
+        seen[real] = path
+    return None
+
+
 def _same_file(a: Path, b: Path) -> bool:
     """Two names of one existing file (a hard link): an appended output would grow the input itself."""
     try:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dialogpt_zh.errors import UserError
-from dialogpt_zh.fsutil import check_jsonl_output, loads_json
+from dialogpt_zh.fsutil import check_jsonl_output, loads_json, repeated_file
 
 log = logging.getLogger(__name__)
 
@@ -244,14 +244,12 @@ def _check_record(rec: Any) -> str | None:
 def read_feedback(paths: Sequence[str | Path], counts: Counter, skipped: list[str]) -> list[dict[str, Any]]:
     """Usable records of feedback files, in order; every bad line is counted and listed as file:line: why."""
     records = []
-    seen: dict[str, Path] = {}
+    twice = repeated_file(paths)
+    if twice:  # its judgements would be counted twice in the statistics
+        raise UserError(f"given twice (as {twice[1]})", path=twice[0], field="files")
     for path in map(Path, paths):
         if not path.is_file():
             raise UserError("feedback file not found" if not path.exists() else "not a file", path=path)
-        real = os.path.realpath(path)
-        if real in seen:  # its judgements would be counted twice in the statistics
-            raise UserError(f"given twice (as {seen[real]})", path=path, field="files")
-        seen[real] = path
         try:
             records += _read_feedback_file(path, counts, skipped)
         except OSError as e:  # no read permission, an I/O error: a message naming the file, not a traceback
