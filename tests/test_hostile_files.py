@@ -161,6 +161,8 @@ def feedback_line(**fields) -> str:
     ({"kind": "better", "picked_rank": True}, "field 'picked_rank' must be an integer >= 1 or null, got True"),
     ({"kind": "better", "picked_rank": -3}, "field 'picked_rank' must be an integer >= 1 or null, got -3"),
     ({"picked_rank": 7}, "'picked_rank' 7 is the rank of none of its 2 candidates"),  # rank mean 7 of 2
+    # a candidate's rank that is a list: a set of the ranks was a TypeError traceback
+    ({"candidates": [{"rank": [1], "text": "候选1"}]}, "'picked_rank' 1 is the rank of none of its 1 candidates"),
     ({"mmi": "false"}, "field 'mmi' must be true or false, got 'false'"),  # counted as a pick with MMI on
 ])
 def test_feedback_records_the_statistics_would_misread_are_skipped_with_the_reason(tmp_path, fields, why):

@@ -234,7 +234,8 @@ def _check_record(rec: Any) -> str | None:
     if not isinstance(cands, list):
         return "field 'candidates' must be a list"
     # the statistics count the rank picked among these candidates and whether MMI ranked them
-    if rank is not None and rank not in {c.get("rank") for c in cands if isinstance(c, dict)}:
+    # (compared one by one: a candidate's rank may be any JSON, a list too, which no set can hold)
+    if rank is not None and not any(isinstance(c, dict) and c.get("rank") == rank for c in cands):
         return f"'picked_rank' {rank} is the rank of none of its {len(cands)} candidates"
     if not isinstance(rec.get("mmi", False), bool):
         return f"field 'mmi' must be true or false, got {rec['mmi']!r}"
